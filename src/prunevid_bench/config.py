@@ -1,0 +1,285 @@
+"""The one place configuration enters: dataclasses, validated once.
+
+Precedence (highest first): ``--set key=value`` > user YAML (``--config``) > preset > defaults.
+Presets, user files and CLI overrides all become one nested dict that ``build_config`` turns
+into a validated :class:`RunConfig`. Unknown keys and out-of-range values raise
+:class:`PruneVidError` naming the key, with a "did you mean" for typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunevid_bench.errors import PruneVidError
+
+# presets/ and sweeps/ live at the top of the checkout (the package is installed editable).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PRESET_DIR = PROJECT_ROOT / "presets"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # "tiny", "toy", a Hugging Face id, or a local checkpoint directory
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int | None = 16  # frames sampled uniformly; set to null to sample by fps
+    fps: float | None = None  # sample at this rate instead (capped by max_frames)
+    max_frames: int = 64
+    max_pixels: int | None = None  # pixels per frame after resizing; null = the model's default
+    min_pixels: int | None = None
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Stage1Config:
+    enabled: bool = False
+    tau: float = 0.8  # a slot is static when its mean pairwise cosine over frames exceeds tau
+    cluster_ratio: float = 0.5  # share of each token set kept as DPC-KNN cluster centres
+    temporal_segment_ratio: float = 0.25  # segments = max(1, int(T * ratio))
+    k: int = 7  # DPC-KNN neighbours, self included (7 in the official code)
+    min_cluster_tokens: int = 14  # sets this small are not clustered (14 in the official code)
+
+
+SCORE_MODES = ("prunevid", "attention", "last_token", "random")
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = False
+    pruning_layer: int = 10  # 0-based K: layers 0..K see all tokens, K+1.. only the kept ones
+    keep_ratio: float = 0.4  # floor(n * keep_ratio) kept in each Stage-1 group
+    score: str = "prunevid"  # prunevid | attention | last_token | random
+    seed: int = 0  # for score = random
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def stage3_enabled(self) -> bool:
+        """Stage 3 (KV compaction) is the physical half of Stage 2: on whenever Stage 2 is."""
+        return self.stage2.enabled
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "video": VideoConfig,
+    "generation": GenerationConfig,
+    "stage1": Stage1Config,
+    "stage2": Stage2Config,
+}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, e.g. ``stage1.tau``."""
+    return [f"{s}.{f.name}" for s, cls in _SECTION_TYPES.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def resolve_key(name: str) -> str:
+    """Turn a short (``tau``) or dotted (``stage1.tau``) name into a dotted key, or raise."""
+    keys = all_keys()
+    if name in keys:
+        return name
+    short = [k for k in keys if k.split(".", 1)[1] == name]
+    if len(short) == 1:
+        return short[0]
+    if len(short) > 1:
+        raise PruneVidError(f"'{name}' is ambiguous: use one of {', '.join(short)}")
+    raise PruneVidError(f"unknown config key '{name}'{_suggest(name, keys + [k.split('.', 1)[1] for k in keys])}")
+
+
+def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, with a one-line error naming the key."""
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise PruneVidError(f"{key} cannot be null")
+    if isinstance(value, str) and value.lower() in ("null", "none") and "None" in annotation:
+        return None
+    base = annotation.replace(" | None", "").strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "on", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise PruneVidError(f"{key} must be {base}, got {value!r}") from None
+
+
+def _in_unit_interval(key: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise PruneVidError(f"{key} must be in (0, 1], got {value}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range checks that need no model. ``stage2.pruning_layer`` is checked against the model
+    when the patch is applied, since its valid range depends on the depth."""
+    s1, s2, v = cfg.stage1, cfg.stage2, cfg.video
+    for name in ("tau", "cluster_ratio", "temporal_segment_ratio"):
+        _in_unit_interval(f"stage1.{name}", getattr(s1, name))
+    if s1.k < 1:
+        raise PruneVidError(f"stage1.k must be >= 1, got {s1.k}")
+    if s1.min_cluster_tokens < 0:
+        raise PruneVidError(f"stage1.min_cluster_tokens must be >= 0, got {s1.min_cluster_tokens}")
+    _in_unit_interval("stage2.keep_ratio", s2.keep_ratio)
+    if s2.pruning_layer < 0:
+        raise PruneVidError(f"stage2.pruning_layer must be >= 0, got {s2.pruning_layer}")
+    if s2.score not in SCORE_MODES:
+        raise PruneVidError(f"stage2.score must be one of {', '.join(SCORE_MODES)}, got '{s2.score}'{_suggest(s2.score, list(SCORE_MODES))}")
+    if v.num_frames is None and v.fps is None:
+        raise PruneVidError("video.num_frames or video.fps must be set")
+    if v.num_frames is not None and v.num_frames < 1:
+        raise PruneVidError(f"video.num_frames must be >= 1, got {v.num_frames}")
+    if v.fps is not None and v.fps <= 0:
+        raise PruneVidError(f"video.fps must be > 0, got {v.fps}")
+    if v.max_frames < 1:
+        raise PruneVidError(f"video.max_frames must be >= 1, got {v.max_frames}")
+    for name in ("max_pixels", "min_pixels"):
+        value = getattr(v, name)
+        if value is not None and value < 28 * 28:
+            raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")
+    if cfg.generation.max_new_tokens < 1:
+        raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise PruneVidError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{cfg.model.dtype}'")
+    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        raise PruneVidError(
+            f"model.attn_implementation must be sdpa, eager or flash_attention_2, got '{cfg.model.attn_implementation}'"
+        )
+    return cfg
+
+
+def merge_into(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """Overlay one nested config dict on another, refusing unknown sections and keys."""
+    if not isinstance(layer, dict):
+        raise PruneVidError(f"{source}: expected a mapping of sections (model, video, stage1, ...)")
+    out = {s: dict(v) for s, v in base.items()}
+    for section, values in layer.items():
+        if section in ("name", "description"):
+            continue  # preset metadata
+        if section not in _SECTION_TYPES:
+            raise PruneVidError(f"{source}: unknown section '{section}'{_suggest(str(section), list(_SECTION_TYPES))}")
+        if not isinstance(values, dict):
+            raise PruneVidError(f"{source}: section '{section}' must be a mapping")
+        names = [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
+        for key, value in values.items():
+            if key not in names:
+                raise PruneVidError(f"{source}: unknown key '{section}.{key}'{_suggest(str(key), names)}")
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``stage2.keep_ratio=0.3`` -> ("stage2.keep_ratio", 0.3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise PruneVidError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = resolve_key(key.strip())
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def overrides_to_layer(overrides: dict[str, Any]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for key, value in overrides.items():
+        section, name = resolve_key(key).split(".", 1)
+        layer.setdefault(section, {})[name] = value
+    return layer
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PruneVidError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise PruneVidError(f"{path}: not valid YAML{where}") from None
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise PruneVidError(f"unknown preset '{name}'{_suggest(name, preset_names())}; see `prunevid presets`")
+    return path
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Resolve defaults < preset < user YAML < overrides into a validated RunConfig."""
+    layered: dict[str, Any] = {s: {} for s in _SECTION_TYPES}
+    if preset:
+        layered = merge_into(layered, load_yaml(preset_path(preset)), f"preset '{preset}'")
+    if config_file:
+        layered = merge_into(layered, load_yaml(Path(config_file)), str(config_file))
+    if overrides:
+        layered = merge_into(layered, overrides_to_layer(overrides), "--set")
+    return from_dict(layered)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a (possibly partial) nested dict, coercing and validating."""
+    data = merge_into({s: {} for s in _SECTION_TYPES}, data, "config")
+    sections = {}
+    for section, cls in _SECTION_TYPES.items():
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data.get(section, {}):
+                default = getattr(cls(), f.name)
+                kwargs[f.name] = _coerce(f"{section}.{f.name}", data[section][f.name], default, str(f.type))
+        sections[section] = cls(**kwargs)
+    return validate(RunConfig(**sections))

@@ -1,0 +1,133 @@
+"""The engine: one prepared sample through the model, prefill then a greedy decode loop.
+
+Positions are passed explicitly, exactly as transformers' ``generate`` builds them for
+Qwen2.5-VL: at prefill four rows (a text row ``arange(L)`` and the three M-RoPE rows from
+``get_rope_index`` on the full, unpruned prompt); at decode step i every row advances by one
+from the last prompt position. Decode positions therefore never depend on the KV-cache length,
+which is what lets Stages 1-3 shorten the cache while decoding continues the unpruned numbering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from prunevid_bench.measure import Clock, PeakMemory, cache_bytes
+
+
+@dataclass
+class EngineOutput:
+    token_ids: list[int]
+    first_logits: torch.Tensor  # [V] float32, logits of the first generated token (on CPU)
+    ttft_s: float
+    vision_encoder_s: float
+    prefill_s: float  # TTFT minus the vision encoder: merging, LLM layers, pruning, first logits
+    decode_s: float
+    decode_tokens_per_s: float | None
+    prefill_peak_memory_bytes: int
+    decode_peak_memory_bytes: int
+    memory_kind: str
+    kv_cache_bytes: int  # after prefill, after any compression
+    prompt_tokens: int
+    visual_tokens: int
+    marks: dict = field(default_factory=dict, repr=False)
+
+
+def prefill_position_ids(model, inputs: dict) -> torch.Tensor:
+    """Position ids ``(4, 1, L)`` for the full prompt, as ``generate`` builds them; also sets
+    ``model.model.rope_deltas``."""
+    input_ids = inputs["input_ids"]
+    rope_kwargs = {k: inputs[k] for k in ("video_grid_thw", "image_grid_thw", "second_per_grid_ts") if k in inputs}
+    mrope, deltas = model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        attention_mask=inputs.get("attention_mask"),
+        **rope_kwargs,
+    )
+    model.model.rope_deltas = deltas
+    text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
+    return torch.cat([text, mrope.to(input_ids.device)], dim=0)
+
+
+def eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+@torch.inference_mode()
+def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = None) -> EngineOutput:
+    """Prefill + greedy decode of one sample (batch size 1). ``inputs`` is the processor output,
+    already on the model's device."""
+    from transformers import DynamicCache
+
+    input_ids = inputs["input_ids"]
+    if input_ids.shape[0] != 1:
+        raise ValueError("the engine runs one sample per forward (batch size 1)")
+    device = input_ids.device
+    clock = clock or Clock(device)
+    memory = PeakMemory(device)
+    stop = eos_ids(model)
+    marks: dict = {}
+
+    def mark(name):
+        def hook(*_):
+            marks[name] = clock.mark()
+
+        return hook
+
+    visual = model.model.visual
+    hooks = [visual.register_forward_pre_hook(mark("vision_start")), visual.register_forward_hook(mark("vision_end"))]
+    try:
+        position_ids = prefill_position_ids(model, inputs)
+        cache = DynamicCache(config=model.config.get_text_config())
+        model_inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
+        model_inputs.update(position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+        memory.reset()
+        start = clock.start()
+        out = model(input_ids=input_ids, **model_inputs)
+        first_logits = out.logits[:, -1, :]
+        token = first_logits.argmax(-1)
+        first = clock.mark()
+        ttft_s = clock.elapsed(start, first)
+        prefill_peak = memory.read()
+        kv_bytes = cache_bytes(cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    vision_s = clock.elapsed(marks.get("vision_start"), marks.get("vision_end"))
+
+    tokens = [int(token)]
+    next_pos = position_ids[:, :, -1:] + 1  # every row continues from the last prompt position
+    memory.reset()
+    decode_start = clock.mark()
+    while len(tokens) < max_new_tokens and tokens[-1] not in stop:
+        out = model(
+            input_ids=token.view(1, 1), position_ids=next_pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        token = out.logits[:, -1, :].argmax(-1)
+        tokens.append(int(token))  # int() syncs: the loop is host-driven like generate's
+        next_pos = next_pos + 1
+    decode_end = clock.mark()
+    decode_s = clock.elapsed(decode_start, decode_end)
+    decode_peak = memory.read()
+    steps = len(tokens) - 1
+    return EngineOutput(
+        token_ids=tokens,
+        first_logits=first_logits[0].float().cpu(),
+        ttft_s=ttft_s,
+        vision_encoder_s=vision_s,
+        prefill_s=max(0.0, ttft_s - vision_s),
+        decode_s=decode_s,
+        decode_tokens_per_s=(steps / decode_s) if steps > 0 and decode_s > 0 else None,
+        prefill_peak_memory_bytes=prefill_peak,
+        decode_peak_memory_bytes=decode_peak,
+        memory_kind=memory.kind,
+        kv_cache_bytes=kv_bytes,
+        prompt_tokens=int(input_ids.shape[1]),
+        visual_tokens=int((input_ids == model.config.video_token_id).sum()),
+        marks=marks,
+    )

@@ -1,0 +1,90 @@
+"""Clocks and memory readings that are honest on both CUDA and the CPU.
+
+On CUDA, time is read from CUDA events recorded on the stream (no host sync inside the timed
+region); ``Clock.elapsed`` synchronises before reading them. On the CPU, ``perf_counter``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+
+class Clock:
+    """Makes time marks on one device; ``elapsed(a, b)`` gives seconds between two marks."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def start(self):
+        """A mark for the start of a timed region: on CUDA, previous work is drained first."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return self.mark()
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def elapsed(self, start, end) -> float:
+        if start is None or end is None:
+            return 0.0
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+def cpu_peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class PeakMemory:
+    """Peak memory of one phase. CUDA: reset the peak, read ``max_memory_allocated``.
+    CPU: the process's peak RSS, which cannot be reset, so it is a running maximum."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return cpu_peak_rss_bytes()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a transformers Cache's key and value tensors, read off the tensors."""
+    if cache is None:
+        return 0
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def cache_lengths(cache) -> list[int]:
+    """Sequence length held by each layer of the cache."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers if getattr(layer, "keys", None) is not None]

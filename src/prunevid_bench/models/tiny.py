@@ -1,0 +1,154 @@
+"""Small Qwen2.5-VL models and an offline tokenizer/processor, built in code (nothing downloaded).
+
+``tiny`` has seeded random weights and exists to prove the pipeline right on a CPU in seconds.
+``toy`` (see ``prunevid_bench.toy``) has the same processor and is trained on the toy world.
+Both use a byte-level tokenizer (one token per byte) with Qwen's special tokens, and a chat
+template that writes the same ``<|im_start|>`` layout as the real Qwen2.5-VL template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Ids 256..263 follow the 256 byte tokens; the order mirrors Qwen's special tokens.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+PAD_ID, IM_START_ID, IM_END_ID, VISION_START_ID, VISION_END_ID, _, IMAGE_PAD_ID, VIDEO_PAD_ID = range(256, 264)
+VOCAB_SIZE = 264  # 256 bytes + 8 special tokens
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Our own Jinja template producing Qwen's chat layout:
+# <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>question<|im_end|>\n<|im_start|>assistant\n
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Model shape; the defaults are ``tiny``. head_dim = hidden/heads; mrope sections sum to head_dim/2."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_intermediate_size: int = 64
+    vision_heads: int = 2
+    tokens_per_second: int = 2
+
+
+def build_tokenizer():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+
+
+def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
+    """The offline processor: Qwen2.5-VL's own image/video processors with our tokenizer."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixel_bounds = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    common = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=dict(pixel_bounds), **common),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(size=dict(pixel_bounds), cap_pixels_per_frame=False, **common),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa"):
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = sizes.hidden_size // sizes.num_attention_heads
+    assert sum(sizes.mrope_section) * 2 == head_dim, "mrope sections must sum to head_dim/2"
+    text_config = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.num_hidden_layers,
+        num_attention_heads=sizes.num_attention_heads,
+        num_key_value_heads=sizes.num_key_value_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_scaling={"type": "mrope", "mrope_section": list(sizes.mrope_section), "rope_theta": 10000.0},
+        use_sliding_window=False,
+        bos_token_id=PAD_ID,
+        eos_token_id=IM_END_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    vision_config = dict(
+        depth=sizes.vision_depth,
+        hidden_size=sizes.vision_hidden_size,
+        intermediate_size=sizes.vision_intermediate_size,
+        num_heads=sizes.vision_heads,
+        in_channels=3,
+        out_hidden_size=sizes.hidden_size,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,  # a multiple of 28
+        fullatt_block_indexes=[sizes.vision_depth - 1],
+        tokens_per_second=sizes.tokens_per_second,
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=IMAGE_PAD_ID,
+        video_token_id=VIDEO_PAD_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def build_tiny_model(seed: int = 0, attn_implementation: str = "sdpa", sizes: TinySizes = TinySizes()):
+    """A Qwen2.5-VL with seeded random weights (float32, CPU, eval mode)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = build_config(sizes, attn_implementation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = IM_END_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval()

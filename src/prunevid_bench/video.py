@@ -1,0 +1,146 @@
+"""Video decoding and frame sampling: decord first, PyAV as the fallback.
+
+The sampled frames' real rate (``sampled_fps``) is passed to the processor, which turns it into
+``second_per_grid_ts`` and so into the M-RoPE time positions; a wrong rate silently squeezes or
+stretches time for the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prunevid_bench.errors import PruneVidError
+
+TEMPORAL_PATCH = 2  # Qwen2.5-VL packs 2 frames into one temporal grid step
+
+
+@dataclass
+class Clip:
+    """Sampled frames and how they were obtained."""
+
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    indices: list[int]  # source frame index of each sampled frame
+    native_fps: float
+    total_frames: int
+    sampled_fps: float  # rate of the sampled frames, for the processor's time positions
+    backend: str  # "decord" or "pyav"
+    path: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def sample_indices(
+    total: int, native_fps: float, num_frames: int | None = None, fps: float | None = None, max_frames: int = 64
+) -> tuple[list[int], float]:
+    """Choose frames evenly over the whole video; return (indices, sampled_fps).
+
+    ``num_frames`` takes that many frames; otherwise ``fps`` samples at that rate, capped at
+    ``max_frames`` (the rate then drops so the whole video is still covered). The count is
+    rounded down to a multiple of 2 (one Qwen temporal grid step) so the processor never pads a
+    frame that would shift the time positions. Frames sit at the centre of equal bins.
+    """
+    if total < 1:
+        raise PruneVidError("the video has no frames")
+    if num_frames is not None:
+        n = num_frames
+    elif fps is not None:
+        n = int(total * fps / native_fps) if native_fps > 0 else total
+    else:
+        raise PruneVidError("set video.num_frames or video.fps")
+    n = max(1, min(n, max_frames, total))
+    if n >= TEMPORAL_PATCH:
+        n -= n % TEMPORAL_PATCH
+    step = total / n
+    indices = [min(total - 1, int(step * i + step / 2)) for i in range(n)]
+    sampled_fps = native_fps / step if native_fps > 0 else 1.0
+    if n == 1:  # one frame is duplicated into a full temporal grid step
+        indices = indices * TEMPORAL_PATCH
+    return indices, sampled_fps
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise PruneVidError(f"video not found: {path}")
+    if path.is_dir():
+        raise PruneVidError(f"expected a video file, got a directory: {path}")
+    if path.stat().st_size == 0:
+        raise PruneVidError(f"video file is empty: {path}")
+
+
+def _decode_decord(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int]:
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    total = len(reader)
+    native_fps = float(reader.get_avg_fps() or 0.0)
+    indices, _ = sampler(total, native_fps)
+    frames = reader.get_batch(indices).asnumpy()
+    return frames, indices, native_fps, total
+
+
+def _decode_pyav(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise PruneVidError(f"no video stream in {path}")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        native_fps = float(rate) if rate else 0.0
+        # Frame counts in headers are unreliable; decode once and keep every frame's image.
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    total = len(decoded)
+    indices, _ = sampler(total, native_fps)
+    return np.stack([decoded[i] for i in indices]), indices, native_fps, total
+
+
+BACKENDS = {"decord": _decode_decord, "pyav": _decode_pyav}
+
+
+def load_clip(
+    path: str | Path,
+    num_frames: int | None = 16,
+    fps: float | None = None,
+    max_frames: int = 64,
+    backend: str = "auto",
+) -> Clip:
+    """Decode and sample a video. ``backend="auto"`` tries decord, then PyAV."""
+    path = Path(path)
+    _check_path(path)
+    order = ["decord", "pyav"] if backend == "auto" else [backend]
+    if any(name not in BACKENDS for name in order):
+        raise PruneVidError(f"unknown video backend '{backend}' (use auto, decord or pyav)")
+
+    def sampler(total: int, native_fps: float) -> tuple[list[int], float]:
+        return sample_indices(total, native_fps, num_frames, fps, max_frames)
+
+    failures = []
+    for name in order:
+        try:
+            frames, indices, native_fps, total = BACKENDS[name](path, sampler)
+        except PruneVidError as exc:
+            failures.append(f"{name}: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt input
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+            continue
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            failures.append(f"{name}: decoded no frames")
+            continue
+        if native_fps <= 0:
+            native_fps = 1.0
+        _, sampled_fps = sample_indices(total, native_fps, num_frames, fps, max_frames)
+        notes = [f"{f}" for f in failures]
+        return Clip(frames.astype(np.uint8), list(map(int, indices)), native_fps, total, sampled_fps, name, str(path), notes)
+    raise PruneVidError(f"cannot decode video {path} ({'; '.join(failures)})")
+
+
+def check_video(path: str | Path) -> None:
+    """Cheap preflight: raise PruneVidError when the file is missing or cannot be decoded."""
+    load_clip(path, num_frames=2, max_frames=2)
