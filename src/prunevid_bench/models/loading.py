@@ -1,0 +1,120 @@
+"""Load a Qwen2.5-VL model and processor by name: ``tiny``, ``toy``, a Hugging Face id or a path.
+
+Built-in names are registered here; a typo gets a "did you mean". Everything else goes to
+``from_pretrained``. A model that is not Qwen2.5-VL is refused with one line: only that family
+is patched (the patch module is model-specific, see ``qwen25vl_patch``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from prunevid_bench.errors import PruneVidError
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    name: str
+    builtin: bool
+
+
+BUILTIN: dict[str, Callable[[str], LoadedModel]] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        BUILTIN[name] = fn
+        return fn
+
+    return wrap
+
+
+@register("tiny")
+def _tiny(attn_implementation: str) -> LoadedModel:
+    from prunevid_bench.models.tiny import build_processor, build_tiny_model
+
+    return LoadedModel(build_tiny_model(attn_implementation=attn_implementation), build_processor(), "tiny", True)
+
+
+@register("toy")
+def _toy(attn_implementation: str) -> LoadedModel:
+    from prunevid_bench.toy.model import load_toy_model
+
+    model, processor = load_toy_model(attn_implementation=attn_implementation)
+    return LoadedModel(model, processor, "toy", True)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PruneVidError(f"device '{device}' requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs that support it, float32 on the CPU (bf16 matmuls are slow there).
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(name).expanduser()
+    if not path.exists() and not _looks_like_hub_id(name):
+        hint = difflib.get_close_matches(name, list(BUILTIN), n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise PruneVidError(f"model '{name}' not found: not a built-in name, a directory, or a Hugging Face id{extra}")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PruneVidError(f"cannot load model '{name}': {first}") from None
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise PruneVidError(f"model '{name}' is a {model_type} model; prunevid-bench supports Qwen2.5-VL only")
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise PruneVidError("flash_attention_2 needs the flash-attn package and a GPU (use --attn-implementation sdpa)") from None
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        processor = AutoProcessor.from_pretrained(name)
+    except OSError as exc:
+        raise PruneVidError(f"cannot load model '{name}': {str(exc).strip().splitlines()[0]}") from None
+    return LoadedModel(model.eval(), processor, name, False)
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load, cast and place a model; returns it with its processor."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if name in BUILTIN:
+        if attn_implementation == "flash_attention_2" and dev.type != "cuda":
+            raise PruneVidError("flash_attention_2 needs a CUDA device (use --attn-implementation sdpa)")
+        loaded = BUILTIN[name](attn_implementation)
+        loaded.model.to(dtype=torch_dtype)
+    else:
+        loaded = _load_pretrained(name, torch_dtype, attn_implementation)
+    loaded.model.to(dev)
+    return loaded

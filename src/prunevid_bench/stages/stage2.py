@@ -1,0 +1,111 @@
+"""Stage 2 (question-guided scoring and stratified selection) and Stage 3 (KV compaction) as
+pure tensor functions. Nothing here builds the L x L attention matrix: only the R query rows
+(the text after the last video) are scored against the keys, in row chunks, so the extra
+memory is O(H * chunk * L), never O(L^2).
+
+Shapes: H query heads, H_kv key/value heads (grouped-query attention), R query rows,
+L keys (the whole prefill sequence), V visual tokens, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_CHUNK_ELEMENTS = 1 << 24  # score rows per chunk are bounded to ~16M floats (64 MB in fp32)
+
+
+def repeat_kv(keys: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[H_kv, L, d] -> [H_kv * n_rep, L, d]; query head h uses key head h // n_rep (as transformers)."""
+    return keys if n_rep == 1 else keys.repeat_interleave(n_rep, dim=0)
+
+
+def _row_chunks(n_heads: int, n_rows: int, n_keys: int):
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, n_heads * n_keys))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def attention_probs(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, query_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention of some query rows over all keys, in float32.
+
+    queries [H, R, d], keys [H_kv, L, d]; returns [H, R, L]. With ``query_positions`` [R] (each
+    row's index in the key sequence) the mask is causal: row r sees keys 0..query_positions[r].
+    Without it there is no mask (the official PruneVid score). Use on small R only; the scoring
+    functions below call it chunk by chunk.
+    """
+    n_rep = queries.shape[0] // keys.shape[0]
+    k = repeat_kv(keys.float(), n_rep)
+    logits = torch.matmul(queries.float(), k.transpose(-1, -2)) * scaling
+    if query_positions is not None:
+        key_index = torch.arange(keys.shape[1], device=keys.device)
+        future = key_index.view(1, 1, -1) > query_positions.view(1, -1, 1)
+        logits = logits.masked_fill(future, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def max_max_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    visual_index: torch.Tensor,
+    scaling: float,
+    query_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Importance of each visual token: max over heads, then max over query rows, of the
+    attention the rows pay it (as in the official code's text-to-video max-max).
+
+    queries [H, R, d]; keys [H_kv, L, d]; visual_index [V] (key positions of the visual tokens);
+    returns [V] float32. ``query_positions`` switches on the causal mask (``attention`` mode);
+    without it, this is the official ``prunevid`` score (pre-rotary q, k and no mask).
+    """
+    best = torch.full((visual_index.numel(),), float("-inf"), device=keys.device)
+    for rows in _row_chunks(queries.shape[0], queries.shape[1], keys.shape[1]):
+        pos = None if query_positions is None else query_positions[rows]
+        probs = attention_probs(queries[:, rows], keys, scaling, pos)[..., visual_index]  # [H, r, V]
+        best = torch.maximum(best, probs.amax(dim=(0, 1)))
+    return best
+
+
+def last_token_scores(
+    last_query: torch.Tensor, keys: torch.Tensor, visual_index: torch.Tensor, scaling: float, position: int
+) -> torch.Tensor:
+    """FastV-style control: the last prompt token's causal attention to each visual token,
+    averaged over heads. last_query [H, 1, d] (rotary applied); keys [H_kv, L, d]; returns [V]."""
+    pos = torch.tensor([position], device=keys.device)
+    return attention_probs(last_query, keys, scaling, pos)[:, 0, visual_index].mean(dim=0)
+
+
+def random_scores(n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Seeded uniform scores: the random-pruning control."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.rand(n, generator=gen).to(device)
+
+
+def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Keep floor(n * keep_ratio) top-scoring tokens of every group (as the official code does
+    per segment's static set and per frame's dynamic set); not a global top-k.
+
+    scores [V], groups [V] (any integer ids). Returns sorted positions [V'] into 0..V-1, so the
+    kept tokens stay in their original order. Ties go to the lower index (stable sort).
+    """
+    kept = []
+    for g in torch.unique(groups):
+        members = torch.nonzero(groups == g).flatten()
+        n_keep = int(members.numel() * keep_ratio + 1e-9)  # floor; the epsilon absorbs 0.3*10 = 2.9999
+        if n_keep == 0:
+            continue
+        order = torch.sort(-scores[members].float(), stable=True).indices
+        kept.append(members[order[:n_keep]])
+    if not kept:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return torch.sort(torch.cat(kept)).values
+
+
+def compact_cache_layers(cache, layer_indices, keep_index: torch.Tensor) -> None:
+    """Stage 3: physically shorten the KV cache of the given layers to ``keep_index`` [L'] along
+    the sequence axis (index_select makes new, smaller tensors; the old ones are freed)."""
+    for i in layer_indices:
+        layer = cache.layers[i]
+        layer.keys = layer.keys.index_select(-2, keep_index)
+        layer.values = layer.values.index_select(-2, keep_index)
