@@ -1,0 +1,306 @@
+"""Dataset readers, validation, seeded sampling and preflight — no video is decoded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
+
+FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
+EGO = FIXTURES / "egoschema"
+
+
+def skipped_reasons(dataset) -> dict[str, str]:
+    return dict(dataset.skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# EgoSchema
+
+
+def test_egoschema_json_with_answers_beside_it(tmp_path):
+    data = load_dataset(EGO / "questions.json", video_root=tmp_path)
+    assert data.format == "egoschema"
+    assert [s.id for s in data.samples] == ["ego-001", "ego-002", "ego-003"]
+    first = data.samples[0]
+    assert first.video == (tmp_path / "ego-001.mp4").resolve()
+    assert first.options == ("cooking", "cleaning", "painting", "reading", "sleeping")
+    assert first.question == "What is C mainly doing?"
+    assert [s.answer_index for s in data.samples] == [0, 4, 2]
+    assert data.samples[1].answer_letter == "E"
+    assert first.category is None and first.start is None and first.end is None
+    reasons = skipped_reasons(data)
+    assert reasons["ego-004"] == "no answer in subset_answers.json"  # reported, never dropped
+    assert reasons["ego-005"] == "no question"
+    assert len(data.skipped) == 2
+
+
+def test_egoschema_default_video_root_is_the_file_folder():
+    data = load_dataset(EGO / "questions.json")
+    assert data.samples[0].video == (EGO / "ego-001.mp4").resolve()
+
+
+def test_egoschema_answers_argument_path_and_mapping(tmp_path):
+    questions = tmp_path / "questions.json"
+    questions.write_text((EGO / "questions.json").read_text())
+    with pytest.raises(PruneVidError, match="--answers"):
+        load_dataset(questions)  # no answers file beside it
+    answers = tmp_path / "my_answers.json"
+    answers.write_text(json.dumps({"ego-004": 3, "ego-001": "1", "ego-002": "x"}))
+    data = load_dataset(questions, answers=answers)
+    assert [(s.id, s.answer_index) for s in data.samples] == [("ego-001", 1), ("ego-004", 3)]
+    reasons = skipped_reasons(data)
+    assert reasons["ego-002"].startswith("answer 'x'")
+    assert reasons["ego-003"] == "no answer in my_answers.json"
+    data = load_dataset(questions, answers={"ego-003": 9, "ego-002": 2})
+    assert [s.id for s in data.samples] == ["ego-002"]
+    assert "outside the 5 options" in skipped_reasons(data)["ego-003"]
+
+
+def test_egoschema_jsonl(tmp_path):
+    rows = json.loads((EGO / "questions.json").read_text())
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_dataset(path, answers=EGO / "subset_answers.json")
+    assert data.format == "egoschema"
+    assert [s.id for s in data.samples] == ["ego-001", "ego-002", "ego-003"]
+
+
+# ---------------------------------------------------------------------------------------------
+# MVBench
+
+
+def test_mvbench_task_file(tmp_path):
+    data = load_dataset(FIXTURES / "mvbench" / "action_sequence.json", video_root=tmp_path)
+    assert data.format == "mvbench" and data.name == "action_sequence"
+    assert [s.id for s in data.samples] == ["action_sequence-0", "action_sequence-1", "action_sequence-2"]
+    first, second, third = data.samples
+    assert first.category == "action_sequence"
+    assert first.video == (tmp_path / "3MSZA.mp4").resolve()
+    assert (first.start, first.end) == (18.3, 30.5)
+    assert len(first.options) == 3 and first.answer_index == 0
+    assert second.answer_index == 3 and second.start == 0.0
+    assert third.start is None and third.end is None and third.answer_index == 1
+    reasons = skipped_reasons(data)
+    assert reasons["row 4"] == "answer 'The hat.' is not among the options"
+    assert reasons["row 5"].startswith("1 option(s)")
+    assert reasons["row 6"] == "end 3.0 is not after start 9.0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Video-MME (parquet written here; no binary is committed)
+
+
+def write_videomme(path: Path) -> Path:
+    import pandas as pd
+
+    rows = [
+        ("001", "short", "Knowledge", "fFjv93ACGo8", "001-1", "Counting Problem", "How many?",
+         ["A. 1.", "B. 2.", "C. 3.", "D. 4."], "C"),
+        ("001", "short", "Knowledge", "fFjv93ACGo8", "001-2", "Object Recognition", "Which object?",
+         ["A. A cup.", "B. A ball.", "C. A hat.", "D. A pen."], "A"),
+        ("002", "long", "Sports", "Zq7bcQ8n9ts", "002-1", "Action Reasoning", "Why did he run?",
+         ["A. Late.", "B. Rain.", "C. Race.", "D. Fun."], "E"),
+        ("003", "medium", "Film", "abcDEF12345", "003-1", "Temporal Reasoning", "What came first?",
+         ["A. Intro.", "B. Credits.", "C. Fight.", "D. Chase."], None),
+    ]
+    columns = ["video_id", "duration", "domain", "videoID", "question_id", "task_type", "question", "options", "answer"]
+    pd.DataFrame(rows, columns=columns).to_parquet(path / "videomme.parquet")
+    return path / "videomme.parquet"
+
+
+def test_videomme_parquet(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    data = load_dataset(write_videomme(tmp_path), video_root=videos)
+    assert data.format == "videomme"
+    assert [s.id for s in data.samples] == ["001-1", "001-2"]
+    first, second = data.samples
+    assert first.options == ("1.", "2.", "3.", "4.")  # "A. " prefix stripped, text kept
+    assert second.options[0] == "A cup."  # the article "A" inside the text survives
+    assert first.answer_index == 2
+    assert first.category == "Counting Problem"
+    assert first.video == (videos / "fFjv93ACGo8.mp4").resolve()
+    assert first.meta["duration"] == "short" and first.meta["domain"] == "Knowledge"
+    reasons = skipped_reasons(data)
+    assert "outside the 4 options" in reasons["002-1"]
+    assert reasons["003-1"] == "no answer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Our JSONL
+
+
+def test_own_jsonl_answers_and_malformed_rows():
+    data = load_dataset(FIXTURES / "ours.jsonl")
+    assert data.format == "jsonl"
+    assert [(s.id, s.answer_index) for s in data.samples] == [("q1", 1), ("q2", 0), ("q3", 1), ("q4", 1)]
+    # Relative to the JSONL's folder when no video root is given.
+    assert data.samples[0].video == (FIXTURES / "clips" / "cat.mp4").resolve()
+    assert data.samples[0].category == "animals" and data.samples[2].category is None
+    reasons = data.skipped
+    assert ("q1", "duplicate id (the first occurrence is kept)") in reasons
+    assert dict(reasons)["q5"] == "no answer"
+    assert dict(reasons)["q6"] == "answer 'z' is not among the options"
+    assert "outside the 2 options" in dict(reasons)["q7"]
+    assert dict(reasons)["q8"].startswith("1 option(s)")
+    assert "outside the 2 options" in dict(reasons)["q9"]
+    assert dict(reasons)["line 11"].startswith("not valid JSON")  # line numbers count blank lines
+    assert len(reasons) == 7
+    # The first q1 is the one kept.
+    assert data.samples[0].question == "What animal is shown?"
+
+
+def test_own_jsonl_video_root_and_absolute_paths(tmp_path):
+    absolute = tmp_path / "elsewhere" / "x.mp4"
+    path = tmp_path / "set.jsonl"
+    rows = [
+        {"id": "a", "video": "v/one.mp4", "question": "?", "options": ["x", "y"], "answer": "A"},
+        {"id": "b", "video": str(absolute), "question": "?", "options": ["x", "y"], "answer": 1},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    root = tmp_path / "root"
+    root.mkdir()
+    data = load_dataset(path, video_root=root)
+    assert data.samples[0].video == (root / "v" / "one.mp4").resolve()
+    assert data.samples[1].video == absolute.resolve()
+
+
+def test_letter_that_is_also_another_options_text_is_skipped(tmp_path):
+    path = tmp_path / "grades.jsonl"
+    rows = [
+        {"id": "g1", "video": "v.mp4", "question": "Grade?", "options": ["B", "A", "C"], "answer": "A"},
+        {"id": "g2", "video": "v.mp4", "question": "Grade?", "options": ["A", "B", "C"], "answer": "B"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_dataset(path)
+    assert [(s.id, s.answer_index) for s in data.samples] == [("g2", 1)]
+    assert "both a letter and the text of another option" in dict(data.skipped)["g1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection and user errors
+
+
+def test_explicit_format_override(tmp_path):
+    rows = [{"id": "a", "video": "v.mp4", "question": "?", "options": ["x", "y"], "answer": "B"}]
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(rows))
+    assert load_dataset(path).format == "jsonl"  # our rows in a JSON list are fine too
+    assert load_dataset(path, format="jsonl").samples[0].answer_index == 1
+    with pytest.raises(PruneVidError, match="no usable questions"):
+        load_dataset(path, format="mvbench")  # forced wrong: every row skipped, and said so
+    with pytest.raises(PruneVidError, match="unknown dataset format 'csv'"):
+        load_dataset(path, format="csv")
+    with pytest.raises(PruneVidError, match="only applies to EgoSchema"):
+        load_dataset(path, answers=EGO / "subset_answers.json")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("broken.json", "[{", "not valid JSON"),
+        ("answers.json", '{"ego-1": 1}', "not a list of questions"),
+        ("odd.json", '[{"foo": 1, "bar": 2}]', "cannot tell the dataset format"),
+        ("empty.json", "[]", "holds no question rows"),
+        ("all_bad.jsonl", '{"id": "a", "video": "v", "question": "?", "options": ["x"], "answer": 0}\n',
+         r"no usable questions .*1 option\(s\)"),
+        ("bad.parquet", "not parquet", "cannot read .* as parquet"),
+    ],
+)
+def test_unusable_files_raise_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PruneVidError, match=message) as err:
+        load_dataset(path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_missing_video_root(tmp_path):
+    with pytest.raises(PruneVidError, match="dataset file not found"):
+        load_dataset(tmp_path / "nope.jsonl")
+    with pytest.raises(PruneVidError, match="video root not found"):
+        load_dataset(FIXTURES / "ours.jsonl", video_root=tmp_path / "no-such-dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded sampling
+
+
+def make_samples(n: int) -> list[QASample]:
+    return [QASample(f"s{i}", Path(f"/v/{i}.mp4"), "?", ("x", "y"), 0) for i in range(n)]
+
+
+def test_sample_rows_is_seeded_random_and_keeps_file_order():
+    samples = make_samples(100)
+    first = sample_rows(samples, 10, seed=0)
+    assert len(first) == 10
+    assert first == sample_rows(samples, 10, seed=0)  # same seed, same rows
+    assert first != sample_rows(samples, 10, seed=1)  # another seed, other rows
+    assert first != samples[:10]  # not a prefix
+    positions = [samples.index(s) for s in first]
+    assert positions == sorted(positions)  # file order kept
+    assert len(set(positions)) == 10
+
+
+def test_sample_rows_limits():
+    samples = make_samples(5)
+    assert sample_rows(samples, 5) == samples
+    assert sample_rows(samples, 50) == samples
+    assert sample_rows(samples, None) == samples
+    with pytest.raises(PruneVidError, match="positive"):
+        sample_rows(samples, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight
+
+
+def test_preflight_checks_each_video_once_and_reports_every_question():
+    samples = [
+        QASample("a", Path("/v/good.mp4"), "?", ("x", "y"), 0),
+        QASample("b", Path("/v/bad.mp4"), "?", ("x", "y"), 0),
+        QASample("c", Path("/v/good.mp4"), "?", ("x", "y"), 1),
+        QASample("d", Path("/v/bad.mp4"), "?", ("x", "y"), 1),
+        QASample("e", Path("/v/gone.mp4"), "?", ("x", "y"), 1),
+    ]
+    calls: list[Path] = []
+
+    def check(path: Path) -> None:
+        calls.append(path)
+        if path.name == "bad.mp4":
+            raise PruneVidError(f"cannot decode {path}")
+        if path.name == "gone.mp4":
+            raise PruneVidError(f"video not found: {path}")
+
+    ok, problems = preflight(samples, check=check)
+    assert [s.id for s in ok] == ["a", "c"]
+    assert problems == [
+        ("b", "cannot decode /v/bad.mp4"),
+        ("d", "cannot decode /v/bad.mp4"),
+        ("e", "video not found: /v/gone.mp4"),
+    ]
+    assert sorted(calls) == sorted({Path("/v/good.mp4"), Path("/v/bad.mp4"), Path("/v/gone.mp4")})
+
+
+def test_preflight_default_checks_existence(tmp_path):
+    (tmp_path / "here.mp4").write_bytes(b"\0")
+    samples = [
+        QASample("a", tmp_path / "here.mp4", "?", ("x", "y"), 0),
+        QASample("b", tmp_path / "missing.mp4", "?", ("x", "y"), 0),
+    ]
+    ok, problems = preflight(samples)
+    assert [s.id for s in ok] == ["a"]
+    assert problems[0][0] == "b" and "video not found" in problems[0][1]
+
+
+def test_preflight_does_not_hide_checker_bugs():
+    def broken(path: Path) -> None:
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        preflight(make_samples(2), check=broken)
