@@ -7,6 +7,9 @@ stretches time for the model.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +106,27 @@ def _decode_pyav(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int
 BACKENDS = {"decord": _decode_decord, "pyav": _decode_pyav}
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """decord and FFmpeg print their own complaints straight to file descriptor 2; a bad file
+    should end in our one-line error only, so silence the descriptor while decoding."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a test runner)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def load_clip(
     path: str | Path,
     num_frames: int | None = 16,
@@ -123,7 +147,8 @@ def load_clip(
     failures = []
     for name in order:
         try:
-            frames, indices, native_fps, total = BACKENDS[name](path, sampler)
+            with _quiet_native_stderr():
+                frames, indices, native_fps, total = BACKENDS[name](path, sampler)
         except PruneVidError as exc:
             failures.append(f"{name}: {exc}")
             continue

@@ -1,0 +1,39 @@
+# Two commands for a new machine: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test test-fast toy-model benchmarks clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch + torchvision first: these pins come from the machine's local package files (CUDA builds that also run on the CPU)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The bundled toy-world clip with the trained `toy` model: prints the answer and the measurements.
+demo: $(STAMP)
+	$(BIN)/prunevid run examples/toy_sample.mp4 "In which direction does the green circle move?" \
+		--option left --option down --option up --option right --model toy --preset baseline --label demo
+	$(BIN)/prunevid run examples/toy_sample.mp4 "In which direction does the green circle move?" \
+		--option left --option down --option up --option right --model toy --preset default \
+		--set stage2.pruning_layer=1 --label demo-default
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Retrain the shipped toy model (fixed seeds; about 20-30 minutes on a 2-core CPU).
+toy-model: $(STAMP)
+	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/bench_stage1.py
+	$(BIN)/python benchmarks/bench_stage2.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

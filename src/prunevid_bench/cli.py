@@ -1,0 +1,234 @@
+"""The `prunevid` command line. Heavy imports live inside command bodies so `--help` is instant.
+
+Every user error is a PruneVidError, printed on one line with a non-zero exit (no traceback).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from prunevid_bench.errors import PruneVidError
+
+app = typer.Typer(
+    name="prunevid",
+    help="Benchmark PruneVid's visual-token reduction on Qwen2.5-VL: tokens, TTFT, memory, accuracy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+presets_app = typer.Typer(help="List presets, or show one resolved.", invoke_without_command=True)
+app.add_typer(presets_app, name="presets")
+console = Console()
+err_console = Console(stderr=True)
+
+# ---------------------------------------------------------------- shared options (defined once)
+Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `prunevid presets`).", rich_help_panel="Config")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="Your own YAML config (overrides the preset).", rich_help_panel="Config")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key, e.g. stage2.keep_ratio=0.3 (repeatable).", rich_help_panel="Config")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="tiny, toy, a Hugging Face id, or a local Qwen2.5-VL directory.", rich_help_panel="Model")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.", rich_help_panel="Model")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel="Model")]
+Attn = Annotated[Optional[str], typer.Option("--attn-implementation", help="sdpa | eager | flash_attention_2.", rich_help_panel="Model")]
+NumFrames = Annotated[Optional[int], typer.Option("--num-frames", help="Frames sampled uniformly.", rich_help_panel="Video")]
+Fps = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --num-frames.", rich_help_panel="Video")]
+MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Cap on frames when sampling by --fps.", rich_help_panel="Video")]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Pixels per frame after resizing.", rich_help_panel="Video")]
+MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
+ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
+
+
+def collect_overrides(
+    sets: list[str] | None,
+    model: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    attn: str | None = None,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    max_pixels: int | None = None,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """Flags and --set pairs as one dotted-key dict; --set wins over the dedicated flags."""
+    from prunevid_bench.config import parse_override
+
+    flags = {
+        "model.name": model,
+        "model.dtype": dtype,
+        "model.device": device,
+        "model.attn_implementation": attn,
+        "video.num_frames": num_frames,
+        "video.fps": fps,
+        "video.max_frames": max_frames,
+        "video.max_pixels": max_pixels,
+        "generation.max_new_tokens": max_new_tokens,
+    }
+    out = {k: v for k, v in flags.items() if v is not None}
+    if fps is not None and num_frames is None:
+        out["video.num_frames"] = None  # --fps alone means: sample by rate
+    for text in sets or []:
+        key, value = parse_override(text)
+        out[key] = value
+    return out
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry. Commands are wrapped by ``guarded``; this is the last line of defence."""
+    try:
+        app()
+    except PruneVidError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+
+
+def guarded(fn):
+    """Wrap a command so PruneVidError becomes a one-line error also under CliRunner."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PruneVidError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; finished samples are saved: rerun the same command to resume", 130)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- run
+@app.command()
+@guarded
+def run(
+    video: Annotated[Optional[Path], typer.Argument(help="Video file.", show_default=False)] = None,
+    question: Annotated[Optional[str], typer.Argument(help="Question about the video.", show_default=False)] = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    sets: Sets = None,
+    model: Model = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    attn_implementation: Attn = None,
+    num_frames: NumFrames = None,
+    fps: Fps = None,
+    max_frames: MaxFrames = None,
+    max_pixels: MaxPixels = None,
+    max_new_tokens: MaxNew = None,
+    results_dir: ResultsDir = Path("results"),
+    label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder.", rich_help_panel="Output")] = None,
+    options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable): the question is asked with lettered choices and the letter is parsed.", rich_help_panel="Config")] = None,
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="Evaluate a multiple-choice dataset instead of one video.", rich_help_panel="Dataset")] = None,
+    video_root: Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")] = None,
+    answers: Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")] = None,
+    dataset_format: Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")] = 0,
+    answer_mode: Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")] = "generate",
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A baseline run folder: report agreement with it.", rich_help_panel="Dataset")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo samples already finished in the run folder.", rich_help_panel="Dataset")] = False,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", help="Timing mode: discarded warm-up runs.", rich_help_panel="Timing")] = 0,
+) -> None:
+    """Run one video and question, or a whole dataset with --dataset."""
+    from prunevid_bench.config import build_config
+
+    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
+    cfg = build_config(preset, config, overrides)
+    if dataset is not None:
+        if video is not None:
+            raise PruneVidError("give either VIDEO QUESTION or --dataset, not both")
+        from prunevid_bench.harness.evaluate import evaluate_dataset
+
+        evaluate_dataset(
+            cfg,
+            dataset,
+            preset=preset,
+            results_dir=results_dir,
+            label=label,
+            video_root=video_root,
+            answers=answers,
+            dataset_format=dataset_format,
+            limit=limit,
+            seed=seed,
+            answer_mode=answer_mode,
+            baseline=baseline,
+            force=force,
+            console=console,
+        )
+        return
+    if video is None or question is None:
+        raise PruneVidError("give a VIDEO and a QUESTION (or --dataset PATH)")
+    from prunevid_bench.single import run_single
+
+    run_single(
+        cfg, video, question, options=options or [], preset=preset, results_dir=results_dir, label=label,
+        repeats=repeats, warmup=warmup, console=console,
+    )
+
+
+# ---------------------------------------------------------------- presets
+@presets_app.callback()
+@guarded
+def presets(ctx: typer.Context) -> None:
+    """List the presets with one line each."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from prunevid_bench.config import load_yaml, preset_names, preset_path
+
+    table = Table(title="Presets", show_lines=False)
+    for col in ("name", "stage1", "stage2", "description"):
+        table.add_column(col)
+    for name in preset_names():
+        data = load_yaml(preset_path(name))
+        s1 = data.get("stage1", {}) or {}
+        s2 = data.get("stage2", {}) or {}
+        table.add_row(
+            name,
+            "on" if s1.get("enabled") else "off",
+            "on" if s2.get("enabled") else "off",
+            str(data.get("description", "")),
+        )
+    console.print(table)
+
+
+@presets_app.command("show")
+@guarded
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+    """Print a preset's fully resolved config (defaults filled in) as YAML."""
+    import yaml
+
+    from prunevid_bench.config import build_config
+
+    cfg = build_config(name)
+    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), highlight=False, end="")
+
+
+# ---------------------------------------------------------------- toy data
+@app.command("toy-data")
+@guarded
+def toy_data(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (videos/ and data.jsonl).")],
+    n: Annotated[int, typer.Option("--n", help="Number of questions.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed (the toy model trained on seeds >= 1000).")] = 7,
+) -> None:
+    """Write synthetic toy-world videos and multiple-choice questions (our JSONL format)."""
+    from prunevid_bench.toy.world import generate_dataset
+
+    path = generate_dataset(out, n, seed)
+    console.print(f"wrote {n} questions to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Scenario: one video and one question (optionally repeated for timing), written to a run folder."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from prunevid_bench.config import RunConfig
+from prunevid_bench.report import RunResult, environment, new_run_dir, write_csv_row, write_json
+
+TIMED_FIELDS = ("ttft_s", "prefill_s", "vision_encoder_s", "stage1_s", "stage2_s", "decode_tokens_per_s")
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1000:.2f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Table:
+    """A person-readable table of one run record."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("visual tokens before Stage 1", result["tokens_before_stage1"]),
+        ("after Stage 1 (merging)", result["tokens_after_stage1"]),
+        ("after Stage 2 (pruning)", result["tokens_after"]),
+        ("total compression ratio", f"{result['total_compression_ratio']:.3f}"),
+        ("prompt tokens (unpruned)", result["prompt_tokens"]),
+        ("LLM prefill tokens (layer 0)", result["llm_prefill_tokens"]),
+        ("generated tokens", result["generated_tokens"]),
+        ("TTFT", fmt_seconds(result["ttft_s"])),
+        ("  vision encoder", fmt_seconds(result["vision_encoder_s"])),
+        ("  Stage 1 merging", fmt_seconds(result["stage1_s"])),
+        ("  Stage 2 scoring + Stage 3", fmt_seconds(result["stage2_s"])),
+        ("  prefill after vision", fmt_seconds(result["prefill_s"])),
+        ("decode speed", f"{result['decode_tokens_per_s']:.1f} tok/s" if result["decode_tokens_per_s"] else "-"),
+        (f"peak memory ({result['memory_kind']})", human_bytes(result["peak_memory_bytes"])),
+        ("KV cache after prefill", human_bytes(result["kv_cache_bytes"])),
+        ("KV cache without Stage 3", human_bytes(result["kv_cache_bytes_uncompressed"])),
+        ("video grid (t, h, w)", str(result["video_grid_thw"])),
+        ("frames / sampled fps / backend", f"{result['num_frames']} / {result['sampled_fps']:.3g} / {result['video_backend']}"),
+    ]
+    if "ttft_s_median" in result:
+        rows.insert(8, ("  TTFT median / p90 over repeats", f"{fmt_seconds(result['ttft_s_median'])} / {fmt_seconds(result['ttft_s_p90'])}"))
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
+def timing_summary(results: list[RunResult]) -> dict[str, Any]:
+    """Median, p90 and spread of the timed fields over repeats."""
+    out: dict[str, Any] = {"repeats": len(results)}
+    for name in TIMED_FIELDS:
+        values = sorted(v for v in (getattr(r, name) for r in results) if v is not None)
+        if not values:
+            continue
+        out[f"{name}_median"] = statistics.median(values)
+        out[f"{name}_p90"] = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+        out[f"{name}_min"] = values[0]
+        out[f"{name}_max"] = values[-1]
+    return out
+
+
+def write_run_header(run_dir: Path, cfg: RunConfig, pipe, meta: dict[str, Any]) -> None:
+    """The resolved config and the environment: every run folder starts with these."""
+    write_json(run_dir / "config.json", {**meta, "config": cfg.to_dict()})
+    write_json(run_dir / "environment.json", environment(cfg, pipe.model, pipe.device))
+
+
+def run_single(
+    cfg: RunConfig,
+    video: Path,
+    question: str,
+    *,
+    options: list[str] | None = None,
+    preset: str | None,
+    results_dir: Path,
+    label: str | None,
+    repeats: int = 1,
+    warmup: int = 0,
+    console: Console | None = None,
+) -> Path:
+    from prunevid_bench.errors import PruneVidError
+    from prunevid_bench.pipeline import load_pipeline
+
+    console = console or Console()
+    if repeats < 1 or warmup < 0:
+        raise PruneVidError("--repeats must be >= 1 and --warmup >= 0")
+    from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+
+    options = list(options or [])
+    if len(options) == 1 or len(options) > len(LETTERS):
+        raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
+    prompt_question = format_mc_prompt(question, options) if options else question
+    pipe = load_pipeline(config_file=None, overrides=_flatten(cfg.to_dict()))
+    prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model
+    for _ in range(warmup):
+        pipe.run(prepared)
+    results = [pipe.run(prepared) for _ in range(repeats)]
+    record = results[0].to_dict()
+    record.update(video=str(video), question=question, model=pipe.model_name, preset=preset)
+    if options:
+        index, status = parse_choice(record["generated_text"], len(options), options)
+        record.update(options=options, prediction=None if index is None else LETTERS[index], parse_status=status)
+    if repeats > 1:
+        record.update(timing_summary(results))
+        record["ttft_s"] = record["ttft_s_median"]
+    run_dir = new_run_dir(results_dir, label or f"{preset or 'custom'}-{Path(video).stem}")
+    write_run_header(run_dir, cfg, pipe, {"scenario": "single", "preset": preset, "video": str(video), "question": question})
+    write_json(run_dir / "result.json", record)
+    write_csv_row(run_dir / "result.csv", record)
+    console.print(f"[bold]answer:[/] {record['generated_text'] or '(empty)'}", highlight=False)
+    if options:
+        choice = record["prediction"]
+        shown = f"({choice}) {options[LETTERS.index(choice)]}" if choice else f"none ({record['parse_status']})"
+        console.print(f"[bold]choice:[/] {shown}", highlight=False)
+    console.print(measurement_table(record))
+    console.print(f"run folder: {run_dir}")
+    return run_dir
+
+
+def _flatten(nested: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in nested.items() for key, value in values.items()}
