@@ -1,0 +1,101 @@
+"""`prunevid run` through typer's CliRunner: exit codes, files written, messages for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prunevid_bench.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_writes_run_folder(clip8, tmp_path):
+    res = invoke("run", clip8, "What is happening?", "--model", "tiny", "--max-new-tokens", "3", "--results-dir", tmp_path, "--label", "t")
+    assert res.exit_code == 0, res.output
+    assert "answer:" in res.output and "TTFT" in res.output
+    (run_dir,) = tmp_path.iterdir()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["config"]["model"]["name"] == "tiny" and cfg["config"]["generation"]["max_new_tokens"] == 3
+    env = json.loads((run_dir / "environment.json").read_text())
+    for key in ("python", "torch", "transformers", "device", "dtype", "attn_implementation", "git_commit"):
+        assert key in env
+    result = json.loads((run_dir / "result.json").read_text())
+    for key in ("generated_text", "visual_tokens", "prompt_tokens", "ttft_s", "prefill_s", "vision_encoder_s",
+                "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes", "video_grid_thw",
+                "tokens_before_stage1", "tokens_after_stage1", "tokens_before", "tokens_after", "total_compression_ratio"):
+        assert key in result, key
+    assert result["video_grid_thw"] == [[4, 8, 8]] and result["visual_tokens"] == 64
+    assert result["video_backend"] in ("decord", "pyav")
+    rows = list(csv.DictReader(open(run_dir / "result.csv")))
+    assert len(rows) == 1 and int(rows[0]["visual_tokens"]) == 64
+
+
+def test_run_with_options_parses_a_choice(clip8, tmp_path):
+    res = invoke("run", clip8, "Which?", "-o", "red", "-o", "blue", "--model", "tiny", "--results-dir", tmp_path, "--max-new-tokens", "2")
+    assert res.exit_code == 0, res.output
+    assert "choice:" in res.output
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["parse_status"] in ("parsed", "unparsed", "ambiguous", "out_of_range")
+
+
+def test_timing_mode_reports_median(clip8, tmp_path):
+    res = invoke("run", clip8, "Q", "--model", "tiny", "--repeats", "3", "--warmup", "1", "--max-new-tokens", "2", "--results-dir", tmp_path)
+    assert res.exit_code == 0, res.output
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["repeats"] == 3 and result["ttft_s"] == result["ttft_s_median"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "missing.mp4", "Q"], "video not found"),
+        (["run", ".", "Q"], "directory"),
+        (["run", "CLIP", "Q", "--set", "stage1.tua=0.5"], "did you mean 'stage1.tau'"),
+        (["run", "CLIP", "Q", "--set", "stage2.keep_ratio=1.5"], "stage2.keep_ratio must be in (0, 1]"),
+        (["run", "CLIP", "Q", "--set", "stage1.cluster_ratio=0"], "stage1.cluster_ratio must be in (0, 1]"),
+        (["run", "CLIP", "Q", "--set", "stage1.k=0"], "stage1.k must be >= 1"),
+        (["run", "CLIP", "Q", "--preset", "defualt"], "did you mean 'default'"),
+        (["run", "CLIP", "Q", "--model", "tiny", "--set", "stage2.enabled=true", "--set", "stage2.pruning_layer=4"], "stage2.pruning_layer must be in [0, 3]"),
+        (["run", "CLIP", "Q", "--model", "no-such-model"], "not found"),
+        (["run", "CLIP", "Q", "--model", "tiny", "--device", "cuda:7"], None),
+        (["run", "CLIP"], "give a VIDEO and a QUESTION"),
+    ],
+)
+def test_bad_input_one_line_error(args, message, clip8, tmp_path):
+    import torch
+
+    if "cuda:7" in args and torch.cuda.is_available():
+        pytest.skip("this case checks a machine without CUDA")
+    args = [str(clip8) if a == "CLIP" else a for a in args]
+    res = invoke(*args, "--results-dir", tmp_path)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error:"), res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert "Traceback" not in res.output
+    if message:
+        assert message in res.output
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_corrupt_video(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    res = invoke("run", bad, "Q", "--model", "tiny", "--results-dir", tmp_path / "out")
+    assert res.exit_code == 2 and "cannot decode video" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_presets_listed():
+    res = invoke("presets")
+    assert res.exit_code == 0
+    for name in ("baseline", "default", "stage1_only", "stage2_only", "conservative", "aggressive"):
+        assert name in res.output
