@@ -47,14 +47,34 @@ class Clock:
 
 
 def cpu_peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process: VmHWM on Linux (resettable, see below), else
+    ``ru_maxrss`` (Linux reports KiB, macOS bytes)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def reset_cpu_peak_rss() -> bool:
+    """Linux resets the peak RSS (VmHWM) to the current RSS when "5" is written to
+    /proc/self/clear_refs; returns False where that is not possible (the peak is then the
+    process's running maximum)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Peak memory of one phase. CUDA: reset the peak, read ``max_memory_allocated``.
-    CPU: the process's peak RSS, which cannot be reset, so it is a running maximum."""
+    CPU: the process's peak RSS, reset per phase where the kernel allows it."""
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -64,6 +84,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif not reset_cpu_peak_rss():
+            self.kind = "cpu_peak_rss_lifetime"
 
     def read(self) -> int:
         if self.device.type == "cuda":
