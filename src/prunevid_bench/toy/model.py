@@ -1,0 +1,53 @@
+"""The built-in model ``toy``: a tiny Qwen2.5-VL trained on the toy world, shipped in the package.
+
+The weights live in ``prunevid_bench/assets/toy/`` (``config.json`` + ``model.safetensors``) and
+are produced by ``make toy-model`` (``python -m prunevid_bench.toy.train``). Training and
+inference both build their processor with :func:`build_toy_processor`, so the two see identical
+pixels and tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prunevid_bench.errors import PruneVidError
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# The toy videos are 112 x 112: 8 x 8 patches of 14 px, 16 LLM tokens per temporal grid step.
+# The bounds keep that size as it is (no resize) and match the `tiny` processor.
+MAX_PIXELS = 112 * 112
+MIN_PIXELS = 56 * 56
+
+
+def build_toy_processor():
+    """The processor the toy model is trained and evaluated with."""
+    from prunevid_bench.models.tiny import build_processor
+
+    return build_processor(max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
+
+
+def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DIR):
+    """(model in eval mode, float32 on the CPU; processor) from the shipped weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from prunevid_bench.models.tiny import IM_END_ID, PAD_ID
+
+    config_path, weights_path = Path(asset_dir) / CONFIG_FILE, Path(asset_dir) / WEIGHTS_FILE
+    missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+    if missing:
+        raise PruneVidError(
+            f"the toy model's {' and '.join(missing)} is missing from {asset_dir}; run `make toy-model` to train it"
+        )
+    config = Qwen2_5_VLConfig.from_json_file(str(config_path))
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    model.generation_config.eos_token_id = IM_END_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval(), build_toy_processor()
