@@ -1,0 +1,404 @@
+"""Scenario: evaluate a multiple-choice video QA dataset into a resumable run folder.
+
+Flow: read the dataset -> seeded ``--limit`` sample (ids recorded) -> preflight: missing or
+undecodable videos are listed, reported and skipped BEFORE the model is loaded -> per sample:
+lettered prompt, one run, a prediction, one flushed line in ``samples.jsonl`` -> summary.
+
+Predictions: ``generate`` parses the reply with the letter parser (unparsed counts as wrong and
+is reported); ``logits`` takes the option letter whose token has the highest first-token logit
+(each letter must be one token of the processor's tokenizer).
+
+Resume design: the run folder name is ``<label or preset>-<dataset stem>-<hash>`` where the hash
+covers the resolved config, the answer mode and the exact questions selected (ids, options,
+answers: so ``--limit``/``--seed`` are in it). No timestamp, so restarting the same command
+lands in the same folder and skips every sample already logged; a sample that ended in an error
+is retried. ``--force`` starts the folder over (the old log is kept as ``samples.jsonl.bak``).
+A folder whose stored config differs (possible with an explicit folder, e.g. a sweep cell) is
+refused rather than mixed. The summary is recomputed from the whole log at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from prunevid_bench.config import RunConfig
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
+from prunevid_bench.harness.runs import (
+    CONFIG_FILE,
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+    SampleLog,
+    diff_keys,
+    fingerprint_hash,
+    flat_row,
+    read_samples,
+    summarise,
+)
+from prunevid_bench.report import slug, write_csv_row, write_json
+
+ANSWER_MODES = ("generate", "logits")
+RESULT_EXCLUDE = {"generated_token_ids", "first_token_logits"}
+
+
+@dataclass
+class DatasetPlan:
+    """The questions a run will ask: read, sampled and preflighted once (a sweep shares it)."""
+
+    name: str
+    format: str
+    path: Path
+    selected: list[QASample]  # after --limit, in file order
+    runnable: list[QASample]  # selected and passed preflight
+    skipped: list[dict[str, str]]  # {"id", "reason", "stage": "dataset" | "preflight"}
+    limit: int | None
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides which questions are asked: part of every run's fingerprint."""
+        content = [
+            [s.id, s.question, list(s.options), s.answer_index, s.video.name, s.start, s.end] for s in self.selected
+        ]
+        digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+        return {"name": self.name, "format": self.format, "limit": self.limit, "seed": self.seed,
+                "n_selected": len(self.selected), "questions_sha256": digest}
+
+
+@dataclass
+class EvalResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+    ran: int  # samples run by this call (0 when everything was already logged)
+
+
+def plan_dataset(
+    dataset: Path,
+    *,
+    video_root: Path | None = None,
+    answers: Path | None = None,
+    dataset_format: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    check: Callable[[Path], Any] | None = None,
+    console: Console | None = None,
+) -> DatasetPlan:
+    """Read, sample and preflight a dataset; print what was skipped and why."""
+    from prunevid_bench.video import check_video
+
+    console = console or Console()
+    ds = load_dataset(dataset, video_root=video_root, answers=answers, format=dataset_format)
+    selected = sample_rows(ds.samples, limit, seed)
+    runnable, problems = preflight(selected, check or check_video)
+    skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
+    skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
+    notes = []
+    if any(s.start is not None or s.end is not None for s in runnable):
+        notes.append("some questions have start/end bounds; they are not applied yet (the whole video is sampled)")
+    picked = f"{len(selected)} of {len(ds)} (seeded sample, seed {seed})" if len(selected) < len(ds) else f"{len(ds)}"
+    console.print(f"dataset {ds.name} ({ds.format}): {picked} questions; preflight: {len(runnable)} ready", highlight=False)
+    for item in skipped[:10]:
+        console.print(f"  [yellow]skipped[/] {item['id']} ({item['stage']}): {item['reason']}", highlight=False)
+    if len(skipped) > 10:
+        console.print(f"  ... and {len(skipped) - 10} more (all listed in summary.json)")
+    for note in notes:
+        console.print(f"  [yellow]note:[/] {note}", highlight=False)
+    if not runnable:
+        raise PruneVidError(f"no question of {ds.name} passed preflight; check the videos and --video-root")
+    return DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes)
+
+
+def run_fingerprint(cfg: RunConfig, plan: DatasetPlan, answer_mode: str) -> dict[str, Any]:
+    return {"config": cfg.to_dict(), "answer_mode": answer_mode, "dataset": plan.identity()}
+
+
+def default_run_dir(results_dir: Path, label: str | None, preset: str | None, plan: DatasetPlan,
+                    fingerprint: dict[str, Any]) -> Path:
+    return Path(results_dir) / f"{slug(label or preset or 'custom')}-{slug(plan.name)}-{fingerprint_hash(fingerprint)}"
+
+
+def load_baseline(baseline: Path | None) -> list[dict[str, Any]] | None:
+    if baseline is None:
+        return None
+    path = Path(baseline) / SAMPLES_FILE
+    if not path.is_file():
+        raise PruneVidError(f"--baseline {baseline} is not a dataset run folder (no {SAMPLES_FILE})")
+    return list(read_samples(path).values())
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def evaluate_dataset(
+    cfg: RunConfig,
+    dataset: Path,
+    *,
+    preset: str | None = None,
+    results_dir: Path = Path("results"),
+    label: str | None = None,
+    video_root: Path | None = None,
+    answers: Path | None = None,
+    dataset_format: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    answer_mode: str = "generate",
+    baseline: Path | None = None,
+    force: bool = False,
+    console: Console | None = None,
+    pipeline=None,
+) -> EvalResult:
+    """``prunevid run --dataset``: plan, preflight, then load the model (unless given) and run."""
+    console = console or Console()
+    check_answer_mode(answer_mode)
+    plan = plan_dataset(dataset, video_root=video_root, answers=answers, dataset_format=dataset_format,
+                        limit=limit, seed=seed, console=console)
+    baseline_records = load_baseline(baseline)
+    fingerprint = run_fingerprint(cfg, plan, answer_mode)
+    run_dir = default_run_dir(results_dir, label, preset, plan, fingerprint)
+    if pipeline is None:
+        pipeline = pipeline_loader(cfg)
+    meta = {"scenario": "dataset", "label": label, "preset": preset,
+            "baseline": str(baseline) if baseline else None}
+    return evaluate_plan(cfg, plan, pipeline, run_dir, meta=meta, answer_mode=answer_mode,
+                         baseline_records=baseline_records, force=force, console=console)
+
+
+def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
+    """Load the model on first use only: a finished run that is rerun never loads it."""
+    loaded: list[Any] = []
+
+    def get():
+        if not loaded:
+            from prunevid_bench.pipeline import load_pipeline
+
+            loaded.append(load_pipeline(overrides=flatten(cfg)))
+        return loaded[0]
+
+    return get
+
+
+def check_answer_mode(answer_mode: str) -> None:
+    if answer_mode not in ANSWER_MODES:
+        raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{answer_mode}'")
+
+
+def evaluate_plan(
+    cfg: RunConfig,
+    plan: DatasetPlan,
+    pipe,
+    run_dir: Path,
+    *,
+    meta: dict[str, Any] | None = None,
+    answer_mode: str = "generate",
+    baseline_records: list[dict[str, Any]] | None = None,
+    force: bool = False,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> EvalResult:
+    """Run every planned question not yet logged in ``run_dir``; write and return the summary.
+
+    ``pipe`` is a Pipeline or a function returning one, called only when something must run.
+    """
+    console = console or Console()
+    get_pipe = pipe if callable(pipe) else (lambda: pipe)
+    check_answer_mode(answer_mode)
+    fingerprint = run_fingerprint(cfg, plan, answer_mode)
+    header = {
+        **(meta or {}),
+        "run": run_dir.name,
+        "answer_mode": answer_mode,
+        "dataset": {**plan.identity(), "path": str(plan.path)},
+        "sample_ids": [s.id for s in plan.selected],
+        "fingerprint": fingerprint_hash(fingerprint),
+    }
+    done = open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force)
+    todo = [s for s in plan.runnable if s.id not in done or done[s.id].get("error")]
+    if done and not quiet:
+        finished = sum(1 for s in plan.runnable if s.id in done and not done[s.id].get("error"))
+        console.print(f"resuming {run_dir}: {finished} of {len(plan.runnable)} questions already done")
+    if todo:
+        pipe = get_pipe()
+        pipe._apply_stages(cfg)  # a stage setting the model cannot take fails here, not once per sample
+        letter_ids = letter_token_ids(pipe.processor.tokenizer, max(len(s.options) for s in todo)) if answer_mode == "logits" else None
+        _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console)
+    records = [done[s.id] for s in plan.runnable if s.id in done]
+    summary = {
+        "run": run_dir.name,
+        "complete": len(records) == len(plan.runnable) and not any(r.get("error") for r in records),
+        "n_selected": len(plan.selected),
+        **summarise(records, plan.skipped, baseline_records),
+        "notes": plan.notes,
+    }
+    write_json(run_dir / SUMMARY_FILE, summary)
+    write_csv_row(run_dir / "summary.csv", flat_row(header, summary, cfg.to_dict()))
+    if not quiet:
+        console.print(summary_table(summary, title=run_dir.name))
+        console.print(f"run folder: {run_dir}")
+    return EvalResult(run_dir, summary, records, len(todo))
+
+
+def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any], fingerprint: dict[str, Any],
+                 force: bool) -> dict[str, dict[str, Any]]:
+    """Start or resume a run folder; return the records already logged (empty when new/forced)."""
+    from prunevid_bench.single import write_run_header
+
+    config_path = run_dir / CONFIG_FILE
+    if config_path.is_file() and not force:
+        old = json.loads(config_path.read_text())
+        old_fp = {"config": old.get("config"), "answer_mode": old.get("answer_mode"),
+                  "dataset": {k: old.get("dataset", {}).get(k) for k in fingerprint["dataset"]}}
+        changed = diff_keys(old_fp, fingerprint)
+        if changed:
+            raise PruneVidError(
+                f"{run_dir} holds a run with different settings ({', '.join(changed[:4])}); "
+                "use another --label or --results-dir, or --force to start it over"
+            )
+        return read_samples(run_dir / SAMPLES_FILE, repair=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / SAMPLES_FILE
+    if log.exists():
+        log.replace(log.with_name(SAMPLES_FILE + ".bak"))  # --force: keep the old answers aside
+    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    write_run_header(run_dir, cfg, get_pipe(), header)
+    return {}
+
+
+def letter_token_ids(tokenizer, n: int) -> list[int]:
+    """Token id of each option letter "A".."" as the reply's first token (no leading space: the
+    assistant turn starts a new line)."""
+    ids = []
+    for letter in LETTERS[:n]:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise PruneVidError(
+                f"--answer-mode logits needs every option letter to be one token; '{letter}' is "
+                f"{len(encoded)} tokens for this tokenizer: use --answer-mode generate"
+            )
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise PruneVidError("--answer-mode logits: two option letters share a token; use --answer-mode generate")
+    return ids
+
+
+def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    correct = sum(1 for r in done.values() if r.get("correct"))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with SampleLog(run_dir / SAMPLES_FILE) as log, Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(run_dir.name, total=len(todo))
+        for sample in todo:
+            record = run_sample(pipe, cfg, sample, answer_mode, letter_ids)
+            log.write(record)
+            done[sample.id] = record
+            correct += bool(record.get("correct"))
+            if record.get("error"):
+                progress.console.print(f"[red]error[/] on {sample.id}: {record['error']}", highlight=False)
+            progress.update(task, advance=1, description=f"{run_dir.name} · correct {correct}")
+
+
+def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_ids: list[int] | None) -> dict[str, Any]:
+    """One question: prompt, run, predict. Any exception becomes the row's ``error``."""
+    import torch
+
+    record: dict[str, Any] = {
+        "id": sample.id,
+        "video": sample.video.name,
+        "category": sample.category,
+        "answer": sample.answer_letter,
+        "n_options": len(sample.options),
+        "prediction": None,
+        "correct": False,
+        "parse_status": None,
+        "error": None,
+    }
+    start = time.perf_counter()
+    try:
+        prepared = pipe.prepare(sample.video, format_mc_prompt(sample.question, sample.options), cfg)
+        record["prepare_s"] = time.perf_counter() - start
+        result = pipe.run(prepared, config=cfg)
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()  # free what the failed sample held so the next one can run
+        record["error"] = f"CUDA out of memory: {_first_line(exc)}"
+        return record
+    except Exception as exc:  # noqa: BLE001 - one bad sample must not end a long run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        record["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+        return record
+    if answer_mode == "logits":
+        n = len(sample.options)
+        logits = result.first_token_logits[letter_ids[:n]].float()
+        index, status = int(logits.argmax()), "parsed"
+        record["option_logits"] = [round(float(x), 6) for x in logits]
+    else:
+        index, status = parse_choice(result.generated_text, len(sample.options), sample.options)
+    prediction = None if index is None else LETTERS[index]
+    record.update(prediction=prediction, correct=prediction == sample.answer_letter, parse_status=status)
+    record.update({k: v for k, v in result.to_dict().items() if k not in RESULT_EXCLUDE})
+    record["sample_s"] = time.perf_counter() - start
+    return record
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
+    """Accuracy, skips and the medians of one dataset run, for people."""
+    from prunevid_bench.single import fmt_seconds, human_bytes
+
+    acc = summary["accuracy"]
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+
+    def row(name: str, value: str) -> None:
+        table.add_row(escape(name), escape(value))  # "[p25, p75]" is text, not rich markup
+
+    row("questions evaluated", f"{acc['n']} (of {summary['n_selected']} selected)")
+    row("accuracy [95% CI]", f"{fmt_pct(acc['accuracy'])} [{fmt_pct(acc['ci_low'])}, {fmt_pct(acc['ci_high'])}]  ({acc['correct']}/{acc['n']})")
+    row("unparsed replies (counted wrong)", str(acc["unparsed"]))
+    row("errors (counted wrong)", str(acc["errors"]))
+    row("skipped (not evaluated)", str(len(summary["skipped"])))
+    if "agreement" in summary:
+        ag = summary["agreement"]
+        row("agreement with baseline", f"{fmt_pct(ag['agreement'])} [{fmt_pct(ag['ci_low'])}, {fmt_pct(ag['ci_high'])}] on {ag['n']}")
+    for name, cat in summary["accuracy"].get("by_category", {}).items():
+        row(f"  {name}", f"{fmt_pct(cat['accuracy'])}  ({cat['correct']}/{cat['n']})")
+    m = summary["metrics"]
+
+    def med(name, fmt=str):
+        return fmt(m[name]["median"]) if name in m else "-"
+
+    row("visual tokens: in → Stage 1 → Stage 2 (median)",
+                  f"{med('tokens_before_stage1', _int)} → {med('tokens_after_stage1', _int)} → {med('tokens_after', _int)}")
+    if "ttft_s" in m:
+        t = m["ttft_s"]
+        row("TTFT median [p25, p75]", f"{fmt_seconds(t['median'])} [{fmt_seconds(t['p25'])}, {fmt_seconds(t['p75'])}]")
+    row("decode speed (median)", med("decode_tokens_per_s", lambda v: f"{v:.1f} tok/s"))
+    row("peak memory (median)", med("peak_memory_bytes", human_bytes))
+    row("KV cache after prefill (median)", med("kv_cache_bytes", human_bytes))
+    return table
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def _int(x: float) -> str:
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"

@@ -1,0 +1,287 @@
+"""Dataset run folders: the per-sample log, the summary statistics, and reading a folder back.
+
+A dataset run folder holds::
+
+    config.json        the resolved config, dataset identity, sample ids, fingerprint hash
+    environment.json   versions, device, git commit (written when the run starts)
+    samples.jsonl      one JSON line per finished sample, appended and flushed as it goes
+    summary.json       accuracy with CI, per category, skipped rows, medians and spread
+    summary.csv        the same as one flat row
+
+The log is the source of truth: the summary is recomputed from it, so a resumed run summarises
+every sample whichever process ran it. When an id appears twice (a sample retried after an
+error, or redone), the last line wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunevid_bench.errors import PruneVidError
+
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+# Per-sample fields summarised with median and spread (errors excluded).
+METRICS = (
+    "tokens_before_stage1",
+    "tokens_after_stage1",
+    "tokens_after",
+    "total_compression_ratio",
+    "prompt_tokens",
+    "llm_prefill_tokens",
+    "generated_tokens",
+    "ttft_s",
+    "vision_encoder_s",
+    "stage1_s",
+    "stage2_s",
+    "prefill_s",
+    "decode_tokens_per_s",
+    "peak_memory_bytes",
+    "kv_cache_bytes",
+    "kv_cache_bytes_uncompressed",
+    "prepare_s",
+)
+
+
+def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
+    """A short stable hash of what decides a run's results (config, dataset, sampling)."""
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def file_sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested dicts differ, e.g. ``config.stage2.keep_ratio``."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-sample log
+
+
+def read_samples(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
+    """Records by id (last line wins). A torn last line — the process was killed mid-write —
+    is ignored, and with ``repair`` cut off so the next append starts on a clean line."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # the last item is what follows the final newline ("" when clean)
+    good_end = pos = 0
+    for number, line in enumerate(lines, start=1):
+        pos += len(line) + 1
+        last = number == len(lines)
+        if not line.strip():
+            good_end = min(pos, len(data))
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "id" not in record:
+                raise ValueError("not a sample record")
+        except ValueError:
+            if last:
+                break  # torn final line: that sample is simply redone
+            raise PruneVidError(f"{path}: line {number} is not a sample record; fix or delete that line") from None
+        records[str(record["id"])] = record
+        good_end = min(pos, len(data))
+    if repair and good_end < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    elif repair and data and not data.endswith(b"\n"):
+        with open(path, "ab") as fh:
+            fh.write(b"\n")  # a complete last record without its newline: keep it, end the line
+    return records
+
+
+class SampleLog:
+    """Append-only JSONL: each record is flushed and synced before the next sample starts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._fh.write(json.dumps(record, default=_plain) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> SampleLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def spread(values: Iterable[float | int | None]) -> dict[str, float] | None:
+    """Median, quartiles, p90, min, max and mean of the non-missing values (None if none)."""
+    xs = sorted(float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v)))
+    if not xs:
+        return None
+
+    def pct(q: float) -> float:  # nearest-rank on the sorted values, as timing_summary does
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "p25": pct(0.25),
+        "p75": pct(0.75),
+        "p90": pct(0.9),
+        "min": xs[0],
+        "max": xs[-1],
+        "mean": statistics.fmean(xs),
+    }
+
+
+def summarise(
+    records: list[Mapping[str, Any]],
+    skipped: list[Mapping[str, str]],
+    baseline_records: list[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Accuracy (95% Wilson CI, per category), agreement with a baseline, metric medians."""
+    from prunevid_bench.harness.answers import accuracy_summary, agreement
+
+    ok = [r for r in records if not r.get("error")]
+    summary: dict[str, Any] = {
+        "n": len(records),
+        "accuracy": accuracy_summary(records),
+        "skipped": list(skipped),
+        "metrics": {name: spread(r.get(name) for r in ok) for name in METRICS},
+    }
+    summary["metrics"] = {k: v for k, v in summary["metrics"].items() if v is not None}
+    if baseline_records is not None:
+        summary["agreement"] = agreement(records, baseline_records)
+    return summary
+
+
+def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row: identity, stage settings, accuracy, agreement, metric median/p25/p75/p90."""
+    acc = summary["accuracy"]
+    row: dict[str, Any] = {
+        "run": meta.get("run"),
+        "label": meta.get("label"),
+        "preset": meta.get("preset"),
+        "model": cfg["model"]["name"],
+        "dataset": meta.get("dataset", {}).get("name"),
+        "answer_mode": meta.get("answer_mode"),
+        "num_frames": cfg["video"]["num_frames"],
+        "fps": cfg["video"]["fps"],
+        "stage1": cfg["stage1"]["enabled"],
+        "tau": cfg["stage1"]["tau"],
+        "cluster_ratio": cfg["stage1"]["cluster_ratio"],
+        "temporal_segment_ratio": cfg["stage1"]["temporal_segment_ratio"],
+        "stage2": cfg["stage2"]["enabled"],
+        "pruning_layer": cfg["stage2"]["pruning_layer"],
+        "keep_ratio": cfg["stage2"]["keep_ratio"],
+        "score": cfg["stage2"]["score"],
+        "n": acc["n"],
+        "correct": acc["correct"],
+        "accuracy": acc["accuracy"],
+        "ci_low": acc["ci_low"],
+        "ci_high": acc["ci_high"],
+        "unparsed": acc["unparsed"],
+        "errors": acc["errors"],
+        "skipped": len(summary.get("skipped", [])),
+    }
+    if "agreement" in summary:
+        ag = summary["agreement"]
+        row.update(agreement=ag["agreement"], agreement_n=ag["n"], agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"])
+    for name, stats in summary["metrics"].items():
+        for key in ("median", "p25", "p75", "p90"):
+            row[f"{name}_{key}"] = stats[key]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a finished run back (compare, sweep tables)
+
+
+@dataclass
+class SavedRun:
+    """A run folder read back: a dataset run (summary.json) or a single-video run (result.json)."""
+
+    path: Path
+    meta: dict[str, Any]  # config.json without "config"
+    config: dict[str, Any]  # the resolved RunConfig as a dict
+    summary: dict[str, Any] | None  # dataset runs
+    result: dict[str, Any] | None  # single-video runs
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("run") or self.path.name
+
+    @property
+    def question_ids(self) -> frozenset[str]:
+        if self.result is not None:
+            return frozenset({f"{self.meta.get('video')}::{self.meta.get('question')}"})
+        return frozenset(self.records)
+
+    @property
+    def stages_off(self) -> bool:
+        return not self.config["stage1"]["enabled"] and not self.config["stage2"]["enabled"]
+
+    def metric(self, name: str) -> float | None:
+        """Median over samples for a dataset run; the value (or repeat median) for a single run."""
+        if self.result is not None:
+            return self.result.get(f"{name}_median", self.result.get(name))
+        stats = (self.summary or {}).get("metrics", {}).get(name)
+        return stats["median"] if stats else None
+
+
+def load_run(path: Path) -> SavedRun:
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise PruneVidError(f"{path} is not a run folder (no {CONFIG_FILE})")
+    meta = json.loads(config_path.read_text())
+    config = meta.pop("config")
+    summary = result = None
+    records: dict[str, dict[str, Any]] = {}
+    if (path / SUMMARY_FILE).is_file():
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+        records = read_samples(path / SAMPLES_FILE)
+    elif (path / "result.json").is_file():
+        result = json.loads((path / "result.json").read_text())
+    else:
+        raise PruneVidError(f"{path} has no summary.json or result.json: the run has not finished; rerun its command")
+    return SavedRun(path, meta, config, summary, result, records)
