@@ -176,6 +176,76 @@ def run(
     )
 
 
+# ---------------------------------------------------------------- sweep
+@app.command()
+@guarded
+def sweep(
+    params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (stage1.tau); default: all given values.", show_default=False)] = None,
+    values: Annotated[Optional[list[str]], typer.Option("--values", "-v", help="name=v1,v2,... (repeatable), e.g. tau=0.7,0.8,0.9.", rich_help_panel="Sweep")] = None,
+    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, e.g. sweeps/stage1.yaml (--values win over it).", rich_help_panel="Sweep")] = None,
+    controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
+    video_root: Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")] = None,
+    answers: Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")] = None,
+    dataset_format: Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")] = 0,
+    answer_mode: Annotated[str, typer.Option("--answer-mode", help="generate | logits.", rich_help_panel="Dataset")] = "generate",
+    force: Annotated[bool, typer.Option("--force", help="Redo cells already finished.", rich_help_panel="Dataset")] = False,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    sets: Sets = None,
+    model: Model = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    attn_implementation: Attn = None,
+    num_frames: NumFrames = None,
+    fps: Fps = None,
+    max_frames: MaxFrames = None,
+    max_pixels: MaxPixels = None,
+    max_new_tokens: MaxNew = None,
+    results_dir: ResultsDir = Path("results"),
+    label: Annotated[Optional[str], typer.Option("--label", help="Name for the sweep folder (default: the swept names or the sweep file).", rich_help_panel="Output")] = None,
+) -> None:
+    """Sweep parameters over a dataset: a baseline cell plus a grid, each a resumable run.
+
+    Sweeping a Stage-1 parameter switches Stage 1 on in the grid cells (a Stage-2 parameter,
+    Stage 2). Ends with one table (summary.csv) and pareto.png. Restart the same command to resume.
+    """
+    from prunevid_bench.config import build_config
+
+    if dataset is None:
+        raise PruneVidError("a sweep needs --dataset PATH")
+    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
+    cfg = build_config(preset, config, overrides)
+    from prunevid_bench.harness.sweep import run_sweep
+
+    run_sweep(
+        cfg, dataset, params=params or [], values=values or [], sweep_file=sweep_file, preset=preset,
+        results_dir=results_dir, label=label, video_root=video_root, answers=answers, dataset_format=dataset_format,
+        limit=limit, seed=seed, answer_mode=answer_mode, controls=controls or [], metric=metric, dry_run=dry_run,
+        force=force, console=console,
+    )
+
+
+# ---------------------------------------------------------------- compare
+@app.command()
+@guarded
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders or sweep folders (a sweep expands to its cells).", show_default=False)],
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="The run deltas are taken against (default: the first with every stage off).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write compare.csv and compare.md into this folder.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown instead of a rich table.")] = False,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs on different questions or frame settings anyway.")] = False,
+) -> None:
+    """One table across saved runs: tokens per stage, TTFT, decode speed, memory, KV, accuracy, deltas."""
+    from prunevid_bench.harness.compare import compare_runs
+
+    compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mismatch=allow_mismatch, console=console)
+
+
 # ---------------------------------------------------------------- presets
 @presets_app.callback()
 @guarded

@@ -33,6 +33,7 @@ CONFIG_FILE = "config.json"
 
 # Per-sample fields summarised with median and spread (errors excluded).
 METRICS = (
+    "num_frames",
     "tokens_before_stage1",
     "tokens_after_stage1",
     "tokens_after",

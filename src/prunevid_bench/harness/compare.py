@@ -1,0 +1,224 @@
+"""``prunevid compare``: one table across saved runs, with deltas against a baseline run.
+
+Accepts dataset run folders, single-video run folders and sweep folders (a sweep expands to its
+cells, in its own order). The baseline is ``--baseline`` or else the first run with every stage
+off. Runs must share the same questions and frame settings, or the numbers are not comparable;
+that is refused unless ``--allow-mismatch``. A sweep's frames controls change the frame count on
+purpose and are exempt from the frame check.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.answers import agreement
+from prunevid_bench.harness.evaluate import fmt_pct
+from prunevid_bench.harness.runs import SavedRun, load_run
+from prunevid_bench.single import fmt_seconds, human_bytes
+
+FRAME_KEYS = ("num_frames", "fps", "max_frames", "max_pixels", "min_pixels")
+
+
+def expand(paths: list[Path]) -> list[SavedRun]:
+    """Run folders as given; a sweep folder becomes its finished cells."""
+    runs: list[SavedRun] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise PruneVidError(f"not a folder: {path}")
+        sweep_file = path / "sweep.json"
+        if sweep_file.is_file():
+            cells = json.loads(sweep_file.read_text())["cells"]
+            found = [path / c["folder"] for c in cells if (path / c["folder"] / "summary.json").is_file()]
+            if not found:
+                raise PruneVidError(f"sweep {path} has no finished cell yet; rerun its command")
+            runs += [load_run(p) for p in found]
+        else:
+            runs.append(load_run(path))
+    if not runs:
+        raise PruneVidError("give at least one run or sweep folder")
+    return runs
+
+
+def stages_text(cfg: dict[str, Any]) -> str:
+    s1, s2 = cfg["stage1"], cfg["stage2"]
+    parts = []
+    if s1["enabled"]:
+        parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}")
+    if s2["enabled"]:
+        parts.append(f"S2 keep={s2['keep_ratio']} L={s2['pruning_layer']} {s2['score']}")
+    return " + ".join(parts) or "off"
+
+
+def question_set(run: SavedRun) -> frozenset[str]:
+    ids = run.meta.get("sample_ids")
+    return frozenset(ids) if ids is not None else run.question_ids
+
+
+def check_comparable(runs: list[SavedRun], reference: SavedRun) -> None:
+    """Refuse runs whose questions or frame settings differ from the reference's."""
+    ref_q = question_set(reference)
+    ref_frames = {k: reference.config["video"].get(k) for k in FRAME_KEYS}
+    for run in runs:
+        q = question_set(run)
+        if q != ref_q:
+            raise PruneVidError(
+                f"{run.name} asked different questions than {reference.name} ({len(q)} vs {len(ref_q)}, "
+                f"{len(q & ref_q)} shared); pass --allow-mismatch to compare anyway"
+            )
+        if run.meta.get("kind") == "control_frames":
+            continue  # fewer frames is the point of this control
+        frames = {k: run.config["video"].get(k) for k in FRAME_KEYS}
+        if frames != ref_frames:
+            diff = ", ".join(f"{k} {ref_frames[k]} vs {frames[k]}" for k in FRAME_KEYS if frames[k] != ref_frames[k])
+            raise PruneVidError(
+                f"{run.name} samples frames differently from {reference.name} ({diff}); "
+                "pass --allow-mismatch to compare anyway"
+            )
+
+
+def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[str, Any]]:
+    """One flat row per run; deltas and agreement against ``reference`` (None: left empty)."""
+    rows = []
+    for run in runs:
+        acc = (run.summary or {}).get("accuracy")
+        tokens_in = run.metric("tokens_before_stage1")
+        kept = run.metric("tokens_after")
+        row: dict[str, Any] = {
+            "run": run.name,
+            "path": str(run.path),
+            "stages": stages_text(run.config),
+            "n": acc["n"] if acc else 1,
+            "tokens_in": tokens_in,
+            "tokens_after_stage1": run.metric("tokens_after_stage1"),
+            "tokens_after_stage2": kept,
+            "compression": (kept / tokens_in) if kept is not None and tokens_in else None,
+            "llm_prefill_tokens": run.metric("llm_prefill_tokens"),
+            "ttft_s": run.metric("ttft_s"),
+            "decode_tokens_per_s": run.metric("decode_tokens_per_s"),
+            "peak_memory_bytes": run.metric("peak_memory_bytes"),
+            "kv_cache_bytes": run.metric("kv_cache_bytes"),
+            "accuracy": acc["accuracy"] if acc else None,
+            "ci_low": acc["ci_low"] if acc else None,
+            "ci_high": acc["ci_high"] if acc else None,
+            "unparsed": acc["unparsed"] if acc else None,
+            "is_baseline": run is reference,
+        }
+        row.update(_deltas(run, reference, row))
+        rows.append(row)
+    return rows
+
+
+def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> dict[str, Any]:
+    out = {"delta_accuracy": None, "ttft_speedup": None, "kv_ratio": None, "agreement": None}
+    if reference is None:
+        return out
+    ref_acc = (reference.summary or {}).get("accuracy")
+    if row["accuracy"] is not None and ref_acc:
+        out["delta_accuracy"] = row["accuracy"] - ref_acc["accuracy"]
+    ref_ttft, ref_kv = reference.metric("ttft_s"), reference.metric("kv_cache_bytes")
+    if row["ttft_s"] and ref_ttft:
+        out["ttft_speedup"] = ref_ttft / row["ttft_s"]
+    if row["kv_cache_bytes"] and ref_kv:
+        out["kv_ratio"] = row["kv_cache_bytes"] / ref_kv
+    if run.records and reference.records:
+        out["agreement"] = agreement(run.records.values(), reference.records.values())["agreement"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+COLUMNS = (  # header, formatter of a row
+    ("run", lambda r: r["run"] + (" (base)" if r["is_baseline"] and r["run"] != "baseline" else "")),
+    ("stages", lambda r: r["stages"]),
+    ("n", lambda r: str(r["n"])),
+    ("tokens in → S1 → S2", lambda r: " → ".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2"))),
+    ("kept", lambda r: fmt_pct(r["compression"])),
+    ("TTFT (median)", lambda r: fmt_seconds(r["ttft_s"])),
+    ("decode tok/s", lambda r: _num(r["decode_tokens_per_s"], 1)),
+    ("peak memory", lambda r: human_bytes(r["peak_memory_bytes"])),
+    ("KV cache", lambda r: human_bytes(r["kv_cache_bytes"])),
+    ("accuracy [95% CI]", lambda r: "-" if r["accuracy"] is None else f"{fmt_pct(r['accuracy'])} [{fmt_pct(r['ci_low'])}, {fmt_pct(r['ci_high'])}]"),
+    ("Δ accuracy", lambda r: "-" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.1f} pt"),
+    ("TTFT speed-up", lambda r: "-" if r["ttft_speedup"] is None else f"{r['ttft_speedup']:.2f}×"),
+    ("KV vs base", lambda r: fmt_pct(r["kv_ratio"])),
+    ("agreement", lambda r: fmt_pct(r["agreement"])),
+)
+
+
+def _num(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if digits or not float(x).is_integer() else f"{x:.0f}"
+
+
+def rich_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Comparison", header_style="bold")
+    for header, _ in COLUMNS:
+        table.add_column(escape(header), justify="left" if header in ("run", "stages") else "right")
+    for row in rows:
+        table.add_row(*(escape(fmt(row)) for _, fmt in COLUMNS))
+    return table
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if h in ("run", "stages") else "---:" for h, _ in COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row).replace("|", "\\|") for _, fmt in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "compare.csv", out / "compare.md"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path.write_text(markdown_table(rows))
+    return csv_path, md_path
+
+
+def compare_runs(
+    paths: list[Path],
+    *,
+    baseline: Path | None = None,
+    out: Path | None = None,
+    markdown: bool = False,
+    allow_mismatch: bool = False,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    console = console or Console()
+    runs = expand(paths)
+    reference = None
+    if baseline is not None:
+        wanted = Path(baseline).resolve()
+        reference = next((r for r in runs if r.path.resolve() == wanted), None)
+        if reference is None:
+            reference = load_run(Path(baseline))
+            runs.insert(0, reference)
+    else:
+        reference = next((r for r in runs if r.stages_off), None)
+    if not allow_mismatch:
+        check_comparable(runs, reference or runs[0])
+    rows = compare_rows(runs, reference)
+    if markdown:
+        console.print(markdown_table(rows), end="", markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(rich_table(rows))
+    if reference is None:
+        console.print("no run with every stage off and no --baseline: deltas are left empty")
+    if out is not None:
+        csv_path, md_path = write_outputs(rows, Path(out))
+        console.print(f"wrote {csv_path} and {md_path}")
+    return rows

@@ -1,0 +1,409 @@
+"""``prunevid sweep``: a grid of configs over one dataset, each cell a resumable dataset run.
+
+Cells, in the order they run:
+- ``baseline``: the base config with every stage off. Always included: agreement and deltas
+  are measured against it.
+- grid cells: the Cartesian product of the swept values over the base config (``--preset``,
+  ``--config``, ``--set``). Sweeping a Stage-1 key (``stage1.*`` other than ``enabled``) switches
+  Stage 1 on in every grid cell, and a Stage-2 key switches Stage 2 on, so ``prunevid sweep tau``
+  measures merging even from a preset that has it off. Sweep ``stage1.enabled`` itself to
+  override that.
+- ``--controls random``: each grid cell with Stage 2 on, again with ``stage2.score=random`` (the
+  same number of tokens kept, chosen at random). Cells without Stage 2 get none.
+- ``--controls frames``: the baseline with fewer frames, so that its visual tokens match a grid
+  cell's kept tokens (medians). The frame count is known only after the cell ran, so these run
+  last, one per distinct count.
+
+Layout: ``<results>/sweep-<label>-<dataset>-<hash>/`` holds ``sweep.json`` (the cells),
+``cells/<cell>/`` (a run folder each), ``summary.csv`` (one row per cell) and ``pareto.png``.
+The hash covers the base config, the answer mode and the questions, not the grid: adding values
+or controls later reuses the cells already done. Each cell resumes sample by sample, so an
+interrupted sweep restarted with the same command picks up where it stopped; the model is loaded
+once, on the first sample that must run, and shared by every cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.answers import agreement
+from prunevid_bench.harness.evaluate import (
+    DatasetPlan,
+    EvalResult,
+    check_answer_mode,
+    evaluate_plan,
+    fmt_pct,
+    pipeline_loader,
+    plan_dataset,
+)
+from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, fingerprint_hash, read_samples
+from prunevid_bench.report import slug, write_csv_row, write_json
+
+CONTROLS = ("random", "frames")
+METRIC_CHOICES = ("accuracy", "agreement")
+
+
+@dataclass
+class Cell:
+    name: str
+    kind: str  # baseline | grid | control_random | control_frames
+    overrides: dict[str, Any]  # dotted keys applied to the base config
+    config: RunConfig
+    matches: list[str] = field(default_factory=list)  # frames control: the cells whose budget it matches
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    cells: list[Cell]
+    rows: list[dict[str, Any]]
+    plot: Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+def short_name(key: str) -> str:
+    """``stage1.tau`` -> ``tau`` when the short name is unambiguous, else the dotted key."""
+    short = key.split(".", 1)[1]
+    try:
+        return short if resolve_key(short) == key else key
+    except PruneVidError:
+        return key
+
+
+def parse_values(specs: list[str]) -> dict[str, list[Any]]:
+    """``["tau=0.7,0.8", "stage2.score=prunevid,random"]`` -> {dotted key: [values]} (YAML-typed)."""
+    out: dict[str, list[Any]] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise PruneVidError(f"--values expects name=v1,v2,..., got '{spec}'")
+        name, raw = spec.split("=", 1)
+        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        if not values:
+            raise PruneVidError(f"--values {name}: no values given")
+        out[resolve_key(name.strip())] = values
+    return out
+
+
+def load_sweep_file(path: Path) -> dict[str, list[Any]]:
+    """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description."""
+    data = load_yaml(Path(path))
+    grid = data.get("grid") if isinstance(data, dict) else None
+    if not isinstance(grid, dict) or not grid:
+        raise PruneVidError(f"{path}: expected a 'grid' mapping of parameter: [values]")
+    out = {}
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise PruneVidError(f"{path}: grid.{name} must be a non-empty list of values")
+        out[resolve_key(str(name))] = values
+    return out
+
+
+def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | None) -> dict[str, list[Any]]:
+    """The swept keys and their values: a sweep file overlaid by ``--values``, restricted to
+    PARAMS when given."""
+    spec = load_sweep_file(sweep_file) if sweep_file else {}
+    given = parse_values(values or [])
+    spec.update(given)
+    if params:
+        keys = [resolve_key(p) for p in params]
+        extra = [k for k in given if k not in keys]
+        if extra:
+            raise PruneVidError(f"--values given for {', '.join(extra)}, which is not among the swept PARAMs")
+        missing = [k for k in keys if k not in spec]
+        if missing:
+            raise PruneVidError(f"no values for {missing[0]}: give --values {short_name(missing[0])}=v1,v2 or a --sweep-file that lists it")
+        spec = {k: spec[k] for k in keys}
+    if not spec:
+        raise PruneVidError("nothing to sweep: name PARAMs with --values name=v1,v2, or give --sweep-file")
+    for key in spec:
+        if key.startswith("model."):
+            raise PruneVidError(f"{key} cannot be swept: a sweep loads one model; run one sweep per model")
+    return spec
+
+
+def with_overrides(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    return from_dict(merge_into(base.to_dict(), overrides_to_layer(overrides), "sweep"))
+
+
+def _value_text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str] | None = None) -> list[Cell]:
+    """The baseline, every grid cell and the random controls (frames controls come later)."""
+    for control in controls or []:
+        if control not in CONTROLS:
+            raise PruneVidError(f"unknown control '{control}'; use {' or '.join(CONTROLS)}")
+    off = {"stage1.enabled": False, "stage2.enabled": False}
+    cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
+    switch_on = {f"{k.split('.')[0]}.enabled": True for k in spec
+                 if k.split(".")[0] in ("stage1", "stage2") and not k.endswith(".enabled")}
+    for combo in itertools.product(*spec.values()):
+        chosen = dict(zip(spec, combo))
+        overrides = {**switch_on, **chosen}  # an explicitly swept .enabled wins
+        name = ",".join(f"{short_name(k)}={_value_text(v)}" for k, v in chosen.items())
+        cells.append(Cell(name, "grid", overrides, with_overrides(base, overrides)))
+    if "random" in (controls or []):
+        for cell in [c for c in cells if c.kind == "grid"]:
+            if cell.config.stage2.enabled and cell.config.stage2.score != "random":
+                overrides = {**cell.overrides, "stage2.score": "random"}
+                cells.append(Cell(f"{cell.name}+random", "control_random", overrides, with_overrides(base, overrides)))
+    return cells
+
+
+def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, EvalResult]) -> list[Cell]:
+    """Baseline runs with fewer frames, one per distinct count matching a grid cell's kept tokens."""
+    baseline = results["baseline"].summary["metrics"]
+    if "tokens_before_stage1" not in baseline or "num_frames" not in baseline:
+        return []
+    frames_now = baseline["num_frames"]["median"]
+    per_step = baseline["tokens_before_stage1"]["median"] / max(1.0, frames_now / 2)  # tokens per 2 frames
+    wanted: dict[int, list[str]] = {}
+    for cell in cells:
+        metrics = results[cell.name].summary["metrics"] if cell.name in results else {}
+        if cell.kind != "grid" or "tokens_after" not in metrics:
+            continue
+        frames = 2 * max(1, round(metrics["tokens_after"]["median"] / per_step))
+        if frames < frames_now:
+            wanted.setdefault(frames, []).append(cell.name)
+    out = []
+    for frames in sorted(wanted):
+        overrides = {"stage1.enabled": False, "stage2.enabled": False, "video.num_frames": frames, "video.fps": None}
+        out.append(Cell(f"frames={frames}", "control_frames", overrides, with_overrides(base, overrides), wanted[frames]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def sweep_dir_for(results_dir: Path, label: str, base: RunConfig, plan: DatasetPlan, answer_mode: str) -> Path:
+    key = fingerprint_hash({"config": base.to_dict(), "answer_mode": answer_mode, "dataset": plan.identity()})
+    return Path(results_dir) / f"sweep-{slug(label)}-{slug(plan.name)}-{key}"
+
+
+def _exists_only(path: Path) -> None:
+    if not Path(path).is_file():
+        raise PruneVidError(f"video not found: {path}")
+
+
+def run_sweep(
+    base: RunConfig,
+    dataset: Path,
+    *,
+    params: list[str] | None = None,
+    values: list[str] | None = None,
+    sweep_file: Path | None = None,
+    preset: str | None = None,
+    results_dir: Path = Path("results"),
+    label: str | None = None,
+    video_root: Path | None = None,
+    answers: Path | None = None,
+    dataset_format: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    answer_mode: str = "generate",
+    controls: list[str] | None = None,
+    metric: str = "accuracy",
+    dry_run: bool = False,
+    force: bool = False,
+    console: Console | None = None,
+    pipeline=None,
+) -> SweepResult:
+    console = console or Console()
+    check_answer_mode(answer_mode)
+    if metric not in METRIC_CHOICES:
+        raise PruneVidError(f"--metric must be accuracy or agreement, got '{metric}'")
+    spec = grid_spec(list(params or []), values, sweep_file)
+    cells = expand_cells(base, spec, controls)
+    # A dry run only checks that videos exist; a real run decodes each one before the model loads.
+    plan = plan_dataset(dataset, video_root=video_root, answers=answers, dataset_format=dataset_format,
+                        limit=limit, seed=seed, check=_exists_only if dry_run else None, console=console)
+    label = label or (Path(sweep_file).stem if sweep_file else "+".join(short_name(k) for k in spec))
+    sweep_dir = sweep_dir_for(results_dir, label, base, plan, answer_mode)
+    if dry_run:
+        console.print(cells_table(cells, sweep_dir, plan, controls))
+        console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)")
+        return SweepResult(sweep_dir, cells, [], None)
+
+    (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
+    get_pipe = pipeline if pipeline is not None else pipeline_loader(base)
+    meta = {"preset": preset, "label": label, "sweep": sweep_dir.name}
+    write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
+    results: dict[str, EvalResult] = {}
+
+    def run_cell(cell: Cell, position: str) -> None:
+        console.print(f"[bold]cell {position}[/] {escape(cell.name)} ({cell.kind})", highlight=False)
+        baseline_records = results["baseline"].records if "baseline" in results else None
+        results[cell.name] = evaluate_plan(
+            cell.config, plan, get_pipe, sweep_dir / "cells" / cell_folder(cell.name),
+            meta={**meta, "scenario": "sweep-cell", "cell": cell.name, "kind": cell.kind, "overrides": cell.overrides,
+                  "matches": cell.matches},
+            answer_mode=answer_mode, baseline_records=baseline_records, force=force, console=console, quiet=True,
+        )
+        res = results[cell.name]
+        kept = res.summary["metrics"].get("tokens_after", {}).get("median")
+        console.print(f"  accuracy {fmt_pct(res.summary['accuracy']['accuracy'])}, kept tokens "
+                      f"{'-' if kept is None else f'{kept:.0f}'}; {res.ran} samples run now", highlight=False)
+
+    for i, cell in enumerate(cells, start=1):
+        run_cell(cell, f"{i}/{len(cells)}")
+    if "frames" in (controls or []):
+        extra = frames_controls(base, cells, results)
+        for i, cell in enumerate(extra, start=1):
+            run_cell(cell, f"frames control {i}/{len(extra)}")
+        cells += extra
+        write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
+
+    rows = sweep_rows(cells, results, spec)
+    mark_pareto(rows, metric)
+    write_csv(sweep_dir / "summary.csv", rows)
+    console.print(sweep_table(rows, metric, title=sweep_dir.name))
+    from prunevid_bench.harness.plot import plot_pareto
+
+    plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=sweep_dir.name)
+    console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}")
+    return SweepResult(sweep_dir, cells, rows, plot)
+
+
+def cell_folder(name: str) -> str:
+    """A cell's folder name: its name with anything unusual for a file name replaced."""
+    return "".join(c if c.isalnum() or c in "=,.+_-" else "-" for c in name)
+
+
+def write_sweep_json(sweep_dir: Path, base: RunConfig, spec, controls, metric, cells: list[Cell]) -> None:
+    write_json(sweep_dir / "sweep.json", {
+        "grid": spec,
+        "controls": list(controls or []),
+        "metric": metric,
+        "base_config": base.to_dict(),
+        "cells": [{"name": c.name, "kind": c.kind, "folder": f"cells/{cell_folder(c.name)}", "overrides": c.overrides,
+                   "matches": c.matches} for c in cells],
+    })
+
+
+def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
+    if not (run_dir / CONFIG_FILE).is_file():
+        return "new"
+    done = read_samples(run_dir / SAMPLES_FILE)
+    finished = sum(1 for s in plan.runnable if s.id in done and not done[s.id].get("error"))
+    return "done" if finished == len(plan.runnable) else f"{finished}/{len(plan.runnable)} done"
+
+
+def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls) -> Table:
+    table = Table(title=f"Sweep cells ({len(plan.runnable)} questions each)", header_style="bold")
+    for col in ("#", "cell", "kind", "overrides", "status"):
+        table.add_column(col, overflow="fold")
+    for i, cell in enumerate(cells, start=1):
+        overrides = " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items())
+        status = cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan)
+        table.add_row(str(i), escape(cell.name), cell.kind, escape(overrides), status)
+    if "frames" in (controls or []):
+        table.add_row("+", "frames=N", "control_frames", "baseline with fewer frames, one per grid cell's kept tokens",
+                      "after the grid")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The table and the Pareto front
+
+
+def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    base_records = results["baseline"].records
+    rows = []
+    for cell in cells:
+        res = results[cell.name]
+        acc, m = res.summary["accuracy"], res.summary["metrics"]
+        ag = agreement(res.records, base_records)
+
+        def med(name):
+            return m[name]["median"] if name in m else None
+
+        row = {"cell": cell.name, "kind": cell.kind}
+        for key in spec:
+            section, name = key.split(".")
+            row[short_name(key)] = getattr(getattr(cell.config, section), name)
+        row.update(
+            n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
+            unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
+            num_frames=med("num_frames"), tokens_in=med("tokens_before_stage1"),
+            tokens_after_stage1=med("tokens_after_stage1"), kept_tokens=med("tokens_after"),
+            retention=med("total_compression_ratio"), ttft_s=med("ttft_s"),
+            decode_tokens_per_s=med("decode_tokens_per_s"), peak_memory_bytes=med("peak_memory_bytes"),
+            kv_cache_bytes=med("kv_cache_bytes"), matches=";".join(cell.matches), run_dir=str(res.run_dir),
+        )
+        rows.append(row)
+    return rows
+
+
+def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool]:
+    """For each (cost, quality) point: is it on the front (lower cost, higher quality)?
+
+    A point is off the front when another has cost <= and quality >= with one of them strict.
+    Points with a missing value are never on it.
+    """
+    flags = []
+    for i, (x, y) in enumerate(points):
+        if x is None or y is None or x != x or y != y:
+            flags.append(False)
+            continue
+        dominated = any(
+            j != i and ox is not None and oy is not None and ox <= x and oy >= y and (ox < x or oy > y)
+            for j, (ox, oy) in enumerate(points)
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def mark_pareto(rows: list[dict[str, Any]], metric: str) -> None:
+    for cost in ("kept_tokens", "ttft_s"):
+        flags = pareto_front([(r[cost], r[metric]) for r in rows])
+        for row, flag in zip(rows, flags):
+            row[f"pareto_{cost}"] = flag
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> Table:
+    from prunevid_bench.single import fmt_seconds, human_bytes
+
+    table = Table(title=title, header_style="bold")
+    for col in ("cell", "n", "accuracy (CI)", "agree", "kept tok", "kept", "TTFT", "dec tok/s", "peak mem", "KV",
+                "front"):
+        table.add_column(escape(col), justify="left" if col == "cell" else "right", overflow="fold")
+    for r in rows:
+        front = "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
+        ci = "" if r["ci_low"] is None else f" ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
+        table.add_row(
+            escape(r["cell"]), str(r["n"]), escape(fmt_pct(r["accuracy"]) + ci), fmt_pct(r["agreement"]),
+            "-" if r["kept_tokens"] is None else f"{r['kept_tokens']:.0f}",
+            fmt_pct(r["retention"]),
+            fmt_seconds(r["ttft_s"]),
+            "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",
+            human_bytes(r["peak_memory_bytes"]), human_bytes(r["kv_cache_bytes"]), front or "",
+        )
+    table.caption = (f"accuracy with its 95% CI in %; agree: with the baseline cell; kept: visual tokens "
+                     f"kept / tokens in; front: on the Pareto front of {metric} against kept tokens / TTFT")
+    return table
