@@ -107,13 +107,14 @@ def plan_dataset(
     if any(s.start is not None or s.end is not None for s in runnable):
         notes.append("some questions have start/end bounds; they are not applied yet (the whole video is sampled)")
     picked = f"{len(selected)} of {len(ds)} (seeded sample, seed {seed})" if len(selected) < len(ds) else f"{len(ds)}"
-    console.print(f"dataset {ds.name} ({ds.format}): {picked} questions; preflight: {len(runnable)} ready", highlight=False)
+    console.print(f"dataset {ds.name} ({ds.format}): {picked} questions; preflight: {len(runnable)} ready", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
-        console.print(f"  [yellow]skipped[/] {item['id']} ({item['stage']}): {item['reason']}", highlight=False)
+        console.print(f"  [yellow]skipped[/] {escape(item['id'])} ({item['stage']}): {escape(item['reason'])}",
+                      highlight=False, soft_wrap=True)
     if len(skipped) > 10:
         console.print(f"  ... and {len(skipped) - 10} more (all listed in summary.json)")
     for note in notes:
-        console.print(f"  [yellow]note:[/] {note}", highlight=False)
+        console.print(f"  [yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not runnable:
         raise PruneVidError(f"no question of {ds.name} passed preflight; check the videos and --video-root")
     return DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes)
@@ -227,7 +228,7 @@ def evaluate_plan(
     todo = [s for s in plan.runnable if s.id not in done or done[s.id].get("error")]
     if done and not quiet:
         finished = sum(1 for s in plan.runnable if s.id in done and not done[s.id].get("error"))
-        console.print(f"resuming {run_dir}: {finished} of {len(plan.runnable)} questions already done")
+        console.print(f"resuming {run_dir}: {finished} of {len(plan.runnable)} questions already done", soft_wrap=True)
     if todo:
         pipe = get_pipe()
         pipe._apply_stages(cfg)  # a stage setting the model cannot take fails here, not once per sample
@@ -245,7 +246,7 @@ def evaluate_plan(
     write_csv_row(run_dir / "summary.csv", flat_row(header, summary, cfg.to_dict()))
     if not quiet:
         console.print(summary_table(summary, title=run_dir.name))
-        console.print(f"run folder: {run_dir}")
+        console.print(f"run folder: {run_dir}", soft_wrap=True)
     return EvalResult(run_dir, summary, records, len(todo))
 
 
@@ -306,7 +307,8 @@ def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, consol
             done[sample.id] = record
             correct += bool(record.get("correct"))
             if record.get("error"):
-                progress.console.print(f"[red]error[/] on {sample.id}: {record['error']}", highlight=False)
+                progress.console.print(f"[red]error[/] on {escape(sample.id)}: {escape(record['error'])}",
+                                       highlight=False, soft_wrap=True)
             progress.update(task, advance=1, description=f"{run_dir.name} · correct {correct}")
 
 

@@ -236,7 +236,7 @@ def run_sweep(
     sweep_dir = sweep_dir_for(results_dir, label, base, plan, answer_mode)
     if dry_run:
         console.print(cells_table(cells, sweep_dir, plan, controls))
-        console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)")
+        console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)", soft_wrap=True)
         return SweepResult(sweep_dir, cells, [], None)
 
     (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def run_sweep(
     results: dict[str, EvalResult] = {}
 
     def run_cell(cell: Cell, position: str) -> None:
-        console.print(f"[bold]cell {position}[/] {escape(cell.name)} ({cell.kind})", highlight=False)
+        console.print(f"[bold]cell {position}[/] {escape(cell.name)} ({cell.kind})", highlight=False, soft_wrap=True)
         baseline_records = results["baseline"].records if "baseline" in results else None
         results[cell.name] = evaluate_plan(
             cell.config, plan, get_pipe, sweep_dir / "cells" / cell_folder(cell.name),
@@ -257,7 +257,8 @@ def run_sweep(
         res = results[cell.name]
         kept = res.summary["metrics"].get("tokens_after", {}).get("median")
         console.print(f"  accuracy {fmt_pct(res.summary['accuracy']['accuracy'])}, kept tokens "
-                      f"{'-' if kept is None else f'{kept:.0f}'}; {res.ran} samples run now", highlight=False)
+                      f"{'-' if kept is None else f'{kept:.0f}'}; {res.ran} samples run now", highlight=False,
+                      soft_wrap=True)
 
     for i, cell in enumerate(cells, start=1):
         run_cell(cell, f"{i}/{len(cells)}")
@@ -275,7 +276,7 @@ def run_sweep(
     from prunevid_bench.harness.plot import plot_pareto
 
     plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=sweep_dir.name)
-    console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}")
+    console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}", soft_wrap=True)
     return SweepResult(sweep_dir, cells, rows, plot)
 
 
