@@ -21,6 +21,7 @@ Where the hooks sit (line refs: transformers 5.23 ``modeling_qwen2_5_vl.py``):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,7 @@ class PruneVidHandle:
         self.stage1 = stage1
         self.stage2 = stage2
         self.state = SampleState()
+        self._encoded_video_grid_thw = None  # grids of the last get_video_features call (see _remember_video_grids)
         self.clock = Clock(next(model.parameters()).device)
         self._hooks: list = []
         text_cfg = model.config.get_text_config()
@@ -82,6 +84,7 @@ class PruneVidHandle:
         lm = self.model.model.language_model
         add = self._hooks.append
         add(self.model.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        add(self._remember_video_grids(self.model.model))
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.stage2.enabled:
@@ -99,13 +102,37 @@ class PruneVidHandle:
             h.remove()
         self._hooks.clear()
 
+    def _remember_video_grids(self, base):
+        """``generate`` (transformers 5.23 ``_prepare_multimodal_encoder_kwargs_for_generation``)
+        runs the vision tower before the first forward and then calls the model with
+        ``mm_encoder_outputs`` and ``video_grid_thw=None``; the grids are only seen by
+        ``get_video_features``, so wrap it on this instance. Returns an object with ``remove()``."""
+        original = base.get_video_features
+
+        @functools.wraps(original)
+        def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
+            self._encoded_video_grid_thw = video_grid_thw
+            return original(pixel_values_videos, video_grid_thw, **kwargs)
+
+        base.get_video_features = get_video_features
+
+        class _Restore:
+            def remove(_):
+                if base.__dict__.get("get_video_features") is get_video_features:
+                    del base.get_video_features
+
+        return _Restore()
+
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids")
         cache = kwargs.get("past_key_values")
         if input_ids is not None and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0):
             if input_ids.shape[0] != 1:
                 raise PruneVidError("PruneVid runs one sample per forward (batch size 1); shard the dataset instead")
-            self.state = SampleState(input_ids=input_ids[0], video_grid_thw=kwargs.get("video_grid_thw"), prefill=True)
+            grids = kwargs.get("video_grid_thw")
+            if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
+                grids = self._encoded_video_grid_thw  # generate(): the tower already ran
+            self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
         return None
 
     def _on_llm_output(self, module, args, output):
@@ -124,8 +151,7 @@ class PruneVidHandle:
         st.tokens_before_stage1 = int(is_video.sum())
         spans = _runs(is_video)
         grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
-        if len(spans) != len(grids):
-            spans = _split_spans(spans, grids, self.merge)
+        spans = _split_spans(spans, grids, self.merge)
         st.marks["stage1_start"] = self.clock.mark()
         pieces, sources, visual_flags, groups = [], [], [], []
         merged_embeds = []
@@ -308,7 +334,9 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _split_spans(spans, grids, merge) -> list[tuple[int, int]]:
-    """Two videos whose placeholder runs touch form one run; split runs by the grids' sizes."""
+    """Two videos whose placeholder runs touch form one run; split runs by the grids' sizes.
+    Raises when the grids do not cover the placeholders exactly (e.g. no grids were seen), so a
+    video is never silently left unpruned."""
     sizes = [t * h * w // (merge * merge) for t, h, w in grids]
     out, i = [], 0
     for start, end in spans:
@@ -316,8 +344,11 @@ def _split_spans(spans, grids, merge) -> list[tuple[int, int]]:
             out.append((start, start + sizes[i]))
             start += sizes[i]
             i += 1
-    if len(out) != len(grids):
-        raise PruneVidError("video placeholder tokens do not match the video grids")
+    if len(out) != len(grids) or sum(e - s for s, e in out) != sum(e - s for s, e in spans):
+        raise PruneVidError(
+            f"the {sum(e - s for s, e in spans)} video placeholder tokens do not match the video grids "
+            f"{[list(g) for g in grids]}; pass video_grid_thw with the inputs"
+        )
     return out
 
 

@@ -1,0 +1,562 @@
+"""Stages 2 and 3 on the tiny model: against vanilla transformers, a cache-free reference, eager
+attention weights, the official score written densely, ``generate``, and exact token counts.
+
+All runs are float32 on the CPU. The video is 8 seeded-random 112x112 frames (4 temporal grid
+steps of 8x8 patches -> 64 visual tokens, 16 per frame) whose top quarter is the same in every
+frame, so that Stage 1 finds static as well as dynamic tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench.engine import prefill_position_ids, run_greedy
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.measure import cache_bytes, cache_lengths
+from prunevid_bench.models.tiny import (
+    SYSTEM_PROMPT,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    build_processor,
+    build_tiny_model,
+)
+from prunevid_bench.pipeline import _with_overrides, load_pipeline
+from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.stages import stage2 as s2
+
+try:
+    import prunevid_bench.stages.stage1  # noqa: F401
+
+    HAVE_STAGE1 = True
+except ImportError:
+    HAVE_STAGE1 = False
+
+QUESTION = "What is happening in this video?"
+MAX_NEW = 5
+N_LAYERS, N_FRAMES, PER_FRAME, N_VISUAL = 4, 4, 16, 64
+STAGE1 = {"stage1.enabled": True, "cluster_ratio": 0.5, "tau": 0.8, "min_cluster_tokens": 4}
+SCORES = ("prunevid", "attention", "last_token", "random")
+needs_stage1 = pytest.mark.skipif(not HAVE_STAGE1, reason="stages/stage1.py is not importable")
+
+
+def stage2(k: int = 1, keep: float = 0.4, score: str = "prunevid", stage1: bool = False) -> dict:
+    over = {"stage2.enabled": True, "pruning_layer": k, "keep_ratio": keep, "score": score}
+    return {**over, **STAGE1} if stage1 else over
+
+
+def video_frames(seed: int = 0) -> np.ndarray:
+    frames = np.random.default_rng(seed).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    frames[:, :28] = frames[0, :28]  # a static strip: Stage 1 gets a static group as well
+    return frames
+
+
+# ----------------------------------------------------------------------------- fixtures/helpers
+@pytest.fixture(scope="module")
+def pipes():
+    """One pipeline per attention implementation, with the same seeded tiny weights."""
+    out = {}
+    frames = video_frames()
+    for impl in ("sdpa", "eager"):
+        pipe = load_pipeline("tiny", attn_implementation=impl, overrides={"generation.max_new_tokens": MAX_NEW})
+        out[impl] = (pipe, pipe.prepare(frames, QUESTION))
+    yield out
+    for pipe, _ in out.values():
+        pipe.remove_stages()
+
+
+@dataclass
+class Traced:
+    result: object  # RunResult
+    state: object  # the patch's SampleState (None for the baseline)
+    logits: torch.Tensor  # [steps, vocab]: the logits behind every generated token
+    embeds: torch.Tensor  # [1, L1, D] what entered the LLM (after Stage 1)
+    position_ids: torch.Tensor  # (4, 1, L1) ditto
+
+
+def run_traced(pipe, prepared, **overrides) -> Traced:
+    """``pipe.run`` with two listeners: the language model's input (registered AFTER the patch,
+    so it sees the Stage-1 output) and the lm_head output of every step."""
+    cfg = _with_overrides(pipe.config.to_dict(), overrides)
+    handle = pipe._apply_stages(cfg)  # install the patch first: our pre-hook must run after it
+    seen, logits = {}, []
+
+    def on_llm_input(module, args, kwargs):
+        if kwargs["inputs_embeds"].shape[1] > 1:
+            seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+            seen["position_ids"] = kwargs["position_ids"].clone()
+
+    hooks = [
+        pipe.model.model.language_model.register_forward_pre_hook(on_llm_input, with_kwargs=True),
+        pipe.model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1].detach().clone())),
+    ]
+    try:
+        result = pipe.run(prepared, config=cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(logits) == result.generated_tokens
+    state = handle.state if handle is not None else None
+    return Traced(result, state, torch.stack(logits).float(), seen["embeds"], seen["position_ids"])
+
+
+_BASELINES: dict = {}
+
+
+def baseline(pipes, impl: str) -> Traced:
+    if impl not in _BASELINES:
+        pipe, prepared = pipes[impl]
+        _BASELINES[impl] = run_traced(pipe, prepared)
+    return _BASELINES[impl]
+
+
+def layout(input_ids: torch.Tensor) -> tuple[int, int]:
+    """(first visual index, index of <|vision_end|>) in the unpruned prompt, read off the ids."""
+    ids = input_ids[0]
+    start = int(torch.nonzero(ids == VISION_START_ID)[0]) + 1
+    end = int(torch.nonzero(ids == VISION_END_ID)[-1])
+    assert int((ids[start:end] == VIDEO_PAD_ID).sum()) == end - start == N_VISUAL
+    return start, end
+
+
+# ----------------------------------------------------------------------------- the cache-free reference
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [q, k] (True = may attend) -> 4D additive float mask [1, 1, q, k]."""
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    return mask.masked_fill(~allowed, torch.finfo(torch.float32).min).view(1, 1, *allowed.shape)
+
+
+@torch.no_grad()
+def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_pos, decode_sees_dropped=False):
+    """Logits behind ``tokens`` [T], each recomputed from scratch, layer by layer, with no cache.
+
+    embeds [1, L, D] and mrope (3, 1, L): the LLM input after Stage 1. keep_index [L']: the
+    positions that survive Stage 2. Step t runs prompt + tokens[:t] through layers 0..k with a
+    causal mask in which the generated tokens cannot see the dropped tokens (the prompt sees
+    everything before it); then keeps the kept prompt tokens and the generated ones and runs
+    layers k+1.. on them; final norm + lm_head on the last row. Generated token i sits at
+    position ``first_decode_pos + i`` (3, 1, 1) on every M-RoPE row.
+    """
+    lm = model.model.language_model
+    n_prompt = embeds.shape[1]
+    dropped = torch.ones(n_prompt, dtype=torch.bool)
+    dropped[keep_index] = False
+    out = []
+    for t in range(len(tokens)):
+        x = torch.cat([embeds, lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long)).unsqueeze(0)], dim=1)
+        pos = torch.cat([mrope, first_decode_pos + torch.arange(t).view(1, 1, -1)], dim=-1)
+        n = n_prompt + t
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        if not decode_sees_dropped:
+            allowed[n_prompt:, :n_prompt] &= ~dropped
+        mask, rotary = additive_mask(allowed), lm.rotary_emb(x, pos)
+        for layer in lm.layers[: k + 1]:
+            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None, past_key_values=None)
+        rows = torch.cat([keep_index, torch.arange(n_prompt, n)])
+        x, pos = x[:, rows], pos[..., rows]
+        mask, rotary = additive_mask(torch.ones(len(rows), len(rows), dtype=torch.bool).tril()), lm.rotary_emb(x, pos)
+        for layer in lm.layers[k + 1 :]:
+            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None, past_key_values=None)
+        out.append(model.lm_head(lm.norm(x[:, -1]))[0].float())
+    return torch.stack(out)
+
+
+def reference_for(pipe, prepared, traced: Traced, k: int, **kwargs) -> torch.Tensor:
+    full = prefill_position_ids(pipe.model, prepared.inputs)  # unpruned ids, as generate builds them
+    first_decode_pos = full[1:, :, -1:] + 1
+    return cache_free_logits(
+        pipe.model, traced.embeds, traced.position_ids[1:], traced.state.keep_index, k,
+        traced.result.generated_token_ids, first_decode_pos, **kwargs,
+    )
+
+
+REFERENCE_CASES = [
+    ("sdpa", False, 0, "prunevid"),
+    ("sdpa", False, 1, "attention"),
+    ("sdpa", False, 3, "last_token"),
+    ("eager", False, 1, "prunevid"),
+    ("eager", False, 3, "attention"),
+    pytest.param("sdpa", True, 1, "prunevid", marks=needs_stage1),
+    pytest.param("sdpa", True, 3, "attention", marks=needs_stage1),
+    pytest.param("eager", True, 0, "prunevid", marks=needs_stage1),
+    pytest.param("eager", True, 3, "random", marks=needs_stage1),
+]
+
+
+@pytest.mark.parametrize("impl,with_stage1,k,score", REFERENCE_CASES)
+def test_pruned_run_matches_cache_free_reference(pipes, impl, with_stage1, k, score):
+    pipe, prepared = pipes[impl]
+    traced = run_traced(pipe, prepared, **stage2(k=k, keep=0.4, score=score, stage1=with_stage1))
+    st = traced.state
+    full = prefill_position_ids(pipe.model, prepared.inputs)
+    if with_stage1:
+        # the LLM input carries the representatives' original M-RoPE ids (never renumbered)
+        assert traced.position_ids.shape[-1] < full.shape[-1]
+        assert torch.equal(traced.position_ids[1:], full[1:, :, st.source_index])
+    else:
+        assert torch.equal(traced.position_ids, full)
+    assert 0 < st.tokens_after < st.tokens_before
+    ref = reference_for(pipe, prepared, traced, k)
+    torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(traced.result.first_token_logits, ref[0], rtol=0, atol=1e-4)
+    # pruning changed the computation, so agreement above is not agreement with the baseline
+    # (with K = the last layer only the decode steps change: the prompt's last row is intact)
+    base = baseline(pipes, impl).logits
+    n = min(len(base), len(traced.logits))
+    assert (traced.logits[:n] - base[:n]).abs().max() > 1e-3
+
+
+def test_reference_detects_wrong_decode_semantics(pipes):
+    """The reference comparison can fail: renumbering decode positions by the dropped count, or
+    letting decoded tokens see the dropped tokens, moves the later logits far beyond 1e-4."""
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **stage2(k=1))
+    n_dropped = prepared.inputs["input_ids"].shape[1] - traced.state.keep_index.numel()
+    full = prefill_position_ids(pipe.model, prepared.inputs)
+    renumbered = cache_free_logits(
+        pipe.model, traced.embeds, traced.position_ids[1:], traced.state.keep_index, 1,
+        traced.result.generated_token_ids, full[1:, :, -1:] + 1 - n_dropped,
+    )
+    sees_dropped = reference_for(pipe, prepared, traced, 1, decode_sees_dropped=True)
+    for wrong in (renumbered, sees_dropped):
+        torch.testing.assert_close(wrong[0], traced.logits[0], rtol=0, atol=1e-4)  # prefill is unaffected
+        assert (wrong[1:] - traced.logits[1:]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- keep everything
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("score", SCORES)
+def test_keep_ratio_one_equals_baseline(pipes, impl, score):
+    pipe, prepared = pipes[impl]
+    base = baseline(pipes, impl)
+    traced = run_traced(pipe, prepared, **stage2(k=1, keep=1.0, score=score))
+    assert traced.state.tokens_after == N_VISUAL
+    assert traced.result.generated_token_ids == base.result.generated_token_ids
+    torch.testing.assert_close(traced.result.first_token_logits, base.result.first_token_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(traced.logits, base.logits, rtol=0, atol=1e-6)
+    assert traced.result.kv_cache_bytes == base.result.kv_cache_bytes
+
+
+def test_attention_implementations_agree(pipes):
+    """sdpa and eager give the same tokens, unpruned and pruned, and prune the same tokens."""
+    for overrides in ({}, stage2(k=1), stage2(k=2, score="attention")):
+        sdpa = run_traced(*pipes["sdpa"], **overrides)
+        eager = run_traced(*pipes["eager"], **overrides)
+        assert sdpa.result.generated_token_ids == eager.result.generated_token_ids
+        torch.testing.assert_close(sdpa.logits, eager.logits, rtol=0, atol=1e-5)
+        if overrides:
+            assert torch.equal(sdpa.state.keep_index, eager.state.keep_index)
+
+
+# ----------------------------------------------------------------------------- scores
+@pytest.fixture(scope="module")
+def models():
+    """Fresh tiny models (same seed as the pipelines) for direct forwards with our own handles."""
+    return {impl: build_tiny_model(attn_implementation=impl) for impl in ("sdpa", "eager")}
+
+
+def forward_with(model, inputs, stage1: Stage1Config, stage2_cfg: Stage2Config, **kwargs):
+    """One prefill with a fresh handle; returns (model output, handle state, input of layer K)."""
+    handle = apply_prunevid(model, stage1, stage2_cfg)
+    seen = {}
+
+    def on_layer_k(module, args, kw):
+        seen["hidden"] = args[0].detach().clone()
+
+    hook = model.model.language_model.layers[stage2_cfg.pruning_layer].register_forward_pre_hook(
+        on_layer_k, with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            out = model(**inputs, position_ids=prefill_position_ids(model, inputs), **kwargs)
+    finally:
+        hook.remove()
+        handle.remove()
+    return out, handle.state, seen["hidden"]
+
+
+def stage1_cfg(enabled: bool) -> Stage1Config:
+    return Stage1Config(enabled=enabled, cluster_ratio=0.5, tau=0.8, min_cluster_tokens=4)
+
+
+def merged_layout(input_ids: torch.Tensor, merged_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visual positions, query rows) in the post-Stage-1 sequence, from lengths alone: the text
+    before and after the video is untouched, so the merged tokens fill the gap between them."""
+    start, end = layout(input_ids)
+    n_merged = merged_len - (input_ids.shape[1] - N_VISUAL)
+    return torch.arange(start, start + n_merged), torch.arange(start + n_merged + 1, merged_len)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize(
+    "with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"]
+)
+def test_attention_scores_equal_eager_attention_weights(pipes, models, k, with_stage1):
+    """``attention`` scores are rows of layer K's real (rotary, causal) attention: max over
+    heads, then over the query rows; ``last_token`` is the last row averaged over heads."""
+    inputs = pipes["eager"][1].inputs
+    model = models["eager"]
+    for mode in ("attention", "last_token"):
+        out, st, _ = forward_with(
+            model, inputs, stage1_cfg(with_stage1), Stage2Config(enabled=True, pruning_layer=k, score=mode),
+            output_attentions=True,
+        )
+        weights = out.attentions[k][0].float()  # [H, L1, L1], layer K runs before anything is dropped
+        visual, rows = merged_layout(inputs["input_ids"], weights.shape[-1])
+        assert torch.equal(st.visual_positions, visual)
+        if mode == "attention":
+            expected = weights[:, rows][:, :, visual].amax(dim=0).amax(dim=0)
+        else:
+            expected = weights[:, -1, visual].mean(dim=0)
+        torch.testing.assert_close(st.scores, expected, rtol=0, atol=1e-5)
+
+
+def dense_official_scores(layer, hidden, rows, visual) -> torch.Tensor:
+    """The official PruneVid score written out densely: the full L x L softmax of pre-rotary
+    q.k^T * scaling, key heads repeated for GQA, no mask; max over heads, then over ``rows``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)[0]
+    n, d = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(n, -1, d).transpose(0, 1)
+    k = attn.k_proj(x).view(n, -1, d).transpose(0, 1)
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # query head h reads key head h // groups
+    probs = torch.softmax(q @ k.transpose(1, 2) * d**-0.5, dim=-1)  # [H, L, L]
+    return probs[:, rows][:, :, visual].amax(dim=0).amax(dim=0)
+
+
+@pytest.mark.parametrize("impl,k", [("sdpa", 1), ("eager", 3)])
+@pytest.mark.parametrize(
+    "with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"]
+)
+def test_prunevid_scores_equal_dense_official_formula(pipes, models, impl, k, with_stage1):
+    inputs = pipes[impl][1].inputs
+    model = models[impl]
+    with torch.no_grad():
+        _, st, hidden = forward_with(model, inputs, stage1_cfg(with_stage1), Stage2Config(enabled=True, pruning_layer=k))
+        visual, rows = merged_layout(inputs["input_ids"], hidden.shape[1])
+        expected = dense_official_scores(model.model.language_model.layers[k], hidden, rows, visual)
+    torch.testing.assert_close(st.scores, expected, rtol=0, atol=1e-6)
+
+
+def test_max_max_scores_on_small_inputs():
+    """Pure function against a per-head loop: GQA head mapping, no mask vs causal mask."""
+    gen = torch.Generator().manual_seed(0)
+    n_heads, n_kv, n_keys, d = 4, 2, 11, 8
+    keys = torch.randn(n_kv, n_keys, d, generator=gen)
+    queries = torch.randn(n_heads, 3, d, generator=gen)
+    visual = torch.tensor([1, 2, 3, 5])
+    rows_at = torch.tensor([6, 8, 10])
+    scaling = d**-0.5
+    no_mask, causal = [], []
+    for h in range(n_heads):
+        logits = queries[h] @ keys[h // (n_heads // n_kv)].T * scaling  # [3, L]
+        no_mask.append(torch.softmax(logits, -1))
+        future = torch.arange(n_keys).view(1, -1) > rows_at.view(-1, 1)
+        causal.append(torch.softmax(logits.masked_fill(future, float("-inf")), -1))
+    expected = torch.stack(no_mask)[..., visual].amax(0).amax(0)
+    expected_causal = torch.stack(causal)[..., visual].amax(0).amax(0)
+    torch.testing.assert_close(s2.max_max_scores(queries, keys, visual, scaling), expected, rtol=0, atol=1e-6)
+    got = s2.max_max_scores(queries, keys, visual, scaling, query_positions=rows_at)
+    torch.testing.assert_close(got, expected_causal, rtol=0, atol=1e-6)
+    assert not torch.allclose(expected, expected_causal)
+
+
+# ----------------------------------------------------------------------------- chunking
+def test_scoring_chunks_rows_and_never_builds_l_by_l(pipes, monkeypatch):
+    """Tiny chunks (one query row at a time) give the same scores and the same kept tokens; no
+    softmax ever sees more than the chunk budget or a square L x L block."""
+    pipe, prepared = pipes["sdpa"]
+    seq_len = prepared.inputs["input_ids"].shape[1]
+    calls = []
+    original = s2.attention_probs
+
+    def spy(queries, keys, *args, **kwargs):
+        calls.append((queries.shape[0], queries.shape[1], keys.shape[1]))
+        return original(queries, keys, *args, **kwargs)
+
+    monkeypatch.setattr(s2, "attention_probs", spy)
+    default_budget = s2.ROW_CHUNK_ELEMENTS
+    for score in ("prunevid", "attention"):
+        calls.clear()
+        whole = run_traced(pipe, prepared, **stage2(k=1, score=score))
+        assert calls and all(rows < keys == seq_len for _, rows, keys in calls)
+        assert len(calls) == 1  # the default budget holds all text rows of this prompt at once
+        monkeypatch.setattr(s2, "ROW_CHUNK_ELEMENTS", 4 * seq_len * 2)  # 2 rows of 4 heads per chunk
+        calls.clear()
+        chunked = run_traced(pipe, prepared, **stage2(k=1, score=score))
+        monkeypatch.setattr(s2, "ROW_CHUNK_ELEMENTS", default_budget)
+        assert len(calls) > 1 and all(h * r * n <= 4 * seq_len * 2 for h, r, n in calls)
+        torch.testing.assert_close(chunked.state.scores, whole.state.scores, rtol=0, atol=1e-7)
+        assert torch.equal(chunked.state.keep_index, whole.state.keep_index)
+
+
+def test_chunked_pure_scores_equal_unchunked(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    queries, keys = torch.randn(4, 9, 8, generator=gen), torch.randn(2, 30, 8, generator=gen)
+    visual, rows_at = torch.arange(3, 20), torch.arange(21, 30)
+    whole = [s2.max_max_scores(queries, keys, visual, 0.3), s2.max_max_scores(queries, keys, visual, 0.3, rows_at)]
+    monkeypatch.setattr(s2, "ROW_CHUNK_ELEMENTS", 1)  # one row per chunk
+    chunked = [s2.max_max_scores(queries, keys, visual, 0.3), s2.max_max_scores(queries, keys, visual, 0.3, rows_at)]
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # matmul blocking may round differently
+
+
+# ----------------------------------------------------------------------------- KV cache and decoding
+@pytest.mark.parametrize(
+    "k,with_stage1", [(1, False), (3, False), pytest.param(0, True, marks=needs_stage1)]
+)
+def test_cache_after_prefill_is_compacted(pipes, models, k, with_stage1):
+    model = models["sdpa"]
+    inputs = pipes["sdpa"][1].inputs
+    prompt_len = inputs["input_ids"].shape[1]
+    from transformers import DynamicCache
+
+    def prefill(stage1, stage2_cfg):
+        handle = apply_prunevid(model, stage1, stage2_cfg)
+        cache = DynamicCache(config=model.config.get_text_config())
+        try:
+            with torch.no_grad():
+                model(**inputs, position_ids=prefill_position_ids(model, inputs), past_key_values=cache, use_cache=True)
+        finally:
+            handle.remove()
+        return cache, handle.state
+
+    full_cache, _ = prefill(Stage1Config(), Stage2Config())
+    assert cache_lengths(full_cache) == [prompt_len] * N_LAYERS
+    cache, st = prefill(stage1_cfg(with_stage1), Stage2Config(enabled=True, pruning_layer=k, keep_ratio=0.4))
+    kept_visual = sum(int(n * 0.4) for n in torch.bincount(st.visual_groups).tolist())
+    if not with_stage1:
+        assert kept_visual == N_FRAMES * int(PER_FRAME * 0.4)
+    kept_len = prompt_len - N_VISUAL + kept_visual
+    assert st.tokens_after == kept_visual and st.keep_index.numel() == kept_len
+    assert cache_lengths(cache) == [kept_len] * N_LAYERS  # layers 0..K compacted too
+    assert cache_bytes(cache) * prompt_len == cache_bytes(full_cache) * kept_len
+
+
+def test_run_record_kv_bytes_fall_with_dropped_tokens(pipes):
+    pipe, prepared = pipes["sdpa"]
+    base = baseline(pipes, "sdpa").result
+    prompt_len = prepared.inputs["input_ids"].shape[1]
+    for k in (0, 2):
+        r = run_traced(pipe, prepared, **stage2(k=k)).result
+        kept_len = prompt_len - N_VISUAL + N_FRAMES * int(PER_FRAME * 0.4)
+        assert r.tokens_before == N_VISUAL and r.tokens_after == N_FRAMES * int(PER_FRAME * 0.4)
+        assert r.kv_cache_bytes * prompt_len == base.kv_cache_bytes * kept_len
+        assert r.kv_cache_bytes_uncompressed == base.kv_cache_bytes
+
+
+@pytest.mark.parametrize("with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"])
+def test_generate_with_patch_equals_engine(pipes, models, with_stage1):
+    """``model.generate`` (its own position bookkeeping, vision tower run before the prefill)
+    gives the engine's tokens and logits step by step; its cache is compacted as well."""
+    pipe, prepared = pipes["sdpa"]
+    overrides = stage2(k=1, stage1=with_stage1)
+    engine = run_traced(pipe, prepared, **overrides)
+    model, inputs = models["sdpa"], prepared.inputs
+    handle = apply_prunevid(model, stage1_cfg(with_stage1), Stage2Config(enabled=True, pruning_layer=1))
+    try:
+        with torch.no_grad():
+            gen = model.generate(
+                **inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+    finally:
+        handle.remove()
+    tokens = gen.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    assert tokens == engine.result.generated_token_ids
+    torch.testing.assert_close(torch.cat(gen.logits).float(), engine.logits, rtol=0, atol=1e-5)
+    assert torch.equal(handle.state.keep_index, engine.state.keep_index)
+    kept_len = engine.state.keep_index.numel()
+    assert cache_lengths(gen.past_key_values) == [kept_len + MAX_NEW - 1] * N_LAYERS
+
+
+# ----------------------------------------------------------------------------- selection
+def test_stratified_keep_floor_per_group_in_order():
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.3, 0.8, 0.3, 0.1, 0.4, 0.2])
+    # floor(3*.5)=1 -> [1]; floor(5*.5)=2 -> 5 then the first of the tied 0.3s (3); floor(2*.5)=1 -> [8]
+    assert s2.stratified_keep(scores, groups, 0.5).tolist() == [1, 3, 5, 8]
+    assert s2.stratified_keep(scores, groups, 1.0).tolist() == list(range(10))
+    assert s2.stratified_keep(scores, groups, 0.3).tolist() == [5]  # 0, 1 and 0 per group
+    # floor(90 * 0.7) is 63 although 90 * 0.7 == 62.99999999999999 in floating point
+    assert s2.stratified_keep(torch.arange(90.0), torch.zeros(90, dtype=torch.long), 0.7).tolist() == list(range(27, 90))
+    # group ids need not be contiguous or sorted; the result is in original order
+    interleaved = s2.stratified_keep(torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0, 6.0]), torch.tensor([7, 3, 7, 3, 7, 3]), 0.67)
+    assert interleaved.tolist() == [1, 2, 4, 5]
+    # all tied: the lowest indices win
+    assert s2.stratified_keep(torch.ones(6), torch.zeros(6, dtype=torch.long), 0.5).tolist() == [0, 1, 2]
+
+
+def test_stage1_off_keeps_the_same_count_in_every_frame(pipes):
+    pipe, prepared = pipes["sdpa"]
+    start, _ = layout(prepared.inputs["input_ids"])
+    st = run_traced(pipe, prepared, **stage2(k=1, keep=0.4)).state
+    assert torch.equal(st.visual_groups, torch.arange(N_VISUAL) // PER_FRAME)
+    kept_pos = st.keep_index[(st.keep_index >= start) & (st.keep_index < start + N_VISUAL)]
+    frame = (kept_pos - start) // PER_FRAME
+    assert torch.bincount(frame, minlength=N_FRAMES).tolist() == [int(PER_FRAME * 0.4)] * N_FRAMES
+    # every text token survives, in order
+    text = torch.cat([torch.arange(start), torch.arange(start + N_VISUAL, prepared.inputs["input_ids"].shape[1])])
+    assert torch.equal(st.keep_index[~torch.isin(st.keep_index, kept_pos)], text)
+    # within each frame, the kept tokens are that frame's top scores
+    for f in range(N_FRAMES):
+        in_frame = torch.arange(f * PER_FRAME, (f + 1) * PER_FRAME)
+        kept = torch.isin(start + in_frame, kept_pos)
+        assert st.scores[in_frame][kept].min() >= st.scores[in_frame][~kept].max()
+
+
+@needs_stage1
+def test_stage1_on_keeps_floor_of_each_group(pipes):
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **stage2(k=1, keep=0.5, stage1=True))
+    st, r = traced.state, traced.result
+    assert r.stage1_static_tokens and r.stage1_dynamic_tokens  # both kinds of group are exercised
+    counts = torch.bincount(st.visual_groups)
+    kept_counts = torch.bincount(st.visual_groups[st.kept_visual], minlength=len(counts))
+    assert kept_counts.tolist() == [int(n * 0.5) for n in counts.tolist()]
+    assert torch.equal(st.kept_visual, torch.sort(st.kept_visual).values)
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({"keep_ratio": 0.0}, "stage2.keep_ratio"),
+        ({"keep_ratio": 1.5}, "stage2.keep_ratio"),
+        ({"keep_ratio": -0.2}, "stage2.keep_ratio"),
+        ({"pruning_layer": 4}, "stage2.pruning_layer"),
+        ({"pruning_layer": -1}, "stage2.pruning_layer"),
+    ],
+)
+def test_out_of_range_settings_name_the_key(pipes, overrides, key):
+    pipe, prepared = pipes["sdpa"]
+    with pytest.raises(PruneVidError, match=key):
+        pipe.run(prepared, **{"stage2.enabled": True, **overrides})
+    assert pipe.run(prepared, **stage2(k=N_LAYERS - 1)).tokens_after > 0  # the pipeline still works
+
+
+def test_prompt_without_text_after_the_video_is_refused(models):
+    processor = build_processor()
+    frames = video_frames()
+    meta = [{"total_num_frames": 8, "fps": 2.0, "frames_indices": list(range(8))}]
+    # Only the system prompt comes before the video: it must never be used as the question.
+    head = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+    model = models["sdpa"]
+
+    def run(prompt, stage2_enabled):
+        inputs = dict(processor(text=[prompt], videos=[frames], video_metadata=meta, do_sample_frames=False, return_tensors="pt"))
+        handle = apply_prunevid(model, Stage1Config(), Stage2Config(enabled=stage2_enabled, pruning_layer=1))
+        try:
+            return run_greedy(model, inputs, 2), handle.state
+        finally:
+            handle.remove()
+
+    with pytest.raises(PruneVidError, match="text after the video"):
+        run(head, True)
+    run(head, False)  # only Stage 2 needs a question
+    _, st = run(head + "?", True)  # one token after the video is enough: it is the only query row
+    assert st.query_start == st.keep_index[-1] and st.tokens_after == N_FRAMES * int(PER_FRAME * 0.4)
