@@ -20,6 +20,16 @@ from prunevid_bench.pipeline import Pipeline
 from prunevid_bench.toy.world import generate_dataset
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are microseconds; on a shared 2-core box two OpenMP threads wait
+    on each other (measured 40x slower per sample when another process holds a core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4"]
 
 
@@ -35,6 +45,22 @@ def invoke(*args):
 
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shared_model(tiny_pipe):
+    """The CLI's model load is replaced by the session's tiny pipeline: building the model per
+    invocation would cost seconds each (model loading is tested in test_cli_run)."""
+    import prunevid_bench.pipeline as pipeline
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "load_pipeline", lambda *a, **k: tiny_pipe)
+        yield tiny_pipe
+
+
+@pytest.fixture(autouse=True)
+def _use_shared_model(shared_model):
+    return shared_model
 
 
 @pytest.fixture
@@ -59,7 +85,7 @@ def calls(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def base_run(toy, tmp_path_factory) -> tuple[Path, str]:
+def base_run(toy, tmp_path_factory, shared_model) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("base")
     res = invoke("run", "--dataset", toy, *FAST, "--results-dir", out, "--label", "base")
     assert res.exit_code == 0, res.output
@@ -129,7 +155,7 @@ def test_logits_mode_takes_the_best_letter(toy, tmp_path, tiny_pipe):
 
 
 def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(toy, tmp_path, calls):
-    args = ["run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--label", "r"]
+    args = ["run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--label", "r", "--limit", "4"]
     calls.fail = {3: KeyboardInterrupt()}
     res = invoke(*args)
     assert res.exit_code == 130 and "rerun the same command to resume" in res.output
@@ -143,19 +169,19 @@ def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(toy, tmp_path, ca
     calls.n, calls.fail = 0, {}
     res = invoke(*args)
     assert res.exit_code == 0, res.output
-    assert calls.n == 4 and "2 of 6 questions already done" in res.output
+    assert calls.n == 2 and "2 of 4 questions already done" in res.output
     text = log.read_text()
     assert text.startswith(first)  # the finished samples are kept as they were
     rows = read_lines(log)
-    assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
-    assert json.loads((run_dir / "summary.json").read_text())["accuracy"]["n"] == 6
+    assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+    assert json.loads((run_dir / "summary.json").read_text())["accuracy"]["n"] == 4
 
     calls.n = 0
     assert invoke(*args).exit_code == 0 and calls.n == 0  # finished: nothing to do
     calls.n = 0
     res = invoke(*args, "--force")
-    assert res.exit_code == 0 and calls.n == 6
-    assert len(read_lines(log)) == 6 and (run_dir / "samples.jsonl.bak").read_text() == text
+    assert res.exit_code == 0 and calls.n == 4
+    assert len(read_lines(log)) == 4 and (run_dir / "samples.jsonl.bak").read_text() == text
     assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
 
 
@@ -178,18 +204,18 @@ def test_refuses_to_resume_into_a_folder_with_other_settings(toy, tmp_path, tiny
 
 def test_sample_errors_are_recorded_and_the_run_goes_on(toy, tmp_path, calls):
     calls.fail = {2: RuntimeError("boom\nsecond line"), 4: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")}
-    args = ["run", "--dataset", toy, *FAST, "--results-dir", tmp_path]
+    args = ["run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "5"]
     res = invoke(*args)
     assert res.exit_code == 0, res.output
     (run_dir,) = tmp_path.iterdir()
     rows = read_lines(run_dir / "samples.jsonl")
-    assert len(rows) == 6
+    assert len(rows) == 5
     assert rows[1]["error"] == "RuntimeError: boom" and rows[1]["correct"] is False and rows[1]["prediction"] is None
     assert rows[3]["error"].startswith("CUDA out of memory")
     assert all(r["error"] is None for i, r in enumerate(rows) if i not in (1, 3))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["accuracy"]["errors"] == 2 and summary["accuracy"]["n"] == 6 and not summary["complete"]
-    assert summary["metrics"]["ttft_s"]["n"] == 4  # errors are not timed
+    assert summary["accuracy"]["errors"] == 2 and summary["accuracy"]["n"] == 5 and not summary["complete"]
+    assert summary["metrics"]["ttft_s"]["n"] == 3  # errors are not timed
 
     calls.n, calls.fail = 0, {}
     assert invoke(*args).exit_code == 0 and calls.n == 2  # a rerun retries only the errors
@@ -232,14 +258,14 @@ def test_nothing_loads_when_no_video_passes_preflight(tmp_path, monkeypatch):
 
 def test_baseline_agreement_on_shared_ids(base_run, toy, tmp_path):
     base_dir, _ = base_run
-    res = invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "4", "--preset", "default",
+    res = invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "3", "--preset", "default",
                  "--set", "stage2.pruning_layer=1", "--baseline", base_dir)
     assert res.exit_code == 0, res.output
     (run_dir,) = tmp_path.iterdir()
     mine = {r["id"]: r for r in read_lines(run_dir / "samples.jsonl")}
     base = {r["id"]: r for r in read_lines(base_dir / "samples.jsonl")}
     agreement = json.loads((run_dir / "summary.json").read_text())["agreement"]
-    assert agreement["n"] == 4 and agreement["only_b"] == 2
+    assert agreement["n"] == 3 and agreement["only_b"] == 3
     assert agreement["agree"] == sum(mine[i]["prediction"] == base[i]["prediction"] for i in mine)
     assert all(r["tokens_after"] < r["tokens_before_stage1"] for r in mine.values())
     assert "agreement with baseline" in res.output

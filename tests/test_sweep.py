@@ -1,0 +1,216 @@
+"""`prunevid sweep`: grid expansion, controls, the Pareto front, dry run, resume cell by cell."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prunevid_bench.cli import app
+from prunevid_bench.config import PROJECT_ROOT, build_config
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.sweep import expand_cells, frames_controls, grid_spec, pareto_front, parse_values
+from prunevid_bench.pipeline import Pipeline
+from prunevid_bench.toy.world import generate_dataset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are microseconds; on a shared 2-core box two OpenMP threads wait
+    on each other (measured 40x slower per sample when another process holds a core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+STAGE1_FILE = PROJECT_ROOT / "sweeps" / "stage1.yaml"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion (no model)
+
+
+def test_shipped_stage1_sweep_expands_to_18_cells_plus_baseline():
+    spec = grid_spec([], None, STAGE1_FILE)
+    assert spec == {"stage1.tau": [0.7, 0.8, 0.9], "stage1.cluster_ratio": [0.3, 0.5, 0.7],
+                    "stage1.temporal_segment_ratio": [0.25, 0.5]}
+    cells = expand_cells(build_config(), spec)
+    assert [c.kind for c in cells] == ["baseline"] + ["grid"] * 18
+    assert len({c.name for c in cells}) == 19
+    grid = cells[1:]
+    # Sweeping Stage-1 keys switches Stage 1 on; Stage 2 stays as the base has it (off).
+    assert all(c.config.stage1.enabled and not c.config.stage2.enabled for c in grid)
+    assert {(c.config.stage1.tau, c.config.stage1.cluster_ratio, c.config.stage1.temporal_segment_ratio) for c in grid} == {
+        (t, c, s) for t in (0.7, 0.8, 0.9) for c in (0.3, 0.5, 0.7) for s in (0.25, 0.5)}
+    assert cells[1].name == "tau=0.7,cluster_ratio=0.3,temporal_segment_ratio=0.25"
+    base = cells[0].config
+    assert not base.stage1.enabled and not base.stage2.enabled
+
+
+def test_stage2_keys_switch_stage2_on_and_random_controls_follow():
+    base = build_config("stage1_only")
+    cells = expand_cells(base, parse_values(["keep_ratio=0.3,0.5", "stage2.pruning_layer=1"]), ["random"])
+    grid = [c for c in cells if c.kind == "grid"]
+    assert [c.name for c in grid] == ["keep_ratio=0.3,pruning_layer=1", "keep_ratio=0.5,pruning_layer=1"]
+    assert all(c.config.stage2.enabled and c.config.stage1.enabled for c in grid)  # Stage 1 from the preset
+    controls = [c for c in cells if c.kind == "control_random"]
+    assert [c.name for c in controls] == [f"{c.name}+random" for c in grid]
+    for cell, control in zip(grid, controls):
+        assert control.config.stage2.score == "random"
+        assert control.config.stage2.keep_ratio == cell.config.stage2.keep_ratio  # the same token budget
+
+
+def test_an_explicitly_swept_enabled_flag_wins():
+    cells = expand_cells(build_config(), parse_values(["stage1.enabled=false,true", "tau=0.8"]), ["random"])
+    assert [c.config.stage1.enabled for c in cells if c.kind == "grid"] == [False, True]
+    assert not any(c.kind == "control_random" for c in cells)  # no Stage 2, no random control
+
+
+def test_values_are_typed_and_validated():
+    assert parse_values(["tau=0.7,0.9", "score=prunevid,random", "num_frames=8"]) == {
+        "stage1.tau": [0.7, 0.9], "stage2.score": ["prunevid", "random"], "video.num_frames": [8]}
+    with pytest.raises(PruneVidError, match=r"stage1.tau must be in \(0, 1\], got 1.5"):
+        expand_cells(build_config(), parse_values(["tau=0.8,1.5"]))
+
+
+@pytest.mark.parametrize(
+    "params,values,message",
+    [
+        (["tau"], [], "no values for stage1.tau: give --values tau=v1,v2"),
+        (["tau"], ["tau=0.7", "keep_ratio=0.3"], "--values given for stage2.keep_ratio"),
+        ([], ["tua=0.7"], "did you mean 'tau'"),
+        ([], ["model.dtype=float32,bfloat16"], "model.dtype cannot be swept"),
+        ([], [], "nothing to sweep"),
+        ([], ["tau"], "--values expects name=v1,v2"),
+    ],
+)
+def test_grid_errors(params, values, message):
+    with pytest.raises(PruneVidError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        grid_spec(params, values, None)
+
+
+def test_params_pick_a_subset_of_a_sweep_file():
+    assert list(grid_spec(["tau"], ["tau=0.75"], STAGE1_FILE)) == ["stage1.tau"]
+    assert grid_spec(["tau"], ["tau=0.75"], STAGE1_FILE)["stage1.tau"] == [0.75]  # --values win over the file
+
+
+def test_pareto_front_lower_cost_higher_quality():
+    points = [(100, 0.60), (20, 0.50), (40, 0.50), (40, 0.55), (10, 0.30), (None, 0.9), (100, 0.60)]
+    assert pareto_front(points) == [True, True, False, True, True, False, True]
+
+
+def test_frames_control_matches_the_kept_tokens():
+    def result(**medians):
+        return SimpleNamespace(summary={"metrics": {k: {"median": v} for k, v in medians.items()}})
+
+    base = build_config(None, None, {"video.num_frames": 16})
+    cells = expand_cells(base, parse_values(["keep_ratio=0.25,0.5,0.9"]))
+    # 16 frames = 8 temporal steps of 16 tokens: 32 kept tokens ~ 2 steps = 4 frames.
+    results = {"baseline": result(num_frames=16, tokens_before_stage1=128, tokens_after=128),
+               cells[1].name: result(tokens_after=32), cells[2].name: result(tokens_after=64),
+               cells[3].name: result(tokens_after=120)}
+    controls = frames_controls(base, cells, results)
+    assert [(c.name, c.matches) for c in controls] == [("frames=4", [cells[1].name]), ("frames=8", [cells[2].name])]
+    assert all(c.config.video.num_frames == int(c.name[7:]) and not c.config.stage1.enabled and not c.config.stage2.enabled
+               for c in controls)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end with the tiny model
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("toy"), 6, seed=3)
+
+
+@pytest.fixture
+def calls(monkeypatch, tiny_pipe):
+    counter = SimpleNamespace(n=0, fail={}, loads=0)
+    original = Pipeline.run
+
+    def counted(self, *args, **kwargs):
+        counter.n += 1
+        if counter.n in counter.fail:
+            raise counter.fail[counter.n]
+        return original(self, *args, **kwargs)
+
+    import prunevid_bench.pipeline as pipeline
+
+    def load(*args, **kwargs):  # the session's tiny model: building one per invocation costs seconds
+        counter.loads += 1
+        return tiny_pipe
+
+    monkeypatch.setattr(Pipeline, "run", counted)
+    monkeypatch.setattr(pipeline, "load_pipeline", load)
+    return counter
+
+
+def sweep_args(toy, out, *extra):
+    return ["sweep", "tau", "--values", "tau=0.7,0.95", "--dataset", toy, "--limit", "3", "--model", "tiny",
+            "--max-new-tokens", "2", "--num-frames", "4", "--preset", "default", "--set", "stage2.pruning_layer=1",
+            "--results-dir", out, *extra]
+
+
+def test_dry_run_lists_cells_and_runs_nothing(toy, tmp_path, calls):
+    res = invoke(*sweep_args(toy, tmp_path, "--controls", "random", "--controls", "frames", "--dry-run"))
+    assert res.exit_code == 0, res.output
+    for name in ("baseline", "tau=0.7", "tau=0.95", "tau=0.7+random", "tau=0.95+random", "frames=N"):
+        assert name in res.output
+    assert "5 cells; nothing run" in res.output
+    assert calls.n == 0 and calls.loads == 0
+    assert not any(tmp_path.iterdir())  # nothing written either
+
+
+def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
+    args = sweep_args(toy, tmp_path, "--controls", "random", "--controls", "frames")
+    calls.fail = {5: KeyboardInterrupt()}  # baseline done (3), second cell has 1 done
+    res = invoke(*args)
+    assert res.exit_code == 130, res.output
+    (sweep_dir,) = tmp_path.iterdir()
+    assert sweep_dir.name.startswith("sweep-tau-data-")
+    assert len((sweep_dir / "cells" / "tau=0.7" / "samples.jsonl").read_text().splitlines()) == 1
+
+    calls.n, calls.fail, calls.loads = 0, {}, 0
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
+    names = [c["name"] for c in cells]
+    assert names[:5] == ["baseline", "tau=0.7", "tau=0.95", "tau=0.7+random", "tau=0.95+random"]
+    frames = [c for c in cells if c["kind"] == "control_frames"]
+    assert frames and all(c["overrides"]["video.num_frames"] < 4 for c in frames)
+    assert calls.n == 3 * len(cells) - 4  # nothing finished before the crash is redone
+    assert calls.loads == 1  # one model for every cell
+
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert [r["cell"] for r in rows] == names
+    by_name = {r["cell"]: r for r in rows}
+    assert float(by_name["baseline"]["agreement"]) == 1.0
+    assert float(by_name["tau=0.7"]["kept_tokens"]) < float(by_name["baseline"]["kept_tokens"]) == 32
+    assert by_name["tau=0.7+random"]["kept_tokens"] == by_name["tau=0.7"]["kept_tokens"]
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert summary["accuracy"]["n"] == 3 and float(row["ttft_s"]) == summary["metrics"]["ttft_s"]["median"]
+    assert any(r["pareto_kept_tokens"] == "True" for r in rows)
+    assert (sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    calls.n, calls.loads = 0, 0
+    res = invoke(*args)
+    assert res.exit_code == 0 and calls.n == 0 and calls.loads == 0  # finished: no model at all
+    res = invoke(*args, "--dry-run")
+    assert res.output.count("done") >= 5
+
+    res = invoke("compare", sweep_dir, "--markdown")
+    assert res.exit_code == 0, res.output
+    table = [line for line in res.output.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(cells) and "baseline" in table[1]
