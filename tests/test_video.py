@@ -64,3 +64,11 @@ def test_zero_frame_video(tmp_path):
         stream.width, stream.height = 32, 32
     with pytest.raises(PruneVidError):
         load_clip(path)
+
+
+def test_time_window(clip_dir):
+    path = write_clip(clip_dir / "c24.mp4", 24, fps=4)  # 6 s
+    clip = load_clip(path, num_frames=4, start=2.0, end=4.0)  # frames 8..15
+    assert clip.indices == [9, 11, 13, 15]
+    assert clip.sampled_fps == pytest.approx(2.0)
+    assert min(load_clip(path, num_frames=24, start=5.0).indices) >= 20

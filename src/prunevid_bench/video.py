@@ -133,16 +133,27 @@ def load_clip(
     fps: float | None = None,
     max_frames: int = 64,
     backend: str = "auto",
+    start: float | None = None,
+    end: float | None = None,
 ) -> Clip:
-    """Decode and sample a video. ``backend="auto"`` tries decord, then PyAV."""
+    """Decode and sample a video. ``backend="auto"`` tries decord, then PyAV.
+    ``start``/``end`` (seconds) restrict sampling to a window, as MVBench's clip bounds do."""
     path = Path(path)
     _check_path(path)
     order = ["decord", "pyav"] if backend == "auto" else [backend]
     if any(name not in BACKENDS for name in order):
         raise PruneVidError(f"unknown video backend '{backend}' (use auto, decord or pyav)")
 
+    def window(total: int, native_fps: float) -> tuple[int, int]:
+        rate = native_fps if native_fps > 0 else 1.0
+        lo = 0 if start is None else min(total - 1, max(0, int(start * rate)))
+        hi = total if end is None else min(total, max(lo + 1, int(np.ceil(end * rate))))
+        return lo, hi
+
     def sampler(total: int, native_fps: float) -> tuple[list[int], float]:
-        return sample_indices(total, native_fps, num_frames, fps, max_frames)
+        lo, hi = window(total, native_fps)
+        indices, rate = sample_indices(hi - lo, native_fps, num_frames, fps, max_frames)
+        return [lo + i for i in indices], rate
 
     failures = []
     for name in order:
@@ -160,7 +171,8 @@ def load_clip(
             continue
         if native_fps <= 0:
             native_fps = 1.0
-        _, sampled_fps = sample_indices(total, native_fps, num_frames, fps, max_frames)
+        lo, hi = window(total, native_fps)
+        _, sampled_fps = sample_indices(hi - lo, native_fps, num_frames, fps, max_frames)
         notes = [f"{f}" for f in failures]
         return Clip(frames.astype(np.uint8), list(map(int, indices)), native_fps, total, sampled_fps, name, str(path), notes)
     raise PruneVidError(f"cannot decode video {path} ({'; '.join(failures)})")
