@@ -164,7 +164,8 @@ def _num(x: float | None, digits: int = 0) -> str:
 def rich_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Comparison", header_style="bold")
     for header, _ in COLUMNS:
-        table.add_column(escape(header), justify="left" if header in ("run", "stages") else "right")
+        text = header in ("run", "stages")
+        table.add_column(escape(header), justify="left" if text else "right", overflow="fold", min_width=10 if text else None)
     for row in rows:
         table.add_row(*(escape(fmt(row)) for _, fmt in COLUMNS))
     return table

@@ -1,0 +1,140 @@
+"""`prunevid compare` on saved runs: values, deltas, outputs, and refusing mismatched runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from prunevid_bench.cli import app
+from prunevid_bench.config import build_config
+from prunevid_bench.harness.answers import agreement
+from prunevid_bench.harness.evaluate import evaluate_dataset
+from prunevid_bench.toy.world import generate_dataset
+
+runner = CliRunner()
+FAST = {"video.num_frames": 4, "generation.max_new_tokens": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two OpenMP threads on a shared 2-core box wait on each other; the tiny model needs one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})  # the table's full width
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_pipe) -> dict[str, Path]:
+    """Saved dataset runs: a baseline, a pruned run, and two that do not match them."""
+    toy = generate_dataset(tmp_path_factory.mktemp("toy"), 6, seed=3)
+    out = tmp_path_factory.mktemp("runs")
+    quiet = Console(quiet=True)
+
+    def run(label, preset=None, limit=4, **overrides):
+        cfg = build_config(preset, None, {**FAST, **overrides})
+        return evaluate_dataset(cfg, toy, preset=preset, results_dir=out, label=label, limit=limit, pipeline=tiny_pipe,
+                                console=quiet).run_dir
+
+    return {
+        "base": run("base"),
+        "pruned": run("pruned", "default", **{"stage2.pruning_layer": 1}),
+        "fewer_questions": run("fewer", limit=3),
+        "fewer_frames": run("frames", **{"video.num_frames": 2}),
+    }
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def samples(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def test_table_values_and_deltas(runs, tmp_path):
+    res = invoke("compare", runs["base"], runs["pruned"], "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "base" in res.output and "pruned" in res.output
+    base_row, pruned_row = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert base_row["is_baseline"] == "True" and pruned_row["is_baseline"] == "False"
+    b, p = summary(runs["base"]), summary(runs["pruned"])
+    assert float(pruned_row["tokens_in"]) == b["metrics"]["tokens_before_stage1"]["median"] == 32
+    kept = p["metrics"]["tokens_after"]["median"]
+    assert float(pruned_row["tokens_after_stage2"]) == kept < float(pruned_row["tokens_after_stage1"]) < 32
+    assert float(pruned_row["compression"]) == pytest.approx(kept / 32)
+    assert float(pruned_row["ttft_s"]) == p["metrics"]["ttft_s"]["median"]
+    assert float(pruned_row["ttft_speedup"]) == pytest.approx(b["metrics"]["ttft_s"]["median"] / p["metrics"]["ttft_s"]["median"])
+    assert float(pruned_row["kv_ratio"]) == pytest.approx(p["metrics"]["kv_cache_bytes"]["median"] / b["metrics"]["kv_cache_bytes"]["median"])
+    assert float(pruned_row["kv_ratio"]) < 1  # Stage 3 really shortened the cache
+    assert float(pruned_row["accuracy"]) == p["accuracy"]["accuracy"]
+    assert float(pruned_row["delta_accuracy"]) == pytest.approx(p["accuracy"]["accuracy"] - b["accuracy"]["accuracy"])
+    assert float(pruned_row["agreement"]) == agreement(samples(runs["pruned"]), samples(runs["base"]))["agreement"]
+    assert float(base_row["delta_accuracy"]) == 0 and float(base_row["ttft_speedup"]) == 1
+    assert pruned_row["stages"] == "S1 tau=0.8 c=0.5 seg=0.25 + S2 keep=0.4 L=1 prunevid" and base_row["stages"] == "off"
+    md = (tmp_path / "compare.md").read_text().splitlines()
+    assert md[0].startswith("| run | stages |") and len(md) == 4 and md[3].startswith(f"| {runs['pruned'].name} |")
+
+
+def test_baseline_is_the_run_with_stages_off_or_the_one_named(runs, tmp_path):
+    res = invoke("compare", runs["pruned"], runs["base"], "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "a" / "compare.csv")))
+    assert [r["is_baseline"] for r in rows] == ["False", "True"]
+    res = invoke("compare", runs["pruned"], "--baseline", runs["base"], "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "b" / "compare.csv")))
+    assert [r["run"] for r in rows] == [runs["base"].name, runs["pruned"].name] and rows[0]["is_baseline"] == "True"
+    res = invoke("compare", runs["pruned"], "--out", tmp_path / "c")
+    assert res.exit_code == 0 and "deltas are left empty" in res.output
+    (row,) = list(csv.DictReader(open(tmp_path / "c" / "compare.csv")))
+    assert row["delta_accuracy"] == "" and row["ttft_speedup"] == ""
+
+
+def test_markdown_to_stdout(runs):
+    res = invoke("compare", runs["base"], runs["pruned"], "--markdown")
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("|")]
+    assert len(lines) == 4 and lines[1].startswith("|---|---|---:")
+    assert "+0.0 pt" in lines[2] and "1.00×" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "other,message",
+    [("fewer_questions", "(3 vs 4, 3 shared)"), ("fewer_frames", "(num_frames 4 vs 2)")],
+)
+def test_refuses_mismatched_runs_unless_allowed(runs, other, message):
+    res = invoke("compare", runs["base"], runs[other])
+    assert res.exit_code == 2 and message in res.output and "--allow-mismatch" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = invoke("compare", runs["base"], runs[other], "--allow-mismatch", "--markdown")
+    assert res.exit_code == 0, res.output
+
+
+def test_single_video_runs_compare_too(tmp_path):
+    from tests.conftest import write_clip
+
+    clip = write_clip(tmp_path / "c.mp4", 4)
+    for extra in ([], ["--preset", "default", "--set", "stage2.pruning_layer=1"]):
+        res = invoke("run", clip, "What?", "--model", "tiny", "--max-new-tokens", "2", "--results-dir", tmp_path / "r", *extra)
+        assert res.exit_code == 0, res.output
+    res = invoke("compare", *sorted((tmp_path / "r").iterdir()), "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
+    assert [r["n"] for r in rows] == ["1", "1"] and rows[0]["accuracy"] == ""
+    assert sum(r["is_baseline"] == "True" for r in rows) == 1
+
+
+def test_not_a_run_folder(tmp_path):
+    res = invoke("compare", tmp_path)
+    assert res.exit_code == 2 and "is not a run folder" in res.output
