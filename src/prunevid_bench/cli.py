@@ -211,8 +211,9 @@ def sweep(
 ) -> None:
     """Sweep parameters over a dataset: a baseline cell plus a grid, each a resumable run.
 
-    Sweeping a Stage-1 parameter switches Stage 1 on in the grid cells (a Stage-2 parameter,
-    Stage 2). Ends with one table (summary.csv) and pareto.png. Restart the same command to resume.
+    Sweeping a Stage-1 parameter switches Stage 1 on in the grid cells (a Stage-2 parameter, Stage 2).
+
+    Ends with one table (summary.csv) and pareto.png. Restart the same command to resume.
     """
     from prunevid_bench.config import build_config
 

@@ -277,8 +277,8 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any]
 
 
 def letter_token_ids(tokenizer, n: int) -> list[int]:
-    """Token id of each option letter "A".."" as the reply's first token (no leading space: the
-    assistant turn starts a new line)."""
+    """Token id of each option letter "A", "B", ... as the reply's first token (no leading space:
+    the assistant turn starts on a new line)."""
     ids = []
     for letter in LETTERS[:n]:
         encoded = tokenizer.encode(letter, add_special_tokens=False)

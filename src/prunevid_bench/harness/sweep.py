@@ -47,7 +47,7 @@ from prunevid_bench.harness.evaluate import (
     plan_dataset,
 )
 from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, fingerprint_hash, read_samples
-from prunevid_bench.report import slug, write_csv_row, write_json
+from prunevid_bench.report import slug, write_json
 
 CONTROLS = ("random", "frames")
 METRIC_CHOICES = ("accuracy", "agreement")
