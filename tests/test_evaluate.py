@@ -276,3 +276,17 @@ def test_bad_answer_mode_and_baseline(toy, tmp_path):
     assert res.exit_code == 2 and "--answer-mode must be one of generate, logits" in res.output
     res = invoke("run", "--dataset", toy, "--baseline", tmp_path, "--results-dir", tmp_path)
     assert res.exit_code == 2 and "is not a dataset run folder" in res.output
+
+
+def test_clip_bounds_are_sampled_inside(toy, tmp_path):
+    """MVBench-style start/end: 4 frames from the first half second (8 fps video) are 8 fps apart."""
+    rows = read_lines(toy)[:2]
+    rows[0].update(start=0.0, end=0.5)
+    data = tmp_path / "bounded.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "out").iterdir()
+    bounded, whole = read_lines(run_dir / "samples.jsonl")
+    assert bounded["num_frames"] == whole["num_frames"] == 4
+    assert bounded["sampled_fps"] == pytest.approx(8.0) and whole["sampled_fps"] == pytest.approx(2.0)

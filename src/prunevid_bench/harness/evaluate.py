@@ -104,8 +104,6 @@ def plan_dataset(
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
     skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
     notes = []
-    if any(s.start is not None or s.end is not None for s in runnable):
-        notes.append("some questions have start/end bounds; they are not applied yet (the whole video is sampled)")
     picked = f"{len(selected)} of {len(ds)} (seeded sample, seed {seed})" if len(selected) < len(ds) else f"{len(ds)}"
     console.print(f"dataset {ds.name} ({ds.format}): {picked} questions; preflight: {len(runnable)} ready", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
@@ -329,7 +327,7 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     }
     start = time.perf_counter()
     try:
-        prepared = pipe.prepare(sample.video, format_mc_prompt(sample.question, sample.options), cfg)
+        prepared = pipe.prepare(_video_input(sample, cfg), format_mc_prompt(sample.question, sample.options), cfg)
         record["prepare_s"] = time.perf_counter() - start
         result = pipe.run(prepared, config=cfg)
     except torch.cuda.OutOfMemoryError as exc:
@@ -353,6 +351,17 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     record.update({k: v for k, v in result.to_dict().items() if k not in RESULT_EXCLUDE})
     record["sample_s"] = time.perf_counter() - start
     return record
+
+
+def _video_input(sample: QASample, cfg: RunConfig):
+    """The path, or for a question with clip bounds (MVBench) the frames sampled inside them."""
+    if sample.start is None and sample.end is None:
+        return sample.video
+    from prunevid_bench.video import load_clip
+
+    v = cfg.video
+    return load_clip(sample.video, num_frames=v.num_frames if v.fps is None else None, fps=v.fps,
+                     max_frames=v.max_frames, start=sample.start, end=sample.end)
 
 
 def _first_line(exc: BaseException) -> str:
