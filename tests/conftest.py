@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the tiny models are latency-bound; more threads only contend
 
 
 def write_clip(path: Path, n_frames: int, size: tuple[int, int] = (112, 112), fps: int = 4, seed: int = 0) -> Path:

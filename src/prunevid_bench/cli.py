@@ -147,6 +147,8 @@ def run(
     if dataset is not None:
         if video is not None:
             raise PruneVidError("give either VIDEO QUESTION or --dataset, not both")
+        if repeats != 1 or warmup != 0:
+            raise PruneVidError("--repeats/--warmup time one video; they do not apply to --dataset")
         from prunevid_bench.harness.evaluate import evaluate_dataset
 
         evaluate_dataset(
