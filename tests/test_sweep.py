@@ -214,3 +214,11 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
     assert res.exit_code == 0, res.output
     table = [line for line in res.output.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(cells) and "baseline" in table[1]
+
+
+def test_params_without_values_take_the_shipped_sweep_files():
+    from prunevid_bench.harness.sweep import grid_spec
+
+    spec = grid_spec(["tau", "cluster_ratio"], None, None)
+    assert spec == {"stage1.tau": [0.7, 0.8, 0.9], "stage1.cluster_ratio": [0.3, 0.5, 0.7]}
+    assert grid_spec(["tau"], ["tau=0.5,0.6"], None) == {"stage1.tau": [0.5, 0.6]}

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
+from prunevid_bench.config import PROJECT_ROOT, RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement
 from prunevid_bench.harness.evaluate import (
@@ -48,6 +48,8 @@ from prunevid_bench.harness.evaluate import (
 )
 from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, fingerprint_hash, read_samples
 from prunevid_bench.report import slug, write_json
+
+SWEEP_DIR = PROJECT_ROOT / "sweeps"
 
 CONTROLS = ("random", "frames")
 METRIC_CHOICES = ("accuracy", "agreement")
@@ -111,6 +113,16 @@ def load_sweep_file(path: Path) -> dict[str, list[Any]]:
     return out
 
 
+def shipped_values(key: str) -> list[Any] | None:
+    """Values for ``key`` from the sweep files shipped in ``sweeps/`` (alphabetical order), so
+    ``prunevid sweep tau cluster_ratio`` works without ``--values``."""
+    for path in sorted(SWEEP_DIR.glob("*.yaml")):
+        grid = load_sweep_file(path)
+        if key in grid:
+            return grid[key]
+    return None
+
+
 def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | None) -> dict[str, list[Any]]:
     """The swept keys and their values: a sweep file overlaid by ``--values``, restricted to
     PARAMS when given."""
@@ -123,6 +135,11 @@ def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | No
         if extra:
             raise PruneVidError(f"--values given for {', '.join(extra)}, which is not among the swept PARAMs")
         missing = [k for k in keys if k not in spec]
+        for key in missing[:]:  # no values given: take them from the first shipped sweep file listing the key
+            shipped = shipped_values(key)
+            if shipped is not None:
+                spec[key] = shipped
+                missing.remove(key)
         if missing:
             raise PruneVidError(f"no values for {missing[0]}: give --values {short_name(missing[0])}=v1,v2 or a --sweep-file that lists it")
         spec = {k: spec[k] for k in keys}
