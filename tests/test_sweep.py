@@ -86,7 +86,7 @@ def test_values_are_typed_and_validated():
 @pytest.mark.parametrize(
     "params,values,message",
     [
-        (["tau"], [], "no values for stage1.tau: give --values tau=v1,v2"),
+        (["min_cluster_tokens"], [], "no values for stage1.min_cluster_tokens: give --values min_cluster_tokens=v1,v2"),
         (["tau"], ["tau=0.7", "keep_ratio=0.3"], "--values given for stage2.keep_ratio"),
         ([], ["tua=0.7"], "did you mean 'tau'"),
         ([], ["model.dtype=float32,bfloat16"], "model.dtype cannot be swept"),
