@@ -337,7 +337,8 @@ def test_prunevid_scores_equal_dense_official_formula(pipes, models, impl, k, wi
     inputs = pipes[impl][1].inputs
     model = models[impl]
     with torch.no_grad():
-        _, st, hidden = forward_with(model, inputs, stage1_cfg(with_stage1), Stage2Config(enabled=True, pruning_layer=k))
+        cfg = Stage2Config(enabled=True, pruning_layer=k)
+        _, st, hidden = forward_with(model, inputs, stage1_cfg(with_stage1), cfg)
         visual, rows = merged_layout(inputs["input_ids"], hidden.shape[1])
         expected = dense_official_scores(model.model.language_model.layers[k], hidden, rows, visual)
     torch.testing.assert_close(st.scores, expected, rtol=0, atol=1e-6)
@@ -450,7 +451,9 @@ def test_run_record_kv_bytes_fall_with_dropped_tokens(pipes):
         assert r.kv_cache_bytes_uncompressed == base.kv_cache_bytes
 
 
-@pytest.mark.parametrize("with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"])
+@pytest.mark.parametrize(
+    "with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"]
+)
 def test_generate_with_patch_equals_engine(pipes, models, with_stage1):
     """``model.generate`` (its own position bookkeeping, vision tower run before the prefill)
     gives the engine's tokens and logits step by step; its cache is compacted as well."""
@@ -483,9 +486,11 @@ def test_stratified_keep_floor_per_group_in_order():
     assert s2.stratified_keep(scores, groups, 1.0).tolist() == list(range(10))
     assert s2.stratified_keep(scores, groups, 0.3).tolist() == [5]  # 0, 1 and 0 per group
     # floor(90 * 0.7) is 63 although 90 * 0.7 == 62.99999999999999 in floating point
-    assert s2.stratified_keep(torch.arange(90.0), torch.zeros(90, dtype=torch.long), 0.7).tolist() == list(range(27, 90))
+    one_group = torch.zeros(90, dtype=torch.long)
+    assert s2.stratified_keep(torch.arange(90.0), one_group, 0.7).tolist() == list(range(27, 90))
     # group ids need not be contiguous or sorted; the result is in original order
-    interleaved = s2.stratified_keep(torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0, 6.0]), torch.tensor([7, 3, 7, 3, 7, 3]), 0.67)
+    scores = torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0, 6.0])
+    interleaved = s2.stratified_keep(scores, torch.tensor([7, 3, 7, 3, 7, 3]), 0.67)
     assert interleaved.tolist() == [1, 2, 4, 5]
     # all tied: the lowest indices win
     assert s2.stratified_keep(torch.ones(6), torch.zeros(6, dtype=torch.long), 0.5).tolist() == [0, 1, 2]
@@ -544,11 +549,15 @@ def test_prompt_without_text_after_the_video_is_refused(models):
     frames = video_frames()
     meta = [{"total_num_frames": 8, "fps": 2.0, "frames_indices": list(range(8))}]
     # Only the system prompt comes before the video: it must never be used as the question.
-    head = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+    head = (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+    )
     model = models["sdpa"]
 
     def run(prompt, stage2_enabled):
-        inputs = dict(processor(text=[prompt], videos=[frames], video_metadata=meta, do_sample_frames=False, return_tensors="pt"))
+        inputs = dict(processor(text=[prompt], videos=[frames], video_metadata=meta, do_sample_frames=False,
+                                return_tensors="pt"))
         handle = apply_prunevid(model, Stage1Config(), Stage2Config(enabled=stage2_enabled, pruning_layer=1))
         try:
             return run_greedy(model, inputs, 2), handle.state

@@ -1,0 +1,404 @@
+"""Time-to-first-token, memory and KV cache of Stage 2 (+3), and of Stages 1+2, against the
+unpruned model, next to the ideal speed-up from the analytic FLOPs model.
+
+    PYTHONPATH=src python benchmarks/bench_stage2.py                      # auto device
+    PYTHONPATH=src python benchmarks/bench_stage2.py --device cpu --tokens 2048 --repeats 3
+    PYTHONPATH=src python benchmarks/bench_stage2.py --device cuda --hidden 1024 --layers 12 --tokens 8192
+
+The model is a Qwen2.5-VL with random weights, scaled down from 7B (default hidden 512, 8 heads
+sharing 2 key/value heads, MLP 5.3x wide as in 7B, 8 layers) so that it runs on a small CPU, but
+fed THOUSANDS of visual tokens: the prompt holds N <|video_pad|> tokens under a fake
+``video_grid_thw`` and the visual embeddings are handed in as precomputed vision-encoder output
+(``mm_encoder_outputs``), so the LLM, M-RoPE ids, Stage 1, Stage 2 and Stage 3 all run exactly
+as in a real sample while the vision tower is skipped (it is the same for every variant). The
+embeddings are synthetic but shaped like a video: scenes of 4 temporal grid steps in which 40%
+of the positions hold still, so Stage 1 finds static and dynamic tokens.
+
+Each variant runs through the engine (prefill + greedy decode); warm-up runs are discarded and
+the median (min-max) of the timed runs is reported. Memory is measured in one extra run per
+variant: on CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus what was
+allocated before (weights and inputs); on the CPU the peak of the bytes held by torch's CPU
+allocator during the run, from the profiler's allocation events (see ``PeakMemory``). A last
+section compares the peak memory of our Stage 2 scoring (text rows only, in row chunks) with
+the dense L x L softmax that output_attentions / eager attention at layer K would build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from prunevid_bench import flops as fl
+from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench.engine import run_greedy
+from prunevid_bench.measure import Clock
+from prunevid_bench.models.tiny import (
+    IM_END_ID,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    TinySizes,
+    build_tiny_model,
+    build_tokenizer,
+)
+from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.stages import stage2 as s2
+
+try:
+    import prunevid_bench.stages.stage1  # noqa: F401
+
+    HAVE_STAGE1 = True
+except ImportError:
+    HAVE_STAGE1 = False
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+# One byte per token with the offline tokenizer, so the question is kept short (about the length
+# of a real multiple-choice prompt in Qwen's tokenizer, counted in bytes here).
+QUESTION = (
+    "What happens after the fridge opens? (A) it closes (B) a bottle is taken (C) the light goes off"
+    " (D) nothing<|im_end|>\n<|im_start|>assistant\nBest option: ("
+)
+
+
+# ----------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak extra memory of one call. CUDA: ``max_memory_allocated`` after
+    ``reset_peak_memory_stats``, minus what was allocated before (weights, inputs); for an engine
+    run, the engine's own per-phase peaks (it resets the peak itself before prefill and before
+    decoding), minus the same base. CPU: the
+    peak of the bytes held by torch's CPU allocator during the call, summed from the profiler's
+    allocation/free events (``profile_memory=True``; read through its event tree, a private but
+    long-standing API). Peak RSS is no substitute: the process high-water mark (VmHWM) was seen
+    to miss transient peaks on this machine's kernel, and freed memory is reused unseen."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = (
+            "cuda max_memory_allocated - allocated before" if device.type == "cuda"
+            else "cpu peak bytes held by torch's allocator (profiler allocation events)"
+        )
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+
+    def stop(self, engine_out=None) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            if engine_out is not None:
+                peak = max(engine_out.prefill_peak_memory_bytes, engine_out.decode_peak_memory_bytes)
+            else:
+                peak = torch.cuda.max_memory_allocated(self.device)
+            return int(peak - self._base)
+        from torch._C._profiler import _EventType
+
+        self._prof.__exit__(None, None, None)
+        events, stack = [], list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))  # < 0 for a free
+            stack.extend(node.children)
+        held = peak = 0
+        for _, size in sorted(events):
+            held += size
+            peak = max(peak, held)
+        return peak
+
+
+# ----------------------------------------------------------------------------- inputs
+def grid_for(tokens: int, frames: int) -> tuple[int, int, int]:
+    """(t, h, w) in 14-px patches for about ``tokens`` merged tokens over ``frames`` grid steps."""
+    per_frame = max(1, round(tokens / frames))
+    side_h = max(1, int(per_frame**0.5))
+    side_w = max(1, round(per_frame / side_h))
+    return frames, 2 * side_h, 2 * side_w
+
+
+def synthetic_video(t: int, n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """[t * n, dim] float32 at the scale of the embedding table: scenes of 4 grid steps; in each
+    scene 40% of the positions hold still (a fixed background plus a little jitter)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(t, n, dim, generator=gen)
+    for start in range(0, t, 4):
+        scene = slice(start, start + 4)
+        still = torch.randperm(n, generator=gen)[: int(0.4 * n)]
+        tokens[scene, still] = torch.randn(len(still), dim, generator=gen) + 0.1 * torch.randn(
+            tokens[scene, still].shape, generator=gen
+        )
+        tokens[scene] += 0.5 * torch.randn(dim, generator=gen)
+    return 0.02 * tokens.reshape(t * n, dim)
+
+
+def build_inputs(model, grid: tuple[int, int, int], device, dtype) -> dict:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    tok = build_tokenizer()
+    t, h, w = grid
+    n_visual = t * h * w // 4
+    ids = (
+        tok(SYSTEM, add_special_tokens=False)["input_ids"]
+        + [VISION_START_ID] + [VIDEO_PAD_ID] * n_visual + [VISION_END_ID]
+        + tok(QUESTION, add_special_tokens=False)["input_ids"]
+    )
+    input_ids = torch.tensor([ids], device=device)
+    embeds = synthetic_video(t, n_visual // t, model.config.get_text_config().hidden_size).to(device, dtype)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == VIDEO_PAD_ID).long() * 2,
+        "video_grid_thw": torch.tensor([list(grid)], device=device),
+        "second_per_grid_ts": torch.tensor([1.0], device=device),
+        "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=(embeds,))},
+    }
+
+
+def build_model(args, device, dtype):
+    head_dim = args.hidden // args.heads
+    half = head_dim // 2
+    mrope = (half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8)  # Qwen's [16, 24, 24] proportions
+    sizes = TinySizes(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 64 * round(args.hidden * 18944 / 3584 / 64),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        mrope_section=mrope,
+    )
+    model = build_tiny_model(seed=0, attn_implementation="sdpa", sizes=sizes)
+    model.generation_config.eos_token_id = IM_END_ID
+    return model.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- one variant
+@dataclass
+class Row:
+    name: str
+    visual_after_stage1: int
+    visual_after_stage2: int
+    llm_tokens: list  # tokens per layer
+    ttft: list
+    decode_tps: list
+    stage1_s: list
+    stage2_s: list
+    peak_bytes: int
+    kv_bytes: int
+    flops: fl.Flops
+
+
+def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> Row:
+    handle = apply_prunevid(model, stage1 or Stage1Config(), stage2 or Stage2Config()) if (stage1 or stage2) else None
+    clock = handle.clock if handle else Clock(device)
+    memory = PeakMemory(device)
+    ttft, tps, s1_times, s2_times = [], [], [], []
+    try:
+        for i in range(args.warmup + args.repeats):
+            out = run_greedy(model, inputs, args.new_tokens, clock=clock)
+            if i >= args.warmup:
+                ttft.append(out.ttft_s)
+                tps.append(out.decode_tokens_per_s or 0.0)
+                if handle:
+                    report = handle.report()
+                    if stage1 and stage1.enabled:
+                        s1_times.append(report["stage1_s"])
+                    if stage2 and stage2.enabled:
+                        s2_times.append(report["stage2_s"])
+        memory.start()
+        out = run_greedy(model, inputs, args.new_tokens, clock=clock)
+        peak = memory.stop(out)
+    finally:
+        if handle:
+            handle.remove()
+    shape = fl.TextShape.from_config(model.config)
+    prompt_len = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
+    if handle is None:
+        tokens = fl.tokens_per_layer(shape.num_layers, prompt_len)
+        after1 = after2 = n_visual
+        scoring = 0
+    else:
+        st = handle.state
+        llm_len = int(st.source_index.numel())
+        after1, after2 = st.tokens_after_stage1, st.tokens_after
+        if stage2 and stage2.enabled:
+            tokens = fl.tokens_per_layer(shape.num_layers, llm_len, stage2.pruning_layer, int(st.keep_index.numel()))
+            scoring = fl.prunevid_scoring_flops(shape, llm_len - st.query_start, llm_len)
+        else:
+            tokens, scoring = fl.tokens_per_layer(shape.num_layers, llm_len), 0
+    return Row(
+        name, after1, after2, tokens, ttft, tps, s1_times, s2_times, peak, out.kv_cache_bytes,
+        fl.llm_prefill_flops(shape, tokens, scoring=scoring),
+    )
+
+
+# ----------------------------------------------------------------------------- scoring memory
+def scoring_memory(model, args, device, dtype, rows: int) -> list[tuple[int, int, int, float]]:
+    """Peak extra memory of our scoring vs a dense L x L softmax, at several sequence lengths."""
+    text = model.config.get_text_config()
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    d = text.hidden_size // heads
+    memory = PeakMemory(device)
+    results = []
+    for length in args.score_tokens:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(heads, length, d, generator=gen).to(device, dtype)
+        k = torch.randn(kv_heads, length, d, generator=gen).to(device, dtype)
+        query_rows = torch.arange(length - rows, length, device=device)
+        visual = torch.arange(40, length - rows - 1, device=device)
+        memory.start()
+        ours = s2.max_max_scores(q[:, query_rows], k, visual, d**-0.5)
+        ours_peak = memory.stop()
+        del ours
+        memory.start()
+        # what output_attentions at layer K yields: every row of the softmax, then the text rows
+        dense = s2.attention_probs(q, k, d**-0.5)[:, query_rows][..., visual].amax(dim=(0, 1))
+        dense_peak = memory.stop()
+        del dense
+        results.append((length, ours_peak, dense_peak, heads * length * length * 4 / 2**20))
+        del q, k
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def spread(values: list[float], scale: float = 1.0, fmt: str | None = None) -> str:
+    """median (min-max); the format adapts to the magnitude unless given."""
+    if not values:
+        return "-"
+    v = [x * scale for x in values]
+    fmt = fmt or ("{:.1f}" if statistics.median(v) < 100 else "{:.0f}")
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (cpu float32, cuda bfloat16), float32, bfloat16, float16")
+    parser.add_argument("--tokens", type=int, default=4096, help="visual tokens before Stage 1 (rounded to the grid)")
+    parser.add_argument("--frames", type=int, default=16, help="temporal grid steps (= sampled frames / 2)")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size")
+    parser.add_argument("--heads", type=int, default=8, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 7B's 5.29 x hidden)")
+    parser.add_argument("--pruning-layer", type=int, default=None,
+                        help="K (default: 10/32 of the depth, as in the paper)")
+    parser.add_argument("--keep-ratio", type=float, default=0.4, help="Stage 2 keep ratio")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per run (decode speed)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--score-tokens", type=int, nargs="*", default=[2048, 4096, 8192],
+                        help="sequence lengths for the scoring-memory comparison (none: skip it)")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    k = args.pruning_layer
+    if k is None:
+        k = max(0, min(args.layers - 1, round(args.layers * 10 / 32)))  # the paper: K = 10 of 32 layers
+
+    import transformers
+
+    model = build_model(args, device, dtype)
+    grid = grid_for(args.tokens, args.frames)
+    inputs = build_inputs(model, grid, device, dtype)
+    prompt_len = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
+    question_rows = len(build_tokenizer()(QUESTION, add_special_tokens=False)["input_ids"])
+    text = model.config.get_text_config()
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start"
+    )
+    print(f"machine: {platform.platform()} | {hardware}")
+    print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "
+          f"| device {device} | dtype {dtype_name} | attention sdpa")
+    print(f"model: random Qwen2.5-VL LLM, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+          f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, MLP {text.intermediate_size}")
+    print(f"input: video grid {list(grid)} -> {n_visual} visual tokens, prompt {prompt_len} tokens "
+          f"({question_rows} after the video); {args.new_tokens} new tokens")
+    print(f"stage 2: K={k}, keep_ratio={args.keep_ratio}, score=prunevid; stage 1: official defaults "
+          f"(tau 0.8, cluster_ratio 0.5, temporal_segment_ratio 0.25, k 7, min 14)"
+          + ("" if HAVE_STAGE1 else "  [stage1 not importable: skipped]"))
+    print(f"timing: median (min-max) of {args.repeats} runs after {args.warmup} warm-up; "
+          f"memory: {PeakMemory(device).kind}")
+    print()
+
+    stage2 = Stage2Config(enabled=True, pruning_layer=k, keep_ratio=args.keep_ratio, score="prunevid")
+    rows = [run_variant("baseline", model, inputs, args, device)]
+    rows.append(run_variant("stage 2+3", model, inputs, args, device, stage2=stage2))
+    if HAVE_STAGE1:
+        stage1 = Stage1Config(enabled=True)
+        rows.append(run_variant("stages 1+2+3", model, inputs, args, device, stage1=stage1, stage2=stage2))
+
+    base = rows[0]
+    header = (f"{'variant':<13} {'visual s1/s2':>13} {'LLM tokens (0..K | K+1..)':>26} {'TTFT ms':>20} "
+              f"{'speed-up':>8} {'ideal':>6} {'stage1 ms':>9} {'stage2 ms':>9} {'decode tok/s':>13} "
+              f"{'peak MiB':>9} {'KV MiB':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        speed = statistics.median(base.ttft) / statistics.median(r.ttft)
+        ideal = fl.ideal_speedup(base.flops, r.flops)
+        llm = f"{r.llm_tokens[0]} | {r.llm_tokens[-1]}"
+        print(f"{r.name:<13} {f'{r.visual_after_stage1}/{r.visual_after_stage2}':>13} {llm:>26} "
+              f"{spread(r.ttft, 1e3):>20} {speed:>7.2f}x {ideal:>5.2f}x "
+              f"{spread(r.stage1_s, 1e3, '{:.1f}').split()[0]:>9} {spread(r.stage2_s, 1e3, '{:.1f}').split()[0]:>9} "
+              f"{spread(r.decode_tps, 1.0, '{:.1f}').split()[0]:>13} {mib(r.peak_bytes):>9} {mib(r.kv_bytes):>7}")
+    print()
+    print("ideal = baseline prefill FLOPs / variant prefill FLOPs (LLM layers with the measured token counts,")
+    print("        causal attention, plus the Stage 2 score; Stage 1's clustering is not in the FLOPs model).")
+    for r in rows:
+        f = r.flops
+        print(f"  {r.name:<13} {f.total / 1e9:8.1f} GFLOP  (projections {f.projections / 1e9:.1f}, attention "
+              f"{f.attention / 1e9:.1f}, mlp {f.mlp / 1e9:.1f}, scoring {f.scoring / 1e9:.3f})")
+
+    # The same token counts on Qwen2.5-VL-7B (28 layers, K at the same relative depth), with its
+    # vision encoder on this grid, which no variant changes.
+    k7 = max(0, min(27, round((k + 1) * 28 / args.layers) - 1))
+    vision = fl.vision_encoder_flops(fl.QWEN25_VL_7B_VISION, [grid])
+    print(f"\nsame token counts on Qwen2.5-VL-7B (K={k7}): ideal speed-up LLM only / with the vision encoder "
+          f"({vision.total / 1e12:.1f} TFLOP)")
+    shape7 = fl.QWEN25_VL_7B_TEXT
+    base7 = fl.llm_prefill_flops(shape7, [prompt_len] * 28)
+    for r in rows[1:]:
+        llm_len, kept_len = r.llm_tokens[0], r.llm_tokens[-1]
+        f7 = fl.llm_prefill_flops(shape7, fl.tokens_per_layer(28, llm_len, k7, kept_len),
+                                  scoring=fl.prunevid_scoring_flops(shape7, question_rows, llm_len))
+        end_to_end = fl.ideal_speedup(base7 + vision, f7 + vision)
+        print(f"  {r.name:<13} {fl.ideal_speedup(base7, f7):.2f}x / {end_to_end:.2f}x")
+
+    if args.score_tokens:
+        print(f"\nscoring memory, {text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, "
+              f"{question_rows} query rows, {dtype_name} (peak extra MiB):")
+        print(f"  {'L':>6} {'ours (rows only)':>17} {'dense L x L softmax':>19} {'one H x L x L fp32':>19}")
+        for length, ours, dense, one in scoring_memory(model, args, device, dtype, question_rows):
+            print(f"  {length:>6} {mib(ours):>17} {mib(dense):>19} {one:>19,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Analytic prefill FLOPs of Qwen2.5-VL: the ideal speed-up that fewer tokens can buy.
+
+Only matrix multiplications are counted, a multiply-add being 2 FLOPs (the convention of
+``torch.utils.flop_counter``); norms, rotary, softmax, activations and residual adds are
+O(n * hidden) and left out. Pure Python, no torch: a model config or the presets below give the
+shapes, and the token counts come from the run (DESIGN.md §4).
+
+Per decoder layer with n tokens (empty cache), hidden D, H query heads and H_kv key/value heads
+of size d, MLP width I:
+    projections  2 n D (H d)  [q]  +  2 * 2 n D (H_kv d)  [k, v]  +  2 n (H d) D  [o]
+    attention    2 * 2 H d P  [q k^T and attn v], P = n (n + 1) / 2 query-key pairs when
+                 causal (what a causal kernel needs), n^2 when the full matrix is computed
+    mlp          3 * 2 n D I  [gate, up, down: SwiGLU]
+PruneVid runs layers 0..K on all tokens and K+1.. on the kept ones (``tokens_per_layer``); the
+Stage 2 score adds ``2 H d R L`` for R query rows against L keys (``prunevid_scoring_flops``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """The language model's shape."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_layers: int
+    vocab_size: int
+    head_dim: int | None = None  # None: hidden_size // num_heads (Qwen2.5-VL)
+
+    @property
+    def d(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, config) -> TextShape:
+        """From a transformers Qwen2.5-VL config (or its text config)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return cls(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            num_layers=text.num_hidden_layers,
+            vocab_size=text.vocab_size,
+            head_dim=getattr(text, "head_dim", None),
+        )
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The vision encoder's shape (Qwen2.5-VL ViT: window attention except in a few blocks)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    depth: int
+    out_hidden_size: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    window_size: int = 112  # pixels
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+
+    @classmethod
+    def from_config(cls, config) -> VisionShape:
+        vision = getattr(config, "vision_config", config)
+        return cls(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_heads=vision.num_heads,
+            depth=vision.depth,
+            out_hidden_size=vision.out_hidden_size,
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            in_channels=vision.in_channels,
+            spatial_merge_size=vision.spatial_merge_size,
+            window_size=vision.window_size,
+            fullatt_block_indexes=tuple(vision.fullatt_block_indexes),
+        )
+
+
+# Qwen/Qwen2.5-VL-7B-Instruct (config.json): the model the paper-scale numbers refer to.
+QWEN25_VL_7B_TEXT = TextShape(
+    hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4, num_layers=28, vocab_size=152064
+)
+QWEN25_VL_7B_VISION = VisionShape(
+    hidden_size=1280, intermediate_size=3420, num_heads=16, depth=32, out_hidden_size=3584
+)
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs by part; ``total`` is their sum."""
+
+    projections: int = 0
+    attention: int = 0
+    mlp: int = 0
+    lm_head: int = 0
+    scoring: int = 0
+    vision: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def attention_pairs(n_tokens: int, causal: bool = True) -> int:
+    """Query-key pairs of a prefill of n tokens: n (n + 1) / 2 causal, n^2 full."""
+    return n_tokens * (n_tokens + 1) // 2 if causal else n_tokens * n_tokens
+
+
+def decoder_layer_flops(shape: TextShape, n_tokens: int, causal: bool = True) -> Flops:
+    """One decoder layer's prefill over n tokens (no cache)."""
+    n, dim, d = n_tokens, shape.hidden_size, shape.d
+    q_width, kv_width = shape.num_heads * d, shape.num_kv_heads * d
+    projections = 2 * n * dim * q_width + 2 * 2 * n * dim * kv_width + 2 * n * q_width * dim
+    attention = 2 * 2 * shape.num_heads * d * attention_pairs(n, causal)
+    mlp = 3 * 2 * n * dim * shape.intermediate_size
+    return Flops(projections=projections, attention=attention, mlp=mlp)
+
+
+def tokens_per_layer(
+    num_layers: int, prompt_tokens: int, pruning_layer: int | None = None, tokens_after_pruning: int | None = None
+) -> list[int]:
+    """Sequence length seen by each layer: ``prompt_tokens`` (after Stage 1) up to and including
+    layer K = ``pruning_layer``, ``tokens_after_pruning`` after it."""
+    if pruning_layer is None:
+        return [prompt_tokens] * num_layers
+    if not 0 <= pruning_layer < num_layers:
+        raise ValueError(f"pruning_layer must be in [0, {num_layers - 1}], got {pruning_layer}")
+    if tokens_after_pruning is None or not 0 <= tokens_after_pruning <= prompt_tokens:
+        raise ValueError("tokens_after_pruning must be given and lie in [0, prompt_tokens]")
+    k = pruning_layer + 1
+    return [prompt_tokens] * k + [tokens_after_pruning] * (num_layers - k)
+
+
+def prunevid_scoring_flops(shape: TextShape, query_rows: int, keys: int) -> int:
+    """Stage 2's score at layer K: q.k^T of the R text rows against all L keys, every head
+    (q and k themselves are the layer's own projections, already counted)."""
+    return 2 * shape.num_heads * shape.d * query_rows * keys
+
+
+def llm_prefill_flops(
+    shape: TextShape,
+    tokens: Sequence[int],
+    causal: bool = True,
+    lm_head_tokens: int = 1,
+    scoring: int = 0,
+) -> Flops:
+    """Prefill FLOPs of the language model's layers with ``tokens[i]`` tokens in layer i, plus the
+    lm_head on ``lm_head_tokens`` rows (1: only the first token's logits are computed) and any
+    scoring FLOPs. The embedding lookup costs no FLOPs."""
+    if len(tokens) != shape.num_layers:
+        raise ValueError(f"need one token count per layer ({shape.num_layers}), got {len(tokens)}")
+    total = Flops()
+    for n in tokens:
+        total = total + decoder_layer_flops(shape, n, causal)
+    return total + Flops(lm_head=2 * lm_head_tokens * shape.hidden_size * shape.vocab_size, scoring=scoring)
+
+
+def _window_lengths(merged_h: int, merged_w: int, window: int) -> Iterable[int]:
+    """Merged tokens in each attention window of one frame (edge windows are partial), as
+    transformers' ``get_vision_window_index`` tiles the frame."""
+    for top in range(0, merged_h, window):
+        for left in range(0, merged_w, window):
+            yield min(window, merged_h - top) * min(window, merged_w - left)
+
+
+def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> Flops:
+    """The vision encoder over videos/images with grids (t, h, w) in patches (``video_grid_thw``):
+    patch embedding, blocks (window attention, per-frame full attention in
+    ``fullatt_block_indexes``), and the patch merger. Returned in ``Flops.vision``."""
+    dim, unit = shape.hidden_size, shape.spatial_merge_size**2
+    window = shape.window_size // shape.spatial_merge_size // shape.patch_size  # in merged tokens
+    patch_in = shape.in_channels * shape.temporal_patch_size * shape.patch_size**2
+    head_dim = dim // shape.num_heads
+    total = 0
+    for t, h, w in grids:
+        patches = t * h * w
+        full_pairs = t * (h * w) ** 2  # full attention is per temporal grid step
+        window_pairs = t * sum((n * unit) ** 2 for n in _window_lengths(h // shape.spatial_merge_size,
+                                                                        w // shape.spatial_merge_size, window))
+        total += 2 * patches * patch_in * dim  # Conv3d patch embedding
+        for block in range(shape.depth):
+            pairs = full_pairs if block in shape.fullatt_block_indexes else window_pairs
+            total += 2 * patches * dim * 3 * dim + 2 * patches * dim * dim  # qkv, proj
+            total += 2 * 2 * shape.num_heads * head_dim * pairs  # q k^T, attn v (no mask)
+            total += 3 * 2 * patches * dim * shape.intermediate_size  # SwiGLU MLP
+        merged, wide = patches // unit, dim * unit
+        total += 2 * merged * wide * wide + 2 * merged * wide * shape.out_hidden_size  # merger MLP
+    return Flops(vision=total)
+
+
+def ideal_speedup(baseline: Flops, pruned: Flops) -> float:
+    """How much faster the pruned computation would be if time followed FLOPs."""
+    return baseline.total / pruned.total if pruned.total else float("inf")
