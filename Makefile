@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The bundled toy-world clip with the trained `toy` model: prints the answer and the measurements.
+# The bundled toy-world clip through the offline `tiny` model (random weights: the answer is noise,
+# the measurements are real): once vanilla, once with the paper's stages (K=1 of its 4 layers).
+DEMO_ARGS := examples/toy_sample.mp4 "In which direction does the green circle move?" \
+	--option left --option down --option up --option right --model tiny
 demo: $(STAMP)
-	$(BIN)/prunevid run examples/toy_sample.mp4 "In which direction does the green circle move?" \
-		--option left --option down --option up --option right --model toy --preset baseline --label demo
-	$(BIN)/prunevid run examples/toy_sample.mp4 "In which direction does the green circle move?" \
-		--option left --option down --option up --option right --model toy --preset default \
-		--set stage2.pruning_layer=1 --label demo-default
+	$(BIN)/prunevid run $(DEMO_ARGS) --preset baseline --label demo-baseline
+	$(BIN)/prunevid run $(DEMO_ARGS) --preset default --set stage2.pruning_layer=1 --label demo-default
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
