@@ -156,3 +156,39 @@ def test_run_record_has_stage1_fields(tiny_pipe):
     assert r.tokens_before == r.tokens_after == r.tokens_after_stage1  # Stage 2 off
     assert r.llm_prefill_tokens == r.prompt_tokens - 64 + r.tokens_after_stage1
     assert r.total_compression_ratio == pytest.approx(r.tokens_after_stage1 / 64)
+
+
+@pytest.mark.parametrize("stages", ["stage1", "stage1+2"])
+def test_manual_decode_without_positions_continues_unpruned_numbering(processor, stages):
+    """A user's own loop that lets the model derive positions (position_ids=None) gets the
+    logits of explicit unpruned-numbering positions: the patch grows rope_deltas by the dropped
+    count, because the model derives positions from the (shorter) cache length."""
+    from transformers import DynamicCache
+
+    model = build_tiny_model()
+    inputs = prepare(processor, [planted_video()])
+    s2 = Stage2Config(enabled=stages == "stage1+2", pruning_layer=1, keep_ratio=0.5)
+    handle = apply_prunevid(model, stage1(), s2)
+    tokens = [7, 42, 99]  # a fixed continuation: the same inputs for both loops
+
+    next_pos = prefill_position_ids(model, inputs)[:, :, -1:] + 1  # (sets rope_deltas: call before the loops)
+
+    def decode(explicit: bool) -> list[torch.Tensor]:
+        cache = DynamicCache(config=model.config.get_text_config())
+        kwargs = {"position_ids": prefill_position_ids(model, inputs)} if explicit else {}
+        model(**inputs, **kwargs, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() < inputs["input_ids"].shape[1]  # something was dropped
+        logits = []
+        for i, tok in enumerate(tokens):
+            step = {"position_ids": next_pos + i} if explicit else {}
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True, **step)
+            logits.append(out.logits[0, -1])
+        return logits
+
+    try:
+        with torch.inference_mode():
+            derived, explicit = decode(False), decode(True)
+    finally:
+        handle.remove()
+    for a, b in zip(derived, explicit):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -136,8 +136,18 @@ class PruneVidHandle:
         return None
 
     def _on_llm_output(self, module, args, output):
-        self.state.prefill = False  # whatever follows is decoding
-        self.state.captured.clear()
+        st = self.state
+        if st.prefill and st.source_index is not None:
+            # Decode loops that let the model derive positions (position_ids=None) use
+            # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta
+            # grows by as much and decoding continues the unpruned numbering. Our engine and
+            # generate() pass explicit positions and never read it.
+            final_len = st.keep_index.numel() if st.keep_index is not None else st.source_index.numel()
+            deltas = getattr(self.model.model, "rope_deltas", None)
+            if deltas is not None:
+                self.model.model.rope_deltas = deltas + (st.input_ids.shape[0] - final_len)
+        st.prefill = False  # whatever follows is decoding
+        st.captured.clear()
         return None
 
     # ------------------------------------------------------------------ Stage 1
@@ -153,7 +163,7 @@ class PruneVidHandle:
         grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
         spans = _split_spans(spans, grids, self.merge)
         st.marks["stage1_start"] = self.clock.mark()
-        pieces, sources, visual_flags, groups = [], [], [], []
+        pieces, visual_flags, groups = [], [], []
         merged_embeds = []
         cursor, group_offset = 0, 0
         segs = static = dynamic = 0
@@ -199,11 +209,12 @@ class PruneVidHandle:
                 new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
             kwargs["inputs_embeds"] = new_embeds
             pos = kwargs.get("position_ids")
-            if pos is not None:
-                pos = pos[..., source]  # the representatives' original (t, h, w) ids: never renumbered
-                if pos.shape[0] == 4:  # text row: contiguous, so no packed-sequence mask is inferred
-                    pos = torch.cat([torch.arange(pos.shape[-1], device=pos.device).view(1, 1, -1), pos[1:]])
-                kwargs["position_ids"] = pos
+            if pos is None:
+                raise PruneVidError("Stage 1 needs the M-RoPE position ids: pass the processor's mm_token_type_ids")
+            pos = pos[..., source]  # the representatives' original (t, h, w) ids: never renumbered
+            if pos.shape[0] == 4:  # text row: contiguous, so no packed-sequence mask is inferred
+                pos = torch.cat([torch.arange(pos.shape[-1], device=pos.device).view(1, 1, -1), pos[1:]])
+            kwargs["position_ids"] = pos
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.ndim == 2:
                 kwargs["attention_mask"] = mask[:, source]
