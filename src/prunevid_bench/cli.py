@@ -39,6 +39,12 @@ MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Cap on f
 MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Pixels per frame after resizing.", rich_help_panel="Video")]
 MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
 ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
+VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
+AnswersFile = Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")]
+DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")]
+AnswerMode = Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")]
 
 
 def collect_overrides(
@@ -128,12 +134,12 @@ def run(
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder.", rich_help_panel="Output")] = None,
     options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable): the question is asked with lettered choices and the letter is parsed.", rich_help_panel="Config")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="Evaluate a multiple-choice dataset instead of one video.", rich_help_panel="Dataset")] = None,
-    video_root: Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")] = None,
-    answers: Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")] = None,
-    dataset_format: Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")] = 0,
-    answer_mode: Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")] = "generate",
+    video_root: VideoRoot = None,
+    answers: AnswersFile = None,
+    dataset_format: DatasetFormat = None,
+    limit: Limit = None,
+    seed: Seed = 0,
+    answer_mode: AnswerMode = "generate",
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A baseline run folder: report agreement with it.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo samples already finished in the run folder.", rich_help_panel="Dataset")] = False,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
@@ -189,12 +195,12 @@ def sweep(
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
-    video_root: Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")] = None,
-    answers: Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")] = None,
-    dataset_format: Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")] = 0,
-    answer_mode: Annotated[str, typer.Option("--answer-mode", help="generate | logits.", rich_help_panel="Dataset")] = "generate",
+    video_root: VideoRoot = None,
+    answers: AnswersFile = None,
+    dataset_format: DatasetFormat = None,
+    limit: Limit = None,
+    seed: Seed = 0,
+    answer_mode: AnswerMode = "generate",
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished.", rich_help_panel="Dataset")] = False,
     preset: Preset = None,
     config: ConfigFile = None,

@@ -108,7 +108,7 @@ def run_single(
     if len(options) == 1 or len(options) > len(LETTERS):
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
     prompt_question = format_mc_prompt(question, options) if options else question
-    pipe = load_pipeline(config_file=None, overrides=_flatten(cfg.to_dict()))
+    pipe = load_pipeline(overrides=cfg.to_overrides())
     prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model
     for _ in range(warmup):
         pipe.run(prepared)
@@ -134,6 +134,3 @@ def run_single(
     console.print(f"run folder: {run_dir}")
     return run_dir
 
-
-def _flatten(nested: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in nested.items() for key, value in values.items()}

@@ -136,10 +136,6 @@ def load_baseline(baseline: Path | None) -> list[dict[str, Any]] | None:
     return list(read_samples(path).values())
 
 
-def flatten(cfg: RunConfig) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
-
-
 def evaluate_dataset(
     cfg: RunConfig,
     dataset: Path,
@@ -182,7 +178,7 @@ def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
         if not loaded:
             from prunevid_bench.pipeline import load_pipeline
 
-            loaded.append(load_pipeline(overrides=flatten(cfg)))
+            loaded.append(load_pipeline(overrides=cfg.to_overrides()))
         return loaded[0]
 
     return get
