@@ -99,3 +99,13 @@ def test_presets_listed():
     assert res.exit_code == 0
     for name in ("baseline", "default", "stage1_only", "stage2_only", "conservative", "aggressive"):
         assert name in res.output
+
+
+def test_a_model_that_is_not_qwen25vl_is_refused(clip8, tmp_path):
+    model_dir = tmp_path / "llama"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}))
+    res = invoke("run", clip8, "Q", "--model", model_dir, "--results-dir", tmp_path / "out")
+    assert res.exit_code == 2
+    assert "is a llama model; prunevid-bench supports Qwen2.5-VL only" in res.output
+    assert len(res.output.strip().splitlines()) == 1
