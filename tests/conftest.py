@@ -46,7 +46,7 @@ def clip8(clip_dir) -> Path:
 def tiny_pipe():
     from prunevid_bench.pipeline import load_pipeline
 
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny", device="cpu", dtype="float32")  # exact comparisons, also on a GPU machine
     yield pipe
     pipe.remove_stages()
 

@@ -109,3 +109,8 @@ def test_a_model_that_is_not_qwen25vl_is_refused(clip8, tmp_path):
     assert res.exit_code == 2
     assert "is a llama model; prunevid-bench supports Qwen2.5-VL only" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_flash_attention_without_its_package_is_one_line(clip8, tmp_path):
+    res = invoke("run", clip8, "Q", "--model", "tiny", "--attn-implementation", "flash_attention_2", "--results-dir", tmp_path)
+    assert res.exit_code == 2 and "flash_attention_2 needs a CUDA device and the flash-attn package" in res.output

@@ -42,6 +42,7 @@ def test_pruned_run_on_cuda_matches_cpu_token_counts(cuda_pipe, tiny_pipe):
     cpu = tiny_pipe.run(frames(1), "What is happening?", **STAGES)
     for key in ("tokens_before_stage1", "tokens_after_stage1", "tokens_after", "prompt_tokens", "llm_prefill_tokens"):
         assert getattr(gpu, key) == getattr(cpu, key), key
+    assert tiny_pipe.device.type == "cpu"
     assert gpu.kv_cache_bytes == cpu.kv_cache_bytes < gpu.kv_cache_bytes_uncompressed
     assert gpu.stage1_s > 0 and gpu.stage2_s > 0 and gpu.memory_kind == "cuda_max_allocated"
     torch.testing.assert_close(gpu.first_token_logits, cpu.first_token_logits, rtol=0, atol=1e-3)

@@ -63,7 +63,7 @@ def pipes():
     out = {}
     frames = video_frames()
     for impl in ("sdpa", "eager"):
-        pipe = load_pipeline("tiny", attn_implementation=impl, overrides={"generation.max_new_tokens": MAX_NEW})
+        pipe = load_pipeline("tiny", device="cpu", dtype="float32", attn_implementation=impl, overrides={"generation.max_new_tokens": MAX_NEW})
         out[impl] = (pipe, pipe.prepare(frames, QUESTION))
     yield out
     for pipe, _ in out.values():

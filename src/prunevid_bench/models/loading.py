@@ -92,11 +92,6 @@ def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) ->
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PruneVidError(f"model '{name}' is a {model_type} model; prunevid-bench supports Qwen2.5-VL only")
-    if attn_implementation == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise PruneVidError("flash_attention_2 needs the flash-attn package and a GPU (use --attn-implementation sdpa)") from None
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
         processor = AutoProcessor.from_pretrained(name)
@@ -109,9 +104,14 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", attn_implem
     """Load, cast and place a model; returns it with its processor."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if dev.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+            raise PruneVidError("flash_attention_2 needs a CUDA device and the flash-attn package (use --attn-implementation sdpa)")
+        if torch_dtype == torch.float32:
+            raise PruneVidError("flash_attention_2 runs in bfloat16 or float16 (use --dtype bfloat16)")
     if name in BUILTIN:
-        if attn_implementation == "flash_attention_2" and dev.type != "cuda":
-            raise PruneVidError("flash_attention_2 needs a CUDA device (use --attn-implementation sdpa)")
         loaded = BUILTIN[name](attn_implementation)
         loaded.model.to(dtype=torch_dtype)
     else:
