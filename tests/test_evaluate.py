@@ -22,14 +22,6 @@ from prunevid_bench.toy.world import generate_dataset
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are microseconds; on a shared 2-core box two OpenMP threads wait
-    on each other (measured 40x slower per sample when another process holds a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4"]
 
 

@@ -30,19 +30,11 @@ from prunevid_bench.pipeline import _with_overrides, load_pipeline
 from prunevid_bench.qwen25vl_patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
 
-try:
-    import prunevid_bench.stages.stage1  # noqa: F401
-
-    HAVE_STAGE1 = True
-except ImportError:
-    HAVE_STAGE1 = False
-
 QUESTION = "What is happening in this video?"
 MAX_NEW = 5
 N_LAYERS, N_FRAMES, PER_FRAME, N_VISUAL = 4, 4, 16, 64
 STAGE1 = {"stage1.enabled": True, "cluster_ratio": 0.5, "tau": 0.8, "min_cluster_tokens": 4}
 SCORES = ("prunevid", "attention", "last_token", "random")
-needs_stage1 = pytest.mark.skipif(not HAVE_STAGE1, reason="stages/stage1.py is not importable")
 
 
 def stage2(k: int = 1, keep: float = 0.4, score: str = "prunevid", stage1: bool = False) -> dict:
@@ -181,10 +173,10 @@ REFERENCE_CASES = [
     ("sdpa", False, 3, "last_token"),
     ("eager", False, 1, "prunevid"),
     ("eager", False, 3, "attention"),
-    pytest.param("sdpa", True, 1, "prunevid", marks=needs_stage1),
-    pytest.param("sdpa", True, 3, "attention", marks=needs_stage1),
-    pytest.param("eager", True, 0, "prunevid", marks=needs_stage1),
-    pytest.param("eager", True, 3, "random", marks=needs_stage1),
+    ("sdpa", True, 1, "prunevid"),
+    ("sdpa", True, 3, "attention"),
+    ("eager", True, 0, "prunevid"),
+    ("eager", True, 3, "random"),
 ]
 
 
@@ -294,7 +286,7 @@ def merged_layout(input_ids: torch.Tensor, merged_len: int) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("k", [0, 2])
 @pytest.mark.parametrize(
-    "with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"]
+    "with_stage1", [False, True], ids=["stage1_off", "stage1_on"]
 )
 def test_attention_scores_equal_eager_attention_weights(pipes, models, k, with_stage1):
     """``attention`` scores are rows of layer K's real (rotary, causal) attention: max over
@@ -331,7 +323,7 @@ def dense_official_scores(layer, hidden, rows, visual) -> torch.Tensor:
 
 @pytest.mark.parametrize("impl,k", [("sdpa", 1), ("eager", 3)])
 @pytest.mark.parametrize(
-    "with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"]
+    "with_stage1", [False, True], ids=["stage1_off", "stage1_on"]
 )
 def test_prunevid_scores_equal_dense_official_formula(pipes, models, impl, k, with_stage1):
     inputs = pipes[impl][1].inputs
@@ -409,7 +401,7 @@ def test_chunked_pure_scores_equal_unchunked(monkeypatch):
 
 # ----------------------------------------------------------------------------- KV cache and decoding
 @pytest.mark.parametrize(
-    "k,with_stage1", [(1, False), (3, False), pytest.param(0, True, marks=needs_stage1)]
+    "k,with_stage1", [(1, False), (3, False), (0, True)]
 )
 def test_cache_after_prefill_is_compacted(pipes, models, k, with_stage1):
     model = models["sdpa"]
@@ -452,7 +444,7 @@ def test_run_record_kv_bytes_fall_with_dropped_tokens(pipes):
 
 
 @pytest.mark.parametrize(
-    "with_stage1", [False, pytest.param(True, marks=needs_stage1)], ids=["stage1_off", "stage1_on"]
+    "with_stage1", [False, True], ids=["stage1_off", "stage1_on"]
 )
 def test_generate_with_patch_equals_engine(pipes, models, with_stage1):
     """``model.generate`` (its own position bookkeeping, vision tower run before the prefill)
@@ -514,7 +506,6 @@ def test_stage1_off_keeps_the_same_count_in_every_frame(pipes):
         assert st.scores[in_frame][kept].min() >= st.scores[in_frame][~kept].max()
 
 
-@needs_stage1
 def test_stage1_on_keeps_floor_of_each_group(pipes):
     pipe, prepared = pipes["sdpa"]
     traced = run_traced(pipe, prepared, **stage2(k=1, keep=0.5, stage1=True))

@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from prunevid_bench.cli import app
@@ -21,14 +20,6 @@ from prunevid_bench.toy.world import generate_dataset
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are microseconds; on a shared 2-core box two OpenMP threads wait
-    on each other (measured 40x slower per sample when another process holds a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 STAGE1_FILE = PROJECT_ROOT / "sweeps" / "stage1.yaml"
 
 
