@@ -56,9 +56,15 @@ def _toy(attn_implementation: str) -> LoadedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PruneVidError(f"device '{device}' requested but CUDA is not available (use --device cpu)")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PruneVidError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PruneVidError(f"device '{device}' requested but CUDA is not available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PruneVidError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 
