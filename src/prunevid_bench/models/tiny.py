@@ -63,15 +63,28 @@ class TinySizes:
     vision_intermediate_size: int = 64
     vision_heads: int = 2
     tokens_per_second: int = 2
+    vocab_size: int = VOCAB_SIZE  # bytes + special tokens, plus any word tokens (see build_tokenizer)
 
 
-def build_tokenizer():
+def build_tokenizer(words=()):
+    """The offline tokenizer: one token per byte (``tiny``), plus one token per word of ``words``
+    for models trained with a word vocabulary (``toy``).
+
+    ``words`` are byte-level pre-tokens as GPT-2's split makes them (``"Ġred"`` is " red"). A
+    pre-token that is a word is one token, ids after the special tokens in the given order; any
+    other text falls back to one token per byte (there are no merges).
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({s: len(alphabet) + i for i, s in enumerate(SPECIAL_TOKENS)})  # ids 256..263
+    vocab.update({w: VOCAB_SIZE + i for i, w in enumerate(dict.fromkeys(words))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    # Without words the whole text is one pre-token; with words it is split GPT-2 style, so a
+    # word and the space before it ("Ġred") are one pre-token.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=bool(words))
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     return Qwen2TokenizerFast(
@@ -79,7 +92,7 @@ def build_tokenizer():
     )
 
 
-def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
+def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, tokenizer=None):
     """The offline processor: Qwen2.5-VL's own image/video processors with our tokenizer."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -87,7 +100,7 @@ def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
     common = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=dict(pixel_bounds), **common),
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer or build_tokenizer(),
         video_processor=Qwen2VLVideoProcessor(size=dict(pixel_bounds), cap_pixels_per_frame=False, **common),
         chat_template=CHAT_TEMPLATE,
     )
@@ -99,7 +112,7 @@ def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdp
     head_dim = sizes.hidden_size // sizes.num_attention_heads
     assert sum(sizes.mrope_section) * 2 == head_dim, "mrope sections must sum to head_dim/2"
     text_config = dict(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=sizes.vocab_size,
         hidden_size=sizes.hidden_size,
         intermediate_size=sizes.intermediate_size,
         num_hidden_layers=sizes.num_hidden_layers,

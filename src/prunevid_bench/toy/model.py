@@ -22,11 +22,42 @@ MAX_PIXELS = 112 * 112
 MIN_PIXELS = 56 * 56
 
 
-def build_toy_processor():
-    """The processor the toy model is trained and evaluated with."""
-    from prunevid_bench.models.tiny import build_processor
+# The open-ended form of a toy question, used as an auxiliary task in training (the answer word).
+OPEN_INSTRUCTION = "Answer with one word."
+# A text-only question of the training warm-up: the answer is named, the model points at it.
+NAMED_QUESTION = "Which option is {answer}?"
 
-    return build_processor(max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
+
+def toy_words() -> list[str]:
+    """The toy model's word tokens: every byte-level word of every toy prompt, in first-seen order.
+
+    The corpus is the chat template's fixed text, every question the toy world can ask, every
+    option line and both instructions, so each of those words is one token and the rest of any
+    text falls back to bytes. Built from the world's constants, hence the same on every machine.
+    """
+    from tokenizers import pre_tokenizers
+
+    from prunevid_bench.harness.answers import PROMPT_INSTRUCTION
+    from prunevid_bench.models.tiny import SYSTEM_PROMPT
+    from prunevid_bench.toy.world import COLOURS, CORNERS, DIRECTIONS, LETTERS, QUESTION_TEMPLATES, SHAPES
+
+    answers = [*COLOURS, *SHAPES, *DIRECTIONS]
+    corpus = [SYSTEM_PROMPT, "system\nuser\nassistant\n", PROMPT_INSTRUCTION, OPEN_INSTRUCTION]
+    corpus += [NAMED_QUESTION.format(answer=a) for a in answers]
+    corpus += [t.format(colour=c, shape=s, corner=k) for t in QUESTION_TEMPLATES.values()
+               for c in COLOURS for s in SHAPES for k in CORNERS]
+    corpus += [f"({letter}) {a}" for letter in LETTERS for a in answers] + answers  # options; open answers
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pieces = (p for text in corpus for p, _ in split.pre_tokenize_str(text))
+    return [p for p in dict.fromkeys(pieces) if len(p) > 1]
+
+
+def build_toy_processor():
+    """The processor the toy model is trained and evaluated with: the ``tiny`` processor with the
+    toy words as single tokens (the byte ids and special ids are the same)."""
+    from prunevid_bench.models.tiny import build_processor, build_tokenizer
+
+    return build_processor(max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, tokenizer=build_tokenizer(toy_words()))
 
 
 def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DIR):

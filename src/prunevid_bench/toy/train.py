@@ -22,12 +22,18 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from prunevid_bench.models.tiny import IM_END_ID, PAD_ID, TinySizes, build_config
+from prunevid_bench.models.tiny import IM_END_ID, PAD_ID, VOCAB_SIZE, TinySizes, build_config
+from prunevid_bench.toy.model import toy_words
+from prunevid_bench.toy.world import LETTERS
+
+# Byte tokens (the toy tokenizer keeps the byte ids): "(", ")" and "A" (B, C, D follow).
+OPEN_ID, CLOSE_ID, LETTER_A_ID = ord("(") - 33, ord(")") - 33, ord("A") - 33
 
 # The model shape. 1.4 M parameters, about 5.5 MB of float32 weights.
 TOY_SIZES = TinySizes(
@@ -45,6 +51,7 @@ TOY_SIZES = TinySizes(
     # int(step * tokens_per_second * 0.25). With Qwen's 2 the 8 steps collapse pairwise to
     # [0, 0, 1, 1, ...]; with 4 every step gets its own id.
     tokens_per_second=4,
+    vocab_size=VOCAB_SIZE + len(toy_words()),  # bytes, special tokens, then one token per toy word
 )
 # One attention window per 112-px frame (Qwen's default 112 px window, in pixels). The ViT then
 # attends within each frame in every block, as its full-attention block does anyway.
@@ -61,10 +68,10 @@ def toy_config(attn_implementation: str = "sdpa"):
 class TrainConfig:
     out: str = "src/prunevid_bench/assets/toy"  # where config.json and model.safetensors go
     train_seed: int = 1000  # toy-world seed of the training set (held-out sets use other seeds)
-    n_train: int = 3000  # distinct training questions (each prepared once, reused every epoch)
+    n_train: int = 3000  # distinct training scenes (each prepared once, reused every epoch)
     val_seed: int = 999  # toy-world seed of the validation set logged during training
     n_val: int = 100  # validation questions (teacher-forced letter accuracy, for the log only)
-    steps: int = 700  # optimiser steps
+    steps: int = 1200  # optimiser steps
     batch_size: int = 16
     lr: float = 2e-3  # peak AdamW learning rate
     warmup_steps: int = 50  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -72,7 +79,20 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     noise_std: float = 2.0  # Gaussian pixel noise on top of the codec's, in 0-255 units
+    # The batch mixes three forms of each question (see FORMS): the share of "easy" falls from
+    # easy_start to easy_end over the first easy_steps steps, "open" keeps open_share, "mc" the rest.
+    easy_start: float = 0.5
+    easy_end: float = 0.05
+    easy_steps: int = 400
+    open_share: float = 0.25
+    aux_weight: float = 1.0  # weight of the per-token scene losses on the vision tower's output
+    option_weight: float = 1.0  # weight of the "which option word is the answer" loss (see training_losses)
+    text_steps: int = 600  # warm-up steps on text-only prompts (TEXT_FORMS) before the video steps
+    text_batch_size: int = 32
     init_seed: int = 0  # model initialisation, batch order and noise
+    # Weight init std (Qwen's 0.02 leaves a 128-wide model's attention uniform for hundreds of
+    # steps: pointing from an option to its letter was learnt at 0.08, not at 0.02).
+    init_std: float = 0.08
     # One torch thread: on the shared 2-core box a second thread spin-waits whenever another
     # process holds a core (measured 3x slower per step), and one thread gives the same bits on
     # any machine.
@@ -80,22 +100,46 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation logs
 
 
-@dataclass
-class Sample:
-    """One prepared question: the processor's output plus the answer, ready to batch."""
+# The three prompts built for every training scene; only "mc" is ever evaluated.
+#   mc:   the question with its four options, as `prunevid run --dataset` asks it; target: the letter
+#   easy: the same, but the three distractors are words of other kinds (a shape and two directions
+#         among colours, ...), so the text alone names the answer: it teaches pointing from the
+#         right option to its letter before the model can see anything
+#   open: the question without options and OPEN_INSTRUCTION; target: the answer word itself, so
+#         the model learns to read the scene without having to point at an option
+FORMS = ("mc", "easy", "open")
+# Text-only prompts (no video) for the warm-up steps, which are ten times cheaper than video ones:
+#   text_easy:  the "easy" question without its video
+#   text_named: "Which option is <answer>?" with the real options: pointing at a named option
+TEXT_FORMS = ("text_easy", "text_named")
+# Per visual token: which object covers most of it, as five label kinds (0 = no object).
+AUX_HEADS = {"colour": 9, "shape": 5, "motion": 6, "row": 4, "col": 4}
 
-    input_ids: torch.Tensor  # [L + 1] prompt, then the answer letter
-    position_ids: torch.Tensor  # [4, L + 1] text row + M-RoPE rows; the letter at the engine's first decode position
+
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor  # [L + 1] prompt, then the target token
+    position_ids: torch.Tensor  # [4, L + 1] text row + M-RoPE rows; the target at the engine's first decode position
     mm_token_type_ids: torch.Tensor  # [L + 1]
-    pixels: torch.Tensor  # [P, C * 2 * 14 * 14] uint8, the processor's pixel_values_videos before normalisation
-    video_grid_thw: torch.Tensor  # [1, 3]
-    second_per_grid_ts: torch.Tensor  # [1]
-    category: str
+    options: torch.Tensor | None = None  # [4] positions of the option words (multiple-choice forms)
+    correct: int = -1  # which of them is the answer
 
     @property
     def answer_index(self) -> int:
-        """Position of the letter in ``input_ids``; its logits come from the token before it."""
+        """Position of the target in ``input_ids``; its logits come from the token before it."""
         return self.input_ids.shape[0] - 1
+
+
+@dataclass
+class Sample:
+    """One prepared scene: its pixels and labels, and its question in every form of FORMS."""
+
+    prompts: dict[str, Prompt]
+    pixels: torch.Tensor  # [P, C * 2 * 14 * 14] uint8, the processor's pixel_values_videos before normalisation
+    video_grid_thw: torch.Tensor  # [1, 3]
+    second_per_grid_ts: torch.Tensor  # [1]
+    labels: torch.Tensor  # [V, len(AUX_HEADS)] per merged visual token (t, row, col order)
+    category: str
 
 
 class PixelCodec:
@@ -127,89 +171,231 @@ class PixelCodec:
         return ((x / self.scale - self.mean) / self.std).view(pixels.shape)
 
 
-def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str) -> list[Sample]:
-    """Render, encode, decode and process n questions of the toy set drawn with ``seed``."""
+def easy_options(options: tuple[str, ...], answer: str, rng) -> tuple[list[str], str]:
+    """The options with the three distractors swapped for words of other kinds, the answer at a
+    fresh random place. Returns (options, letter)."""
+    from prunevid_bench.toy.world import COLOURS, DIRECTIONS, LETTERS, SHAPES
+
+    correct = options[LETTERS.index(answer)]
+    kinds = [tuple(COLOURS), SHAPES, DIRECTIONS]
+    others = [w for k in kinds if correct not in k for w in k]
+    distractors = [others[i] for i in rng.permutation(len(others))[:3]]
+    position = int(rng.integers(4))
+    return distractors[:position] + [correct] + distractors[position:], LETTERS[position]
+
+
+def token_labels(spec, grid_thw: torch.Tensor, frames: int, size: int) -> torch.Tensor:
+    """[V, 5] labels (see AUX_HEADS) of the merged visual tokens of a rendered scene.
+
+    A token covers 2 frames x 28 x 28 pixels; it is labelled with the object that covers most of
+    it when that is at least a tenth of its pixels, else as background (0 in every object kind).
+    """
+    from prunevid_bench.toy.world import COLOURS, DIRECTIONS, SHAPES, render_labels
+
+    t, h, w = (int(x) for x in grid_thw)
+    cell = size // (w // 2)
+    ids = torch.from_numpy(render_labels(spec, frames, size).astype("int64")) + 1  # 0 = background
+    blocks = ids.view(t, frames // t, h // 2, cell, w // 2, cell).permute(0, 2, 4, 1, 3, 5).reshape(-1, (frames // t) * cell * cell)
+    objects = spec.statics + spec.movers
+    counts = F.one_hot(blocks, len(objects) + 1)[..., 1:].sum(1)  # [V, objects]
+    best = counts.argmax(1)
+    covered = counts.max(1).values >= blocks.shape[1] // 10
+    colour = torch.tensor([1 + list(COLOURS).index(o.colour) for o in objects])[best]
+    shape = torch.tensor([1 + SHAPES.index(o.shape) for o in objects])[best]
+    motion = torch.tensor([1 if o.direction is None else 2 + DIRECTIONS.index(o.direction) for o in objects])[best]
+    zero = torch.zeros_like(best)
+    cells = torch.arange(t * (h // 2) * (w // 2))
+    row, col = (cells // (w // 2)) % (h // 2), cells % (w // 2)
+    return torch.stack([torch.where(covered, colour, zero), torch.where(covered, shape, zero),
+                        torch.where(covered, motion, zero), row, col], dim=1)
+
+
+def text_prompt(processor, text: str, target: torch.Tensor) -> Prompt:
+    """A prompt without video, in the same chat layout; its M-RoPE ids are the text positions."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    ids = processor.tokenizer.encode(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    input_ids = torch.cat([torch.tensor(ids), target])
+    n = input_ids.shape[0]
+    return with_options(Prompt(input_ids, torch.arange(n).expand(4, n).clone(), torch.zeros(n, dtype=torch.long)))
+
+
+def with_options(prompt: Prompt) -> Prompt:
+    """Fill in where a multiple-choice prompt's option words are ("(", letter, ")", word) and
+    which is the answer (the target letter); other prompts are returned as they are."""
+    ids = prompt.input_ids
+    letters = torch.tensor([ord(c) - ord("A") + LETTER_A_ID for c in LETTERS])
+    close = torch.nonzero(ids[:-1] == CLOSE_ID).flatten()
+    close = close[(close >= 2) & (ids[close - 2] == OPEN_ID) & torch.isin(ids[close - 1], letters)]
+    if len(close) != len(LETTERS):
+        return prompt
+    prompt.options = close + 1
+    prompt.correct = int(ids[-1]) - LETTER_A_ID
+    return prompt
+
+
+def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, forms=FORMS + TEXT_FORMS) -> list[Sample]:
+    """Render, encode, decode and process n scenes of the toy set drawn with ``seed``."""
+    import numpy as np
+
     from prunevid_bench.engine import prefill_position_ids
     from prunevid_bench.harness.answers import format_mc_prompt
-    from prunevid_bench.toy.world import encode_mp4, iter_examples
+    from prunevid_bench.toy.model import NAMED_QUESTION, OPEN_INSTRUCTION
+    from prunevid_bench.toy.world import encode_mp4, iter_specs, render_video
+    from prunevid_bench.video import load_clip
 
     tokenizer = pipe.processor.tokenizer
-    letter_ids = {letter: tokenizer.encode(letter, add_special_tokens=False) for letter in "ABCD"}
-    assert all(len(ids) == 1 for ids in letter_ids.values()), letter_ids
+
+    def single_token(text: str) -> torch.Tensor:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 1, (text, ids)
+        return torch.tensor(ids)
+
+    rng = np.random.default_rng([seed, 1])
     samples = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         clip_path = Path(tmp) / "clip.mp4"
-        for i, example in enumerate(iter_examples(n, seed)):
-            encode_mp4(example.frames, clip_path)
-            prepared = pipe.prepare(clip_path, format_mc_prompt(example.question, example.options))
-            inputs = prepared.inputs
-            positions = prefill_position_ids(pipe.model, inputs)[:, 0]  # [4, L]
-            letter = torch.tensor(letter_ids[example.answer])
+        for i, (_, spec, question) in enumerate(iter_specs(n, seed)):
+            frames = render_video(spec)
+            encode_mp4(frames, clip_path)
+            clip = load_clip(clip_path, num_frames=len(frames))
+            texts = {
+                "mc": (format_mc_prompt(question.question, question.options), question.answer),
+                "easy": tuple(easy_options(question.options, question.answer, rng)),
+                "open": (f"{question.question}\n{OPEN_INSTRUCTION}", question.answer_text),
+            }
+            easy_opts, easy_letter = texts["easy"]
+            texts["easy"] = (format_mc_prompt(question.question, easy_opts), easy_letter)
+            prompts, inputs = {}, None
+            for form in forms:
+                if form in TEXT_FORMS:
+                    continue
+                text, target = texts[form]
+                inputs = pipe.prepare(clip, text).inputs
+                positions = prefill_position_ids(pipe.model, inputs)[:, 0]  # [4, L]
+                prompts[form] = with_options(Prompt(
+                    input_ids=torch.cat([inputs["input_ids"][0], single_token(target)]),
+                    # The engine decodes the first generated token at the last prompt position + 1, every row.
+                    position_ids=torch.cat([positions, positions[:, -1:] + 1], dim=1),
+                    mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][0], torch.zeros(1, dtype=torch.long)]),
+                ))
+            if "text_easy" in forms:
+                prompts["text_easy"] = text_prompt(pipe.processor, texts["easy"][0], single_token(texts["easy"][1]))
+            if "text_named" in forms:
+                named = format_mc_prompt(NAMED_QUESTION.format(answer=question.answer_text), question.options)
+                prompts["text_named"] = text_prompt(pipe.processor, named, single_token(question.answer))
+            grid = inputs["video_grid_thw"]
             samples.append(Sample(
-                input_ids=torch.cat([inputs["input_ids"][0], letter]),
-                # The engine decodes the first generated token at the last prompt position + 1, every row.
-                position_ids=torch.cat([positions, positions[:, -1:] + 1], dim=1),
-                mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][0], torch.zeros(1, dtype=torch.long)]),
+                prompts=prompts,
                 pixels=codec.encode(inputs["pixel_values_videos"]),
-                video_grid_thw=inputs["video_grid_thw"],
+                video_grid_thw=grid,
                 second_per_grid_ts=inputs["second_per_grid_ts"],
-                category=example.category,
+                labels=token_labels(spec, grid[0], len(frames), frames.shape[1]),
+                category=question.category,
             ))
             if (i + 1) % 500 == 0 or i + 1 == n:
                 print(f"  {label}: {i + 1}/{n} prepared ({time.perf_counter() - start:.0f} s)", flush=True)
     return samples
 
 
-def collate(batch: list[Sample], codec: PixelCodec, noise_std: float = 0.0, generator=None):
-    """Right-padded model inputs and the (row, index, target) of every supervised token.
-
-    Right padding needs no attention mask: under the causal mask no real token sees a pad.
-    """
-    length = max(s.input_ids.shape[0] for s in batch)
+def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float = 0.0, generator=None):
+    """Right-padded model inputs for (sample, form) pairs and the (row, index, target) of every
+    supervised token. Right padding needs no attention mask: under the causal mask no real token
+    sees a pad."""
+    prompts = [s.prompts[form] for s, form in batch]
+    length = max(p.input_ids.shape[0] for p in prompts)
     input_ids = torch.full((len(batch), length), PAD_ID, dtype=torch.long)
     mm_types = torch.zeros((len(batch), length), dtype=torch.long)
     # Pads continue every position row by one per token (the text row stays arange(length)).
     positions = torch.arange(length).view(1, 1, length).repeat(4, len(batch), 1)
-    for row, s in enumerate(batch):
-        n = s.input_ids.shape[0]
-        input_ids[row, :n] = s.input_ids
-        mm_types[row, :n] = s.mm_token_type_ids
-        positions[:, row, :n] = s.position_ids
-        positions[1:, row, n:] += s.position_ids[1:, -1:] - (n - 1)
-    inputs = dict(
-        input_ids=input_ids,
-        position_ids=positions,
-        mm_token_type_ids=mm_types,
-        pixel_values_videos=torch.cat([codec.decode(s.pixels, noise_std, generator) for s in batch]),
-        video_grid_thw=torch.cat([s.video_grid_thw for s in batch]),
-        second_per_grid_ts=torch.cat([s.second_per_grid_ts for s in batch]),
-    )
+    for row, p in enumerate(prompts):
+        n = p.input_ids.shape[0]
+        input_ids[row, :n] = p.input_ids
+        mm_types[row, :n] = p.mm_token_type_ids
+        positions[:, row, :n] = p.position_ids
+        positions[1:, row, n:] += p.position_ids[1:, -1:] - (n - 1)
+    inputs = dict(input_ids=input_ids, position_ids=positions, mm_token_type_ids=mm_types)
+    samples = [s for s, form in batch if form not in TEXT_FORMS]
+    if samples:
+        assert len(samples) == len(batch), "a batch is all video prompts or all text prompts"
+        inputs.update(
+            pixel_values_videos=torch.cat([codec.decode(s.pixels, noise_std, generator) for s in samples]),
+            video_grid_thw=torch.cat([s.video_grid_thw for s in samples]),
+            second_per_grid_ts=torch.cat([s.second_per_grid_ts for s in samples]),
+        )
     rows, index, targets = [], [], []
-    for row, s in enumerate(batch):
-        a = s.answer_index
+    for row, p in enumerate(prompts):
+        a = p.answer_index
         rows += [row, row]
-        index += [a - 1, a]  # the prompt's last token predicts the letter; the letter predicts <|im_end|>
-        targets += [int(s.input_ids[a]), IM_END_ID]
-    return inputs, torch.tensor(rows), torch.tensor(index), torch.tensor(targets)
+        index += [a - 1, a]  # the prompt's last token predicts the answer; the answer predicts <|im_end|>
+        targets += [int(p.input_ids[a]), IM_END_ID]
+    with_opts = [(row, p) for row, p in enumerate(prompts) if p.options is not None]
+    options = Options(
+        torch.tensor([row for row, _ in with_opts], dtype=torch.long),
+        torch.stack([p.options for _, p in with_opts]) if with_opts else torch.zeros(0, len(LETTERS), dtype=torch.long),
+        torch.tensor([p.correct for _, p in with_opts], dtype=torch.long),
+    )
+    return inputs, Supervision(torch.tensor(rows), torch.tensor(index), torch.tensor(targets), options)
 
 
-def supervised_logits(model, inputs, rows, index):
-    """Logits [N, V] at the supervised positions only (the LM head never sees the rest)."""
+class Options(NamedTuple):
+    rows: torch.Tensor  # [N] batch rows of the multiple-choice prompts
+    positions: torch.Tensor  # [N, 4] their option words
+    correct: torch.Tensor  # [N] index of the answer among them
+
+
+class Supervision(NamedTuple):
+    rows: torch.Tensor  # [M] batch row of each supervised token
+    index: torch.Tensor  # [M] the position whose logits predict it
+    targets: torch.Tensor  # [M]
+    options: Options
+
+
+class VisualTap:
+    """Keeps the vision tower's merged output (the LLM's visual embeddings) of the last forward."""
+
+    def __init__(self, model):
+        self.features = None
+        self._hook = model.model.visual.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.features = output.pooler_output
+
+    def remove(self):
+        self._hook.remove()
+
+
+def training_losses(model, option_head, inputs, sup: Supervision) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer loss, option loss). The answer loss is on the supervised tokens (the LM head never
+    sees the rest). The option loss asks each option word's final hidden state whether it is the
+    answer (a softmax over the four), so the option tokens learn to check themselves against the
+    video and the question, and the answer letter only has to copy the letter of the one that
+    says yes."""
     hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    return model.lm_head(hidden[rows, index])
+    answer = F.cross_entropy(model.lm_head(hidden[sup.rows, sup.index]).float(), sup.targets)
+    o = sup.options
+    if not len(o.rows):
+        return answer, hidden.new_zeros(())
+    scores = option_head(hidden[o.rows[:, None], o.positions]).squeeze(-1).float()  # [N, 4]
+    return answer, F.cross_entropy(scores, o.correct)
+
+
+def first_token_logits(model, inputs, sup: Supervision) -> torch.Tensor:
+    """Logits [B, V] of each prompt's answer token."""
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state
+    return model.lm_head(hidden[sup.rows[::2], sup.index[::2]])
 
 
 @torch.no_grad()
 def letter_accuracy(model, samples: list[Sample], codec: PixelCodec, batch_size: int) -> dict[str, float]:
-    """Share of samples whose first greedy token is the answer letter, overall and per category."""
+    """Share of questions (the "mc" form) whose first greedy token is the answer letter, overall and per category."""
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
     for i in range(0, len(samples), batch_size):
-        batch = samples[i:i + batch_size]
-        inputs, rows, index, targets = collate(batch, codec)
-        logits = supervised_logits(model, inputs, rows[::2], index[::2])
-        for s, ok in zip(batch, (logits.argmax(-1) == targets[::2]).tolist()):
+        batch = [(s, "mc") for s in samples[i:i + batch_size]]
+        inputs, sup = collate(batch, codec)
+        logits = first_token_logits(model, inputs, sup)
+        for (s, _), ok in zip(batch, (logits.argmax(-1) == sup.targets[::2]).tolist()):
             hits[s.category].append(ok)
             hits["all"].append(ok)
     model.train()
@@ -219,7 +405,7 @@ def letter_accuracy(model, samples: list[Sample], codec: PixelCodec, batch_size:
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.text_steps + cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -234,6 +420,23 @@ def save(model, out: Path) -> None:
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def easy_share(cfg: TrainConfig, step: int) -> float:
+    progress = min(1.0, step / max(1, cfg.easy_steps))
+    return cfg.easy_start + (cfg.easy_end - cfg.easy_start) * progress
+
+
+def batch_forms(cfg: TrainConfig, step: int) -> list[str]:
+    n_open = round(cfg.batch_size * cfg.open_share)
+    n_easy = min(cfg.batch_size - n_open, round(cfg.batch_size * easy_share(cfg, step)))
+    return ["open"] * n_open + ["easy"] * n_easy + ["mc"] * (cfg.batch_size - n_open - n_easy)
+
+
+def aux_loss(heads: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the per-token scene labels, one linear head per label kind."""
+    logits = heads(features.float()).split(list(AUX_HEADS.values()), dim=-1)
+    return sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits)) / len(AUX_HEADS)
+
+
 def train(cfg: TrainConfig) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -245,49 +448,82 @@ def train(cfg: TrainConfig) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.init_seed)
     t0 = time.perf_counter()
-    model = Qwen2_5_VLForConditionalGeneration(toy_config())
+    config = toy_config()
+    for c in (config, config.text_config, config.vision_config):
+        c.initializer_range = cfg.init_std
+    model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
+    # Training-only heads, not saved: the per-token scene labels, and "is this option the answer".
+    heads = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS.values()))
+    option_head = torch.nn.Linear(TOY_SIZES.hidden_size, 1)
     processor = build_toy_processor()
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
     pipe = Pipeline(LoadedModel(model, processor, "toy", True), RunConfig())
     codec = PixelCodec(processor)
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
 
     train_set = prepare_samples(pipe, codec, cfg.n_train, cfg.train_seed, "train")
-    val_set = prepare_samples(pipe, codec, cfg.n_val, cfg.val_seed, "val")
+    val_set = prepare_samples(pipe, codec, cfg.n_val, cfg.val_seed, "val", forms=("mc",))
     t_prep = time.perf_counter() - t0
-    print(f"prepared {len(train_set)} + {len(val_set)} samples in {t_prep:.0f} s", flush=True)
+    print(f"prepared {len(train_set)} training scenes ({'/'.join(FORMS)}) + {len(val_set)} val questions "
+          f"in {t_prep:.0f} s", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [heads.weight, option_head.weight]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n] + [heads.bias, option_head.bias]
+    params = decay + no_decay
     optimiser = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
     generator = torch.Generator().manual_seed(cfg.init_seed)
+    tap = VisualTap(model)
     order: list[int] = []
     model.train()
     running, t_train = 0.0, time.perf_counter()
+    text_order: list[int] = []
+    for step in range(cfg.text_steps):  # warm-up: text-only prompts, no vision tower
+        if len(text_order) < cfg.text_batch_size:
+            text_order += torch.randperm(len(train_set), generator=generator).tolist()
+        picked, text_order = text_order[:cfg.text_batch_size], text_order[cfg.text_batch_size:]
+        batch = [(train_set[i], TEXT_FORMS[k % len(TEXT_FORMS)]) for k, i in enumerate(picked)]
+        inputs, sup = collate(batch, codec)
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        answer, option = training_losses(model, option_head, inputs, sup)
+        optimiser.zero_grad(set_to_none=True)
+        (answer + cfg.option_weight * option).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimiser.step()
+        running = answer.item() if step == 0 else 0.95 * running + 0.05 * answer.item()
+        if (step + 1) % cfg.eval_every == 0:
+            print(f"text step {step + 1}/{cfg.text_steps} loss {running:.3f} {time.perf_counter() - t_train:.0f} s", flush=True)
+    running_aux = running_opt = 0.0
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:  # a new epoch in a fresh seeded order
             order += torch.randperm(len(train_set), generator=generator).tolist()
-        batch, order = [train_set[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-        inputs, rows, index, targets = collate(batch, codec, cfg.noise_std, generator)
+        picked, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = [(train_set[i], form) for i, form in zip(picked, batch_forms(cfg, step))]
+        inputs, sup = collate(batch, codec, cfg.noise_std, generator)
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        loss = F.cross_entropy(supervised_logits(model, inputs, rows, index).float(), targets)
+            group["lr"] = learning_rate(cfg, cfg.text_steps + step)
+        answer, option = training_losses(model, option_head, inputs, sup)
+        scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        (answer + cfg.option_weight * option + cfg.aux_weight * scene).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimiser.step()
-        running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
+        running = answer.item() if step == 0 else 0.95 * running + 0.05 * answer.item()
+        running_aux = scene.item() if step == 0 else 0.95 * running_aux + 0.05 * scene.item()
+        running_opt = option.item() if step == 0 else 0.95 * running_opt + 0.05 * option.item()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             acc = letter_accuracy(model, val_set, codec, 2 * cfg.batch_size)
             per_type = " ".join(f"{k}={v:.2f}" for k, v in acc.items() if k != "all")
             elapsed = time.perf_counter() - t_train
-            print(f"step {step + 1}/{cfg.steps} loss {running:.3f} val {acc['all']:.2f} ({per_type}) {elapsed:.0f} s",
-                  flush=True)
+            print(f"step {step + 1}/{cfg.steps} loss {running:.3f} option {running_opt:.3f} scene {running_aux:.3f} val {acc['all']:.2f} "
+                  f"({per_type}) {elapsed:.0f} s", flush=True)
+    tap.remove()
     model.eval()
     save(model, Path(cfg.out))
     total = time.perf_counter() - t0

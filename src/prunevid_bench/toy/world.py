@@ -50,6 +50,19 @@ MOVER_SIZE = (0.20, 0.28)
 MOVER_START = (0.15, 0.20)  # centre in the first frame, along the direction of travel
 MOVER_JITTER = 0.02  # off-centre offset across the direction of travel
 TEXTURE_AMPLITUDE = (4.0, 10.0)
+# A fixed ramp on the background, red across and blue down (grey levels over the whole side):
+# a patch's own pixels then say where in the frame it is, as a real scene's layout does (a
+# vision tower with only relative positions cannot tell a corner from the centre otherwise).
+POSITION_RAMP = 36.0
+
+# One template per category; the fields come from the target object.
+QUESTION_TEMPLATES: dict[str, str] = {
+    "moving_color": "What colour is the moving object?",
+    "moving_shape": "What shape is the moving object?",
+    "direction": "In which direction does the {colour} {shape} move?",
+    "corner_color": "What colour is the shape in the {corner} corner?",
+    "corner_shape": "What shape is in the {corner} corner?",
+}
 
 
 @dataclass(frozen=True)
@@ -185,16 +198,9 @@ def _question(rng: np.random.Generator, video: VideoSpec, category: str, positio
     else:
         target = _pick(rng, video.statics)
 
-    if category == "moving_color":
-        text, correct = "What colour is the moving object?", target.colour
-    elif category == "moving_shape":
-        text, correct = "What shape is the moving object?", target.shape
-    elif category == "direction":
-        text, correct = f"In which direction does the {target.colour} {target.shape} move?", target.direction
-    elif category == "corner_color":
-        text, correct = f"What colour is the shape in the {target.corner} corner?", target.colour
-    else:
-        text, correct = f"What shape is in the {target.corner} corner?", target.shape
+    text = QUESTION_TEMPLATES[category].format(colour=target.colour, shape=target.shape, corner=target.corner)
+    correct = {"moving_color": target.colour, "moving_shape": target.shape, "direction": target.direction,
+               "corner_color": target.colour, "corner_shape": target.shape}[category]
 
     if category in ("moving_color", "corner_color"):
         # Other colours from the scene first: then every option is on screen and only looking at
@@ -247,7 +253,8 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     return np.broadcast_to(mask, (side, side))
 
 
-def _paste(image: np.ndarray, obj: ObjectSpec, t: float) -> None:
+def _paste(image: np.ndarray, obj: ObjectSpec, t: float, value) -> None:
+    """Paint ``obj`` at clip time t into image [S, S, ...] with ``value`` (a colour or a label)."""
     size = image.shape[0]
     side = max(2, round(obj.size * size))
     cx, cy = obj.centre(t)
@@ -259,7 +266,20 @@ def _paste(image: np.ndarray, obj: ObjectSpec, t: float) -> None:
     if mx1 <= mx0 or my1 <= my0:
         return
     region = image[y0 + my0:y0 + my1, x0 + mx0:x0 + mx1]
-    region[mask[my0:my1, mx0:mx1]] = COLOURS[obj.colour]
+    region[mask[my0:my1, mx0:mx1]] = value
+
+
+def _draw(spec: VideoSpec, frames: int, background: np.ndarray, paint) -> np.ndarray:
+    """[T, *background.shape]: the statics on the background, then the movers frame by frame."""
+    still = background.copy()
+    for i, obj in enumerate(spec.statics):
+        _paste(still, obj, 0.0, paint(i, obj))
+    video = np.repeat(still[None], frames, axis=0)
+    for f in range(frames):
+        t = f / (frames - 1) if frames > 1 else 0.0
+        for i, obj in enumerate(spec.movers, start=len(spec.statics)):
+            _paste(video[f], obj, t, paint(i, obj))
+    return video
 
 
 def render_video(spec: VideoSpec, frames: int = 16, size: int = 112) -> np.ndarray:
@@ -267,16 +287,17 @@ def render_video(spec: VideoSpec, frames: int = 16, size: int = 112) -> np.ndarr
     amplitude, fx, fy, phase = spec.texture
     coords = np.arange(size) / size
     wave = amplitude * np.sin(2 * np.pi * (fx * coords[None, :] + fy * coords[:, None]) + phase)
-    background = np.clip(np.asarray(spec.background, dtype=np.float64) + wave[..., None], 0, 255)
-    still = np.round(background).astype(np.uint8)
-    for obj in spec.statics:
-        _paste(still, obj, 0.0)
-    video = np.repeat(still[None], frames, axis=0)
-    for i in range(frames):
-        t = i / (frames - 1) if frames > 1 else 0.0
-        for obj in spec.movers:
-            _paste(video[i], obj, t)
-    return video
+    background = np.asarray(spec.background, dtype=np.float64) + wave[..., None]
+    background[..., 0] += POSITION_RAMP * (coords[None, :] - 0.5)
+    background[..., 2] += POSITION_RAMP * (coords[:, None] - 0.5)
+    still = np.round(np.clip(background, 0, 255)).astype(np.uint8)
+    return _draw(spec, frames, still, lambda i, obj: COLOURS[obj.colour])
+
+
+def render_labels(spec: VideoSpec, frames: int = 16, size: int = 112) -> np.ndarray:
+    """Which object covers each pixel: [T, H, W] int8, the index into ``statics + movers``, -1 for
+    the background. Drawn by the same code as ``render_video``, so it matches the pixels."""
+    return _draw(spec, frames, np.full((size, size), -1, dtype=np.int8), lambda i, obj: i)
 
 
 def iter_examples(n: int, seed: int, *, frames: int = 16, size: int = 112) -> Iterator[ToyExample]:
@@ -311,6 +332,9 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # One encoder thread: with FFmpeg's automatic thread count the bytes vary with the load
+        # on the machine (seen with libx264 on a busy 2-core box).
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
             # Near-lossless so palette colours survive; one thread keeps the bytes reproducible.
             stream.options = {"crf": "12", "preset": "medium", "threads": "1"}
