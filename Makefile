@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The bundled toy-world clip through the offline `tiny` model (random weights: the answer is noise,
-# the measurements are real): once vanilla, once with the paper's stages (K=1 of its 4 layers).
+# The bundled toy-world clip (a held-out question) through the shipped `toy` model: once vanilla,
+# once with the paper's stages (pruning after layer K=1 of its 4).
 DEMO_ARGS := examples/toy_sample.mp4 "In which direction does the green circle move?" \
-	--option left --option down --option up --option right --model tiny
+	--option left --option down --option up --option right --model toy
 demo: $(STAMP)
 	$(BIN)/prunevid run $(DEMO_ARGS) --preset baseline --label demo-baseline
 	$(BIN)/prunevid run $(DEMO_ARGS) --preset default --set stage2.pruning_layer=1 --label demo-default
@@ -27,7 +27,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Retrain the shipped toy model (fixed seeds; about 20-30 minutes on a 2-core CPU).
+# Retrain the shipped toy model (fixed seeds, one thread; about 25 minutes on this 2-core CPU).
 toy-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
 

@@ -19,7 +19,9 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import format_mc_prompt
 from prunevid_bench.models.tiny import SPECIAL_TOKENS, VOCAB_SIZE, build_processor
 from prunevid_bench.toy.model import ASSET_DIR, build_toy_processor, load_toy_model, toy_words
-from prunevid_bench.toy.train import AUX_HEADS, TOY_SIZES, token_labels
+from prunevid_bench.toy.train import (
+    AUX_HEADS, CLOSE_ID, LETTER_A_ID, OPEN_ID, TOY_SIZES, answer_tokens, text_prompt, token_labels,
+)
 from prunevid_bench.toy.world import COLOURS, DIRECTIONS, SHAPES, ObjectSpec, VideoSpec, generate_dataset
 
 runner = CliRunner()
@@ -45,14 +47,28 @@ def test_token_labels_of_a_hand_built_scene():
     still = ObjectSpec("red", "square", 28 / 112, (14 / 112, 14 / 112), (14 / 112, 14 / 112), corner="top-left")
     mover = ObjectSpec("blue", "circle", 28 / 112, (14 / 112, 70 / 112), (98 / 112, 70 / 112), direction="right")
     spec = VideoSpec((30, 30, 30), (0.0, 0.0, 0.0, 0.0), (still,), (mover,))
-    labels = token_labels(spec, torch.tensor([8, 8, 8]), frames=16, size=112).view(8, 4, 4, len(AUX_HEADS))
+    labels = token_labels(spec, torch.tensor([8, 8, 8]), frames=16, size=112).view(8, 4, 4, len(AUX_HEADS) + 1)
     red, blue = 1 + list(COLOURS).index("red"), 1 + list(COLOURS).index("blue")
-    assert labels[:, 0, 0].tolist() == [[red, 1 + SHAPES.index("square"), 1, 0, 0]] * 8  # static: motion 1
+    assert labels[:, 0, 0].tolist() == [[red, 1 + SHAPES.index("square"), 1, 0, 0, 1]] * 8  # static: motion 1
     assert labels[0, 2, 0, :3].tolist() == [blue, 1 + SHAPES.index("circle"), 2 + DIRECTIONS.index("right")]
     assert labels[7, 2, 3, :3].tolist() == [blue, 1 + SHAPES.index("circle"), 2 + DIRECTIONS.index("right")]
     assert labels[0, 2, 3, :3].tolist() == [0, 0, 0]  # not there yet: background
     assert labels[:, 3, 3, :3].eq(0).all()  # never covered
-    assert labels[3, 1, 2, 3:].tolist() == [1, 2]  # row, col
+    assert labels[3, 1, 2, 3:].tolist() == [1, 2, 0]  # row, col, no object
+    assert labels[0, 2, 0, 5] == labels[7, 2, 3, 5] == 2  # the mover is object 2 (after the static)
+
+
+def test_option_words_and_what_they_name():
+    processor = build_toy_processor()
+    assert processor.tokenizer.convert_tokens_to_ids(["(", ")", "A"]) == [OPEN_ID, CLOSE_ID, LETTER_A_ID]
+    prompt = format_mc_prompt("What colour is the moving object?", ["red", "up", "circle", "blue"])
+    answer = answer_tokens(processor.tokenizer, "blue", "D")
+    assert processor.tokenizer.decode(answer) == "blue (D)" and len(answer) == 4  # blue, " (", D, )
+    p = text_prompt(processor, prompt, answer)
+    words = [processor.tokenizer.decode([int(p.input_ids[i])]) for i in p.options]
+    assert words == [" red", " up", " circle", " blue"] and p.correct == 3
+    assert p.input_ids[p.final + 1] == answer[0] and p.input_ids[p.letter_at + 1] == LETTER_A_ID + 3
+    assert text_prompt(processor, "What colour?", answer).options is None
 
 
 def test_missing_weights_are_one_line(tmp_path):
@@ -72,7 +88,7 @@ def test_toy_model_answers_held_out_questions(tmp_path):
     """At least 70% on 40 questions from an unseen seed (chance is 25%), every category above chance."""
     data = generate_dataset(tmp_path / "data", 40, seed=HELD_OUT_SEED)
     res = runner.invoke(app, ["run", "--dataset", str(data), "--model", "toy", "--device", "cpu",
-                              "--max-new-tokens", "4", "--results-dir", str(tmp_path / "results")])
+                              "--max-new-tokens", "6", "--results-dir", str(tmp_path / "results")])
     assert res.exit_code == 0, res.output
     (run_dir,) = (tmp_path / "results").iterdir()
     accuracy = json.loads((run_dir / "summary.json").read_text())["accuracy"]

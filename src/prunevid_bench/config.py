@@ -25,7 +25,7 @@ PRESET_DIR = PROJECT_ROOT / "presets"
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # "tiny", "toy", a Hugging Face id, or a local checkpoint directory
+    name: str = "toy"  # "toy" (trained, shipped), "tiny" (random weights), a Hugging Face id, or a local checkpoint directory
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2

@@ -22,8 +22,10 @@ MAX_PIXELS = 112 * 112
 MIN_PIXELS = 56 * 56
 
 
-# The open-ended form of a toy question, used as an auxiliary task in training (the answer word).
-OPEN_INSTRUCTION = "Answer with one word."
+# How the toy model answers a multiple-choice question: the option's word, then its letter
+# ("red (B)"). Naming the answer first turns the letter into a lookup among the options, which a
+# 4-layer model learns in minutes; the letter parser reads the bracketed letter.
+ANSWER_FORMAT = "{word} ({letter})"
 # A text-only question of the training warm-up: the answer is named, the model points at it.
 NAMED_QUESTION = "Which option is {answer}?"
 
@@ -32,7 +34,7 @@ def toy_words() -> list[str]:
     """The toy model's word tokens: every byte-level word of every toy prompt, in first-seen order.
 
     The corpus is the chat template's fixed text, every question the toy world can ask, every
-    option line and both instructions, so each of those words is one token and the rest of any
+    option line, the instruction and every answer, so each of those words is one token and the rest of any
     text falls back to bytes. Built from the world's constants, hence the same on every machine.
     """
     from tokenizers import pre_tokenizers
@@ -42,11 +44,12 @@ def toy_words() -> list[str]:
     from prunevid_bench.toy.world import COLOURS, CORNERS, DIRECTIONS, LETTERS, QUESTION_TEMPLATES, SHAPES
 
     answers = [*COLOURS, *SHAPES, *DIRECTIONS]
-    corpus = [SYSTEM_PROMPT, "system\nuser\nassistant\n", PROMPT_INSTRUCTION, OPEN_INSTRUCTION]
+    corpus = [SYSTEM_PROMPT, "system\nuser\nassistant\n", PROMPT_INSTRUCTION]
     corpus += [NAMED_QUESTION.format(answer=a) for a in answers]
     corpus += [t.format(colour=c, shape=s, corner=k) for t in QUESTION_TEMPLATES.values()
                for c in COLOURS for s in SHAPES for k in CORNERS]
-    corpus += [f"({letter}) {a}" for letter in LETTERS for a in answers] + answers  # options; open answers
+    corpus += [f"({letter}) {a}" for letter in LETTERS for a in answers]  # option lines
+    corpus += [ANSWER_FORMAT.format(word=a, letter=letter) for letter in LETTERS for a in answers]
     split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     pieces = (p for text in corpus for p, _ in split.pre_tokenize_str(text))
     return [p for p in dict.fromkeys(pieces) if len(p) > 1]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from prunevid_bench.models.tiny import IM_END_ID, PAD_ID, VOCAB_SIZE, TinySizes, build_config
 from prunevid_bench.toy.model import toy_words
-from prunevid_bench.toy.world import LETTERS
+from prunevid_bench.toy.world import COLOURS, DIRECTIONS, LETTERS, SHAPES
 
 # Byte tokens (the toy tokenizer keeps the byte ids): "(", ")" and "A" (B, C, D follow).
 OPEN_ID, CLOSE_ID, LETTER_A_ID = ord("(") - 33, ord(")") - 33, ord("A") - 33
@@ -71,7 +71,7 @@ class TrainConfig:
     n_train: int = 3000  # distinct training scenes (each prepared once, reused every epoch)
     val_seed: int = 999  # toy-world seed of the validation set logged during training
     n_val: int = 100  # validation questions (teacher-forced letter accuracy, for the log only)
-    steps: int = 1200  # optimiser steps
+    steps: int = 1000  # optimiser steps on video prompts
     batch_size: int = 16
     lr: float = 2e-3  # peak AdamW learning rate
     warmup_steps: int = 50  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -79,15 +79,16 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     noise_std: float = 2.0  # Gaussian pixel noise on top of the codec's, in 0-255 units
-    # The batch mixes three forms of each question (see FORMS): the share of "easy" falls from
-    # easy_start to easy_end over the first easy_steps steps, "open" keeps open_share, "mc" the rest.
-    easy_start: float = 0.5
-    easy_end: float = 0.05
-    easy_steps: int = 400
-    open_share: float = 0.25
+    # The batch mixes the forms of each question (see FORMS): the share of "easy" falls from
+    # easy_start to easy_end over the first easy_steps steps, "mc" is the rest.
+    easy_start: float = 0.25
+    easy_end: float = 0.0
+    easy_steps: int = 300
     aux_weight: float = 1.0  # weight of the per-token scene losses on the vision tower's output
-    option_weight: float = 1.0  # weight of the "which option word is the answer" loss (see training_losses)
-    text_steps: int = 600  # warm-up steps on text-only prompts (TEXT_FORMS) before the video steps
+    option_weight: float = 1.0  # weight of the "which option word is the answer" loss in the text warm-up
+    video_option_weight: float = 0.0  # the same in the video steps
+    attention_weight: float = 1.0  # weight of the guided-attention loss (see training_losses)
+    text_steps: int = 400  # warm-up steps on text-only prompts (TEXT_FORMS) before the video steps
     text_batch_size: int = 32
     init_seed: int = 0  # model initialisation, batch order and noise
     # Weight init std (Qwen's 0.02 leaves a 128-wide model's attention uniform for hundreds of
@@ -105,29 +106,31 @@ class TrainConfig:
 #   easy: the same, but the three distractors are words of other kinds (a shape and two directions
 #         among colours, ...), so the text alone names the answer: it teaches pointing from the
 #         right option to its letter before the model can see anything
-#   open: the question without options and OPEN_INSTRUCTION; target: the answer word itself, so
-#         the model learns to read the scene without having to point at an option
-FORMS = ("mc", "easy", "open")
+FORMS = ("mc", "easy")
 # Text-only prompts (no video) for the warm-up steps, which are ten times cheaper than video ones:
-#   text_easy:  the "easy" question without its video
+#   text_mc:    the question without its video: the word cannot be known, but its letter can
 #   text_named: "Which option is <answer>?" with the real options: pointing at a named option
-TEXT_FORMS = ("text_easy", "text_named")
+TEXT_FORMS = ("text_mc", "text_named")
+ANSWER_WORDS = (*COLOURS, *SHAPES, *DIRECTIONS)
 # Per visual token: which object covers most of it, as five label kinds (0 = no object).
 AUX_HEADS = {"colour": 9, "shape": 5, "motion": 6, "row": 4, "col": 4}
 
 
 @dataclass
 class Prompt:
-    input_ids: torch.Tensor  # [L + 1] prompt, then the target token
-    position_ids: torch.Tensor  # [4, L + 1] text row + M-RoPE rows; the target at the engine's first decode position
-    mm_token_type_ids: torch.Tensor  # [L + 1]
+    input_ids: torch.Tensor  # [L + A] the prompt, then the A answer tokens
+    position_ids: torch.Tensor  # [4, L + A] text row + M-RoPE rows; the answer from the engine's first decode position on
+    mm_token_type_ids: torch.Tensor  # [L + A]
+    prompt_length: int  # L
     options: torch.Tensor | None = None  # [4] positions of the option words (multiple-choice forms)
     correct: int = -1  # which of them is the answer
+    letter_at: int = -1  # the position that predicts the answer's letter (multiple-choice forms)
+    anchor: int = -1  # the question word that names the object asked about (video forms; see anchor_position)
 
     @property
-    def answer_index(self) -> int:
-        """Position of the target in ``input_ids``; its logits come from the token before it."""
-        return self.input_ids.shape[0] - 1
+    def final(self) -> int:
+        """The prompt's last position: it predicts the first answer token."""
+        return self.prompt_length - 1
 
 
 @dataclass
@@ -138,7 +141,9 @@ class Sample:
     pixels: torch.Tensor  # [P, C * 2 * 14 * 14] uint8, the processor's pixel_values_videos before normalisation
     video_grid_thw: torch.Tensor  # [1, 3]
     second_per_grid_ts: torch.Tensor  # [1]
-    labels: torch.Tensor  # [V, len(AUX_HEADS)] per merged visual token (t, row, col order)
+    labels: torch.Tensor  # [V, len(AUX_HEADS) + 1] per merged visual token (t, row, col order), see token_labels
+    target: int  # the object the question asks about (index into the scene's objects)
+    answer_word: int  # the answer as an index into ANSWER_WORDS
     category: str
 
 
@@ -185,7 +190,8 @@ def easy_options(options: tuple[str, ...], answer: str, rng) -> tuple[list[str],
 
 
 def token_labels(spec, grid_thw: torch.Tensor, frames: int, size: int) -> torch.Tensor:
-    """[V, 5] labels (see AUX_HEADS) of the merged visual tokens of a rendered scene.
+    """[V, 6] labels of the merged visual tokens of a rendered scene: the five of AUX_HEADS, then
+    which object it shows (1 + its index in ``statics + movers``, 0 for none).
 
     A token covers 2 frames x 28 x 28 pixels; it is labelled with the object that covers most of
     it when that is at least a tenth of its pixels, else as background (0 in every object kind).
@@ -207,30 +213,64 @@ def token_labels(spec, grid_thw: torch.Tensor, frames: int, size: int) -> torch.
     cells = torch.arange(t * (h // 2) * (w // 2))
     row, col = (cells // (w // 2)) % (h // 2), cells % (w // 2)
     return torch.stack([torch.where(covered, colour, zero), torch.where(covered, shape, zero),
-                        torch.where(covered, motion, zero), row, col], dim=1)
+                        torch.where(covered, motion, zero), row, col, torch.where(covered, best + 1, zero)], dim=1)
 
 
-def text_prompt(processor, text: str, target: torch.Tensor) -> Prompt:
+def answer_tokens(tokenizer, word: str, letter: str | None) -> torch.Tensor:
+    """The toy model's answer: the word, then its letter (ANSWER_FORMAT), or the word alone."""
+    from prunevid_bench.toy.model import ANSWER_FORMAT
+
+    text = word if letter is None else ANSWER_FORMAT.format(word=word, letter=letter)
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False))
+
+
+def make_prompt(prompt_ids: torch.Tensor, positions: torch.Tensor, mm_types: torch.Tensor, answer: torch.Tensor) -> Prompt:
+    """A prompt [L] (positions [4, L]) with its answer tokens appended; the answer continues the
+    positions one per token in every row, as the engine decodes."""
+    n, a = prompt_ids.shape[0], answer.shape[0]
+    steps = torch.arange(1, a + 1).view(1, a)
+    return with_options(Prompt(
+        input_ids=torch.cat([prompt_ids, answer]),
+        position_ids=torch.cat([positions, positions[:, -1:] + steps], dim=1),
+        mm_token_type_ids=torch.cat([mm_types, torch.zeros(a, dtype=torch.long)]),
+        prompt_length=n,
+    ))
+
+
+def text_prompt(processor, text: str, answer: torch.Tensor) -> Prompt:
     """A prompt without video, in the same chat layout; its M-RoPE ids are the text positions."""
     messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-    ids = processor.tokenizer.encode(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    input_ids = torch.cat([torch.tensor(ids), target])
-    n = input_ids.shape[0]
-    return with_options(Prompt(input_ids, torch.arange(n).expand(4, n).clone(), torch.zeros(n, dtype=torch.long)))
+    ids = torch.tensor(processor.tokenizer.encode(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
+    n = ids.shape[0]
+    return make_prompt(ids, torch.arange(n).expand(4, n).clone(), torch.zeros(n, dtype=torch.long), answer)
 
 
 def with_options(prompt: Prompt) -> Prompt:
-    """Fill in where a multiple-choice prompt's option words are ("(", letter, ")", word) and
-    which is the answer (the target letter); other prompts are returned as they are."""
+    """Fill in where a multiple-choice prompt's option words are ("(", letter, ")", word), which
+    is the answer and where its letter is predicted; other prompts are returned as they are."""
     ids = prompt.input_ids
+    n = prompt.prompt_length
     letters = torch.tensor([ord(c) - ord("A") + LETTER_A_ID for c in LETTERS])
-    close = torch.nonzero(ids[:-1] == CLOSE_ID).flatten()
+    close = torch.nonzero(ids[:n] == CLOSE_ID).flatten()
     close = close[(close >= 2) & (ids[close - 2] == OPEN_ID) & torch.isin(ids[close - 1], letters)]
-    if len(close) != len(LETTERS):
+    in_answer = torch.nonzero(torch.isin(ids[n:], letters)).flatten()
+    if len(close) != len(LETTERS) or not len(in_answer):
         return prompt
     prompt.options = close + 1
-    prompt.correct = int(ids[-1]) - LETTER_A_ID
+    prompt.letter_at = n + int(in_answer[0]) - 1
+    prompt.correct = int(ids[prompt.letter_at + 1]) - LETTER_A_ID
     return prompt
+
+
+def anchor_position(tokenizer, input_ids: torch.Tensor) -> int:
+    """The question word that singles out the object asked about: "moving" (the moving object),
+    "corner" (after the corner's name) or the shape before "move" ("the green circle move")."""
+    ids = input_ids.tolist()
+    for word, offset in ((" moving", 0), (" corner", 0), (" move", -1)):
+        token = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
+        if len(token) == 1 and token[0] in ids:
+            return ids.index(token[0]) + offset
+    raise ValueError("no anchor word in the question")
 
 
 def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, forms=FORMS + TEXT_FORMS) -> list[Sample]:
@@ -239,16 +279,11 @@ def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, form
 
     from prunevid_bench.engine import prefill_position_ids
     from prunevid_bench.harness.answers import format_mc_prompt
-    from prunevid_bench.toy.model import NAMED_QUESTION, OPEN_INSTRUCTION
+    from prunevid_bench.toy.model import NAMED_QUESTION
     from prunevid_bench.toy.world import encode_mp4, iter_specs, render_video
     from prunevid_bench.video import load_clip
 
     tokenizer = pipe.processor.tokenizer
-
-    def single_token(text: str) -> torch.Tensor:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        assert len(ids) == 1, (text, ids)
-        return torch.tensor(ids)
 
     rng = np.random.default_rng([seed, 1])
     samples = []
@@ -259,38 +294,37 @@ def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, form
             frames = render_video(spec)
             encode_mp4(frames, clip_path)
             clip = load_clip(clip_path, num_frames=len(frames))
-            texts = {
-                "mc": (format_mc_prompt(question.question, question.options), question.answer),
-                "easy": tuple(easy_options(question.options, question.answer, rng)),
-                "open": (f"{question.question}\n{OPEN_INSTRUCTION}", question.answer_text),
+            word = question.answer_text
+            easy_opts, easy_letter = easy_options(question.options, question.answer, rng)
+            texts = {  # form: (prompt text, answer tokens)
+                "mc": (format_mc_prompt(question.question, question.options), answer_tokens(tokenizer, word, question.answer)),
+                "easy": (format_mc_prompt(question.question, easy_opts), answer_tokens(tokenizer, word, easy_letter)),
+                "text_mc": (format_mc_prompt(question.question, question.options), answer_tokens(tokenizer, word, question.answer)),
+                "text_named": (format_mc_prompt(NAMED_QUESTION.format(answer=word), question.options),
+                               answer_tokens(tokenizer, word, question.answer)),
             }
-            easy_opts, easy_letter = texts["easy"]
-            texts["easy"] = (format_mc_prompt(question.question, easy_opts), easy_letter)
             prompts, inputs = {}, None
             for form in forms:
+                text, answer = texts[form]
                 if form in TEXT_FORMS:
+                    prompts[form] = text_prompt(pipe.processor, text, answer)
                     continue
-                text, target = texts[form]
                 inputs = pipe.prepare(clip, text).inputs
                 positions = prefill_position_ids(pipe.model, inputs)[:, 0]  # [4, L]
-                prompts[form] = with_options(Prompt(
-                    input_ids=torch.cat([inputs["input_ids"][0], single_token(target)]),
-                    # The engine decodes the first generated token at the last prompt position + 1, every row.
-                    position_ids=torch.cat([positions, positions[:, -1:] + 1], dim=1),
-                    mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][0], torch.zeros(1, dtype=torch.long)]),
-                ))
-            if "text_easy" in forms:
-                prompts["text_easy"] = text_prompt(pipe.processor, texts["easy"][0], single_token(texts["easy"][1]))
-            if "text_named" in forms:
-                named = format_mc_prompt(NAMED_QUESTION.format(answer=question.answer_text), question.options)
-                prompts["text_named"] = text_prompt(pipe.processor, named, single_token(question.answer))
+                prompts[form] = make_prompt(inputs["input_ids"][0], positions, inputs["mm_token_type_ids"][0], answer)
+            for form in forms:
+                if form not in TEXT_FORMS:
+                    prompts[form].anchor = anchor_position(tokenizer, prompts[form].input_ids)
             grid = inputs["video_grid_thw"]
+            labels = token_labels(spec, grid[0], len(frames), frames.shape[1])
             samples.append(Sample(
                 prompts=prompts,
                 pixels=codec.encode(inputs["pixel_values_videos"]),
                 video_grid_thw=grid,
                 second_per_grid_ts=inputs["second_per_grid_ts"],
-                labels=token_labels(spec, grid[0], len(frames), frames.shape[1]),
+                labels=labels,
+                target=question.target,
+                answer_word=ANSWER_WORDS.index(question.answer_text),
                 category=question.category,
             ))
             if (i + 1) % 500 == 0 or i + 1 == n:
@@ -325,23 +359,35 @@ def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float
         )
     rows, index, targets = [], [], []
     for row, p in enumerate(prompts):
-        a = p.answer_index
-        rows += [row, row]
-        index += [a - 1, a]  # the prompt's last token predicts the answer; the answer predicts <|im_end|>
-        targets += [int(p.input_ids[a]), IM_END_ID]
+        # Each position from the prompt's last on predicts the next answer token; the last answer
+        # token predicts <|im_end|>.
+        answer = p.input_ids[p.prompt_length:].tolist()
+        rows += [row] * (len(answer) + 1)
+        index += list(range(p.final, p.final + len(answer) + 1))
+        targets += answer + [IM_END_ID]
     with_opts = [(row, p) for row, p in enumerate(prompts) if p.options is not None]
     options = Options(
         torch.tensor([row for row, _ in with_opts], dtype=torch.long),
         torch.stack([p.options for _, p in with_opts]) if with_opts else torch.zeros(0, len(LETTERS), dtype=torch.long),
         torch.tensor([p.correct for _, p in with_opts], dtype=torch.long),
+        torch.tensor([p.letter_at for _, p in with_opts], dtype=torch.long),
     )
-    return inputs, Supervision(torch.tensor(rows), torch.tensor(index), torch.tensor(targets), options)
+    if samples:  # video prompts: where the visual tokens are, and which show the object asked about
+        visual = torch.stack([torch.nonzero(p.mm_token_type_ids == 2).flatten() for p in prompts])
+        target = torch.stack([s.labels[:, -1] == s.target + 1 for s in samples])
+    else:
+        visual = target = torch.zeros(len(batch), 0, dtype=torch.long)
+    return inputs, Supervision(torch.tensor(rows), torch.tensor(index), torch.tensor(targets), options,
+                               torch.tensor([p.final for p in prompts]),
+                               torch.tensor([p.anchor for p in prompts]), visual, target.bool(),
+                               torch.tensor([s.answer_word for s, _ in batch]))
 
 
 class Options(NamedTuple):
     rows: torch.Tensor  # [N] batch rows of the multiple-choice prompts
     positions: torch.Tensor  # [N, 4] their option words
     correct: torch.Tensor  # [N] index of the answer among them
+    letter_at: torch.Tensor  # [N] the position that predicts the answer letter
 
 
 class Supervision(NamedTuple):
@@ -349,6 +395,11 @@ class Supervision(NamedTuple):
     index: torch.Tensor  # [M] the position whose logits predict it
     targets: torch.Tensor  # [M]
     options: Options
+    final: torch.Tensor  # [B] the prompt's last position, which predicts the answer word
+    anchor: torch.Tensor  # [B] the question word naming the object asked about (-1 in text-only batches)
+    visual: torch.Tensor  # [B, V] positions of the visual tokens (V = 0 in a text-only batch)
+    target: torch.Tensor  # [B, V] the visual tokens of the object the question asks about
+    answer_word: torch.Tensor  # [B] the answer, index into ANSWER_WORDS
 
 
 class VisualTap:
@@ -365,41 +416,74 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, inputs, sup: Supervision) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss, option loss). The answer loss is on the supervised tokens (the LM head never
-    sees the rest). The option loss asks each option word's final hidden state whether it is the
-    answer (a softmax over the four), so the option tokens learn to check themselves against the
-    video and the question, and the answer letter only has to copy the letter of the one that
-    says yes."""
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state
+def training_losses(model, option_head, word_head, inputs, sup: Supervision):
+    """(answer loss, option loss, attention loss).
+
+    The answer loss is on the supervised tokens (the LM head never sees the rest). The option
+    loss asks each option word's final hidden state whether it is the answer (a softmax over
+    the four). The attention loss guides four heads (``ATTENTION_GUIDES``): each option word
+    looks back at its letter; the question word that names the object (see anchor_position)
+    looks at that object's visual tokens; the answer position looks at that question word, then
+    at the option word that is the answer. What to take from the object, and how to match it
+    to an option, is left to learn.
+    """
+    out = model.model(**inputs, use_cache=False, output_attentions=True, output_hidden_states=True)
+    hidden, attentions = out.last_hidden_state, out.attentions
     answer = F.cross_entropy(model.lm_head(hidden[sup.rows, sup.index]).float(), sup.targets)
+
+    def attention(guide: str, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        layer, head = ATTENTION_GUIDES[guide]
+        rows = rows.view(-1, *([1] * (queries.dim() - 1)))
+        return attentions[layer][rows, head, queries].float()  # [N, ..., L]
+
+    eps = 1e-6
+    losses = []
     o = sup.options
-    if not len(o.rows):
-        return answer, hidden.new_zeros(())
-    scores = option_head(hidden[o.rows[:, None], o.positions]).squeeze(-1).float()  # [N, 4]
-    return answer, F.cross_entropy(scores, o.correct)
+    option = hidden.new_zeros(())
+    if len(o.rows):
+        scores = option_head(hidden[o.rows[:, None], o.positions]).squeeze(-1).float()  # [N, 4]
+        option = F.cross_entropy(scores, o.correct)
+        to_letter = attention("letter", o.rows, o.positions).gather(-1, (o.positions - 2)[..., None]).squeeze(-1)
+        to_option = attention("answer", o.rows, o.letter_at).gather(-1, o.positions.gather(1, o.correct[:, None])).squeeze(-1)
+        losses += [-(to_letter + eps).log().mean(), -(to_option + eps).log().mean()]
+    shown = sup.target.any(-1)
+    if shown.any():
+        rows = torch.arange(len(sup.final))
+        look = attention("object", rows, sup.anchor).gather(-1, sup.visual)  # [B, V]
+        losses.append(-((look * sup.target).sum(-1)[shown] + eps).log().mean())
+        to_anchor = attention("question", rows, sup.final).gather(-1, sup.anchor[:, None]).squeeze(-1)
+        losses.append(-(to_anchor + eps).log().mean())
+        # What the answer position holds before the last layer matches it to an option: the answer word.
+        middle = out.hidden_states[ATTENTION_GUIDES["answer"][0]][rows, sup.final]
+        losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
+    return answer, option, sum(losses) / max(1, len(losses))
 
 
-def first_token_logits(model, inputs, sup: Supervision) -> torch.Tensor:
-    """Logits [B, V] of each prompt's answer token."""
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    return model.lm_head(hidden[sup.rows[::2], sup.index[::2]])
+# Guided heads as (layer, head).
+ATTENTION_GUIDES = {"letter": (0, 1), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
 
 
 @torch.no_grad()
 def letter_accuracy(model, samples: list[Sample], codec: PixelCodec, batch_size: int) -> dict[str, float]:
-    """Share of questions (the "mc" form) whose first greedy token is the answer letter, overall and per category."""
+    """Teacher-forced accuracy of the "mc" form: the answer word (the first generated token) and
+    the letter after the right word, overall and per category (the log's view; the real test
+    is `prunevid run --dataset`)."""
     model.eval()
-    hits: dict[str, list[bool]] = defaultdict(list)
+    hits: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for i in range(0, len(samples), batch_size):
         batch = [(s, "mc") for s in samples[i:i + batch_size]]
         inputs, sup = collate(batch, codec)
-        logits = first_token_logits(model, inputs, sup)
-        for (s, _), ok in zip(batch, (logits.argmax(-1) == sup.targets[::2]).tolist()):
-            hits[s.category].append(ok)
-            hits["all"].append(ok)
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        rows = torch.arange(len(batch))
+        ids = inputs["input_ids"]
+        word = model.lm_head(hidden[rows, sup.final]).argmax(-1) == ids[rows, sup.final + 1]
+        at = sup.options.letter_at
+        letter = model.lm_head(hidden[rows, at]).argmax(-1) == ids[rows, at + 1]
+        for (s, _), w, l in zip(batch, word.tolist(), letter.tolist()):
+            hits[s.category].append((w, l))
+            hits["all"].append((w, l))
     model.train()
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    return {k: (sum(w for w, _ in v) / len(v), sum(w and l for w, l in v) / len(v)) for k, v in sorted(hits.items())}
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -426,9 +510,8 @@ def easy_share(cfg: TrainConfig, step: int) -> float:
 
 
 def batch_forms(cfg: TrainConfig, step: int) -> list[str]:
-    n_open = round(cfg.batch_size * cfg.open_share)
-    n_easy = min(cfg.batch_size - n_open, round(cfg.batch_size * easy_share(cfg, step)))
-    return ["open"] * n_open + ["easy"] * n_easy + ["mc"] * (cfg.batch_size - n_open - n_easy)
+    n_easy = round(cfg.batch_size * easy_share(cfg, step))
+    return ["easy"] * n_easy + ["mc"] * (cfg.batch_size - n_easy)
 
 
 def aux_loss(heads: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -448,7 +531,7 @@ def train(cfg: TrainConfig) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.init_seed)
     t0 = time.perf_counter()
-    config = toy_config()
+    config = toy_config("eager")  # training reads attention weights (see training_losses)
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = cfg.init_std
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -457,6 +540,7 @@ def train(cfg: TrainConfig) -> None:
     # Training-only heads, not saved: the per-token scene labels, and "is this option the answer".
     heads = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS.values()))
     option_head = torch.nn.Linear(TOY_SIZES.hidden_size, 1)
+    word_head = torch.nn.Linear(TOY_SIZES.hidden_size, len(ANSWER_WORDS))
     processor = build_toy_processor()
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
@@ -470,8 +554,8 @@ def train(cfg: TrainConfig) -> None:
     print(f"prepared {len(train_set)} training scenes ({'/'.join(FORMS)}) + {len(val_set)} val questions "
           f"in {t_prep:.0f} s", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [heads.weight, option_head.weight]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n] + [heads.bias, option_head.bias]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [heads.weight, option_head.weight, word_head.weight]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n] + [heads.bias, option_head.bias, word_head.bias]
     params = decay + no_decay
     optimiser = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -491,15 +575,15 @@ def train(cfg: TrainConfig) -> None:
         inputs, sup = collate(batch, codec)
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        answer, option = training_losses(model, option_head, inputs, sup)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup)
         optimiser.zero_grad(set_to_none=True)
-        (answer + cfg.option_weight * option).backward()
+        (answer + cfg.option_weight * option + cfg.attention_weight * guide).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimiser.step()
         running = answer.item() if step == 0 else 0.95 * running + 0.05 * answer.item()
         if (step + 1) % cfg.eval_every == 0:
             print(f"text step {step + 1}/{cfg.text_steps} loss {running:.3f} {time.perf_counter() - t_train:.0f} s", flush=True)
-    running_aux = running_opt = 0.0
+    running_aux = running_opt = running_guide = 0.0
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:  # a new epoch in a fresh seeded order
             order += torch.randperm(len(train_set), generator=generator).tolist()
@@ -508,20 +592,21 @@ def train(cfg: TrainConfig) -> None:
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(cfg, cfg.text_steps + step)
-        answer, option = training_losses(model, option_head, inputs, sup)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         optimiser.zero_grad(set_to_none=True)
-        (answer + cfg.option_weight * option + cfg.aux_weight * scene).backward()
+        (answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimiser.step()
         running = answer.item() if step == 0 else 0.95 * running + 0.05 * answer.item()
         running_aux = scene.item() if step == 0 else 0.95 * running_aux + 0.05 * scene.item()
         running_opt = option.item() if step == 0 else 0.95 * running_opt + 0.05 * option.item()
+        running_guide = guide.item() if step == 0 else 0.95 * running_guide + 0.05 * guide.item()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             acc = letter_accuracy(model, val_set, codec, 2 * cfg.batch_size)
-            per_type = " ".join(f"{k}={v:.2f}" for k, v in acc.items() if k != "all")
+            per_type = " ".join(f"{k}={w:.2f}/{b:.2f}" for k, (w, b) in acc.items() if k != "all")
             elapsed = time.perf_counter() - t_train
-            print(f"step {step + 1}/{cfg.steps} loss {running:.3f} option {running_opt:.3f} scene {running_aux:.3f} val {acc['all']:.2f} "
+            print(f"step {step + 1}/{cfg.steps} loss {running:.3f} option {running_opt:.3f} guide {running_guide:.3f} scene {running_aux:.3f} val word/both {acc['all'][0]:.2f}/{acc['all'][1]:.2f} "
                   f"({per_type}) {elapsed:.0f} s", flush=True)
     tap.remove()
     model.eval()

@@ -99,6 +99,7 @@ class QuestionSpec:
     question: str
     options: tuple[str, str, str, str]
     answer: str  # letter A-D
+    target: int = -1  # the object asked about, as an index into the scene's ``statics + movers``
 
     @property
     def answer_text(self) -> str:
@@ -213,7 +214,7 @@ def _question(rng: np.random.Generator, video: VideoSpec, category: str, positio
         distractors = [x for x in pool if x != correct]
     distractors = _pick(rng, distractors, 3)
     options = tuple(distractors[:position] + [correct] + distractors[position:])
-    return QuestionSpec(category, text, options, LETTERS[position])
+    return QuestionSpec(category, text, options, LETTERS[position], (video.statics + video.movers).index(target))
 
 
 def sample_example(seed: int, index: int) -> tuple[VideoSpec, QuestionSpec]:
