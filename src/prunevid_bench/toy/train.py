@@ -5,8 +5,9 @@
 Every training sample goes through the inference path: the rendered clip is written as an mp4
 and decoded by ``load_clip`` (so the model learns the codec's colour error), then
 ``Pipeline.prepare`` builds the prompt and runs the processor, and ``prefill_position_ids`` gives
-the M-RoPE ids the engine uses. The answer letter is appended at the engine's first decode
-position. The loss is on that letter and the ``<|im_end|>`` after it, nothing else.
+the M-RoPE ids the engine uses. The answer ("up (C)", see ``ANSWER_FORMAT``) is appended at the
+engine's first decode position; the loss is on its tokens and the ``<|im_end|>`` after them, plus
+the training-only losses of ``training_losses`` and ``aux_loss`` (recipe: docs/toy-model.md).
 
 All samples are prepared once and kept in memory (pixels as exact uint8, a quarter of float32).
 Seeds fix the data, the initialisation, the batch order and the noise, so a run on the same
@@ -101,8 +102,8 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation logs
 
 
-# The three prompts built for every training scene; only "mc" is ever evaluated.
-#   mc:   the question with its four options, as `prunevid run --dataset` asks it; target: the letter
+# The video prompts built for every training scene; only "mc" is ever evaluated.
+#   mc:   the question with its four options, as `prunevid run --dataset` asks it; target: "word (letter)"
 #   easy: the same, but the three distractors are words of other kinds (a shape and two directions
 #         among colours, ...), so the text alone names the answer: it teaches pointing from the
 #         right option to its letter before the model can see anything
