@@ -341,9 +341,10 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
             stream.options = {"crf": "12", "preset": "medium", "threads": "1"}
         else:
             stream.bit_rate = 8_000_000  # far above what 112-px flat shapes need: near-lossless
-        for frame in video:
-            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            container.mux(stream.encode(image.reformat(format="yuv420p")))
+        for index, frame in enumerate(video):
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
+            image.pts = index  # explicit timestamps: nothing left for the encoder to infer
+            container.mux(stream.encode(image))
         container.mux(stream.encode())
     return codec
 
