@@ -6,6 +6,8 @@ shape classifier written here independently of the renderer), never from the sce
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import av
@@ -135,10 +137,18 @@ def test_same_seed_same_set_and_prefix_stable():
     assert [s[1:] for s in iter_specs(3, seed=5)] == [s[1:] for s in iter_specs(6, seed=5)][:3]
 
 
+def toy_data(out, n: int, seed: int):
+    """`prunevid toy-data` in its own process, as a user runs it: with decord loaded in the same
+    process (this test module imports it) libx264's bytes vary from run to run."""
+    subprocess.run([sys.executable, "-m", "prunevid_bench.cli", "toy-data", "--out", str(out), "--n", str(n),
+                    "--seed", str(seed)], check=True, capture_output=True)
+    return out / "data.jsonl"
+
+
 def test_generate_dataset_is_deterministic(tmp_path):
-    first = generate_dataset(tmp_path / "a", 5, seed=7)
-    second = generate_dataset(tmp_path / "b", 5, seed=7)
-    other = generate_dataset(tmp_path / "c", 5, seed=8)
+    first = toy_data(tmp_path / "a", 5, seed=7)
+    second = toy_data(tmp_path / "b", 5, seed=7)
+    other = toy_data(tmp_path / "c", 5, seed=8)
     assert first.read_bytes() == second.read_bytes()
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     for row in rows:

@@ -66,6 +66,13 @@ class TinySizes:
     vocab_size: int = VOCAB_SIZE  # bytes + special tokens, plus any word tokens (see build_tokenizer)
 
 
+def byte_token_id(char: str) -> int:
+    """Id of a one-byte token (the same in every tokenizer built here): the byte-level alphabet in sorted order."""
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet()).index(char)
+
+
 def build_tokenizer(words=()):
     """The offline tokenizer: one token per byte (``tiny``), plus one token per word of ``words``
     for models trained with a word vocabulary (``toy``).

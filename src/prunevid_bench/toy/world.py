@@ -333,9 +333,7 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One encoder thread: with FFmpeg's automatic thread count the bytes vary with the load
-        # on the machine (seen with libx264 on a busy 2-core box).
-        stream.codec_context.thread_count = 1
+        stream.codec_context.thread_count = 1  # the shipped toy model was trained on single-thread encodes
         if codec == "libx264":
             # Near-lossless so palette colours survive; one thread keeps the bytes reproducible.
             stream.options = {"crf": "12", "preset": "medium", "threads": "1"}
@@ -343,7 +341,8 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
             stream.bit_rate = 8_000_000  # far above what 112-px flat shapes need: near-lossless
         for index, frame in enumerate(video):
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
-            image.pts = index  # explicit timestamps: nothing left for the encoder to infer
+            # Explicit timestamps: left to the encoder, the bytes varied with the machine's load.
+            image.pts = index
             container.mux(stream.encode(image))
         container.mux(stream.encode())
     return codec
