@@ -125,7 +125,7 @@ class PruneVidHandle:
 
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids")
-        cache = kwargs.get("past_key_values")
+        cache = _cache_kwarg(kwargs)
         if input_ids is not None and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0):
             if input_ids.shape[0] != 1:
                 raise PruneVidError("PruneVid runs one sample per forward (batch size 1); shard the dataset instead")
@@ -281,7 +281,7 @@ class PruneVidHandle:
         is_dropped[visual] = True
         is_dropped[visual[kept]] = False
         keep_index = torch.nonzero(~is_dropped).flatten()
-        cache = kwargs.get("past_key_values")
+        cache = _cache_kwarg(kwargs)
         st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0
         if cache is not None:
             s2.compact_cache_layers(cache, range(self.stage2.pruning_layer + 1), keep_index)
@@ -335,6 +335,15 @@ def rotate(q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch
     cos, sin = position_embeddings
     q_rot, k_rot = apply_rotary_pos_emb(q.unsqueeze(0), k.unsqueeze(0), cos, sin)
     return q_rot[0], k_rot[0]
+
+
+def _cache_kwarg(kwargs: dict):
+    """The KV cache a hooked forward was called with. transformers 5.24 renamed the keyword
+    ``past_key_values`` to ``cache`` (the old name is deprecated, to be removed in 5.40) and its
+    outer forwards pass ``cache=`` inward even when the user wrote the old name; 5.23 only knows
+    ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so Stage 3 would skip
+    compacting layers 0..K and decoding would see the dropped tokens there."""
+    return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
