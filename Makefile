@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The bundled toy-world clip (a held-out question) through the shipped `toy` model: once vanilla,
-# once with the paper's stages (pruning after layer K=1 of its 4).
+# once with the paper's stages (the preset's pruning layer "10/28" resolves to layer 1 of its 4).
 DEMO_ARGS := examples/toy_sample.mp4 "In which direction does the green circle move?" \
 	--option left --option down --option up --option right --model toy
 demo: $(STAMP)
 	$(BIN)/prunevid run $(DEMO_ARGS) --preset baseline --label demo-baseline
-	$(BIN)/prunevid run $(DEMO_ARGS) --preset default --set stage2.pruning_layer=1 --label demo-default
+	$(BIN)/prunevid run $(DEMO_ARGS) --preset default --label demo-default
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -237,7 +237,7 @@ def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> 
         llm_len = int(st.source_index.numel())
         after1, after2 = st.tokens_after_stage1, st.tokens_after
         if stage2 and stage2.enabled:
-            tokens = fl.tokens_per_layer(shape.num_layers, llm_len, stage2.pruning_layer, int(st.keep_index.numel()))
+            tokens = fl.tokens_per_layer(shape.num_layers, llm_len, handle.pruning_layer, int(st.keep_index.numel()))
             scoring = fl.prunevid_scoring_flops(shape, llm_len - st.query_start, llm_len)
         else:
             tokens, scoring = fl.tokens_per_layer(shape.num_layers, llm_len), 0

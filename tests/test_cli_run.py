@@ -38,6 +38,22 @@ def test_run_writes_run_folder(clip8, tmp_path):
     assert len(rows) == 1 and int(rows[0]["visual_tokens"]) == 64
 
 
+def test_default_preset_runs_on_the_default_toy_model(clip8, tmp_path):
+    """The headline command needs no pruning-layer override: the preset's "10/28" resolves to
+    layer 1 of the toy model's 4, and the record says so next to the value as written."""
+    res = invoke("run", clip8, "What is happening?", "--preset", "default", "--max-new-tokens", "2", "--results-dir", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "1 (10/28)" in res.output
+    (run_dir,) = tmp_path.iterdir()
+    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    assert cfg["model"]["name"] == "toy" and cfg["stage2"]["pruning_layer"] == "10/28"  # the config as written
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["pruning_layer"], result["pruning_layer_spec"]) == (1, "10/28")
+    assert result["tokens_after"] < result["tokens_after_stage1"] < result["tokens_before_stage1"]
+    (row,) = csv.DictReader(open(run_dir / "result.csv"))
+    assert (row["pruning_layer"], row["pruning_layer_spec"]) == ("1", "10/28")
+
+
 def test_run_with_options_parses_a_choice(clip8, tmp_path):
     res = invoke("run", clip8, "Which?", "-o", "red", "-o", "blue", "--model", "tiny", "--results-dir", tmp_path, "--max-new-tokens", "2")
     assert res.exit_code == 0, res.output
@@ -65,6 +81,7 @@ def test_timing_mode_reports_median(clip8, tmp_path):
         (["run", "CLIP", "Q", "--set", "stage1.k=0"], "stage1.k must be >= 1"),
         (["run", "CLIP", "Q", "--preset", "defualt"], "did you mean 'default'"),
         (["run", "CLIP", "Q", "--model", "tiny", "--set", "stage2.enabled=true", "--set", "stage2.pruning_layer=4"], "stage2.pruning_layer must be in [0, 3]"),
+        (["run", "CLIP", "Q", "--set", "stage2.pruning_layer=29/28"], "stage2.pruning_layer must be a 0-based layer index (e.g. 10) or a relative depth 'K/N' with 0 <= K < N"),
         (["run", "CLIP", "Q", "--model", "no-such-model"], "not found"),
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "cuda:99"], "cuda:99"),
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "tpu"], "unknown device 'tpu'"),

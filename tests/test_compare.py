@@ -74,6 +74,9 @@ def test_table_values_and_deltas(runs, tmp_path):
     assert float(pruned_row["agreement"]) == agreement(samples(runs["pruned"]), samples(runs["base"]))["agreement"]
     assert float(base_row["delta_accuracy"]) == 0 and float(base_row["ttft_speedup"]) == 1
     assert pruned_row["stages"] == "S1 tau=0.8 c=0.5 seg=0.25 + S2 keep=0.4 L=1 prunevid" and base_row["stages"] == "off"
+    (base_csv,), (pruned_csv,) = (csv.DictReader(open(runs[k] / "summary.csv")) for k in ("base", "pruned"))
+    assert (pruned_csv["pruning_layer"], pruned_csv["pruning_layer_spec"]) == ("1", "1")
+    assert (base_csv["pruning_layer"], base_csv["pruning_layer_spec"]) == ("", "10/28")  # Stage 2 off: no layer pruned
     md = (tmp_path / "compare.md").read_text().splitlines()
     assert md[0].startswith("| run | stages |") and len(md) == 4 and md[3].startswith(f"| {runs['pruned'].name} |")
 
@@ -117,14 +120,26 @@ def test_single_video_runs_compare_too(tmp_path):
     from tests.conftest import write_clip
 
     clip = write_clip(tmp_path / "c.mp4", 4)
-    for extra in ([], ["--preset", "default", "--set", "stage2.pruning_layer=1"]):
+    for extra in ([], ["--preset", "default", "--set", "stage2.pruning_layer=1"], ["--preset", "default"]):
         res = invoke("run", clip, "What?", "--model", "tiny", "--max-new-tokens", "2", "--results-dir", tmp_path / "r", *extra)
         assert res.exit_code == 0, res.output
     res = invoke("compare", *sorted((tmp_path / "r").iterdir()), "--out", tmp_path / "o")
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
-    assert [r["n"] for r in rows] == ["1", "1"] and rows[0]["accuracy"] == ""
+    assert [r["n"] for r in rows] == ["1", "1", "1"] and rows[0]["accuracy"] == ""
     assert sum(r["is_baseline"] == "True" for r in rows) == 1
+    # The preset's relative "10/28" is labelled with the layer it resolved to on the 4-layer model.
+    stages = "S1 tau=0.8 c=0.5 seg=0.25 + S2 keep=0.4 L={} prunevid"
+    assert sorted(r["stages"] for r in rows) == sorted(["off", stages.format(1), stages.format("1 (10/28)")])
+
+
+def test_runs_saved_before_the_layer_was_recorded_show_the_configured_one():
+    from prunevid_bench.harness.compare import stages_text
+    from prunevid_bench.harness.runs import SavedRun
+
+    cfg = build_config("default", None, {"pruning_layer": 10}).to_dict()
+    old = SavedRun(Path("old"), {}, cfg, {"metrics": {}}, None)  # a summary.json without "pruning_layer"
+    assert old.pruning_layer == 10 and stages_text(cfg, old.pruning_layer).endswith("L=10 prunevid")
 
 
 def test_not_a_run_folder(tmp_path):

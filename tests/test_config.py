@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prunevid_bench.cli import app, collect_overrides
-from prunevid_bench.config import RunConfig, build_config, preset_names, resolve_key
+from prunevid_bench.config import RunConfig, build_config, parse_override, preset_names, resolve_key, resolve_layer
 from prunevid_bench.errors import PruneVidError
 
 runner = CliRunner()
@@ -28,7 +28,8 @@ def test_defaults_have_every_stage_off():
 def test_default_preset_is_the_paper_setting():
     cfg = build_config("default")
     assert (cfg.stage1.enabled, cfg.stage1.tau, cfg.stage1.cluster_ratio, cfg.stage1.temporal_segment_ratio) == (True, 0.8, 0.5, 0.25)
-    assert (cfg.stage2.enabled, cfg.stage2.keep_ratio, cfg.stage2.pruning_layer, cfg.stage2.score) == (True, 0.4, 10, "prunevid")
+    assert (cfg.stage2.enabled, cfg.stage2.keep_ratio, cfg.stage2.pruning_layer, cfg.stage2.score) == (True, 0.4, "10/28", "prunevid")
+    assert resolve_layer(cfg.stage2.pruning_layer, 28) == 10  # the paper's layer on the 7B's 28 layers
 
 
 def test_every_shipped_preset_resolves():
@@ -102,7 +103,8 @@ def test_unknown_or_ambiguous_keys(name, message):
         ({"stage1": {"tau": 1.5}}, "stage1.tau must be in (0, 1], got 1.5"),
         ({"stage1": {"tau": "high"}}, "stage1.tau must be float, got 'high'"),
         ({"stage1": {"enabled": "maybe"}}, "stage1.enabled must be bool"),
-        ({"stage2": {"pruning_layer": 2.5}}, "stage2.pruning_layer must be int"),
+        ({"stage2": {"pruning_layer": 2.5}}, "stage2.pruning_layer must be a 0-based layer index (e.g. 10) or a relative depth 'K/N'"),
+        ({"stage2": {"pruning_layer": "29/28"}}, "stage2.pruning_layer must be a 0-based layer index"),
         ({"stage2": {"score": "randon"}}, "did you mean 'random'"),
         ({"video": {"num_frames": 0}}, "video.num_frames must be >= 1"),
         ({"video": {"max_pixels": 100}}, "video.max_pixels must be at least 784"),
@@ -117,6 +119,69 @@ def test_bad_user_yaml_names_the_key(tmp_path, layer, message):
         build_config(None, path)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+LAYER_ERROR = ("stage2.pruning_layer must be a 0-based layer index (e.g. 10) or a relative depth 'K/N' "
+               "with 0 <= K < N (e.g. '10/28': layer 10 of 28), got ")
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("10", 10), ("0", 0), ("10/28", "10/28"), ("0/28", "0/28"), ("27/28", "27/28"), (" 3 / 4 ", "3/4"), ("'7'", 7)],
+)
+def test_pruning_layer_accepts_an_index_or_a_relative_depth(tmp_path, text, value):
+    assert build_config(None, None, dict([parse_override(f"stage2.pruning_layer={text}")])).stage2.pruning_layer == value
+    path = tmp_path / "my.yaml"
+    path.write_text(f"stage2:\n  pruning_layer: {text}\n")  # unquoted 10/28 is a YAML string too
+    assert build_config(None, path).stage2.pruning_layer == value
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [("10/28x", "'10/28x'"), ("29/28", "'29/28'"), ("28/28", "'28/28'"), ("0/0", "'0/0'"), ("-1", "-1"),
+     ("-1/28", "'-1/28'"), ("abc", "'abc'"), ("1.5", "1.5"), ("true", "True"), ("", "None"), ("10/28/2", "'10/28/2'")],
+)
+def test_pruning_layer_rejects_other_values_in_one_line(tmp_path, text, shown):
+    with pytest.raises(PruneVidError) as err:
+        build_config(None, None, dict([parse_override(f"stage2.pruning_layer={text}")]))
+    assert str(err.value) == LAYER_ERROR + shown
+    if text:
+        path = tmp_path / "bad.yaml"
+        path.write_text(f"stage2:\n  pruning_layer: {text}\n")
+        with pytest.raises(PruneVidError, match="stage2.pruning_layer must be a 0-based layer index"):
+            build_config(None, path)
+    res = runner.invoke(app, ["run", "--dataset", str(tmp_path / "d.jsonl"), "--set", f"stage2.pruning_layer={text}"])
+    assert res.exit_code == 2 and res.output.strip() == "error: " + LAYER_ERROR + shown, res.output
+
+
+@pytest.mark.parametrize(
+    "spec,num_layers,layer",
+    [
+        ("10/28", 28, 10), ("10/28", 4, 1), ("10/28", 36, 13), ("10/28", 64, 23), ("10/28", 80, 29),
+        ("0/28", 4, 0), ("27/28", 4, 3), ("27/28", 80, 77),  # 3.86 -> 4 is clamped to the last layer
+        ("1/2", 3, 2), ("1/2", 5, 3), ("1/4", 2, 1),  # exact halves round up: 1.5 -> 2, 2.5 -> 3, 0.5 -> 1
+        ("2/28", 4, 0), ("8/28", 4, 1), ("12/28", 4, 2), ("20/28", 4, 3),
+        (0, 4, 0), (3, 4, 3), (10, 28, 10),  # an index is taken as is
+    ],
+)
+def test_resolve_layer_on_several_depths(spec, num_layers, layer):
+    assert resolve_layer(spec, num_layers) == layer
+
+
+def test_resolve_layer_refuses_an_index_the_model_lacks():
+    with pytest.raises(PruneVidError, match=r"stage2.pruning_layer must be in \[0, 3\] for this model \(4 layers\), got 4; "
+                                            "or give a relative depth such as '10/28'"):
+        resolve_layer(4, 4)
+    with pytest.raises(PruneVidError, match="got '10/28x'"):
+        resolve_layer("10/28x", 28)  # a spec that never went through the config is checked too
+
+
+def test_presets_keep_their_28_layer_meaning_and_fit_the_toy_model():
+    layers = {name: build_config(name).stage2.pruning_layer for name in ("default", "stage2_only", "aggressive", "conservative")}
+    assert {name: resolve_layer(spec, 28) for name, spec in layers.items()} == {
+        "default": 10, "stage2_only": 10, "aggressive": 8, "conservative": 12}
+    assert {name: resolve_layer(spec, 4) for name, spec in layers.items()} == {
+        "default": 1, "stage2_only": 1, "aggressive": 1, "conservative": 2}
 
 
 def test_bad_set_value_names_the_key():

@@ -260,6 +260,7 @@ def test_baseline_agreement_on_shared_ids(base_run, toy, tmp_path):
     assert agreement["n"] == 3 and agreement["only_b"] == 3
     assert agreement["agree"] == sum(mine[i]["prediction"] == base[i]["prediction"] for i in mine)
     assert all(r["tokens_after"] < r["tokens_before_stage1"] for r in mine.values())
+    assert all((r["pruning_layer"], r["pruning_layer_spec"]) == (1, 1) for r in mine.values())
     assert "agreement with baseline" in res.output
 
 

@@ -37,7 +37,7 @@ STAGE1 = {"stage1.enabled": True, "cluster_ratio": 0.5, "tau": 0.8, "min_cluster
 SCORES = ("prunevid", "attention", "last_token", "random")
 
 
-def stage2(k: int = 1, keep: float = 0.4, score: str = "prunevid", stage1: bool = False) -> dict:
+def stage2(k: int | str = 1, keep: float = 0.4, score: str = "prunevid", stage1: bool = False) -> dict:
     over = {"stage2.enabled": True, "pruning_layer": k, "keep_ratio": keep, "score": score}
     return {**over, **STAGE1} if stage1 else over
 
@@ -524,8 +524,10 @@ def test_stage1_on_keeps_floor_of_each_group(pipes):
         ({"keep_ratio": 0.0}, "stage2.keep_ratio"),
         ({"keep_ratio": 1.5}, "stage2.keep_ratio"),
         ({"keep_ratio": -0.2}, "stage2.keep_ratio"),
-        ({"pruning_layer": 4}, "stage2.pruning_layer"),
-        ({"pruning_layer": -1}, "stage2.pruning_layer"),
+        ({"pruning_layer": 4}, r"stage2.pruning_layer must be in \[0, 3\] for this model \(4 layers\)"),
+        ({"pruning_layer": -1}, "stage2.pruning_layer must be a 0-based layer index"),
+        ({"pruning_layer": "29/28"}, "stage2.pruning_layer must be a 0-based layer index"),
+        ({"pruning_layer": "10/28x"}, "stage2.pruning_layer must be a 0-based layer index"),
     ],
 )
 def test_out_of_range_settings_name_the_key(pipes, overrides, key):
@@ -533,6 +535,24 @@ def test_out_of_range_settings_name_the_key(pipes, overrides, key):
     with pytest.raises(PruneVidError, match=key):
         pipe.run(prepared, **{"stage2.enabled": True, **overrides})
     assert pipe.run(prepared, **stage2(k=N_LAYERS - 1)).tokens_after > 0  # the pipeline still works
+
+
+@pytest.mark.parametrize("spec,k", [("10/28", 1), ("27/28", 3)])
+def test_relative_pruning_layer_prunes_after_the_resolved_layer(pipes, spec, k):
+    """A "K/N" layer on the 4-layer model behaves exactly as the absolute layer it resolves to; the
+    run record keeps both: the layer it pruned after and the value as written."""
+    pipe, prepared = pipes["sdpa"]
+    relative = run_traced(pipe, prepared, **stage2(k=spec))
+    absolute = run_traced(pipe, prepared, **stage2(k=k))
+    neighbour = run_traced(pipe, prepared, **stage2(k=k - 1))
+    assert torch.equal(relative.state.scores, absolute.state.scores)
+    assert not torch.equal(relative.state.scores, neighbour.state.scores)  # scores do tell the layers apart
+    assert torch.equal(relative.logits, absolute.logits)
+    assert torch.equal(relative.state.keep_index, absolute.state.keep_index)
+    r, a = relative.result, absolute.result
+    assert (r.pruning_layer, r.pruning_layer_spec) == (k, spec) and (a.pruning_layer, a.pruning_layer_spec) == (k, k)
+    assert r.kv_cache_bytes_uncompressed == a.kv_cache_bytes_uncompressed == baseline(pipes, "sdpa").result.kv_cache_bytes
+    assert baseline(pipes, "sdpa").result.pruning_layer is None
 
 
 def test_prompt_without_text_after_the_video_is_refused(models):

@@ -72,6 +72,15 @@ def test_values_are_typed_and_validated():
         "stage1.tau": [0.7, 0.9], "stage2.score": ["prunevid", "random"], "video.num_frames": [8]}
     with pytest.raises(PruneVidError, match=r"stage1.tau must be in \(0, 1\], got 1.5"):
         expand_cells(build_config(), parse_values(["tau=0.8,1.5"]))
+    with pytest.raises(PruneVidError, match="stage2.pruning_layer must be a 0-based layer index .* got '29/28'"):
+        expand_cells(build_config(), parse_values(["pruning_layer=10/28,29/28"]))
+
+
+def test_pruning_layer_sweeps_over_indices_and_relative_depths():
+    assert grid_spec(["pruning_layer"], None, None) == {"stage2.pruning_layer": ["2/28", "10/28", "20/28"]}  # shipped
+    cells = expand_cells(build_config(), parse_values(["pruning_layer=1,10/28"]))
+    assert [(c.name, c.config.stage2.pruning_layer) for c in cells[1:]] == [("pruning_layer=1", 1), ("pruning_layer=10/28", "10/28")]
+    assert all(c.config.stage2.enabled for c in cells[1:])
 
 
 @pytest.mark.parametrize(
@@ -205,6 +214,24 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
     assert res.exit_code == 0, res.output
     table = [line for line in res.output.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(cells) and "baseline" in table[1]
+
+
+def test_sweep_table_shows_the_resolved_layer_beside_the_swept_value(toy, tmp_path, calls):
+    res = invoke("sweep", "pruning_layer", "--values", "pruning_layer=10/28,27/28,2", "--dataset", toy, "--limit", "1",
+                 "--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4", "--results-dir", tmp_path)
+    assert res.exit_code == 0, res.output
+    (sweep_dir,) = tmp_path.iterdir()
+    rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert [(c, r["pruning_layer"], r["pruning_layer_spec"]) for c, r in rows.items()] == [
+        ("baseline", "", "10/28"), ("pruning_layer=10/28", "1", "10/28"), ("pruning_layer=27/28", "3", "27/28"),
+        ("pruning_layer=2", "2", "2")]
+    cell = Path(rows["pruning_layer=10/28"]["run_dir"])
+    assert cell.name == "pruning_layer=10-28"
+    (cell_row,) = csv.DictReader(open(cell / "summary.csv"))
+    assert (cell_row["pruning_layer"], cell_row["pruning_layer_spec"]) == ("1", "10/28")
+    assert json.loads((cell / "summary.json").read_text())["pruning_layer"] == 1
+    res = invoke("compare", sweep_dir, "--markdown")
+    assert res.exit_code == 0 and "L=1 (10/28)" in res.output and "L=3 (27/28)" in res.output and "L=2 prunevid" in res.output
 
 
 def test_params_without_values_take_the_shipped_sweep_files():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ SCORE_MODES = ("prunevid", "attention", "last_token", "random")
 @dataclass
 class Stage2Config:
     enabled: bool = False
-    pruning_layer: int = 10  # 0-based K: layers 0..K see all tokens, K+1.. only the kept ones
+    pruning_layer: int | str = "10/28"  # K: layers 0..K see all tokens, K+1.. the kept ones; an index or "K/N" (resolve_layer)
     keep_ratio: float = 0.4  # floor(n * keep_ratio) kept in each Stage-1 group
     score: str = "prunevid"  # prunevid | attention | last_token | random
     seed: int = 0  # for score = random
@@ -122,6 +123,8 @@ def resolve_key(name: str) -> str:
 
 def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
     """Convert a YAML/CLI value to the field's type, with a one-line error naming the key."""
+    if key == "stage2.pruning_layer":
+        return parse_layer(key, value)
     if value is None:
         if "None" in annotation:
             return None
@@ -151,14 +154,53 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
         raise PruneVidError(f"{key} must be {base}, got {value!r}") from None
 
 
+LAYER_FORMS = "a 0-based layer index (e.g. 10) or a relative depth 'K/N' with 0 <= K < N (e.g. '10/28': layer 10 of 28)"
+
+
+def parse_layer(key: str, value: Any) -> int | str:
+    """A layer as written: an absolute index (``10``, ``"10"``) -> int, a relative depth
+    (``"10/28"``, ``" 10 / 28 "``) -> ``"10/28"``; anything else raises naming the key."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+)\s*(?:/\s*([0-9]+)\s*)?", value)
+        if match and match[2] is None:
+            return int(match[1])
+        if match and int(match[1]) < int(match[2]):
+            return f"{int(match[1])}/{int(match[2])}"
+    raise PruneVidError(f"{key} must be {LAYER_FORMS}, got {value!r}")
+
+
+def resolve_layer(spec: int | str, num_layers: int, key: str = "stage2.pruning_layer") -> int:
+    """The absolute 0-based layer that ``spec`` names in a model of ``num_layers`` layers.
+
+    An int is taken as is and must exist in the model. ``"K/N"`` is the layer at the same relative
+    depth as layer K of an N-layer model: ``K * L / N`` rounded half up, clamped to [0, L-1]. So
+    the paper's ``"10/28"`` (Qwen2.5-VL-7B) is 10 on 28 layers, 13 on 36 (3B), 23 on 64 (32B),
+    29 on 80 (72B) and 1 on the 4-layer toy model.
+    """
+    spec = parse_layer(key, spec)
+    if isinstance(spec, str):
+        k, n = map(int, spec.split("/"))
+        return min(num_layers - 1, (2 * k * num_layers + n) // (2 * n))  # floor(k*L/n + 1/2) in integers
+    if spec >= num_layers:
+        raise PruneVidError(
+            f"{key} must be in [0, {num_layers - 1}] for this model ({num_layers} layers), got {spec}; "
+            f"or give a relative depth such as '10/28'"
+        )
+    return spec
+
+
 def _in_unit_interval(key: str, value: float) -> None:
     if not 0.0 < value <= 1.0:
         raise PruneVidError(f"{key} must be in (0, 1], got {value}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Range checks that need no model. ``stage2.pruning_layer`` is checked against the model
-    when the patch is applied, since its valid range depends on the depth."""
+    """Range checks that need no model. ``stage2.pruning_layer`` is only checked for its form
+    here: it is resolved against the model's depth (``resolve_layer``) when the patch is applied."""
     s1, s2, v = cfg.stage1, cfg.stage2, cfg.video
     for name in ("tau", "cluster_ratio", "temporal_segment_ratio"):
         _in_unit_interval(f"stage1.{name}", getattr(s1, name))
@@ -167,8 +209,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if s1.min_cluster_tokens < 0:
         raise PruneVidError(f"stage1.min_cluster_tokens must be >= 0, got {s1.min_cluster_tokens}")
     _in_unit_interval("stage2.keep_ratio", s2.keep_ratio)
-    if s2.pruning_layer < 0:
-        raise PruneVidError(f"stage2.pruning_layer must be >= 0, got {s2.pruning_layer}")
+    parse_layer("stage2.pruning_layer", s2.pruning_layer)
     if s2.score not in SCORE_MODES:
         raise PruneVidError(f"stage2.score must be one of {', '.join(SCORE_MODES)}, got '{s2.score}'{_suggest(s2.score, list(SCORE_MODES))}")
     if v.num_frames is None and v.fps is None:

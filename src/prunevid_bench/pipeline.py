@@ -133,7 +133,7 @@ class Pipeline:
         if cfg.stage2.enabled and stages.get("kv_bytes_layers_0_to_k"):
             # Layers 0..K were read just before compaction; every layer holds the same length.
             n_layers = self.model.config.get_text_config().num_hidden_layers
-            kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (cfg.stage2.pruning_layer + 1)
+            kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (handle.pruning_layer + 1)
         grid = prepared.inputs.get("video_grid_thw")
         return RunResult(
             generated_text=text.strip(),
@@ -166,6 +166,8 @@ class Pipeline:
             stage2_s=stages.get("stage2_s", 0.0),
             total_compression_ratio=(tokens_after / before1) if before1 else 1.0,
             llm_prefill_tokens=stages.get("llm_prefill_tokens") or out.prompt_tokens,
+            pruning_layer=handle.pruning_layer if cfg.stage2.enabled else None,
+            pruning_layer_spec=cfg.stage2.pruning_layer if cfg.stage2.enabled else None,
             generated_token_ids=out.token_ids,
             first_token_logits=out.first_logits,
         )

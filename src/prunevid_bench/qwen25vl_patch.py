@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench.config import Stage1Config, Stage2Config, resolve_layer
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.measure import Clock, cache_bytes
 from prunevid_bench.stages import stage2 as s2
@@ -73,11 +73,8 @@ class PruneVidHandle:
         self.video_token_id = model.config.video_token_id
         self.vision_end_token_id = model.config.vision_end_token_id
         self.merge = model.config.vision_config.spatial_merge_size
-        if stage2.enabled and not 0 <= stage2.pruning_layer < self.num_layers:
-            raise PruneVidError(
-                f"stage2.pruning_layer must be in [0, {self.num_layers - 1}] for this model "
-                f"({self.num_layers} layers), got {stage2.pruning_layer}"
-            )
+        # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads this.
+        self.pruning_layer = resolve_layer(stage2.pruning_layer, self.num_layers) if stage2.enabled else None
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
@@ -88,7 +85,7 @@ class PruneVidHandle:
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.stage2.enabled:
-            k = self.stage2.pruning_layer
+            k = self.pruning_layer
             layer = lm.layers[k]
             add(layer.self_attn.q_proj.register_forward_hook(self._capture("q")))
             add(layer.self_attn.k_proj.register_forward_hook(self._capture("k")))
@@ -284,7 +281,7 @@ class PruneVidHandle:
         cache = _cache_kwarg(kwargs)
         st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0
         if cache is not None:
-            s2.compact_cache_layers(cache, range(self.stage2.pruning_layer + 1), keep_index)
+            s2.compact_cache_layers(cache, range(self.pruning_layer + 1), keep_index)
         st.scores, st.kept_visual, st.keep_index = scores, kept, keep_index
         st.tokens_after = int(kept.numel())
         st.captured.clear()

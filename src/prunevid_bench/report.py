@@ -52,6 +52,8 @@ class RunResult:
     stage2_s: float
     total_compression_ratio: float  # visual tokens after all stages / before Stage 1
     llm_prefill_tokens: int  # sequence length the LLM's first layer saw
+    pruning_layer: int | None = None  # the absolute layer K Stage 2 pruned after (None when off)
+    pruning_layer_spec: int | str | None = None  # K as configured: an index or "K/N" (None when off)
     generated_token_ids: list[int] = field(default_factory=list)
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 

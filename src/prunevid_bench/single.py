@@ -55,12 +55,20 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
         ("KV cache without Stage 3", human_bytes(result["kv_cache_bytes_uncompressed"])),
         ("video grid (t, h, w)", str(result["video_grid_thw"])),
         ("frames / sampled fps / backend", f"{result['num_frames']} / {result['sampled_fps']:.3g} / {result['video_backend']}"),
+        ("Stage 2 pruning layer K", layer_text(result.get("pruning_layer"), result.get("pruning_layer_spec"))),
     ]
     if "ttft_s_median" in result:
         rows.insert(8, ("  TTFT median / p90 over repeats", f"{fmt_seconds(result['ttft_s_median'])} / {fmt_seconds(result['ttft_s_p90'])}"))
     for name, value in rows:
         table.add_row(name, str(value))
     return table
+
+
+def layer_text(layer: int | None, spec: int | str | None) -> str:
+    """Stage 2's layer K: ``1 (10/28)`` when resolved from a relative depth, ``10`` for an index."""
+    if layer is None or layer == spec:
+        return "-" if spec is None else str(spec)
+    return f"{layer} ({spec})"
 
 
 def timing_summary(results: list[RunResult]) -> dict[str, Any]:

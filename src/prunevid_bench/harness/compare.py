@@ -22,7 +22,7 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement
 from prunevid_bench.harness.evaluate import fmt_pct
 from prunevid_bench.harness.runs import SavedRun, load_run
-from prunevid_bench.single import fmt_seconds, human_bytes
+from prunevid_bench.single import fmt_seconds, human_bytes, layer_text
 
 FRAME_KEYS = ("num_frames", "fps", "max_frames", "max_pixels", "min_pixels")
 
@@ -48,13 +48,15 @@ def expand(paths: list[Path]) -> list[SavedRun]:
     return runs
 
 
-def stages_text(cfg: dict[str, Any]) -> str:
+def stages_text(cfg: dict[str, Any], pruning_layer: int | str | None = None) -> str:
+    """The stage settings in a few words. ``L`` is the layer the run actually pruned after
+    (``pruning_layer``), with the configured relative depth beside it when it was one: ``L=1 (10/28)``."""
     s1, s2 = cfg["stage1"], cfg["stage2"]
     parts = []
     if s1["enabled"]:
         parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}")
     if s2["enabled"]:
-        parts.append(f"S2 keep={s2['keep_ratio']} L={s2['pruning_layer']} {s2['score']}")
+        parts.append(f"S2 keep={s2['keep_ratio']} L={layer_text(pruning_layer, s2['pruning_layer'])} {s2['score']}")
     return " + ".join(parts) or "off"
 
 
@@ -95,7 +97,7 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
         row: dict[str, Any] = {
             "run": run.name,
             "path": str(run.path),
-            "stages": stages_text(run.config),
+            "stages": stages_text(run.config, run.pruning_layer),
             "n": acc["n"] if acc else 1,
             "tokens_in": tokens_in,
             "tokens_after_stage1": run.metric("tokens_after_stage1"),

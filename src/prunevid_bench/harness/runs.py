@@ -186,6 +186,8 @@ def summarise(
         "n": len(records),
         "accuracy": accuracy_summary(records),
         "skipped": list(skipped),
+        # The absolute layer Stage 2 pruned after, as the model resolved it (one config, one value).
+        "pruning_layer": next((r["pruning_layer"] for r in ok if r.get("pruning_layer") is not None), None),
         "metrics": {name: spread(r.get(name) for r in ok) for name in METRICS},
     }
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if v is not None}
@@ -211,7 +213,8 @@ def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[s
         "cluster_ratio": cfg["stage1"]["cluster_ratio"],
         "temporal_segment_ratio": cfg["stage1"]["temporal_segment_ratio"],
         "stage2": cfg["stage2"]["enabled"],
-        "pruning_layer": cfg["stage2"]["pruning_layer"],
+        "pruning_layer": summary.get("pruning_layer"),  # resolved; None when Stage 2 is off
+        "pruning_layer_spec": cfg["stage2"]["pruning_layer"],  # as configured, e.g. "10/28"
         "keep_ratio": cfg["stage2"]["keep_ratio"],
         "score": cfg["stage2"]["score"],
         "n": acc["n"],
@@ -260,6 +263,13 @@ class SavedRun:
     @property
     def stages_off(self) -> bool:
         return not self.config["stage1"]["enabled"] and not self.config["stage2"]["enabled"]
+
+    @property
+    def pruning_layer(self) -> int | str | None:
+        """The absolute layer Stage 2 pruned after, as recorded by the run; folders written
+        before it was recorded fall back to the config's value (then always an index)."""
+        recorded = self.result if self.result is not None else self.summary or {}
+        return recorded["pruning_layer"] if "pruning_layer" in recorded else self.config["stage2"]["pruning_layer"]
 
     def metric(self, name: str) -> float | None:
         """Median over samples for a dataset run; the value (or repeat median) for a single run."""

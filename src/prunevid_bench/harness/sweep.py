@@ -354,6 +354,9 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         for key in spec:
             section, name = key.split(".")
             row[short_name(key)] = getattr(getattr(cell.config, section), name)
+        if "stage2.pruning_layer" in spec:  # the layer the model resolved, beside the value as swept
+            row[short_name("stage2.pruning_layer")] = res.summary.get("pruning_layer")
+            row["pruning_layer_spec"] = cell.config.stage2.pruning_layer
         row.update(
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
