@@ -20,7 +20,8 @@ from prunevid_bench.harness.answers import format_mc_prompt
 from prunevid_bench.models.tiny import SPECIAL_TOKENS, VOCAB_SIZE, build_processor
 from prunevid_bench.toy.model import ASSET_DIR, build_toy_processor, load_toy_model, toy_words
 from prunevid_bench.toy.train import (
-    AUX_HEADS, CLOSE_ID, LETTER_A_ID, OPEN_ID, TOY_SIZES, answer_tokens, text_prompt, token_labels,
+    AUX_HEADS, CLOSE_ID, LETTER_A_ID, OPEN_ID, TOY_SIZES, PixelCodec, answer_tokens, linear_patch_embedding,
+    prepare_samples, text_prompt, token_labels, toy_config,
 )
 from prunevid_bench.toy.world import COLOURS, DIRECTIONS, SHAPES, ObjectSpec, VideoSpec, generate_dataset
 
@@ -69,6 +70,59 @@ def test_option_words_and_what_they_name():
     assert words == [" red", " up", " circle", " blue"] and p.correct == 3
     assert p.input_ids[p.final + 1] == answer[0] and p.input_ids[p.letter_at + 1] == LETTER_A_ID + 3
     assert text_prompt(processor, "What colour?", answer).options is None
+
+
+def toy_pipeline():
+    from prunevid_bench.config import RunConfig
+    from prunevid_bench.models.loading import LoadedModel
+    from prunevid_bench.pipeline import Pipeline
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    processor = build_toy_processor()
+    model = Qwen2_5_VLForConditionalGeneration(toy_config()).eval()
+    return Pipeline(LoadedModel(model, processor, "toy", True), RunConfig()), PixelCodec(processor)
+
+
+def test_prepared_samples_are_what_inference_sees_whatever_the_workers():
+    """The "easy" form swaps option words into the processed "mc" prompt instead of running the
+    processor again: its ids must be the processor's for that text. The corner's name is found,
+    and the number of encoding processes changes nothing."""
+    from prunevid_bench.toy.train import easy_options
+    from prunevid_bench.toy.world import iter_specs
+    import numpy as np
+
+    pipe, codec = toy_pipeline()
+    tokenizer = pipe.processor.tokenizer
+    one, two = (prepare_samples(pipe, codec, 6, HELD_OUT_SEED, "t", workers=w) for w in (1, 2))
+    rng = np.random.default_rng([HELD_OUT_SEED, 1])  # the draws prepare_samples makes
+    for a, b, (_, _, question) in zip(one, two, iter_specs(6, HELD_OUT_SEED)):
+        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.labels, b.labels)
+        for form in a.prompts:
+            assert torch.equal(a.prompts[form].input_ids, b.prompts[form].input_ids), form
+        options, letter = easy_options(question.options, question.answer, rng)
+        expected = pipe.prepare(np.zeros((16, 112, 112, 3), np.uint8), format_mc_prompt(question.question, options))
+        easy = a.prompts["easy"]
+        assert torch.equal(easy.input_ids[:easy.prompt_length], expected.inputs["input_ids"][0])
+        assert tokenizer.decode(easy.input_ids[easy.prompt_length:]) == f"{question.answer_text} ({letter})"
+        assert torch.equal(easy.position_ids, a.prompts["mc"].position_ids)
+        place = [tokenizer.decode([int(easy.input_ids[i])]) for i in easy.place if i >= 0]
+        if question.category.startswith("corner"):
+            top, left = place
+            assert f"{top.strip()}-{left} corner" in question.question
+        else:
+            assert easy.place == (-1, -1)
+
+
+def test_linear_patch_embedding_is_the_convolution():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(toy_config())
+    pixels = torch.randn(64, 3 * 2 * 14 * 14)
+    conv = model.model.visual.patch_embed(pixels)
+    linear_patch_embedding(model)
+    torch.testing.assert_close(model.model.visual.patch_embed(pixels), conv, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_weights_are_one_line(tmp_path):

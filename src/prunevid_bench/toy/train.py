@@ -10,9 +10,9 @@ engine's first decode position; the loss is on its tokens and the ``<|im_end|>``
 the training-only losses of ``training_losses`` and ``aux_loss`` (recipe: docs/toy-model.md).
 
 All samples are prepared once and kept in memory (pixels as exact uint8, a quarter of float32).
-Seeds fix the data, the initialisation, the batch order and the noise, so a run on the same
-machine and thread count reproduces the weights up to float rounding (two runs of a dozen steps
-differed by about 1e-6 in the weights; the cause is not found yet).
+Seeds fix the data, the initialisation, the batch order and the noise, and the clips' bytes are
+reproducible (`encode_mp4`), so a run on the same machine and thread count reproduces the weights
+bit for bit (two short runs gave identical weights).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class TrainConfig:
     option_weight: float = 1.0  # weight of the "which option word is the answer" loss in the text warm-up
     video_option_weight: float = 0.0  # the same in the video steps
     attention_weight: float = 1.0  # weight of the guided-attention loss (see training_losses)
+    place_guide: int = 1  # 1: guide the word "corner" to the corner's name too (ATTENTION_GUIDES["place"])
     text_steps: int = 400  # warm-up steps on text-only prompts (TEXT_FORMS) before the video steps
     text_batch_size: int = 32
     init_seed: int = 0  # model initialisation, batch order and noise
@@ -101,6 +102,9 @@ class TrainConfig:
     # any machine.
     threads: int = 1
     eval_every: int = 100  # steps between validation logs
+    # Processes that render and encode the clips while the main one decodes them and runs the
+    # processor (the samples do not depend on how many).
+    prep_workers: int = 2
 
 
 # The video prompts built for every training scene; only "mc" is ever evaluated.
@@ -128,6 +132,7 @@ class Prompt:
     correct: int = -1  # which of them is the answer
     letter_at: int = -1  # the position that predicts the answer's letter (multiple-choice forms)
     anchor: int = -1  # the question word that names the object asked about (video forms; see anchor_position)
+    place: tuple[int, int] = (-1, -1)  # corner questions: the two words of the corner's name ("top", "left")
 
     @property
     def final(self) -> int:
@@ -272,54 +277,90 @@ def anchor_position(tokenizer, input_ids: torch.Tensor) -> int:
     raise ValueError("no anchor word in the question")
 
 
-def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, forms=FORMS + TEXT_FORMS) -> list[Sample]:
-    """Render, encode, decode and process n scenes of the toy set drawn with ``seed``."""
+def place_positions(tokenizer, input_ids: torch.Tensor, anchor: int) -> tuple[int, int]:
+    """The two words of a corner's name before the anchor " corner" ("top" "-" "left" "corner"),
+    or (-1, -1) when the anchor is another word."""
+    corner = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" corner"))
+    return (anchor - 3, anchor - 1) if [int(input_ids[anchor])] == corner else (-1, -1)
+
+
+def encoded_clip(task: tuple[int, int, str]):
+    """(mp4 path, frame count, scene, question) of example ``index`` of the set drawn with
+    ``seed``, rendered and written in ``tmp`` byte for byte as `prunevid toy-data` writes it.
+    Runs in a worker process: encoding is most of the preparation's time."""
+    from prunevid_bench.toy.world import encode_mp4, render_video, sample_example
+
+    seed, index, tmp = task
+    spec, question = sample_example(seed, index)
+    path = Path(tmp) / f"clip-{index}.mp4"
+    frames = render_video(spec)
+    encode_mp4(frames, path)
+    return path, len(frames), spec, question
+
+
+def swap_options(prompt: Prompt, tokenizer, options: list[str], answer: torch.Tensor) -> Prompt:
+    """The same multiple-choice prompt with other option words (one token each, so the length
+    and positions stay) and another answer: what the processor gives for that text, without
+    running it on the video again."""
+    ids = prompt.input_ids[:prompt.prompt_length].clone()
+    words = [tokenizer.encode(f" {w}", add_special_tokens=False) for w in options]
+    if any(len(w) != 1 for w in words):
+        raise ValueError(f"an option of {options} is not one token")
+    ids[prompt.options] = torch.tensor([w[0] for w in words])
+    swapped = make_prompt(ids, prompt.position_ids[:, :prompt.prompt_length], prompt.mm_token_type_ids[:prompt.prompt_length], answer)
+    swapped.anchor, swapped.place = prompt.anchor, prompt.place
+    return swapped
+
+
+def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, forms=FORMS + TEXT_FORMS,
+                    workers: int = 1) -> list[Sample]:
+    """Render, encode, decode and process n scenes of the toy set drawn with ``seed``. ``workers``
+    processes render and encode (the samples do not depend on how many)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import numpy as np
 
     from prunevid_bench.engine import prefill_position_ids
     from prunevid_bench.harness.answers import format_mc_prompt
     from prunevid_bench.toy.model import NAMED_QUESTION
-    from prunevid_bench.toy.world import encode_mp4, iter_specs, render_video
+    from prunevid_bench.toy.world import _check_set
     from prunevid_bench.video import load_clip
 
+    _check_set(n, seed)
     tokenizer = pipe.processor.tokenizer
-
     rng = np.random.default_rng([seed, 1])
     samples = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        clip_path = Path(tmp) / "clip.mp4"
-        for i, (_, spec, question) in enumerate(iter_specs(n, seed)):
-            frames = render_video(spec)
-            encode_mp4(frames, clip_path)
-            clip = load_clip(clip_path, num_frames=len(frames))
+    with tempfile.TemporaryDirectory() as tmp, \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        clips = pool.map(encoded_clip, [(seed, i, tmp) for i in range(n)], chunksize=8)
+        for i, (path, frames, spec, question) in enumerate(clips):
+            clip = load_clip(path, num_frames=frames)
+            path.unlink()
             word = question.answer_text
             easy_opts, easy_letter = easy_options(question.options, question.answer, rng)
-            mc = (format_mc_prompt(question.question, question.options), answer_tokens(tokenizer, word, question.answer))
-            texts = {  # form: (prompt text, answer tokens)
-                "mc": mc,
-                "easy": (format_mc_prompt(question.question, easy_opts), answer_tokens(tokenizer, word, easy_letter)),
-                "text_mc": mc,
-                "text_named": (format_mc_prompt(NAMED_QUESTION.format(answer=word), question.options), mc[1]),
+            mc_text = format_mc_prompt(question.question, question.options)
+            mc_answer = answer_tokens(tokenizer, word, question.answer)
+            inputs = pipe.prepare(clip, mc_text).inputs
+            positions = prefill_position_ids(pipe.model, inputs)[:, 0]  # [4, L]
+            mc = make_prompt(inputs["input_ids"][0], positions, inputs["mm_token_type_ids"][0], mc_answer)
+            mc.anchor = anchor_position(tokenizer, mc.input_ids)
+            mc.place = place_positions(tokenizer, mc.input_ids, mc.anchor)
+            builders = {
+                "mc": lambda: mc,
+                "easy": lambda: swap_options(mc, tokenizer, easy_opts, answer_tokens(tokenizer, word, easy_letter)),
+                "text_mc": lambda: text_prompt(pipe.processor, mc_text, mc_answer),
+                "text_named": lambda: text_prompt(
+                    pipe.processor, format_mc_prompt(NAMED_QUESTION.format(answer=word), question.options), mc_answer),
             }
-            prompts, inputs = {}, None
-            for form in forms:
-                text, answer = texts[form]
-                if form in TEXT_FORMS:
-                    prompts[form] = text_prompt(pipe.processor, text, answer)
-                    continue
-                inputs = pipe.prepare(clip, text).inputs
-                positions = prefill_position_ids(pipe.model, inputs)[:, 0]  # [4, L]
-                prompts[form] = make_prompt(inputs["input_ids"][0], positions, inputs["mm_token_type_ids"][0], answer)
-                prompts[form].anchor = anchor_position(tokenizer, prompts[form].input_ids)
             grid = inputs["video_grid_thw"]
-            labels = token_labels(spec, grid[0], len(frames), frames.shape[1])
             samples.append(Sample(
-                prompts=prompts,
+                prompts={form: builders[form]() for form in forms},
                 pixels=codec.encode(inputs["pixel_values_videos"]),
                 video_grid_thw=grid,
                 second_per_grid_ts=inputs["second_per_grid_ts"],
-                labels=labels,
+                labels=token_labels(spec, grid[0], len(clip.frames), clip.frames.shape[1]),
                 target=question.target,
                 answer_word=ANSWER_WORDS.index(word),
                 category=question.category,
@@ -376,7 +417,8 @@ def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float
         visual = target = torch.zeros(len(batch), 0, dtype=torch.long)
     return inputs, Supervision(torch.tensor(rows), torch.tensor(index), torch.tensor(targets), options,
                                torch.tensor([p.final for p in prompts]),
-                               torch.tensor([p.anchor for p in prompts]), visual, target.bool(),
+                               torch.tensor([p.anchor for p in prompts]), torch.tensor([p.place for p in prompts]),
+                               visual, target.bool(),
                                torch.tensor([s.answer_word for s, _ in batch]))
 
 
@@ -394,6 +436,7 @@ class Supervision(NamedTuple):
     options: Options
     final: torch.Tensor  # [B] the prompt's last position, which predicts the answer word
     anchor: torch.Tensor  # [B] the question word naming the object asked about (-1 in text-only batches)
+    place: torch.Tensor  # [B, 2] the corner's name (corner questions; -1 elsewhere)
     visual: torch.Tensor  # [B, V] positions of the visual tokens (V = 0 in a text-only batch)
     target: torch.Tensor  # [B, V] the visual tokens of the object the question asks about
     answer_word: torch.Tensor  # [B] the answer, index into ANSWER_WORDS
@@ -413,13 +456,14 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, word_head, inputs, sup: Supervision):
+def training_losses(model, option_head, word_head, inputs, sup: Supervision, place_guide: bool = True):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
     loss asks each option word's final hidden state whether it is the answer (a softmax over
-    the four). The attention loss guides four heads (``ATTENTION_GUIDES``): each option word
-    looks back at its letter; the question word that names the object (see anchor_position)
+    the four). The attention loss guides five heads (``ATTENTION_GUIDES``): each option word
+    looks back at its letter; in a corner question, the word "corner" reads the corner's name
+    (with ``place_guide``); the question word that names the object (see anchor_position)
     looks at that object's visual tokens; the answer position looks at that question word, then
     at the option word that is the answer. The guide loss also asks the answer position for the
     answer word before the last layer (``word_head``). What to take from the object, and how to
@@ -454,11 +498,16 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision):
         # What the answer position holds before the last layer matches it to an option: the answer word.
         middle = out.hidden_states[ATTENTION_GUIDES["answer"][0]][rows, sup.final]
         losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
+    corner = sup.place[:, 0] >= 0
+    if place_guide and corner.any():  # the anchor "corner" reads both words of the corner's name
+        rows = torch.nonzero(corner).flatten()
+        to_place = attention("place", rows, sup.anchor[rows]).gather(-1, sup.place[rows])  # [N, 2]
+        losses.append(-(to_place + eps).log().mean())
     return answer, option, sum(losses) / max(1, len(losses))
 
 
 # Guided heads as (layer, head).
-ATTENTION_GUIDES = {"letter": (0, 1), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
+ATTENTION_GUIDES = {"letter": (0, 1), "place": (0, 2), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
 
 
 @torch.no_grad()
@@ -518,6 +567,19 @@ def aux_loss(heads: torch.nn.Linear, features: torch.Tensor, labels: torch.Tenso
     return sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits)) / len(AUX_HEADS)
 
 
+def linear_patch_embedding(model) -> None:
+    """Compute the vision tower's patch embedding as the matrix product it is (its Conv3d's kernel
+    is its stride, one output per patch): the same result up to float rounding, where the CPU's
+    convolution took a fifth of a training step. Training only; the saved weights are unchanged."""
+    embed = model.model.visual.patch_embed
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = embed.proj.weight
+        return F.linear(hidden_states.to(weight.dtype).view(-1, weight[0].numel()), weight.view(weight.shape[0], -1))
+
+    embed.forward = forward
+
+
 def train(cfg: TrainConfig) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -533,6 +595,7 @@ def train(cfg: TrainConfig) -> None:
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = cfg.init_std
     model = Qwen2_5_VLForConditionalGeneration(config)
+    linear_patch_embedding(model)
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
     # Training-only heads, not saved: the per-token scene labels, and "is this option the answer".
@@ -546,8 +609,8 @@ def train(cfg: TrainConfig) -> None:
     codec = PixelCodec(processor)
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
 
-    train_set = prepare_samples(pipe, codec, cfg.n_train, cfg.train_seed, "train")
-    val_set = prepare_samples(pipe, codec, cfg.n_val, cfg.val_seed, "val", forms=("mc",))
+    train_set = prepare_samples(pipe, codec, cfg.n_train, cfg.train_seed, "train", workers=cfg.prep_workers)
+    val_set = prepare_samples(pipe, codec, cfg.n_val, cfg.val_seed, "val", forms=("mc",), workers=cfg.prep_workers)
     t_prep = time.perf_counter() - t0
     print(f"prepared {len(train_set)} training scenes ({'/'.join(FORMS)}) + {len(val_set)} val questions "
           f"in {t_prep:.0f} s", flush=True)
@@ -600,7 +663,7 @@ def train(cfg: TrainConfig) -> None:
     for step in range(cfg.steps):
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
-        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.place_guide > 0)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)

@@ -335,8 +335,10 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1  # the shipped toy model was trained on single-thread encodes
         if codec == "libx264":
-            # Near-lossless so palette colours survive; one thread keeps the bytes reproducible.
-            stream.options = {"crf": "12", "preset": "medium", "threads": "1"}
+            # Near-lossless so palette colours survive. One thread and x264's C code (asm=0) keep
+            # the bytes reproducible: with its SIMD code, 30 encodes of the same frames in one
+            # process gave 4 different files; in C (twice as slow, 50 ms a clip) they are all the same.
+            stream.options = {"crf": "12", "preset": "medium", "threads": "1", "x264-params": "asm=0"}
         else:
             stream.bit_rate = 8_000_000  # far above what 112-px flat shapes need: near-lossless
         for index, frame in enumerate(video):
