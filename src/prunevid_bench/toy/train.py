@@ -74,6 +74,10 @@ class TrainConfig:
     val_seed: int = 999  # toy-world seed of the validation set logged during training
     n_val: int = 100  # validation questions (teacher-forced letter accuracy, for the log only)
     steps: int = 1000  # optimiser steps on video prompts
+    # Then tail_steps more video steps, their learning rate a second cosine from tail_lr_ratio * lr
+    # (the main schedule, and so the run up to there, is the same with or without them).
+    tail_steps: int = 0
+    tail_lr_ratio: float = 0.3
     batch_size: int = 16
     lr: float = 2e-3  # peak AdamW learning rate
     warmup_steps: int = 50  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -534,10 +538,17 @@ def letter_accuracy(model, samples: list[Sample], codec: PixelCodec, batch_size:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, a cosine from lr to min_lr_ratio * lr over the text and video steps, then
+    over the tail steps a second cosine from tail_lr_ratio * lr down to the same floor."""
+    def cosine(top: float, progress: float) -> float:
+        return cfg.lr * (cfg.min_lr_ratio + (top - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.text_steps + cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    main = cfg.text_steps + cfg.steps
+    if step < main:
+        return cosine(1.0, (step - cfg.warmup_steps) / max(1, main - cfg.warmup_steps))
+    return cosine(cfg.tail_lr_ratio, (step - main) / max(1, cfg.tail_steps))
 
 
 def save(model, out: Path) -> None:
@@ -660,7 +671,8 @@ def train(cfg: TrainConfig) -> None:
         if (step + 1) % cfg.eval_every == 0:
             print(f"text step {step + 1}/{cfg.text_steps} {losses} {time.perf_counter() - t_train:.0f} s", flush=True)
     order: list[int] = []
-    for step in range(cfg.steps):
+    video_steps = cfg.steps + cfg.tail_steps
+    for step in range(video_steps):
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
         answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.place_guide > 0)
@@ -668,11 +680,11 @@ def train(cfg: TrainConfig) -> None:
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)
         losses = smooth(step, loss=answer, option=option, guide=guide, scene=scene)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == video_steps:
             acc = letter_accuracy(model, val_set, codec, 2 * cfg.batch_size)
             per_type = " ".join(f"{k}={w:.2f}/{b:.2f}" for k, (w, b) in acc.items() if k != "all")
             elapsed = time.perf_counter() - t_train
-            print(f"step {step + 1}/{cfg.steps} {losses} val word/both {acc['all'][0]:.2f}/{acc['all'][1]:.2f} "
+            print(f"step {step + 1}/{video_steps} {losses} val word/both {acc['all'][0]:.2f}/{acc['all'][1]:.2f} "
                   f"({per_type}) {elapsed:.0f} s", flush=True)
     tap.remove()
     model.eval()
