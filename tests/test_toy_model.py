@@ -86,8 +86,8 @@ def toy_pipeline():
 
 def test_prepared_samples_are_what_inference_sees_whatever_the_workers():
     """The "easy" form swaps option words into the processed "mc" prompt instead of running the
-    processor again: its ids must be the processor's for that text. The corner's name is found,
-    and the number of encoding processes changes nothing."""
+    processor again: its ids must be the processor's for that text. The words naming the object
+    are found, and the number of encoding processes changes nothing."""
     from prunevid_bench.toy.train import easy_options
     from prunevid_bench.toy.world import iter_specs
     import numpy as np
@@ -106,12 +106,15 @@ def test_prepared_samples_are_what_inference_sees_whatever_the_workers():
         assert torch.equal(easy.input_ids[:easy.prompt_length], expected.inputs["input_ids"][0])
         assert tokenizer.decode(easy.input_ids[easy.prompt_length:]) == f"{question.answer_text} ({letter})"
         assert torch.equal(easy.position_ids, a.prompts["mc"].position_ids)
-        place = [tokenizer.decode([int(easy.input_ids[i])]) for i in easy.place if i >= 0]
+        naming = [tokenizer.decode([int(easy.input_ids[i])]) for i in easy.naming if i >= 0]
         if question.category.startswith("corner"):
-            top, left = place
-            assert f"{top.strip()}-{left} corner" in question.question
+            top, left = naming
+            assert f"{top.strip()}-{left} corner" in question.question and easy.naming_level == 1
+        elif question.category == "direction":
+            colour, shape = naming
+            assert f"the{colour}{shape} move?" in question.question and easy.naming_level == 2
         else:
-            assert easy.place == (-1, -1)
+            assert easy.naming == (-1, -1) and easy.naming_level == 0
 
 
 def test_linear_patch_embedding_is_the_convolution():

@@ -94,7 +94,9 @@ class TrainConfig:
     option_weight: float = 1.0  # weight of the "which option word is the answer" loss in the text warm-up
     video_option_weight: float = 0.0  # the same in the video steps
     attention_weight: float = 1.0  # weight of the guided-attention loss (see training_losses)
-    place_guide: int = 1  # 1: guide the word "corner" to the corner's name too (ATTENTION_GUIDES["place"])
+    # Guide the anchor to the words that name the object in layer 0 (ATTENTION_GUIDES["naming"]):
+    # 0 never, 1 in corner questions ("top", "left"), 2 also in direction questions ("green", "circle").
+    naming_guide: int = 1
     text_steps: int = 400  # warm-up steps on text-only prompts (TEXT_FORMS) before the video steps
     text_batch_size: int = 32
     init_seed: int = 0  # model initialisation, batch order and noise
@@ -136,7 +138,8 @@ class Prompt:
     correct: int = -1  # which of them is the answer
     letter_at: int = -1  # the position that predicts the answer's letter (multiple-choice forms)
     anchor: int = -1  # the question word that names the object asked about (video forms; see anchor_position)
-    place: tuple[int, int] = (-1, -1)  # corner questions: the two words of the corner's name ("top", "left")
+    naming: tuple[int, int] = (-1, -1)  # the two words that name the object asked about (see naming_positions)
+    naming_level: int = 0  # the TrainConfig.naming_guide from which they are guided (0: never)
 
     @property
     def final(self) -> int:
@@ -281,11 +284,19 @@ def anchor_position(tokenizer, input_ids: torch.Tensor) -> int:
     raise ValueError("no anchor word in the question")
 
 
-def place_positions(tokenizer, input_ids: torch.Tensor, anchor: int) -> tuple[int, int]:
-    """The two words of a corner's name before the anchor " corner" ("top" "-" "left" "corner"),
-    or (-1, -1) when the anchor is another word."""
-    corner = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" corner"))
-    return (anchor - 3, anchor - 1) if [int(input_ids[anchor])] == corner else (-1, -1)
+def naming_positions(tokenizer, input_ids: torch.Tensor, anchor: int) -> tuple[tuple[int, int], int]:
+    """The two words that name the object asked about, by the anchor, and the naming_guide level
+    that guides them: a corner's name before " corner" ("top" "-" "left" "corner", level 1), or
+    the colour and the shape itself in "the green circle move" (level 2); "the moving object"
+    names none ((-1, -1), 0)."""
+    def token(word: str) -> int:
+        return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))[0]
+
+    if int(input_ids[anchor]) == token(" corner"):
+        return (anchor - 3, anchor - 1), 1
+    if anchor + 1 < len(input_ids) and int(input_ids[anchor + 1]) == token(" move"):
+        return (anchor - 1, anchor), 2
+    return (-1, -1), 0
 
 
 def encoded_clip(task: tuple[int, int, str]):
@@ -312,7 +323,7 @@ def swap_options(prompt: Prompt, tokenizer, options: list[str], answer: torch.Te
         raise ValueError(f"an option of {options} is not one token")
     ids[prompt.options] = torch.tensor([w[0] for w in words])
     swapped = make_prompt(ids, prompt.position_ids[:, :prompt.prompt_length], prompt.mm_token_type_ids[:prompt.prompt_length], answer)
-    swapped.anchor, swapped.place = prompt.anchor, prompt.place
+    swapped.anchor, swapped.naming, swapped.naming_level = prompt.anchor, prompt.naming, prompt.naming_level
     return swapped
 
 
@@ -350,7 +361,7 @@ def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, form
             positions = prefill_position_ids(pipe.model, inputs)[:, 0]  # [4, L]
             mc = make_prompt(inputs["input_ids"][0], positions, inputs["mm_token_type_ids"][0], mc_answer)
             mc.anchor = anchor_position(tokenizer, mc.input_ids)
-            mc.place = place_positions(tokenizer, mc.input_ids, mc.anchor)
+            mc.naming, mc.naming_level = naming_positions(tokenizer, mc.input_ids, mc.anchor)
             builders = {
                 "mc": lambda: mc,
                 "easy": lambda: swap_options(mc, tokenizer, easy_opts, answer_tokens(tokenizer, word, easy_letter)),
@@ -421,8 +432,8 @@ def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float
         visual = target = torch.zeros(len(batch), 0, dtype=torch.long)
     return inputs, Supervision(torch.tensor(rows), torch.tensor(index), torch.tensor(targets), options,
                                torch.tensor([p.final for p in prompts]),
-                               torch.tensor([p.anchor for p in prompts]), torch.tensor([p.place for p in prompts]),
-                               visual, target.bool(),
+                               torch.tensor([p.anchor for p in prompts]), torch.tensor([p.naming for p in prompts]),
+                               torch.tensor([p.naming_level for p in prompts]), visual, target.bool(),
                                torch.tensor([s.answer_word for s, _ in batch]))
 
 
@@ -440,7 +451,8 @@ class Supervision(NamedTuple):
     options: Options
     final: torch.Tensor  # [B] the prompt's last position, which predicts the answer word
     anchor: torch.Tensor  # [B] the question word naming the object asked about (-1 in text-only batches)
-    place: torch.Tensor  # [B, 2] the corner's name (corner questions; -1 elsewhere)
+    naming: torch.Tensor  # [B, 2] the words naming the object asked about (-1 where none do)
+    naming_level: torch.Tensor  # [B] from which TrainConfig.naming_guide they are guided (0: never)
     visual: torch.Tensor  # [B, V] positions of the visual tokens (V = 0 in a text-only batch)
     target: torch.Tensor  # [B, V] the visual tokens of the object the question asks about
     answer_word: torch.Tensor  # [B] the answer, index into ANSWER_WORDS
@@ -460,14 +472,15 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, word_head, inputs, sup: Supervision, place_guide: bool = True):
+def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int = 1):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
     loss asks each option word's final hidden state whether it is the answer (a softmax over
     the four). The attention loss guides five heads (``ATTENTION_GUIDES``): each option word
-    looks back at its letter; in a corner question, the word "corner" reads the corner's name
-    (with ``place_guide``); the question word that names the object (see anchor_position)
+    looks back at its letter; the question word that names the object reads the words naming it
+    ("top" "left" before "corner"; with ``naming_guide`` 2 also "green" in "the green circle");
+    the question word that names the object (see anchor_position)
     looks at that object's visual tokens; the answer position looks at that question word, then
     at the option word that is the answer. The guide loss also asks the answer position for the
     answer word before the last layer (``word_head``). What to take from the object, and how to
@@ -502,16 +515,16 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, pla
         # What the answer position holds before the last layer matches it to an option: the answer word.
         middle = out.hidden_states[ATTENTION_GUIDES["answer"][0]][rows, sup.final]
         losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
-    corner = sup.place[:, 0] >= 0
-    if place_guide and corner.any():  # the anchor "corner" reads both words of the corner's name
-        rows = torch.nonzero(corner).flatten()
-        to_place = attention("place", rows, sup.anchor[rows]).gather(-1, sup.place[rows])  # [N, 2]
-        losses.append(-(to_place + eps).log().mean())
+    named = (sup.naming_level > 0) & (sup.naming_level <= naming_guide)
+    if named.any():  # the anchor reads the words that name its object
+        rows = torch.nonzero(named).flatten()
+        to_name = attention("naming", rows, sup.anchor[rows]).gather(-1, sup.naming[rows])  # [N, 2]
+        losses.append(-(to_name + eps).log().mean())
     return answer, option, sum(losses) / max(1, len(losses))
 
 
 # Guided heads as (layer, head).
-ATTENTION_GUIDES = {"letter": (0, 1), "place": (0, 2), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
+ATTENTION_GUIDES = {"letter": (0, 1), "naming": (0, 2), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
 
 
 @torch.no_grad()
@@ -675,7 +688,7 @@ def train(cfg: TrainConfig) -> None:
     for step in range(video_steps):
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
-        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.place_guide > 0)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)
