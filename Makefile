@@ -27,7 +27,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Retrain the shipped toy model (fixed seeds, one thread; about 25 minutes on this 2-core CPU).
+# Retrain the shipped toy model (fixed seeds, one training thread; about 25-30 minutes on this 2-core CPU).
 toy-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
 

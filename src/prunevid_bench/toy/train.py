@@ -76,7 +76,7 @@ class TrainConfig:
     steps: int = 1000  # optimiser steps on video prompts
     # Then tail_steps more video steps, their learning rate a second cosine from tail_lr_ratio * lr
     # (the main schedule, and so the run up to there, is the same with or without them).
-    tail_steps: int = 0
+    tail_steps: int = 400
     tail_lr_ratio: float = 0.3
     batch_size: int = 16
     lr: float = 2e-3  # peak AdamW learning rate
