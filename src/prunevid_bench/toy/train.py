@@ -96,7 +96,7 @@ class TrainConfig:
     attention_weight: float = 1.0  # weight of the guided-attention loss (see training_losses)
     # Guide the anchor to the words that name the object in layer 0 (ATTENTION_GUIDES["naming"]):
     # 0 never, 1 in corner questions ("top", "left"), 2 also in direction questions ("green", "circle").
-    naming_guide: int = 1
+    naming_guide: int = 2
     text_steps: int = 400  # warm-up steps on text-only prompts (TEXT_FORMS) before the video steps
     text_batch_size: int = 32
     init_seed: int = 0  # model initialisation, batch order and noise
@@ -472,7 +472,7 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int = 1):
+def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int = 2):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
