@@ -117,6 +117,18 @@ def test_prepared_samples_are_what_inference_sees_whatever_the_workers():
             assert easy.naming == (-1, -1) and easy.naming_level == 0
 
 
+def test_tail_steps_add_a_second_cosine_after_an_unchanged_schedule():
+    from prunevid_bench.toy.train import TrainConfig, learning_rate
+
+    plain, tailed = TrainConfig(tail_steps=0), TrainConfig(tail_steps=400, tail_lr_ratio=0.3)
+    main = plain.text_steps + plain.steps
+    assert all(learning_rate(plain, s) == learning_rate(tailed, s) for s in range(main))
+    assert learning_rate(tailed, plain.warmup_steps - 1) == tailed.lr
+    assert learning_rate(tailed, main - 1) == pytest.approx(tailed.min_lr_ratio * tailed.lr, rel=1e-3)
+    assert learning_rate(tailed, main) == pytest.approx(0.3 * tailed.lr)
+    assert learning_rate(tailed, main + 399) == pytest.approx(tailed.min_lr_ratio * tailed.lr, rel=1e-3)
+
+
 def test_linear_patch_embedding_is_the_convolution():
     from transformers import Qwen2_5_VLForConditionalGeneration
 

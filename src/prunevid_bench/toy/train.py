@@ -480,8 +480,7 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     the four). The attention loss guides five heads (``ATTENTION_GUIDES``): each option word
     looks back at its letter; the question word that names the object reads the words naming it
     ("top" "left" before "corner"; with ``naming_guide`` 2 also "green" in "the green circle");
-    the question word that names the object (see anchor_position)
-    looks at that object's visual tokens; the answer position looks at that question word, then
+    the same word (see anchor_position) looks at that object's visual tokens; the answer position looks at that question word, then
     at the option word that is the answer. The guide loss also asks the answer position for the
     answer word before the last layer (``word_head``). What to take from the object, and how to
     match it to an option, is left to learn.
