@@ -154,14 +154,15 @@ def test_shipped_weights_are_small_and_match_the_tokenizer():
 
 
 def test_toy_model_answers_held_out_questions(tmp_path):
-    """At least 70% on 40 questions from an unseen seed (chance is 25%), every category above chance."""
+    """At least 85% on 40 questions from an unseen seed (chance is 25%; the shipped model scores
+    95%, the issue asks for 70%), and at least 5 of the 8 questions of every category."""
     data = generate_dataset(tmp_path / "data", 40, seed=HELD_OUT_SEED)
     res = runner.invoke(app, ["run", "--dataset", str(data), "--model", "toy", "--device", "cpu",
                               "--max-new-tokens", "6", "--results-dir", str(tmp_path / "results")])
     assert res.exit_code == 0, res.output
     (run_dir,) = (tmp_path / "results").iterdir()
     accuracy = json.loads((run_dir / "summary.json").read_text())["accuracy"]
-    assert accuracy["n"] == 40 and accuracy["accuracy"] >= 0.70, accuracy
-    assert all(c["accuracy"] > 0.25 for c in accuracy["by_category"].values()), accuracy["by_category"]
+    assert accuracy["n"] == 40 and accuracy["accuracy"] >= 0.85, accuracy
+    assert all(c["accuracy"] >= 5 / 8 for c in accuracy["by_category"].values()), accuracy["by_category"]
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all(r["parse_status"] == "parsed" for r in rows)
