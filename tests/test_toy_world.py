@@ -6,8 +6,6 @@ shape classifier written here independently of the renderer), never from the sce
 
 import json
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import av
@@ -137,13 +135,6 @@ def test_same_seed_same_set_and_prefix_stable():
     assert [s[1:] for s in iter_specs(3, seed=5)] == [s[1:] for s in iter_specs(6, seed=5)][:3]
 
 
-def toy_data(out, n: int, seed: int):
-    """`prunevid toy-data` in its own process, as a user runs it."""
-    subprocess.run([sys.executable, "-m", "prunevid_bench.cli", "toy-data", "--out", str(out), "--n", str(n),
-                    "--seed", str(seed)], check=True, capture_output=True)
-    return out / "data.jsonl"
-
-
 def test_encoding_the_same_frames_gives_the_same_bytes(tmp_path):
     # Example 6 of seed 5 came out in 4 different versions over 30 encodes with x264's SIMD code.
     frames = render_video(sample_example(5, 6)[0])
@@ -155,9 +146,9 @@ def test_encoding_the_same_frames_gives_the_same_bytes(tmp_path):
 
 
 def test_generate_dataset_is_deterministic(tmp_path):
-    first = toy_data(tmp_path / "a", 5, seed=7)
-    second = toy_data(tmp_path / "b", 5, seed=7)
-    other = toy_data(tmp_path / "c", 5, seed=8)
+    first = generate_dataset(tmp_path / "a", 5, seed=7)
+    second = generate_dataset(tmp_path / "b", 5, seed=7)
+    other = generate_dataset(tmp_path / "c", 5, seed=8)
     assert first.read_bytes() == second.read_bytes()
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     for row in rows:

@@ -472,7 +472,7 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int = 2):
+def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
@@ -677,7 +677,7 @@ def train(cfg: TrainConfig) -> None:
     for step in range(cfg.text_steps):  # warm-up: text-only prompts, no vision tower
         picked = draw(text_order, cfg.text_batch_size)
         inputs, sup = collate([(train_set[i], TEXT_FORMS[k % len(TEXT_FORMS)]) for k, i in enumerate(picked)], codec)
-        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide)
         update(answer + cfg.option_weight * option + cfg.attention_weight * guide, step)
         losses = smooth(step, loss=answer)
         if (step + 1) % cfg.eval_every == 0:

@@ -343,8 +343,7 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
             stream.bit_rate = 8_000_000  # far above what 112-px flat shapes need: near-lossless
         for index, frame in enumerate(video):
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
-            # Explicit timestamps: left to the encoder, the bytes varied with the machine's load.
-            image.pts = index
+            image.pts = index  # frame i at i / fps, in the stream's time base
             container.mux(stream.encode(image))
         container.mux(stream.encode())
     return codec
