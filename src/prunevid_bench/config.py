@@ -63,7 +63,7 @@ SCORE_MODES = ("prunevid", "attention", "last_token", "random")
 class Stage2Config:
     enabled: bool = False
     pruning_layer: int | str = "10/28"  # K: layers 0..K see all tokens, K+1.. the kept ones; an index or "K/N" (resolve_layer)
-    keep_ratio: float = 0.4  # floor(n * keep_ratio) kept in each Stage-1 group
+    keep_ratio: float = 0.4  # int(n * keep_ratio) kept in each Stage-1 group (the official count)
     score: str = "prunevid"  # prunevid | attention | last_token | random
     seed: int = 0  # for score = random
 
