@@ -132,6 +132,7 @@ def run(
     max_new_tokens: MaxNew = None,
     results_dir: ResultsDir = Path("results"),
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder.", rich_help_panel="Output")] = None,
+    messages_file: Annotated[Optional[Path], typer.Option("--messages", help="Qwen chat messages as JSON instead of VIDEO QUESTION: a system prompt, several videos, images, text in any order.", rich_help_panel="Config")] = None,
     options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable): the question is asked with lettered choices and the letter is parsed.", rich_help_panel="Config")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="Evaluate a multiple-choice dataset instead of one video.", rich_help_panel="Dataset")] = None,
     video_root: VideoRoot = None,
@@ -151,8 +152,8 @@ def run(
     overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
     cfg = build_config(preset, config, overrides)
     if dataset is not None:
-        if video is not None:
-            raise PruneVidError("give either VIDEO QUESTION or --dataset, not both")
+        if video is not None or messages_file is not None:
+            raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")
         if repeats != 1 or warmup != 0:
             raise PruneVidError("--repeats/--warmup time one video; they do not apply to --dataset")
         from prunevid_bench.harness.evaluate import evaluate_dataset
@@ -174,13 +175,20 @@ def run(
             console=console,
         )
         return
-    if video is None or question is None:
-        raise PruneVidError("give a VIDEO and a QUESTION (or --dataset PATH)")
+    messages = None
+    if messages_file is not None:
+        if video is not None or question is not None:
+            raise PruneVidError("give either VIDEO QUESTION or --messages, not both")
+        from prunevid_bench.single import read_messages
+
+        messages = read_messages(messages_file)
+    elif video is None or question is None:
+        raise PruneVidError("give a VIDEO and a QUESTION (or --messages FILE, or --dataset PATH)")
     from prunevid_bench.single import run_single
 
     run_single(
         cfg, video, question, options=options or [], preset=preset, results_dir=results_dir, label=label,
-        repeats=repeats, warmup=warmup, console=console,
+        repeats=repeats, warmup=warmup, console=console, messages=messages,
     )
 
 

@@ -54,6 +54,7 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
         ("KV cache after prefill", human_bytes(result["kv_cache_bytes"])),
         ("KV cache without Stage 3", human_bytes(result["kv_cache_bytes_uncompressed"])),
         ("video grid (t, h, w)", str(result["video_grid_thw"])),
+        ("video policy / frame size", f"{result.get('video_policy', '-')} / {'x'.join(map(str, result.get('frame_size') or [])) or '-'}"),
         ("frames / sampled fps / backend", f"{result['num_frames']} / {result['sampled_fps']:.3g} / {result['video_backend']}"),
         ("Stage 2 pruning layer K", layer_text(result.get("pruning_layer"), result.get("pruning_layer_spec"))),
     ]
@@ -91,11 +92,28 @@ def write_run_header(run_dir: Path, cfg: RunConfig, pipe, meta: dict[str, Any]) 
     write_json(run_dir / "environment.json", environment(cfg, pipe.model, pipe.device))
 
 
+def read_messages(path: Path) -> list[dict[str, Any]]:
+    """A ``--messages`` file: Qwen chat messages as JSON (checked element by element later)."""
+    import json
+
+    from prunevid_bench.errors import PruneVidError
+
+    if not Path(path).is_file():
+        raise PruneVidError(f"messages file not found: {path}")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PruneVidError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise PruneVidError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+
+
 def run_single(
     cfg: RunConfig,
-    video: Path,
-    question: str,
+    video: Path | None,
+    question: str | None,
     *,
+    messages: list[dict[str, Any]] | None = None,
     options: list[str] | None = None,
     preset: str | None,
     results_dir: Path,
@@ -115,9 +133,15 @@ def run_single(
     options = list(options or [])
     if len(options) == 1 or len(options) > len(LETTERS):
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
+    if messages is not None and options:
+        raise PruneVidError("--option builds the question's choices; with --messages write them into the text")
     prompt_question = format_mc_prompt(question, options) if options else question
     pipe = load_pipeline(overrides=cfg.to_overrides())
-    prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model
+    if messages is not None:
+        prepared = pipe.prepare(messages=messages)  # decode once: timing mode measures the model
+        video = Path(prepared.clip.path or "messages")
+    else:
+        prepared = pipe.prepare(video, prompt_question)
     for _ in range(warmup):
         pipe.run(prepared)
     results = [pipe.run(prepared) for _ in range(repeats)]
@@ -130,7 +154,10 @@ def run_single(
         record.update(timing_summary(results))
         record["ttft_s"] = record["ttft_s_median"]
     run_dir = new_run_dir(results_dir, label or f"{preset or 'custom'}-{Path(video).stem}")
-    write_run_header(run_dir, cfg, pipe, {"scenario": "single", "preset": preset, "video": str(video), "question": question})
+    meta = {"scenario": "single", "preset": preset, "video": str(video), "question": question}
+    if messages is not None:
+        meta["prompt"] = prepared.prompt
+    write_run_header(run_dir, cfg, pipe, meta)
     write_json(run_dir / "result.json", record)
     write_csv_row(run_dir / "result.csv", record)
     console.print(f"[bold]answer:[/] {record['generated_text'] or '(empty)'}", highlight=False)
@@ -138,6 +165,9 @@ def run_single(
         choice = record["prediction"]
         shown = f"({choice}) {options[LETTERS.index(choice)]}" if choice else f"none ({record['parse_status']})"
         console.print(f"[bold]choice:[/] {shown}", highlight=False)
+    if record["visual_tokens_kept"] == 0:
+        console.print("[yellow]note:[/] every visual token was pruned (visual_tokens_kept: 0): the answer saw the text alone",
+                      highlight=False)
     console.print(measurement_table(record))
     console.print(f"run folder: {run_dir}")
     return run_dir
