@@ -17,7 +17,8 @@ from prunevid_bench import __version__
 from prunevid_bench.cli import EXIT_INCOMPLETE, app
 from prunevid_bench.harness import progress
 from prunevid_bench.harness.progress import PlainProgress, RichProgress, progress_for
-from prunevid_bench.harness.sweep import grid_spec
+from prunevid_bench.config import build_config
+from prunevid_bench.harness.sweep import expand_cells, grid_spec
 from prunevid_bench.pipeline import Pipeline
 from prunevid_bench.toy.world import generate_dataset
 
@@ -194,6 +195,8 @@ def test_duplicate_sweep_values_run_once_with_a_note(toy, tmp_path):
     assert grid_spec(["tau"], ["tau=0.7,0.7,0.70,0.8"], None, notes) == {"stage1.tau": [0.7, 0.8]}
     assert notes == ["tau=0.7 is given more than once; it runs once"] * 2
     assert grid_spec([], ["stage1.enabled=true,1"], None) == {"stage1.enabled": [True, 1]}  # true is not 1
+    cells = expand_cells(build_config("stage2_only"), {"stage2.keep_ratio": [0.3]}, ["random", "random"])
+    assert [c.name for c in cells] == ["baseline", "keep_ratio=0.3", "keep_ratio=0.3+random"]
     res = invoke("sweep", "tau", "--values", "tau=0.7,0.7", "--dataset", toy, "--limit", "1", *FAST,
                  "--results-dir", tmp_path, "--dry-run")
     assert res.exit_code == 0, res.output

@@ -189,6 +189,19 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
         pass
 
 
+def test_an_unwritable_folder_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from prunevid_bench.harness import runlock
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(runlock.os, "open", refuse)
+    with pytest.raises(PruneVidError, match=r"cannot write in .* \(Read-only file system\); pass a writable --results-dir"):
+        RunLock(tmp_path / "run").acquire()
+
+
 def test_sweeps_lock_each_cell(toy, tmp_path):
     args = ["sweep", "tau", "--values", "tau=0.7", "--dataset", toy, "--limit", "1", *FAST, "--results-dir", tmp_path]
     assert invoke(*args).exit_code == EXIT_INCOMPLETE

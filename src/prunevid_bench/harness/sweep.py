@@ -176,7 +176,8 @@ def _value_text(value: Any) -> str:
 
 def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str] | None = None) -> list[Cell]:
     """The baseline, every grid cell and the random controls (frames controls come later)."""
-    for control in controls or []:
+    controls = list(dict.fromkeys(controls or []))  # a control named twice runs once
+    for control in controls:
         if control not in CONTROLS:
             raise PruneVidError(f"unknown control '{control}'; use {' or '.join(CONTROLS)}")
     off = {"stage1.enabled": False, "stage2.enabled": False}
