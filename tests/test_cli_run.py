@@ -18,7 +18,7 @@ def invoke(*args):
 
 
 def test_run_writes_run_folder(clip8, tmp_path):
-    res = invoke("run", clip8, "What is happening?", "--model", "tiny", "--max-new-tokens", "3", "--results-dir", tmp_path, "--label", "t")
+    res = invoke("run", clip8, "What is happening?", "--model", "tiny", "--num-frames", "8", "--max-new-tokens", "3", "--results-dir", tmp_path, "--label", "t")
     assert res.exit_code == 0, res.output
     assert "answer:" in res.output and "TTFT" in res.output
     (run_dir,) = tmp_path.iterdir()
@@ -41,7 +41,7 @@ def test_run_writes_run_folder(clip8, tmp_path):
 def test_default_preset_runs_on_the_default_toy_model(clip8, tmp_path):
     """The headline command needs no pruning-layer override: the preset's "10/28" resolves to
     layer 1 of the toy model's 4, and the record says so next to the value as written."""
-    res = invoke("run", clip8, "What is happening?", "--preset", "default", "--max-new-tokens", "2", "--results-dir", tmp_path)
+    res = invoke("run", clip8, "What is happening?", "--preset", "default", "--num-frames", "8", "--max-new-tokens", "2", "--results-dir", tmp_path)
     assert res.exit_code == 0, res.output
     assert "1 (10/28)" in res.output
     (run_dir,) = tmp_path.iterdir()
@@ -55,7 +55,7 @@ def test_default_preset_runs_on_the_default_toy_model(clip8, tmp_path):
 
 
 def test_run_with_options_parses_a_choice(clip8, tmp_path):
-    res = invoke("run", clip8, "Which?", "-o", "red", "-o", "blue", "--model", "tiny", "--results-dir", tmp_path, "--max-new-tokens", "2")
+    res = invoke("run", clip8, "Which?", "-o", "red", "-o", "blue", "--model", "tiny", "--num-frames", "8", "--results-dir", tmp_path, "--max-new-tokens", "2")
     assert "choice:" in res.output
     (run_dir,) = tmp_path.iterdir()
     status = json.loads((run_dir / "result.json").read_text())["parse_status"]
@@ -64,7 +64,7 @@ def test_run_with_options_parses_a_choice(clip8, tmp_path):
 
 
 def test_timing_mode_reports_median(clip8, tmp_path):
-    res = invoke("run", clip8, "Q", "--model", "tiny", "--repeats", "3", "--warmup", "1", "--max-new-tokens", "2", "--results-dir", tmp_path)
+    res = invoke("run", clip8, "Q", "--model", "tiny", "--num-frames", "8", "--repeats", "3", "--warmup", "1", "--max-new-tokens", "2", "--results-dir", tmp_path)
     assert res.exit_code == 0, res.output
     (run_dir,) = tmp_path.iterdir()
     result = json.loads((run_dir / "result.json").read_text())
@@ -81,7 +81,9 @@ def test_timing_mode_reports_median(clip8, tmp_path):
         (["run", "CLIP", "Q", "--set", "stage1.cluster_ratio=0"], "stage1.cluster_ratio must be in (0, 1]"),
         (["run", "CLIP", "Q", "--set", "stage1.k=0"], "stage1.k must be >= 1"),
         (["run", "CLIP", "Q", "--preset", "defualt"], "did you mean 'default'"),
-        (["run", "CLIP", "Q", "--model", "tiny", "--set", "stage2.enabled=true", "--set", "stage2.pruning_layer=4"], "stage2.pruning_layer must be in [0, 3]"),
+        (["run", "CLIP", "Q", "--model", "tiny", "--num-frames", "8", "--set", "stage2.enabled=true", "--set", "stage2.pruning_layer=4"], "stage2.pruning_layer must be in [0, 3]"),
+        (["run", "CLIP", "Q", "--model", "tiny", "--num-frames", "96"], "asked for 96 frames but the clip has only 8"),  # never silently capped
+        (["run", "CLIP", "Q", "--model", "tiny", "--set", "video.policy=qwne"], "did you mean 'qwen'"),
         (["run", "CLIP", "Q", "--set", "stage2.pruning_layer=29/28"], "stage2.pruning_layer must be a 0-based layer index (e.g. 10) or a relative depth 'K/N' with 0 <= K < N"),
         (["run", "CLIP", "Q", "--model", "no-such-model"], "not found"),
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "cuda:99"], "cuda:99"),

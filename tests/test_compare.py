@@ -121,7 +121,7 @@ def test_single_video_runs_compare_too(tmp_path):
 
     clip = write_clip(tmp_path / "c.mp4", 4)
     for extra in ([], ["--preset", "default", "--set", "stage2.pruning_layer=1"], ["--preset", "default"]):
-        res = invoke("run", clip, "What?", "--model", "tiny", "--max-new-tokens", "2", "--results-dir", tmp_path / "r", *extra)
+        res = invoke("run", clip, "What?", "--model", "tiny", "--num-frames", "4", "--max-new-tokens", "2", "--results-dir", tmp_path / "r", *extra)
         assert res.exit_code == 0, res.output
     res = invoke("compare", *sorted((tmp_path / "r").iterdir()), "--out", tmp_path / "o")
     assert res.exit_code == 0, res.output

@@ -24,7 +24,8 @@ def test_defaults_have_every_stage_off():
     cfg = build_config()
     assert cfg == RunConfig()
     assert not cfg.stage1.enabled and not cfg.stage2.enabled and not cfg.stage3_enabled
-    assert cfg.video.num_frames == 16 and cfg.generation.max_new_tokens == 16
+    assert cfg.video.num_frames is None and cfg.generation.max_new_tokens == 16  # None: the policy's default (16)
+    assert cfg.video.policy == "auto"
 
 
 def test_default_preset_is_the_paper_setting():
@@ -49,9 +50,9 @@ def test_precedence_set_over_yaml_over_preset_over_defaults(tmp_path):
     cfg = build_config("default", user, {"stage1.tau": 0.65})
     assert cfg.stage1.tau == 0.65  # --set beats the user file
     assert cfg.stage1.cluster_ratio == 0.3  # the user file beats the preset (0.5)
-    assert cfg.video.num_frames == 8  # the user file beats the default (16)
+    assert cfg.video.num_frames == 8  # the user file beats the default (None: the policy's)
     assert cfg.stage2.keep_ratio == 0.4  # the preset beats the default, untouched by the others
-    assert cfg.video.max_frames == 64  # the default where nobody says anything
+    assert cfg.video.max_frames is None and cfg.video.policy == "auto"  # the defaults where nobody says anything
 
 
 def test_cli_flags_and_set_reach_the_config(tmp_path, monkeypatch):
@@ -238,7 +239,7 @@ def test_presets_show_prints_the_resolved_config():
     assert res.exit_code == 0, res.output
     shown = yaml.safe_load(res.output)
     assert shown == build_config("aggressive").to_dict()  # every key, defaults filled in
-    assert shown["stage1"]["tau"] == 0.7 and shown["video"]["num_frames"] == 16
+    assert shown["stage1"]["tau"] == 0.7 and shown["video"]["policy"] == "auto"
 
 
 def test_presets_show_unknown_name():

@@ -124,34 +124,89 @@ def test_dpc_knn_validation():
 # --- temporal segmentation -----------------------------------------------------------------------
 
 
+def naive_refine(labels):
+    """The official segmentation semantics, transcribed step by step with plain loops."""
+    T = len(labels)
+    runs, s = [], 0  # (label, start, end) of each run of equal labels
+    for i in range(1, T + 1):
+        if i == T or labels[i] != labels[s]:
+            runs.append((labels[s], s, i))
+            s = i
+    kept = [False] * T
+    for label in set(labels):
+        mine = [(a, b) for lab, a, b in runs if lab == label]
+        best = max(b - a for a, b in mine)
+        for a, b in mine:
+            if b - a == best and best > 1:
+                for f in range(a, b):
+                    kept[f] = True
+    new = [labels[f] if kept[f] else None for f in range(T)]
+    f = 0
+    while f < T:
+        if new[f] is not None:
+            f += 1
+            continue
+        g = f
+        while g < T and new[g] is None:
+            g += 1
+        left = 0
+        while f - 1 - left >= 0 and new[f - 1 - left] == new[f - 1]:
+            left += 1
+        right = 0
+        while g + right < T and new[g + right] == new[g]:
+            right += 1
+        if f == 0 and g == T:
+            value = 0
+        elif f == 0:
+            value = new[g]
+        elif g == T:
+            value = new[f - 1]
+        else:
+            value = new[f - 1] if left >= right else new[g]
+        for h in range(f, g):
+            new[h] = value
+        f = g
+    lengths = []
+    for f in range(T):
+        if f > 0 and new[f] == new[f - 1]:
+            lengths[-1] += 1
+        else:
+            lengths.append(1)
+    return lengths
+
+
 @pytest.mark.parametrize(
     "labels,lengths",
     [
+        ([3, 0, 3, 3, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0], [5, 3, 8]),  # the issue's case (ours was [4, 4, 8])
+        ([0, 0, 1, 1, 1, 0, 0], [2, 3, 2]),  # both runs of 0 tie for its longest: both stay (ours was [2, 5])
         ([0], [1]),
-        ([0, 1], [2]),  # two single-frame runs: nothing kept, one segment
+        ([0, 1], [2]),  # two single-frame runs: everything dropped, label 0, one segment
         ([0, 1, 0, 1], [4]),
-        ([0, 0, 1, 0, 0], [5]),  # label 0 keeps its first run; the rest trails into it
-        ([0, 0, 1, 1, 0, 0], [2, 4]),
+        ([0, 0, 1, 0, 0], [5]),  # the dropped frame joins the left run on a tie; all one label
+        ([0, 0, 1, 1, 0, 0], [2, 2, 2]),
         ([0, 0, 0, 1, 2, 2], [4, 2]),  # the single frame joins the longer neighbour (left)
         ([1, 1, 0, 2, 2, 2], [2, 4]),  # ... (right)
         ([0, 0, 1, 2, 2], [3, 2]),  # tie: left
         ([3, 0, 0, 1, 1, 1, 2], [3, 4]),
         ([0, 0, 1, 1, 2, 2], [2, 2, 2]),
+        ([5, 1, 1, 4, 2, 2, 2, 7], [4, 4]),  # the left run grew to 3 by the first stretch: a 3-3 tie, left (not [3, 5])
     ],
 )
 def test_contiguous_segments_rule(labels, lengths):
     assert contiguous_segments(labels) == lengths
+    assert naive_refine(labels) == lengths
 
 
-def test_contiguous_segments_properties():
+def test_contiguous_segments_match_naive_transcription():
     rng = random.Random(8)
-    for _ in range(500):
+    for _ in range(600):
         n = rng.randint(1, 40)
         labels = [rng.randint(0, rng.randint(0, 6)) for _ in range(n)]
         lengths = contiguous_segments(labels)
+        assert lengths == naive_refine(labels), labels
         assert sum(lengths) == n
         assert all(length >= (2 if n >= 2 else 1) for length in lengths)
-        assert len(lengths) <= len(set(labels))
 
 
 def test_segment_frames_recovers_planted_blocks():

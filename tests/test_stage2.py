@@ -477,9 +477,13 @@ def test_stratified_keep_floor_per_group_in_order():
     assert s2.stratified_keep(scores, groups, 0.5).tolist() == [1, 3, 5, 8]
     assert s2.stratified_keep(scores, groups, 1.0).tolist() == list(range(10))
     assert s2.stratified_keep(scores, groups, 0.3).tolist() == [5]  # 0, 1 and 0 per group
-    # floor(90 * 0.7) is 63 although 90 * 0.7 == 62.99999999999999 in floating point
+    # int(90 * 0.7) is 62 (90 * 0.7 == 62.99999999999999), as in the official code
     one_group = torch.zeros(90, dtype=torch.long)
-    assert s2.stratified_keep(torch.arange(90.0), one_group, 0.7).tolist() == list(range(27, 90))
+    assert s2.stratified_keep(torch.arange(90.0), one_group, 0.7).tolist() == list(range(28, 90))
+    for n in range(1, 300):  # the official Python count for every size at a few ratios
+        for ratio in (0.1, 0.3, 0.4, 0.7, 0.9):
+            kept = s2.stratified_keep(torch.arange(float(n)), torch.zeros(n, dtype=torch.long), ratio)
+            assert kept.numel() == int(n * ratio), (n, ratio)
     # group ids need not be contiguous or sorted; the result is in original order
     scores = torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0, 6.0])
     interleaved = s2.stratified_keep(scores, torch.tensor([7, 3, 7, 3, 7, 3]), 0.67)

@@ -37,7 +37,10 @@ def test_sampling_rules():
     idx, fps = sample_indices(1000, 25.0, fps=2.0, max_frames=16)  # capped: rate drops
     assert len(idx) == 16 and fps == pytest.approx(25.0 * 16 / 1000)
     assert len(sample_indices(100, 25.0, num_frames=7)[0]) == 6  # whole temporal grid steps
-    assert sample_indices(1, 25.0, num_frames=8)[0] == [0, 0]  # a still is one full step
+    assert sample_indices(1, 25.0, num_frames=1)[0] == [0, 0]  # a still is one full step
+    with pytest.raises(PruneVidError, match="asked for 8 frames but the clip has only 1"):
+        sample_indices(1, 25.0, num_frames=8)  # refused, never silently capped
+    assert len(sample_indices(100, 25.0, num_frames=96, max_frames=64)[0]) == 96  # max_frames caps --fps only
 
 
 def test_bad_files(tmp_path):
@@ -71,4 +74,6 @@ def test_time_window(clip_dir):
     clip = load_clip(path, num_frames=4, start=2.0, end=4.0)  # frames 8..15
     assert clip.indices == [9, 11, 13, 15]
     assert clip.sampled_fps == pytest.approx(2.0)
-    assert min(load_clip(path, num_frames=24, start=5.0).indices) >= 20
+    assert min(load_clip(path, num_frames=4, start=5.0).indices) >= 20
+    with pytest.raises(PruneVidError, match="only 4"):
+        load_clip(path, num_frames=24, start=5.0)  # the window holds 4 frames

@@ -32,13 +32,18 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
 
 
+VIDEO_POLICIES = ("auto", "qwen", "lmms-eval", "processor")
+
+
 @dataclass
 class VideoConfig:
-    num_frames: int | None = 16  # frames sampled uniformly; set to null to sample by fps
-    fps: float | None = None  # sample at this rate instead (capped by max_frames)
-    max_frames: int = 64
-    max_pixels: int | None = None  # pixels per frame after resizing; null = the model's default
+    policy: str = "auto"  # auto (qwen for checkpoints, processor for the built-in toy/tiny) | qwen | lmms-eval | processor
+    num_frames: int | None = None  # frames sampled uniformly; null = the policy's default (16; lmms-eval 32)
+    fps: float | None = None  # sample at this rate instead of num_frames (capped by max_frames)
+    max_frames: int | None = None  # cap when sampling by fps; null = the policy's (qwen: 768; processor: 64)
+    max_pixels: int | None = None  # pixels per frame after resizing; null = the policy's bound
     min_pixels: int | None = None
+    total_pixels: int | None = None  # qwen / lmms-eval: pixel budget of the whole video; null = 90% of 128k tokens
 
 
 @dataclass
@@ -63,7 +68,7 @@ SCORE_MODES = ("prunevid", "attention", "last_token", "random")
 class Stage2Config:
     enabled: bool = False
     pruning_layer: int | str = "10/28"  # K: layers 0..K see all tokens, K+1.. the kept ones; an index or "K/N" (resolve_layer)
-    keep_ratio: float = 0.4  # floor(n * keep_ratio) kept in each Stage-1 group
+    keep_ratio: float = 0.4  # int(n * keep_ratio) kept in each Stage-1 group (the official count)
     score: str = "prunevid"  # prunevid | attention | last_token | random
     seed: int = 0  # for score = random
 
@@ -212,15 +217,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     parse_layer("stage2.pruning_layer", s2.pruning_layer)
     if s2.score not in SCORE_MODES:
         raise PruneVidError(f"stage2.score must be one of {', '.join(SCORE_MODES)}, got '{s2.score}'{_suggest(s2.score, list(SCORE_MODES))}")
-    if v.num_frames is None and v.fps is None:
-        raise PruneVidError("video.num_frames or video.fps must be set")
+    if v.policy not in VIDEO_POLICIES:
+        raise PruneVidError(f"video.policy must be one of {', '.join(VIDEO_POLICIES)}, got '{v.policy}'{_suggest(v.policy, list(VIDEO_POLICIES))}")
     if v.num_frames is not None and v.num_frames < 1:
         raise PruneVidError(f"video.num_frames must be >= 1, got {v.num_frames}")
     if v.fps is not None and v.fps <= 0:
         raise PruneVidError(f"video.fps must be > 0, got {v.fps}")
-    if v.max_frames < 1:
+    if v.max_frames is not None and v.max_frames < 1:
         raise PruneVidError(f"video.max_frames must be >= 1, got {v.max_frames}")
-    for name in ("max_pixels", "min_pixels"):
+    for name in ("max_pixels", "min_pixels", "total_pixels"):
         value = getattr(v, name)
         if value is not None and value < 28 * 28:
             raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")

@@ -19,14 +19,20 @@ from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.report import RunResult
-from prunevid_bench.video import Clip, load_clip
+from prunevid_bench.messages import lmms_system_prompt, prepare_media, single_video_messages
+from prunevid_bench.video import Clip, VideoRequest
 
 
 @dataclass
 class Prepared:
     inputs: dict[str, torch.Tensor]
-    clip: Clip
+    clips: list[Clip]  # one per video, in prompt order
     prompt: str
+    policy: str = "processor"
+
+    @property
+    def clip(self) -> Clip:
+        return self.clips[0]
 
 
 class Pipeline:
@@ -34,56 +40,90 @@ class Pipeline:
         self.model = loaded.model
         self.processor = loaded.processor
         self.model_name = loaded.name
+        self.default_policy = getattr(loaded, "video_policy", "qwen")
         self.config = config
         self.device = next(self.model.parameters()).device
         self._handle = None
         self._handle_key = None
 
     # ----------------------------------------------------------- preparation
+    def video_policy(self, cfg: RunConfig | None = None) -> str:
+        """The sampling policy a run uses: ``auto`` is the model's own default (qwen for
+        checkpoints, processor for the built-in models, which were trained and tested with it)."""
+        policy = (cfg or self.config).video.policy
+        return self.default_policy if policy == "auto" else policy
+
+    def video_request(self, cfg: RunConfig | None = None) -> VideoRequest:
+        cfg = cfg or self.config
+        vp = self.processor.video_processor
+        policy = self.video_policy(cfg)
+        if policy == "processor" and cfg.video.total_pixels is not None:
+            raise PruneVidError("video.total_pixels applies to the qwen and lmms-eval policies (the processor policy has no total budget)")
+        return VideoRequest.from_config(cfg.video, policy, factor=vp.patch_size * vp.merge_size)
+
     def build_prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        return self._template(single_video_messages(None, question))
+
+    def _template(self, messages: list[dict[str, Any]]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def prepare(self, video: str | Path | Clip | np.ndarray, question: str, config: RunConfig | None = None) -> Prepared:
-        """Decode and sample the video (unless frames are given) and run the processor."""
+    def prepare(
+        self,
+        video: str | Path | Clip | np.ndarray | list | None = None,
+        question: str | None = None,
+        config: RunConfig | None = None,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> Prepared:
+        """Decode, sample and resize the videos as the run's policy does, load any images, and
+        run the processor. Give one ``video`` and a ``question``, or Qwen chat ``messages``
+        (see ``prunevid_bench.messages``)."""
         cfg = config or self.config
-        if not question or not question.strip():
-            raise PruneVidError("the question is empty")
-        if isinstance(video, Clip):
-            clip = video
-        elif isinstance(video, np.ndarray):
-            clip = Clip(video, list(range(len(video))), 2.0, len(video), 2.0, "array")
-        else:
-            v = cfg.video
-            clip = load_clip(video, num_frames=v.num_frames if v.fps is None else None, fps=v.fps, max_frames=v.max_frames)
-        prompt = self.build_prompt(question)
-        n = clip.num_frames
-        metadata = {"total_num_frames": n, "fps": clip.sampled_fps, "frames_indices": list(range(n))}
+        given = messages is not None
+        if not given:
+            if video is None:
+                raise PruneVidError("give a video and a question, or messages")
+            messages = single_video_messages(video, question or "")
+        elif video is not None or question:
+            raise PruneVidError("give either a video and a question, or messages, not both")
+        request = self.video_request(cfg)
+        media = prepare_media(messages, request, lmms_system_prompt(request.policy), name_elements=given)
+        prompt = self._template(media.template_messages)
         kwargs: dict[str, Any] = {}
-        if cfg.video.max_pixels or cfg.video.min_pixels:
+        if request.resizes:
+            kwargs["do_resize"] = False  # the policy sized every frame and image already
+        elif cfg.video.max_pixels or cfg.video.min_pixels:
             size = dict(self.processor.video_processor.size)
             if cfg.video.max_pixels:
                 size["longest_edge"] = cfg.video.max_pixels
             if cfg.video.min_pixels:
                 size["shortest_edge"] = cfg.video.min_pixels
             kwargs["size"] = size
-        inputs = self.processor(
-            text=[prompt],
-            videos=[clip.frames],
-            video_metadata=[metadata],
-            do_sample_frames=False,
-            return_tensors="pt",
-            **kwargs,
-        )
+        metadata = [
+            {"total_num_frames": clip.num_frames, "fps": clip.sampled_fps, "frames_indices": list(range(clip.num_frames))}
+            for clip in media.clips
+        ]
+        try:
+            inputs = self.processor(
+                text=[prompt],
+                images=media.images or None,
+                videos=[clip.frames for clip in media.clips],
+                video_metadata=metadata,
+                do_sample_frames=False,
+                return_tensors="pt",
+                **kwargs,
+            )
+        except ValueError as exc:  # e.g. frames too extreme for the processor's resize rule
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PruneVidError(f"the processor refused the input: {first}") from None
         dtype = next(self.model.parameters()).dtype
         moved = {}
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(self.device)
-                if value.is_floating_point() and key == "pixel_values_videos":
+                if value.is_floating_point() and key in ("pixel_values_videos", "pixel_values"):
                     value = value.to(dtype)
             moved[key] = value
-        return Prepared(moved, clip, prompt)
+        return Prepared(moved, media.clips, prompt, request.policy)
 
     # ----------------------------------------------------------- stages
     def _apply_stages(self, cfg: RunConfig):
@@ -109,17 +149,22 @@ class Pipeline:
     # ----------------------------------------------------------- running
     def run(
         self,
-        video: str | Path | Clip | np.ndarray | Prepared,
+        video: str | Path | Clip | np.ndarray | list | Prepared | None = None,
         question: str | None = None,
         config: RunConfig | None = None,
+        messages: list[dict[str, Any]] | None = None,
         **overrides: Any,
     ) -> RunResult:
-        """Run one sample. ``overrides`` are dotted or short config keys, e.g. ``keep_ratio=0.3``
-        or ``{"stage1.enabled": True}`` passed as ``**{...}``."""
+        """Run one sample: a video and a question, Qwen chat ``messages`` (several videos,
+        images, a system prompt), or a ``Prepared`` input. ``overrides`` are dotted or short
+        config keys, e.g. ``keep_ratio=0.3`` or ``{"stage1.enabled": True}`` passed as ``**{...}``."""
         cfg = config or self.config
         if overrides:
             cfg = _with_overrides(cfg.to_dict(), overrides)
-        prepared = video if isinstance(video, Prepared) else self.prepare(video, question or "", cfg)
+        if isinstance(video, Prepared):
+            prepared = video
+        else:
+            prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
         out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -135,15 +180,22 @@ class Pipeline:
             n_layers = self.model.config.get_text_config().num_hidden_layers
             kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (handle.pruning_layer + 1)
         grid = prepared.inputs.get("video_grid_thw")
+        seconds = prepared.inputs.get("second_per_grid_ts")
+        clip = prepared.clip
         return RunResult(
             generated_text=text.strip(),
             generated_tokens=len(out.token_ids),
             prompt_tokens=out.prompt_tokens,
             visual_tokens=visual,
             video_grid_thw=grid.tolist() if grid is not None else [],
-            num_frames=prepared.clip.num_frames,
-            sampled_fps=round(prepared.clip.sampled_fps, 6),
-            video_backend=prepared.clip.backend,
+            num_frames=clip.num_frames,
+            sampled_fps=round(clip.sampled_fps, 6),
+            video_backend=clip.backend,
+            video_policy=prepared.policy,
+            frame_indices=list(clip.indices),
+            frame_size=clip.frame_size,
+            second_per_grid_ts=[round(float(x), 6) for x in _as_list(seconds)],
+            videos=[_video_entry(c) for c in prepared.clips] if len(prepared.clips) > 1 else None,
             ttft_s=out.ttft_s,
             vision_encoder_s=out.vision_encoder_s,
             prefill_s=out.prefill_s,
@@ -163,6 +215,7 @@ class Pipeline:
             stage1_s=stages.get("stage1_s", 0.0),
             tokens_before=tokens_before,
             tokens_after=tokens_after,
+            visual_tokens_kept=tokens_after,
             stage2_s=stages.get("stage2_s", 0.0),
             total_compression_ratio=(tokens_after / before1) if before1 else 1.0,
             llm_prefill_tokens=stages.get("llm_prefill_tokens") or out.prompt_tokens,
@@ -171,6 +224,18 @@ class Pipeline:
             generated_token_ids=out.token_ids,
             first_token_logits=out.first_logits,
         )
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value.flatten().tolist() if isinstance(value, torch.Tensor) else list(value)
+
+
+def _video_entry(clip: Clip) -> dict[str, Any]:
+    """One video of a several-video prompt, for the record."""
+    return {"path": clip.path, "frame_indices": list(clip.indices), "frame_size": clip.frame_size,
+            "num_frames": clip.num_frames, "sampled_fps": round(clip.sampled_fps, 6), "backend": clip.backend}
 
 
 def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

@@ -47,7 +47,7 @@ class SampleState:
     source_index: torch.Tensor | None = None  # [L1] original prompt index of each post-Stage-1 token
     visual_positions: torch.Tensor | None = None  # [V] positions (post Stage 1) of visual tokens
     visual_groups: torch.Tensor | None = None  # [V] Stage-2 group of each visual token
-    query_start: int | None = None  # first position (post Stage 1) after the last <|vision_end|>
+    query_start: int | None = None  # first position (post Stage 1) after the last video's <|vision_end|>
     position_ids: torch.Tensor | None = None  # (4|3, 1, L1) ids entering the LLM
     scores: torch.Tensor | None = None  # [V] Stage-2 importance
     keep_index: torch.Tensor | None = None  # [L2] positions (post Stage 1) that survive Stage 2
@@ -223,8 +223,7 @@ class PruneVidHandle:
         st.tokens_after_stage1 = int(st.visual_positions.numel())
         st.tokens_before = st.tokens_after = st.tokens_after_stage1
         st.position_ids = kwargs.get("position_ids")
-        ends = torch.nonzero(ids[source] == self.vision_end_token_id).flatten()
-        st.query_start = int(ends[-1]) + 1 if ends.numel() else None
+        st.query_start = _query_start(ids[source], visual, self.vision_end_token_id)
         if self.stage2.enabled and st.tokens_after_stage1 > 0:
             if st.query_start is None or st.query_start >= source.numel():
                 raise PruneVidError("Stage 2 needs text after the video (the question); the prompt ends with the video")
@@ -341,6 +340,16 @@ def _cache_kwarg(kwargs: dict):
     ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so Stage 3 would skip
     compacting layers 0..K and decoding would see the dropped tokens there."""
     return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
+
+
+def _query_start(ids: torch.Tensor, visual: torch.Tensor, vision_end_id: int) -> int | None:
+    """First position after the ``<|vision_end|>`` that closes the last video (not the last
+    image): Stage 2's query rows are the text that follows the videos. None without a video."""
+    video_positions = torch.nonzero(visual).flatten()
+    if video_positions.numel() == 0:
+        return None
+    ends = torch.nonzero(ids[int(video_positions[-1]) :] == vision_end_id).flatten()
+    return int(video_positions[-1]) + int(ends[0]) + 1 if ends.numel() else None
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

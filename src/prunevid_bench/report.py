@@ -52,6 +52,12 @@ class RunResult:
     stage2_s: float
     total_compression_ratio: float  # visual tokens after all stages / before Stage 1
     llm_prefill_tokens: int  # sequence length the LLM's first layer saw
+    video_policy: str = "processor"  # how the frames were chosen and sized (video.policy, resolved)
+    frame_indices: list[int] = field(default_factory=list)  # source frame of each sampled frame (first video)
+    frame_size: list[int] = field(default_factory=list)  # [h, w] given to the processor (first video)
+    second_per_grid_ts: list[float] = field(default_factory=list)  # seconds per temporal grid step, per video
+    videos: list[dict[str, Any]] | None = None  # per video, when the prompt has several
+    visual_tokens_kept: int | None = None  # = tokens_after; 0 when every visual token was pruned
     pruning_layer: int | None = None  # the absolute layer K Stage 2 pruned after (None when off)
     pruning_layer_spec: int | str | None = None  # K as configured: an index or "K/N" (None when off)
     generated_token_ids: list[int] = field(default_factory=list)
@@ -62,7 +68,7 @@ class RunResult:
         return data
 
 
-CSV_EXCLUDE = {"generated_token_ids"}
+CSV_EXCLUDE = {"generated_token_ids", "videos"}
 
 
 def environment(cfg: RunConfig, model: Any, device: torch.device) -> dict[str, Any]:

@@ -356,7 +356,7 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     }
     start = time.perf_counter()
     try:
-        prepared = pipe.prepare(_video_input(sample, cfg), format_mc_prompt(sample.question, sample.options), cfg)
+        prepared = pipe.prepare(_video_input(sample, cfg, pipe), format_mc_prompt(sample.question, sample.options), cfg)
         record["prompt"] = prepared.prompt
         record["prepare_s"] = time.perf_counter() - start
         result = pipe.run(prepared, config=cfg)
@@ -384,15 +384,14 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     return record
 
 
-def _video_input(sample: QASample, cfg: RunConfig):
-    """The path, or for a question with clip bounds (MVBench) the frames sampled inside them."""
+def _video_input(sample: QASample, cfg: RunConfig, pipe):
+    """The path, or for a question with clip bounds (MVBench) the frames sampled inside them
+    under the run's video policy."""
     if sample.start is None and sample.end is None:
         return sample.video
     from prunevid_bench.video import load_clip
 
-    v = cfg.video
-    return load_clip(sample.video, num_frames=v.num_frames if v.fps is None else None, fps=v.fps,
-                     max_frames=v.max_frames, start=sample.start, end=sample.end)
+    return load_clip(sample.video, request=pipe.video_request(cfg), start=sample.start, end=sample.end)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,6 +25,11 @@ class LoadedModel:
     processor: Any
     name: str
     builtin: bool
+    video_policy: str = "qwen"  # what video.policy "auto" means for this model
+
+    def __post_init__(self) -> None:
+        if self.builtin:
+            self.video_policy = "processor"  # toy and tiny were trained and tested with it
 
 
 BUILTIN: dict[str, Callable[[str], LoadedModel]] = {}

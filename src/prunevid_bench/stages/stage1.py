@@ -66,45 +66,67 @@ class Stage1Result:
 
 
 def contiguous_segments(labels: Sequence[int]) -> list[int]:
-    """Turn per-frame cluster labels (in time order) into contiguous segment lengths.
+    """Turn per-frame cluster labels (in time order) into contiguous segment lengths, with the
+    semantics of the official ``refine_clusters`` followed by ``segment_lengths``:
 
-    Rule, in the spirit of the official ``refine_clusters`` but with guarantees:
-      1. Split the labels into runs of equal consecutive labels.
-      2. Each label keeps one run, its longest (the earliest among equally long ones), and only
-         if that run has at least 2 frames. Kept runs become segments.
-      3. Every other run is absorbed: the runs before the first kept run join it, the runs after
-         the last kept run join it, and the whole stretch of runs between two neighbouring kept
-         runs joins the longer of the two (as originally kept; the left one on ties).
-      4. If no run is kept (every label's longest run is a single frame), the video is one
-         segment.
-    So the lengths are contiguous, sum to T, are all >= 1, and are all >= 2 whenever T >= 2: a
-    one-frame segment (whose static/dynamic similarity would be 0/0) only happens for T == 1.
+      1. For each label, find its runs of consecutive frames and keep every run that ties for
+         the label's longest; drop the others. A label whose runs all have length 1 loses all
+         of them.
+      2. Scan left to right. Each maximal stretch of dropped frames takes the label of the
+         longer adjacent run, measured on the labels as already updated by the scan (so a
+         stretch that joined the run on its left lengthens it). Ties go to the left; a stretch
+         with no neighbour at all (every frame dropped) gets label 0.
+      3. Segments are the maximal runs of equal labels.
+
+    E.g. ``[3,0,3,3,1,2,2,2,0,0,0,0,0,0,0,0]`` -> ``[5, 3, 8]`` and ``[0,0,1,1,1,0,0]`` ->
+    ``[2, 3, 2]`` (both runs of 0 tie for its longest, so both stay). Kept runs have >= 2
+    frames, so every segment has >= 2 frames whenever T >= 2.
     """
-    runs: list[list[int]] = []  # [label, length]
-    for label in labels:
-        if runs and runs[-1][0] == label:
-            runs[-1][1] += 1
-        else:
-            runs.append([label, 1])
-    if not runs:
+    labels = list(labels)
+    if not labels:
         raise PruneVidError("cannot segment a video with no frames")
+    runs: list[list[int]] = []  # [label, start, length]
+    for i, label in enumerate(labels):
+        if runs and runs[-1][0] == label:
+            runs[-1][2] += 1
+        else:
+            runs.append([label, i, 1])
+    longest: dict[int, int] = {}
+    for label, _, length in runs:
+        longest[label] = max(longest.get(label, 0), length)
+    out: list[int | None] = list(labels)
+    for label, start, length in runs:
+        if length < 2 or length < longest[label]:
+            out[start : start + length] = [None] * length
 
-    longest: dict[int, int] = {}  # label -> index of its longest run
-    for i, (label, length) in enumerate(runs):
-        if label not in longest or length > runs[longest[label]][1]:
-            longest[label] = i
-    kept = sorted(i for i in longest.values() if runs[i][1] >= 2)
-    if not kept:
-        return [len(labels)]
+    def run_length(i: int, step: int) -> int:  # run of equal labels at i, walking by step
+        j = i
+        while 0 <= j + step < len(out) and out[j + step] == out[i]:
+            j += step
+        return abs(j - i) + 1
 
-    kept_lengths = [runs[i][1] for i in kept]
-    lengths = list(kept_lengths)
-    lengths[0] += sum(length for _, length in runs[: kept[0]])
-    lengths[-1] += sum(length for _, length in runs[kept[-1] + 1 :])
-    for a in range(len(kept) - 1):
-        gap = sum(length for _, length in runs[kept[a] + 1 : kept[a + 1]])
-        side = a if kept_lengths[a] >= kept_lengths[a + 1] else a + 1
-        lengths[side] += gap
+    i = 0
+    while i < len(out):
+        if out[i] is not None:
+            i += 1
+            continue
+        end = i
+        while end < len(out) and out[end] is None:
+            end += 1
+        left = run_length(i - 1, -1) if i > 0 else 0
+        right = run_length(end, 1) if end < len(out) else 0
+        if left == 0 and right == 0:
+            fill = 0
+        else:
+            fill = out[i - 1] if left >= right else out[end]
+        out[i:end] = [fill] * (end - i)
+        i = end
+    lengths = [1]
+    for a, b in zip(out, out[1:]):
+        if a == b:
+            lengths[-1] += 1
+        else:
+            lengths.append(1)
     return lengths
 
 
@@ -113,8 +135,8 @@ def segment_frames(frame_means: Tensor, temporal_segment_ratio: float, k: int = 
 
     frame_means: [T, C], the mean token of each frame. DPC-KNN clusters them, ignoring time, into
     ``max(1, int(T * temporal_segment_ratio))`` clusters (``int`` truncation as in the official
-    code), and ``contiguous_segments`` makes the labels contiguous in time (see its rule: no
-    segment of one frame unless T == 1).
+    code), and ``contiguous_segments`` makes the labels contiguous in time as the official
+    ``refine_clusters`` does (no segment of one frame unless T == 1).
     """
     n_frames = frame_means.shape[0]
     n_clusters = max(1, int(n_frames * temporal_segment_ratio))

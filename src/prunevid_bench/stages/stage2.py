@@ -83,7 +83,7 @@ def random_scores(n: int, seed: int, device: torch.device | str = "cpu") -> torc
 
 
 def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Keep floor(n * keep_ratio) top-scoring tokens of every group (as the official code does
+    """Keep int(n * keep_ratio) top-scoring tokens of every group (as the official code does
     per segment's static set and per frame's dynamic set); not a global top-k.
 
     scores [V], groups [V] (any integer ids). Returns sorted positions [V'] into 0..V-1, so the
@@ -97,8 +97,9 @@ def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: floa
     order = by_score[torch.sort(group_id[by_score], stable=True).indices]  # grouped, best first within
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(order.numel(), device=scores.device) - starts[group_id[order]]
-    # floor; the epsilon keeps e.g. 90 * 0.7 = 62.99999999999999 at 63
-    n_keep = torch.floor(counts.double() * keep_ratio + 1e-9).long()
+    # the official count, Python's int(n * keep_ratio) in double precision: 90 * 0.7 is
+    # 62.99999999999999, so 62 are kept
+    n_keep = torch.floor(counts.double() * keep_ratio).long()
     return torch.sort(order[rank < n_keep[group_id[order]]]).values
 
 
