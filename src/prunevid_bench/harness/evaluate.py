@@ -321,8 +321,7 @@ def letter_token_ids(tokenizer, n: int) -> list[int]:
 
 
 def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console, total) -> None:
-    finished = {k: r for k, r in done.items() if not r.get("error")}
-    correct = sum(1 for r in finished.values() if r.get("correct"))
+    correct = sum(1 for r in done.values() if r.get("correct"))  # an errored row is never correct
     with SampleLog(run_dir / SAMPLES_FILE) as log, progress_for(console, run_dir.name, total, total - len(todo), correct) as progress:
         for sample in todo:
             record = run_sample(pipe, cfg, sample, answer_mode, letter_ids)

@@ -5,7 +5,7 @@ A dataset run folder holds::
     config.json        the resolved config, dataset identity, sample ids, fingerprint hash
     environment.json   versions, device, git commit (written when the run starts)
     samples.jsonl      one JSON line per finished sample, appended and flushed as it goes
-    summary.json       accuracy with CI, per category, skipped rows, medians and spread
+    summary.json       accuracy with CI, per category, skipped rows, counts, medians and spread
     summary.csv        the same as one flat row
     backup-<N>/        what a ``--force`` rerun moved aside (N = 1, 2, ...; never reused)
 

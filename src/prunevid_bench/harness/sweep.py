@@ -277,9 +277,10 @@ def run_sweep(
         console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)", soft_wrap=True)
         return SweepResult(sweep_dir, cells, [], None)
 
-    get_pipe = pipeline if pipeline is not None else pipeline_loader(base)
-    if not callable(get_pipe):
-        get_pipe = (lambda pipe: lambda: pipe)(get_pipe)
+    if pipeline is None:
+        get_pipe = pipeline_loader(base)
+    else:
+        get_pipe = pipeline if callable(pipeline) else (lambda: pipeline)
     if force or any(cell_status(sweep_dir / "cells" / cell_folder(c.name), plan) != "done" for c in cells):
         check_cells_fit(cells, get_pipe())  # before any cell runs: not after the baseline
     (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
