@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -58,7 +60,8 @@ def test_cli_flags_and_set_reach_the_config(tmp_path, monkeypatch):
     import prunevid_bench.harness.evaluate as evaluate
 
     seen = {}
-    monkeypatch.setattr(evaluate, "evaluate_dataset", lambda cfg, dataset, **kw: seen.update(cfg=cfg, kw=kw))
+    answered = SimpleNamespace(run_dir=tmp_path, summary={"accuracy": {"errors": 0, "unparsed": 0}, "skipped": []})
+    monkeypatch.setattr(evaluate, "evaluate_dataset", lambda cfg, dataset, **kw: seen.update(cfg=cfg, kw=kw) or answered)
     user = write_yaml(tmp_path / "my.yaml", {"stage2": {"keep_ratio": 0.3}, "video": {"num_frames": 8}})
     res = runner.invoke(app, ["run", "--dataset", str(tmp_path / "d.jsonl"), "--preset", "default", "--config", str(user),
                               "--set", "keep_ratio=0.2", "--num-frames", "6", "--set", "video.max_frames=10", "--limit", "3"])

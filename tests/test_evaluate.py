@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.config import build_config
 from prunevid_bench.errors import PruneVidError
@@ -80,7 +81,7 @@ def calls(monkeypatch):
 def base_run(toy, tmp_path_factory, shared_model) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("base")
     res = invoke("run", "--dataset", toy, *FAST, "--results-dir", out, "--label", "base")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     (run_dir,) = out.iterdir()
     return run_dir, res.output
 
@@ -160,7 +161,7 @@ def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(toy, tmp_path, ca
 
     calls.n, calls.fail = 0, {}
     res = invoke(*args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     assert calls.n == 2 and "2 of 4 questions already done" in res.output
     text = log.read_text()
     assert text.startswith(first)  # the finished samples are kept as they were
@@ -169,17 +170,17 @@ def test_resume_after_a_crash_redoes_nothing_and_loses_nothing(toy, tmp_path, ca
     assert json.loads((run_dir / "summary.json").read_text())["accuracy"]["n"] == 4
 
     calls.n = 0
-    assert invoke(*args).exit_code == 0 and calls.n == 0  # finished: nothing to do
+    assert invoke(*args).exit_code == INCOMPLETE and calls.n == 0  # finished: nothing to do
     calls.n = 0
     res = invoke(*args, "--force")
-    assert res.exit_code == 0 and calls.n == 4
-    assert len(read_lines(log)) == 4 and (run_dir / "samples.jsonl.bak").read_text() == text
+    assert res.exit_code == INCOMPLETE and calls.n == 4
+    assert len(read_lines(log)) == 4 and (run_dir / "backup-1" / "samples.jsonl").read_text() == text
     assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
 
 
 def test_other_settings_get_their_own_folder(toy, tmp_path, calls):
-    assert invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "1").exit_code == 0
-    assert invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "1", "--set", "stage2.keep_ratio=0.3").exit_code == 0
+    assert invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "1").exit_code == INCOMPLETE
+    assert invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "1", "--set", "stage2.keep_ratio=0.3").exit_code == INCOMPLETE
     assert len(list(tmp_path.iterdir())) == 2 and calls.n == 2
 
 
@@ -198,7 +199,7 @@ def test_sample_errors_are_recorded_and_the_run_goes_on(toy, tmp_path, calls):
     calls.fail = {2: RuntimeError("boom\nsecond line"), 4: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")}
     args = ["run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "5"]
     res = invoke(*args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     (run_dir,) = tmp_path.iterdir()
     rows = read_lines(run_dir / "samples.jsonl")
     assert len(rows) == 5
@@ -210,7 +211,7 @@ def test_sample_errors_are_recorded_and_the_run_goes_on(toy, tmp_path, calls):
     assert summary["metrics"]["ttft_s"]["n"] == 3  # errors are not timed
 
     calls.n, calls.fail = 0, {}
-    assert invoke(*args).exit_code == 0 and calls.n == 2  # a rerun retries only the errors
+    assert invoke(*args).exit_code == INCOMPLETE and calls.n == 2  # a rerun retries only the errors
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["accuracy"]["errors"] == 0 and summary["complete"]
 
@@ -225,7 +226,7 @@ def test_preflight_reports_missing_undecodable_and_unanswered_rows(toy, tmp_path
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     preflight_part = res.output.split("run folder")[0]
     for row_id in (rows[1]["id"], rows[2]["id"], rows[4]["id"]):
         assert row_id in preflight_part
@@ -252,7 +253,7 @@ def test_baseline_agreement_on_shared_ids(base_run, toy, tmp_path):
     base_dir, _ = base_run
     res = invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path, "--limit", "3", "--preset", "default",
                  "--set", "stage2.pruning_layer=1", "--baseline", base_dir)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     (run_dir,) = tmp_path.iterdir()
     mine = {r["id"]: r for r in read_lines(run_dir / "samples.jsonl")}
     base = {r["id"]: r for r in read_lines(base_dir / "samples.jsonl")}
@@ -278,7 +279,7 @@ def test_clip_bounds_are_sampled_inside(toy, tmp_path):
     data = tmp_path / "bounded.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     (run_dir,) = (tmp_path / "out").iterdir()
     bounded, whole = read_lines(run_dir / "samples.jsonl")
     assert bounded["num_frames"] == whole["num_frames"] == 4

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.config import PROJECT_ROOT, build_config
 from prunevid_bench.errors import PruneVidError
@@ -183,7 +184,7 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
 
     calls.n, calls.fail, calls.loads = 0, {}, 0
     res = invoke(*args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
     names = [c["name"] for c in cells]
     assert names[:5] == ["baseline", "tau=0.7", "tau=0.95", "tau=0.7+random", "tau=0.95+random"]
@@ -206,7 +207,7 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
 
     calls.n, calls.loads = 0, 0
     res = invoke(*args)
-    assert res.exit_code == 0 and calls.n == 0 and calls.loads == 0  # finished: no model at all
+    assert res.exit_code == INCOMPLETE and calls.n == 0 and calls.loads == 0  # finished: no model at all
     res = invoke(*args, "--dry-run")
     assert res.output.count("done") >= 5
 
@@ -219,11 +220,11 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
 def test_sweep_table_shows_the_resolved_layer_beside_the_swept_value(toy, tmp_path, calls):
     res = invoke("sweep", "pruning_layer", "--values", "pruning_layer=10/28,27/28,2", "--dataset", toy, "--limit", "1",
                  "--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4", "--results-dir", tmp_path)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     (sweep_dir,) = tmp_path.iterdir()
     rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
     assert [(c, r["pruning_layer"], r["pruning_layer_spec"]) for c, r in rows.items()] == [
-        ("baseline", "", "10/28"), ("pruning_layer=10/28", "1", "10/28"), ("pruning_layer=27/28", "3", "27/28"),
+        ("baseline", "", ""), ("pruning_layer=10/28", "1", "10/28"), ("pruning_layer=27/28", "3", "27/28"),
         ("pruning_layer=2", "2", "2")]
     cell = Path(rows["pruning_layer=10/28"]["run_dir"])
     assert cell.name == "pruning_layer=10-28"

@@ -13,9 +13,20 @@ from rich.console import Console
 
 from prunevid_bench.errors import PruneVidError
 
+# Exit codes, for scripts: named in --help (EXIT_HELP) and returned by run, sweep and compare.
+EXIT_OK = 0  # every selected sample produced a parsed answer
+EXIT_USAGE = 2  # a usage or input error: nothing was run (or a run stopped on an error it names)
+EXIT_INCOMPLETE = 3  # the run finished, but some samples were skipped, errored or gave no parsed answer
+EXIT_INTERRUPTED = 130
+EXIT_HELP = (
+    "Exit codes: 0 every selected sample gave a parsed answer; 3 finished, but samples were skipped, "
+    "errored or unparsed; 2 usage or input error; 130 interrupted (rerun to resume)."
+)
+
 app = typer.Typer(
     name="prunevid",
     help="Benchmark PruneVid's visual-token reduction on Qwen2.5-VL: tokens, TTFT, memory, accuracy.",
+    epilog=EXIT_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -45,6 +56,12 @@ DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschem
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")]
 AnswerMode = Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")]
+Wait = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of stopping.", rich_help_panel="Dataset")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout; everything else goes to stderr.", rich_help_panel="Output")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the --json result).", rich_help_panel="Output")]
+
+# `run` options that only mean something with --dataset: refused for one video rather than ignored.
+DATASET_ONLY = ("limit", "seed", "answer_mode", "baseline", "force", "wait", "video_root", "answers", "dataset_format")
 
 
 def collect_overrides(
@@ -93,7 +110,44 @@ def main() -> None:
         app()
     except PruneVidError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from prunevid_bench import __version__
+
+        typer.echo(f"prunevid-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
+) -> None:
+    """Benchmark PruneVid's visual-token reduction on Qwen2.5-VL: tokens, TTFT, memory, accuracy."""
+
+
+def human_console(json_out: bool, quiet: bool) -> Console:
+    """Where a command's text for people goes: stdout, stderr when stdout carries --json, or nowhere."""
+    if quiet:
+        return Console(quiet=True)
+    return Console(stderr=True) if json_out else console
+
+
+def emit_json(data) -> None:
+    import json
+
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def finish(problems: list[str], human: Console) -> None:
+    """Exit 3 when some selected samples got no parsed answer, saying why on stderr."""
+    if problems:
+        if not human.quiet:
+            err_console.print(f"[yellow]incomplete:[/] {', '.join(problems)} (exit code {EXIT_INCOMPLETE})",
+                              highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 def guarded(fn):
@@ -107,15 +161,16 @@ def guarded(fn):
         except PruneVidError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            fail("interrupted; finished samples are saved: rerun the same command to resume", 130)
+            fail("interrupted; finished samples are saved: rerun the same command to resume", EXIT_INTERRUPTED)
 
     return wrapper
 
 
 # ---------------------------------------------------------------- run
-@app.command()
+@app.command(epilog=EXIT_HELP)
 @guarded
 def run(
+    ctx: typer.Context,
     video: Annotated[Optional[Path], typer.Argument(help="Video file.", show_default=False)] = None,
     question: Annotated[Optional[str], typer.Argument(help="Question about the video.", show_default=False)] = None,
     preset: Preset = None,
@@ -142,13 +197,22 @@ def run(
     seed: Seed = 0,
     answer_mode: AnswerMode = "generate",
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A baseline run folder: report agreement with it.", rich_help_panel="Dataset")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo samples already finished in the run folder.", rich_help_panel="Dataset")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo samples already finished in the run folder (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
+    wait: Wait = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
     warmup: Annotated[int, typer.Option("--warmup", help="Timing mode: discarded warm-up runs.", rich_help_panel="Timing")] = 0,
 ) -> None:
     """Run one video and question, or a whole dataset with --dataset."""
     from prunevid_bench.config import build_config
 
+    given = [name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
+    if dataset is None:
+        refused = [_flag(ctx, name) for name in DATASET_ONLY if name in given]
+        if refused:
+            raise PruneVidError(f"{', '.join(refused)} only apply to --dataset; drop them for a single video")
+    human = human_console(json_out, quiet)
     overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
     cfg = build_config(preset, config, overrides)
     if dataset is not None:
@@ -156,9 +220,12 @@ def run(
             raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")
         if repeats != 1 or warmup != 0:
             raise PruneVidError("--repeats/--warmup time one video; they do not apply to --dataset")
+        if options:
+            raise PruneVidError("--option is for one video; a dataset brings its own options")
         from prunevid_bench.harness.evaluate import evaluate_dataset
+        from prunevid_bench.harness.runs import shortfall
 
-        evaluate_dataset(
+        result = evaluate_dataset(
             cfg,
             dataset,
             preset=preset,
@@ -172,8 +239,12 @@ def run(
             answer_mode=answer_mode,
             baseline=baseline,
             force=force,
-            console=console,
+            wait=wait,
+            console=human,
         )
+        if json_out:
+            emit_json({"run_dir": str(result.run_dir), **result.summary})
+        finish(shortfall(result.summary), human)
         return
     messages = None
     if messages_file is not None:
@@ -184,16 +255,28 @@ def run(
         messages = read_messages(messages_file)
     elif video is None or question is None:
         raise PruneVidError("give a VIDEO and a QUESTION (or --messages FILE, or --dataset PATH)")
+    import json
+
     from prunevid_bench.single import run_single
 
-    run_single(
+    run_dir = run_single(
         cfg, video, question, options=options or [], preset=preset, results_dir=results_dir, label=label,
-        repeats=repeats, warmup=warmup, console=console, messages=messages,
+        repeats=repeats, warmup=warmup, console=human, messages=messages,
     )
+    record = json.loads((run_dir / "result.json").read_text())
+    if json_out:
+        emit_json({"run_dir": str(run_dir), **record})
+    finish([f"1 {record['parse_status']}"] if options and record.get("parse_status") != "parsed" else [], human)
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    """The command-line spelling of a parameter (``answer_mode`` -> ``--answer-mode``)."""
+    param = next(p for p in ctx.command.params if p.name == name)
+    return max(param.opts, key=len)
 
 
 # ---------------------------------------------------------------- sweep
-@app.command()
+@app.command(epilog=EXIT_HELP)
 @guarded
 def sweep(
     params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (stage1.tau); default: all given values.", show_default=False)] = None,
@@ -209,7 +292,10 @@ def sweep(
     limit: Limit = None,
     seed: Seed = 0,
     answer_mode: AnswerMode = "generate",
-    force: Annotated[bool, typer.Option("--force", help="Redo cells already finished.", rich_help_panel="Dataset")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
+    wait: Wait = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
     preset: Preset = None,
     config: ConfigFile = None,
     sets: Sets = None,
@@ -235,16 +321,24 @@ def sweep(
 
     if dataset is None:
         raise PruneVidError("a sweep needs --dataset PATH")
+    human = human_console(json_out, quiet)
     overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
     cfg = build_config(preset, config, overrides)
     from prunevid_bench.harness.sweep import run_sweep
 
-    run_sweep(
+    result = run_sweep(
         cfg, dataset, params=params or [], values=values or [], sweep_file=sweep_file, preset=preset,
         results_dir=results_dir, label=label, video_root=video_root, answers=answers, dataset_format=dataset_format,
         limit=limit, seed=seed, answer_mode=answer_mode, controls=controls or [], metric=metric, dry_run=dry_run,
-        force=force, console=console,
+        force=force, wait=wait, console=human,
     )
+    if json_out:
+        cells = [{"name": c.name, "kind": c.kind, "overrides": c.overrides} for c in result.cells]
+        emit_json({"sweep_dir": str(result.sweep_dir), "dry_run": dry_run, "cells": cells, "rows": result.rows})
+    from prunevid_bench.harness.runs import shortfall
+
+    finish([f"cell {name}: {', '.join(shortfall(summary))}" for name, summary in result.summaries.items()
+            if shortfall(summary)], human)
 
 
 # ---------------------------------------------------------------- compare
@@ -256,11 +350,16 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write compare.csv and compare.md into this folder.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown instead of a rich table.")] = False,
     allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs on different questions or frame settings anyway.")] = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """One table across saved runs: tokens per stage, TTFT, decode speed, memory, KV, accuracy, deltas."""
     from prunevid_bench.harness.compare import compare_runs
 
-    compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mismatch=allow_mismatch, console=console)
+    rows = compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mismatch=allow_mismatch,
+                        console=human_console(json_out, quiet))
+    if json_out:
+        emit_json({"runs": rows})
 
 
 # ---------------------------------------------------------------- presets

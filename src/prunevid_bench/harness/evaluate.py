@@ -12,9 +12,11 @@ Resume design: the run folder name is ``<label or preset>-<dataset stem>-<hash>`
 covers the resolved config, the answer mode and the exact questions selected (ids, options,
 answers: so ``--limit``/``--seed`` are in it). No timestamp, so restarting the same command
 lands in the same folder and skips every sample already logged; a sample that ended in an error
-is retried. ``--force`` starts the folder over (the old log is kept as ``samples.jsonl.bak``).
-A folder whose stored config differs (possible with an explicit folder, e.g. a sweep cell) is
-refused rather than mixed. The summary is recomputed from the whole log at the end.
+is retried. ``--force`` starts the folder over: the old log and its summaries move to a new
+``backup-<N>/`` (never overwritten). A folder whose stored config differs (possible with an
+explicit folder, e.g. a sweep cell) is refused rather than mixed. The summary is recomputed from
+the whole log at the end. One process at a time holds a run folder (``runlock``); a second one is
+refused, or with ``wait`` queues behind the first.
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
 from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
+from prunevid_bench.harness.progress import progress_for
+from prunevid_bench.harness.runlock import RunLock
 from prunevid_bench.harness.runs import (
     CONFIG_FILE,
+    RUN_FILES,
     SAMPLES_FILE,
     SUMMARY_FILE,
     SampleLog,
+    back_up,
     diff_keys,
     fingerprint_hash,
     flat_row,
@@ -64,6 +70,15 @@ class DatasetPlan:
     limit: int | None
     seed: int
     notes: list[str] = field(default_factory=list)
+    n_usable: int | None = None  # rows of the file that parsed into questions (None: all selected)
+
+    def counts(self) -> dict[str, int]:
+        """How the rows divide, so that every figure shown adds up: rows = usable + unusable,
+        selected (of the usable, after --limit) = ready + skipped in preflight."""
+        unusable = sum(1 for s in self.skipped if s["stage"] == "dataset")
+        usable = len(self.selected) if self.n_usable is None else self.n_usable
+        return {"rows": usable + unusable, "unusable": unusable, "selected": len(self.selected),
+                "ready": len(self.runnable), "skipped_preflight": len(self.skipped) - unusable}
 
     def identity(self) -> dict[str, Any]:
         """What decides which questions are asked: part of every run's fingerprint."""
@@ -104,8 +119,8 @@ def plan_dataset(
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
     skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
     notes = []
-    picked = f"{len(selected)} of {len(ds)} (seeded sample, seed {seed})" if len(selected) < len(ds) else f"{len(ds)}"
-    console.print(f"dataset {ds.name} ({ds.format}): {picked} questions; preflight: {len(runnable)} ready", highlight=False, soft_wrap=True)
+    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes, n_usable=len(ds))
+    console.print(f"dataset {escape(ds.name)} ({ds.format}): {counts_line(plan)}", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
         console.print(f"  [yellow]skipped[/] {escape(item['id'])} ({item['stage']}): {escape(item['reason'])}",
                       highlight=False, soft_wrap=True)
@@ -115,7 +130,16 @@ def plan_dataset(
         console.print(f"  [yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not runnable:
         raise PruneVidError(f"no question of {ds.name} passed preflight; check the videos and --video-root")
-    return DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes)
+    return plan
+
+
+def counts_line(plan: DatasetPlan) -> str:
+    """``5 rows, 1 unusable; 4 selected; preflight: 2 ready, 2 skipped``."""
+    c = plan.counts()
+    rows = f"{c['rows']} rows" + (f", {c['unusable']} unusable" if c["unusable"] else "")
+    sampled = f" (seeded sample, seed {plan.seed})" if c["selected"] < c["rows"] - c["unusable"] else ""
+    skipped = f", {c['skipped_preflight']} skipped" if c["skipped_preflight"] else ""
+    return f"{rows}; {c['selected']} selected{sampled}; preflight: {c['ready']} ready{skipped}"
 
 
 def run_fingerprint(cfg: RunConfig, plan: DatasetPlan, answer_mode: str) -> dict[str, Any]:
@@ -151,6 +175,7 @@ def evaluate_dataset(
     answer_mode: str = "generate",
     baseline: Path | None = None,
     force: bool = False,
+    wait: bool = False,
     console: Console | None = None,
     pipeline=None,
 ) -> EvalResult:
@@ -167,7 +192,7 @@ def evaluate_dataset(
     meta = {"scenario": "dataset", "label": label, "preset": preset,
             "baseline": str(baseline) if baseline else None}
     return evaluate_plan(cfg, plan, pipeline, run_dir, meta=meta, answer_mode=answer_mode,
-                         baseline_records=baseline_records, force=force, console=console)
+                         baseline_records=baseline_records, force=force, wait=wait, console=console)
 
 
 def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
@@ -199,14 +224,22 @@ def evaluate_plan(
     answer_mode: str = "generate",
     baseline_records: list[dict[str, Any]] | None = None,
     force: bool = False,
+    wait: bool = False,
     console: Console | None = None,
     quiet: bool = False,
 ) -> EvalResult:
     """Run every planned question not yet logged in ``run_dir``; write and return the summary.
 
     ``pipe`` is a Pipeline or a function returning one, called only when something must run.
+    The run folder is locked throughout (``wait``: queue behind another process holding it).
     """
     console = console or Console()
+    with RunLock(run_dir, wait=wait, note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
+        return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=answer_mode,
+                                baseline_records=baseline_records, force=force, console=console, quiet=quiet)
+
+
+def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet) -> EvalResult:
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
     check_answer_mode(answer_mode)
     fingerprint = run_fingerprint(cfg, plan, answer_mode)
@@ -218,7 +251,7 @@ def evaluate_plan(
         "sample_ids": [s.id for s in plan.selected],
         "fingerprint": fingerprint_hash(fingerprint),
     }
-    done = open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force)
+    done = open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
     todo = [s for s in plan.runnable if s.id not in done or done[s.id].get("error")]
     if done and not quiet:
         finished = sum(1 for s in plan.runnable if s.id in done and not done[s.id].get("error"))
@@ -227,12 +260,13 @@ def evaluate_plan(
         pipe = get_pipe()
         pipe._apply_stages(cfg)  # a stage setting the model cannot take fails here, not once per sample
         letter_ids = letter_token_ids(pipe.processor.tokenizer, max(len(s.options) for s in todo)) if answer_mode == "logits" else None
-        _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console)
+        _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console, len(plan.runnable))
     records = [done[s.id] for s in plan.runnable if s.id in done]
     summary = {
         "run": run_dir.name,
         "complete": len(records) == len(plan.runnable) and not any(r.get("error") for r in records),
         "n_selected": len(plan.selected),
+        "counts": {**plan.counts(), "evaluated": len(records)},
         **summarise(records, plan.skipped, baseline_records),
         "notes": plan.notes,
     }
@@ -245,7 +279,7 @@ def evaluate_plan(
 
 
 def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any], fingerprint: dict[str, Any],
-                 force: bool) -> dict[str, dict[str, Any]]:
+                 force: bool, console: Console | None = None) -> dict[str, dict[str, Any]]:
     """Start or resume a run folder; return the records already logged (empty when new/forced)."""
     from prunevid_bench.single import write_run_header
 
@@ -262,10 +296,9 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any]
             )
         return read_samples(run_dir / SAMPLES_FILE, repair=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / SAMPLES_FILE
-    if log.exists():
-        log.replace(log.with_name(SAMPLES_FILE + ".bak"))  # --force: keep the old answers aside
-    (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    backup = back_up(run_dir, RUN_FILES)  # --force: every earlier answer is kept; no stale summary stays behind
+    if backup is not None and console is not None:
+        console.print(f"--force: the earlier results of {run_dir} are kept in {backup.name}/", soft_wrap=True, highlight=False)
     write_run_header(run_dir, cfg, get_pipe(), header)
     return {}
 
@@ -287,23 +320,17 @@ def letter_token_ids(tokenizer, n: int) -> list[int]:
     return ids
 
 
-def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    correct = sum(1 for r in done.values() if r.get("correct"))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with SampleLog(run_dir / SAMPLES_FILE) as log, Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(run_dir.name, total=len(todo))
+def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console, total) -> None:
+    correct = sum(1 for r in done.values() if r.get("correct"))  # an errored row is never correct
+    with SampleLog(run_dir / SAMPLES_FILE) as log, progress_for(console, run_dir.name, total, total - len(todo), correct) as progress:
         for sample in todo:
             record = run_sample(pipe, cfg, sample, answer_mode, letter_ids)
             log.write(record)
             done[sample.id] = record
-            correct += bool(record.get("correct"))
             if record.get("error"):
-                progress.console.print(f"[red]error[/] on {escape(sample.id)}: {escape(record['error'])}",
-                                       highlight=False, soft_wrap=True)
-            progress.update(task, advance=1, description=f"{run_dir.name} · correct {correct}")
+                console.print(f"[red]error[/] on {escape(sample.id)}: {escape(record['error'])}",
+                              highlight=False, soft_wrap=True)
+            progress.advance(record)
 
 
 def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_ids: list[int] | None) -> dict[str, Any]:
@@ -320,10 +347,16 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
         "correct": False,
         "parse_status": None,
         "error": None,
+        # What was asked and answered, so a failure can be read from the log alone.
+        "question": sample.question,
+        "options": list(sample.options),
+        "prompt": None,  # the full chat-templated prompt text the model saw
+        "reply_raw": None,  # the reply with its special tokens (generated_text has them stripped)
     }
     start = time.perf_counter()
     try:
         prepared = pipe.prepare(_video_input(sample, cfg, pipe), format_mc_prompt(sample.question, sample.options), cfg)
+        record["prompt"] = prepared.prompt
         record["prepare_s"] = time.perf_counter() - start
         result = pipe.run(prepared, config=cfg)
     except torch.cuda.OutOfMemoryError as exc:
@@ -345,6 +378,7 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     prediction = None if index is None else LETTERS[index]
     record.update(prediction=prediction, correct=prediction == sample.answer_letter, parse_status=status)
     record.update({k: v for k, v in result.to_dict().items() if k not in RESULT_EXCLUDE})
+    record["reply_raw"] = pipe.processor.tokenizer.decode(result.generated_token_ids, skip_special_tokens=False)
     record["sample_s"] = time.perf_counter() - start
     return record
 
@@ -376,11 +410,21 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     def row(name: str, value: str) -> None:
         table.add_row(escape(name), escape(value))  # "[p25, p75]" is text, not rich markup
 
-    row("questions evaluated", f"{acc['n']} (of {summary['n_selected']} selected)")
+    counts = summary.get("counts")
+    if counts:  # selected = evaluated + skipped in preflight; skipped = unusable rows + preflight
+        pre = f"; {counts['skipped_preflight']} skipped in preflight" if counts["skipped_preflight"] else ""
+        row("questions evaluated", f"{acc['n']} (of {counts['selected']} selected{pre})")
+    else:  # folders written before counts were recorded
+        row("questions evaluated", f"{acc['n']} (of {summary['n_selected']} selected)")
     row("accuracy [95% CI]", f"{fmt_pct(acc['accuracy'])} [{fmt_pct(acc['ci_low'])}, {fmt_pct(acc['ci_high'])}]  ({acc['correct']}/{acc['n']})")
     row("unparsed replies (counted wrong)", str(acc["unparsed"]))
     row("errors (counted wrong)", str(acc["errors"]))
-    row("skipped (not evaluated)", str(len(summary["skipped"])))
+    skipped = str(len(summary["skipped"]))
+    if counts and counts["unusable"] and counts["skipped_preflight"]:
+        skipped += f" ({counts['unusable']} unusable rows, {counts['skipped_preflight']} in preflight)"
+    elif counts and counts["unusable"]:
+        skipped += " (unusable rows)"
+    row("skipped (not evaluated)", skipped)
     if "agreement" in summary:
         ag = summary["agreement"]
         row("agreement with baseline", f"{fmt_pct(ag['agreement'])} [{fmt_pct(ag['ci_low'])}, {fmt_pct(ag['ci_high'])}] on {ag['n']}")

@@ -5,8 +5,9 @@ A dataset run folder holds::
     config.json        the resolved config, dataset identity, sample ids, fingerprint hash
     environment.json   versions, device, git commit (written when the run starts)
     samples.jsonl      one JSON line per finished sample, appended and flushed as it goes
-    summary.json       accuracy with CI, per category, skipped rows, medians and spread
+    summary.json       accuracy with CI, per category, skipped rows, counts, medians and spread
     summary.csv        the same as one flat row
+    backup-<N>/        what a ``--force`` rerun moved aside (N = 1, 2, ...; never reused)
 
 The log is the source of truth: the summary is recomputed from it, so a resumed run summarises
 every sample whichever process ran it. When an id appears twice (a sample retried after an
@@ -30,6 +31,8 @@ from prunevid_bench.errors import PruneVidError
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+# What a forced rerun moves into a fresh backup folder: the log and every file derived from it.
+RUN_FILES = (SAMPLES_FILE, SUMMARY_FILE, "summary.csv", CONFIG_FILE, "environment.json")
 
 # Per-sample fields summarised with median and spread (errors excluded).
 METRICS = (
@@ -148,6 +151,25 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def back_up(folder: Path, names: Iterable[str]) -> Path | None:
+    """Move the files ``names`` of ``folder`` into a new ``backup-<N>`` beside them (the first N
+    not taken, so an earlier backup is never overwritten). None when there was nothing to move."""
+    present = [name for name in names if (folder / name).exists()]
+    if not present:
+        return None
+    n = 1
+    while True:
+        target = folder / f"backup-{n}"
+        try:
+            target.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    for name in present:
+        (folder / name).replace(target / name)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
@@ -194,6 +216,14 @@ def summarise(
     if baseline_records is not None:
         summary["agreement"] = agreement(records, baseline_records)
     return summary
+
+
+def shortfall(summary: Mapping[str, Any]) -> list[str]:
+    """Why a finished dataset run did not answer every selected question, e.g.
+    ``["2 skipped", "1 errored", "3 unparsed"]``; empty when every one got a parsed answer."""
+    acc = summary["accuracy"]
+    counts = {"skipped": len(summary.get("skipped", [])), "errored": acc["errors"], "unparsed": acc["unparsed"]}
+    return [f"{n} {what}" for what, n in counts.items() if n]
 
 
 def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:

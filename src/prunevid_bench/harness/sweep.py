@@ -46,7 +46,7 @@ from prunevid_bench.harness.evaluate import (
     pipeline_loader,
     plan_dataset,
 )
-from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, fingerprint_hash, read_samples
+from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, back_up, fingerprint_hash, read_samples
 from prunevid_bench.report import slug, write_json
 
 SWEEP_DIR = PROJECT_ROOT / "sweeps"
@@ -70,6 +70,7 @@ class SweepResult:
     cells: list[Cell]
     rows: list[dict[str, Any]]
     plot: Path | None
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell name -> its summary.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +124,23 @@ def shipped_values(key: str) -> list[Any] | None:
     return None
 
 
-def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | None) -> dict[str, list[Any]]:
+def dedupe_values(key: str, values: list[Any], notes: list[str] | None = None) -> list[Any]:
+    """``values`` without repeats, in order (two equal values would share one cell folder). Each
+    repeat dropped is said in ``notes``. ``True`` and ``1`` are different values here."""
+    kept: list[Any] = []
+    for value in values:
+        if any(isinstance(v, bool) == isinstance(value, bool) and v == value for v in kept):
+            if notes is not None:
+                notes.append(f"{short_name(key)}={_value_text(value)} is given more than once; it runs once")
+            continue
+        kept.append(value)
+    return kept
+
+
+def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | None,
+              notes: list[str] | None = None) -> dict[str, list[Any]]:
     """The swept keys and their values: a sweep file overlaid by ``--values``, restricted to
-    PARAMS when given."""
+    PARAMS when given. Repeated values are dropped, with a line in ``notes``."""
     spec = load_sweep_file(sweep_file) if sweep_file else {}
     given = parse_values(values or [])
     spec.update(given)
@@ -148,7 +163,7 @@ def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | No
     for key in spec:
         if key.startswith("model."):
             raise PruneVidError(f"{key} cannot be swept: a sweep loads one model; run one sweep per model")
-    return spec
+    return {key: dedupe_values(key, vals, notes) for key, vals in spec.items()}
 
 
 def with_overrides(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -161,7 +176,8 @@ def _value_text(value: Any) -> str:
 
 def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str] | None = None) -> list[Cell]:
     """The baseline, every grid cell and the random controls (frames controls come later)."""
-    for control in controls or []:
+    controls = list(dict.fromkeys(controls or []))  # a control named twice runs once
+    for control in controls:
         if control not in CONTROLS:
             raise PruneVidError(f"unknown control '{control}'; use {' or '.join(CONTROLS)}")
     off = {"stage1.enabled": False, "stage2.enabled": False}
@@ -237,6 +253,7 @@ def run_sweep(
     metric: str = "accuracy",
     dry_run: bool = False,
     force: bool = False,
+    wait: bool = False,
     console: Console | None = None,
     pipeline=None,
 ) -> SweepResult:
@@ -244,8 +261,12 @@ def run_sweep(
     check_answer_mode(answer_mode)
     if metric not in METRIC_CHOICES:
         raise PruneVidError(f"--metric must be accuracy or agreement, got '{metric}'")
-    spec = grid_spec(list(params or []), values, sweep_file)
+    notes: list[str] = []
+    spec = grid_spec(list(params or []), values, sweep_file, notes)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     cells = expand_cells(base, spec, controls)
+    check_folders(cells)
     # A dry run only checks that videos exist; a real run decodes each one before the model loads.
     plan = plan_dataset(dataset, video_root=video_root, answers=answers, dataset_format=dataset_format,
                         limit=limit, seed=seed, check=_exists_only if dry_run else None, console=console)
@@ -256,8 +277,17 @@ def run_sweep(
         console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)", soft_wrap=True)
         return SweepResult(sweep_dir, cells, [], None)
 
+    if pipeline is None:
+        get_pipe = pipeline_loader(base)
+    else:
+        get_pipe = pipeline if callable(pipeline) else (lambda: pipeline)
+    if force or any(cell_status(sweep_dir / "cells" / cell_folder(c.name), plan) != "done" for c in cells):
+        check_cells_fit(cells, get_pipe())  # before any cell runs: not after the baseline
     (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
-    get_pipe = pipeline if pipeline is not None else pipeline_loader(base)
+    if force:  # the sweep's own table and plot no longer hold; each cell backs up its own results
+        backup = back_up(sweep_dir, ("summary.csv", "pareto.png"))
+        if backup is not None:
+            console.print(f"--force: the earlier sweep table and plot are kept in {backup.name}/", soft_wrap=True)
     meta = {"preset": preset, "label": label, "sweep": sweep_dir.name}
     write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
     results: dict[str, EvalResult] = {}
@@ -269,7 +299,8 @@ def run_sweep(
             cell.config, plan, get_pipe, sweep_dir / "cells" / cell_folder(cell.name),
             meta={**meta, "scenario": "sweep-cell", "cell": cell.name, "kind": cell.kind, "overrides": cell.overrides,
                   "matches": cell.matches},
-            answer_mode=answer_mode, baseline_records=baseline_records, force=force, console=console, quiet=True,
+            answer_mode=answer_mode, baseline_records=baseline_records, force=force, wait=wait, console=console,
+            quiet=True,
         )
         res = results[cell.name]
         kept = res.summary["metrics"].get("tokens_after", {}).get("median")
@@ -294,12 +325,36 @@ def run_sweep(
 
     plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=sweep_dir.name)
     console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}", soft_wrap=True)
-    return SweepResult(sweep_dir, cells, rows, plot)
+    return SweepResult(sweep_dir, cells, rows, plot, {name: res.summary for name, res in results.items()})
 
 
 def cell_folder(name: str) -> str:
     """A cell's folder name: its name with anything unusual for a file name replaced."""
     return "".join(c if c.isalnum() or c in "=,.+_-" else "-" for c in name)
+
+
+def check_folders(cells: list[Cell]) -> None:
+    """Two cells must never write one folder (e.g. values that differ only in a replaced character)."""
+    seen: dict[str, str] = {}
+    for cell in cells:
+        folder = cell_folder(cell.name)
+        if folder in seen:
+            raise PruneVidError(f"sweep cells '{seen[folder]}' and '{cell.name}' would share the folder cells/{folder}; "
+                                "give distinct values")
+        seen[folder] = cell.name
+
+
+def check_cells_fit(cells: list[Cell], pipe) -> None:
+    """Apply every cell's stage settings to the loaded model once (e.g. ``pruning_layer=99`` on a
+    4-layer model fails here), so a bad cell stops the sweep before the first one runs."""
+    try:
+        for cell in cells:
+            try:
+                pipe._apply_stages(cell.config)
+            except PruneVidError as exc:
+                raise PruneVidError(f"sweep cell {cell.name}: {exc}") from None
+    finally:
+        pipe.remove_stages()
 
 
 def write_sweep_json(sweep_dir: Path, base: RunConfig, spec, controls, metric, cells: list[Cell]) -> None:
@@ -353,10 +408,12 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         row = {"cell": cell.name, "kind": cell.kind}
         for key in spec:
             section, name = key.split(".")
-            row[short_name(key)] = getattr(getattr(cell.config, section), name)
+            stage_off = section in ("stage1", "stage2") and not getattr(cell.config, section).enabled
+            # A stage's parameters mean nothing in a cell where it is off: left blank, not the base's value.
+            row[short_name(key)] = None if stage_off and name != "enabled" else getattr(getattr(cell.config, section), name)
         if "stage2.pruning_layer" in spec:  # the layer the model resolved, beside the value as swept
             row[short_name("stage2.pruning_layer")] = res.summary.get("pruning_layer")
-            row["pruning_layer_spec"] = cell.config.stage2.pruning_layer
+            row["pruning_layer_spec"] = cell.config.stage2.pruning_layer if cell.config.stage2.enabled else None
         row.update(
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
