@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement
 from prunevid_bench.harness.evaluate import fmt_pct
 from prunevid_bench.harness.runs import SavedRun, load_run
+from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.single import fmt_seconds, human_bytes, layer_text
 
 FRAME_KEYS = ("num_frames", "fps", "max_frames", "max_pixels", "min_pixels")
@@ -163,14 +162,38 @@ def _num(x: float | None, digits: int = 0) -> str:
     return f"{x:.{digits}f}" if digits or not float(x).is_integer() else f"{x:.0f}"
 
 
-def rich_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="Comparison", header_style="bold")
-    for header, _ in COLUMNS:
-        text = header in ("run", "stages")
-        table.add_column(escape(header), justify="left" if text else "right", overflow="fold", min_width=10 if text else None)
-    for row in rows:
-        table.add_row(*(escape(fmt(row)) for _, fmt in COLUMNS))
-    return table
+def _ci_text(r: dict[str, Any]) -> str:
+    if r["accuracy"] is None:
+        return "-"
+    return f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+
+
+FORMAT = dict(COLUMNS)  # header -> formatter
+
+# The console table: the Markdown columns under short names, fitted to the terminal (dropped from
+# the highest rank up, the caption says which); --markdown and --out keep every column.
+CONSOLE_COLUMNS = (
+    Column("run", FORMAT["run"], rank=0, fold=True, justify="left"),
+    Column("acc % [CI]", _ci_text, rank=0),
+    Column("kept", FORMAT["kept"], rank=1),
+    Column("TTFT", FORMAT["TTFT (median)"], rank=1),
+    Column("Δacc", FORMAT["Δ accuracy"], rank=2),
+    Column("speed-up", FORMAT["TTFT speed-up"], rank=3),
+    Column("in→S1→S2", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
+    Column("agree", FORMAT["agreement"], rank=5),
+    Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),
+    Column("KV/base", FORMAT["KV vs base"], rank=7),
+    Column("KV", FORMAT["KV cache"], rank=8),
+    Column("n", FORMAT["n"], rank=9),
+    Column("dec tok/s", FORMAT["decode tok/s"], rank=10),
+    Column("peak mem", FORMAT["peak memory"], rank=11),
+)
+
+
+def rich_table(rows: list[dict[str, Any]]) -> FittedTable:
+    """The comparison for the console, laid out for the width it is printed at."""
+    return FittedTable(list(CONSOLE_COLUMNS), rows, title="Comparison",
+                       full_table="every column: --markdown, or --out DIR for compare.csv")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -47,6 +47,7 @@ from prunevid_bench.harness.evaluate import (
     plan_dataset,
 )
 from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, fingerprint_hash, read_samples
+from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
 
 SWEEP_DIR = PROJECT_ROOT / "sweeps"
@@ -407,24 +408,36 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> Table:
+def _count(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _front(r: dict[str, Any]) -> str:
+    return "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
+
+
+def _acc_ci(r: dict[str, Any]) -> str:
+    ci = "" if r["ci_low"] is None else f" ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
+    return fmt_pct(r["accuracy"]) + ci
+
+
+def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTable:
+    """The sweep's console table, fitted to the terminal; summary.csv has every column."""
     from prunevid_bench.single import fmt_seconds, human_bytes
 
-    table = Table(title=title, header_style="bold")
-    for col in ("cell", "n", "accuracy (CI)", "agree", "kept tok", "kept", "TTFT", "dec tok/s", "peak mem", "KV",
-                "front"):
-        table.add_column(escape(col), justify="left" if col == "cell" else "right", overflow="fold")
-    for r in rows:
-        front = "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
-        ci = "" if r["ci_low"] is None else f" ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
-        table.add_row(
-            escape(r["cell"]), str(r["n"]), escape(fmt_pct(r["accuracy"]) + ci), fmt_pct(r["agreement"]),
-            "-" if r["kept_tokens"] is None else f"{r['kept_tokens']:.0f}",
-            fmt_pct(r["retention"]),
-            fmt_seconds(r["ttft_s"]),
-            "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",
-            human_bytes(r["peak_memory_bytes"]), human_bytes(r["kv_cache_bytes"]), front or "",
-        )
-    table.caption = (f"accuracy with its 95% CI in %; agree: with the baseline cell; kept: visual tokens "
-                     f"kept / tokens in; front: on the Pareto front of {metric} against kept tokens / TTFT")
-    return table
+    columns = [
+        Column("cell", lambda r: r["cell"].replace(",", ", "), rank=0, fold=True, justify="left"),
+        Column("acc (CI)", _acc_ci, rank=0),
+        Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1),
+        Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1),
+        Column("agree", lambda r: fmt_pct(r["agreement"]), rank=2),
+        Column("front", _front, rank=2),
+        Column("kept", lambda r: fmt_pct(r["retention"]), rank=3),
+        Column("n", lambda r: str(r["n"]), rank=4),
+        Column("KV", lambda r: human_bytes(r["kv_cache_bytes"]), rank=5),
+        Column("dec tok/s", lambda r: _count(r["decode_tokens_per_s"], 1), rank=6),
+        Column("peak mem", lambda r: human_bytes(r["peak_memory_bytes"]), rank=7),
+    ]
+    caption = (f"acc: accuracy with its 95% CI in %; agree: with the baseline cell; tokens: visual tokens kept "
+               f"(median); kept: of the tokens in; front: on the Pareto front of {metric} against kept tokens / TTFT")
+    return FittedTable(columns, rows, title=title, caption=caption, full_table="every column: summary.csv")
