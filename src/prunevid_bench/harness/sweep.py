@@ -290,10 +290,11 @@ def run_sweep(
     rows = sweep_rows(cells, results, spec)
     mark_pareto(rows, metric)
     write_csv(sweep_dir / "summary.csv", rows)
-    console.print(sweep_table(rows, metric, title=sweep_dir.name))
+    title = sweep_title(spec, controls, plan, base, preset)
+    console.print(sweep_table(rows, metric, title=title))
     from prunevid_bench.harness.plot import plot_pareto
 
-    plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=sweep_dir.name)
+    plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=title)
     console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}", soft_wrap=True)
     return SweepResult(sweep_dir, cells, rows, plot)
 
@@ -322,18 +323,19 @@ def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
     return "done" if finished == len(plan.runnable) else f"{finished}/{len(plan.runnable)} done"
 
 
-def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls) -> Table:
-    table = Table(title=f"Sweep cells ({len(plan.runnable)} questions each)", header_style="bold")
-    for col in ("#", "cell", "kind", "overrides", "status"):
-        table.add_column(col, overflow="fold")
-    for i, cell in enumerate(cells, start=1):
-        overrides = " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items())
-        status = cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan)
-        table.add_row(str(i), escape(cell.name), cell.kind, escape(overrides), status)
+def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls) -> FittedTable:
+    rows = [{"#": str(i), "cell": cell.name, "kind": cell.kind,
+             "overrides": " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items()),
+             "status": cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan)}
+            for i, cell in enumerate(cells, start=1)]
     if "frames" in (controls or []):
-        table.add_row("+", "frames=N", "control_frames", "baseline with fewer frames, one per grid cell's kept tokens",
-                      "after the grid")
-    return table
+        rows.append({"#": "+", "cell": "frames=N", "kind": "control_frames",
+                     "overrides": "baseline with fewer frames, one per grid cell's kept tokens", "status": "after the grid"})
+    columns = [Column("#", lambda r: r["#"]), Column("cell", lambda r: r["cell"].replace(",", ", "), fold=True, justify="left"),
+               Column("kind", lambda r: r["kind"], rank=1, justify="left"),
+               Column("overrides", lambda r: r["overrides"], fold=True, justify="left"),
+               Column("status", lambda r: r["status"], fold=True, justify="left")]
+    return FittedTable(columns, rows, title=f"Sweep cells ({len(plan.runnable)} questions each)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +363,7 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         row.update(
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
+            agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"],
             num_frames=med("num_frames"), tokens_in=med("tokens_before_stage1"),
             tokens_after_stage1=med("tokens_after_stage1"), kept_tokens=med("tokens_after"),
             retention=med("total_compression_ratio"), ttft_s=med("ttft_s"),
@@ -406,6 +409,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
+
+
+def sweep_title(spec: dict[str, list[Any]], controls, plan: DatasetPlan, base: RunConfig, preset: str | None) -> str:
+    """What was swept, over what: the plot's and the table's title."""
+    grid = " × ".join(f"{short_name(k)} {{{', '.join(_value_text(v) for v in values)}}}" for k, values in spec.items())
+    extra = f" with {' and '.join(controls)} controls" if controls else ""
+    return (f"Sweep of {grid}{extra} on {plan.name} ({len(plan.runnable)} questions), "
+            f"from preset {preset or '(none)'}, model {base.model.name}")
 
 
 def _count(x: float | None, digits: int = 0) -> str:

@@ -2,7 +2,8 @@
 
 A table is laid out when it is printed, for the width it is printed at (``options.max_width``):
 every shown column gets at least its header's longest word, so a header word is never split
-(rich would otherwise squeeze ``accuracy`` into ``accu racy``). When even the narrowest layout is
+(rich would otherwise squeeze ``accuracy`` into ``accu racy``), and a folding column its
+longest word up to ``LONG_WORD`` cells. When even the narrowest layout is
 too wide, the column of highest rank goes first; the caption names what was left out and where
 the full table is (the CSV). Only console output is fitted: CSV and Markdown keep every column.
 """
@@ -17,7 +18,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.table import Table
 
-FOLD_MIN = 14  # the narrowest a folding column is made (a 36-character run name takes 3 lines)
+LONG_WORD = 24  # a folding column is made as wide as its longest word up to this; longer words fold
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class FittedTable:
         natural = max([cell_len(col.header)] + [cell_len(text) for text in self.cells[i]])
         if not col.fold:
             return natural, natural
-        return max(max(cell_len(w) for w in col.header.split()), min(natural, FOLD_MIN)), natural
+        longest = max([cell_len(w) for w in col.header.split()] + [cell_len(w) for t in self.cells[i] for w in t.split()])
+        return max(max(cell_len(w) for w in col.header.split()), min(longest, LONG_WORD)), natural
 
     def layout(self, width: int) -> tuple[list[int], list[int]]:
         """(shown column indices, their widths) for a table at most ``width`` cells wide."""
