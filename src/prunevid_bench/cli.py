@@ -133,6 +133,7 @@ def run(
     results_dir: ResultsDir = Path("results"),
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder.", rich_help_panel="Output")] = None,
     options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable): the question is asked with lettered choices and the letter is parsed.", rich_help_panel="Config")] = None,
+    answer: Annotated[Optional[str], typer.Option("--answer", help="With --option: the right option's letter; the run says whether the model chose it.", rich_help_panel="Config")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="Evaluate a multiple-choice dataset instead of one video.", rich_help_panel="Dataset")] = None,
     video_root: VideoRoot = None,
     answers: AnswersFile = None,
@@ -155,6 +156,8 @@ def run(
             raise PruneVidError("give either VIDEO QUESTION or --dataset, not both")
         if repeats != 1 or warmup != 0:
             raise PruneVidError("--repeats/--warmup time one video; they do not apply to --dataset")
+        if answer is not None:
+            raise PruneVidError("--answer marks one video's --option answer; a dataset's rows carry their own answers")
         from prunevid_bench.harness.evaluate import evaluate_dataset
 
         evaluate_dataset(
@@ -179,7 +182,7 @@ def run(
     from prunevid_bench.single import run_single
 
     run_single(
-        cfg, video, question, options=options or [], preset=preset, results_dir=results_dir, label=label,
+        cfg, video, question, options=options or [], answer=answer, preset=preset, results_dir=results_dir, label=label,
         repeats=repeats, warmup=warmup, console=console,
     )
 

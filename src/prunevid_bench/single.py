@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prunevid_bench.config import RunConfig
@@ -97,6 +98,7 @@ def run_single(
     question: str,
     *,
     options: list[str] | None = None,
+    answer: str | None = None,
     preset: str | None,
     results_dir: Path,
     label: str | None,
@@ -115,6 +117,12 @@ def run_single(
     options = list(options or [])
     if len(options) == 1 or len(options) > len(LETTERS):
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
+    if answer is not None:
+        answer = answer.strip().upper()
+        if not options:
+            raise PruneVidError("--answer is the letter of the right --option: give the options too")
+        if answer not in LETTERS[:len(options)]:
+            raise PruneVidError(f"--answer must be one of {', '.join(LETTERS[:len(options)])} (the --option letters), got '{answer}'")
     prompt_question = format_mc_prompt(question, options) if options else question
     pipe = load_pipeline(overrides=cfg.to_overrides())
     prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model
@@ -126,9 +134,13 @@ def run_single(
     if options:
         index, status = parse_choice(record["generated_text"], len(options), options)
         record.update(options=options, prediction=None if index is None else LETTERS[index], parse_status=status)
+        if answer is not None:
+            record.update(answer=answer, correct=record["prediction"] == answer)
     if repeats > 1:
         record.update(timing_summary(results))
-        record["ttft_s"] = record["ttft_s_median"]
+        for name in TIMED_FIELDS:  # every timing shown (and compared) is the median, not the first repeat
+            if f"{name}_median" in record:
+                record[name] = record[f"{name}_median"]
     run_dir = new_run_dir(results_dir, label or f"{preset or 'custom'}-{Path(video).stem}")
     write_run_header(run_dir, cfg, pipe, {"scenario": "single", "preset": preset, "video": str(video), "question": question})
     write_json(run_dir / "result.json", record)
@@ -136,9 +148,13 @@ def run_single(
     console.print(f"[bold]answer:[/] {record['generated_text'] or '(empty)'}", highlight=False)
     if options:
         choice = record["prediction"]
-        shown = f"({choice}) {options[LETTERS.index(choice)]}" if choice else f"none ({record['parse_status']})"
+        shown = f"({choice}) {escape(options[LETTERS.index(choice)])}" if choice else f"none ({record['parse_status']})"
+        if answer is not None:
+            right = f"({answer}) {escape(options[LETTERS.index(answer)])}"
+            shown += " — [green]right[/]" if record["correct"] else f" — [red]wrong[/], the answer is {right}"
         console.print(f"[bold]choice:[/] {shown}", highlight=False)
-    console.print(measurement_table(record))
+    timed = f"timings: median of {repeats} runs after {warmup} warm-up{'s' * (warmup != 1)}" if repeats > 1 else ""
+    console.print(measurement_table(record, title=f"Measurements ({timed})" if timed else "Measurements"))
     console.print(f"run folder: {run_dir}")
     return run_dir
 

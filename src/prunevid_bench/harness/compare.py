@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import agreement
+from prunevid_bench.harness.answers import accuracy_summary, agreement
 from prunevid_bench.harness.evaluate import fmt_pct
 from prunevid_bench.harness.runs import SavedRun, load_run
 from prunevid_bench.harness.tables import Column, FittedTable
@@ -86,11 +86,30 @@ def check_comparable(runs: list[SavedRun], reference: SavedRun) -> None:
             )
 
 
+def answered(run: SavedRun) -> list[dict[str, Any]]:
+    """The run's answered questions: a dataset run's rows, or a single-video run's one record when
+    it was asked with ``--option`` (scored too when ``--answer`` was given)."""
+    if run.result is None:
+        return list(run.records.values())
+    if "prediction" not in run.result:
+        return []
+    (question,) = run.question_ids
+    return [{**run.result, "id": question}]
+
+
+def run_accuracy(run: SavedRun) -> dict[str, Any] | None:
+    if run.summary is not None:
+        return run.summary.get("accuracy")
+    if run.result is not None and "correct" in run.result:
+        return accuracy_summary(answered(run))  # one question: 0% or 100%, with its (wide) Wilson interval
+    return None
+
+
 def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[str, Any]]:
     """One flat row per run; deltas and agreement against ``reference`` (None: left empty)."""
     rows = []
     for run in runs:
-        acc = (run.summary or {}).get("accuracy")
+        acc = run_accuracy(run)
         tokens_in = run.metric("tokens_before_stage1")
         kept = run.metric("tokens_after")
         row: dict[str, Any] = {
@@ -122,7 +141,7 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
     out = {"delta_accuracy": None, "ttft_speedup": None, "kv_ratio": None, "agreement": None}
     if reference is None:
         return out
-    ref_acc = (reference.summary or {}).get("accuracy")
+    ref_acc = run_accuracy(reference)
     if row["accuracy"] is not None and ref_acc:
         out["delta_accuracy"] = row["accuracy"] - ref_acc["accuracy"]
     ref_ttft, ref_kv = reference.metric("ttft_s"), reference.metric("kv_cache_bytes")
@@ -130,8 +149,9 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
         out["ttft_speedup"] = ref_ttft / row["ttft_s"]
     if row["kv_cache_bytes"] and ref_kv:
         out["kv_ratio"] = row["kv_cache_bytes"] / ref_kv
-    if run.records and reference.records:
-        out["agreement"] = agreement(run.records.values(), reference.records.values())["agreement"]
+    mine, theirs = answered(run), answered(reference)
+    if mine and theirs:
+        out["agreement"] = agreement(mine, theirs)["agreement"]
     return out
 
 
@@ -165,7 +185,7 @@ def _num(x: float | None, digits: int = 0) -> str:
 def _ci_text(r: dict[str, Any]) -> str:
     if r["accuracy"] is None:
         return "-"
-    return f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+    return f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
 
 
 FORMAT = dict(COLUMNS)  # header -> formatter
@@ -173,8 +193,8 @@ FORMAT = dict(COLUMNS)  # header -> formatter
 # The console table: the Markdown columns under short names, fitted to the terminal (dropped from
 # the highest rank up, the caption says which); --markdown and --out keep every column.
 CONSOLE_COLUMNS = (
-    Column("run", FORMAT["run"], rank=0, fold=True, justify="left"),
-    Column("acc % [CI]", _ci_text, rank=0),
+    Column("run", FORMAT["run"], rank=0, fold=True, justify="left", word_cap=16),  # folder names fold
+    Column("acc % (CI)", _ci_text, rank=0),
     Column("kept", FORMAT["kept"], rank=1),
     Column("TTFT", FORMAT["TTFT (median)"], rank=1),
     Column("Δacc", FORMAT["Δ accuracy"], rank=2),

@@ -3,7 +3,7 @@
 A table is laid out when it is printed, for the width it is printed at (``options.max_width``):
 every shown column gets at least its header's longest word, so a header word is never split
 (rich would otherwise squeeze ``accuracy`` into ``accu racy``), and a folding column its
-longest word up to ``LONG_WORD`` cells. When even the narrowest layout is
+longest word up to the column's ``word_cap``. When even the narrowest layout is
 too wide, the column of highest rank goes first; the caption names what was left out and where
 the full table is (the CSV). Only console output is fitted: CSV and Markdown keep every column.
 """
@@ -18,7 +18,6 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.table import Table
 
-LONG_WORD = 24  # a folding column is made as wide as its longest word up to this; longer words fold
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,7 @@ class Column:
     cell: Callable[[dict[str, Any]], str]  # plain text (escaped when rendered)
     rank: int = 0  # 0: always shown; higher ranks are dropped first when space runs out
     fold: bool = False  # long text (names, settings) that may take several lines
+    word_cap: int = 24  # a folding column is at least as wide as its longest word, up to this; longer words fold
     justify: str = "right"
 
 
@@ -50,7 +50,7 @@ class FittedTable:
         if not col.fold:
             return natural, natural
         longest = max([cell_len(w) for w in col.header.split()] + [cell_len(w) for t in self.cells[i] for w in t.split()])
-        return max(max(cell_len(w) for w in col.header.split()), min(longest, LONG_WORD)), natural
+        return max(max(cell_len(w) for w in col.header.split()), min(longest, col.word_cap)), natural
 
     def layout(self, width: int) -> tuple[list[int], list[int]]:
         """(shown column indices, their widths) for a table at most ``width`` cells wide."""
