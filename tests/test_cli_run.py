@@ -86,6 +86,9 @@ def test_timing_mode_reports_median(clip8, tmp_path):
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "cuda:99"], "cuda:99"),
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "tpu"], "unknown device 'tpu'"),
         (["run", "CLIP"], "give a VIDEO and a QUESTION"),
+        (["run", "CLIP", "Q", "--answer", "A"], "--answer is the letter of the right --option: give the options too"),
+        (["run", "CLIP", "Q", "-o", "x", "-o", "y", "--answer", "C"], "--answer must be one of A, B (the --option letters), got 'C'"),
+        (["run", "--dataset", "data.jsonl", "--answer", "A"], "a dataset's rows carry their own answers"),
     ],
 )
 def test_bad_input_one_line_error(args, message, clip8, tmp_path):
