@@ -67,7 +67,8 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
             if bars:
                 ax.errorbar([b[0] for b in bars], [b[1] for b in bars], fmt="none", ecolor=colour, elinewidth=0.8,
                             alpha=0.5, capsize=2, zorder=2,
-                            yerr=[[b[1] - 100 * b[2][0] for b in bars], [100 * b[2][1] - b[1] for b in bars]])
+                            yerr=[[max(0.0, b[1] - 100 * b[2][0]) for b in bars],  # max: Wilson's bound at
+                                  [max(0.0, 100 * b[2][1] - b[1]) for b in bars]])  # 100% is 1 - 1e-16
         front = sorted((r for _, r in usable if r.get(f"pareto_{cost}")), key=lambda r: r[cost])
         if front:
             xs, ys = [r[cost] * scale for r in front], [100 * r[metric] for r in front]
