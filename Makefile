@@ -19,8 +19,8 @@ install: $(STAMP)
 # The bundled toy-world clip (a held-out question; the answer is (A) left) through the shipped `toy`
 # model: once vanilla, once with the paper's stages (the preset's pruning layer "10/28" resolves to
 # layer 1 of its 4). Each run is timed as the median of 10 after 3 discarded warm-ups (one cold run
-# makes whichever goes first look slow) and says whether its choice is right; the demo ends with
-# `prunevid compare` of its two runs, which it writes to a folder of their own.
+# makes whichever goes first look slow) and says whether its choice is right; both runs go to a
+# folder of their own (results/demo-<time>/), and the demo ends with `prunevid compare` of the two.
 DEMO_DIR  := results/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS := examples/toy_sample.mp4 "In which direction does the green circle move?" \
 	--option left --option down --option up --option right --answer A --model toy \

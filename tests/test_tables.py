@@ -100,7 +100,7 @@ def test_sweep_table_fits_and_keeps_header_words_whole(width):
     lines = render(sweep_table(rows, "accuracy", title="Sweep of tau {0.7, 0.9} × cluster_ratio {0.3, 0.7}"), width)
     assert max(map(len, lines)) <= width
     shown = headers_as_shown(lines)
-    assert {"cell", "acc (CI)"} <= set(shown) and (width < 80 or {"tokens", "TTFT", "agree"} <= set(shown))
+    assert {"cell", "acc (CI)"} <= set(shown) and (width < 80 or {"tokens", "TTFT", "front"} <= set(shown))
     assert all(h in ("cell", "acc (CI)", "tokens", "TTFT", "agree", "front", "kept", "n", "KV", "dec tok/s", "peak mem")
                for h in shown), shown
     text = "\n".join(lines)

@@ -194,13 +194,13 @@ FORMAT = dict(COLUMNS)  # header -> formatter
 # the highest rank up, the caption says which); --markdown and --out keep every column.
 CONSOLE_COLUMNS = (
     Column("run", FORMAT["run"], rank=0, fold=True, justify="left", word_cap=16),  # folder names fold
-    Column("acc % (CI)", _ci_text, rank=0),
-    Column("kept", FORMAT["kept"], rank=1),
-    Column("TTFT", FORMAT["TTFT (median)"], rank=1),
-    Column("Δacc", FORMAT["Δ accuracy"], rank=2),
+    Column("acc % (CI)", _ci_text, rank=0, note="acc: accuracy, 95% CI"),
+    Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after the stages"),
+    Column("TTFT", FORMAT["TTFT (median)"], rank=1, note="TTFT: median"),
+    Column("Δacc", FORMAT["Δ accuracy"], rank=2, note="Δ and speed-up: against the base run"),
     Column("speed-up", FORMAT["TTFT speed-up"], rank=3),
     Column("in→S1→S2", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
-    Column("agree", FORMAT["agreement"], rank=5),
+    Column("agree", FORMAT["agreement"], rank=5, note="agree: same choice as the base run"),
     Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),
     Column("KV/base", FORMAT["KV vs base"], rank=7),
     Column("KV", FORMAT["KV cache"], rank=8),

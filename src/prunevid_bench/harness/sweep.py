@@ -437,18 +437,17 @@ def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTa
     from prunevid_bench.single import fmt_seconds, human_bytes
 
     columns = [
+        # a space after each comma: a long name wraps between its values
         Column("cell", lambda r: r["cell"].replace(",", ", "), rank=0, fold=True, justify="left"),
-        Column("acc (CI)", _acc_ci, rank=0),
-        Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1),
-        Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1),
-        Column("agree", lambda r: fmt_pct(r["agreement"]), rank=2),
-        Column("front", _front, rank=2),
-        Column("kept", lambda r: fmt_pct(r["retention"]), rank=3),
-        Column("n", lambda r: str(r["n"]), rank=4),
-        Column("KV", lambda r: human_bytes(r["kv_cache_bytes"]), rank=5),
-        Column("dec tok/s", lambda r: _count(r["decode_tokens_per_s"], 1), rank=6),
-        Column("peak mem", lambda r: human_bytes(r["peak_memory_bytes"]), rank=7),
+        Column("acc (CI)", _acc_ci, rank=0, note="acc: accuracy with its 95% CI in %"),
+        Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1, note="tokens: visual tokens kept (median)"),
+        Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1, note="TTFT: median"),
+        Column("front", _front, rank=2, note=f"front: on the Pareto front of {metric} against kept tokens / TTFT"),
+        Column("agree", lambda r: fmt_pct(r["agreement"]), rank=3, note="agree: with the baseline cell"),
+        Column("kept", lambda r: fmt_pct(r["retention"]), rank=4, note="kept: of the visual tokens in"),
+        Column("n", lambda r: str(r["n"]), rank=5),
+        Column("KV", lambda r: human_bytes(r["kv_cache_bytes"]), rank=6),
+        Column("dec tok/s", lambda r: _count(r["decode_tokens_per_s"], 1), rank=7),
+        Column("peak mem", lambda r: human_bytes(r["peak_memory_bytes"]), rank=8),
     ]
-    caption = (f"acc: accuracy with its 95% CI in %; agree: with the baseline cell; tokens: visual tokens kept "
-               f"(median); kept: of the tokens in; front: on the Pareto front of {metric} against kept tokens / TTFT")
-    return FittedTable(columns, rows, title=title, caption=caption, full_table="every column: summary.csv")
+    return FittedTable(columns, rows, title=title, full_table="every column: summary.csv")

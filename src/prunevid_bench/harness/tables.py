@@ -27,6 +27,7 @@ class Column:
     rank: int = 0  # 0: always shown; higher ranks are dropped first when space runs out
     fold: bool = False  # long text (names, settings) that may take several lines
     word_cap: int = 24  # a folding column is at least as wide as its longest word, up to this; longer words fold
+    note: str = ""  # what the column means, for the caption (only when the column is shown)
     justify: str = "right"
 
 
@@ -76,7 +77,7 @@ class FittedTable:
     def table(self, width: int) -> Table:
         shown, widths = self.layout(width)
         hidden = [self.columns[i].header for i in range(len(self.columns)) if i not in shown]
-        notes = [self.caption] if self.caption else []
+        notes = [self.columns[i].note for i in shown if self.columns[i].note] + ([self.caption] if self.caption else [])
         if hidden:
             notes.append(f"not shown at {width} columns: {', '.join(hidden)}" + (f"; {self.full_table}" if self.full_table else ""))
         table = Table(title=escape(self.title) if self.title else None, caption=escape("; ".join(notes)) or None,
