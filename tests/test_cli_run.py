@@ -70,6 +70,14 @@ def test_timing_mode_reports_median(clip8, tmp_path):
     assert result["repeats"] == 3 and result["ttft_s"] == result["ttft_s_median"]
 
 
+def test_widely_spread_repeats_are_flagged():
+    from prunevid_bench.single import timing_note
+
+    assert timing_note({"ttft_s_median": 0.1, "ttft_s_p90": 0.14}) is None
+    assert "p90 7.6x the median" in timing_note({"ttft_s_median": 0.1, "ttft_s_p90": 0.76})
+    assert timing_note({"ttft_s": 0.1}) is None  # one run: no spread to judge
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

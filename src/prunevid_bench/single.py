@@ -86,6 +86,18 @@ def timing_summary(results: list[RunResult]) -> dict[str, Any]:
     return out
 
 
+NOISY_SPREAD = 1.5  # p90 over median of TTFT beyond which repeats disagree too much to trust one number
+
+
+def timing_note(record: dict[str, Any]) -> str | None:
+    """A warning when repeated TTFTs spread too widely (a busy machine), else None."""
+    median, p90 = record.get("ttft_s_median"), record.get("ttft_s_p90")
+    if not median or p90 is None or p90 <= NOISY_SPREAD * median:
+        return None
+    return (f"TTFT varied widely over the repeats (p90 {p90 / median:.1f}x the median): the machine is busy, "
+            "so compare timings with care; rerun on a quiet machine or with more --repeats")
+
+
 def write_run_header(run_dir: Path, cfg: RunConfig, pipe, meta: dict[str, Any]) -> None:
     """The resolved config and the environment: every run folder starts with these."""
     write_json(run_dir / "config.json", {**meta, "config": cfg.to_dict()})
@@ -155,6 +167,9 @@ def run_single(
         console.print(f"[bold]choice:[/] {shown}", highlight=False)
     timed = f"timings: median of {repeats} runs after {warmup} warm-up{'s' * (warmup != 1)}" if repeats > 1 else ""
     console.print(measurement_table(record, title=f"Measurements ({timed})" if timed else "Measurements"))
+    note = timing_note(record)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"run folder: {run_dir}")
     return run_dir
 
