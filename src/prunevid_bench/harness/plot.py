@@ -63,12 +63,14 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
                 continue
             xs, ys = [r[cost] * scale for r in pts], [100 * r[metric] for r in pts]
             ax.scatter(xs, ys, marker=marker, c=colour, s=60 if kind == "baseline" else 30, label=label, zorder=3)
-            bars = [(x, y, _ci(r, metric)) for x, y, r in zip(xs, ys, pts) if None not in _ci(r, metric)]
+            bars = [(x, y, *_ci(r, metric)) for x, y, r in zip(xs, ys, pts) if None not in _ci(r, metric)]
             if bars:
-                ax.errorbar([b[0] for b in bars], [b[1] for b in bars], fmt="none", ecolor=colour, elinewidth=0.8,
-                            alpha=0.5, capsize=2, zorder=2,
-                            yerr=[[max(0.0, b[1] - 100 * b[2][0]) for b in bars],  # max: Wilson's bound at
-                                  [max(0.0, 100 * b[2][1] - b[1]) for b in bars]])  # 100% is 1 - 1e-16
+                bx, by, low, high = zip(*bars)
+                # max(): Wilson's upper bound at 100% comes out as 1 - 1e-16, a "negative" error
+                below = [max(0.0, y - 100 * lo) for y, lo in zip(by, low)]
+                above = [max(0.0, 100 * hi - y) for y, hi in zip(by, high)]
+                ax.errorbar(bx, by, yerr=[below, above], fmt="none", ecolor=colour, elinewidth=0.8, alpha=0.5,
+                            capsize=2, zorder=2)
         front = sorted((r for _, r in usable if r.get(f"pareto_{cost}")), key=lambda r: r[cost])
         if front:
             xs, ys = [r[cost] * scale for r in front], [100 * r[metric] for r in front]

@@ -32,7 +32,6 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from prunevid_bench.config import PROJECT_ROOT, RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
