@@ -71,6 +71,14 @@ def test_timing_mode_reports_median(clip8, tmp_path):
     assert result["repeats"] == 3 and result["ttft_s"] == result["ttft_s_median"]
 
 
+def test_widely_spread_repeats_are_flagged():
+    from prunevid_bench.single import timing_note
+
+    assert timing_note({"ttft_s_median": 0.1, "ttft_s_p90": 0.14}) is None
+    assert "p90 7.6x the median" in timing_note({"ttft_s_median": 0.1, "ttft_s_p90": 0.76})
+    assert timing_note({"ttft_s": 0.1}) is None  # one run: no spread to judge
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -89,6 +97,9 @@ def test_timing_mode_reports_median(clip8, tmp_path):
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "cuda:99"], "cuda:99"),
         (["run", "CLIP", "Q", "--model", "tiny", "--device", "tpu"], "unknown device 'tpu'"),
         (["run", "CLIP"], "give a VIDEO and a QUESTION"),
+        (["run", "CLIP", "Q", "--answer", "A"], "--answer is the letter of the right --option: give the options too"),
+        (["run", "CLIP", "Q", "-o", "x", "-o", "y", "--answer", "C"], "--answer must be one of A, B (the --option letters), got 'C'"),
+        (["run", "--dataset", "data.jsonl", "--answer", "A"], "a dataset's rows carry their own answers"),
     ],
 )
 def test_bad_input_one_line_error(args, message, clip8, tmp_path):

@@ -133,6 +133,34 @@ def test_single_video_runs_compare_too(tmp_path):
     assert sorted(r["stages"] for r in rows) == sorted(["off", stages.format(1), stages.format("1 (10/28)")])
 
 
+def test_single_video_runs_with_an_answer_are_scored(tmp_path):
+    """`make demo`'s shape: the bundled clip's question (answer (A) left) to the toy model, timed
+    over repeats, marked right or wrong, then compared."""
+    from prunevid_bench.config import PROJECT_ROOT
+
+    args = ["run", PROJECT_ROOT / "examples" / "toy_sample.mp4", "In which direction does the green circle move?",
+            "-o", "left", "-o", "down", "-o", "up", "-o", "right", "--warmup", "1", "--repeats", "2"]
+    res = invoke(*args, "--answer", "A", "--results-dir", tmp_path / "r", "--label", "a-right")
+    assert res.exit_code == 0, res.output
+    assert "choice: (A) left — right" in res.output and "median of 2 runs after 1 warm-up" in res.output
+    res = invoke(*args, "--answer", "b", "--results-dir", tmp_path / "r", "--label", "b-wrong")
+    assert res.exit_code == 0, res.output
+    assert "choice: (A) left — wrong, the answer is (B) down" in res.output
+    right, wrong = sorted((tmp_path / "r").iterdir(), key=lambda p: p.name.endswith("b-wrong"))
+    result = json.loads((right / "result.json").read_text())
+    assert (result["answer"], result["prediction"], result["correct"]) == ("A", "A", True)
+    assert result["ttft_s"] == result["ttft_s_median"] and result["prefill_s"] == result["prefill_s_median"]
+    assert json.loads((wrong / "result.json").read_text())["correct"] is False
+
+    res = invoke("compare", right, wrong, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "o" / "compare.csv"))}
+    a, b = rows[right.name], rows[wrong.name]
+    assert (a["is_baseline"], a["n"], float(a["accuracy"]), float(b["accuracy"])) == ("True", "1", 1.0, 0.0)
+    assert float(a["ci_low"]) == pytest.approx(0.2065, abs=1e-3)  # Wilson's interval for 1 of 1
+    assert float(b["delta_accuracy"]) == -1.0 and float(b["agreement"]) == 1.0  # the same choice, scored apart
+
+
 def test_runs_saved_before_the_layer_was_recorded_show_the_configured_one():
     from prunevid_bench.harness.compare import stages_text
     from prunevid_bench.harness.runs import SavedRun

@@ -183,8 +183,11 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
     assert len((sweep_dir / "cells" / "tau=0.7" / "samples.jsonl").read_text().splitlines()) == 1
 
     calls.n, calls.fail, calls.loads = 0, {}, 0
-    res = invoke(*args)
+    res = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
     assert res.exit_code == INCOMPLETE, res.output
+    assert ("Sweep of tau {0.7, 0.95} with random and frames controls on data (3 questions), from preset default, "
+            "model tiny") in " ".join(res.output.split())  # the table's title, as the plot's
+    assert max(len(line) for line in res.output.splitlines() if line[:1] in "┏┃┡│└") <= 80
     cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
     names = [c["name"] for c in cells]
     assert names[:5] == ["baseline", "tau=0.7", "tau=0.95", "tau=0.7+random", "tau=0.95+random"]
@@ -197,6 +200,7 @@ def test_sweep_runs_resumes_cell_by_cell_and_summarises(toy, tmp_path, calls):
     assert [r["cell"] for r in rows] == names
     by_name = {r["cell"]: r for r in rows}
     assert float(by_name["baseline"]["agreement"]) == 1.0
+    assert 0 < float(by_name["baseline"]["agreement_ci_low"]) < 1 == float(by_name["baseline"]["agreement_ci_high"])
     assert float(by_name["tau=0.7"]["kept_tokens"]) < float(by_name["baseline"]["kept_tokens"]) == 32
     assert by_name["tau=0.7+random"]["kept_tokens"] == by_name["tau=0.7"]["kept_tokens"]
     for row in rows:

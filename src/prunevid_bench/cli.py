@@ -189,6 +189,7 @@ def run(
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder.", rich_help_panel="Output")] = None,
     messages_file: Annotated[Optional[Path], typer.Option("--messages", help="Qwen chat messages as JSON instead of VIDEO QUESTION: a system prompt, several videos, images, text in any order.", rich_help_panel="Config")] = None,
     options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable): the question is asked with lettered choices and the letter is parsed.", rich_help_panel="Config")] = None,
+    answer: Annotated[Optional[str], typer.Option("--answer", help="With --option: the right option's letter; the run says whether the model chose it.", rich_help_panel="Config")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="Evaluate a multiple-choice dataset instead of one video.", rich_help_panel="Dataset")] = None,
     video_root: VideoRoot = None,
     answers: AnswersFile = None,
@@ -222,6 +223,8 @@ def run(
             raise PruneVidError("--repeats/--warmup time one video; they do not apply to --dataset")
         if options:
             raise PruneVidError("--option is for one video; a dataset brings its own options")
+        if answer is not None:
+            raise PruneVidError("--answer marks one video's --option answer; a dataset's rows carry their own answers")
         from prunevid_bench.harness.evaluate import evaluate_dataset
         from prunevid_bench.harness.runs import shortfall
 
@@ -260,7 +263,7 @@ def run(
     from prunevid_bench.single import run_single
 
     run_dir = run_single(
-        cfg, video, question, options=options or [], preset=preset, results_dir=results_dir, label=label,
+        cfg, video, question, options=options or [], answer=answer, preset=preset, results_dir=results_dir, label=label,
         repeats=repeats, warmup=warmup, console=human, messages=messages,
     )
     record = json.loads((run_dir / "result.json").read_text())

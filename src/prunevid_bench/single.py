@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prunevid_bench.config import RunConfig
@@ -86,6 +87,18 @@ def timing_summary(results: list[RunResult]) -> dict[str, Any]:
     return out
 
 
+NOISY_SPREAD = 1.5  # p90 over median of TTFT beyond which repeats disagree too much to trust one number
+
+
+def timing_note(record: dict[str, Any]) -> str | None:
+    """A warning when repeated TTFTs spread too widely (a busy machine), else None."""
+    median, p90 = record.get("ttft_s_median"), record.get("ttft_s_p90")
+    if not median or p90 is None or p90 <= NOISY_SPREAD * median:
+        return None
+    return (f"TTFT varied widely over the repeats (p90 {p90 / median:.1f}x the median): the machine is busy, "
+            "so compare timings with care; rerun on a quiet machine or with more --repeats")
+
+
 def write_run_header(run_dir: Path, cfg: RunConfig, pipe, meta: dict[str, Any]) -> None:
     """The resolved config and the environment: every run folder starts with these."""
     write_json(run_dir / "config.json", {**meta, "config": cfg.to_dict()})
@@ -115,6 +128,7 @@ def run_single(
     *,
     messages: list[dict[str, Any]] | None = None,
     options: list[str] | None = None,
+    answer: str | None = None,
     preset: str | None,
     results_dir: Path,
     label: str | None,
@@ -135,6 +149,12 @@ def run_single(
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
     if messages is not None and options:
         raise PruneVidError("--option builds the question's choices; with --messages write them into the text")
+    if answer is not None:
+        answer = answer.strip().upper()
+        if not options:
+            raise PruneVidError("--answer is the letter of the right --option: give the options too")
+        if answer not in LETTERS[:len(options)]:
+            raise PruneVidError(f"--answer must be one of {', '.join(LETTERS[:len(options)])} (the --option letters), got '{answer}'")
     prompt_question = format_mc_prompt(question, options) if options else question
     pipe = load_pipeline(overrides=cfg.to_overrides())
     if messages is not None:
@@ -150,9 +170,13 @@ def run_single(
     if options:
         index, status = parse_choice(record["generated_text"], len(options), options)
         record.update(options=options, prediction=None if index is None else LETTERS[index], parse_status=status)
+        if answer is not None:
+            record.update(answer=answer, correct=record["prediction"] == answer)
     if repeats > 1:
         record.update(timing_summary(results))
-        record["ttft_s"] = record["ttft_s_median"]
+        for name in TIMED_FIELDS:  # every timing shown (and compared) is the median, not the first repeat
+            if f"{name}_median" in record:
+                record[name] = record[f"{name}_median"]
     run_dir = new_run_dir(results_dir, label or f"{preset or 'custom'}-{Path(video).stem}")
     meta = {"scenario": "single", "preset": preset, "video": str(video), "question": question}
     if messages is not None:
@@ -163,12 +187,19 @@ def run_single(
     console.print(f"[bold]answer:[/] {record['generated_text'] or '(empty)'}", highlight=False)
     if options:
         choice = record["prediction"]
-        shown = f"({choice}) {options[LETTERS.index(choice)]}" if choice else f"none ({record['parse_status']})"
+        shown = f"({choice}) {escape(options[LETTERS.index(choice)])}" if choice else f"none ({record['parse_status']})"
+        if answer is not None:
+            right = f"({answer}) {escape(options[LETTERS.index(answer)])}"
+            shown += " — [green]right[/]" if record["correct"] else f" — [red]wrong[/], the answer is {right}"
         console.print(f"[bold]choice:[/] {shown}", highlight=False)
     if record["visual_tokens_kept"] == 0:
         console.print("[yellow]note:[/] every visual token was pruned (visual_tokens_kept: 0): the answer saw the text alone",
                       highlight=False)
-    console.print(measurement_table(record))
+    timed = f"timings: median of {repeats} runs after {warmup} warm-up{'s' * (warmup != 1)}" if repeats > 1 else ""
+    console.print(measurement_table(record, title=f"Measurements ({timed})" if timed else "Measurements"))
+    note = timing_note(record)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"run folder: {run_dir}")
     return run_dir
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import agreement
+from prunevid_bench.harness.answers import accuracy_summary, agreement
 from prunevid_bench.harness.evaluate import fmt_pct
 from prunevid_bench.harness.runs import SavedRun, load_run
+from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.single import fmt_seconds, human_bytes, layer_text
 
 FRAME_KEYS = ("num_frames", "fps", "max_frames", "max_pixels", "min_pixels")
@@ -87,11 +86,30 @@ def check_comparable(runs: list[SavedRun], reference: SavedRun) -> None:
             )
 
 
+def answered(run: SavedRun) -> list[dict[str, Any]]:
+    """The run's answered questions: a dataset run's rows, or a single-video run's one record when
+    it was asked with ``--option`` (scored too when ``--answer`` was given)."""
+    if run.result is None:
+        return list(run.records.values())
+    if "prediction" not in run.result:
+        return []
+    (question,) = run.question_ids
+    return [{**run.result, "id": question}]
+
+
+def run_accuracy(run: SavedRun) -> dict[str, Any] | None:
+    if run.summary is not None:
+        return run.summary.get("accuracy")
+    if run.result is not None and "correct" in run.result:
+        return accuracy_summary(answered(run))  # one question: 0% or 100%, with its (wide) Wilson interval
+    return None
+
+
 def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[str, Any]]:
     """One flat row per run; deltas and agreement against ``reference`` (None: left empty)."""
     rows = []
     for run in runs:
-        acc = (run.summary or {}).get("accuracy")
+        acc = run_accuracy(run)
         tokens_in = run.metric("tokens_before_stage1")
         kept = run.metric("tokens_after")
         row: dict[str, Any] = {
@@ -123,7 +141,7 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
     out = {"delta_accuracy": None, "ttft_speedup": None, "kv_ratio": None, "agreement": None}
     if reference is None:
         return out
-    ref_acc = (reference.summary or {}).get("accuracy")
+    ref_acc = run_accuracy(reference)
     if row["accuracy"] is not None and ref_acc:
         out["delta_accuracy"] = row["accuracy"] - ref_acc["accuracy"]
     ref_ttft, ref_kv = reference.metric("ttft_s"), reference.metric("kv_cache_bytes")
@@ -131,8 +149,9 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
         out["ttft_speedup"] = ref_ttft / row["ttft_s"]
     if row["kv_cache_bytes"] and ref_kv:
         out["kv_ratio"] = row["kv_cache_bytes"] / ref_kv
-    if run.records and reference.records:
-        out["agreement"] = agreement(run.records.values(), reference.records.values())["agreement"]
+    mine, theirs = answered(run), answered(reference)
+    if mine and theirs:
+        out["agreement"] = agreement(mine, theirs)["agreement"]
     return out
 
 
@@ -163,14 +182,38 @@ def _num(x: float | None, digits: int = 0) -> str:
     return f"{x:.{digits}f}" if digits or not float(x).is_integer() else f"{x:.0f}"
 
 
-def rich_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="Comparison", header_style="bold")
-    for header, _ in COLUMNS:
-        text = header in ("run", "stages")
-        table.add_column(escape(header), justify="left" if text else "right", overflow="fold", min_width=10 if text else None)
-    for row in rows:
-        table.add_row(*(escape(fmt(row)) for _, fmt in COLUMNS))
-    return table
+def _ci_text(r: dict[str, Any]) -> str:
+    if r["accuracy"] is None:
+        return "-"
+    return f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
+
+
+FORMAT = dict(COLUMNS)  # header -> formatter
+
+# The console table: the Markdown columns under short names, fitted to the terminal (dropped from
+# the highest rank up, the caption says which); --markdown and --out keep every column.
+CONSOLE_COLUMNS = (
+    Column("run", FORMAT["run"], rank=0, fold=True, justify="left", word_cap=16),  # folder names fold
+    Column("acc % (CI)", _ci_text, rank=0, note="acc: accuracy, 95% CI"),
+    Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after the stages"),
+    Column("TTFT", FORMAT["TTFT (median)"], rank=1, note="TTFT: median"),
+    Column("Δacc", FORMAT["Δ accuracy"], rank=2, note="Δ and speed-up: against the base run"),
+    Column("speed-up", FORMAT["TTFT speed-up"], rank=3),
+    Column("in→S1→S2", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
+    Column("agree", FORMAT["agreement"], rank=5, note="agree: same choice as the base run"),
+    Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),
+    Column("KV/base", FORMAT["KV vs base"], rank=7),
+    Column("KV", FORMAT["KV cache"], rank=8),
+    Column("n", FORMAT["n"], rank=9),
+    Column("dec tok/s", FORMAT["decode tok/s"], rank=10),
+    Column("peak mem", FORMAT["peak memory"], rank=11),
+)
+
+
+def rich_table(rows: list[dict[str, Any]]) -> FittedTable:
+    """The comparison for the console, laid out for the width it is printed at."""
+    return FittedTable(list(CONSOLE_COLUMNS), rows, title="Comparison",
+                       full_table="every column: --markdown, or --out DIR for compare.csv")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -32,7 +32,6 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from prunevid_bench.config import PROJECT_ROOT, RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
@@ -47,6 +46,7 @@ from prunevid_bench.harness.evaluate import (
     plan_dataset,
 )
 from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, back_up, fingerprint_hash, read_samples
+from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
 
 SWEEP_DIR = PROJECT_ROOT / "sweeps"
@@ -320,10 +320,11 @@ def run_sweep(
     rows = sweep_rows(cells, results, spec)
     mark_pareto(rows, metric)
     write_csv(sweep_dir / "summary.csv", rows)
-    console.print(sweep_table(rows, metric, title=sweep_dir.name))
+    title = sweep_title(spec, controls, plan, base, preset)
+    console.print(sweep_table(rows, metric, title=title))
     from prunevid_bench.harness.plot import plot_pareto
 
-    plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=sweep_dir.name)
+    plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=title)
     console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}", soft_wrap=True)
     return SweepResult(sweep_dir, cells, rows, plot, {name: res.summary for name, res in results.items()})
 
@@ -376,18 +377,19 @@ def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
     return "done" if finished == len(plan.runnable) else f"{finished}/{len(plan.runnable)} done"
 
 
-def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls) -> Table:
-    table = Table(title=f"Sweep cells ({len(plan.runnable)} questions each)", header_style="bold")
-    for col in ("#", "cell", "kind", "overrides", "status"):
-        table.add_column(col, overflow="fold")
-    for i, cell in enumerate(cells, start=1):
-        overrides = " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items())
-        status = cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan)
-        table.add_row(str(i), escape(cell.name), cell.kind, escape(overrides), status)
+def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls) -> FittedTable:
+    rows = [{"#": str(i), "cell": cell.name, "kind": cell.kind,
+             "overrides": " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items()),
+             "status": cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan)}
+            for i, cell in enumerate(cells, start=1)]
     if "frames" in (controls or []):
-        table.add_row("+", "frames=N", "control_frames", "baseline with fewer frames, one per grid cell's kept tokens",
-                      "after the grid")
-    return table
+        rows.append({"#": "+", "cell": "frames=N", "kind": "control_frames",
+                     "overrides": "baseline with fewer frames, one per grid cell's kept tokens", "status": "after the grid"})
+    columns = [Column("#", lambda r: r["#"]), Column("cell", lambda r: r["cell"].replace(",", ", "), fold=True, justify="left"),
+               Column("kind", lambda r: r["kind"], rank=1, justify="left"),
+               Column("overrides", lambda r: r["overrides"], fold=True, justify="left"),
+               Column("status", lambda r: r["status"], fold=True, justify="left")]
+    return FittedTable(columns, rows, title=f"Sweep cells ({len(plan.runnable)} questions each)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +419,7 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         row.update(
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
+            agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"],
             num_frames=med("num_frames"), tokens_in=med("tokens_before_stage1"),
             tokens_after_stage1=med("tokens_after_stage1"), kept_tokens=med("tokens_after"),
             retention=med("total_compression_ratio"), ttft_s=med("ttft_s"),
@@ -464,24 +467,43 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> Table:
+def sweep_title(spec: dict[str, list[Any]], controls, plan: DatasetPlan, base: RunConfig, preset: str | None) -> str:
+    """What was swept, over what: the plot's and the table's title."""
+    grid = " × ".join(f"{short_name(k)} {{{', '.join(_value_text(v) for v in values)}}}" for k, values in spec.items())
+    extra = f" with {' and '.join(controls)} controls" if controls else ""
+    return (f"Sweep of {grid}{extra} on {plan.name} ({len(plan.runnable)} questions), "
+            f"from preset {preset or '(none)'}, model {base.model.name}")
+
+
+def _count(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _front(r: dict[str, Any]) -> str:
+    return "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
+
+
+def _acc_ci(r: dict[str, Any]) -> str:
+    ci = "" if r["ci_low"] is None else f" ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
+    return fmt_pct(r["accuracy"]) + ci
+
+
+def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTable:
+    """The sweep's console table, fitted to the terminal; summary.csv has every column."""
     from prunevid_bench.single import fmt_seconds, human_bytes
 
-    table = Table(title=title, header_style="bold")
-    for col in ("cell", "n", "accuracy (CI)", "agree", "kept tok", "kept", "TTFT", "dec tok/s", "peak mem", "KV",
-                "front"):
-        table.add_column(escape(col), justify="left" if col == "cell" else "right", overflow="fold")
-    for r in rows:
-        front = "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
-        ci = "" if r["ci_low"] is None else f" ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
-        table.add_row(
-            escape(r["cell"]), str(r["n"]), escape(fmt_pct(r["accuracy"]) + ci), fmt_pct(r["agreement"]),
-            "-" if r["kept_tokens"] is None else f"{r['kept_tokens']:.0f}",
-            fmt_pct(r["retention"]),
-            fmt_seconds(r["ttft_s"]),
-            "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",
-            human_bytes(r["peak_memory_bytes"]), human_bytes(r["kv_cache_bytes"]), front or "",
-        )
-    table.caption = (f"accuracy with its 95% CI in %; agree: with the baseline cell; kept: visual tokens "
-                     f"kept / tokens in; front: on the Pareto front of {metric} against kept tokens / TTFT")
-    return table
+    columns = [
+        # a space after each comma: a long name wraps between its values
+        Column("cell", lambda r: r["cell"].replace(",", ", "), rank=0, fold=True, justify="left"),
+        Column("acc (CI)", _acc_ci, rank=0, note="acc: accuracy with its 95% CI in %"),
+        Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1, note="tokens: visual tokens kept (median)"),
+        Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1, note="TTFT: median"),
+        Column("front", _front, rank=2, note=f"front: on the Pareto front of {metric} against kept tokens / TTFT"),
+        Column("agree", lambda r: fmt_pct(r["agreement"]), rank=3, note="agree: with the baseline cell"),
+        Column("kept", lambda r: fmt_pct(r["retention"]), rank=4, note="kept: of the visual tokens in"),
+        Column("n", lambda r: str(r["n"]), rank=5),
+        Column("KV", lambda r: human_bytes(r["kv_cache_bytes"]), rank=6),
+        Column("dec tok/s", lambda r: _count(r["decode_tokens_per_s"], 1), rank=7),
+        Column("peak mem", lambda r: human_bytes(r["peak_memory_bytes"]), rank=8),
+    ]
+    return FittedTable(columns, rows, title=title, full_table="every column: summary.csv")
