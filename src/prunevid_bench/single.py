@@ -106,6 +106,7 @@ def run_single(
 ) -> Path:
     from prunevid_bench.errors import PruneVidError
     from prunevid_bench.pipeline import load_pipeline
+    from prunevid_bench.video import check_video
 
     console = console or Console()
     if repeats < 1 or warmup < 0:
@@ -116,6 +117,7 @@ def run_single(
     if len(options) == 1 or len(options) > len(LETTERS):
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
     prompt_question = format_mc_prompt(question, options) if options else question
+    check_video(video)  # a file the processor would refuse fails before the model loads
     pipe = load_pipeline(overrides=cfg.to_overrides())
     prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model
     for _ in range(warmup):
