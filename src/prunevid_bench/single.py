@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunevid_bench.config import RunConfig
-from prunevid_bench.report import RunResult, environment, new_run_dir, write_csv_row, write_json
+from prunevid_bench.report import RunResult, check_writable, environment, new_run_dir, write_csv_row, write_json
 
 TIMED_FIELDS = ("ttft_s", "prefill_s", "vision_encoder_s", "stage1_s", "stage2_s", "decode_tokens_per_s")
 
@@ -117,7 +117,8 @@ def run_single(
     if len(options) == 1 or len(options) > len(LETTERS):
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
     prompt_question = format_mc_prompt(question, options) if options else question
-    check_video(video)  # a file the processor would refuse fails before the model loads
+    check_video(video)  # a file the processor would refuse, or an unwritable folder, fails before the model loads
+    check_writable(results_dir)
     pipe = load_pipeline(overrides=cfg.to_overrides())
     prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model
     for _ in range(warmup):
