@@ -26,6 +26,19 @@ def test_pyav_decodes_the_same_sampled_frames_as_decord(clip_dir):
     assert one.indices == [15, 15] and np.array_equal(one.frames[0], one.frames[1])
 
 
+@pytest.mark.parametrize("miscount", [-4, 5])
+def test_pyav_resamples_when_packets_are_not_one_frame_each(clip_dir, monkeypatch, miscount):
+    from prunevid_bench import video
+
+    path = write_clip(clip_dir / "c20.mp4", 20, fps=10, seed=4)
+    monkeypatch.setattr(video, "_count_packets", lambda p: 20 + miscount)
+    clip = load_clip(path, num_frames=4, backend="pyav")
+    assert clip.total_frames == 20 and clip.indices == [2, 7, 12, 17]
+    assert clip.sampled_fps == pytest.approx(2.0)
+    reference = load_clip(path, num_frames=4, backend="decord")
+    assert np.abs(clip.frames.astype(int) - reference.frames.astype(int)).mean() < 3
+
+
 def test_only_wanted_frames_are_converted(clip_dir):
     path = write_clip(clip_dir / "c10.mp4", 10)
     kept, decoded = _decode_frames_at(path, {0, 9, 42})

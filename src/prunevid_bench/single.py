@@ -117,7 +117,8 @@ def run_single(
     if len(options) == 1 or len(options) > len(LETTERS):
         raise PruneVidError(f"give between 2 and {len(LETTERS)} --option values, got {len(options)}")
     prompt_question = format_mc_prompt(question, options) if options else question
-    check_video(video)  # a file the processor would refuse, or an unwritable folder, fails before the model loads
+    # Before any model time: a video the processor would refuse, a folder that cannot be written.
+    check_video(video)
     check_writable(results_dir)
     pipe = load_pipeline(overrides=cfg.to_overrides())
     prepared = pipe.prepare(video, prompt_question)  # decode once: timing mode measures the model

@@ -96,9 +96,7 @@ def _decode_pyav(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
         native_fps = float(rate) if rate else 0.0
-        # Frame counts in headers are unreliable; packets are one frame each in the usual
-        # containers, and demuxing reads no pixels.
-        total = sum(1 for packet in container.demux(stream) if packet.size)
+    total = _count_packets(path)
     indices, _ = sampler(total, native_fps)
     kept, decoded = _decode_frames_at(path, set(indices))
     if decoded != total:  # a packet held more or fewer than one frame: sample the true count
@@ -112,6 +110,15 @@ def _video_stream(container, path: Path):
     if not container.streams.video:
         raise PruneVidError(f"no video stream in {path}")
     return container.streams.video[0]
+
+
+def _count_packets(path: Path) -> int:
+    """Frames counted without decoding: header counts are unreliable, while the usual containers
+    hold one frame per packet, and demuxing reads no pixels."""
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(_video_stream(container, path)) if packet.size)
 
 
 def _decode_frames_at(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
