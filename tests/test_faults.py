@@ -49,6 +49,13 @@ def toy(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("toy"), 3, seed=5)
 
 
+@pytest.fixture(scope="module")
+def clip16(clip_dir) -> Path:
+    """Single runs on the shared pipeline sample its own 16 frames (the CLI's --num-frames goes
+    into the config of a pipeline it would load), so the clip must hold 16."""
+    return write_clip(clip_dir / "clip16.mp4", 16)
+
+
 @pytest.fixture
 def shared_model(tiny_pipe, monkeypatch):
     """The session's tiny pipeline instead of a model load per command (loading is tested below)."""
@@ -88,9 +95,9 @@ def test_read_only_results_dir_dataset(toy, tmp_path, monkeypatch, shared_model)
     assert not (tmp_path / "ro").exists()
 
 
-def test_read_only_results_dir_single_run(clip8, tmp_path, monkeypatch, shared_model):
+def test_read_only_results_dir_single_run(clip16, tmp_path, monkeypatch, shared_model):
     fail_mkdir_under(monkeypatch, tmp_path / "ro", errno.EROFS)
-    one_line_error(invoke("run", clip8, "Q", *FAST, "--results-dir", tmp_path / "ro"), "read-only")
+    one_line_error(invoke("run", clip16, "Q", *FAST, "--results-dir", tmp_path / "ro"), "read-only")
 
 
 def test_unwritable_results_dir_is_refused_before_the_model_loads(clip8, tmp_path, monkeypatch, no_model):
@@ -240,8 +247,8 @@ def test_meta_device(clip8, tmp_path):
                    "device 'meta' cannot run")
 
 
-def test_environment_records_packages_and_the_cuda_build_apart_from_the_device(clip8, tmp_path, shared_model):
-    assert invoke("run", clip8, "Q", *FAST, "--results-dir", tmp_path).exit_code == 0
+def test_environment_records_packages_and_the_cuda_build_apart_from_the_device(clip16, tmp_path, shared_model):
+    assert invoke("run", clip16, "Q", *FAST, "--results-dir", tmp_path).exit_code == 0
     (run_dir,) = tmp_path.iterdir()
     env = json.loads((run_dir / "environment.json").read_text())
     assert "cuda" not in env and env["device"] == "cpu" and env["cuda_device_capability"] is None
