@@ -40,6 +40,7 @@ toy-model: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
+	$(BIN)/python benchmarks/bench_video_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -210,10 +210,15 @@ def test_sample_errors_are_recorded_and_the_run_goes_on(toy, tmp_path, calls):
     assert summary["accuracy"]["errors"] == 2 and summary["accuracy"]["n"] == 5 and not summary["complete"]
     assert summary["metrics"]["ttft_s"]["n"] == 3  # errors are not timed
 
+    assert rows[1]["error_transient"] is False and rows[3]["error_transient"] is True
+
     calls.n, calls.fail = 0, {}
-    assert invoke(*args).exit_code == INCOMPLETE and calls.n == 2  # a rerun retries only the errors
+    assert invoke(*args).exit_code == INCOMPLETE and calls.n == 1  # a rerun retries only the transient error (OOM)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["accuracy"]["errors"] == 0 and summary["complete"]
+    assert summary["accuracy"]["errors"] == 1 and not summary["complete"]  # the final error stays
+    calls.n = 0
+    assert invoke(*args, "--force").exit_code == 0 and calls.n == 5
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
 
 
 def test_preflight_reports_missing_undecodable_and_unanswered_rows(toy, tmp_path, calls):

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from prunevid_bench.errors import PruneVidError
+from prunevid_bench.errors import PruneVidError, describe_os_error
 
 # Exit codes, for scripts: named in --help (EXIT_HELP) and returned by run, sweep and compare.
 EXIT_OK = 0  # every selected sample produced a parsed answer
@@ -100,7 +100,12 @@ def collect_overrides(
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    from prunevid_bench.terminal import printable
+
+    # Messages quote ids, paths and texts from data files: escapes and markup stay inert.
+    err_console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -160,6 +165,11 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except PruneVidError as exc:
             fail(str(exc))
+        except OSError as exc:  # a full or read-only disk: one line; other OSErrors are bugs
+            message = describe_os_error(exc)
+            if message is None:
+                raise
+            fail(message)
         except KeyboardInterrupt:
             fail("interrupted; finished samples are saved: rerun the same command to resume", EXIT_INTERRUPTED)
 

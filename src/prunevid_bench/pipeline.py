@@ -115,6 +115,7 @@ class Pipeline:
         except ValueError as exc:  # e.g. frames too extreme for the processor's resize rule
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PruneVidError(f"the processor refused the input: {first}") from None
+        self._check_length(int(inputs["input_ids"].shape[1]), cfg.generation.max_new_tokens)
         dtype = next(self.model.parameters()).dtype
         moved = {}
         for key, value in inputs.items():
@@ -124,6 +125,16 @@ class Pipeline:
                     value = value.to(dtype)
             moved[key] = value
         return Prepared(moved, media.clips, prompt, request.policy)
+
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt the model has no positions for before running it: a huge question
+        would otherwise run for minutes, then be meaningless."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and prompt_tokens + max_new_tokens > limit:
+            raise PruneVidError(
+                f"the prompt is {prompt_tokens} tokens (video included) and {max_new_tokens} more may be generated, "
+                f"but the model's max_position_embeddings is {limit}: shorten the question or sample fewer frames"
+            )
 
     # ----------------------------------------------------------- stages
     def _apply_stages(self, cfg: RunConfig):

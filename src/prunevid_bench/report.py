@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import os
 import platform
 import re
 import subprocess
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from prunevid_bench.config import PROJECT_ROOT, RunConfig
+from prunevid_bench.errors import PruneVidError
 
 
 @dataclass
@@ -79,9 +82,11 @@ def environment(cfg: RunConfig, model: Any, device: torch.device) -> dict[str, A
         "platform": platform.platform(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "device": str(device),
+        "device": str(device),  # what this run used
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cuda": torch.version.cuda,
+        "torch_cuda_build": torch.version.cuda,  # the CUDA torch was built for; set on a CPU run too
+        "cuda_device_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "packages": package_versions(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "attn_implementation": model.config._attn_implementation,
         "torch_threads": torch.get_num_threads(),
@@ -89,6 +94,42 @@ def environment(cfg: RunConfig, model: Any, device: torch.device) -> dict[str, A
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return env
+
+
+# Not declared by us but deciding results: tokenisation, numerics, image handling, Hub access.
+TRANSITIVE_PACKAGES = ("numpy", "tokenizers", "huggingface-hub", "pillow", "accelerate")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of every declared dependency (and a few transitive ones); None when absent."""
+    from importlib import metadata
+
+    names = [*_declared_dependencies(), *TRANSITIVE_PACKAGES]
+    versions: dict[str, str | None] = {}
+    for name in dict.fromkeys(names):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _declared_dependencies() -> list[str]:
+    """Names from this checkout's pyproject.toml, else from the installed package's metadata."""
+    from importlib import metadata
+
+    pyproject = PROJECT_ROOT / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text())["project"]
+        specs = [*project.get("dependencies", []), *(s for extra in project.get("optional-dependencies", {}).values() for s in extra)]
+    else:
+        try:
+            specs = metadata.requires("prunevid-bench") or []
+        except metadata.PackageNotFoundError:
+            specs = []
+    return [re.split(r"[\s\[;<>=!~(]", spec, maxsplit=1)[0] for spec in specs]
 
 
 def git_commit() -> str | None:
@@ -108,6 +149,17 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:limit] or "run"
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse a results folder that cannot be written before any model time is spent; creates nothing."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PruneVidError(f"{existing} is a file, not a folder; pass another --results-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PruneVidError(f"cannot write to {existing} (read-only or not yours); pass a writable --results-dir")
+
+
 def new_run_dir(root: Path, label: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{stamp}-{slug(label)}"
@@ -121,8 +173,28 @@ def new_run_dir(root: Path, label: str) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)  # atomic: a killed run never leaves half a file
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+        tmp.replace(path)  # atomic: a killed run never leaves half a file
+    except OSError:  # a full or read-only disk: the old file stays whole, drop the partial copy
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, fix: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object from a run folder; a damaged one (truncated, edited, a list) is a one-line
+    error ending in ``fix``, what the user should do about it."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PruneVidError(f"{path} is damaged (not valid JSON: {exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise PruneVidError(f"{path} is damaged (a JSON {type(data).__name__}, not an object); {fix}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise PruneVidError(f"{path} is damaged (no '{missing[0]}'); {fix}")
+    return data
 
 
 def _jsonable(value: Any) -> Any:

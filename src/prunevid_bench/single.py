@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from prunevid_bench.config import RunConfig
-from prunevid_bench.report import RunResult, environment, new_run_dir, write_csv_row, write_json
+from prunevid_bench.report import RunResult, check_writable, environment, new_run_dir, write_csv_row, write_json
 
 TIMED_FIELDS = ("ttft_s", "prefill_s", "vision_encoder_s", "stage1_s", "stage2_s", "decode_tokens_per_s")
 
@@ -138,6 +138,7 @@ def run_single(
 ) -> Path:
     from prunevid_bench.errors import PruneVidError
     from prunevid_bench.pipeline import load_pipeline
+    from prunevid_bench.video import check_video
 
     console = console or Console()
     if repeats < 1 or warmup < 0:
@@ -156,6 +157,9 @@ def run_single(
         if answer not in LETTERS[:len(options)]:
             raise PruneVidError(f"--answer must be one of {', '.join(LETTERS[:len(options)])} (the --option letters), got '{answer}'")
     prompt_question = format_mc_prompt(question, options) if options else question
+    # Before any model time: a video the processor would refuse, a folder that cannot be written.
+    check_video(video)
+    check_writable(results_dir)
     pipe = load_pipeline(overrides=cfg.to_overrides())
     if messages is not None:
         prepared = pipe.prepare(messages=messages)  # decode once: timing mode measures the model
@@ -184,7 +188,7 @@ def run_single(
     write_run_header(run_dir, cfg, pipe, meta)
     write_json(run_dir / "result.json", record)
     write_csv_row(run_dir / "result.csv", record)
-    console.print(f"[bold]answer:[/] {record['generated_text'] or '(empty)'}", highlight=False)
+    console.print(f"[bold]answer:[/] {escape(record['generated_text']) or '(empty)'}", highlight=False)
     if options:
         choice = record["prediction"]
         shown = f"({choice}) {escape(options[LETTERS.index(choice)])}" if choice else f"none ({record['parse_status']})"

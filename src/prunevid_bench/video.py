@@ -305,19 +305,52 @@ def _decode_decord(path: Path, sampler) -> tuple[np.ndarray, list[int], float, i
 
 
 def _decode_pyav(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int]:
+    """Count the frames without decoding, sample, then decode once keeping only the sampled
+    frames: memory holds the sample, never the whole video."""
     import av
 
     with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise PruneVidError(f"no video stream in {path}")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
         native_fps = float(rate) if rate else 0.0
-        # Frame counts in headers are unreliable; decode once and keep every frame's image.
-        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    total = len(decoded)
+    total = _count_packets(path)
     indices, _ = sampler(total, native_fps)
-    return np.stack([decoded[i] for i in indices]), indices, native_fps, total
+    kept, decoded = _decode_frames_at(path, set(indices))
+    if decoded != total:  # a packet held more or fewer than one frame: sample the true count
+        total = decoded
+        indices, _ = sampler(total, native_fps)
+        kept, _ = _decode_frames_at(path, set(indices))
+    return np.stack([kept[i] for i in indices]), indices, native_fps, total
+
+
+def _video_stream(container, path: Path):
+    if not container.streams.video:
+        raise PruneVidError(f"no video stream in {path}")
+    return container.streams.video[0]
+
+
+def _count_packets(path: Path) -> int:
+    """Frames counted without decoding: header counts are unreliable, while the usual containers
+    hold one frame per packet, and demuxing reads no pixels."""
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(_video_stream(container, path)) if packet.size)
+
+
+def _decode_frames_at(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the whole stream, converting only the frames at ``wanted`` (0-based, presentation
+    order) to RGB arrays; returns those arrays and how many frames were decoded."""
+    import av
+
+    kept: dict[int, np.ndarray] = {}
+    count = 0
+    with av.open(str(path)) as container:
+        for frame in container.decode(_video_stream(container, path)):
+            if count in wanted:
+                kept[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+    return kept, count
 
 
 BACKENDS = {"decord": _decode_decord, "pyav": _decode_pyav}
@@ -445,6 +478,48 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _probe_decord(path: Path) -> tuple[int, int]:
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)  # reads the index only
+    if len(reader) < 1:
+        raise PruneVidError("the video has no frames")
+    height, width = reader[0].shape[:2]  # one decoded frame proves the stream decodes
+    return int(height), int(width)
+
+
+def _probe_pyav(path: Path) -> tuple[int, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        for frame in container.decode(_video_stream(container, path)):
+            return frame.height, frame.width
+    raise PruneVidError("the video has no frames")
+
+
+PROBES = {"decord": _probe_decord, "pyav": _probe_pyav}
+
+
 def check_video(path: str | Path) -> None:
-    """Cheap preflight: raise PruneVidError when the file is missing or cannot be decoded."""
-    load_clip(path, num_frames=2, max_frames=2)
+    """Cheap preflight, decoding one frame: raise PruneVidError when the file is missing, cannot
+    be decoded, or has frames of a shape the processor refuses."""
+    path = Path(path)
+    _check_path(path)
+    failures = []
+    for name, probe in PROBES.items():
+        try:
+            with _quiet_native_stderr():
+                height, width = probe(path)
+            break
+        except PruneVidError as exc:
+            failures.append(f"{name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt input
+            failures.append(f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+    else:
+        raise PruneVidError(f"cannot decode video {path} ({'; '.join(failures)})")
+    ratio = max(height, width) / max(1, min(height, width))
+    if ratio > QWEN_MAX_RATIO:
+        raise PruneVidError(
+            f"video {path} is {width}x{height} pixels (aspect ratio {ratio:.0f}:1), but Qwen2.5-VL's processor "
+            f"takes at most {QWEN_MAX_RATIO}:1; crop or pad the video"
+        )

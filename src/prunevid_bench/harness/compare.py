@@ -10,7 +10,6 @@ purpose and are exempt from the frame check.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from prunevid_bench.harness.answers import accuracy_summary, agreement
 from prunevid_bench.harness.evaluate import fmt_pct
 from prunevid_bench.harness.runs import SavedRun, load_run
 from prunevid_bench.harness.tables import Column, FittedTable
+from prunevid_bench.report import read_json
 from prunevid_bench.single import fmt_seconds, human_bytes, layer_text
 
 FRAME_KEYS = ("num_frames", "fps", "max_frames", "max_pixels", "min_pixels")
@@ -35,7 +35,7 @@ def expand(paths: list[Path]) -> list[SavedRun]:
             raise PruneVidError(f"not a folder: {path}")
         sweep_file = path / "sweep.json"
         if sweep_file.is_file():
-            cells = json.loads(sweep_file.read_text())["cells"]
+            cells = read_json(sweep_file, "rerun the sweep's command to rewrite it", ("cells",))["cells"]
             found = [path / c["folder"] for c in cells if (path / c["folder"] / "summary.json").is_file()]
             if not found:
                 raise PruneVidError(f"sweep {path} has no finished cell yet; rerun its command")

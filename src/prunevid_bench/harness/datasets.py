@@ -209,19 +209,22 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, Any]], str, list[tuple[str, 
     if suffix == ".parquet":
         return _read_parquet(path), "row", []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        raw = path.read_bytes()
+    except OSError as err:
         raise PruneVidError(f"cannot read {path}: {err}; check the file and its permissions") from None
     if suffix == ".jsonl":
-        rows, skipped = _parse_jsonl(text)
+        rows, skipped = _parse_jsonl(raw)
         return rows, "line", skipped
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         if suffix != ".json":  # maybe JSONL under another name
-            rows, skipped = _parse_jsonl(text)
+            rows, skipped = _parse_jsonl(raw)
             if rows:
                 return rows, "line", skipped
+        if isinstance(err, UnicodeDecodeError):
+            line = raw[: err.start].count(b"\n") + 1
+            raise PruneVidError(f"{path}: line {line} is not UTF-8 text; save the file as UTF-8") from None
         raise PruneVidError(f"{path} is not valid JSON ({err}); fix the file or convert it to JSONL") from None
     if not isinstance(data, list):
         raise PruneVidError(
@@ -231,10 +234,16 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, Any]], str, list[tuple[str, 
     return list(enumerate(data, start=1)), "row", []
 
 
-def _parse_jsonl(text: str) -> tuple[list[tuple[int, Any]], list[tuple[str, str]]]:
+def _parse_jsonl(raw: bytes) -> tuple[list[tuple[int, Any]], list[tuple[str, str]]]:
+    """Rows by line number; a line that is not UTF-8 or not JSON is skipped with its number."""
     rows: list[tuple[int, Any]] = []
     skipped: list[tuple[str, str]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line = line_bytes.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            skipped.append((f"line {number}", f"not UTF-8 text (byte {err.start + 1} of the line); save the file as UTF-8"))
+            continue
         if not line.strip():
             continue
         try:
@@ -271,7 +280,7 @@ def _detect_format(rows: list[tuple[int, Any]], path: Path) -> str:
         return "jsonl"
     raise PruneVidError(
         f"cannot tell the dataset format of {path} from its keys {sorted(keys)}; "
-        f"pass format= one of {', '.join(FORMATS)}"
+        f"pass --format with one of {', '.join(FORMATS)}"
     )
 
 
@@ -418,9 +427,13 @@ def _build(sample_id, video, question, options, index, category, start, end, met
         raise _Skip(f"option {empty[0]} is empty")
     if not 0 <= index < len(options):
         raise _Skip(f"answer index {index} is outside the {len(options)} options")
+    try:
+        video = Path(video).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop (RuntimeError before Python 3.13)
+        raise _Skip(f"video {video} cannot be resolved ({err}); fix the link") from None
     return QASample(
         id=str(sample_id),
-        video=Path(video).resolve(),
+        video=video,
         question=question,
         options=tuple(options),
         answer_index=index,

@@ -51,7 +51,8 @@ from prunevid_bench.harness.runs import (
     read_samples,
     summarise,
 )
-from prunevid_bench.report import slug, write_csv_row, write_json
+from prunevid_bench.report import read_json, slug, write_csv_row, write_json
+from prunevid_bench.terminal import printable
 
 ANSWER_MODES = ("generate", "logits")
 RESULT_EXCLUDE = {"generated_token_ids", "first_token_logits"}
@@ -122,7 +123,7 @@ def plan_dataset(
     plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes, n_usable=len(ds))
     console.print(f"dataset {escape(ds.name)} ({ds.format}): {counts_line(plan)}", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
-        console.print(f"  [yellow]skipped[/] {escape(item['id'])} ({item['stage']}): {escape(item['reason'])}",
+        console.print(f"  [yellow]skipped[/] {shown(item['id'])} ({item['stage']}): {shown(item['reason'])}",
                       highlight=False, soft_wrap=True)
     if len(skipped) > 10:
         console.print(f"  ... and {len(skipped) - 10} more (all listed in summary.json)")
@@ -252,9 +253,9 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         "fingerprint": fingerprint_hash(fingerprint),
     }
     done = open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
-    todo = [s for s in plan.runnable if s.id not in done or done[s.id].get("error")]
+    todo = [s for s in plan.runnable if s.id not in done or needs_retry(done[s.id])]
     if done and not quiet:
-        finished = sum(1 for s in plan.runnable if s.id in done and not done[s.id].get("error"))
+        finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
         console.print(f"resuming {run_dir}: {finished} of {len(plan.runnable)} questions already done", soft_wrap=True)
     if todo:
         pipe = get_pipe()
@@ -285,7 +286,7 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any]
 
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file() and not force:
-        old = json.loads(config_path.read_text())
+        old = read_json(config_path, "restore it, or rerun with --force to start this run folder over", ("config",))
         old_fp = {"config": old.get("config"), "answer_mode": old.get("answer_mode"),
                   "dataset": {k: old.get("dataset", {}).get(k) for k in fingerprint["dataset"]}}
         changed = diff_keys(old_fp, fingerprint)
@@ -301,6 +302,23 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any]
         console.print(f"--force: the earlier results of {run_dir} are kept in {backup.name}/", soft_wrap=True, highlight=False)
     write_run_header(run_dir, cfg, get_pipe(), header)
     return {}
+
+
+def needs_retry(record: dict[str, Any]) -> bool:
+    """A logged error is run again on resume only when it may not recur (memory, I/O); a final
+    one (a video the processor refuses, a prompt too long) is kept. Rows logged before errors
+    were classified are retried, as they were then."""
+    return bool(record.get("error")) and record.get("error_transient", True)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Memory pressure, file-system hiccups and a failed GPU (a device assert poisons every later
+    sample of the process) may pass; anything else recurs on every rerun."""
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError, OSError, torch.AcceleratorError)):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA" in str(exc)
 
 
 def letter_token_ids(tokenizer, n: int) -> list[int]:
@@ -328,7 +346,7 @@ def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, consol
             log.write(record)
             done[sample.id] = record
             if record.get("error"):
-                console.print(f"[red]error[/] on {escape(sample.id)}: {escape(record['error'])}",
+                console.print(f"[red]error[/] on {shown(sample.id)}: {shown(record['error'])}",
                               highlight=False, soft_wrap=True)
             progress.advance(record)
 
@@ -362,11 +380,13 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()  # free what the failed sample held so the next one can run
         record["error"] = f"CUDA out of memory: {_first_line(exc)}"
+        record["error_transient"] = True
         return record
     except Exception as exc:  # noqa: BLE001 - one bad sample must not end a long run
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         record["error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+        record["error_transient"] = is_transient(exc)
         return record
     if answer_mode == "logits":
         n = len(sample.options)
@@ -393,6 +413,12 @@ def _video_input(sample: QASample, cfg: RunConfig, pipe):
     return load_clip(sample.video, request=pipe.video_request(cfg), start=sample.start, end=sample.end)
 
 
+def shown(text: str) -> str:
+    """Data-file text (ids, reasons quoting questions or paths) for the console: escape
+    sequences and rich markup are printed, not obeyed."""
+    return escape(printable(text))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -408,7 +434,7 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     table.add_column("value", justify="right")
 
     def row(name: str, value: str) -> None:
-        table.add_row(escape(name), escape(value))  # "[p25, p75]" is text, not rich markup
+        table.add_row(shown(name), shown(value))  # "[p25, p75]" is text, not rich markup; categories come from the data
 
     counts = summary.get("counts")
     if counts:  # selected = evaluated + skipped in preflight; skipped = unusable rows + preflight

@@ -310,19 +310,22 @@ class SavedRun:
 
 
 def load_run(path: Path) -> SavedRun:
+    from prunevid_bench.report import read_json
+
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise PruneVidError(f"{path} is not a run folder (no {CONFIG_FILE})")
-    meta = json.loads(config_path.read_text())
+    rerun = "rerun the run's command to rebuild it, or leave this folder out"
+    meta = read_json(config_path, "restore it, or leave this folder out (rerunning with --force starts it over)", ("config",))
     config = meta.pop("config")
     summary = result = None
     records: dict[str, dict[str, Any]] = {}
     if (path / SUMMARY_FILE).is_file():
-        summary = json.loads((path / SUMMARY_FILE).read_text())
+        summary = read_json(path / SUMMARY_FILE, rerun, ("accuracy", "metrics"))
         records = read_samples(path / SAMPLES_FILE)
     elif (path / "result.json").is_file():
-        result = json.loads((path / "result.json").read_text())
+        result = read_json(path / "result.json", "rerun the command, or leave this folder out")
     else:
         raise PruneVidError(f"{path} has no summary.json or result.json: the run has not finished; rerun its command")
     return SavedRun(path, meta, config, summary, result, records)

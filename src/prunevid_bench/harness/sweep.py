@@ -42,6 +42,7 @@ from prunevid_bench.harness.evaluate import (
     check_answer_mode,
     evaluate_plan,
     fmt_pct,
+    needs_retry,
     pipeline_loader,
     plan_dataset,
 )
@@ -373,7 +374,7 @@ def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
     if not (run_dir / CONFIG_FILE).is_file():
         return "new"
     done = read_samples(run_dir / SAMPLES_FILE)
-    finished = sum(1 for s in plan.runnable if s.id in done and not done[s.id].get("error"))
+    finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
     return "done" if finished == len(plan.runnable) else f"{finished}/{len(plan.runnable)} done"
 
 

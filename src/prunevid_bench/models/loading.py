@@ -8,6 +8,7 @@ is patched (the patch module is model-specific, see ``qwen25vl_patch``).
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +66,8 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise PruneVidError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):  # meta holds no data; others are untested backends
+        raise PruneVidError(f"device '{device}' cannot run the benchmark (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise PruneVidError(f"device '{device}' requested but CUDA is not available (use --device cpu)")
@@ -82,33 +85,65 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+# A Hugging Face repo id: "org/name" of letters, digits, "-", "_", "." (no "..", "--", or a
+# leading "." or "-"), as huggingface_hub validates it. "../models/x" is a path, not an id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
 def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts)
+    return bool(_HUB_ID.match(name)) and ".." not in name and "--" not in name and len(name) <= 96
 
 
 def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     path = Path(name).expanduser()
     if not path.exists() and not _looks_like_hub_id(name):
+        if "/" in name or name.startswith((".", "~")):
+            raise PruneVidError(f"model directory {name} not found; check the path")
         hint = difflib.get_close_matches(name, list(BUILTIN), n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise PruneVidError(f"model '{name}' not found: not a built-in name, a directory, or a Hugging Face id{extra}")
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PruneVidError(f"cannot load model '{name}': {first}") from None
+        raise PruneVidError(_load_error(name, exc)) from None
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PruneVidError(f"model '{name}' is a {model_type} model; prunevid-bench supports Qwen2.5-VL only")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+    except (OSError, SafetensorError) as exc:
+        message = _load_error(name, exc)
+        if isinstance(exc, SafetensorError):  # the header or the tensors run past the end of the file
+            message = f"{message}; the checkpoint's weights look truncated or corrupt: download or save them again"
+        raise PruneVidError(message) from None
+    try:
         processor = AutoProcessor.from_pretrained(name)
-    except OSError as exc:
-        raise PruneVidError(f"cannot load model '{name}': {str(exc).strip().splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise PruneVidError(_load_error(name, exc)) from None
     return LoadedModel(model.eval(), processor, name, False)
+
+
+def _load_error(name: str, exc: BaseException) -> str:
+    """One line for a failed load; a Hub id that could not be fetched says how to work offline."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    from_hub = _looks_like_hub_id(name) and not Path(name).expanduser().exists()
+    if from_hub and any(isinstance(c, (LocalEntryNotFoundError, ConnectionError)) for c in chain):
+        if constants.HF_HUB_OFFLINE:
+            return (f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                    "download it once online, or pass a local directory with --model")
+        return (f"cannot reach the Hugging Face Hub for '{name}' and it is not in the local cache: pass a "
+                "local directory with --model, or download it where the Hub is reachable and set HF_HUB_OFFLINE=1")
+    text = str(exc).strip()
+    return f"cannot load model '{name}': {text.splitlines()[0] if text else type(exc).__name__}"
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto", attn_implementation: str = "sdpa") -> LoadedModel:

@@ -357,6 +357,8 @@ def generate_dataset(out_dir: Path, n: int, seed: int, *, frames: int = 16, size
     if fps <= 0:
         raise PruneVidError(f"fps must be positive, got {fps}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PruneVidError(f"{out_dir} is a file, not a folder; pass a folder for the dataset (it is created if missing)")
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rows = []
     for example, video, question in iter_specs(n, seed):
