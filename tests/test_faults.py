@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.harness.datasets import load_dataset
 from prunevid_bench.harness.runs import SampleLog
@@ -91,7 +92,7 @@ def fail_mkdir_under(monkeypatch, root: Path, code: int) -> None:
 def test_read_only_results_dir_dataset(toy, tmp_path, monkeypatch, shared_model):
     fail_mkdir_under(monkeypatch, tmp_path / "ro", errno.EROFS)
     res = invoke("run", "--dataset", toy, *FAST, "--results-dir", tmp_path / "ro")
-    one_line_error(res, "read-only", "--results-dir")
+    one_line_error(res, "Read-only", "--results-dir")
     assert not (tmp_path / "ro").exists()
 
 
@@ -131,7 +132,7 @@ def test_full_disk_mid_run_loses_nothing(toy, tmp_path, monkeypatch, shared_mode
 
     monkeypatch.setattr(SampleLog, "write", original)
     res = invoke(*args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     assert "1 of 3 questions already done" in res.output
     rows = read_lines(run_dir / "samples.jsonl")  # the torn line was cut, every line parses
     assert [r["id"] for r in rows][0] == written[0] and len({r["id"] for r in rows}) == len(rows) == 3
@@ -294,7 +295,7 @@ def test_tall_video_in_a_dataset_is_skipped_in_preflight(toy, clip_dir, tmp_path
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     (run_dir,) = (tmp_path / "out").iterdir()
     (skipped,) = json.loads((run_dir / "summary.json").read_text())["skipped"]
     assert skipped["id"] == rows[0]["id"] and skipped["stage"] == "preflight" and "aspect ratio" in skipped["reason"]
@@ -346,7 +347,7 @@ def test_escape_sequences_in_data_are_printed_escaped(toy, tmp_path, shared_mode
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     assert "\x1b" not in res.output and "\x07" not in res.output
     assert "evil\\x1b[2J\\x1b]0;title\\x07" in res.output and "err\\x1b[31m" in res.output
     assert "bad \\x1b[5m reply" in res.output
@@ -366,7 +367,7 @@ def test_prompt_longer_than_the_model_is_refused_fast_and_final(toy, tmp_path, s
     monkeypatch.setattr(Pipeline, "run", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
     args = ["run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out"]
     res = invoke(*args)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == INCOMPLETE, res.output
     assert rows[1]["id"] in res.output and "max_position_embeddings is 4096" in res.output
     (run_dir,) = (tmp_path / "out").iterdir()
     row = {r["id"]: r for r in read_lines(run_dir / "samples.jsonl")}[rows[1]["id"]]
@@ -374,7 +375,7 @@ def test_prompt_longer_than_the_model_is_refused_fast_and_final(toy, tmp_path, s
     assert len(runs) == 2  # the long one never reached the model
 
     runs.clear()
-    assert invoke(*args).exit_code == 0 and runs == []  # a final error is not retried on rerun
+    assert invoke(*args).exit_code == INCOMPLETE and runs == []  # a final error is not retried on rerun
 
     single = invoke("run", toy.parent / rows[0]["video"], rows[1]["question"], *FAST, "--results-dir", tmp_path / "one")
     one_line_error(single, "max_position_embeddings is 4096", "shorten the question")

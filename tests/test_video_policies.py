@@ -128,7 +128,9 @@ def pipe_7b_bounds():
     from prunevid_bench.pipeline import Pipeline
 
     processor = build_processor(min_pixels=BOUNDS_7B[0], max_pixels=BOUNDS_7B[1])
-    return Pipeline(LoadedModel(build_tiny_model(), processor, "tiny-7b-bounds", False), build_config())
+    model = build_tiny_model()
+    model.config.get_text_config().max_position_embeddings = 128000  # the 7B's: 720p clips are long prompts
+    return Pipeline(LoadedModel(model, processor, "tiny-7b-bounds", False), build_config())
 
 
 @pytest.mark.parametrize("shape,element", [("wide", {"nframes": 16}), ("tall", {"nframes": 15}), ("small", {"fps": 2.0}),

@@ -121,6 +121,19 @@ def read_messages(path: Path) -> list[dict[str, Any]]:
         raise PruneVidError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
 
 
+def _message_video_paths(messages: Any) -> list[str]:
+    """The video files named in ``--messages`` (frames given in memory have no file to probe;
+    a malformed message is left for ``prepare_media`` to name)."""
+    paths = []
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            value = part.get("video") if isinstance(part, dict) else None
+            if isinstance(value, str):
+                paths.append(value[7:] if value.startswith("file://") else value)
+    return paths
+
+
 def run_single(
     cfg: RunConfig,
     video: Path | None,
@@ -158,7 +171,8 @@ def run_single(
             raise PruneVidError(f"--answer must be one of {', '.join(LETTERS[:len(options)])} (the --option letters), got '{answer}'")
     prompt_question = format_mc_prompt(question, options) if options else question
     # Before any model time: a video the processor would refuse, a folder that cannot be written.
-    check_video(video)
+    for path in [video] if messages is None else _message_video_paths(messages):
+        check_video(path)
     check_writable(results_dir)
     pipe = load_pipeline(overrides=cfg.to_overrides())
     if messages is not None:
