@@ -62,7 +62,7 @@ class VideoRequest:
     """What to sample from one video: the policy and its knobs (``None`` = the policy's default)."""
 
     policy: str = "processor"
-    num_frames: int | None = 16
+    num_frames: int | None = None  # None: the policy's default (16; lmms-eval 32); ignored when fps is set
     fps: float | None = None
     max_frames: int | None = None
     min_pixels: int | None = None
