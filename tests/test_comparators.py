@@ -276,6 +276,29 @@ def test_vidcom2_equals_naive_transcription(r):
     assert vidcom2.vidcom2_keep(tokens, r).tolist() == naive_vidcom2(tokens, r)
 
 
+@pytest.mark.parametrize("r", [0.1, 0.25, 0.33, 0.5])
+def test_vidcom2_exact_count_is_vllms_reconcile(r):
+    tokens = seeded(4, 9, 10, seed=5)
+    tokens[2] += 1.5
+    official = naive_vidcom2(tokens, r)
+    sims = naive_similarity(tokens)
+    target = max(4, int(36 * r))
+    kept = set(official)
+    while len(kept) > target:  # drop the kept token with the highest similarity
+        kept.remove(max(kept, key=lambda i: (sims[i], -i)))
+    while len(kept) < target:  # add the dropped token with the lowest similarity
+        kept.add(min(set(range(36)) - kept, key=lambda i: (sims[i], i)))
+    got = vidcom2.vidcom2_keep(tokens, r, exact_count=True)
+    assert got.numel() == target and got.tolist() == sorted(kept)
+
+
+def naive_similarity(tokens: torch.Tensor) -> list[float]:
+    """The token scores (themselves checked against ``naive_vidcom2`` above); this test is about
+    the reconcile step."""
+    similarity, _ = vidcom2.vidcom2_scores(tokens)
+    return similarity.reshape(-1).tolist()
+
+
 def test_vidcom2_a_unique_frame_gets_more_budget():
     scene, other_scene = seeded(12, seed=6), seeded(12, seed=8)
     tokens = scene + 0.3 * seeded(5, 16, 12, seed=7)  # five views of one scene ...

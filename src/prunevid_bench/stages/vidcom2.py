@@ -73,12 +73,37 @@ def vidcom2_scores(tokens: Tensor) -> tuple[Tensor, Tensor]:
     return video_score + frame_score, frame_uniqueness(video_score)
 
 
-def vidcom2_keep(tokens: Tensor, retention_ratio: float) -> Tensor:
+def vidcom2_keep(tokens: Tensor, retention_ratio: float, exact_count: bool = False) -> Tensor:
     """Flat indices (t * N + n, ascending) of the tokens VidCom2 keeps: in each frame the k_t
-    tokens least similar to the video and frame centres. tokens [T, N, C]."""
+    tokens least similar to the video and frame centres. tokens [T, N, C].
+
+    ``exact_count`` adds vLLM's reconcile step (not in the official code): the total is forced
+    to ``max(T, int(T * N * r))`` by dropping the kept tokens with the highest similarity, or
+    adding the dropped ones with the lowest, over the whole video."""
     similarity, uniqueness = vidcom2_scores(tokens)
     counts = frame_keep_counts(uniqueness, retention_ratio, tokens.shape[1])
-    return select_per_frame(similarity, counts)
+    kept = select_per_frame(similarity, counts)
+    if exact_count:
+        total = similarity.numel()
+        kept = reconcile(similarity.reshape(-1), kept, max(similarity.shape[0], min(int(total * retention_ratio), total)))
+    return kept
+
+
+def reconcile(similarity: Tensor, kept: Tensor, target: int) -> Tensor:
+    """vLLM's exact-count step: similarity [V], kept ascending indices -> ascending indices of
+    exactly ``target`` tokens (ties: lower index first)."""
+    mask = torch.zeros(similarity.numel(), dtype=torch.bool, device=similarity.device)
+    mask[kept] = True
+    excess = int(mask.sum()) - target
+    if excess > 0:  # drop the most redundant kept tokens
+        pool = kept
+        worst = torch.sort(-similarity[pool], stable=True).indices[:excess]
+        mask[pool[worst]] = False
+    elif excess < 0:  # add the most distinct dropped tokens
+        pool = torch.nonzero(~mask).flatten()
+        best = torch.sort(similarity[pool], stable=True).indices[:-excess]
+        mask[pool[best]] = True
+    return torch.nonzero(mask).flatten()
 
 
 def select_per_frame(similarity: Tensor, counts: Tensor) -> Tensor:
