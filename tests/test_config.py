@@ -245,3 +245,19 @@ def test_presets_show_prints_the_resolved_config():
 def test_presets_show_unknown_name():
     res = runner.invoke(app, ["presets", "show", "agressive"])
     assert res.exit_code == 2 and "did you mean 'aggressive'" in res.output
+
+
+def test_pipeline_from_config_keeps_the_config_it_was_given():
+    """The harness hands its resolved RunConfig straight to the pipeline (no flattening to
+    overrides and rebuilding); load_pipeline resolves one the same way and gets an equal config."""
+    import torch
+
+    from prunevid_bench.pipeline import Pipeline, load_pipeline
+
+    cfg = build_config("default", overrides={"model.name": "tiny", "model.device": "cpu", "model.dtype": "float32",
+                                             "stage2.keep_ratio": 0.3})
+    pipe = Pipeline.from_config(cfg)
+    assert pipe.config is cfg
+    assert next(pipe.model.parameters()).dtype == torch.float32 and pipe.device.type == "cpu"
+    again = load_pipeline("tiny", preset="default", device="cpu", dtype="float32", overrides={"stage2.keep_ratio": 0.3})
+    assert again.config == cfg

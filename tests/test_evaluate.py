@@ -14,7 +14,8 @@ from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.config import build_config
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, wilson_interval
+from prunevid_bench.choices import LETTERS, format_mc_prompt
+from prunevid_bench.harness.answers import wilson_interval
 from prunevid_bench.harness.datasets import load_dataset, sample_rows
 from prunevid_bench.harness.evaluate import evaluate_plan, letter_token_ids, plan_dataset
 from prunevid_bench.pipeline import Pipeline
@@ -47,7 +48,7 @@ def shared_model(tiny_pipe):
     import prunevid_bench.pipeline as pipeline
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "load_pipeline", lambda *a, **k: tiny_pipe)
+        mp.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: tiny_pipe))
         yield tiny_pipe
 
 
@@ -246,7 +247,7 @@ def test_preflight_reports_missing_undecodable_and_unanswered_rows(toy, tmp_path
 def test_nothing_loads_when_no_video_passes_preflight(tmp_path, monkeypatch):
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: pytest.fail("the model was loaded")))
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "q", "video": "gone.mp4", "question": "Q?", "options": ["a", "b"], "answer": "A"}) + "\n")
     res = invoke("run", "--dataset", data, "--model", "tiny", "--results-dir", tmp_path / "out")

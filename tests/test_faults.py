@@ -62,7 +62,7 @@ def shared_model(tiny_pipe, monkeypatch):
     """The session's tiny pipeline instead of a model load per command (loading is tested below)."""
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: tiny_pipe)
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: tiny_pipe))
     return tiny_pipe
 
 
@@ -70,7 +70,7 @@ def shared_model(tiny_pipe, monkeypatch):
 def no_model(monkeypatch):
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: pytest.fail("the model was loaded")))
 
 
 def fail_mkdir_under(monkeypatch, root: Path, code: int) -> None:

@@ -153,7 +153,7 @@ def calls(monkeypatch, tiny_pipe):
         return tiny_pipe
 
     monkeypatch.setattr(Pipeline, "run", counted)
-    monkeypatch.setattr(pipeline, "load_pipeline", load)
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(load))
     return counter
 
 

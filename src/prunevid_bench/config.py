@@ -84,10 +84,6 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_overrides(self) -> dict[str, Any]:
-        """Every key as a dotted override (``{"stage1.tau": 0.8, ...}``): rebuilds this config."""
-        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
-
     @property
     def stage3_enabled(self) -> bool:
         """Stage 3 (KV compaction) is the physical half of Stage 2: on whenever Stage 2 is."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ from rich.table import Table
 
 from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
 from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
 from prunevid_bench.harness.progress import progress_for
 from prunevid_bench.harness.runlock import RunLock
@@ -70,7 +70,6 @@ class DatasetPlan:
     skipped: list[dict[str, str]]  # {"id", "reason", "stage": "dataset" | "preflight"}
     limit: int | None
     seed: int
-    notes: list[str] = field(default_factory=list)
     n_usable: int | None = None  # rows of the file that parsed into questions (None: all selected)
 
     def counts(self) -> dict[str, int]:
@@ -119,16 +118,13 @@ def plan_dataset(
     runnable, problems = preflight(selected, check or check_video)
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
     skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
-    notes = []
-    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes, n_usable=len(ds))
+    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, n_usable=len(ds))
     console.print(f"dataset {escape(ds.name)} ({ds.format}): {counts_line(plan)}", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
         console.print(f"  [yellow]skipped[/] {shown(item['id'])} ({item['stage']}): {shown(item['reason'])}",
                       highlight=False, soft_wrap=True)
     if len(skipped) > 10:
         console.print(f"  ... and {len(skipped) - 10} more (all listed in summary.json)")
-    for note in notes:
-        console.print(f"  [yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not runnable:
         raise PruneVidError(f"no question of {ds.name} passed preflight; check the videos and --video-root")
     return plan
@@ -202,9 +198,9 @@ def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
 
     def get():
         if not loaded:
-            from prunevid_bench.pipeline import load_pipeline
+            from prunevid_bench.pipeline import Pipeline
 
-            loaded.append(load_pipeline(overrides=cfg.to_overrides()))
+            loaded.append(Pipeline.from_config(cfg))
         return loaded[0]
 
     return get
@@ -269,7 +265,6 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         "n_selected": len(plan.selected),
         "counts": {**plan.counts(), "evaluated": len(records)},
         **summarise(records, plan.skipped, baseline_records),
-        "notes": plan.notes,
     }
     write_json(run_dir / SUMMARY_FILE, summary)
     write_csv_row(run_dir / "summary.csv", flat_row(header, summary, cfg.to_dict()))
