@@ -33,7 +33,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from prunevid_bench.config import PROJECT_ROOT, RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
+from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement
 from prunevid_bench.harness.evaluate import (
@@ -50,7 +50,7 @@ from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, back_up, fing
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
 
-SWEEP_DIR = PROJECT_ROOT / "sweeps"
+SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"  # package data, like the presets (config.PRESET_DIR)
 
 CONTROLS = ("random", "frames")
 METRIC_CHOICES = ("accuracy", "agreement")
