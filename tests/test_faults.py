@@ -163,9 +163,10 @@ DAMAGED = ["{bad", '{"run": "x", "config": {"model"', "[]"]
 def finished_run(toy, tmp_path_factory, tiny_pipe) -> Path:
     from prunevid_bench.config import build_config
     from prunevid_bench.harness.evaluate import evaluate_plan, plan_dataset
+    from prunevid_bench.harness.specs import DatasetSpec
 
     cfg = build_config(None, None, {"video.num_frames": 4, "generation.max_new_tokens": 2})
-    return evaluate_plan(cfg, plan_dataset(toy), tiny_pipe, tmp_path_factory.mktemp("runs") / "run", quiet=True).run_dir
+    return evaluate_plan(cfg, plan_dataset(DatasetSpec(toy)), tiny_pipe, tmp_path_factory.mktemp("runs") / "run", quiet=True).run_dir
 
 
 def damaged_copy(run: Path, tmp_path: Path, name: str, content: str) -> Path:

@@ -51,10 +51,10 @@ from prunevid_bench.harness.runs import (
     read_samples,
     summarise,
 )
+from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.report import read_json, slug, write_csv_row, write_json
 from prunevid_bench.terminal import printable
 
-ANSWER_MODES = ("generate", "logits")
 RESULT_EXCLUDE = {"generated_token_ids", "first_token_logits"}
 
 
@@ -99,13 +99,8 @@ class EvalResult:
 
 
 def plan_dataset(
-    dataset: Path,
+    dataset: DatasetSpec,
     *,
-    video_root: Path | None = None,
-    answers: Path | None = None,
-    dataset_format: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
     check: Callable[[Path], Any] | None = None,
     console: Console | None = None,
 ) -> DatasetPlan:
@@ -113,7 +108,8 @@ def plan_dataset(
     from prunevid_bench.video import check_video
 
     console = console or Console()
-    ds = load_dataset(dataset, video_root=video_root, answers=answers, format=dataset_format)
+    ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format)
+    limit, seed = dataset.limit, dataset.seed
     selected = sample_rows(ds.samples, limit, seed)
     runnable, problems = preflight(selected, check or check_video)
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
@@ -159,37 +155,24 @@ def load_baseline(baseline: Path | None) -> list[dict[str, Any]] | None:
 
 def evaluate_dataset(
     cfg: RunConfig,
-    dataset: Path,
+    dataset: DatasetSpec,
+    options: EvalOptions = EvalOptions(),
     *,
-    preset: str | None = None,
-    results_dir: Path = Path("results"),
-    label: str | None = None,
-    video_root: Path | None = None,
-    answers: Path | None = None,
-    dataset_format: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    answer_mode: str = "generate",
-    baseline: Path | None = None,
-    force: bool = False,
-    wait: bool = False,
     console: Console | None = None,
     pipeline=None,
 ) -> EvalResult:
     """``prunevid run --dataset``: plan, preflight, then load the model (unless given) and run."""
     console = console or Console()
-    check_answer_mode(answer_mode)
-    plan = plan_dataset(dataset, video_root=video_root, answers=answers, dataset_format=dataset_format,
-                        limit=limit, seed=seed, console=console)
-    baseline_records = load_baseline(baseline)
-    fingerprint = run_fingerprint(cfg, plan, answer_mode)
-    run_dir = default_run_dir(results_dir, label, preset, plan, fingerprint)
+    plan = plan_dataset(dataset, console=console)
+    baseline_records = load_baseline(options.baseline)
+    fingerprint = run_fingerprint(cfg, plan, options.answer_mode)
+    run_dir = default_run_dir(options.results_dir, options.label, options.preset, plan, fingerprint)
     if pipeline is None:
         pipeline = pipeline_loader(cfg)
-    meta = {"scenario": "dataset", "label": label, "preset": preset,
-            "baseline": str(baseline) if baseline else None}
-    return evaluate_plan(cfg, plan, pipeline, run_dir, meta=meta, answer_mode=answer_mode,
-                         baseline_records=baseline_records, force=force, wait=wait, console=console)
+    meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
+            "baseline": str(options.baseline) if options.baseline else None}
+    return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
+                         console=console)
 
 
 def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
@@ -206,39 +189,33 @@ def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
     return get
 
 
-def check_answer_mode(answer_mode: str) -> None:
-    if answer_mode not in ANSWER_MODES:
-        raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{answer_mode}'")
-
-
 def evaluate_plan(
     cfg: RunConfig,
     plan: DatasetPlan,
     pipe,
     run_dir: Path,
+    options: EvalOptions = EvalOptions(),
     *,
     meta: dict[str, Any] | None = None,
-    answer_mode: str = "generate",
     baseline_records: list[dict[str, Any]] | None = None,
-    force: bool = False,
-    wait: bool = False,
     console: Console | None = None,
     quiet: bool = False,
 ) -> EvalResult:
     """Run every planned question not yet logged in ``run_dir``; write and return the summary.
 
     ``pipe`` is a Pipeline or a function returning one, called only when something must run.
-    The run folder is locked throughout (``wait``: queue behind another process holding it).
+    Of ``options``, the answer mode, ``force`` and ``wait`` apply (the folder is given). The run
+    folder is locked throughout (``wait``: queue behind another process holding it).
     """
     console = console or Console()
-    with RunLock(run_dir, wait=wait, note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
-        return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=answer_mode,
-                                baseline_records=baseline_records, force=force, console=console, quiet=quiet)
+    with RunLock(run_dir, wait=options.wait,
+                 note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
+        return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=options.answer_mode,
+                                baseline_records=baseline_records, force=options.force, console=console, quiet=quiet)
 
 
 def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet) -> EvalResult:
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
-    check_answer_mode(answer_mode)
     fingerprint = run_fingerprint(cfg, plan, answer_mode)
     header = {
         **(meta or {}),
