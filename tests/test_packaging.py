@@ -44,3 +44,6 @@ def test_wheel_install_lists_presets_and_finds_sweep_files(tmp_path):
     values = _run([sys.executable, "-c", "from prunevid_bench.harness.sweep import shipped_values; "
                    "print(shipped_values('stage1.tau'), shipped_values('stage2.keep_ratio'))"], tmp_path, env)
     assert values.strip() == "[0.7, 0.8, 0.9] [0.2, 0.4, 0.6]"
+    by_name = _run([sys.executable, "-c", "from prunevid_bench.harness.sweep import load_sweep_file; "
+                    "print(sorted(load_sweep_file('stage2')))"], tmp_path, env)
+    assert by_name.strip() == "['stage2.keep_ratio', 'stage2.pruning_layer']"

@@ -114,7 +114,13 @@ def parse_values(specs: list[str]) -> dict[str, list[Any]]:
 
 
 def load_sweep_file(path: Path) -> dict[str, list[Any]]:
-    """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description."""
+    """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description.
+
+    A name that is not a file but names a shipped sweep (``stage1``) reads that one, so a wheel
+    install, which has no ``sweeps/`` folder to point at, can use them too."""
+    shipped = SWEEP_DIR / f"{path}.yaml"
+    if not Path(path).is_file() and Path(path).name == str(path) and shipped.is_file():
+        path = shipped
     data = load_yaml(Path(path))
     grid = data.get("grid") if isinstance(data, dict) else None
     if not isinstance(grid, dict) or not grid:
