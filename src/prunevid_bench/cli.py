@@ -163,8 +163,8 @@ def run(
         from prunevid_bench.harness.evaluate import evaluate_dataset
         from prunevid_bench.harness.runs import shortfall
 
-        options = evaluation.options(preset, label=label, baseline=baseline, force=force)
-        result = evaluate_dataset(cfg, data.spec(dataset), options, console=human)
+        run_options = evaluation.options(preset, label=label, baseline=baseline, force=force)
+        result = evaluate_dataset(cfg, data.spec(dataset), run_options, console=human)
         if json_out:
             emit_json({"run_dir": str(result.run_dir), **result.summary})
         finish(shortfall(result.summary), human)
@@ -231,8 +231,8 @@ def sweep(
     from prunevid_bench.harness.sweep import SweepGrid, run_sweep
 
     grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run)
-    options = evaluation.options(flags.preset, label=label, force=force)
-    result = run_sweep(cfg, data.spec(dataset), grid, options, console=human)
+    sweep_options = evaluation.options(flags.preset, label=label, force=force)
+    result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human)
     if output.json_out:
         cells = [{"name": c.name, "kind": c.kind, "overrides": c.overrides} for c in result.cells]
         emit_json({"sweep_dir": str(result.sweep_dir), "dry_run": dry_run, "cells": cells, "rows": result.rows})
