@@ -20,7 +20,7 @@ import torch
 
 from prunevid_bench.stages.stage1 import merge_video_tokens
 
-# The official PLLaVA hyperparameters (research/prunevid.md §3).
+# The official PLLaVA hyperparameters (docs/algorithm.md, Defaults).
 CONFIG = dict(tau=0.8, cluster_ratio=0.5, temporal_segment_ratio=0.25, k=7, min_cluster_tokens=14)
 
 

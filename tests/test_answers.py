@@ -7,14 +7,8 @@ import math
 import pytest
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import (
-    LETTERS,
-    accuracy_summary,
-    agreement,
-    format_mc_prompt,
-    parse_choice,
-    wilson_interval,
-)
+from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
+from prunevid_bench.harness.answers import accuracy_summary, agreement, wilson_interval
 
 
 def test_format_mc_prompt_exact():

@@ -14,6 +14,7 @@ from prunevid_bench.cli import app
 from prunevid_bench.config import build_config
 from prunevid_bench.harness.answers import agreement
 from prunevid_bench.harness.evaluate import evaluate_dataset
+from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.toy.world import generate_dataset
 
 runner = CliRunner()
@@ -35,8 +36,8 @@ def runs(tmp_path_factory, tiny_pipe) -> dict[str, Path]:
 
     def run(label, preset=None, limit=4, **overrides):
         cfg = build_config(preset, None, {**FAST, **overrides})
-        return evaluate_dataset(cfg, toy, preset=preset, results_dir=out, label=label, limit=limit, pipeline=tiny_pipe,
-                                console=quiet).run_dir
+        options = EvalOptions(preset=preset, results_dir=out, label=label)
+        return evaluate_dataset(cfg, DatasetSpec(toy, limit=limit), options, pipeline=tiny_pipe, console=quiet).run_dir
 
     return {
         "base": run("base"),

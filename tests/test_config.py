@@ -8,7 +8,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from prunevid_bench.cli import app, collect_overrides
+from prunevid_bench.cli import app
+from prunevid_bench.cli_options import collect_overrides
 from prunevid_bench.config import RunConfig, build_config, parse_override, preset_names, resolve_key, resolve_layer
 from prunevid_bench.errors import PruneVidError
 
@@ -61,14 +62,15 @@ def test_cli_flags_and_set_reach_the_config(tmp_path, monkeypatch):
 
     seen = {}
     answered = SimpleNamespace(run_dir=tmp_path, summary={"accuracy": {"errors": 0, "unparsed": 0}, "skipped": []})
-    monkeypatch.setattr(evaluate, "evaluate_dataset", lambda cfg, dataset, **kw: seen.update(cfg=cfg, kw=kw) or answered)
+    monkeypatch.setattr(evaluate, "evaluate_dataset",
+                        lambda cfg, dataset, options, **kw: seen.update(cfg=cfg, dataset=dataset, options=options) or answered)
     user = write_yaml(tmp_path / "my.yaml", {"stage2": {"keep_ratio": 0.3}, "video": {"num_frames": 8}})
     res = runner.invoke(app, ["run", "--dataset", str(tmp_path / "d.jsonl"), "--preset", "default", "--config", str(user),
                               "--set", "keep_ratio=0.2", "--num-frames", "6", "--set", "video.max_frames=10", "--limit", "3"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
     assert cfg.stage2.keep_ratio == 0.2 and cfg.video.num_frames == 6 and cfg.video.max_frames == 10
-    assert cfg.stage1.tau == 0.8 and seen["kw"]["preset"] == "default" and seen["kw"]["limit"] == 3
+    assert cfg.stage1.tau == 0.8 and seen["options"].preset == "default" and seen["dataset"].limit == 3
 
 
 def test_set_wins_over_dedicated_flag():
@@ -245,3 +247,61 @@ def test_presets_show_prints_the_resolved_config():
 def test_presets_show_unknown_name():
     res = runner.invoke(app, ["presets", "show", "agressive"])
     assert res.exit_code == 2 and "did you mean 'aggressive'" in res.output
+
+
+def test_pipeline_from_config_keeps_the_config_it_was_given():
+    """The harness hands its resolved RunConfig straight to the pipeline (no flattening to
+    overrides and rebuilding); load_pipeline resolves one the same way and gets an equal config."""
+    import torch
+
+    from prunevid_bench.pipeline import Pipeline, load_pipeline
+
+    cfg = build_config("default", overrides={"model.name": "tiny", "model.device": "cpu", "model.dtype": "float32",
+                                             "stage2.keep_ratio": 0.3})
+    pipe = Pipeline.from_config(cfg)
+    assert pipe.config is cfg
+    assert next(pipe.model.parameters()).dtype == torch.float32 and pipe.device.type == "cpu"
+    again = load_pipeline("tiny", preset="default", device="cpu", dtype="float32", overrides={"stage2.keep_ratio": 0.3})
+    assert again.config == cfg
+
+
+def test_sweep_flags_reach_the_grid_dataset_and_options(tmp_path, monkeypatch):
+    """`sweep` takes the same shared option groups as `run` and hands the harness three values."""
+    import prunevid_bench.harness.sweep as sweep
+
+    seen = {}
+
+    def fake(cfg, dataset, grid, options, **kw):
+        seen.update(cfg=cfg, dataset=dataset, grid=grid, options=options)
+        return SimpleNamespace(sweep_dir=tmp_path, cells=[], rows=[], summaries={})
+
+    monkeypatch.setattr(sweep, "run_sweep", fake)
+    res = runner.invoke(app, ["sweep", "tau", "--values", "tau=0.7,0.9", "--dataset", str(tmp_path / "d.jsonl"),
+                              "--video-root", str(tmp_path), "--format", "jsonl", "--limit", "4", "--seed", "3",
+                              "--answer-mode", "logits", "--wait", "--force", "--label", "mine", "--results-dir",
+                              str(tmp_path / "out"), "--preset", "default", "--model", "tiny", "--device", "cpu",
+                              "--attn-implementation", "eager", "--num-frames", "6", "--controls", "random", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    d, g, o, cfg = seen["dataset"], seen["grid"], seen["options"], seen["cfg"]
+    assert (d.path, d.video_root, d.format, d.limit, d.seed, d.answers) == (tmp_path / "d.jsonl", tmp_path, "jsonl", 4, 3, None)
+    assert (g.params, g.values, g.controls, g.metric, g.dry_run) == (("tau",), ("tau=0.7,0.9",), ("random",), "accuracy", True)
+    assert (o.answer_mode, o.wait, o.force, o.label, o.results_dir, o.preset, o.baseline) == (
+        "logits", True, True, "mine", tmp_path / "out", "default", None)
+    assert (cfg.model.name, cfg.model.device, cfg.model.attn_implementation, cfg.video.num_frames) == ("tiny", "cpu", "eager", 6)
+    assert cfg.stage1.tau == 0.8  # the preset's: the grid is applied per cell by the harness
+
+
+def test_run_target_is_the_model_section():
+    from prunevid_bench.harness.specs import RunTarget
+
+    target = RunTarget(model="tiny", attention="eager")
+    assert target.overrides() == {"model.name": "tiny", "model.attn_implementation": "eager"}
+    cfg = build_config("default", overrides=target.overrides())
+    assert RunTarget.of(cfg) == RunTarget("tiny", cfg.model.device, cfg.model.dtype, "eager")
+
+
+def test_bad_answer_mode_is_refused_when_the_options_are_built():
+    from prunevid_bench.harness.specs import EvalOptions
+
+    with pytest.raises(PruneVidError, match="--answer-mode must be one of generate, logits, got 'logit'"):
+        EvalOptions(answer_mode="logit")

@@ -304,3 +304,49 @@ def test_preflight_does_not_hide_checker_bugs():
 
     with pytest.raises(KeyError):
         preflight(make_samples(2), check=broken)
+
+
+def test_unknown_format_suggests_the_closest(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "a", "video": "v.mp4", "question": "Q?", "options": ["x", "y"], "answer": "A"}) + "\n")
+    with pytest.raises(PruneVidError, match=r"unknown dataset format 'mvbenc' \(did you mean 'mvbench'\?\); use one of egoschema, mvbench, videomme, jsonl"):
+        load_dataset(path, format="mvbenc")
+
+
+def test_a_format_registered_from_one_module_is_detected_and_forced(tmp_path, monkeypatch):
+    """A new row format is one function plus its registration: detected from its keys or forced,
+    listed in the errors, and its rows go through the shared checks."""
+    from prunevid_bench.harness.datasets import Skip, format_names, get_format, register_format, registry
+    from prunevid_bench.harness.datasets.base import build_sample
+
+    monkeypatch.setattr(registry, "_FORMATS", dict(registry._FORMATS))  # the registration ends with the test
+
+    @register_format("clipqa", title="ClipQA", detect=lambda keys: "clip" in keys)
+    def open_clipqa(path, root, answers):
+        def read(row, position):
+            if "right" not in row:
+                raise Skip("no right choice")
+            return build_sample(f"c{position}", root / row["clip"], row["ask"], row["choices"], row["right"], None, None, None)
+
+        return read
+
+    path = tmp_path / "clips.json"
+    path.write_text(json.dumps([{"clip": "a.mp4", "ask": "Q?", "choices": ["x", "y"], "right": 1},
+                                {"clip": "b.mp4", "ask": "Q?", "choices": ["x", "y", "z"], "right": 5},
+                                {"clip": "c.mp4", "ask": "Q?", "choices": ["x", "y"]}]))
+    data = load_dataset(path)
+    assert data.format == "clipqa" and [s.answer_letter for s in data.samples] == ["B"]
+    assert dict(data.skipped) == {"row 2": "answer index 5 is outside the 3 options", "row 3": "no right choice"}
+    assert format_names()[-1] == "clipqa" and get_format("clipqa").title == "ClipQA"
+    with pytest.raises(PruneVidError, match="use one of egoschema, mvbench, videomme, jsonl, clipqa"):
+        load_dataset(path, format="clip")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_format("clipqa", title="again", detect=lambda keys: False)(open_clipqa)
+
+
+def test_each_builtin_format_is_its_own_module():
+    from prunevid_bench.harness.datasets import format_names, get_format
+
+    assert format_names() == ["egoschema", "mvbench", "videomme", "jsonl"]
+    assert {name: get_format(name).open.__module__ for name in format_names()} == {
+        name: f"prunevid_bench.harness.datasets.{name}" for name in format_names()}

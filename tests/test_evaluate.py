@@ -14,9 +14,11 @@ from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.config import build_config
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, wilson_interval
+from prunevid_bench.choices import LETTERS, format_mc_prompt
+from prunevid_bench.harness.answers import wilson_interval
 from prunevid_bench.harness.datasets import load_dataset, sample_rows
 from prunevid_bench.harness.evaluate import evaluate_plan, letter_token_ids, plan_dataset
+from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.pipeline import Pipeline
 from prunevid_bench.toy.world import generate_dataset
 
@@ -47,7 +49,7 @@ def shared_model(tiny_pipe):
     import prunevid_bench.pipeline as pipeline
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "load_pipeline", lambda *a, **k: tiny_pipe)
+        mp.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: tiny_pipe))
         yield tiny_pipe
 
 
@@ -185,14 +187,14 @@ def test_other_settings_get_their_own_folder(toy, tmp_path, calls):
 
 
 def test_refuses_to_resume_into_a_folder_with_other_settings(toy, tmp_path, tiny_pipe):
-    plan = plan_dataset(toy, limit=1)
+    plan = plan_dataset(DatasetSpec(toy, limit=1))
     cfg = build_config(None, None, {"video.num_frames": 4, "generation.max_new_tokens": 2})
     evaluate_plan(cfg, plan, tiny_pipe, tmp_path / "run", quiet=True)
     other = build_config(None, None, {"video.num_frames": 4, "generation.max_new_tokens": 3})
     with pytest.raises(PruneVidError, match=r"different settings \(config.generation.max_new_tokens\)"):
         evaluate_plan(other, plan, tiny_pipe, tmp_path / "run", quiet=True)
     with pytest.raises(PruneVidError, match="answer_mode"):
-        evaluate_plan(cfg, plan, tiny_pipe, tmp_path / "run", answer_mode="logits", quiet=True)
+        evaluate_plan(cfg, plan, tiny_pipe, tmp_path / "run", EvalOptions(answer_mode="logits"), quiet=True)
 
 
 def test_sample_errors_are_recorded_and_the_run_goes_on(toy, tmp_path, calls):
@@ -246,7 +248,7 @@ def test_preflight_reports_missing_undecodable_and_unanswered_rows(toy, tmp_path
 def test_nothing_loads_when_no_video_passes_preflight(tmp_path, monkeypatch):
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: pytest.fail("the model was loaded")))
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "q", "video": "gone.mp4", "question": "Q?", "options": ["a", "b"], "answer": "A"}) + "\n")
     res = invoke("run", "--dataset", data, "--model", "tiny", "--results-dir", tmp_path / "out")

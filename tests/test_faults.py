@@ -62,7 +62,7 @@ def shared_model(tiny_pipe, monkeypatch):
     """The session's tiny pipeline instead of a model load per command (loading is tested below)."""
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: tiny_pipe)
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: tiny_pipe))
     return tiny_pipe
 
 
@@ -70,7 +70,7 @@ def shared_model(tiny_pipe, monkeypatch):
 def no_model(monkeypatch):
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: pytest.fail("the model was loaded")))
 
 
 def fail_mkdir_under(monkeypatch, root: Path, code: int) -> None:
@@ -163,9 +163,10 @@ DAMAGED = ["{bad", '{"run": "x", "config": {"model"', "[]"]
 def finished_run(toy, tmp_path_factory, tiny_pipe) -> Path:
     from prunevid_bench.config import build_config
     from prunevid_bench.harness.evaluate import evaluate_plan, plan_dataset
+    from prunevid_bench.harness.specs import DatasetSpec
 
     cfg = build_config(None, None, {"video.num_frames": 4, "generation.max_new_tokens": 2})
-    return evaluate_plan(cfg, plan_dataset(toy), tiny_pipe, tmp_path_factory.mktemp("runs") / "run", quiet=True).run_dir
+    return evaluate_plan(cfg, plan_dataset(DatasetSpec(toy)), tiny_pipe, tmp_path_factory.mktemp("runs") / "run", quiet=True).run_dir
 
 
 def damaged_copy(run: Path, tmp_path: Path, name: str, content: str) -> Path:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from prunevid_bench.cli import EXIT_INCOMPLETE, app
 from prunevid_bench.config import build_config
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import format_mc_prompt
+from prunevid_bench.choices import format_mc_prompt
 from prunevid_bench.harness.datasets import load_dataset
 from prunevid_bench.harness.evaluate import summary_table
 from prunevid_bench.harness.runlock import LOCK_FILE, RunLock
@@ -50,7 +50,7 @@ def shared_model(tiny_pipe, monkeypatch):
     """The session's tiny pipeline instead of one built per invocation (seconds each)."""
     import prunevid_bench.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: tiny_pipe)
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(lambda *a, **k: tiny_pipe))
     return tiny_pipe
 
 

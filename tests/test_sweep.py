@@ -14,7 +14,14 @@ from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.config import PROJECT_ROOT, build_config
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.sweep import expand_cells, frames_controls, grid_spec, pareto_front, parse_values
+from prunevid_bench.harness.sweep import (
+    expand_cells,
+    frames_controls,
+    grid_spec,
+    load_sweep_file,
+    pareto_front,
+    parse_values,
+)
 from prunevid_bench.pipeline import Pipeline
 from prunevid_bench.toy.world import generate_dataset
 
@@ -105,6 +112,12 @@ def test_params_pick_a_subset_of_a_sweep_file():
     assert grid_spec(["tau"], ["tau=0.75"], STAGE1_FILE)["stage1.tau"] == [0.75]  # --values win over the file
 
 
+def test_a_shipped_sweep_file_by_name():
+    assert load_sweep_file("stage1") == load_sweep_file(STAGE1_FILE)
+    with pytest.raises(PruneVidError, match="config file not found: stage9"):
+        load_sweep_file("stage9")
+
+
 def test_pareto_front_lower_cost_higher_quality():
     points = [(100, 0.60), (20, 0.50), (40, 0.50), (40, 0.55), (10, 0.30), (None, 0.9), (100, 0.60)]
     assert pareto_front(points) == [True, True, False, True, True, False, True]
@@ -153,7 +166,7 @@ def calls(monkeypatch, tiny_pipe):
         return tiny_pipe
 
     monkeypatch.setattr(Pipeline, "run", counted)
-    monkeypatch.setattr(pipeline, "load_pipeline", load)
+    monkeypatch.setattr(pipeline.Pipeline, "from_config", staticmethod(load))
     return counter
 
 

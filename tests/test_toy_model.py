@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from prunevid_bench.cli import app
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import format_mc_prompt
+from prunevid_bench.choices import format_mc_prompt
 from prunevid_bench.models.tiny import SPECIAL_TOKENS, VOCAB_SIZE, build_processor
 from prunevid_bench.toy.model import ASSET_DIR, build_toy_processor, load_toy_model, toy_words
 from prunevid_bench.toy.train import (

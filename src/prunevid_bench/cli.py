@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+# The options run and sweep share are defined once, as groups (cli_options).
+from prunevid_bench.cli_options import ConfigFlags, DatasetFlags, EvalFlags, JsonOut, OutputFlags, Quiet, with_groups
 from prunevid_bench.errors import PruneVidError, describe_os_error
 
 # Exit codes, for scripts: named in --help (EXIT_HELP) and returned by run, sweep and compare.
@@ -36,67 +38,8 @@ app.add_typer(presets_app, name="presets")
 console = Console()
 err_console = Console(stderr=True)
 
-# ---------------------------------------------------------------- shared options (defined once)
-Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `prunevid presets`).", rich_help_panel="Config")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="Your own YAML config (overrides the preset).", rich_help_panel="Config")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key, e.g. stage2.keep_ratio=0.3 (repeatable).", rich_help_panel="Config")]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="toy (default; trained on the toy world), tiny (random weights), a Hugging Face id, or a local Qwen2.5-VL directory.", rich_help_panel="Model")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.", rich_help_panel="Model")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel="Model")]
-Attn = Annotated[Optional[str], typer.Option("--attn-implementation", help="sdpa | eager | flash_attention_2.", rich_help_panel="Model")]
-NumFrames = Annotated[Optional[int], typer.Option("--num-frames", help="Frames sampled uniformly (default: the policy's, 16; lmms-eval 32). More than the clip holds is refused, never capped. Policy: --set video.policy=qwen|lmms-eval|processor.", rich_help_panel="Video")]
-Fps = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --num-frames.", rich_help_panel="Video")]
-MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Cap on frames when sampling by --fps only (default: qwen 768, processor 64).", rich_help_panel="Video")]
-MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Upper bound on pixels per frame after resizing (default: the policy's).", rich_help_panel="Video")]
-MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
-ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
-VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
-AnswersFile = Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")]
-DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")]
-AnswerMode = Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")]
-Wait = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of stopping.", rich_help_panel="Dataset")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout; everything else goes to stderr.", rich_help_panel="Output")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the --json result).", rich_help_panel="Output")]
-
 # `run` options that only mean something with --dataset: refused for one video rather than ignored.
 DATASET_ONLY = ("limit", "seed", "answer_mode", "baseline", "force", "wait", "video_root", "answers", "dataset_format")
-
-
-def collect_overrides(
-    sets: list[str] | None,
-    model: str | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    attn: str | None = None,
-    num_frames: int | None = None,
-    fps: float | None = None,
-    max_frames: int | None = None,
-    max_pixels: int | None = None,
-    max_new_tokens: int | None = None,
-) -> dict:
-    """Flags and --set pairs as one dotted-key dict; --set wins over the dedicated flags."""
-    from prunevid_bench.config import parse_override
-
-    flags = {
-        "model.name": model,
-        "model.dtype": dtype,
-        "model.device": device,
-        "model.attn_implementation": attn,
-        "video.num_frames": num_frames,
-        "video.fps": fps,
-        "video.max_frames": max_frames,
-        "video.max_pixels": max_pixels,
-        "generation.max_new_tokens": max_new_tokens,
-    }
-    out = {k: v for k, v in flags.items() if v is not None}
-    if fps is not None and num_frames is None:
-        out["video.num_frames"] = None  # --fps alone means: sample by rate
-    for text in sets or []:
-        key, value = parse_override(text)
-        out[key] = value
-    return out
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -179,53 +122,35 @@ def guarded(fn):
 # ---------------------------------------------------------------- run
 @app.command(epilog=EXIT_HELP)
 @guarded
+@with_groups(flags=ConfigFlags, data=DatasetFlags, evaluation=EvalFlags, output=OutputFlags)
 def run(
     ctx: typer.Context,
     video: Annotated[Optional[Path], typer.Argument(help="Video file.", show_default=False)] = None,
     question: Annotated[Optional[str], typer.Argument(help="Question about the video.", show_default=False)] = None,
-    preset: Preset = None,
-    config: ConfigFile = None,
-    sets: Sets = None,
-    model: Model = None,
-    dtype: Dtype = None,
-    device: Device = None,
-    attn_implementation: Attn = None,
-    num_frames: NumFrames = None,
-    fps: Fps = None,
-    max_frames: MaxFrames = None,
-    max_pixels: MaxPixels = None,
-    max_new_tokens: MaxNew = None,
-    results_dir: ResultsDir = Path("results"),
+    *,
+    flags: ConfigFlags,
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder.", rich_help_panel="Output")] = None,
     messages_file: Annotated[Optional[Path], typer.Option("--messages", help="Qwen chat messages as JSON instead of VIDEO QUESTION: a system prompt, several videos, images, text in any order.", rich_help_panel="Config")] = None,
     options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable): the question is asked with lettered choices and the letter is parsed.", rich_help_panel="Config")] = None,
     answer: Annotated[Optional[str], typer.Option("--answer", help="With --option: the right option's letter; the run says whether the model chose it.", rich_help_panel="Config")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="Evaluate a multiple-choice dataset instead of one video.", rich_help_panel="Dataset")] = None,
-    video_root: VideoRoot = None,
-    answers: AnswersFile = None,
-    dataset_format: DatasetFormat = None,
-    limit: Limit = None,
-    seed: Seed = 0,
-    answer_mode: AnswerMode = "generate",
+    data: DatasetFlags,
+    evaluation: EvalFlags,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="A baseline run folder: report agreement with it.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo samples already finished in the run folder (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
-    wait: Wait = False,
-    json_out: JsonOut = False,
-    quiet: Quiet = False,
+    output: OutputFlags,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
     warmup: Annotated[int, typer.Option("--warmup", help="Timing mode: discarded warm-up runs.", rich_help_panel="Timing")] = 0,
 ) -> None:
     """Run one video and question, or a whole dataset with --dataset."""
-    from prunevid_bench.config import build_config
-
     given = [name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
     if dataset is None:
         refused = [_flag(ctx, name) for name in DATASET_ONLY if name in given]
         if refused:
             raise PruneVidError(f"{', '.join(refused)} only apply to --dataset; drop them for a single video")
-    human = human_console(json_out, quiet)
-    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
-    cfg = build_config(preset, config, overrides)
+    json_out, preset = output.json_out, flags.preset
+    human = human_console(json_out, output.quiet)
+    cfg = flags.build()
     if dataset is not None:
         if video is not None or messages_file is not None:
             raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")
@@ -238,23 +163,8 @@ def run(
         from prunevid_bench.harness.evaluate import evaluate_dataset
         from prunevid_bench.harness.runs import shortfall
 
-        result = evaluate_dataset(
-            cfg,
-            dataset,
-            preset=preset,
-            results_dir=results_dir,
-            label=label,
-            video_root=video_root,
-            answers=answers,
-            dataset_format=dataset_format,
-            limit=limit,
-            seed=seed,
-            answer_mode=answer_mode,
-            baseline=baseline,
-            force=force,
-            wait=wait,
-            console=human,
-        )
+        run_options = evaluation.options(preset, label=label, baseline=baseline, force=force)
+        result = evaluate_dataset(cfg, data.spec(dataset), run_options, console=human)
         if json_out:
             emit_json({"run_dir": str(result.run_dir), **result.summary})
         finish(shortfall(result.summary), human)
@@ -273,7 +183,7 @@ def run(
     from prunevid_bench.single import run_single
 
     run_dir = run_single(
-        cfg, video, question, options=options or [], answer=answer, preset=preset, results_dir=results_dir, label=label,
+        cfg, video, question, options=options or [], answer=answer, preset=preset, results_dir=evaluation.results_dir, label=label,
         repeats=repeats, warmup=warmup, console=human, messages=messages,
     )
     record = json.loads((run_dir / "result.json").read_text())
@@ -291,37 +201,21 @@ def _flag(ctx: typer.Context, name: str) -> str:
 # ---------------------------------------------------------------- sweep
 @app.command(epilog=EXIT_HELP)
 @guarded
+@with_groups(data=DatasetFlags, evaluation=EvalFlags, output=OutputFlags, flags=ConfigFlags)
 def sweep(
     params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (stage1.tau); default: all given values.", show_default=False)] = None,
     values: Annotated[Optional[list[str]], typer.Option("--values", "-v", help="name=v1,v2,... (repeatable), e.g. tau=0.7,0.8,0.9.", rich_help_panel="Sweep")] = None,
-    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, e.g. sweeps/stage1.yaml (--values win over it).", rich_help_panel="Sweep")] = None,
+    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, or a shipped one by name: stage1, stage2 (sweeps/*.yaml; --values win over it).", rich_help_panel="Sweep")] = None,
     controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
-    video_root: VideoRoot = None,
-    answers: AnswersFile = None,
-    dataset_format: DatasetFormat = None,
-    limit: Limit = None,
-    seed: Seed = 0,
-    answer_mode: AnswerMode = "generate",
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
-    wait: Wait = False,
-    json_out: JsonOut = False,
-    quiet: Quiet = False,
-    preset: Preset = None,
-    config: ConfigFile = None,
-    sets: Sets = None,
-    model: Model = None,
-    dtype: Dtype = None,
-    device: Device = None,
-    attn_implementation: Attn = None,
-    num_frames: NumFrames = None,
-    fps: Fps = None,
-    max_frames: MaxFrames = None,
-    max_pixels: MaxPixels = None,
-    max_new_tokens: MaxNew = None,
-    results_dir: ResultsDir = Path("results"),
+    *,
+    data: DatasetFlags,
+    evaluation: EvalFlags,
+    output: OutputFlags,
+    flags: ConfigFlags,
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the sweep folder (default: the swept names or the sweep file).", rich_help_panel="Output")] = None,
 ) -> None:
     """Sweep parameters over a dataset: a baseline cell plus a grid, each a resumable run.
@@ -330,22 +224,16 @@ def sweep(
 
     Ends with one table (summary.csv) and pareto.png. Restart the same command to resume.
     """
-    from prunevid_bench.config import build_config
-
     if dataset is None:
         raise PruneVidError("a sweep needs --dataset PATH")
-    human = human_console(json_out, quiet)
-    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
-    cfg = build_config(preset, config, overrides)
-    from prunevid_bench.harness.sweep import run_sweep
+    human = human_console(output.json_out, output.quiet)
+    cfg = flags.build()
+    from prunevid_bench.harness.sweep import SweepGrid, run_sweep
 
-    result = run_sweep(
-        cfg, dataset, params=params or [], values=values or [], sweep_file=sweep_file, preset=preset,
-        results_dir=results_dir, label=label, video_root=video_root, answers=answers, dataset_format=dataset_format,
-        limit=limit, seed=seed, answer_mode=answer_mode, controls=controls or [], metric=metric, dry_run=dry_run,
-        force=force, wait=wait, console=human,
-    )
-    if json_out:
+    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run)
+    sweep_options = evaluation.options(flags.preset, label=label, force=force)
+    result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human)
+    if output.json_out:
         cells = [{"name": c.name, "kind": c.kind, "overrides": c.overrides} for c in result.cells]
         emit_json({"sweep_dir": str(result.sweep_dir), "dry_run": dry_run, "cells": cells, "rows": result.rows})
     from prunevid_bench.harness.runs import shortfall

@@ -19,9 +19,11 @@ import yaml
 
 from prunevid_bench.errors import PruneVidError
 
-# presets/ and sweeps/ live at the top of the checkout (the package is installed editable).
+# The checkout (pyproject.toml, git); meaningful only when running from one.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PRESET_DIR = PROJECT_ROOT / "presets"
+# Presets and sweep files are package data, so a wheel install has them too; the checkout's
+# top-level presets/ and sweeps/ are links to these folders.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass
@@ -83,10 +85,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_overrides(self) -> dict[str, Any]:
-        """Every key as a dotted override (``{"stage1.tau": 0.8, ...}``): rebuilds this config."""
-        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
 
     @property
     def stage3_enabled(self) -> bool:

@@ -3,7 +3,7 @@
 Only matrix multiplications are counted, a multiply-add being 2 FLOPs (the convention of
 ``torch.utils.flop_counter``); norms, rotary, softmax, activations and residual adds are
 O(n * hidden) and left out. Pure Python, no torch: a model config or the presets below give the
-shapes, and the token counts come from the run (DESIGN.md §4).
+shapes, and the token counts come from the run.
 
 Per decoder layer with n tokens (empty cache), hidden D, H query heads and H_kv key/value heads
 of size d, MLP width I:

@@ -46,6 +46,14 @@ class Pipeline:
         self._handle = None
         self._handle_key = None
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "Pipeline":
+        """Load ``cfg.model`` once; ``cfg`` is the default config of every later call."""
+        from prunevid_bench.models.loading import load_model
+
+        m = cfg.model
+        return cls(load_model(m.name, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation), cfg)
+
     # ----------------------------------------------------------- preparation
     def video_policy(self, cfg: RunConfig | None = None) -> str:
         """The sampling policy a run uses: ``auto`` is the model's own default (qwen for
@@ -262,15 +270,12 @@ def load_pipeline(
     overrides: dict[str, Any] | None = None,
     **model_options: Any,
 ) -> Pipeline:
-    """Load a model once and return a Pipeline. ``model_options``: dtype, device, attn_implementation."""
-    from prunevid_bench.models.loading import load_model
+    """Load a model once and return a Pipeline. ``model_options``: dtype, device, attn_implementation.
 
+    The convenience form of ``Pipeline.from_config(build_config(preset, config_file, overrides))``."""
     over = dict(overrides or {})
     if model is not None:
         over["model.name"] = model
     for key, value in model_options.items():
         over[f"model.{key}"] = value
-    cfg = build_config(preset, Path(config_file) if config_file else None, over)
-    m = cfg.model
-    loaded = load_model(m.name, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
-    return Pipeline(loaded, cfg)
+    return Pipeline.from_config(build_config(preset, Path(config_file) if config_file else None, over))

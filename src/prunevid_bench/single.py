@@ -150,13 +150,13 @@ def run_single(
     console: Console | None = None,
 ) -> Path:
     from prunevid_bench.errors import PruneVidError
-    from prunevid_bench.pipeline import load_pipeline
+    from prunevid_bench.pipeline import Pipeline
     from prunevid_bench.video import check_video
 
     console = console or Console()
     if repeats < 1 or warmup < 0:
         raise PruneVidError("--repeats must be >= 1 and --warmup >= 0")
-    from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+    from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
 
     options = list(options or [])
     if len(options) == 1 or len(options) > len(LETTERS):
@@ -174,7 +174,7 @@ def run_single(
     for path in [video] if messages is None else _message_video_paths(messages):
         check_video(path)
     check_writable(results_dir)
-    pipe = load_pipeline(overrides=cfg.to_overrides())
+    pipe = Pipeline.from_config(cfg)
     if messages is not None:
         prepared = pipe.prepare(messages=messages)  # decode once: timing mode measures the model
         video = Path(prepared.clip.path or "messages")

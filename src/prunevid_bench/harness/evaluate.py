@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ from rich.table import Table
 
 from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
 from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
 from prunevid_bench.harness.progress import progress_for
 from prunevid_bench.harness.runlock import RunLock
@@ -51,10 +51,10 @@ from prunevid_bench.harness.runs import (
     read_samples,
     summarise,
 )
+from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.report import read_json, slug, write_csv_row, write_json
 from prunevid_bench.terminal import printable
 
-ANSWER_MODES = ("generate", "logits")
 RESULT_EXCLUDE = {"generated_token_ids", "first_token_logits"}
 
 
@@ -70,7 +70,6 @@ class DatasetPlan:
     skipped: list[dict[str, str]]  # {"id", "reason", "stage": "dataset" | "preflight"}
     limit: int | None
     seed: int
-    notes: list[str] = field(default_factory=list)
     n_usable: int | None = None  # rows of the file that parsed into questions (None: all selected)
 
     def counts(self) -> dict[str, int]:
@@ -100,13 +99,8 @@ class EvalResult:
 
 
 def plan_dataset(
-    dataset: Path,
+    dataset: DatasetSpec,
     *,
-    video_root: Path | None = None,
-    answers: Path | None = None,
-    dataset_format: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
     check: Callable[[Path], Any] | None = None,
     console: Console | None = None,
 ) -> DatasetPlan:
@@ -114,21 +108,19 @@ def plan_dataset(
     from prunevid_bench.video import check_video
 
     console = console or Console()
-    ds = load_dataset(dataset, video_root=video_root, answers=answers, format=dataset_format)
+    ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format)
+    limit, seed = dataset.limit, dataset.seed
     selected = sample_rows(ds.samples, limit, seed)
     runnable, problems = preflight(selected, check or check_video)
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
     skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
-    notes = []
-    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, notes, n_usable=len(ds))
+    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, n_usable=len(ds))
     console.print(f"dataset {escape(ds.name)} ({ds.format}): {counts_line(plan)}", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
         console.print(f"  [yellow]skipped[/] {shown(item['id'])} ({item['stage']}): {shown(item['reason'])}",
                       highlight=False, soft_wrap=True)
     if len(skipped) > 10:
         console.print(f"  ... and {len(skipped) - 10} more (all listed in summary.json)")
-    for note in notes:
-        console.print(f"  [yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if not runnable:
         raise PruneVidError(f"no question of {ds.name} passed preflight; check the videos and --video-root")
     return plan
@@ -163,37 +155,24 @@ def load_baseline(baseline: Path | None) -> list[dict[str, Any]] | None:
 
 def evaluate_dataset(
     cfg: RunConfig,
-    dataset: Path,
+    dataset: DatasetSpec,
+    options: EvalOptions = EvalOptions(),
     *,
-    preset: str | None = None,
-    results_dir: Path = Path("results"),
-    label: str | None = None,
-    video_root: Path | None = None,
-    answers: Path | None = None,
-    dataset_format: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    answer_mode: str = "generate",
-    baseline: Path | None = None,
-    force: bool = False,
-    wait: bool = False,
     console: Console | None = None,
     pipeline=None,
 ) -> EvalResult:
     """``prunevid run --dataset``: plan, preflight, then load the model (unless given) and run."""
     console = console or Console()
-    check_answer_mode(answer_mode)
-    plan = plan_dataset(dataset, video_root=video_root, answers=answers, dataset_format=dataset_format,
-                        limit=limit, seed=seed, console=console)
-    baseline_records = load_baseline(baseline)
-    fingerprint = run_fingerprint(cfg, plan, answer_mode)
-    run_dir = default_run_dir(results_dir, label, preset, plan, fingerprint)
+    plan = plan_dataset(dataset, console=console)
+    baseline_records = load_baseline(options.baseline)
+    fingerprint = run_fingerprint(cfg, plan, options.answer_mode)
+    run_dir = default_run_dir(options.results_dir, options.label, options.preset, plan, fingerprint)
     if pipeline is None:
         pipeline = pipeline_loader(cfg)
-    meta = {"scenario": "dataset", "label": label, "preset": preset,
-            "baseline": str(baseline) if baseline else None}
-    return evaluate_plan(cfg, plan, pipeline, run_dir, meta=meta, answer_mode=answer_mode,
-                         baseline_records=baseline_records, force=force, wait=wait, console=console)
+    meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
+            "baseline": str(options.baseline) if options.baseline else None}
+    return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
+                         console=console)
 
 
 def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
@@ -202,17 +181,12 @@ def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
 
     def get():
         if not loaded:
-            from prunevid_bench.pipeline import load_pipeline
+            from prunevid_bench.pipeline import Pipeline
 
-            loaded.append(load_pipeline(overrides=cfg.to_overrides()))
+            loaded.append(Pipeline.from_config(cfg))
         return loaded[0]
 
     return get
-
-
-def check_answer_mode(answer_mode: str) -> None:
-    if answer_mode not in ANSWER_MODES:
-        raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{answer_mode}'")
 
 
 def evaluate_plan(
@@ -220,29 +194,28 @@ def evaluate_plan(
     plan: DatasetPlan,
     pipe,
     run_dir: Path,
+    options: EvalOptions = EvalOptions(),
     *,
     meta: dict[str, Any] | None = None,
-    answer_mode: str = "generate",
     baseline_records: list[dict[str, Any]] | None = None,
-    force: bool = False,
-    wait: bool = False,
     console: Console | None = None,
     quiet: bool = False,
 ) -> EvalResult:
     """Run every planned question not yet logged in ``run_dir``; write and return the summary.
 
     ``pipe`` is a Pipeline or a function returning one, called only when something must run.
-    The run folder is locked throughout (``wait``: queue behind another process holding it).
+    Of ``options``, the answer mode, ``force`` and ``wait`` apply (the folder is given). The run
+    folder is locked throughout (``wait``: queue behind another process holding it).
     """
     console = console or Console()
-    with RunLock(run_dir, wait=wait, note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
-        return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=answer_mode,
-                                baseline_records=baseline_records, force=force, console=console, quiet=quiet)
+    with RunLock(run_dir, wait=options.wait,
+                 note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
+        return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=options.answer_mode,
+                                baseline_records=baseline_records, force=options.force, console=console, quiet=quiet)
 
 
 def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet) -> EvalResult:
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
-    check_answer_mode(answer_mode)
     fingerprint = run_fingerprint(cfg, plan, answer_mode)
     header = {
         **(meta or {}),
@@ -269,7 +242,6 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         "n_selected": len(plan.selected),
         "counts": {**plan.counts(), "evaluated": len(records)},
         **summarise(records, plan.skipped, baseline_records),
-        "notes": plan.notes,
     }
     write_json(run_dir / SUMMARY_FILE, summary)
     write_csv_row(run_dir / "summary.csv", flat_row(header, summary, cfg.to_dict()))

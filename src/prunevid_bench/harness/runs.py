@@ -63,16 +63,6 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def file_sha256(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted paths where two nested dicts differ, e.g. ``config.stage2.keep_ratio``."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):

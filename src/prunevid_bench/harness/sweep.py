@@ -33,13 +33,12 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from prunevid_bench.config import PROJECT_ROOT, RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
+from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement
 from prunevid_bench.harness.evaluate import (
     DatasetPlan,
     EvalResult,
-    check_answer_mode,
     evaluate_plan,
     fmt_pct,
     needs_retry,
@@ -47,13 +46,26 @@ from prunevid_bench.harness.evaluate import (
     plan_dataset,
 )
 from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, back_up, fingerprint_hash, read_samples
+from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
 
-SWEEP_DIR = PROJECT_ROOT / "sweeps"
+SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"  # package data, like the presets (config.PRESET_DIR)
 
 CONTROLS = ("random", "frames")
 METRIC_CHOICES = ("accuracy", "agreement")
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """What a sweep varies, and how it reports: the grid, its controls, the plot's metric."""
+
+    params: tuple[str, ...] = ()  # the keys to sweep (short or dotted); empty: every key given values
+    values: tuple[str, ...] = ()  # "name=v1,v2,..." each
+    sweep_file: Path | None = None  # a grid YAML, overlaid by values
+    controls: tuple[str, ...] = ()  # random | frames
+    metric: str = "accuracy"  # accuracy | agreement, for the Pareto front
+    dry_run: bool = False  # list the cells and their status; run nothing
 
 
 @dataclass
@@ -102,7 +114,13 @@ def parse_values(specs: list[str]) -> dict[str, list[Any]]:
 
 
 def load_sweep_file(path: Path) -> dict[str, list[Any]]:
-    """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description."""
+    """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description.
+
+    A name that is not a file but names a shipped sweep (``stage1``) reads that one, so a wheel
+    install, which has no ``sweeps/`` folder to point at, can use them too."""
+    shipped = SWEEP_DIR / f"{path}.yaml"
+    if not Path(path).is_file() and Path(path).name == str(path) and shipped.is_file():
+        path = shipped
     data = load_yaml(Path(path))
     grid = data.get("grid") if isinstance(data, dict) else None
     if not isinstance(grid, dict) or not grid:
@@ -236,30 +254,18 @@ def _exists_only(path: Path) -> None:
 
 def run_sweep(
     base: RunConfig,
-    dataset: Path,
+    dataset: DatasetSpec,
+    grid: SweepGrid,
+    options: EvalOptions = EvalOptions(),
     *,
-    params: list[str] | None = None,
-    values: list[str] | None = None,
-    sweep_file: Path | None = None,
-    preset: str | None = None,
-    results_dir: Path = Path("results"),
-    label: str | None = None,
-    video_root: Path | None = None,
-    answers: Path | None = None,
-    dataset_format: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    answer_mode: str = "generate",
-    controls: list[str] | None = None,
-    metric: str = "accuracy",
-    dry_run: bool = False,
-    force: bool = False,
-    wait: bool = False,
     console: Console | None = None,
     pipeline=None,
 ) -> SweepResult:
+    """Every cell of ``grid`` over ``dataset``, from the ``base`` config. Of ``options``, the
+    baseline folder does not apply: a sweep's baseline is its own baseline cell."""
     console = console or Console()
-    check_answer_mode(answer_mode)
+    params, values, sweep_file, controls = list(grid.params), list(grid.values), grid.sweep_file, list(grid.controls)
+    metric, dry_run, answer_mode, force = grid.metric, grid.dry_run, options.answer_mode, options.force
     if metric not in METRIC_CHOICES:
         raise PruneVidError(f"--metric must be accuracy or agreement, got '{metric}'")
     notes: list[str] = []
@@ -269,10 +275,9 @@ def run_sweep(
     cells = expand_cells(base, spec, controls)
     check_folders(cells)
     # A dry run only checks that videos exist; a real run decodes each one before the model loads.
-    plan = plan_dataset(dataset, video_root=video_root, answers=answers, dataset_format=dataset_format,
-                        limit=limit, seed=seed, check=_exists_only if dry_run else None, console=console)
-    label = label or (Path(sweep_file).stem if sweep_file else "+".join(short_name(k) for k in spec))
-    sweep_dir = sweep_dir_for(results_dir, label, base, plan, answer_mode)
+    plan = plan_dataset(dataset, check=_exists_only if dry_run else None, console=console)
+    label = options.label or (Path(sweep_file).stem if sweep_file else "+".join(short_name(k) for k in spec))
+    sweep_dir = sweep_dir_for(options.results_dir, label, base, plan, answer_mode)
     if dry_run:
         console.print(cells_table(cells, sweep_dir, plan, controls))
         console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)", soft_wrap=True)
@@ -289,7 +294,7 @@ def run_sweep(
         backup = back_up(sweep_dir, ("summary.csv", "pareto.png"))
         if backup is not None:
             console.print(f"--force: the earlier sweep table and plot are kept in {backup.name}/", soft_wrap=True)
-    meta = {"preset": preset, "label": label, "sweep": sweep_dir.name}
+    meta = {"preset": options.preset, "label": label, "sweep": sweep_dir.name}
     write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
     results: dict[str, EvalResult] = {}
 
@@ -297,11 +302,10 @@ def run_sweep(
         console.print(f"[bold]cell {position}[/] {escape(cell.name)} ({cell.kind})", highlight=False, soft_wrap=True)
         baseline_records = results["baseline"].records if "baseline" in results else None
         results[cell.name] = evaluate_plan(
-            cell.config, plan, get_pipe, sweep_dir / "cells" / cell_folder(cell.name),
+            cell.config, plan, get_pipe, sweep_dir / "cells" / cell_folder(cell.name), options,
             meta={**meta, "scenario": "sweep-cell", "cell": cell.name, "kind": cell.kind, "overrides": cell.overrides,
                   "matches": cell.matches},
-            answer_mode=answer_mode, baseline_records=baseline_records, force=force, wait=wait, console=console,
-            quiet=True,
+            baseline_records=baseline_records, console=console, quiet=True,
         )
         res = results[cell.name]
         kept = res.summary["metrics"].get("tokens_after", {}).get("median")
@@ -321,7 +325,7 @@ def run_sweep(
     rows = sweep_rows(cells, results, spec)
     mark_pareto(rows, metric)
     write_csv(sweep_dir / "summary.csv", rows)
-    title = sweep_title(spec, controls, plan, base, preset)
+    title = sweep_title(spec, controls, plan, base, options.preset)
     console.print(sweep_table(rows, metric, title=title))
     from prunevid_bench.harness.plot import plot_pareto
 

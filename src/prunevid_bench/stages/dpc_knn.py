@@ -1,7 +1,7 @@
 """DPC-KNN clustering (density peaks, k-nearest-neighbour density) as pure tensor functions.
 
 The TCFormer-style DPC-KNN that the official PruneVid code uses for both temporal segmentation and
-spatial merging (research/prunevid.md §1a), with one deliberate change: the official code adds
+spatial merging (docs/algorithm.md, DPC-KNN), with one deliberate change: the official code adds
 U(0, 1)·1e-6 noise to the density to break ties; we add none and break every tie by token index,
 so two runs on the same input give the same clusters.
 """

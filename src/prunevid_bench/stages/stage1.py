@@ -1,6 +1,6 @@
 """Stage 1 of PruneVid: spatial-temporal merging of one video's visual tokens.
 
-Pure tensor functions (DESIGN.md §3 Stage 1, research/prunevid.md §1): split the video into
+Pure tensor functions (docs/algorithm.md, Stage 1): split the video into
 contiguous temporal segments, split each segment's spatial slots into static and dynamic, and
 cluster each set with DPC-KNN, merging each cluster into the plain mean of its members.
 

@@ -39,7 +39,7 @@ def toy_words() -> list[str]:
     """
     from tokenizers import pre_tokenizers
 
-    from prunevid_bench.harness.answers import PROMPT_INSTRUCTION
+    from prunevid_bench.choices import PROMPT_INSTRUCTION
     from prunevid_bench.models.tiny import SYSTEM_PROMPT
     from prunevid_bench.toy.world import COLOURS, CORNERS, DIRECTIONS, LETTERS, QUESTION_TEMPLATES, SHAPES
 

@@ -337,7 +337,7 @@ def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, form
     import numpy as np
 
     from prunevid_bench.engine import prefill_position_ids
-    from prunevid_bench.harness.answers import format_mc_prompt
+    from prunevid_bench.choices import format_mc_prompt
     from prunevid_bench.toy.model import NAMED_QUESTION
     from prunevid_bench.toy.world import _check_set
     from prunevid_bench.video import load_clip

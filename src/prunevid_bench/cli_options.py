@@ -1,0 +1,181 @@
+"""The options `run` and `sweep` share, defined once as groups.
+
+Each group is a dataclass whose fields are Typer options; ``with_groups`` adds the fields to a
+command's signature (so ``--help`` and parsing are Typer's own) and hands the command one filled
+instance per group. The groups turn into what the harness takes: ``ConfigFlags.build()`` into the
+RunConfig, ``DatasetFlags.spec(path)`` into a DatasetSpec, ``EvalFlags`` into EvalOptions.
+Nothing heavy is imported here: ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `prunevid presets`).", rich_help_panel="Config")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="Your own YAML config (overrides the preset).", rich_help_panel="Config")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key, e.g. stage2.keep_ratio=0.3 (repeatable).", rich_help_panel="Config")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="toy (default; trained on the toy world), tiny (random weights), a Hugging Face id, or a local Qwen2.5-VL directory.", rich_help_panel="Model")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.", rich_help_panel="Model")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel="Model")]
+Attn = Annotated[Optional[str], typer.Option("--attn-implementation", help="sdpa | eager | flash_attention_2.", rich_help_panel="Model")]
+NumFrames = Annotated[Optional[int], typer.Option("--num-frames", help="Frames sampled uniformly (default: the policy's, 16; lmms-eval 32). More than the clip holds is refused, never capped. Policy: --set video.policy=qwen|lmms-eval|processor.", rich_help_panel="Video")]
+Fps = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --num-frames.", rich_help_panel="Video")]
+MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Cap on frames when sampling by --fps only (default: qwen 768, processor 64).", rich_help_panel="Video")]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Upper bound on pixels per frame after resizing (default: the policy's).", rich_help_panel="Video")]
+MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
+ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
+VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
+AnswersFile = Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")]
+DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")]
+AnswerMode = Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")]
+Wait = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of stopping.", rich_help_panel="Dataset")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout; everything else goes to stderr.", rich_help_panel="Output")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the --json result).", rich_help_panel="Output")]
+
+
+def collect_overrides(
+    sets: list[str] | None,
+    model: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    attn: str | None = None,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    max_pixels: int | None = None,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """Flags and --set pairs as one dotted-key dict; --set wins over the dedicated flags."""
+    from prunevid_bench.config import parse_override
+
+    flags = {
+        "model.name": model,
+        "model.dtype": dtype,
+        "model.device": device,
+        "model.attn_implementation": attn,
+        "video.num_frames": num_frames,
+        "video.fps": fps,
+        "video.max_frames": max_frames,
+        "video.max_pixels": max_pixels,
+        "generation.max_new_tokens": max_new_tokens,
+    }
+    out = {k: v for k, v in flags.items() if v is not None}
+    if fps is not None and num_frames is None:
+        out["video.num_frames"] = None  # --fps alone means: sample by rate
+    for text in sets or []:
+        key, value = parse_override(text)
+        out[key] = value
+    return out
+
+
+@dataclass
+class ConfigFlags:
+    """The run's config: preset < --config < the dedicated flags < --set."""
+
+    preset: Preset = None
+    config: ConfigFile = None
+    sets: Sets = None
+    model: Model = None
+    dtype: Dtype = None
+    device: Device = None
+    attn_implementation: Attn = None
+    num_frames: NumFrames = None
+    fps: Fps = None
+    max_frames: MaxFrames = None
+    max_pixels: MaxPixels = None
+    max_new_tokens: MaxNew = None
+
+    def target(self):
+        """The model flags as a RunTarget (None: as the preset or config file says)."""
+        from prunevid_bench.harness.specs import RunTarget
+
+        return RunTarget(self.model, self.device, self.dtype, self.attn_implementation)
+
+    def build(self):
+        """The validated RunConfig, with the RunTarget merged into its model section."""
+        from prunevid_bench.config import build_config
+
+        target = self.target().overrides()
+        video = collect_overrides(self.sets, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
+                                  max_pixels=self.max_pixels, max_new_tokens=self.max_new_tokens)
+        return build_config(self.preset, self.config, {**target, **video})  # --set (in video) wins
+
+
+@dataclass
+class DatasetFlags:
+    """Which questions of the --dataset file."""
+
+    video_root: VideoRoot = None
+    answers: AnswersFile = None
+    dataset_format: DatasetFormat = None
+    limit: Limit = None
+    seed: Seed = 0
+
+    def spec(self, path: Path):
+        from prunevid_bench.harness.specs import DatasetSpec
+
+        return DatasetSpec(path, self.video_root, self.answers, self.dataset_format, self.limit, self.seed)
+
+
+@dataclass
+class EvalFlags:
+    """How a dataset run runs (the command adds its own --force, --label and --baseline)."""
+
+    answer_mode: AnswerMode = "generate"
+    wait: Wait = False
+    results_dir: ResultsDir = Path("results")
+
+    def options(self, preset: str | None, **more):
+        from prunevid_bench.harness.specs import EvalOptions
+
+        return EvalOptions(answer_mode=self.answer_mode, wait=self.wait, results_dir=self.results_dir, preset=preset,
+                           **more)
+
+
+@dataclass
+class OutputFlags:
+    json_out: JsonOut = False
+    quiet: Quiet = False
+
+
+def with_groups(**groups: type):
+    """Put the fields of each group dataclass among the command's options, where its keyword-only
+    placeholder parameter stands (``data: DatasetFlags``), so help panels keep the command's order;
+    the command receives one filled instance per group under that keyword."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # Typer reads the annotations as objects
+        parameters = []
+        for param in signature.parameters.values():
+            if param.name not in groups:
+                parameters.append(param)
+                continue
+            cls = groups[param.name]
+            hints = typing.get_type_hints(cls, include_extras=True)
+            parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                             annotation=hints[f.name]) for f in dataclasses.fields(cls)]
+        missing = set(groups) - set(signature.parameters)
+        names = [p.name for p in parameters]
+        if missing or len(set(names)) != len(names):
+            raise TypeError(f"{command.__name__}: a group has no placeholder, or an option is defined twice")
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            for key, cls in groups.items():
+                kwargs[key] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+            return command(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        return wrapper
+
+    return decorate

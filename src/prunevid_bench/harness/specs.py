@@ -1,0 +1,65 @@
+"""What a dataset run or a sweep is asked to do, as three small values the CLI builds once:
+
+- ``DatasetSpec``: which questions (the file, its videos, its answers, the seeded ``--limit`` sample);
+- ``RunTarget``: which model, on which device, in which dtype, with which attention;
+- ``EvalOptions``: how the run runs and where it writes (answer mode, baseline, force, wait, folder).
+
+The stage settings stay in the ``RunConfig``; a ``RunTarget`` is merged into its ``model`` section
+(``overrides``), the one place the loader reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunevid_bench.config import RunConfig
+from prunevid_bench.errors import PruneVidError
+
+ANSWER_MODES = ("generate", "logits")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: Path
+    video_root: Path | None = None  # the folder the rows' videos are relative to (default: the file's)
+    answers: Path | None = None  # EgoSchema's separate answers file
+    format: str | None = None  # a registered row format; None: recognised from the rows
+    limit: int | None = None  # a seeded random sample of this many questions; None: all
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """The model a run loads; None leaves a field as the preset or config file has it."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    attention: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        keys = {"model.name": self.model, "model.device": self.device, "model.dtype": self.dtype,
+                "model.attn_implementation": self.attention}
+        return {key: value for key, value in keys.items() if value is not None}
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> RunTarget:
+        m = cfg.model
+        return cls(m.name, m.device, m.dtype, m.attn_implementation)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    answer_mode: str = "generate"  # generate: parse the reply's letter | logits: best letter's first-token logit
+    baseline: Path | None = None  # a dataset run folder to report agreement with
+    force: bool = False  # redo what is already logged (earlier results move to backup-N/)
+    wait: bool = False  # queue behind another process holding the run folder instead of stopping
+    results_dir: Path = Path("results")
+    label: str | None = None  # the run (or sweep) folder's name; default from the preset
+    preset: str | None = None  # the preset the config came from: names the folder, kept in the record
+
+    def __post_init__(self) -> None:
+        if self.answer_mode not in ANSWER_MODES:
+            raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{self.answer_mode}'")
