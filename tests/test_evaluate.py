@@ -91,7 +91,7 @@ def base_run(toy, tmp_path_factory, shared_model) -> tuple[Path, str]:
 def test_run_folder_contents(base_run, toy):
     run_dir, output = base_run
     assert run_dir.name.startswith("base-data-") and len(run_dir.name) == len("base-data-") + 8
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "environment.json", "samples.jsonl", "summary.json", "summary.csv"}
+    assert {p.name for p in run_dir.iterdir() if p.name != ".meta-lock"} == {"config.json", "environment.json", "samples.jsonl", "plan.json", "summary.json", "summary.csv"}
     truth = {row["id"]: row for row in read_lines(toy)}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["sample_ids"] == list(truth) and config["answer_mode"] == "generate"

@@ -77,7 +77,7 @@ def test_two_consecutive_forces_keep_every_earlier_result(toy, tmp_path):
     assert (run_dir / "backup-2" / "samples.jsonl").read_text() == second
     for backup in ("backup-1", "backup-2"):
         assert {p.name for p in (run_dir / backup).iterdir()} == {
-            "samples.jsonl", "summary.json", "summary.csv", "config.json", "environment.json"}
+            "samples.jsonl", "summary.json", "summary.csv", "plan.json", "config.json", "environment.json"}
     assert len(read_lines(run_dir / "samples.jsonl")) == 3
     assert not (run_dir / LOCK_FILE).exists()  # released and cleaned up
 

@@ -167,7 +167,10 @@ def run(
         result = evaluate_dataset(cfg, data.spec(dataset), run_options, console=human)
         if json_out:
             emit_json({"run_dir": str(result.run_dir), **result.summary})
-        finish(shortfall(result.summary), human)
+        from prunevid_bench.harness.shard import Shard
+
+        if Shard.from_env().rank == 0:  # rank 0 speaks for a split run: another rank's exit 3 would stop the launch
+            finish(shortfall(result.summary), human)
         return
     messages = None
     if messages_file is not None:
@@ -240,6 +243,29 @@ def sweep(
 
     finish([f"cell {name}: {', '.join(shortfall(summary))}" for name, summary in result.summaries.items()
             if shortfall(summary)], human)
+
+
+# ---------------------------------------------------------------- summarize
+@app.command(epilog=EXIT_HELP)
+@guarded
+def summarize(
+    run_dir: Annotated[Path, typer.Argument(help="A dataset run folder (or a sweep cell).", show_default=False)],
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Summarise a dataset run from every log in its folder: at any time, also while ranks still run."""
+    from prunevid_bench.harness.evaluate import summarize_run, summary_table
+    from prunevid_bench.harness.runs import shortfall
+
+    human = human_console(json_out, quiet)
+    summary, _ = summarize_run(run_dir)
+    human.print(summary_table(summary, title=run_dir.name))
+    if not summary["complete"]:
+        human.print(f"{summary['counts']['evaluated']} of {summary['counts']['ready']} questions evaluated so far; "
+                    "rerun the run's command to finish it", soft_wrap=True, highlight=False)
+    if json_out:
+        emit_json({"run_dir": str(run_dir), **summary})
+    finish(shortfall(summary), human)
 
 
 # ---------------------------------------------------------------- compare

@@ -17,10 +17,16 @@ is retried. ``--force`` starts the folder over: the old log and its summaries mo
 explicit folder, e.g. a sweep cell) is refused rather than mixed. The summary is recomputed from
 the whole log at the end. One process at a time holds a run folder (``runlock``); a second one is
 refused, or with ``wait`` queues behind the first.
+
+Split over processes (``torchrun``/``accelerate launch``, see ``harness.shard``): each rank runs
+its shard into its own log under its own lock; the summary merges every log, written by each rank
+as it ends (rank 0 waits for the others first), or at any time by ``prunevid summarize``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -37,20 +43,23 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
 from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
 from prunevid_bench.harness.progress import progress_for
-from prunevid_bench.harness.runlock import RunLock
+from prunevid_bench.harness.runlock import RunLock, held_locks, meta_lock
 from prunevid_bench.harness.runs import (
     CONFIG_FILE,
-    RUN_FILES,
-    SAMPLES_FILE,
+    PLAN_FILE,
     SUMMARY_FILE,
     SampleLog,
     back_up,
     diff_keys,
     fingerprint_hash,
     flat_row,
-    read_samples,
+    needs_retry,
+    read_run_samples,
+    run_files,
+    sample_logs,
     summarise,
 )
+from prunevid_bench.harness.shard import Shard, rank_summary, world_of_lock
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.report import read_json, slug, write_csv_row, write_json
 from prunevid_bench.terminal import printable
@@ -147,10 +156,9 @@ def default_run_dir(results_dir: Path, label: str | None, preset: str | None, pl
 def load_baseline(baseline: Path | None) -> list[dict[str, Any]] | None:
     if baseline is None:
         return None
-    path = Path(baseline) / SAMPLES_FILE
-    if not path.is_file():
-        raise PruneVidError(f"--baseline {baseline} is not a dataset run folder (no {SAMPLES_FILE})")
-    return list(read_samples(path).values())
+    if not sample_logs(Path(baseline)):
+        raise PruneVidError(f"--baseline {baseline} is not a dataset run folder (no samples.jsonl)")
+    return list(read_run_samples(Path(baseline)).values())
 
 
 def evaluate_dataset(
@@ -161,18 +169,26 @@ def evaluate_dataset(
     console: Console | None = None,
     pipeline=None,
 ) -> EvalResult:
-    """``prunevid run --dataset``: plan, preflight, then load the model (unless given) and run."""
+    """``prunevid run --dataset``: plan, preflight, then load the model (unless given) and run.
+    Under torchrun or accelerate launch, this process's shard only (``harness.shard``)."""
     console = console or Console()
+    shard = Shard.from_env()
+    if shard.split and options.force:
+        raise PruneVidError("--force cannot be split over processes (the ranks would move each other's logs); "
+                            "run it once with one process, or delete the run folder")
+    if shard.rank != 0:
+        console = Console(quiet=True)  # rank 0 speaks for the launch; every rank's rows are in its log
     plan = plan_dataset(dataset, console=console)
     baseline_records = load_baseline(options.baseline)
     fingerprint = run_fingerprint(cfg, plan, options.answer_mode)
     run_dir = default_run_dir(options.results_dir, options.label, options.preset, plan, fingerprint)
-    if pipeline is None:
-        pipeline = pipeline_loader(cfg)
+    if pipeline is None:  # the folder's name and config keep the device as given; the rank loads on its own
+        device = shard.device(cfg.model.device)
+        pipeline = pipeline_loader(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device)))
     meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
             "baseline": str(options.baseline) if options.baseline else None}
     return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
-                         console=console)
+                         console=console, shard=shard)
 
 
 def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
@@ -200,21 +216,30 @@ def evaluate_plan(
     baseline_records: list[dict[str, Any]] | None = None,
     console: Console | None = None,
     quiet: bool = False,
+    shard: Shard = Shard(),
 ) -> EvalResult:
-    """Run every planned question not yet logged in ``run_dir``; write and return the summary.
+    """Run every planned question of ``shard`` not yet logged in ``run_dir``; write and return
+    the summary (of every log of the folder).
 
     ``pipe`` is a Pipeline or a function returning one, called only when something must run.
     Of ``options``, the answer mode, ``force`` and ``wait`` apply (the folder is given). The run
-    folder is locked throughout (``wait``: queue behind another process holding it).
+    folder (for a rank: its own lock in it) is locked throughout (``wait``: queue behind another
+    process holding it).
     """
     console = console or Console()
-    with RunLock(run_dir, wait=options.wait,
+    with RunLock(run_dir, wait=options.wait, name=shard.lock_name,
                  note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
+        other = [n for n in held_locks(run_dir, shard.lock_name) if world_of_lock(n) not in (None, shard.world_size)]
+        if other:
+            raise PruneVidError(f"{run_dir} is being run by another launch ({other[0]} is held); wait for it to "
+                                "finish before starting one with another number of processes")
         return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=options.answer_mode,
-                                baseline_records=baseline_records, force=options.force, console=console, quiet=quiet)
+                                baseline_records=baseline_records, force=options.force, console=console, quiet=quiet,
+                                shard=shard)
 
 
-def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet) -> EvalResult:
+def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet,
+                     shard) -> EvalResult:
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
     fingerprint = run_fingerprint(cfg, plan, answer_mode)
     header = {
@@ -225,35 +250,104 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         "sample_ids": [s.id for s in plan.selected],
         "fingerprint": fingerprint_hash(fingerprint),
     }
-    done = open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
-    todo = [s for s in plan.runnable if s.id not in done or needs_retry(done[s.id])]
+    own_log = run_dir / shard.log_name
+    with meta_lock(run_dir) if shard.split else contextlib.nullcontext():  # ranks create the folder once
+        open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
+        write_json(run_dir / PLAN_FILE, {"runnable": [s.id for s in plan.runnable], "skipped": plan.skipped,
+                                         "counts": plan.counts(), "n_selected": len(plan.selected)})
+    done = read_run_samples(run_dir, own=own_log)
+    mine = shard.take(plan.runnable)
+    todo = [s for s in mine if s.id not in done or needs_retry(done[s.id])]
     if done and not quiet:
+        part = f" ({shard.label}: {len(mine) - len(todo)} of its {len(mine)})" if shard.split else ""
         finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
-        console.print(f"resuming {run_dir}: {finished} of {len(plan.runnable)} questions already done", soft_wrap=True)
+        console.print(f"resuming {run_dir}: {finished} of {len(plan.runnable)} questions already done{part}",
+                      soft_wrap=True)
     if todo:
         pipe = get_pipe()
         pipe._apply_stages(cfg)  # a stage setting the model cannot take fails here, not once per sample
         letter_ids = letter_token_ids(pipe.processor.tokenizer, max(len(s.options) for s in todo)) if answer_mode == "logits" else None
-        _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console, len(plan.runnable))
-    records = [done[s.id] for s in plan.runnable if s.id in done]
-    summary = {
-        "run": run_dir.name,
-        "complete": len(records) == len(plan.runnable) and not any(r.get("error") for r in records),
-        "n_selected": len(plan.selected),
-        "counts": {**plan.counts(), "evaluated": len(records)},
-        **summarise(records, plan.skipped, baseline_records),
-    }
-    write_json(run_dir / SUMMARY_FILE, summary)
-    write_csv_row(run_dir / "summary.csv", flat_row(header, summary, cfg.to_dict()))
+        where = {}
+        if shard.split:  # each row says which process ran it, on which device
+            where = {"rank": shard.rank, "world_size": shard.world_size, "device": str(pipe.device)}
+            note_rank_environment(run_dir, shard, pipe)
+        logged = {s.id: done[s.id] for s in mine if s.id in done}
+        _run_samples(pipe, cfg, todo, logged, own_log, answer_mode, letter_ids, console, len(mine), where)
+    if shard.split and shard.rank == 0:
+        wait_for_other_ranks(run_dir, shard, console)
+    summary, records = summarize_run(run_dir, baseline_records)
     if not quiet:
         console.print(summary_table(summary, title=run_dir.name))
         console.print(f"run folder: {run_dir}", soft_wrap=True)
     return EvalResult(run_dir, summary, records, len(todo))
 
 
+def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None = None,
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The summary of every log of ``run_dir`` (whichever process wrote it), written to
+    summary.json and summary.csv; returned with the records it counted. Without
+    ``baseline_records``, agreement is with the run's ``--baseline`` folder, if it had one."""
+    run_dir = Path(run_dir)
+    again = "rerun the run's command (finished samples are kept)"
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise PruneVidError(f"{run_dir} is not a dataset run folder (no {CONFIG_FILE})")
+    meta = read_json(run_dir / CONFIG_FILE, "restore it, or rerun with --force to start this run folder over", ("config",))
+    if not (run_dir / PLAN_FILE).is_file():
+        raise PruneVidError(f"{run_dir} has no {PLAN_FILE} (written by an older version, or not a dataset run); {again}")
+    plan = read_json(run_dir / PLAN_FILE, again, ("runnable", "skipped", "counts", "n_selected"))
+    if baseline_records is None and meta.get("baseline"):
+        baseline_records = load_baseline(Path(meta["baseline"]))
+    with meta_lock(run_dir):  # the last rank to end reads every finished log
+        done = read_run_samples(run_dir)
+        records = [done[i] for i in plan["runnable"] if i in done]
+        summary = {
+            "run": run_dir.name,
+            "complete": len(records) == len(plan["runnable"]) and not any(r.get("error") for r in records),
+            "n_selected": plan["n_selected"],
+            "counts": {**plan["counts"], "evaluated": len(records)},
+            **summarise(records, plan["skipped"], baseline_records),
+        }
+        ranks = rank_summary(records)
+        if ranks:
+            summary["ranks"] = ranks
+        write_json(run_dir / SUMMARY_FILE, summary)
+        write_csv_row(run_dir / "summary.csv", flat_row(meta, summary, meta["config"]))
+    return summary, records
+
+
+def note_rank_environment(run_dir: Path, shard: Shard, pipe) -> None:
+    """environment.json records the launch: its world size and each rank's device."""
+    import platform
+
+    import torch
+
+    path = run_dir / "environment.json"
+    with meta_lock(run_dir):
+        env = read_json(path, "delete it; the next run writes it again") if path.is_file() else {}
+        shards = env.get("shards") or {}
+        if shards.get("world_size") != shard.world_size:  # a new launch with another size: its own ranks only
+            shards = {"world_size": shard.world_size, "ranks": {}}
+        device = pipe.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        shards["ranks"][str(shard.rank)] = {"local_rank": shard.local_rank, "device": str(device),
+                                            "device_name": name, "host": platform.node()}
+        write_json(path, {**env, "shards": shards})
+
+
+def wait_for_other_ranks(run_dir: Path, shard: Shard, console: Console) -> None:
+    """Rank 0 summarises the whole launch: it waits while another rank of it holds its lock."""
+    def others() -> list[str]:
+        return [n for n in held_locks(run_dir, shard.lock_name) if world_of_lock(n) == shard.world_size]
+
+    if others():
+        console.print(f"waiting for the other ranks ({len(others())} still running)", soft_wrap=True)
+    while others():
+        time.sleep(0.5)
+
+
 def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any], fingerprint: dict[str, Any],
-                 force: bool, console: Console | None = None) -> dict[str, dict[str, Any]]:
-    """Start or resume a run folder; return the records already logged (empty when new/forced)."""
+                 force: bool, console: Console | None = None) -> None:
+    """Start or resume a run folder: check that it holds this run, or write its header."""
     from prunevid_bench.single import write_run_header
 
     config_path = run_dir / CONFIG_FILE
@@ -267,20 +361,12 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any]
                 f"{run_dir} holds a run with different settings ({', '.join(changed[:4])}); "
                 "use another --label or --results-dir, or --force to start it over"
             )
-        return read_samples(run_dir / SAMPLES_FILE, repair=True)
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
-    backup = back_up(run_dir, RUN_FILES)  # --force: every earlier answer is kept; no stale summary stays behind
+    backup = back_up(run_dir, run_files(run_dir))  # --force: every earlier answer is kept; no stale summary stays behind
     if backup is not None and console is not None:
         console.print(f"--force: the earlier results of {run_dir} are kept in {backup.name}/", soft_wrap=True, highlight=False)
     write_run_header(run_dir, cfg, get_pipe(), header)
-    return {}
-
-
-def needs_retry(record: dict[str, Any]) -> bool:
-    """A logged error is run again on resume only when it may not recur (memory, I/O); a final
-    one (a video the processor refuses, a prompt too long) is kept. Rows logged before errors
-    were classified are retried, as they were then."""
-    return bool(record.get("error")) and record.get("error_transient", True)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -310,11 +396,11 @@ def letter_token_ids(tokenizer, n: int) -> list[int]:
     return ids
 
 
-def _run_samples(pipe, cfg, todo, done, run_dir, answer_mode, letter_ids, console, total) -> None:
+def _run_samples(pipe, cfg, todo, done, log_path, answer_mode, letter_ids, console, total, where) -> None:
     correct = sum(1 for r in done.values() if r.get("correct"))  # an errored row is never correct
-    with SampleLog(run_dir / SAMPLES_FILE) as log, progress_for(console, run_dir.name, total, total - len(todo), correct) as progress:
+    with SampleLog(log_path) as log, progress_for(console, log_path.parent.name, total, total - len(todo), correct) as progress:
         for sample in todo:
-            record = run_sample(pipe, cfg, sample, answer_mode, letter_ids)
+            record = {**run_sample(pipe, cfg, sample, answer_mode, letter_ids), **where}
             log.write(record)
             done[sample.id] = record
             if record.get("error"):

@@ -14,6 +14,7 @@ believe they hold it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from prunevid_bench.errors import PruneVidError
 
 LOCK_FILE = ".lock"
+META_LOCK_FILE = ".meta-lock"  # held for a moment around writes every rank of a split run shares
 
 
 def pid_alive(pid: int) -> bool:
@@ -47,8 +49,9 @@ class RunLock:
     """``with RunLock(run_dir, wait=False, note=print):`` — refuses (PruneVidError naming the
     holder's PID) or, with ``wait``, blocks until the holder is done."""
 
-    def __init__(self, run_dir: Path, *, wait: bool = False, note: Callable[[str], None] | None = None):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: Path, *, wait: bool = False, note: Callable[[str], None] | None = None,
+                 name: str = LOCK_FILE):
+        self.path = Path(run_dir) / name  # a rank of a split run locks its own name (harness.shard)
         self.wait = wait
         self.note = note or (lambda text: None)
         self._fd: int | None = None
@@ -115,3 +118,35 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def held_locks(run_dir: Path, own: str) -> list[str]:
+    """Names of the run locks (``.lock``, ``.lock.rank-*``) of ``run_dir`` that another open file
+    holds now, ``own`` left out. A probe takes a shared lock without waiting and drops it."""
+    held = []
+    for path in sorted(Path(run_dir).glob(f"{LOCK_FILE}*")):
+        if path.name == own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # released (and deleted) as we looked
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.append(path.name)
+        finally:
+            os.close(fd)
+    return held
+
+
+@contextlib.contextmanager
+def meta_lock(run_dir: Path):
+    """Serialise the short writes the ranks of one split run share (the header, the summary),
+    so that no two of them replace one file at once and the last summary sees every log."""
+    fd = os.open(Path(run_dir) / META_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -5,13 +5,16 @@ A dataset run folder holds::
     config.json        the resolved config, dataset identity, sample ids, fingerprint hash
     environment.json   versions, device, git commit (written when the run starts)
     samples.jsonl      one JSON line per finished sample, appended and flushed as it goes
+    samples.rank-<r>.jsonl  the same, written by rank r of a run split over processes (harness.shard)
+    plan.json          which questions are run, which were skipped and why (what a summary needs)
     summary.json       accuracy with CI, per category, skipped rows, counts, medians and spread
     summary.csv        the same as one flat row
     backup-<N>/        what a ``--force`` rerun moved aside (N = 1, 2, ...; never reused)
 
-The log is the source of truth: the summary is recomputed from it, so a resumed run summarises
-every sample whichever process ran it. When an id appears twice (a sample retried after an
-error, or redone), the last line wins.
+The logs are the source of truth: the summary is recomputed from all of them, so a resumed run
+summarises every sample whichever process ran it. When an id appears twice (a sample retried
+after an error, or redone), a row that needs no retry wins over one that does; otherwise the
+last line wins, reading ``samples.jsonl`` and then the rank logs in rank order.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from prunevid_bench.errors import PruneVidError
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
-# What a forced rerun moves into a fresh backup folder: the log and every file derived from it.
-RUN_FILES = (SAMPLES_FILE, SUMMARY_FILE, "summary.csv", CONFIG_FILE, "environment.json")
+PLAN_FILE = "plan.json"
+# What a forced rerun moves into a fresh backup folder: the logs and every file derived from
+# them, the config last (a folder without one is new: an interrupted move leaves no log behind).
+RUN_FILES = (SAMPLES_FILE, SUMMARY_FILE, "summary.csv", PLAN_FILE, CONFIG_FILE, "environment.json")
 
 # Per-sample fields summarised with median and spread (errors excluded).
 METRICS = (
@@ -75,6 +80,39 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # The per-sample log
+
+
+def sample_logs(run_dir: Path) -> list[Path]:
+    """``samples.jsonl`` (when present) and every rank log, in rank order."""
+    from prunevid_bench.harness.shard import RANK_LOG_PATTERN
+
+    ranks = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("samples.rank-*.jsonl")
+                   if (m := RANK_LOG_PATTERN.fullmatch(p.name)))
+    plain = Path(run_dir) / SAMPLES_FILE
+    return ([plain] if plain.is_file() else []) + [p for _, p in ranks]
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """RUN_FILES with the folder's rank logs among the logs (before the config: see RUN_FILES)."""
+    return [SAMPLES_FILE, *(p.name for p in sample_logs(run_dir) if p.name != SAMPLES_FILE), *RUN_FILES[1:]]
+
+
+def needs_retry(record: Mapping[str, Any]) -> bool:
+    """A logged error is run again on resume only when it may not recur (memory, I/O); a final
+    one (a video the processor refuses, a prompt too long) is kept. Rows logged before errors
+    were classified are retried, as they were then."""
+    return bool(record.get("error")) and record.get("error_transient", True)
+
+
+def read_run_samples(run_dir: Path, own: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Records by id from every log of the folder (see the module docstring for which row wins).
+    Only ``own``, the log this process appends to, is repaired: another rank may be writing its."""
+    records: dict[str, dict[str, Any]] = {}
+    for path in sample_logs(run_dir):
+        for sample_id, record in read_samples(path, repair=own is not None and path == own).items():
+            if sample_id not in records or needs_retry(records[sample_id]) or not needs_retry(record):
+                records[sample_id] = record
+    return records
 
 
 def read_samples(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
@@ -313,7 +351,7 @@ def load_run(path: Path) -> SavedRun:
     records: dict[str, dict[str, Any]] = {}
     if (path / SUMMARY_FILE).is_file():
         summary = read_json(path / SUMMARY_FILE, rerun, ("accuracy", "metrics"))
-        records = read_samples(path / SAMPLES_FILE)
+        records = read_run_samples(path)
     elif (path / "result.json").is_file():
         result = read_json(path / "result.json", "rerun the command, or leave this folder out")
     else:

@@ -45,7 +45,7 @@ from prunevid_bench.harness.evaluate import (
     pipeline_loader,
     plan_dataset,
 )
-from prunevid_bench.harness.runs import CONFIG_FILE, SAMPLES_FILE, back_up, fingerprint_hash, read_samples
+from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, read_run_samples
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
@@ -377,7 +377,7 @@ def write_sweep_json(sweep_dir: Path, base: RunConfig, spec, controls, metric, c
 def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
     if not (run_dir / CONFIG_FILE).is_file():
         return "new"
-    done = read_samples(run_dir / SAMPLES_FILE)
+    done = read_run_samples(run_dir)
     finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
     return "done" if finished == len(plan.runnable) else f"{finished}/{len(plan.runnable)} done"
 

@@ -1,0 +1,121 @@
+"""A dataset run split over processes: which rank this process is, and what it takes.
+
+Launched by ``torchrun`` or ``accelerate launch``, each process reads ``RANK``, ``WORLD_SIZE``
+and ``LOCAL_RANK`` from its environment (both launchers set them). Rank ``r`` of ``n`` takes every
+n-th selected question starting at ``r`` (the questions in file order, as lmms-eval hands out
+documents), runs them on its own device and appends to its own ``samples.rank-<r>.jsonl`` in the
+one run folder. No collective communication: the ranks meet only in the file system.
+
+- The shard is taken over all runnable questions, never over "what is left": every rank reads
+  the logs at a slightly different moment, so a shard of the remainder could give one question
+  to two ranks or to none. Finished questions are then skipped, whichever log holds them, so a
+  rerun with another world size resumes every finished sample.
+- Device: ``--device auto`` (or ``cuda``) becomes ``cuda:LOCAL_RANK`` where CUDA is present, and
+  that device is made current, so clocks and memory readings are those of the rank's own GPU.
+  An explicit ``cuda:N`` or ``cpu`` is kept as given.
+- Lock: each rank holds ``.lock.rank-<r>-of-<n>`` of the run folder; a process that finds a lock
+  of another world size held (a plain run's ``.lock`` counts as world size 1) refuses to start,
+  so two launches never run the same questions at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from prunevid_bench.errors import PruneVidError
+
+T = TypeVar("T")
+
+RANK_LOG = "samples.rank-{rank}.jsonl"
+RANK_LOG_PATTERN = re.compile(r"samples\.rank-(\d+)\.jsonl")
+RANK_LOCK_PATTERN = re.compile(r"\.lock\.rank-(\d+)-of-(\d+)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a launch: rank ``rank`` of ``world_size`` (1: not split)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Shard:
+        env = os.environ if environ is None else environ
+        if "WORLD_SIZE" not in env and "RANK" not in env:
+            return cls()
+        try:
+            world = int(env.get("WORLD_SIZE", "1"))
+            rank = int(env.get("RANK", "0"))
+            local = int(env.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise PruneVidError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers; launch with torchrun "
+                                "or accelerate launch, or unset them") from None
+        if world < 1 or not 0 <= rank < world or local < 0:
+            raise PruneVidError(f"RANK {rank} does not fit WORLD_SIZE {world}; launch with torchrun or "
+                                "accelerate launch, or unset them")
+        return cls(rank, world, local)
+
+    @property
+    def split(self) -> bool:
+        return self.world_size > 1
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """Every ``world_size``-th item from ``rank`` on: deterministic, disjoint, covering."""
+        return list(items[self.rank::self.world_size])
+
+    @property
+    def log_name(self) -> str:
+        from prunevid_bench.harness.runs import SAMPLES_FILE
+
+        return RANK_LOG.format(rank=self.rank) if self.split else SAMPLES_FILE
+
+    @property
+    def lock_name(self) -> str:
+        from prunevid_bench.harness.runlock import LOCK_FILE
+
+        return f"{LOCK_FILE}.rank-{self.rank}-of-{self.world_size}" if self.split else LOCK_FILE
+
+    @property
+    def label(self) -> str:
+        return f"rank {self.rank}/{self.world_size}"
+
+    def device(self, configured: str) -> str:
+        """The device this rank loads the model on (see the module docstring)."""
+        if not self.split or configured not in ("auto", "cuda"):
+            return configured
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu" if configured == "auto" else configured
+        count = torch.cuda.device_count()
+        if self.local_rank >= count:
+            raise PruneVidError(f"LOCAL_RANK {self.local_rank} but only {count} GPUs are visible; "
+                                f"launch at most {count} processes per node")
+        torch.cuda.set_device(self.local_rank)
+        return f"cuda:{self.local_rank}"
+
+
+def world_of_lock(name: str) -> int | None:
+    """The world size a lock file belongs to: 1 for a plain run's ``.lock``; None: not a run lock."""
+    from prunevid_bench.harness.runlock import LOCK_FILE
+
+    if name == LOCK_FILE:
+        return 1
+    match = RANK_LOCK_PATTERN.fullmatch(name)
+    return int(match.group(2)) if match else None
+
+
+def rank_summary(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Which process ran how many samples, on which device: ``[{"world_size", "rank", "device",
+    "n"}, ...]`` from the rows of a split run (rows of an unsplit run carry no rank)."""
+    counts: dict[tuple[int, int, str], int] = {}
+    for r in records:
+        if "rank" in r:
+            key = (int(r["world_size"]), int(r["rank"]), str(r.get("device")))
+            counts[key] = counts.get(key, 0) + 1
+    return [{"world_size": w, "rank": k, "device": d, "n": n} for (w, k, d), n in sorted(counts.items())]
