@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 # The options run and sweep share are defined once, as groups (cli_options).
-from prunevid_bench.cli_options import ConfigFlags, DatasetFlags, EvalFlags, JsonOut, OutputFlags, Quiet, with_groups
+from prunevid_bench.cli_options import ConfigFlags, DatasetFlags, EvalFlags, JsonOut, LaunchFlags, OutputFlags, Quiet, with_groups
 from prunevid_bench.errors import PruneVidError, describe_os_error
 
 # Exit codes, for scripts: named in --help (EXIT_HELP) and returned by run, sweep and compare.
@@ -204,7 +204,7 @@ def _flag(ctx: typer.Context, name: str) -> str:
 # ---------------------------------------------------------------- sweep
 @app.command(epilog=EXIT_HELP)
 @guarded
-@with_groups(data=DatasetFlags, evaluation=EvalFlags, output=OutputFlags, flags=ConfigFlags)
+@with_groups(data=DatasetFlags, evaluation=EvalFlags, output=OutputFlags, flags=ConfigFlags, launching=LaunchFlags)
 def sweep(
     params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (stage1.tau); default: all given values.", show_default=False)] = None,
     values: Annotated[Optional[list[str]], typer.Option("--values", "-v", help="name=v1,v2,... (repeatable), e.g. tau=0.7,0.8,0.9.", rich_help_panel="Sweep")] = None,
@@ -212,6 +212,7 @@ def sweep(
     controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
+    status: Annotated[bool, typer.Option("--status", help="Show each cell's state (new, running, k/n done, done, failed) and job; run nothing.", rich_help_panel="Sweep")] = False,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
     *,
@@ -220,6 +221,7 @@ def sweep(
     output: OutputFlags,
     flags: ConfigFlags,
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the sweep folder (default: the swept names or the sweep file).", rich_help_panel="Output")] = None,
+    launching: LaunchFlags,
 ) -> None:
     """Sweep parameters over a dataset: a baseline cell plus a grid, each a resumable run.
 
@@ -233,16 +235,17 @@ def sweep(
     cfg = flags.build()
     from prunevid_bench.harness.sweep import SweepGrid, run_sweep
 
-    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run)
+    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run, status)
     sweep_options = evaluation.options(flags.preset, label=label, force=force)
-    result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human)
+    result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human, launch=launching.launch())
     if output.json_out:
         cells = [{"name": c.name, "kind": c.kind, "overrides": c.overrides} for c in result.cells]
-        emit_json({"sweep_dir": str(result.sweep_dir), "dry_run": dry_run, "cells": cells, "rows": result.rows})
+        emit_json({"sweep_dir": str(result.sweep_dir), "dry_run": dry_run, "cells": cells, "rows": result.rows,
+                   "failed": result.failed})
     from prunevid_bench.harness.runs import shortfall
 
     finish([f"cell {name}: {', '.join(shortfall(summary))}" for name, summary in result.summaries.items()
-            if shortfall(summary)], human)
+            if shortfall(summary)] + [f"cell {name} {why}" for name, why in result.failed.items()], human)
 
 
 # ---------------------------------------------------------------- summarize

@@ -142,6 +142,32 @@ class EvalFlags:
                            **more)
 
 
+Launcher = Annotated[str, typer.Option("--launcher", help="Where the cells run: serial (here, one after another) | local (--workers processes) | slurm (one job array); local and slurm need prunevid-bench\\[slurm].", rich_help_panel="Launch")]
+Workers = Annotated[int, typer.Option("--workers", help="--launcher local: parallel processes, one GPU each.", rich_help_panel="Launch")]
+SlurmPartition = Annotated[Optional[str], typer.Option("--slurm-partition", help="--launcher slurm: the partition (default: the cluster's).", rich_help_panel="Launch")]
+SlurmGpus = Annotated[int, typer.Option("--slurm-gpus-per-cell", help="--launcher slurm: GPUs per cell.", rich_help_panel="Launch")]
+SlurmTime = Annotated[str, typer.Option("--slurm-time", help="--launcher slurm: time limit per cell, e.g. 4:00:00.", rich_help_panel="Launch")]
+NoWait = Annotated[bool, typer.Option("--no-wait", help="Return once the cells are submitted; follow with --status.", rich_help_panel="Launch")]
+
+
+@dataclass
+class LaunchFlags:
+    """Where a sweep's cells run (harness.launch)."""
+
+    launcher: Launcher = "serial"
+    workers: Workers = 1
+    slurm_partition: SlurmPartition = None
+    slurm_gpus_per_cell: SlurmGpus = 1
+    slurm_time: SlurmTime = "4:00:00"
+    no_wait: NoWait = False
+
+    def launch(self):
+        from prunevid_bench.harness.launch import Launch
+
+        return Launch(self.launcher, self.workers, self.slurm_partition, self.slurm_gpus_per_cell, self.slurm_time,
+                      wait=not self.no_wait)
+
+
 @dataclass
 class OutputFlags:
     json_out: JsonOut = False

@@ -20,11 +20,16 @@ The hash covers the base config, the answer mode and the questions, not the grid
 or controls later reuses the cells already done. Each cell resumes sample by sample, so an
 interrupted sweep restarted with the same command picks up where it stopped; the model is loaded
 once, on the first sample that must run, and shared by every cell.
+
+With ``--launcher local`` or ``slurm`` the cells run as submitit jobs instead (``harness.launch``):
+the unfinished ones are submitted, the sweep waits (or returns with ``--no-wait``), then reads
+every finished cell back and makes the same table; ``--status`` shows each cell's state.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,8 @@ from prunevid_bench.harness.evaluate import (
     pipeline_loader,
     plan_dataset,
 )
+from prunevid_bench.harness.launch import Launch
+from prunevid_bench.harness.runlock import LOCK_FILE, held_locks
 from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, read_run_samples
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.harness.tables import Column, FittedTable
@@ -66,6 +73,7 @@ class SweepGrid:
     controls: tuple[str, ...] = ()  # random | frames
     metric: str = "accuracy"  # accuracy | agreement, for the Pareto front
     dry_run: bool = False  # list the cells and their status; run nothing
+    status: bool = False  # the same list, with each cell's job: what a running sweep has done so far
 
 
 @dataclass
@@ -84,6 +92,7 @@ class SweepResult:
     rows: list[dict[str, Any]]
     plot: Path | None
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell name -> its summary.json
+    failed: dict[str, str] = field(default_factory=dict)  # cell name -> its error or state (launched cells)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +269,11 @@ def run_sweep(
     *,
     console: Console | None = None,
     pipeline=None,
+    launch: Launch = Launch(),
 ) -> SweepResult:
     """Every cell of ``grid`` over ``dataset``, from the ``base`` config. Of ``options``, the
-    baseline folder does not apply: a sweep's baseline is its own baseline cell."""
+    baseline folder does not apply: a sweep's baseline is its own baseline cell. ``launch``: in
+    this process (serial), or as jobs (``harness.launch``)."""
     console = console or Console()
     params, values, sweep_file, controls = list(grid.params), list(grid.values), grid.sweep_file, list(grid.controls)
     metric, dry_run, answer_mode, force = grid.metric, grid.dry_run, options.answer_mode, options.force
@@ -278,10 +289,13 @@ def run_sweep(
     plan = plan_dataset(dataset, check=_exists_only if dry_run else None, console=console)
     label = options.label or (Path(sweep_file).stem if sweep_file else "+".join(short_name(k) for k in spec))
     sweep_dir = sweep_dir_for(options.results_dir, label, base, plan, answer_mode)
-    if dry_run:
+    if dry_run or grid.status:
         console.print(cells_table(cells, sweep_dir, plan, controls))
         console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)", soft_wrap=True)
         return SweepResult(sweep_dir, cells, [], None)
+    meta = {"preset": options.preset, "label": label, "sweep": sweep_dir.name}
+    if launch.parallel:
+        return _run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console)
 
     if pipeline is None:
         get_pipe = pipeline_loader(base)
@@ -294,7 +308,6 @@ def run_sweep(
         backup = back_up(sweep_dir, ("summary.csv", "pareto.png"))
         if backup is not None:
             console.print(f"--force: the earlier sweep table and plot are kept in {backup.name}/", soft_wrap=True)
-    meta = {"preset": options.preset, "label": label, "sweep": sweep_dir.name}
     write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
     results: dict[str, EvalResult] = {}
 
@@ -303,9 +316,7 @@ def run_sweep(
         baseline_records = results["baseline"].records if "baseline" in results else None
         results[cell.name] = evaluate_plan(
             cell.config, plan, get_pipe, sweep_dir / "cells" / cell_folder(cell.name), options,
-            meta={**meta, "scenario": "sweep-cell", "cell": cell.name, "kind": cell.kind, "overrides": cell.overrides,
-                  "matches": cell.matches},
-            baseline_records=baseline_records, console=console, quiet=True,
+            meta=cell_meta(meta, cell), baseline_records=baseline_records, console=console, quiet=True,
         )
         res = results[cell.name]
         kept = res.summary["metrics"].get("tokens_after", {}).get("median")
@@ -322,16 +333,106 @@ def run_sweep(
         cells += extra
         write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
 
-    rows = sweep_rows(cells, results, spec)
+    return _report(base, cells, results, plan, sweep_dir, spec, controls, metric, options.preset, console)
+
+
+def _report(base, cells, results, plan, sweep_dir, spec, controls, metric, preset, console,
+            failed: dict[str, str] | None = None) -> SweepResult:
+    """summary.csv, the table and pareto.png over the cells that have results."""
+    done = [c for c in cells if c.name in results]
+    rows = sweep_rows(done, results, spec)
     mark_pareto(rows, metric)
     write_csv(sweep_dir / "summary.csv", rows)
-    title = sweep_title(spec, controls, plan, base, options.preset)
+    title = sweep_title(spec, controls, plan, base, preset)
     console.print(sweep_table(rows, metric, title=title))
     from prunevid_bench.harness.plot import plot_pareto
 
     plot = plot_pareto(rows, metric, sweep_dir / "pareto.png", title=title)
     console.print(f"sweep folder: {sweep_dir}\n  table: summary.csv   plot: {plot.name}", soft_wrap=True)
-    return SweepResult(sweep_dir, cells, rows, plot, {name: res.summary for name, res in results.items()})
+    return SweepResult(sweep_dir, cells, rows, plot, {name: res.summary for name, res in results.items()}, failed or {})
+
+
+def cell_meta(meta: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    return {**meta, "scenario": "sweep-cell", "cell": cell.name, "kind": cell.kind, "overrides": cell.overrides,
+            "matches": cell.matches}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as jobs (harness.launch)
+
+
+def _run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console) -> SweepResult:
+    """Submit the unfinished cells, wait, read every finished cell back; the frames controls
+    follow once the baseline and the grid are done (with --no-wait: on a rerun)."""
+    (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
+    write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
+    waited = _submit_cells(cells, plan, sweep_dir, options, meta, launch, console)
+    results, failed = _read_cells(cells, plan, sweep_dir)
+    if "frames" in controls and waited and not failed:
+        extra = frames_controls(base, cells, results)
+        cells = cells + extra
+        write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
+        waited = _submit_cells(extra, plan, sweep_dir, options, meta, launch, console)
+        results, failed = _read_cells(cells, plan, sweep_dir)
+    if not waited:
+        console.print(f"submitted; follow with the same command and --status. sweep folder: {sweep_dir}", soft_wrap=True)
+        return SweepResult(sweep_dir, cells, [], None, failed={})
+    for name, why in failed.items():
+        console.print(f"[red]cell {escape(name)}[/]: {escape(why)}", highlight=False, soft_wrap=True)
+    if "baseline" not in results:
+        console.print("no table: the baseline cell has not finished; rerun the same command to retry it", soft_wrap=True)
+        return SweepResult(sweep_dir, cells, [], None, failed=failed)
+    return _report(base, cells, results, plan, sweep_dir, spec, controls, metric, options.preset, console, failed)
+
+
+def _submit_cells(cells, plan, sweep_dir, options, meta, launch, console) -> bool:
+    """Submit the cells not finished, running or queued; True once their jobs have ended (or
+    nothing was submitted), False when submitted without waiting."""
+    from prunevid_bench.harness.launch import CellTask, ERROR_FILE, record_jobs, still_queued, submit, wait_for
+
+    tasks = []
+    for cell in cells:
+        run_dir = sweep_dir / "cells" / cell_folder(cell.name)
+        state = cell_status(run_dir, plan)
+        if state == "running" or (state == "done" and not options.force) or still_queued(sweep_dir, cell.name):
+            continue
+        tasks.append(CellTask(cell.name, cell.config.to_dict(), plan, run_dir, options, cell_meta(meta, cell)))
+    if not tasks:
+        console.print("nothing to submit: every cell is finished, running or queued", soft_wrap=True)
+        return True
+    jobs = submit(launch, tasks, sweep_dir / "jobs")
+    record_jobs(sweep_dir, launch, jobs)
+    ids = ", ".join(sorted({str(job.job_id).split("_")[0] for _, job in jobs}))
+    console.print(f"submitted {len(tasks)} cells to {launch.launcher} (job {ids})", highlight=False, soft_wrap=True)
+    if not launch.wait:
+        return False
+    console.print("waiting for the jobs (logs in jobs/)", soft_wrap=True)
+    outcomes = wait_for(jobs)
+    for task in tasks:  # a job that died could not say why its cells did not finish: say it for them
+        outcome = outcomes.get(task.name, "its job ended without a result")
+        if outcome != "done" and not (task.run_dir / ERROR_FILE).is_file():
+            task.run_dir.mkdir(parents=True, exist_ok=True)
+            (task.run_dir / ERROR_FILE).write_text(json.dumps({"error": outcome}) + "\n")
+    return True
+
+
+def _read_cells(cells, plan, sweep_dir) -> tuple[dict[str, EvalResult], dict[str, str]]:
+    """The finished cells as results (summarised again, against the baseline cell as a serial
+    sweep does); the others with their state."""
+    from prunevid_bench.harness.evaluate import summarize_run
+
+    results: dict[str, EvalResult] = {}
+    failed: dict[str, str] = {}
+    for cell in sorted(cells, key=lambda c: c.kind != "baseline"):  # the baseline first: the others compare to it
+        run_dir = sweep_dir / "cells" / cell_folder(cell.name)
+        state = cell_status(run_dir, plan)
+        if state != "done":
+            failed[cell.name] = state
+            continue
+        baseline = results["baseline"].records if cell.kind != "baseline" and "baseline" in results else None
+        summary, records = summarize_run(run_dir, baseline)
+        results[cell.name] = EvalResult(run_dir, summary, records, 0)
+    return results, failed
 
 
 def cell_folder(name: str) -> str:
@@ -375,25 +476,45 @@ def write_sweep_json(sweep_dir: Path, base: RunConfig, spec, controls, metric, c
 
 
 def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
-    if not (run_dir / CONFIG_FILE).is_file():
-        return "new"
-    done = read_run_samples(run_dir)
-    finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
-    return "done" if finished == len(plan.runnable) else f"{finished}/{len(plan.runnable)} done"
+    """``new``, ``running`` (its lock is held), ``k/n done``, ``done``, or ``failed: <error>``
+    (a launched cell whose job recorded an error and that has not finished since)."""
+    from prunevid_bench.harness.launch import cell_error
+
+    if run_dir.is_dir() and LOCK_FILE in held_locks(run_dir, own=""):
+        return "running"
+    finished = 0
+    if (run_dir / CONFIG_FILE).is_file():
+        done = read_run_samples(run_dir)
+        finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
+        if finished == len(plan.runnable):
+            return "done"
+    error = cell_error(run_dir)
+    if error is not None:
+        return f"failed: {error}"
+    return f"{finished}/{len(plan.runnable)} done" if (run_dir / CONFIG_FILE).is_file() else "new"
 
 
 def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls) -> FittedTable:
+    from prunevid_bench.harness.launch import recorded_job
+
+    def job(cell: Cell) -> str:
+        recorded = recorded_job(sweep_dir, cell.name)
+        return "-" if recorded is None else f"{recorded['launcher']} {recorded['job_id']}"
+
     rows = [{"#": str(i), "cell": cell.name, "kind": cell.kind,
              "overrides": " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items()),
-             "status": cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan)}
+             "status": cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan), "job": job(cell)}
             for i, cell in enumerate(cells, start=1)]
     if "frames" in (controls or []):
         rows.append({"#": "+", "cell": "frames=N", "kind": "control_frames",
-                     "overrides": "baseline with fewer frames, one per grid cell's kept tokens", "status": "after the grid"})
+                     "overrides": "baseline with fewer frames, one per grid cell's kept tokens", "status": "after the grid",
+                     "job": "-"})
     columns = [Column("#", lambda r: r["#"]), Column("cell", lambda r: r["cell"].replace(",", ", "), fold=True, justify="left"),
                Column("kind", lambda r: r["kind"], rank=1, justify="left"),
                Column("overrides", lambda r: r["overrides"], fold=True, justify="left"),
                Column("status", lambda r: r["status"], fold=True, justify="left")]
+    if any(r["job"] != "-" for r in rows):  # a launched sweep: which job ran each cell
+        columns.append(Column("job", lambda r: r["job"], rank=2, justify="left"))
     return FittedTable(columns, rows, title=f"Sweep cells ({len(plan.runnable)} questions each)")
 
 
