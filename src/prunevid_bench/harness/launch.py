@@ -13,6 +13,8 @@ resumable sample by sample) evaluated with ``evaluate_plan``; a cell that fails 
 ``--no-wait`` returns once they are submitted; ``launch.json`` keeps the job id of each cell. A
 rerun of the same command submits only the cells not finished, not running (their lock is held)
 and, on SLURM, not still queued. submitit's files (pickled jobs, logs) are in ``<sweep>/jobs/``.
+
+See docs/scale-out.md.
 """
 
 from __future__ import annotations

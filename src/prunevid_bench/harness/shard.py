@@ -16,6 +16,8 @@ one run folder. No collective communication: the ranks meet only in the file sys
 - Lock: each rank holds ``.lock.rank-<r>-of-<n>`` of the run folder; a process that finds a lock
   of another world size held (a plain run's ``.lock`` counts as world size 1) refuses to start,
   so two launches never run the same questions at once.
+
+See docs/scale-out.md.
 """
 
 from __future__ import annotations
