@@ -19,6 +19,7 @@ from prunevid_bench.cli import EXIT_INCOMPLETE, app  # noqa: E402
 from prunevid_bench.errors import PruneVidError  # noqa: E402
 from prunevid_bench.harness import launch  # noqa: E402
 from prunevid_bench.harness.launch import Launch, slurm_minutes  # noqa: E402
+from prunevid_bench.harness.runlock import RunLock  # noqa: E402
 from prunevid_bench.harness.runs import read_run_samples  # noqa: E402
 from prunevid_bench.toy.world import generate_dataset  # noqa: E402
 
@@ -143,6 +144,15 @@ def test_the_slurm_path_runs_cells_and_a_failed_cell_stays_in_its_cell(toy, tmp_
     assert error.startswith("PruneVidError") and "99" in error
     status = invoke(*[a for a in args[:-2] if a != "--json"], "--status")
     assert "failed: PruneVidError" in status.output and status.output.count("done") >= 2
+    cell = sweep_dir / "cells" / "pruning_layer=1"
+    before = json.loads((cell / "summary.json").read_text())
+    assert "agreement" in before and invoke("summarize", cell).exit_code == EXIT_INCOMPLETE
+    assert json.loads((cell / "summary.json").read_text())["agreement"] == before["agreement"]  # with its baseline cell
+    with RunLock(sweep_dir / "cells" / "baseline"):  # a cell being run shows as such and is not submitted again
+        status = invoke(*[a for a in args[:-2] if a != "--json"], "--status")
+        assert "│ running" in status.output and status.output.count("done") == 1
+        again = invoke(*args)
+    assert "submitted 1 cells to slurm" in again.output  # only the failed cell: the running one is left alone
 
 
 def test_launch_options_are_checked():

@@ -286,7 +286,8 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The summary of every log of ``run_dir`` (whichever process wrote it), written to
     summary.json and summary.csv; returned with the records it counted. Without
-    ``baseline_records``, agreement is with the run's ``--baseline`` folder, if it had one."""
+    ``baseline_records``, agreement is with the run's ``--baseline`` folder, or for a sweep cell
+    with its sweep's baseline cell, as the sweep reported it."""
     run_dir = Path(run_dir)
     again = "rerun the run's command (finished samples are kept)"
     if not (run_dir / CONFIG_FILE).is_file():
@@ -297,6 +298,9 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
     plan = read_json(run_dir / PLAN_FILE, again, ("runnable", "skipped", "counts", "n_selected"))
     if baseline_records is None and meta.get("baseline"):
         baseline_records = load_baseline(Path(meta["baseline"]))
+    elif baseline_records is None and meta.get("scenario") == "sweep-cell" and meta.get("kind") != "baseline":
+        sibling = run_dir.parent / "baseline"  # sweep.cell_folder("baseline")
+        baseline_records = load_baseline(sibling) if sample_logs(sibling) else None
     with meta_lock(run_dir):  # the last rank to end reads every finished log
         done = read_run_samples(run_dir)
         records = [done[i] for i in plan["runnable"] if i in done]

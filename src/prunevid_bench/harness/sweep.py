@@ -365,6 +365,8 @@ def _run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, 
     """Submit the unfinished cells, wait, read every finished cell back; the frames controls
     follow once the baseline and the grid are done (with --no-wait: on a rerun)."""
     (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
+    if options.force:  # as a serial sweep: the table and plot no longer hold; each cell backs up its own
+        back_up(sweep_dir, ("summary.csv", "pareto.png"))
     write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
     waited = _submit_cells(cells, plan, sweep_dir, options, meta, launch, console)
     results, failed = _read_cells(cells, plan, sweep_dir)
