@@ -272,15 +272,16 @@ def test_sweep_flags_reach_the_grid_dataset_and_options(tmp_path, monkeypatch):
     seen = {}
 
     def fake(cfg, dataset, grid, options, **kw):
-        seen.update(cfg=cfg, dataset=dataset, grid=grid, options=options)
-        return SimpleNamespace(sweep_dir=tmp_path, cells=[], rows=[], summaries={})
+        seen.update(cfg=cfg, dataset=dataset, grid=grid, options=options, launch=kw["launch"])
+        return SimpleNamespace(sweep_dir=tmp_path, cells=[], rows=[], summaries={}, failed={})
 
     monkeypatch.setattr(sweep, "run_sweep", fake)
     res = runner.invoke(app, ["sweep", "tau", "--values", "tau=0.7,0.9", "--dataset", str(tmp_path / "d.jsonl"),
                               "--video-root", str(tmp_path), "--format", "jsonl", "--limit", "4", "--seed", "3",
                               "--answer-mode", "logits", "--wait", "--force", "--label", "mine", "--results-dir",
                               str(tmp_path / "out"), "--preset", "default", "--model", "tiny", "--device", "cpu",
-                              "--attn-implementation", "eager", "--num-frames", "6", "--controls", "random", "--dry-run"])
+                              "--attn-implementation", "eager", "--num-frames", "6", "--controls", "random", "--dry-run",
+                              "--launcher", "slurm", "--slurm-partition", "gpu", "--slurm-time", "30", "--no-wait"])
     assert res.exit_code == 0, res.output
     d, g, o, cfg = seen["dataset"], seen["grid"], seen["options"], seen["cfg"]
     assert (d.path, d.video_root, d.format, d.limit, d.seed, d.answers) == (tmp_path / "d.jsonl", tmp_path, "jsonl", 4, 3, None)
@@ -289,6 +290,9 @@ def test_sweep_flags_reach_the_grid_dataset_and_options(tmp_path, monkeypatch):
         "logits", True, True, "mine", tmp_path / "out", "default", None)
     assert (cfg.model.name, cfg.model.device, cfg.model.attn_implementation, cfg.video.num_frames) == ("tiny", "cpu", "eager", 6)
     assert cfg.stage1.tau == 0.8  # the preset's: the grid is applied per cell by the harness
+    launch = seen["launch"]
+    assert (launch.launcher, launch.slurm_partition, launch.slurm_gpus_per_cell, launch.slurm_time, launch.wait) == (
+        "slurm", "gpu", 1, "30", False)
 
 
 def test_run_target_is_the_model_section():
