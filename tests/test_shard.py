@@ -233,3 +233,10 @@ def test_force_is_refused_under_a_split_launch(toy, tmp_path, calls, monkeypatch
 def test_summarize_refuses_what_is_not_a_dataset_run(tmp_path):
     res = runner.invoke(app, ["summarize", str(tmp_path)])
     assert res.exit_code == 2 and "is not a dataset run folder" in res.output
+
+
+def test_a_sweep_under_a_launcher_is_refused(toy, tmp_path, calls, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = runner.invoke(app, ["sweep", "tau", "--values", "tau=0.7", "--dataset", str(toy), *FAST, "--results-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "--launcher local --workers N" in res.output and calls.n == 0

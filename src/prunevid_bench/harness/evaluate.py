@@ -59,7 +59,7 @@ from prunevid_bench.harness.runs import (
     sample_logs,
     summarise,
 )
-from prunevid_bench.harness.shard import Shard, rank_summary, world_of_lock
+from prunevid_bench.harness.shard import Shard, rank_summary, record_rank_environment, wait_for_other_ranks, world_of_lock
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.report import read_json, slug, write_csv_row, write_json
 from prunevid_bench.terminal import printable
@@ -270,7 +270,7 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         where = {}
         if shard.split:  # each row says which process ran it, on which device
             where = {"rank": shard.rank, "world_size": shard.world_size, "device": str(pipe.device)}
-            note_rank_environment(run_dir, shard, pipe)
+            record_rank_environment(run_dir, shard, pipe)
         logged = {s.id: done[s.id] for s in mine if s.id in done}
         _run_samples(pipe, cfg, todo, logged, own_log, answer_mode, letter_ids, console, len(mine), where)
     if shard.split and shard.rank == 0:
@@ -317,36 +317,6 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
         write_json(run_dir / SUMMARY_FILE, summary)
         write_csv_row(run_dir / "summary.csv", flat_row(meta, summary, meta["config"]))
     return summary, records
-
-
-def note_rank_environment(run_dir: Path, shard: Shard, pipe) -> None:
-    """environment.json records the launch: its world size and each rank's device."""
-    import platform
-
-    import torch
-
-    path = run_dir / "environment.json"
-    with meta_lock(run_dir):
-        env = read_json(path, "delete it; the next run writes it again") if path.is_file() else {}
-        shards = env.get("shards") or {}
-        if shards.get("world_size") != shard.world_size:  # a new launch with another size: its own ranks only
-            shards = {"world_size": shard.world_size, "ranks": {}}
-        device = pipe.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        shards["ranks"][str(shard.rank)] = {"local_rank": shard.local_rank, "device": str(device),
-                                            "device_name": name, "host": platform.node()}
-        write_json(path, {**env, "shards": shards})
-
-
-def wait_for_other_ranks(run_dir: Path, shard: Shard, console: Console) -> None:
-    """Rank 0 summarises the whole launch: it waits while another rank of it holds its lock."""
-    def others() -> list[str]:
-        return [n for n in held_locks(run_dir, shard.lock_name) if world_of_lock(n) == shard.world_size]
-
-    if others():
-        console.print(f"waiting for the other ranks ({len(others())} still running)", soft_wrap=True)
-    while others():
-        time.sleep(0.5)
 
 
 def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any], fingerprint: dict[str, Any],

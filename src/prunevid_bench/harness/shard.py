@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+from rich.console import Console
+
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.runlock import LOCK_FILE, held_locks, meta_lock
 
 T = TypeVar("T")
 
@@ -78,8 +83,6 @@ class Shard:
 
     @property
     def lock_name(self) -> str:
-        from prunevid_bench.harness.runlock import LOCK_FILE
-
         return f"{LOCK_FILE}.rank-{self.rank}-of-{self.world_size}" if self.split else LOCK_FILE
 
     @property
@@ -104,8 +107,6 @@ class Shard:
 
 def world_of_lock(name: str) -> int | None:
     """The world size a lock file belongs to: 1 for a plain run's ``.lock``; None: not a run lock."""
-    from prunevid_bench.harness.runlock import LOCK_FILE
-
     if name == LOCK_FILE:
         return 1
     match = RANK_LOCK_PATTERN.fullmatch(name)
@@ -121,3 +122,35 @@ def rank_summary(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             key = (int(r["world_size"]), int(r["rank"]), str(r.get("device")))
             counts[key] = counts.get(key, 0) + 1
     return [{"world_size": w, "rank": k, "device": d, "n": n} for (w, k, d), n in sorted(counts.items())]
+
+
+def record_rank_environment(run_dir: Path, shard: Shard, pipe) -> None:
+    """environment.json records the launch: its world size and each rank's device."""
+    import platform
+
+    import torch
+
+    from prunevid_bench.report import read_json, write_json
+
+    path = run_dir / "environment.json"
+    with meta_lock(run_dir):
+        env = read_json(path, "delete it; the next run writes it again") if path.is_file() else {}
+        shards = env.get("shards") or {}
+        if shards.get("world_size") != shard.world_size:  # a new launch with another size: its own ranks only
+            shards = {"world_size": shard.world_size, "ranks": {}}
+        device = pipe.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        shards["ranks"][str(shard.rank)] = {"local_rank": shard.local_rank, "device": str(device),
+                                            "device_name": name, "host": platform.node()}
+        write_json(path, {**env, "shards": shards})
+
+
+def wait_for_other_ranks(run_dir: Path, shard: Shard, console: Console) -> None:
+    """Rank 0 summarises the whole launch: it waits while another rank of it holds its lock."""
+    def others() -> list[str]:
+        return [n for n in held_locks(run_dir, shard.lock_name) if world_of_lock(n) == shard.world_size]
+
+    if others():
+        console.print(f"waiting for the other ranks ({len(others())} still running)", soft_wrap=True)
+    while others():
+        time.sleep(0.5)

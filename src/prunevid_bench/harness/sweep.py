@@ -29,7 +29,6 @@ every finished cell back and makes the same table; ``--status`` shows each cell'
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,6 +274,11 @@ def run_sweep(
     baseline folder does not apply: a sweep's baseline is its own baseline cell. ``launch``: in
     this process (serial), or as jobs (``harness.launch``)."""
     console = console or Console()
+    from prunevid_bench.harness.shard import Shard
+
+    if Shard.from_env().split:
+        raise PruneVidError("a sweep splits by cell, not by rank: run it once, with --launcher local --workers N "
+                            "or --launcher slurm, not under torchrun or accelerate launch")
     params, values, sweep_file, controls = list(grid.params), list(grid.values), grid.sweep_file, list(grid.controls)
     metric, dry_run, answer_mode, force = grid.metric, grid.dry_run, options.answer_mode, options.force
     if metric not in METRIC_CHOICES:
@@ -295,7 +299,9 @@ def run_sweep(
         return SweepResult(sweep_dir, cells, [], None)
     meta = {"preset": options.preset, "label": label, "sweep": sweep_dir.name}
     if launch.parallel:
-        return _run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console)
+        from prunevid_bench.harness.sweep_jobs import run_as_jobs
+
+        return run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console)
 
     if pipeline is None:
         get_pipe = pipeline_loader(base)
@@ -333,10 +339,10 @@ def run_sweep(
         cells += extra
         write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
 
-    return _report(base, cells, results, plan, sweep_dir, spec, controls, metric, options.preset, console)
+    return report_sweep(base, cells, results, plan, sweep_dir, spec, controls, metric, options.preset, console)
 
 
-def _report(base, cells, results, plan, sweep_dir, spec, controls, metric, preset, console,
+def report_sweep(base, cells, results, plan, sweep_dir, spec, controls, metric, preset, console,
             failed: dict[str, str] | None = None) -> SweepResult:
     """summary.csv, the table and pareto.png over the cells that have results."""
     done = [c for c in cells if c.name in results]
@@ -355,86 +361,6 @@ def _report(base, cells, results, plan, sweep_dir, spec, controls, metric, prese
 def cell_meta(meta: dict[str, Any], cell: Cell) -> dict[str, Any]:
     return {**meta, "scenario": "sweep-cell", "cell": cell.name, "kind": cell.kind, "overrides": cell.overrides,
             "matches": cell.matches}
-
-
-# ---------------------------------------------------------------------------------------------
-# Running as jobs (harness.launch)
-
-
-def _run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console) -> SweepResult:
-    """Submit the unfinished cells, wait, read every finished cell back; the frames controls
-    follow once the baseline and the grid are done (with --no-wait: on a rerun)."""
-    (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
-    if options.force:  # as a serial sweep: the table and plot no longer hold; each cell backs up its own
-        back_up(sweep_dir, ("summary.csv", "pareto.png"))
-    write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
-    waited = _submit_cells(cells, plan, sweep_dir, options, meta, launch, console)
-    results, failed = _read_cells(cells, plan, sweep_dir)
-    if "frames" in controls and waited and not failed:
-        extra = frames_controls(base, cells, results)
-        cells = cells + extra
-        write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
-        waited = _submit_cells(extra, plan, sweep_dir, options, meta, launch, console)
-        results, failed = _read_cells(cells, plan, sweep_dir)
-    if not waited:
-        console.print(f"submitted; follow with the same command and --status. sweep folder: {sweep_dir}", soft_wrap=True)
-        return SweepResult(sweep_dir, cells, [], None, failed={})
-    for name, why in failed.items():
-        console.print(f"[red]cell {escape(name)}[/]: {escape(why)}", highlight=False, soft_wrap=True)
-    if "baseline" not in results:
-        console.print("no table: the baseline cell has not finished; rerun the same command to retry it", soft_wrap=True)
-        return SweepResult(sweep_dir, cells, [], None, failed=failed)
-    return _report(base, cells, results, plan, sweep_dir, spec, controls, metric, options.preset, console, failed)
-
-
-def _submit_cells(cells, plan, sweep_dir, options, meta, launch, console) -> bool:
-    """Submit the cells not finished, running or queued; True once their jobs have ended (or
-    nothing was submitted), False when submitted without waiting."""
-    from prunevid_bench.harness.launch import CellTask, ERROR_FILE, record_jobs, still_queued, submit, wait_for
-
-    tasks = []
-    for cell in cells:
-        run_dir = sweep_dir / "cells" / cell_folder(cell.name)
-        state = cell_status(run_dir, plan)
-        if state == "running" or (state == "done" and not options.force) or still_queued(sweep_dir, cell.name):
-            continue
-        tasks.append(CellTask(cell.name, cell.config.to_dict(), plan, run_dir, options, cell_meta(meta, cell)))
-    if not tasks:
-        console.print("nothing to submit: every cell is finished, running or queued", soft_wrap=True)
-        return True
-    jobs = submit(launch, tasks, sweep_dir / "jobs")
-    record_jobs(sweep_dir, launch, jobs)
-    ids = ", ".join(sorted({str(job.job_id).split("_")[0] for _, job in jobs}))
-    console.print(f"submitted {len(tasks)} cells to {launch.launcher} (job {ids})", highlight=False, soft_wrap=True)
-    if not launch.wait:
-        return False
-    console.print("waiting for the jobs (logs in jobs/)", soft_wrap=True)
-    outcomes = wait_for(jobs)
-    for task in tasks:  # a job that died could not say why its cells did not finish: say it for them
-        outcome = outcomes.get(task.name, "its job ended without a result")
-        if outcome != "done" and not (task.run_dir / ERROR_FILE).is_file():
-            task.run_dir.mkdir(parents=True, exist_ok=True)
-            (task.run_dir / ERROR_FILE).write_text(json.dumps({"error": outcome}) + "\n")
-    return True
-
-
-def _read_cells(cells, plan, sweep_dir) -> tuple[dict[str, EvalResult], dict[str, str]]:
-    """The finished cells as results (summarised again, against the baseline cell as a serial
-    sweep does); the others with their state."""
-    from prunevid_bench.harness.evaluate import summarize_run
-
-    results: dict[str, EvalResult] = {}
-    failed: dict[str, str] = {}
-    for cell in sorted(cells, key=lambda c: c.kind != "baseline"):  # the baseline first: the others compare to it
-        run_dir = sweep_dir / "cells" / cell_folder(cell.name)
-        state = cell_status(run_dir, plan)
-        if state != "done":
-            failed[cell.name] = state
-            continue
-        baseline = results["baseline"].records if cell.kind != "baseline" and "baseline" in results else None
-        summary, records = summarize_run(run_dir, baseline)
-        results[cell.name] = EvalResult(run_dir, summary, records, 0)
-    return results, failed
 
 
 def cell_folder(name: str) -> str:
