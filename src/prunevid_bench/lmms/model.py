@@ -78,7 +78,10 @@ class PruneVidLMM(lmms):
     def generate_until(self, requests) -> list[GenerationResult]:
         try:
             for req in requests:  # refuse before anything runs
-                check_generation(req.args[2] or {}, f"task {req.args[4]}")
+                if len(req.args) != 6 or not isinstance(req.args[2], dict):
+                    raise PruneVidError(f"task {req.task_name}: its requests are not chat requests (messages, "
+                                        "generation kwargs, doc); prunevid runs lmms-eval's chat tasks")
+                check_generation(req.args[2], f"task {req.args[4]}")
         except PruneVidError as exc:
             raise refuse(exc) from None
         results, records = [], []
