@@ -161,9 +161,27 @@ def test_model_args_reach_the_config_and_loglikelihood_is_refused(tmp_path):
 
     records = tmp_path / "records"
     model = PruneVidLMM.create_from_arg_string(
-        f'pretrained=toy,preset=default,stage2.keep_ratio=0.2,tau=0.9,label="a,b",records={records}',
+        f'pretrained=toy,preset=default,stage2.keep_ratio=0.2,tau=0.9,label="a,b",records={records},system_prompt=Be brief.',
         {"batch_size": 1, "device": "cpu"},
     )
+
+    # One request in-process: the model_args' system prompt comes first, the task's stop string cuts the reply.
+    from lmms_eval.api.instance import Instance
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "toy_sample.mp4"
+    doc = {"video": str(example), "question": "In which direction does the green circle move?\n(A) left\n(B) down"}
+    model.task_dict = {"t": {"test": [doc]}}
+
+    def doc_to_messages(d):
+        return [{"role": "user", "content": [{"type": "video", "url": d["video"]}, {"type": "text", "text": d["question"]}]}]
+
+    request = Instance("generate_until", ("", doc_to_messages, {"max_new_tokens": 8, "until": ["("]}, 0, "t", "test"), 0,
+                       metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    (reply,) = model.generate_until([request])
+    record = json.loads((records / "samples.jsonl").read_text().splitlines()[-1])
+    assert record["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert record["generated_tokens"] == reply.token_counts.output_tokens <= 8
+    assert reply.text == record["reply"] == record["generated_text"].split("(")[0]
     config = json.loads((records / "config.json").read_text())
     assert (config["config"]["stage2"]["keep_ratio"], config["config"]["stage1"]["tau"]) == (0.2, 0.9)
     assert config["label"] == "a,b" and config["config"]["model"]["device"] == "cpu"

@@ -12,6 +12,8 @@ Keys:
 - ``preset``, and ``config``: a YAML config of ours (precedence: model_args > config > preset);
 - ``records``: the folder our run records go to (default: ``<--output_path>/prunevid/<run>``);
 - ``label``: names the run folder;
+- ``system_prompt``: a system prompt (or a file holding one) replacing the task's, as lmms-eval's
+  own models take it;
 - ``max_num_frames``: lmms-eval's ``qwen2_5_vl`` name for ``video.num_frames``;
 - any config key, dotted (``stage2.keep_ratio=0.3``) or short (``keep_ratio=0.3``).
 
@@ -29,7 +31,7 @@ import yaml
 
 from prunevid_bench.errors import PruneVidError
 
-OWN_KEYS = ("pretrained", "model", "preset", "config", "records", "label")
+OWN_KEYS = ("pretrained", "model", "preset", "config", "records", "label", "system_prompt")
 ALIASES = {"max_num_frames": "video.num_frames"}
 
 
@@ -39,6 +41,7 @@ class ModelArgs:
     config_file: Path | None = None
     records: Path | None = None
     label: str | None = None
+    system_prompt: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys
 
 
@@ -75,6 +78,8 @@ def parse_model_args(kwargs: dict[str, Any]) -> ModelArgs:
             out.records = Path(str(value))
         elif key == "label":
             out.label = str(value)
+        elif key == "system_prompt":
+            out.system_prompt = str(value)
         else:
             try:
                 dotted = ALIASES.get(key) or resolve_key(key)

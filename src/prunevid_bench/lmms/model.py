@@ -57,6 +57,7 @@ class PruneVidLMM(lmms):
 
         try:
             args = parse_model_args(kwargs)
+            self.system_prompt = self._resolve_system_prompt(args.system_prompt)
             self._rank, self._world_size, local = _process_place()
             if self._world_size > 1:
                 args.overrides["model.device"] = f"cuda:{local}"  # one model per process, as lmms-eval's models do
@@ -90,6 +91,7 @@ class PruneVidLMM(lmms):
             where = f"task {task}, doc {doc_id}"
             try:
                 messages = qwen_messages(doc_to_messages(self.task_dict[task][split][doc_id]), where)
+                messages = self._apply_system_prompt(messages, self.system_prompt)
                 max_new = gen_kwargs.get("max_new_tokens") or self.pipe.config.generation.max_new_tokens
                 prepared = self.pipe.prepare(messages=messages, config=self._config(int(max_new)))
                 result = self.pipe.run(prepared, config=self._config(int(max_new)))
