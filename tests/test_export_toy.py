@@ -48,3 +48,11 @@ def test_an_existing_checkpoint_is_not_overwritten(checkpoint):
     res = CliRunner().invoke(app, ["export-toy", str(checkpoint)])
     assert res.exit_code == 2
     assert "already holds a checkpoint" in res.output
+
+
+def test_a_file_in_the_way_is_one_line(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    res = CliRunner().invoke(app, ["export-toy", str(target)])
+    assert res.exit_code == 2
+    assert "is a file, not a folder" in res.output and "Traceback" not in res.output

@@ -59,13 +59,13 @@ class PruneVidLMM(lmms):
             args = parse_model_args(kwargs)
             self.system_prompt = self._resolve_system_prompt(args.system_prompt)
             self._rank, self._world_size, local = _process_place()
-            if self._world_size > 1:
-                args.overrides["model.device"] = f"cuda:{local}"  # one model per process, as lmms-eval's models do
+            if self._world_size > 1 and args.overrides.get("model.device") != "cpu":
+                args.overrides["model.device"] = f"cuda:{local}"  # one GPU per process, as lmms-eval's models do
             cfg = build_config(args.preset, args.config_file, args.overrides)
             self.pipe = load_pipeline(overrides=cfg.to_overrides())
             if cfg.video.policy == "auto" and self.pipe.default_policy == "qwen":
                 self.pipe.config.video.policy = "lmms-eval"
-            folder = args.records or default_records_dir(args.label, args.preset, output_path_from_argv())
+            folder = args.records or _shared(default_records_dir(args.label, args.preset, output_path_from_argv()))
             meta = {"label": args.label, "preset": args.preset, "model_args": {k: str(v) for k, v in kwargs.items()}}
             self.records = RunRecords(folder, self.pipe.config, self.pipe, meta, self._rank, self._world_size)
         except PruneVidError as exc:
@@ -165,6 +165,15 @@ def _video_part(content) -> dict[str, Any]:
     if content.end_time is not None:
         part["video_end"] = float(content.end_time)
     return part
+
+
+def _shared(folder):
+    """Rank 0's folder name on every rank (each process would otherwise stamp its own start time)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return folder
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([folder], from_process=0)[0]
 
 
 def _process_place() -> tuple[int, int, int]:
