@@ -35,8 +35,9 @@ def task(tmp_path_factory) -> Path:
     return folder
 
 
-def lmms_eval(task: Path, out: Path, model_args: str, *extra: str, model: str = "prunevid") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", "prunevid_toy",
+def lmms_eval(task: Path, out: Path, model_args: str, *extra: str, model: str = "prunevid",
+              launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *(launcher or ("-m",)), "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", "prunevid_toy",
            "--include_path", str(task), "--output_path", str(out), "--log_samples", "--device", "cpu", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent, env={**os.environ, **OFFLINE}, timeout=900)
 
@@ -123,6 +124,22 @@ def test_same_inputs_as_lmms_evals_own_qwen_model(task, tmp_path):
     assert {r["video_policy"] for r in records} == {"lmms-eval"}  # auto means lmms-eval's policy for a checkpoint
     assert records[0]["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.")
     assert records[0]["frame_size"] == [448, 448]  # lmms-eval's 256-token minimum upscales the 112 px clips
+
+
+def test_two_processes_share_the_questions_and_one_records_folder(task, tmp_path):
+    """torchrun's rank and world size, as lmms-eval's own models take them (gloo on the CPU)."""
+    out = tmp_path / "out"
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m")
+    run = lmms_eval(task, out, "pretrained=toy,preset=default", launcher=launcher)
+    results, logged = scores(out)
+    assert len(logged) == N, run.stderr[-2000:]
+    (folder,) = (out / "prunevid").iterdir()
+    shares = [[json.loads(line) for line in (folder / f"samples.rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)]
+    assert sorted(r["doc_id"] for share in shares for r in share) == list(range(N))
+    assert all(len(share) == N // 2 for share in shares)
+    everyone = [r for share in shares for r in share]
+    mean_kept = sum(r["tokens_after"] for r in everyone) / N
+    assert results["throughput"]["avg_prunevid_tokens_after"] == pytest.approx(mean_kept)  # both ranks' samples
 
 
 @pytest.mark.parametrize(

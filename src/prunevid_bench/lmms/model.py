@@ -29,7 +29,14 @@ from lmms_eval.protocol import ChatMessages
 
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.lmms.args import check_generation, cut_at_stop, parse_model_args, stop_strings
-from prunevid_bench.lmms.records import RunRecords, default_records_dir, output_path_from_argv, sample_fields, throughput
+from prunevid_bench.lmms.records import (
+    THROUGHPUT_FIELDS,
+    RunRecords,
+    default_records_dir,
+    output_path_from_argv,
+    sample_fields,
+    throughput,
+)
 
 
 @dataclass
@@ -65,11 +72,21 @@ class PruneVidLMM(lmms):
             self.pipe = load_pipeline(overrides=cfg.to_overrides())
             if cfg.video.policy == "auto" and self.pipe.default_policy == "qwen":
                 self.pipe.config.video.policy = "lmms-eval"
-            folder = args.records or _shared(default_records_dir(args.label, args.preset, output_path_from_argv()))
-            meta = {"label": args.label, "preset": args.preset, "model_args": {k: str(v) for k, v in kwargs.items()}}
-            self.records = RunRecords(folder, self.pipe.config, self.pipe, meta, self._rank, self._world_size)
+            self._folder = args.records or default_records_dir(args.label, args.preset, output_path_from_argv())
+            self._shared_folder = args.records is not None
+            self._meta = {"label": args.label, "preset": args.preset, "model_args": {k: str(v) for k, v in kwargs.items()}}
+            self._records: RunRecords | None = None
         except PruneVidError as exc:
             raise refuse(exc) from None
+
+    @property
+    def records(self) -> RunRecords:
+        """Made on first use: by then lmms-eval has joined the processes, so every rank can take
+        rank 0's folder name (each would otherwise stamp its own start time)."""
+        if self._records is None:
+            folder = self._folder if self._shared_folder else _from_rank0(self._folder)
+            self._records = RunRecords(folder, self.pipe.config, self.pipe, self._meta, self.rank, self.world_size)
+        return self._records
 
     @property
     def device(self):
@@ -105,10 +122,9 @@ class PruneVidLMM(lmms):
                                          prunevid=sample_fields(record))
             results.append(GenerationResult(text=reply, token_counts=counts))
         self.records.write_summary()
-        if records:
-            metrics = throughput(records)
-            metrics["additional_metrics"]["rank"] = self.rank
-            log_metrics(**metrics)
+        everyone = _gather(records)  # results.json is rank 0's: its means must cover every rank's samples
+        if everyone and self.rank == 0:
+            log_metrics(**throughput(everyone))
         return results
 
     def _config(self, max_new_tokens: int):
@@ -167,21 +183,30 @@ def _video_part(content) -> dict[str, Any]:
     return part
 
 
-def _shared(folder):
-    """Rank 0's folder name on every rank (each process would otherwise stamp its own start time)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return folder
-    from accelerate.utils import broadcast_object_list
+def _from_rank0(value):
+    """Rank 0's ``value`` on every process, when several run in one process group."""
+    import torch.distributed as dist
 
-    return broadcast_object_list([folder], from_process=0)[0]
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's records (the fields the throughput needs) on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return records
+    mine = [{k: r.get(k) for k in ("generated_tokens", "ttft_s", "decode_s", *THROUGHPUT_FIELDS)} for r in records]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return [r for part in parts for r in part]
 
 
 def _process_place() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as ``accelerate launch`` / ``torchrun`` set them."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    return accelerator.process_index, accelerator.num_processes, accelerator.local_process_index
+    """(rank, world size, local rank) from the environment ``torchrun`` and ``accelerate launch``
+    set; lmms-eval's evaluator reads the same variables."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
