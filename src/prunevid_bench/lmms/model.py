@@ -6,7 +6,7 @@ its own order (system prompt, videos, images, text). The task's ``generation_kwa
 the reply length (``max_new_tokens``; our config's ``generation.max_new_tokens`` when the task
 sets none) and its stop strings cut the reply, as lmms-eval's own models do.
 
-Refused in one line (the process exits 1, before any request runs where it can be known then):
+Refused in one line (the process exits 1; before any request runs where it can be known then):
 ``--batch_size`` other than 1, sampling (``temperature > 0``, ``do_sample``, beams), and
 ``loglikelihood`` / multi-round requests. A request the pipeline refuses (an unreadable video,
 a prompt longer than the model) ends the run with a one-line error naming the task and doc.
@@ -109,9 +109,9 @@ class PruneVidLMM(lmms):
             try:
                 messages = qwen_messages(doc_to_messages(self.task_dict[task][split][doc_id]), where)
                 messages = self._apply_system_prompt(messages, self.system_prompt)
-                max_new = gen_kwargs.get("max_new_tokens") or self.pipe.config.generation.max_new_tokens
-                prepared = self.pipe.prepare(messages=messages, config=self._config(int(max_new)))
-                result = self.pipe.run(prepared, config=self._config(int(max_new)))
+                cfg = self._config(int(gen_kwargs.get("max_new_tokens") or self.pipe.config.generation.max_new_tokens))
+                prepared = self.pipe.prepare(messages=messages, config=cfg)
+                result = self.pipe.run(prepared, config=cfg)
             except PruneVidError as exc:
                 self.records.write_summary()
                 raise refuse(f"{where}: {exc}") from None

@@ -10,10 +10,10 @@ lmms-eval writes its scores (``<output_path>/<model>/<date>_results.json``) and,
                       memory, KV bytes, frames fed); flushed as it goes
     summary.json      per task and over all: median and spread of each measured field
 
-With several processes (``torchrun`` / ``accelerate launch``), rank N writes ``samples.rankN.jsonl`` and
-``summary.rankN.json`` into rank 0's folder. The same figures' means (over every rank) go to lmms-eval's throughput metrics (so they
-appear in its ``results.json`` as ``avg_prunevid_<field>``) and each sample's go into its logged
-``token_counts`` under ``prunevid``.
+With several processes (``torchrun`` / ``accelerate launch``), rank N writes
+``samples.rankN.jsonl`` and ``summary.rankN.json`` into rank 0's folder. The same figures' means,
+over every rank, go to lmms-eval's throughput metrics (so they appear in its ``results.json`` as
+``avg_prunevid_<field>``) and each sample's go into its logged ``token_counts`` under ``prunevid``.
 """
 
 from __future__ import annotations
