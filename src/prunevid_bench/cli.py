@@ -317,5 +317,16 @@ def toy_data(
     console.print(f"wrote {n} questions to {path}")
 
 
+@app.command("export-toy")
+@guarded
+def export_toy(
+    out: Annotated[Path, typer.Argument(help="New folder for the checkpoint.", show_default=False)],
+) -> None:
+    """Write the built-in toy model as a standard checkpoint folder (weights, config, tokenizer, processor)."""
+    from prunevid_bench.toy.export import export_toy as write
+
+    console.print(f"wrote the toy checkpoint to {write(out)}", soft_wrap=True, highlight=False)
+
+
 if __name__ == "__main__":
     main()
