@@ -69,11 +69,21 @@ def test_stream_dataset_scores_and_resumes(clip16, tmp_path):
     assert other.exit_code == 2 and "other settings" in other.output
 
 
+def test_stream_with_stage1_and_stage2_records_the_kept_tokens(clip16, tmp_path):
+    res = invoke("stream", clip16, "--ask", "3.9:What now?", "--set", "stage1.enabled=true", "--set", "stage2.enabled=true",
+                 "--set", "stage2.pruning_layer=1", "--compare-offline", "--max-new-tokens", "3", *TINY,
+                 "--results-dir", tmp_path, "--label", "p")
+    assert res.exit_code == 0, res.output
+    (r,) = records(tmp_path / "p")
+    assert 0 < r["visual_tokens_kept"] < r["visual_tokens"] < 8 * 16  # Stage 1 merged, Stage 2 kept fewer
+    assert isinstance(r["offline_agrees"], bool) and r["offline_max_logit_diff"] >= 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--chunk-frames", "3"), "multiple of 2"),
     (("--ask", "soon:What?"), "SECONDS:QUESTION"),
     (("--ask", "0.2:What?"), "before the first chunk"),
-    (("--set", "stage2.enabled=true"), "Stage 2 is not available in a stream"),
+    (("--set", "stage2.enabled=true", "--set", "stage2.score=random"), "stage2.score=prunevid only"),
 ])
 def test_stream_user_errors_are_one_line(clip16, tmp_path, extra, message):
     ask = () if "--ask" in extra else ("--ask", "2:What?")

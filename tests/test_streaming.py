@@ -216,3 +216,67 @@ def test_the_budget_evicts_the_most_redundant_tokens(tiny_pipe):
     kept = torch.cat([torch.arange(prefix), torch.arange(prefix, prefix + 16), torch.arange(prefix + 32, prefix + 48)])
     for a, b in zip(budgeted.cache.layers, full.cache.layers):
         assert torch.equal(a.keys, b.keys[:, :, kept]) and torch.equal(a.values, b.values[:, :, kept])
+
+
+# ------------------------------------------------------------------ question-time eviction
+def eviction_session(pipe, frames, keep_ratio, budget=None):
+    from prunevid_bench.config import Stage2Config
+
+    cfg = Stage2Config(enabled=True, pruning_layer=1, keep_ratio=keep_ratio)
+    session = StreamSession(pipe, video_fps=FPS, chunk_frames=4, stage2=cfg, visual_budget=budget)
+    for i in range(0, len(frames), 4):
+        session.append(frames[i : i + 4])
+    return session
+
+
+def test_question_time_eviction_keeps_offline_prunevids_tokens(tiny_pipe, frames16):
+    session = eviction_session(tiny_pipe, frames16[:12], keep_ratio=0.4)
+    answer = session.ask(QUESTION, max_new_tokens=6)
+    ref = offline(tiny_pipe, frames16[:12], **{"stage2.enabled": True, "stage2.pruning_layer": 1, "stage2.keep_ratio": 0.4})
+    offline_state = tiny_pipe._handle.state
+    # Layer K's scores, and so the kept tokens, are offline Stage 2's exactly.
+    torch.testing.assert_close(session.eviction.last["scores"], offline_state.scores, rtol=0, atol=1e-6)
+    assert torch.equal(session.eviction.last["kept"].cpu(), offline_state.kept_visual.cpu())
+    assert answer.visual_tokens_kept == ref.tokens_after < answer.visual_tokens
+    # Layers after K differ (the video's KV there saw every token): close to offline, not equal.
+    assert (answer.first_logits - ref.first_token_logits).abs().max() < 1.0
+
+
+def test_question_time_eviction_leaves_no_trace(tiny_pipe, frames16):
+    session = eviction_session(tiny_pipe, frames16[:8], keep_ratio=0.4)
+    plain = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4)
+    for i in range(0, 8, 4):
+        plain.append(frames16[i : i + 4])
+    before = session.cache_info()
+    keys = session.eviction.keys.clone()
+    first = session.ask(QUESTION, max_new_tokens=5)
+    assert session.cache_info() == before and torch.equal(session.eviction.keys, keys)
+    assert session.ask(QUESTION, max_new_tokens=5).token_ids == first.token_ids
+    for a, b in zip(session.cache.layers, plain.cache.layers):  # eviction never edits the stream's cache
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    # The answer's copies hold the kept tokens only (O(kept + question), not a copy of the
+    # cache); the stream's layers 0..K also held the question until the crop.
+    n_layers, k = len(before["bytes_per_layer"]), session.eviction.layer
+    per = before["bytes"] // (before["tokens"] * n_layers)  # one token in one layer
+    dropped = first.visual_tokens - first.visual_tokens_kept
+    copies = n_layers * (first.cached_tokens - dropped + first.question_tokens + len(first.token_ids) - 1) * per
+    assert first.extra_kv_bytes == copies + (k + 1) * first.question_tokens * per
+    assert first.kv_bytes == n_layers * (first.cached_tokens - dropped + first.question_tokens) * per
+
+
+def test_question_time_eviction_keeping_everything_is_the_plain_stream(tiny_pipe, frames16):
+    session = eviction_session(tiny_pipe, frames16[:8], keep_ratio=1.0)
+    plain = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4)
+    for i in range(0, 8, 4):
+        plain.append(frames16[i : i + 4])
+    a, b = session.ask(QUESTION, 6), plain.ask(QUESTION, 6)
+    assert a.visual_tokens_kept == a.visual_tokens and a.token_ids == b.token_ids
+    assert torch.equal(a.first_logits, b.first_logits)
+
+
+def test_the_key_store_follows_the_budget(tiny_pipe, frames16):
+    session = eviction_session(tiny_pipe, frames16, keep_ratio=0.5, budget=40)
+    assert session.visual_tokens == 40
+    assert session.eviction.keys.shape[1] == session.cache_info()["tokens"]
+    counts = torch.unique(session.visual_groups, return_counts=True)[1]
+    assert session.ask(QUESTION, 3).visual_tokens_kept == sum(int(c * 0.5) for c in counts.tolist())  # per group

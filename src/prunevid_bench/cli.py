@@ -384,7 +384,8 @@ def stream(
 ) -> None:
     """Play a video as a stream: chunks are appended to a live KV cache and each question is
     answered from it at its time, without re-encoding. Stage 1 (from the preset or
-    --set stage1.enabled=true) merges each chunk as it arrives."""
+    --set stage1.enabled=true) merges each chunk as it arrives; Stage 2 evicts cached visual
+    tokens for each answer by the question's layer-K scores."""
     from prunevid_bench.config import build_config
     from prunevid_bench.stream_run import TimedQuestion, parse_ask, read_stream_dataset, run_stream
 

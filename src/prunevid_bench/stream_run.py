@@ -119,7 +119,8 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
             raise PruneVidError(f"question '{q.id}' at {q.time_s:g} s comes before the first chunk of {video} is complete "
                                 f"({ready[0]:.2f} s): ask later or use a smaller --chunk-frames")
     session = StreamSession(pipe, video_fps=clip.sampled_fps, chunk_frames=chunk_frames,
-                            stage1=cfg.stage1 if cfg.stage1.enabled else None, visual_budget=budget)
+                            stage1=cfg.stage1 if cfg.stage1.enabled else None,
+                            stage2=cfg.stage2 if cfg.stage2.enabled else None, visual_budget=budget)
     appended = 0
     for q in pending:
         while appended < len(chunks) and ready[appended] <= q.time_s:
@@ -173,9 +174,8 @@ def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer,
 
 # ---------------------------------------------------------------- run folders
 def check_stream_config(cfg: RunConfig, chunk_frames: int, budget: int | None) -> None:
-    if cfg.stage2.enabled:
-        raise PruneVidError("Stage 2 is not available in a stream yet (question-time eviction is planned): "
-                            "use a preset without stage2, or --set stage2.enabled=false")
+    if cfg.stage2.enabled and cfg.stage2.score != "prunevid":
+        raise PruneVidError(f"a stream's question-time eviction scores with stage2.score=prunevid only, got '{cfg.stage2.score}'")
     if chunk_frames <= 0 or chunk_frames % 2:
         raise PruneVidError(f"--chunk-frames must be a positive multiple of 2 (the temporal patch size), got {chunk_frames}")
     if budget is not None and cfg.stage1.enabled:

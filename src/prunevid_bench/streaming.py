@@ -20,13 +20,14 @@ its mm_token_type) sit in the marked section below, to move to the family module
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from prunevid_bench.config import Stage1Config
+from prunevid_bench.config import Stage1Config, Stage2Config
 from prunevid_bench.engine import cache_keyword, eos_ids, prefill_position_ids
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.measure import Clock, cache_bytes
@@ -132,6 +133,7 @@ class StreamAnswer:
     cached_tokens: int  # cache length before the ask (video and prefix)
     visual_tokens: int  # visual tokens in the cache
     frames_seen: int
+    visual_tokens_kept: int | None = None  # question-time eviction: visual tokens this answer kept
     choice: int | None = None  # ask_choice: the option whose letter has the highest first-token logit
 
     def record(self) -> dict[str, Any]:
@@ -149,10 +151,12 @@ class StreamSession:
     ``stage1``: PruneVid Stage 1 per chunk (question-agnostic), segments never crossing a chunk.
     ``visual_budget``: at most this many visual tokens stay cached; beyond it, the tokens most
     similar to the same slot of the previous temporal step are evicted (EVS-style, question-agnostic).
+    ``stage2``: question-time eviction at each ask (``prunevid_bench.stream_stage2``).
     """
 
     def __init__(self, pipe, video_fps: float, chunk_frames: int | None = None, *,
-                 stage1: Stage1Config | None = None, visual_budget: int | None = None):
+                 stage1: Stage1Config | None = None, stage2: Stage2Config | None = None,
+                 visual_budget: int | None = None):
         if video_fps <= 0:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
         self.pipe = pipe
@@ -167,6 +171,12 @@ class StreamSession:
         if visual_budget is not None and self.stage1 is not None:
             raise PruneVidError("a visual-token budget and Stage 1 per chunk cannot be combined yet; choose one")
         self.visual_budget = visual_budget
+        self.eviction = None
+        if stage2 is not None and stage2.enabled:
+            from prunevid_bench.stream_stage2 import QuestionEviction
+
+            self.eviction = QuestionEviction(pipe.model, stage2)
+        self._answering = False
         self.clock = Clock(pipe.device)
         self._cache_kw = cache_keyword(pipe.model)
         self._stop = eos_ids(pipe.model)
@@ -188,6 +198,9 @@ class StreamSession:
         self.pending: np.ndarray | None = None  # a held-back odd frame
         self.frames_seen = 0
         self.visual_index = torch.zeros(0, dtype=torch.long)  # cache slot of each cached visual token
+        self.visual_groups = torch.zeros(0, dtype=torch.long)  # Stage-2 group of each (a step, or Stage 1's)
+        if self.eviction is not None:
+            self.eviction.keys = None
         self.redundancy = torch.zeros(0)  # per cached visual token, for the budget
         self._last_step_features: torch.Tensor | None = None
         ids = torch.tensor([self._prefix_ids], device=self.pipe.device)
@@ -199,7 +212,7 @@ class StreamSession:
         return int(self.visual_index.numel())
 
     def cache_info(self) -> dict[str, Any]:
-        per_layer = [cache_bytes(_OneLayer(layer)) for layer in self.cache.layers]
+        per_layer = [cache_bytes(_Layers([layer])) for layer in self.cache.layers]
         return {
             "tokens": cache_length(self.cache),
             "visual_tokens": self.visual_tokens,
@@ -238,9 +251,12 @@ class StreamSession:
         before = cache_length(self.cache)
         positions = self._video_positions(self.steps + t)[:, self.steps * per_step :]
         embeds = features
+        groups = torch.arange(t * per_step) // per_step  # without Stage 1 each temporal step is a group
         if self.stage1 is not None:
-            embeds, keep = _stage1(features.view(t, per_step, -1), self.stage1)
+            embeds, keep, groups = _stage1(features.view(t, per_step, -1), self.stage1)
             positions = positions[:, keep]
+        offset = int(self.visual_groups.max()) + 1 if self.visual_groups.numel() else 0
+        self.visual_groups = torch.cat([self.visual_groups, groups.cpu() + offset])
         scores = self._redundancy(features.view(t, per_step, -1)) if self.visual_budget else None
         self._prefill(embeds=embeds.unsqueeze(0), positions=positions)
         added = embeds.shape[0]
@@ -276,8 +292,10 @@ class StreamSession:
         text_row = torch.arange(past, past + n, device=positions.device).view(1, -1)
         position_ids = torch.cat([text_row, positions]).unsqueeze(1)
         feed = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
-        return self.pipe.model(**feed, position_ids=position_ids, **{self._cache_kw: self.cache},
-                               use_cache=True, logits_to_keep=1)
+        recording = self.eviction.recording() if self.eviction is not None and not self._answering else nullcontext()
+        with recording:
+            return self.pipe.model(**feed, position_ids=position_ids, **{self._cache_kw: self.cache},
+                                   use_cache=True, logits_to_keep=1)
 
     # ----------------------------------------------------------- the budget
     def _redundancy(self, steps: torch.Tensor) -> torch.Tensor:
@@ -304,6 +322,9 @@ class StreamSession:
         keep_slots = torch.ones(cache_length(self.cache), dtype=torch.bool)
         keep_slots[self.visual_index[drop]] = False
         select_cache(self.cache, torch.nonzero(keep_slots).flatten())
+        if self.eviction is not None:
+            self.eviction.select(torch.nonzero(keep_slots).flatten())
+        self.visual_groups = self.visual_groups[~drop]
         kept_visual = self.visual_index[~drop]
         # Slots shift down by the evicted tokens before each survivor.
         self.visual_index = torch.searchsorted(torch.nonzero(keep_slots).flatten(), kept_visual)
@@ -330,30 +351,45 @@ class StreamSession:
         positions = positions[:, -len(suffix_ids):]
         length = cache_length(self.cache)
         bytes_before = cache_bytes(self.cache)
+        originals = list(self.cache.layers)
+        answering = (self.eviction.answering(self.cache, self.visual_index, self.visual_groups)
+                     if self.eviction is not None else nullcontext())
+        self._answering = True
         try:
-            out = self._prefill(ids=torch.tensor([suffix_ids], device=self.pipe.device), positions=positions)
-            first_logits = out.logits[0, -1]
-            token = int(first_logits.argmax())
-            first = self.clock.mark()
-            kv_bytes = cache_bytes(self.cache)
-            tokens = [token]
-            next_pos = positions[:, -1:] + 1
-            decode_start = self.clock.mark()
-            while len(tokens) < max_new_tokens and tokens[-1] not in self._stop:
-                out = self._prefill(ids=torch.tensor([[tokens[-1]]], device=self.pipe.device), positions=next_pos)
-                tokens.append(int(out.logits[0, -1].argmax()))
-                next_pos = next_pos + 1
-            decode_end = self.clock.mark()
-            extra = cache_bytes(self.cache) - bytes_before
+            with answering:
+                first_logits, tokens, marks, kv_bytes = self._answer(suffix_ids, positions, max_new_tokens)
+                held = cache_bytes(self.cache)  # with eviction: the answer's pruned copies ...
+                if any(a is not b for a, b in zip(self.cache.layers, originals)):
+                    held += cache_bytes(_Layers(originals))  # ... besides the stream's own layers
         finally:
+            self._answering = False
             crop_cache(self.cache, length)
+            if self.eviction is not None:
+                self.eviction.crop(length)
         text = self.pipe.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        first, decode_end = marks
         return StreamAnswer(
             text=text, token_ids=tokens, first_logits=first_logits.float().cpu(),
-            ttft_s=self.clock.elapsed(start, first), decode_s=self.clock.elapsed(decode_start, decode_end),
-            question_tokens=len(suffix_ids), kv_bytes=kv_bytes, extra_kv_bytes=extra, cached_tokens=length,
-            visual_tokens=self.visual_tokens, frames_seen=self.frames_seen,
+            ttft_s=self.clock.elapsed(start, first), decode_s=self.clock.elapsed(first, decode_end),
+            question_tokens=len(suffix_ids), kv_bytes=kv_bytes, extra_kv_bytes=held - bytes_before,
+            cached_tokens=length, visual_tokens=self.visual_tokens, frames_seen=self.frames_seen,
+            visual_tokens_kept=self.eviction.last.get("visual_tokens_kept") if self.eviction is not None else None,
         )
+
+    def _answer(self, suffix_ids: list[int], positions: torch.Tensor, max_new_tokens: int):
+        """Prefill the question, then decode greedily; every position row advances by one per
+        token from the question's last, as the engine does."""
+        out = self._prefill(ids=torch.tensor([suffix_ids], device=self.pipe.device), positions=positions)
+        first_logits = out.logits[0, -1]
+        tokens = [int(first_logits.argmax())]
+        first = self.clock.mark()
+        kv_bytes = cache_bytes(self.cache)
+        next_pos = positions[:, -1:] + 1
+        while len(tokens) < max_new_tokens and tokens[-1] not in self._stop:
+            out = self._prefill(ids=torch.tensor([[tokens[-1]]], device=self.pipe.device), positions=next_pos)
+            tokens.append(int(out.logits[0, -1].argmax()))
+            next_pos = next_pos + 1
+        return first_logits, tokens, (first, self.clock.mark()), kv_bytes
 
     def ask_choice(self, question: str, options: Sequence[str]) -> StreamAnswer:
         """A multiple-choice question (lettered options, the lmms-eval instruction): the answer is
@@ -381,22 +417,23 @@ class StreamSession:
         return list(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-class _OneLayer:
-    """A cache view of one layer, so ``cache_bytes`` counts it alone."""
+class _Layers:
+    """Some cache layers as a cache, so ``cache_bytes`` counts them alone."""
 
-    def __init__(self, layer):
-        self.layers = [layer]
+    def __init__(self, layers):
+        self.layers = list(layers)
 
 
-def _stage1(tokens: torch.Tensor, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """PruneVid Stage 1 on one chunk ``[t, n, C]``: merged tokens ``[M, C]`` and the index of
-    each one's representative (whose M-RoPE ids it takes) among the chunk's ``t * n`` tokens."""
+def _stage1(tokens: torch.Tensor, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PruneVid Stage 1 on one chunk ``[t, n, C]``: merged tokens ``[M, C]``, the index of each
+    one's representative (whose M-RoPE ids it takes) among the chunk's ``t * n`` tokens, and its
+    Stage-2 group (numbered within the chunk)."""
     from prunevid_bench.stages.stage1 import merge_video_tokens
 
     res = merge_video_tokens(tokens, tau=cfg.tau, cluster_ratio=cfg.cluster_ratio,
                              temporal_segment_ratio=cfg.temporal_segment_ratio, k=cfg.k,
                              min_cluster_tokens=cfg.min_cluster_tokens)
-    return res.merged.to(tokens.dtype), res.representative.to(tokens.device)
+    return res.merged.to(tokens.dtype), res.representative.to(tokens.device), res.group
 
 
 def _as_frames(frames) -> np.ndarray:
