@@ -41,6 +41,10 @@ def test_stream_asks_at_times_and_matches_offline(clip16, tmp_path):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["questions"] == 2 and summary["offline_agreement"] == 1.0
     assert json.loads((tmp_path / "s" / "config.json").read_text())["scenario"] == "stream"
+    chunks = [json.loads(line) for line in (tmp_path / "s" / "chunks.jsonl").read_text().splitlines()]
+    assert [c["ready_s"] for c in chunks] == [0.75, 1.75, 2.75, 3.75]
+    assert [c["visual_tokens"] for c in chunks] == [32, 64, 96, 128] and chunks[-1]["kv_bytes"] > chunks[0]["kv_bytes"]
+    assert (tmp_path / "s" / "kv.png").stat().st_size > 0
 
 
 def test_stream_options_pick_a_letter_and_the_budget_holds(clip16, tmp_path):

@@ -11,7 +11,7 @@ re-runs it offline on the frames seen so far and records the agreement and TTFT 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
 
 QUESTIONS_FILE = "questions.jsonl"
+CHUNKS_FILE = "chunks.jsonl"  # every appended chunk of this invocation: append time, tokens, KV bytes
 NO_FRAME_CAP = 10**9  # a stream samples at its rate for the whole video: --max-frames caps it
 
 
@@ -101,8 +102,10 @@ def _answer_letter(value: Any, options: list[str]) -> str | None:
 
 # ---------------------------------------------------------------- playing one video
 def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQuestion], *, chunk_frames: int,
-               budget: int | None, max_new_tokens: int, compare_offline: bool, done: set[str] | None = None):
-    """Stream one video and yield one record per question (those in ``done`` are skipped)."""
+               budget: int | None, max_new_tokens: int, compare_offline: bool, done: set[str] | None = None,
+               chunk_log: list | None = None):
+    """Stream one video and yield one record per question (those in ``done`` are skipped);
+    each appended chunk's record is added to ``chunk_log``."""
     from prunevid_bench.streaming import StreamSession
     from prunevid_bench.video import VideoRequest, load_clip
 
@@ -125,7 +128,9 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
     for q in pending:
         while appended < len(chunks) and ready[appended] <= q.time_s:
             start, end = chunks[appended]
-            session.append(clip.frames[start:end])
+            chunk = session.append(clip.frames[start:end])
+            if chunk_log is not None and chunk is not None:
+                chunk_log.append({"video": str(video), "ready_s": ready[appended], **asdict(chunk)})
             appended += 1
         if q.options:
             answer = session.ask_choice(q.question, q.options)
@@ -211,11 +216,12 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_header(run_dir, cfg, pipe, meta)
     records = dict(done)
+    chunk_log: list[dict[str, Any]] = []
     with SampleLog(run_dir / QUESTIONS_FILE) as log:
         for video, questions in videos.items():
             for record in play_video(pipe, cfg, video, questions, chunk_frames=chunk_frames, budget=budget,
                                      max_new_tokens=cfg.generation.max_new_tokens, compare_offline=compare_offline,
-                                     done=set(done)):
+                                     done=set(done), chunk_log=chunk_log):
                 log.write(record)
                 records[record["id"]] = record
                 shown = record.get("prediction") or record["text"] or "(empty)"
@@ -223,8 +229,21 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
                               f"(TTFT {record['ttft_s'] * 1000:.1f} ms, {record['visual_tokens']} visual tokens)", highlight=False)
     summary = stream_summary(list(records.values()))
     write_json(run_dir / "summary.json", summary)
+    if chunk_log:
+        _write_chunks(run_dir, chunk_log)
     console.print(f"run folder: {run_dir}")
     return run_dir, summary
+
+
+def _write_chunks(run_dir: Path, chunk_log: list[dict[str, Any]]) -> None:
+    """``chunks.jsonl`` and ``kv.png`` (KV bytes over each video's stream, up to its last question)."""
+    from prunevid_bench.stream_plot import plot_kv_over_stream
+
+    (run_dir / CHUNKS_FILE).write_text("".join(json.dumps(c) + "\n" for c in chunk_log), encoding="utf-8")
+    series: dict[str, list[tuple[float, int]]] = {}
+    for c in chunk_log:
+        series.setdefault(Path(c["video"]).name, []).append((c["ready_s"], c["kv_bytes"]))
+    plot_kv_over_stream(dict(list(series.items())[:10]), run_dir / "kv.png")
 
 
 def stream_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -118,6 +118,8 @@ class ChunkRecord:
     evicted: int  # visual tokens the budget evicted while appending it
     append_s: float  # processor + vision tower + Stage 1 + LLM prefill
     vision_s: float
+    visual_tokens: int  # in the cache after this chunk (and any eviction)
+    kv_bytes: int  # the cache's bytes after this chunk
 
 
 @dataclass
@@ -269,6 +271,7 @@ class StreamSession:
             index=len(self.chunks), first_frame=self.frames_seen, frames=len(frames),
             tokens_before_stage1=t * per_step, tokens_cached=added, evicted=evicted,
             append_s=self.clock.elapsed(start, end), vision_s=self.clock.elapsed(start, vision_end),
+            visual_tokens=self.visual_tokens, kv_bytes=cache_bytes(self.cache),
         )
         self.chunks.append(record)
         self.steps += t
