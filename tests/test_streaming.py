@@ -142,6 +142,16 @@ def test_user_errors_are_one_line(tiny_pipe, frames16):
     session.append(frames16[:2])
     with pytest.raises(PruneVidError, match="keep the frame size"):
         session.append(np.zeros((2, 112, 224, 3), dtype=np.uint8))
+    with pytest.raises(PruneVidError, match="longer than chunk_frames"):
+        StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=2).append(frames16[:4])
+    text = tiny_pipe.model.config.get_text_config()
+    limit, text.max_position_embeddings = text.max_position_embeddings, 80
+    try:
+        with pytest.raises(PruneVidError, match="max_position_embeddings"):
+            session.ask(QUESTION)
+    finally:
+        text.max_position_embeddings = limit
+    assert session.cache_info()["tokens"] == session.chunks[0].visual_tokens + len(session._prefix_ids)
 
 
 # ------------------------------------------------------------------ pruning in a stream

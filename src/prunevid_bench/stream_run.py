@@ -112,11 +112,13 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
     v = cfg.video
     request = VideoRequest("processor", num_frames=v.num_frames if v.fps is None else None, fps=v.fps,
                            max_frames=v.max_frames or NO_FRAME_CAP, max_pixels=v.max_pixels, min_pixels=v.min_pixels)
+    pending = sorted((q for q in questions if q.id not in (done or set())), key=lambda q: q.time_s)
+    if not pending:
+        return
     clip = load_clip(video, request=request)
     times = [i / clip.native_fps for i in clip.indices]
     chunks = [(s, min(s + chunk_frames, clip.num_frames)) for s in range(0, clip.num_frames, chunk_frames)]
     ready = [times[end - 1] for _, end in chunks]  # a chunk is appended once its last frame arrived
-    pending = sorted((q for q in questions if q.id not in (done or set())), key=lambda q: q.time_s)
     for q in pending:
         if q.time_s < ready[0]:
             raise PruneVidError(f"question '{q.id}' at {q.time_s:g} s comes before the first chunk of {video} is complete "

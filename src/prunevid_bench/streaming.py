@@ -189,6 +189,7 @@ class StreamSession:
         self.reset()
 
     # ----------------------------------------------------------- state
+    @torch.inference_mode()
     def reset(self) -> None:
         """Empty the stream: a fresh cache holding only the tokens before the video."""
         from transformers import DynamicCache
@@ -239,7 +240,7 @@ class StreamSession:
             self.pending, frames = frames[-1:], frames[:-1]
         if len(frames) == 0:
             return None
-        if self.chunk_frames is not None and len(frames) > self.chunk_frames + self.step:
+        if self.chunk_frames is not None and len(frames) > self.chunk_frames:
             raise PruneVidError(f"a chunk of {len(frames)} frames is longer than chunk_frames={self.chunk_frames}")
         start = self.clock.start()
         features, (t, h, w) = qwen_encode_chunk(self.pipe, frames, self.fps)
@@ -352,6 +353,8 @@ class StreamSession:
         ids = self._prefix_ids + suffix_ids
         positions = qwen_prompt_positions(self.pipe, ids, n_video, len(self._prefix_ids), (self.steps, h, w), self.fps)
         positions = positions[:, -len(suffix_ids):]
+        # The offline prompt's length (before any pruning), refused where run() would refuse it.
+        self.pipe._check_length(len(ids) + n_video, max_new_tokens)
         length = cache_length(self.cache)
         bytes_before = cache_bytes(self.cache)
         originals = list(self.cache.layers)
