@@ -49,10 +49,12 @@ def test_stream_asks_at_times_and_matches_offline(clip16, tmp_path):
 
 def test_stream_options_pick_a_letter_and_the_budget_holds(clip16, tmp_path):
     res = invoke("stream", clip16, "--ask", "3.9:Which?", "-o", "red", "-o", "blue", "--budget", "40", "--chunk-frames", "2",
+                 "--answer-mode", "logits",
                  "--compare-offline", *TINY, "--results-dir", tmp_path, "--label", "b")
     assert res.exit_code == 0, res.output
     (r,) = records(tmp_path / "b")
-    assert r["prediction"] in ("A", "B") and r["visual_tokens"] == 40 and "offline_agrees" in r
+    assert r["prediction"] in ("A", "B") and r["parse_status"] == "logits" and r["visual_tokens"] == 40
+    assert "offline_agrees" in r
 
 
 def test_stream_dataset_scores_and_resumes(clip16, tmp_path):
@@ -62,11 +64,15 @@ def test_stream_dataset_scores_and_resumes(clip16, tmp_path):
     ]
     data = clip16.parent / "timed.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    args = ("stream", "--dataset", data, "--chunk-frames", "4", *TINY, "--results-dir", tmp_path, "--label", "d", "--json", "--quiet")
+    args = ("stream", "--dataset", data, "--chunk-frames", "4", *TINY, "--results-dir", tmp_path, "--label", "d", "--json", "--quiet",
+            "--compare-offline", "--max-new-tokens", "4")
     res = invoke(*args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["scored"] == 2 and summary["correct"] == sum(r["correct"] for r in records(tmp_path / "d"))
+    done = records(tmp_path / "d")
+    assert summary["scored"] == 2 and summary["correct"] == sum(r["correct"] for r in done)
+    for r in done:  # generate mode: the reply's letter is parsed, offline's the same way
+        assert r["parse_status"] != "logits" and r["offline_agrees"] and r["offline_reply"] == r["text"]
     again = invoke(*args)
     assert again.exit_code == 0 and len(records(tmp_path / "d")) == 2  # nothing redone
     other = invoke(*args[:4], "2", *args[5:])

@@ -125,6 +125,17 @@ def test_ask_choice_equals_offline_logits_choice(tiny_pipe, frames16):
     assert (answer.first_logits - ref.first_token_logits).abs().max() <= 1e-4
 
 
+def test_ask_choice_can_parse_a_generated_reply(tiny_pipe, frames16):
+    from prunevid_bench.harness.answers import format_mc_prompt, parse_choice
+
+    options = ["a cat", "a car"]
+    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4)
+    session.append(frames16[:4])
+    answer = session.ask_choice(QUESTION, options, max_new_tokens=4)
+    reply = session.ask(format_mc_prompt(QUESTION, options), 4).text
+    assert answer.text == reply and (answer.choice, answer.parse_status) == parse_choice(reply, 2, options)
+
+
 def test_reset_empties_the_stream(tiny_pipe, frames16):
     session = StreamSession(tiny_pipe, video_fps=FPS)
     empty = session.cache_info()

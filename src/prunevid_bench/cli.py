@@ -360,11 +360,12 @@ def sweep(
 def stream(
     video: Annotated[Optional[Path], typer.Argument(help="Video file, played chunk by chunk.", show_default=False)] = None,
     asks: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="SECONDS:QUESTION, asked once every chunk complete by then is cached (repeatable).", rich_help_panel="Stream")] = None,
-    options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable) for every --ask: the best letter's first-token logit answers.", rich_help_panel="Stream")] = None,
+    options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable) for every --ask; the letter is parsed (or see --answer-mode).", rich_help_panel="Stream")] = None,
     chunk_frames: Annotated[int, typer.Option("--chunk-frames", help="Frames per chunk (a multiple of 2, the temporal patch).", rich_help_panel="Stream")] = 4,
     budget: Annotated[Optional[int], typer.Option("--budget", help="Keep at most B visual tokens cached, evicting those most like the previous step (question-agnostic).", rich_help_panel="Stream")] = None,
     compare_offline: Annotated[bool, typer.Option("--compare-offline", help="Also answer each question offline on the frames seen so far; record agreement and the TTFT ratio.", rich_help_panel="Stream")] = False,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="JSONL of timed questions: video, time, question, options, answer (several per video).", rich_help_panel="Dataset")] = None,
+    answer_mode: AnswerMode = "generate",
     preset: Preset = None,
     config: ConfigFile = None,
     sets: Sets = None,
@@ -411,7 +412,7 @@ def stream(
         default_label = f"stream-{video.stem}"
     run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, budget=budget, compare_offline=compare_offline,
                                   preset=preset, results_dir=results_dir, label=label or default_label, source=source,
-                                  console=human)
+                                  answer_mode=answer_mode, console=human)
     if json_out:
         emit_json({"run_dir": str(run_dir), **summary})
 

@@ -103,9 +103,11 @@ def _answer_letter(value: Any, options: list[str]) -> str | None:
 # ---------------------------------------------------------------- playing one video
 def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQuestion], *, chunk_frames: int,
                budget: int | None, max_new_tokens: int, compare_offline: bool, done: set[str] | None = None,
-               chunk_log: list | None = None):
+               chunk_log: list | None = None, answer_mode: str = "generate"):
     """Stream one video and yield one record per question (those in ``done`` are skipped);
-    each appended chunk's record is added to ``chunk_log``."""
+    each appended chunk's record is added to ``chunk_log``. ``answer_mode``: generate (parse the
+    reply's letter) or logits (the best option letter's first-token logit), as ``run --dataset``."""
+    from prunevid_bench.harness.answers import LETTERS
     from prunevid_bench.streaming import StreamSession
     from prunevid_bench.video import VideoRequest, load_clip
 
@@ -135,7 +137,7 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
                 chunk_log.append({"video": str(video), "ready_s": ready[appended], **asdict(chunk)})
             appended += 1
         if q.options:
-            answer = session.ask_choice(q.question, q.options)
+            answer = session.ask_choice(q.question, q.options, max_new_tokens if answer_mode == "generate" else None)
         else:
             answer = session.ask(q.question, max_new_tokens)
         record = {
@@ -144,35 +146,44 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
             "append_s": [c.append_s for c in session.chunks], **answer.record(), "sampled_fps": clip.sampled_fps,
         }
         if q.options:
-            record.update(options=q.options, prediction=answer.text)
+            record.update(options=q.options, prediction=None if answer.choice is None else LETTERS[answer.choice])
             if q.answer is not None:
-                record.update(answer=q.answer, correct=answer.text == q.answer)
+                record.update(answer=q.answer, correct=record["prediction"] == q.answer)
         if compare_offline:
-            record.update(_offline(pipe, cfg, clip.frames[: session.frames_seen], clip.sampled_fps, q, answer, max_new_tokens))
+            record.update(_offline(pipe, cfg, clip.frames[: session.frames_seen], clip.sampled_fps, q, answer,
+                                   max_new_tokens, answer_mode))
         yield record
 
 
-def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer, max_new_tokens: int) -> dict[str, Any]:
-    """The same question offline on the frames the stream had seen: one full prefill."""
-    from prunevid_bench.harness.answers import LETTERS, format_mc_prompt
+def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer, max_new_tokens: int,
+             answer_mode: str) -> dict[str, Any]:
+    """The same question offline on the frames the stream had seen: one full prefill. Agreement
+    is on the chosen letter for choices, on the reply's text otherwise."""
+    from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
     from prunevid_bench.harness.evaluate import letter_token_ids
 
+    logits_mode = bool(q.options) and answer_mode == "logits"
     text = format_mc_prompt(q.question, q.options) if q.options else q.question
     messages = [{"role": "user", "content": [{"type": "video", "video": frames, "fps": fps}, {"type": "text", "text": text}]}]
     run_cfg = cfg.to_dict()
     run_cfg["video"]["policy"] = "processor"
-    run_cfg["generation"]["max_new_tokens"] = 1 if q.options else max_new_tokens
+    run_cfg["generation"]["max_new_tokens"] = 1 if logits_mode else max_new_tokens
     from prunevid_bench.config import from_dict
 
     ref = pipe.run(messages=messages, config=from_dict(run_cfg))
-    if q.options:
+    if logits_mode:
         letters = letter_token_ids(pipe.processor.tokenizer, len(q.options))
-        offline_answer = LETTERS[int(ref.first_token_logits[letters].argmax())]
+        offline_answer, streamed = LETTERS[int(ref.first_token_logits[letters].argmax())], answer.text
+    elif q.options:
+        index, _ = parse_choice(ref.generated_text, len(q.options), q.options)
+        offline_answer = None if index is None else LETTERS[index]
+        streamed = None if answer.choice is None else LETTERS[answer.choice]
     else:
-        offline_answer = ref.generated_text
+        offline_answer, streamed = ref.generated_text, answer.text
     return {
         "offline_answer": offline_answer,
-        "offline_agrees": offline_answer == answer.text,
+        "offline_reply": ref.generated_text,
+        "offline_agrees": offline_answer == streamed,
         "offline_ttft_s": ref.ttft_s,
         "offline_over_stream_ttft": ref.ttft_s / answer.ttft_s if answer.ttft_s > 0 else None,
         "offline_max_logit_diff": float((ref.first_token_logits - answer.first_logits).abs().max()),
@@ -191,7 +202,7 @@ def check_stream_config(cfg: RunConfig, chunk_frames: int, budget: int | None) -
 
 def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_frames: int, budget: int | None,
                compare_offline: bool, preset: str | None, results_dir: Path, label: str, source: str,
-               console: Console | None = None) -> tuple[Path, dict[str, Any]]:
+               answer_mode: str = "generate", console: Console | None = None) -> tuple[Path, dict[str, Any]]:
     """Stream each video, write one record per question to ``questions.jsonl`` (a rerun of the
     same command resumes: questions already recorded are skipped) and ``summary.json``."""
     from prunevid_bench.harness.runs import SampleLog, read_samples
@@ -202,12 +213,14 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
 
     console = console or Console()
     check_stream_config(cfg, chunk_frames, budget)
+    if answer_mode not in ("generate", "logits"):
+        raise PruneVidError(f"--answer-mode is generate or logits, got '{answer_mode}'")
     for video in videos:
         check_video(video)
     check_writable(results_dir)
     run_dir = results_dir / label
     meta = {"scenario": "stream", "preset": preset, "source": source, "chunk_frames": chunk_frames,
-            "visual_budget": budget, "compare_offline": compare_offline}
+            "visual_budget": budget, "compare_offline": compare_offline, "answer_mode": answer_mode}
     done: dict[str, dict[str, Any]] = {}
     if (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
@@ -223,10 +236,13 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
         for video, questions in videos.items():
             for record in play_video(pipe, cfg, video, questions, chunk_frames=chunk_frames, budget=budget,
                                      max_new_tokens=cfg.generation.max_new_tokens, compare_offline=compare_offline,
-                                     done=set(done), chunk_log=chunk_log):
+                                     done=set(done), chunk_log=chunk_log, answer_mode=answer_mode):
                 log.write(record)
                 records[record["id"]] = record
-                shown = record.get("prediction") or record["text"] or "(empty)"
+                if "options" in record:
+                    shown = record["prediction"] or f"no letter in '{record['text']}'"
+                else:
+                    shown = record["text"] or "(empty)"
                 console.print(f"[bold]{record['time_s']:g} s[/] {escape(record['question'])} -> {escape(shown)} "
                               f"(TTFT {record['ttft_s'] * 1000:.1f} ms, {record['visual_tokens']} visual tokens)", highlight=False)
     summary = stream_summary(list(records.values()))

@@ -136,7 +136,8 @@ class StreamAnswer:
     visual_tokens: int  # visual tokens in the cache
     frames_seen: int
     visual_tokens_kept: int | None = None  # question-time eviction: visual tokens this answer kept
-    choice: int | None = None  # ask_choice: the option whose letter has the highest first-token logit
+    choice: int | None = None  # ask_choice: the chosen option's index
+    parse_status: str | None = None  # ask_choice: "logits", or the letter parser's status
 
     def record(self) -> dict[str, Any]:
         out = asdict(self)
@@ -397,16 +398,23 @@ class StreamSession:
             next_pos = next_pos + 1
         return first_logits, tokens, (first, self.clock.mark()), kv_bytes
 
-    def ask_choice(self, question: str, options: Sequence[str]) -> StreamAnswer:
-        """A multiple-choice question (lettered options, the lmms-eval instruction): the answer is
-        the option whose letter has the highest first-token logit; one forward, no decoding."""
-        from prunevid_bench.harness.answers import LETTERS, format_mc_prompt
+    def ask_choice(self, question: str, options: Sequence[str], max_new_tokens: int | None = None) -> StreamAnswer:
+        """A multiple-choice question (lettered options, the lmms-eval instruction). By default
+        the answer is the option whose letter has the highest first-token logit (one forward);
+        with ``max_new_tokens`` the reply is generated and its letter parsed, as ``run`` does
+        (``choice`` None when no letter can be read; ``parse_status`` says why)."""
+        from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
         from prunevid_bench.harness.evaluate import letter_token_ids
 
-        answer = self.ask(format_mc_prompt(question, options), max_new_tokens=1)
+        prompt = format_mc_prompt(question, options)
+        if max_new_tokens is not None:
+            answer = self.ask(prompt, max_new_tokens=max_new_tokens)
+            answer.choice, answer.parse_status = parse_choice(answer.text, len(options), list(options))
+            return answer
+        answer = self.ask(prompt, max_new_tokens=1)
         letters = letter_token_ids(self.pipe.processor.tokenizer, len(options))
         answer.choice = int(answer.first_logits[letters].argmax())
-        answer.text = LETTERS[answer.choice]
+        answer.text, answer.parse_status = LETTERS[answer.choice], "logits"
         return answer
 
     # ----------------------------------------------------------- prompt pieces
