@@ -242,6 +242,69 @@ def sweep(
             if shortfall(summary)], human)
 
 
+# ---------------------------------------------------------------- stream
+@app.command(epilog=EXIT_HELP)
+@guarded
+def stream(
+    video: Annotated[Optional[Path], typer.Argument(help="Video file, played chunk by chunk.", show_default=False)] = None,
+    asks: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="SECONDS:QUESTION, asked once every chunk complete by then is cached (repeatable).", rich_help_panel="Stream")] = None,
+    options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable) for every --ask; the letter is parsed (or see --answer-mode).", rich_help_panel="Stream")] = None,
+    chunk_frames: Annotated[int, typer.Option("--chunk-frames", help="Frames per chunk (a multiple of 2, the temporal patch).", rich_help_panel="Stream")] = 4,
+    budget: Annotated[Optional[int], typer.Option("--budget", help="Keep at most B visual tokens cached, evicting those most like the previous step (question-agnostic).", rich_help_panel="Stream")] = None,
+    compare_offline: Annotated[bool, typer.Option("--compare-offline", help="Also answer each question offline on the frames seen so far; record agreement and the TTFT ratio.", rich_help_panel="Stream")] = False,
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="JSONL of timed questions: video, time, question, options, answer (several per video).", rich_help_panel="Dataset")] = None,
+    answer_mode: AnswerMode = "generate",
+    preset: Preset = None,
+    config: ConfigFile = None,
+    sets: Sets = None,
+    model: Model = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    attn_implementation: Attn = None,
+    num_frames: NumFrames = None,
+    fps: Annotated[Optional[float], typer.Option("--fps", help="Sampling rate of the stream (default 2; --num-frames samples that many instead).", rich_help_panel="Video")] = None,
+    max_frames: MaxFrames = None,
+    max_pixels: MaxPixels = None,
+    max_new_tokens: MaxNew = None,
+    results_dir: ResultsDir = Path("results"),
+    label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder; rerun with the same one to resume.", rich_help_panel="Output")] = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Play a video as a stream: chunks are appended to a live KV cache and each question is
+    answered from it at its time, without re-encoding. Stage 1 (from the preset or
+    --set stage1.enabled=true) merges each chunk as it arrives; Stage 2 evicts cached visual
+    tokens for each answer by the question's layer-K scores."""
+    from prunevid_bench.config import build_config
+    from prunevid_bench.stream_run import TimedQuestion, parse_ask, read_stream_dataset, run_stream
+
+    human = human_console(json_out, quiet)
+    if fps is None and num_frames is None:
+        fps = 2.0
+    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
+    cfg = build_config(preset, config, overrides)
+    if dataset is not None:
+        if video is not None or asks or options:
+            raise PruneVidError("give either VIDEO with --ask, or --dataset, not both")
+        videos = read_stream_dataset(dataset)
+        source = str(dataset)
+        default_label = f"stream-{dataset.stem}"
+    else:
+        if video is None or not asks:
+            raise PruneVidError("give a VIDEO and at least one --ask SECONDS:QUESTION (or --dataset FILE)")
+        if options is not None and len(options) < 2:
+            raise PruneVidError("give at least 2 --option values")
+        questions = [TimedQuestion(f"q{i}", *parse_ask(text), options=list(options or [])) for i, text in enumerate(asks)]
+        videos = {str(video): questions}
+        source = str(video)
+        default_label = f"stream-{video.stem}"
+    run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, budget=budget, compare_offline=compare_offline,
+                                  preset=preset, results_dir=results_dir, label=label or default_label, source=source,
+                                  answer_mode=answer_mode, console=human)
+    if json_out:
+        emit_json({"run_dir": str(run_dir), **summary})
+
+
 # ---------------------------------------------------------------- compare
 @app.command()
 @guarded
