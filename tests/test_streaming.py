@@ -111,7 +111,7 @@ def test_an_odd_frame_waits_for_the_next_chunk(tiny_pipe, frames16):
 
 
 def test_ask_choice_equals_offline_logits_choice(tiny_pipe, frames16):
-    from prunevid_bench.harness.answers import format_mc_prompt
+    from prunevid_bench.choices import format_mc_prompt
     from prunevid_bench.harness.evaluate import letter_token_ids
 
     options = ["a cat", "a car", "a cloud"]
@@ -126,7 +126,7 @@ def test_ask_choice_equals_offline_logits_choice(tiny_pipe, frames16):
 
 
 def test_ask_choice_can_parse_a_generated_reply(tiny_pipe, frames16):
-    from prunevid_bench.harness.answers import format_mc_prompt, parse_choice
+    from prunevid_bench.choices import format_mc_prompt, parse_choice
 
     options = ["a cat", "a car"]
     session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4)

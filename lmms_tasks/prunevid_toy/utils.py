@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -12,7 +12,29 @@ import typer
 from rich.console import Console
 
 # The options run and sweep share are defined once, as groups (cli_options).
-from prunevid_bench.cli_options import ConfigFlags, DatasetFlags, EvalFlags, JsonOut, OutputFlags, Quiet, with_groups
+from prunevid_bench.cli_options import (
+    AnswerMode,
+    Attn,
+    ConfigFile,
+    ConfigFlags,
+    DatasetFlags,
+    Device,
+    Dtype,
+    EvalFlags,
+    JsonOut,
+    MaxFrames,
+    MaxNew,
+    MaxPixels,
+    Model,
+    NumFrames,
+    OutputFlags,
+    Preset,
+    Quiet,
+    ResultsDir,
+    Sets,
+    collect_overrides,
+    with_groups,
+)
 from prunevid_bench.errors import PruneVidError, describe_os_error
 
 # Exit codes, for scripts: named in --help (EXIT_HELP) and returned by run, sweep and compare.

@@ -51,7 +51,7 @@ def parse_ask(text: str) -> tuple[float, str]:
 def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
     """JSONL rows ``{"video", "time", "question", "options", "answer"}`` grouped by video (paths
     relative to the file's folder); answer: a letter, a 0-based index or the option's text."""
-    from prunevid_bench.harness.answers import LETTERS
+    from prunevid_bench.choices import LETTERS
 
     if not path.is_file():
         raise PruneVidError(f"dataset not found: {path}")
@@ -90,7 +90,7 @@ def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
 
 
 def _answer_letter(value: Any, options: list[str]) -> str | None:
-    from prunevid_bench.harness.answers import LETTERS
+    from prunevid_bench.choices import LETTERS
 
     if isinstance(value, int) and 0 <= value < len(options):
         return LETTERS[value]
@@ -107,7 +107,7 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
     """Stream one video and yield one record per question (those in ``done`` are skipped);
     each appended chunk's record is added to ``chunk_log``. ``answer_mode``: generate (parse the
     reply's letter) or logits (the best option letter's first-token logit), as ``run --dataset``."""
-    from prunevid_bench.harness.answers import LETTERS
+    from prunevid_bench.choices import LETTERS
     from prunevid_bench.streaming import StreamSession
     from prunevid_bench.video import VideoRequest, load_clip
 
@@ -159,7 +159,7 @@ def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer,
              answer_mode: str) -> dict[str, Any]:
     """The same question offline on the frames the stream had seen: one full prefill. Agreement
     is on the chosen letter for choices, on the reply's text otherwise."""
-    from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+    from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
     from prunevid_bench.harness.evaluate import letter_token_ids
 
     logits_mode = bool(q.options) and answer_mode == "logits"
@@ -206,7 +206,7 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
     """Stream each video, write one record per question to ``questions.jsonl`` (a rerun of the
     same command resumes: questions already recorded are skipped) and ``summary.json``."""
     from prunevid_bench.harness.runs import SampleLog, read_samples
-    from prunevid_bench.pipeline import load_pipeline
+    from prunevid_bench.pipeline import Pipeline
     from prunevid_bench.report import check_writable, write_json
     from prunevid_bench.single import write_run_header
     from prunevid_bench.video import check_video
@@ -227,7 +227,7 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
         if {k: saved.get(k) for k in meta} != meta or saved.get("config") != cfg.to_dict():
             raise PruneVidError(f"{run_dir} holds a stream run with other settings: pass another --label")
         done = read_samples(run_dir / QUESTIONS_FILE, repair=True)
-    pipe = load_pipeline(overrides=cfg.to_overrides())
+    pipe = Pipeline.from_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_header(run_dir, cfg, pipe, meta)
     records = dict(done)

@@ -403,7 +403,7 @@ class StreamSession:
         the answer is the option whose letter has the highest first-token logit (one forward);
         with ``max_new_tokens`` the reply is generated and its letter parsed, as ``run`` does
         (``choice`` None when no letter can be read; ``parse_status`` says why)."""
-        from prunevid_bench.harness.answers import LETTERS, format_mc_prompt, parse_choice
+        from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
         from prunevid_bench.harness.evaluate import letter_token_ids
 
         prompt = format_mc_prompt(question, options)

@@ -60,7 +60,7 @@ class PruneVidLMM(lmms):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         from prunevid_bench.config import build_config
-        from prunevid_bench.pipeline import load_pipeline
+        from prunevid_bench.pipeline import Pipeline
 
         try:
             args = parse_model_args(kwargs)
@@ -69,7 +69,7 @@ class PruneVidLMM(lmms):
             if self._world_size > 1 and args.overrides.get("model.device") != "cpu":
                 args.overrides["model.device"] = f"cuda:{local}"  # one GPU per process, as lmms-eval's models do
             cfg = build_config(args.preset, args.config_file, args.overrides)
-            self.pipe = load_pipeline(overrides=cfg.to_overrides())
+            self.pipe = Pipeline.from_config(cfg)
             if cfg.video.policy == "auto" and self.pipe.default_policy == "qwen":
                 self.pipe.config.video.policy = "lmms-eval"
             self._folder = args.records or default_records_dir(args.label, args.preset, output_path_from_argv())
