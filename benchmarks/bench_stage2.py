@@ -48,7 +48,7 @@ from prunevid_bench.models.tiny import (
     build_tiny_model,
     build_tokenizer,
 )
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
 
 try:

@@ -26,7 +26,7 @@ from prunevid_bench.flops import (
     vision_encoder_flops,
 )
 from prunevid_bench.models.tiny import build_processor, build_tiny_model
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 
 TOY = TextShape(hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=10)
 

@@ -9,7 +9,7 @@ import torch
 from prunevid_bench.config import Stage1Config, Stage2Config
 from prunevid_bench.engine import prefill_position_ids, run_greedy
 from prunevid_bench.models.tiny import build_processor, build_tiny_model
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages.stage1 import merge_video_tokens
 
 QUESTION = "What is happening?"

@@ -27,7 +27,7 @@ from prunevid_bench.models.tiny import (
     build_tiny_model,
 )
 from prunevid_bench.pipeline import _with_overrides, load_pipeline
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
 
 QUESTION = "What is happening in this video?"
