@@ -106,7 +106,7 @@ def test_merged_tokens_carry_their_representatives_ids(model, processor):
     # the text row is contiguous so no packed-sequence mask is inferred
     assert torch.equal(pos[0, 0], torch.arange(emb.shape[0]))
     # the planted static quadrant is found static (4 of 16 slots per frame)
-    assert handle.state.stage1_static_tokens >= 1
+    assert handle.state.method_stats["stage1_static_tokens"] >= 1
     assert handle.state.tokens_after_stage1 == m < 64
     assert handle.state.visual_groups.numel() == m
     # decoding continues the unpruned numbering: the same tokens as generate with the patch on

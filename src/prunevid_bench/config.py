@@ -85,7 +85,7 @@ class RunConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     # Sections of the other registered methods (prunevid_bench.methods), by section name.
-    methods: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=lambda: _other_method_defaults())
 
     def to_dict(self) -> dict[str, Any]:
         """One mapping per section; the other methods' sections sit beside stage1/stage2."""
@@ -95,7 +95,11 @@ class RunConfig:
 
     def section(self, name: str) -> Any:
         """The config of one section (``stage1``, ``video``, a method's section)."""
-        return self.methods[name] if name in self.methods else getattr(self, name)
+        if name in self.methods:
+            return self.methods[name]
+        if name in {f.name for f in dataclasses.fields(self)}:
+            return getattr(self, name)
+        return section_types()[name]()  # a method section this config was built without: its defaults
 
     @property
     def enabled_methods(self) -> list[str]:
@@ -124,6 +128,12 @@ _BASE_SECTIONS = {
 # Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
 # registered later with a key of the same name does not make today's short names ambiguous.
 _CORE_SECTIONS = ("model", "video", "generation", "stage1", "stage2")
+
+
+def _other_method_defaults() -> dict[str, Any]:
+    """Default configs of the method sections RunConfig does not name as fields."""
+    fixed = {f.name for f in dataclasses.fields(RunConfig)}
+    return {name: cls() for name, cls in section_types().items() if name not in fixed and name not in _BASE_SECTIONS}
 
 
 def section_types() -> dict[str, type]:

@@ -96,6 +96,11 @@ class RunResult:
     generated_token_ids: list[int] = field(default_factory=list)
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 
+    # The old names (RECORD_ALIASES), for one release.
+    tokens_before = property(lambda self: self.stage2_tokens_before)
+    tokens_after = property(lambda self: self.stage2_tokens_after)
+    total_compression_ratio = property(lambda self: self.visual_tokens_kept_ratio)
+
     def to_dict(self) -> dict[str, Any]:
         skip = ("first_token_logits", "method_fields")
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
