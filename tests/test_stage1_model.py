@@ -1,4 +1,5 @@
-"""Stage 1 inside the model: identity when nothing merges, true M-RoPE ids, several videos."""
+"""Stage 1 inside the model: identity when nothing merges, true M-RoPE ids, several videos.
+The fixtures run on the tiny model of each family (Qwen2.5-VL and Qwen2-VL)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from prunevid_bench.config import Stage1Config, Stage2Config
 from prunevid_bench.engine import prefill_position_ids, run_greedy
+from prunevid_bench.families import family_for_type
 from prunevid_bench.models.tiny import build_processor, build_tiny_model
 from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages.stage1 import merge_video_tokens
@@ -29,14 +31,22 @@ def prepare(processor, videos, question=QUESTION):
     return dict(processor(text=[prompt], videos=list(videos), video_metadata=meta, do_sample_frames=False, return_tensors="pt"))
 
 
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return family_for_type(request.param)
+
+
 @pytest.fixture(scope="module")
-def processor():
-    return build_processor()
+def processor(family):
+    return build_processor(processor_class=family.processor_class)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
-def model(request):
-    return build_tiny_model(attn_implementation=request.param)
+def model(family, request):
+    return family.build_tiny(attn_implementation=request.param)
 
 
 class LLMInputs:
