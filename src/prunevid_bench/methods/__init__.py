@@ -130,6 +130,11 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def unregister_method(name: str) -> None:
+    """Take a method out of the registry (tests; a plug-in being reloaded)."""
+    _METHODS.pop(name, None)
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
