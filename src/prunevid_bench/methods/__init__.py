@@ -112,6 +112,8 @@ class Method:
         for f in dataclasses.fields(self.config):
             allowed = str(self.ranges[f.name]) if f.name in self.ranges else (
                 "one of " + ", ".join(self.choices[f.name]) if f.name in self.choices else "")
+            if self.pruning_layer is not None and f.name == "pruning_layer":
+                allowed = "a 0-based layer index or 'K/N' (the same relative depth)"
             out.append((f.name, str(f.type), getattr(default, f.name), allowed))
         return out
 
