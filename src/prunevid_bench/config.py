@@ -245,11 +245,6 @@ def resolve_layer(spec: int | str, num_layers: int, key: str = "stage2.pruning_l
     return spec
 
 
-def _in_unit_interval(key: str, value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise PruneVidError(f"{key} must be in (0, 1], got {value}")
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     """Range checks that need no model. ``stage2.pruning_layer`` is only checked for its form
     here: it is resolved against the model's depth (``resolve_layer``) when the patch is applied."""

@@ -28,12 +28,10 @@ class PatchGeometry:
 @dataclass(frozen=True)
 class Family:
     model_type: str  # the checkpoint's config.model_type
-    label: str  # for messages ("Qwen2.5-VL")
     model_class: str  # transformers class that loads a checkpoint
     processor_class: str  # transformers processor class of the family
     rope_inputs: tuple[str, ...]  # processor outputs the family's get_rope_index reads
     apply_rotary: Callable  # (q, k, cos, sin) -> (q, k), the family's own rotary
-    window_attention: bool  # does the vision tower use window attention (flops)
     build_tiny: Callable[..., Any] | None = None  # (seed, attn_implementation) -> random-weight model
 
     # --------------------------------------------------------------- where things are

@@ -17,11 +17,9 @@ def _tiny(seed: int = 0, attn_implementation: str = "sdpa"):
 
 QWEN2_5_VL = register_family(Family(
     model_type="qwen2_5_vl",
-    label="Qwen2.5-VL",
     model_class="Qwen2_5_VLForConditionalGeneration",
     processor_class="Qwen2_5_VLProcessor",
     rope_inputs=("video_grid_thw", "image_grid_thw", "second_per_grid_ts"),
     apply_rotary=apply_rotary_pos_emb,
-    window_attention=True,
     build_tiny=_tiny,
 ))

@@ -33,11 +33,9 @@ class Qwen2VLFamily(Family):
 
 QWEN2_VL = register_family(Qwen2VLFamily(
     model_type="qwen2_vl",
-    label="Qwen2-VL",
     model_class="Qwen2VLForConditionalGeneration",
     processor_class="Qwen2VLProcessor",
     rope_inputs=("video_grid_thw", "image_grid_thw"),
     apply_rotary=apply_rotary_pos_emb,
-    window_attention=False,
     build_tiny=_tiny,
 ))
