@@ -57,6 +57,8 @@ app = typer.Typer(
 )
 presets_app = typer.Typer(help="List presets, or show one resolved.", invoke_without_command=True)
 app.add_typer(presets_app, name="presets")
+methods_app = typer.Typer(help="List the token-reduction methods, or show one's keys.", invoke_without_command=True)
+app.add_typer(methods_app, name="methods")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -385,6 +387,36 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> N
 
     cfg = build_config(name)
     console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), highlight=False, end="")
+
+
+# ---------------------------------------------------------------- methods
+@methods_app.callback()
+@guarded
+def methods(ctx: typer.Context) -> None:
+    """List the registered token-reduction methods, one line each: where it acts, its section and keys."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prunevid_bench.methods import all_methods
+
+    for m in all_methods():
+        keys = ", ".join(k for k, *_ in m.keys())
+        console.print(f"{m.name} [{m.acts}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
+
+
+@methods_app.command("show")
+@guarded
+def methods_show(name: Annotated[str, typer.Argument(help="Method name (see `prunevid methods`).")]) -> None:
+    """A method's keys with their types, defaults and allowed values; set them as SECTION.KEY."""
+    from prunevid_bench.methods import get_method
+
+    m = get_method(name)
+    console.print(f"{m.name} ({m.acts}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"section: {m.section} (e.g. --set {m.section}.enabled=true)", highlight=False, markup=False)
+    for key, kind, default, allowed in m.keys():
+        extra = f"  {allowed}" if allowed else ""
+        console.print(f"  {m.section}.{key}: {kind} = {default!r}{extra}", highlight=False, markup=False, soft_wrap=True)
+    if m.record_fields:
+        console.print(f"record fields: {', '.join(m.record_fields)}", highlight=False, markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- toy data
