@@ -181,8 +181,8 @@ def test_another_method_is_named_and_never_taken_for_the_baseline(runs, tiny_pip
     method it ran, and carries the analytic ideal speed-up beside the measured one."""
     toy = generate_dataset(tmp_path / "toy", 6, seed=3)
     cfg = build_config(None, None, {**FAST, "fastv.enabled": True, "fastv.pruning_layer": 1})
-    fastv = evaluate_dataset(cfg, toy, results_dir=tmp_path / "runs", label="fastv", limit=4, pipeline=tiny_pipe,
-                             console=Console(quiet=True)).run_dir
+    fastv = evaluate_dataset(cfg, DatasetSpec(toy, limit=4), EvalOptions(results_dir=tmp_path / "runs", label="fastv"),
+                             pipeline=tiny_pipe, console=Console(quiet=True)).run_dir
     res = invoke("compare", fastv, runs["base"], "--out", tmp_path / "cmp")
     assert res.exit_code == 0, res.output
     fastv_row, base_row = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))

@@ -445,7 +445,7 @@ def _stage1(tokens: torch.Tensor, cfg: Stage1Config) -> tuple[torch.Tensor, torc
     from prunevid_bench.stages.stage1 import merge_video_tokens
 
     res = merge_video_tokens(tokens, tau=cfg.tau, cluster_ratio=cfg.cluster_ratio,
-                             temporal_segment_ratio=cfg.temporal_segment_ratio, k=cfg.k,
+                             temporal_segment_ratio=cfg.temporal_segment_ratio, k=cfg.dpc_neighbours,
                              min_cluster_tokens=cfg.min_cluster_tokens)
     return res.merged.to(tokens.dtype), res.representative.to(tokens.device), res.group
 
