@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-fast toy-model benchmarks clean
+.PHONY: install demo test test-lmms test-fast toy-model benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# lmms-eval (the [lmms] extra) gets a venv of its own: it pins av < 16, and the core suite keeps
+# running on the newest PyAV in .venv. CI runs both (.ci/run).
+LMMS_VENV  := .venv-lmms
+LMMS_STAMP := $(LMMS_VENV)/.installed-stamp
+$(LMMS_STAMP): pyproject.toml
+	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(LMMS_VENV)/bin/pip install --quiet -e '.[test,lmms]'
+	touch $(LMMS_STAMP)
 
 # The bundled toy-world clip (a held-out question; the answer is (A) left) through the shipped `toy`
 # model: once vanilla, once with the paper's stages (the preset's pruning layer "10/28" resolves to
@@ -33,6 +43,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The lmms-eval plugin end to end (python -m lmms_eval --model prunevid on the toy task; a few minutes).
+test-lmms: $(LMMS_STAMP)
+	$(LMMS_VENV)/bin/python -m pytest tests/test_lmms_eval.py tests/test_lmms_args.py
+
 # Retrain the shipped toy model (fixed seeds, one training thread; about 25-30 minutes on this 2-core CPU).
 toy-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
@@ -43,4 +57,4 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_video_memory.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -48,7 +48,7 @@ from prunevid_bench.models.tiny import (
     build_tiny_model,
     build_tokenizer,
 )
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
 
 try:
@@ -214,11 +214,10 @@ def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> 
                 ttft.append(out.ttft_s)
                 tps.append(out.decode_tokens_per_s or 0.0)
                 if handle:
-                    report = handle.report()
                     if stage1 and stage1.enabled:
-                        s1_times.append(report["stage1_s"])
+                        s1_times.append(handle.seconds("prunevid_stage1"))
                     if stage2 and stage2.enabled:
-                        s2_times.append(report["stage2_s"])
+                        s2_times.append(handle.seconds("prunevid_stage2"))
         memory.start()
         out = run_greedy(model, inputs, args.new_tokens, clock=clock)
         peak = memory.stop(out)

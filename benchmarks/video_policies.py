@@ -46,7 +46,7 @@ def main() -> None:
     processor = build_processor(min_pixels=3136, max_pixels=12845056)
     model = build_tiny_model()
     model.config.get_text_config().max_position_embeddings = 128000  # the 7B's
-    pipe = Pipeline(LoadedModel(model, processor, "7B bounds", False), build_config())
+    pipe = Pipeline(LoadedModel(model, processor, "7B bounds"), build_config())
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_1080p(Path(tmp) / "1080p.mp4", args.frames, args.fps)
         print(f"clip: 1920x1080, {args.frames} frames at {args.fps} fps; request: 16 frames (lmms-eval: its default 32 unless told)")

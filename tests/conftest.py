@@ -51,6 +51,16 @@ def tiny_pipe():
     pipe.remove_stages()
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_pipe():
+    """The second family's tiny model (Qwen2-VL), like ``tiny_pipe``."""
+    from prunevid_bench.pipeline import load_pipeline
+
+    pipe = load_pipeline("tiny-qwen2vl", device="cpu", dtype="float32")
+    yield pipe
+    pipe.remove_stages()
+
+
 @pytest.fixture
 def frames8() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (8, 112, 112, 3), dtype=np.uint8)

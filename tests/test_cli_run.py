@@ -87,7 +87,8 @@ def test_widely_spread_repeats_are_flagged():
         (["run", "CLIP", "Q", "--set", "stage1.tua=0.5"], "did you mean 'stage1.tau'"),
         (["run", "CLIP", "Q", "--set", "stage2.keep_ratio=1.5"], "stage2.keep_ratio must be in (0, 1]"),
         (["run", "CLIP", "Q", "--set", "stage1.cluster_ratio=0"], "stage1.cluster_ratio must be in (0, 1]"),
-        (["run", "CLIP", "Q", "--set", "stage1.k=0"], "stage1.k must be >= 1"),
+        (["run", "CLIP", "Q", "--set", "stage1.k=0"], "stage1.dpc_neighbours must be >= 1"),  # the old name still loads
+        (["run", "CLIP", "Q", "--set", "stage1.dpc_neighbours=0"], "stage1.dpc_neighbours must be >= 1"),
         (["run", "CLIP", "Q", "--preset", "defualt"], "did you mean 'default'"),
         (["run", "CLIP", "Q", "--model", "tiny", "--num-frames", "8", "--set", "stage2.enabled=true", "--set", "stage2.pruning_layer=4"], "stage2.pruning_layer must be in [0, 3]"),
         (["run", "CLIP", "Q", "--model", "tiny", "--num-frames", "96"], "asked for 96 frames but the clip has only 8"),  # never silently capped
@@ -135,7 +136,7 @@ def test_a_model_that_is_not_qwen25vl_is_refused(clip8, tmp_path):
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}))
     res = invoke("run", clip8, "Q", "--model", model_dir, "--results-dir", tmp_path / "out")
     assert res.exit_code == 2
-    assert "is a llama model; prunevid-bench supports Qwen2.5-VL only" in res.output
+    assert "is a llama model; prunevid-bench supports the model types qwen2_5_vl, qwen2_vl" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 

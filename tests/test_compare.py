@@ -174,3 +174,21 @@ def test_runs_saved_before_the_layer_was_recorded_show_the_configured_one():
 def test_not_a_run_folder(tmp_path):
     res = invoke("compare", tmp_path)
     assert res.exit_code == 2 and "is not a run folder" in res.output
+
+
+def test_another_method_is_named_and_never_taken_for_the_baseline(runs, tiny_pipe, tmp_path):
+    """A run with a method other than PruneVid's (the fastv control) is no baseline, says which
+    method it ran, and carries the analytic ideal speed-up beside the measured one."""
+    toy = generate_dataset(tmp_path / "toy", 6, seed=3)
+    cfg = build_config(None, None, {**FAST, "fastv.enabled": True, "fastv.pruning_layer": 1})
+    fastv = evaluate_dataset(cfg, DatasetSpec(toy, limit=4), EvalOptions(results_dir=tmp_path / "runs", label="fastv"),
+                             pipeline=tiny_pipe, console=Console(quiet=True)).run_dir
+    res = invoke("compare", fastv, runs["base"], "--out", tmp_path / "cmp")
+    assert res.exit_code == 0, res.output
+    fastv_row, base_row = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert (fastv_row["is_baseline"], base_row["is_baseline"]) == ("False", "True")
+    assert fastv_row["stages"] == "fastv L=1 keep_ratio=0.5"
+    assert float(fastv_row["ideal_speedup"]) == summary(fastv)["metrics"]["ideal_speedup"]["median"] > 1
+    assert float(base_row["ideal_speedup"]) == 1
+    (row,) = csv.DictReader(open(fastv / "summary.csv"))
+    assert row["methods"] == "fastv" and row["stage1"] == row["stage2"] == "False"

@@ -9,9 +9,12 @@ from prunevid_bench.engine import prefill_position_ids, run_greedy
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_engine_equals_generate(tiny_pipe, seed):
+@pytest.mark.parametrize("pipe_fixture", ["tiny_pipe", "tiny_qwen2vl_pipe"])
+def test_engine_equals_generate(request, pipe_fixture, seed):
+    """Methods off, the engine is vanilla ``generate`` token for token, on both families."""
     import numpy as np
 
+    tiny_pipe = request.getfixturevalue(pipe_fixture)
     frames = np.random.default_rng(seed).integers(0, 255, (8, 112, 112, 3), dtype=np.uint8)
     tiny_pipe.remove_stages()
     prepared = tiny_pipe.prepare(frames, "What is happening in this video?")

@@ -1,5 +1,5 @@
 """The analytic FLOPs model: by hand on a toy shape, and against torch's FLOP counter on the
-tiny Qwen2.5-VL (eager attention computes the full score matrix, so it is compared with
+tiny Qwen2.5-VL and Qwen2-VL (eager attention computes the full score matrix, so it is compared with
 ``causal=False``; the counter counts matmuls and convolutions, as the model does)."""
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from prunevid_bench.flops import (
     tokens_per_layer,
     vision_encoder_flops,
 )
-from prunevid_bench.models.tiny import build_processor, build_tiny_model
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.families import family_for_type, family_of
+from prunevid_bench.models.tiny import build_processor
+from prunevid_bench.patch import apply_prunevid
 
 TOY = TextShape(hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1, num_layers=2, vocab_size=10)
 
@@ -85,10 +86,11 @@ def test_seven_b_scale_is_plausible():
 
 
 # ----------------------------------------------------------------------------- against the model
-@pytest.fixture(scope="module")
-def tiny():
-    model = build_tiny_model(attn_implementation="eager")
-    processor = build_processor()
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def tiny(request):
+    family = family_for_type(request.param)
+    model = family.build_tiny(attn_implementation="eager")
+    processor = build_processor(processor_class=family.processor_class)
     frames = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
@@ -116,7 +118,7 @@ def test_llm_and_vision_match_torch_flop_counter(tiny):
     assert llm == llm_prefill_flops(shape, [length] * shape.num_layers, causal=False, lm_head_tokens=0).total
     grid = inputs["video_grid_thw"]
     vision = counted(lambda: model.model.visual(inputs["pixel_values_videos"], grid_thw=grid))
-    assert vision == vision_encoder_flops(VisionShape.from_config(model.config), grid.tolist()).total
+    assert vision == vision_encoder_flops(family_of(model).vision_shape(model.config), grid.tolist()).total
 
 
 @pytest.mark.parametrize("k", [0, 2])
@@ -138,5 +140,26 @@ def test_pruned_prefill_matches_torch_flop_counter(tiny, k):
         tokens_per_layer(shape.num_layers, length, k, st.keep_index.numel()),
         causal=False,
         scoring=prunevid_scoring_flops(shape, rows, length),
-    ) + vision_encoder_flops(VisionShape.from_config(model.config), inputs["video_grid_thw"].tolist())
+    ) + vision_encoder_flops(family_of(model).vision_shape(model.config), inputs["video_grid_thw"].tolist())
     assert total == expected.total
+
+
+@pytest.mark.parametrize("pipe_fixture", ["tiny_pipe", "tiny_qwen2vl_pipe"])
+def test_run_record_carries_flops_and_ideal_speedup(request, pipe_fixture, frames8):
+    """The record's analytic FLOPs are the run's own token counts put through flops.py: the
+    baseline is its own reference (speed-up 1), the pruned run is cheaper by its dropped tokens."""
+    pipe = request.getfixturevalue(pipe_fixture)
+    prepared = pipe.prepare(frames8, "What happens?")
+    base = pipe.run(prepared, **{"generation.max_new_tokens": 1})
+    assert base.prefill_flops == base.prefill_flops_baseline and base.ideal_speedup == 1.0
+    r = pipe.run(prepared, **{"stage2.enabled": True, "pruning_layer": 1, "keep_ratio": 0.4, "generation.max_new_tokens": 1})
+    model = pipe.model
+    shape = TextShape.from_config(model.config)
+    ids = prepared.inputs["input_ids"][0]
+    rows = ids.numel() - (int(torch.nonzero(ids == model.config.vision_end_token_id)[-1]) + 1)
+    vision = vision_encoder_flops(family_of(model).vision_shape(model.config), r.video_grid_thw)
+    llm = llm_prefill_flops(shape, tokens_per_layer(shape.num_layers, r.prompt_tokens, 1,
+                                                    r.prompt_tokens - (r.stage2_tokens_before - r.stage2_tokens_after)),
+                            scoring=prunevid_scoring_flops(shape, rows, r.prompt_tokens))
+    assert r.prefill_flops == (llm + vision).total and r.prefill_flops_baseline == base.prefill_flops
+    assert r.ideal_speedup == pytest.approx(base.prefill_flops / r.prefill_flops) and r.ideal_speedup > 1

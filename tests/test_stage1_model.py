@@ -1,4 +1,5 @@
-"""Stage 1 inside the model: identity when nothing merges, true M-RoPE ids, several videos."""
+"""Stage 1 inside the model: identity when nothing merges, true M-RoPE ids, several videos.
+The fixtures run on the tiny model of each family (Qwen2.5-VL and Qwen2-VL)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 
 from prunevid_bench.config import Stage1Config, Stage2Config
 from prunevid_bench.engine import prefill_position_ids, run_greedy
+from prunevid_bench.families import family_for_type
 from prunevid_bench.models.tiny import build_processor, build_tiny_model
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages.stage1 import merge_video_tokens
 
 QUESTION = "What is happening?"
@@ -29,14 +31,22 @@ def prepare(processor, videos, question=QUESTION):
     return dict(processor(text=[prompt], videos=list(videos), video_metadata=meta, do_sample_frames=False, return_tensors="pt"))
 
 
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return family_for_type(request.param)
+
+
 @pytest.fixture(scope="module")
-def processor():
-    return build_processor()
+def processor(family):
+    return build_processor(processor_class=family.processor_class)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
-def model(request):
-    return build_tiny_model(attn_implementation=request.param)
+def model(family, request):
+    return family.build_tiny(attn_implementation=request.param)
 
 
 class LLMInputs:
@@ -106,7 +116,7 @@ def test_merged_tokens_carry_their_representatives_ids(model, processor):
     # the text row is contiguous so no packed-sequence mask is inferred
     assert torch.equal(pos[0, 0], torch.arange(emb.shape[0]))
     # the planted static quadrant is found static (4 of 16 slots per frame)
-    assert handle.state.stage1_static_tokens >= 1
+    assert handle.state.method_stats["stage1_static_tokens"] >= 1
     assert handle.state.tokens_after_stage1 == m < 64
     assert handle.state.visual_groups.numel() == m
     # decoding continues the unpruned numbering: the same tokens as generate with the patch on

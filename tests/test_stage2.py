@@ -1,4 +1,5 @@
-"""Stages 2 and 3 on the tiny model: against vanilla transformers, a cache-free reference, eager
+"""Stages 2 and 3 on the tiny models of both families (``tiny``: Qwen2.5-VL, ``tiny-qwen2vl``:
+Qwen2-VL; every test runs on each): against vanilla transformers, a cache-free reference, eager
 attention weights, the official score written densely, ``generate``, and exact token counts.
 
 All runs are float32 on the CPU. The video is 8 seeded-random 112x112 frames (4 temporal grid
@@ -17,17 +18,16 @@ import torch
 from prunevid_bench.config import Stage1Config, Stage2Config
 from prunevid_bench.engine import prefill_position_ids, run_greedy
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_for_type
 from prunevid_bench.measure import cache_bytes, cache_lengths
 from prunevid_bench.models.tiny import (
     SYSTEM_PROMPT,
     VIDEO_PAD_ID,
     VISION_END_ID,
     VISION_START_ID,
-    build_processor,
-    build_tiny_model,
 )
 from prunevid_bench.pipeline import _with_overrides, load_pipeline
-from prunevid_bench.qwen25vl_patch import apply_prunevid
+from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
 
 QUESTION = "What is happening in this video?"
@@ -49,13 +49,22 @@ def video_frames(seed: int = 0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- fixtures/helpers
+TINY_MODELS = ("tiny", "tiny-qwen2vl")  # one per family
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def tiny_name(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def pipes():
+def pipes(tiny_name):
     """One pipeline per attention implementation, with the same seeded tiny weights."""
     out = {}
     frames = video_frames()
+    _BASELINES.clear()
     for impl in ("sdpa", "eager"):
-        pipe = load_pipeline("tiny", device="cpu", dtype="float32", attn_implementation=impl, overrides={"generation.max_new_tokens": MAX_NEW})
+        pipe = load_pipeline(tiny_name, device="cpu", dtype="float32", attn_implementation=impl, overrides={"generation.max_new_tokens": MAX_NEW})
         out[impl] = (pipe, pipe.prepare(frames, QUESTION))
     yield out
     for pipe, _ in out.values():
@@ -247,9 +256,10 @@ def test_attention_implementations_agree(pipes):
 
 # ----------------------------------------------------------------------------- scores
 @pytest.fixture(scope="module")
-def models():
+def models(tiny_name):
     """Fresh tiny models (same seed as the pipelines) for direct forwards with our own handles."""
-    return {impl: build_tiny_model(attn_implementation=impl) for impl in ("sdpa", "eager")}
+    family = family_for_type({"tiny": "qwen2_5_vl", "tiny-qwen2vl": "qwen2_vl"}[tiny_name])
+    return {impl: family.build_tiny(attn_implementation=impl) for impl in ("sdpa", "eager")}
 
 
 def forward_with(model, inputs, stage1: Stage1Config, stage2_cfg: Stage2Config, **kwargs):
@@ -559,8 +569,8 @@ def test_relative_pruning_layer_prunes_after_the_resolved_layer(pipes, spec, k):
     assert baseline(pipes, "sdpa").result.pruning_layer is None
 
 
-def test_prompt_without_text_after_the_video_is_refused(models):
-    processor = build_processor()
+def test_prompt_without_text_after_the_video_is_refused(pipes, models):
+    processor = pipes["sdpa"][0].processor
     frames = video_frames()
     meta = [{"total_num_frames": 8, "fps": 2.0, "frames_indices": list(range(8))}]
     # Only the system prompt comes before the video: it must never be used as the question.

@@ -69,6 +69,17 @@ def test_stage2_keys_switch_stage2_on_and_random_controls_follow():
         assert control.config.stage2.keep_ratio == cell.config.stage2.keep_ratio  # the same token budget
 
 
+def test_another_methods_keys_switch_it_on_and_the_baseline_has_it_off():
+    base = build_config(overrides={"fastv.enabled": True, "fastv.pruning_layer": 1})
+    cells = expand_cells(base, parse_values(["fastv.keep_ratio=0.3,0.6"]))
+    assert cells[0].kind == "baseline" and cells[0].config.enabled_methods == []
+    assert [(c.config.enabled_methods, c.config.section("fastv").keep_ratio) for c in cells[1:]] == [
+        (["fastv"], 0.3), (["fastv"], 0.6)]
+    cells = expand_cells(build_config(), parse_values(["fastv.keep_ratio=0.3"]))
+    assert cells[1].config.enabled_methods == ["fastv"]  # sweeping a method's key switches it on
+    assert cells[0].overrides == {"stage1.enabled": False, "stage2.enabled": False}  # as before: no other method was on
+
+
 def test_an_explicitly_swept_enabled_flag_wins():
     cells = expand_cells(build_config(), parse_values(["stage1.enabled=false,true", "tau=0.8"]), ["random"])
     assert [c.config.stage1.enabled for c in cells if c.kind == "grid"] == [False, True]

@@ -81,7 +81,7 @@ def toy_pipeline():
     torch.manual_seed(0)
     processor = build_toy_processor()
     model = Qwen2_5_VLForConditionalGeneration(toy_config()).eval()
-    return Pipeline(LoadedModel(model, processor, "toy", True), RunConfig()), PixelCodec(processor)
+    return Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig()), PixelCodec(processor)
 
 
 def test_prepared_samples_are_what_inference_sees_whatever_the_workers():

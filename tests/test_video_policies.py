@@ -130,7 +130,7 @@ def pipe_7b_bounds():
     processor = build_processor(min_pixels=BOUNDS_7B[0], max_pixels=BOUNDS_7B[1])
     model = build_tiny_model()
     model.config.get_text_config().max_position_embeddings = 128000  # the 7B's: 720p clips are long prompts
-    return Pipeline(LoadedModel(model, processor, "tiny-7b-bounds", False), build_config())
+    return Pipeline(LoadedModel(model, processor, "tiny-7b-bounds"), build_config())
 
 
 @pytest.mark.parametrize("shape,element", [("wide", {"nframes": 16}), ("tall", {"nframes": 15}), ("small", {"fps": 2.0}),

@@ -3,7 +3,7 @@
 from prunevid_bench.errors import PruneVidError
 
 __version__ = "0.1.0"
-__all__ = ["PruneVidError", "load_pipeline", "Pipeline", "RunResult", "RunConfig", "build_config"]
+__all__ = ["PruneVidError", "load_pipeline", "Pipeline", "RunResult", "RunConfig", "build_config", "register_method", "Method"]
 
 
 def __getattr__(name):
@@ -16,6 +16,10 @@ def __getattr__(name):
         from prunevid_bench.report import RunResult
 
         return RunResult
+    if name in ("register_method", "Method"):
+        from prunevid_bench import methods
+
+        return getattr(methods, name)
     if name in ("RunConfig", "build_config"):
         from prunevid_bench import config
 

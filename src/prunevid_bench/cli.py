@@ -12,7 +12,30 @@ import typer
 from rich.console import Console
 
 # The options run and sweep share are defined once, as groups (cli_options).
-from prunevid_bench.cli_options import ConfigFlags, DatasetFlags, EvalFlags, JsonOut, LaunchFlags, OutputFlags, Quiet, with_groups
+from prunevid_bench.cli_options import (
+    AnswerMode,
+    Attn,
+    ConfigFile,
+    ConfigFlags,
+    DatasetFlags,
+    Device,
+    Dtype,
+    EvalFlags,
+    JsonOut,
+    LaunchFlags,
+    MaxFrames,
+    MaxNew,
+    MaxPixels,
+    Model,
+    NumFrames,
+    OutputFlags,
+    Preset,
+    Quiet,
+    ResultsDir,
+    Sets,
+    collect_overrides,
+    with_groups,
+)
 from prunevid_bench.errors import PruneVidError, describe_os_error
 
 # Exit codes, for scripts: named in --help (EXIT_HELP) and returned by run, sweep and compare.
@@ -35,6 +58,8 @@ app = typer.Typer(
 )
 presets_app = typer.Typer(help="List presets, or show one resolved.", invoke_without_command=True)
 app.add_typer(presets_app, name="presets")
+methods_app = typer.Typer(help="List the token-reduction methods, or show one's keys.", invoke_without_command=True)
+app.add_typer(methods_app, name="methods")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -271,6 +296,69 @@ def summarize(
     finish(shortfall(summary), human)
 
 
+# ---------------------------------------------------------------- stream
+@app.command(epilog=EXIT_HELP)
+@guarded
+def stream(
+    video: Annotated[Optional[Path], typer.Argument(help="Video file, played chunk by chunk.", show_default=False)] = None,
+    asks: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="SECONDS:QUESTION, asked once every chunk complete by then is cached (repeatable).", rich_help_panel="Stream")] = None,
+    options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable) for every --ask; the letter is parsed (or see --answer-mode).", rich_help_panel="Stream")] = None,
+    chunk_frames: Annotated[int, typer.Option("--chunk-frames", help="Frames per chunk (a multiple of 2, the temporal patch).", rich_help_panel="Stream")] = 4,
+    budget: Annotated[Optional[int], typer.Option("--budget", help="Keep at most B visual tokens cached, evicting those most like the previous step (question-agnostic).", rich_help_panel="Stream")] = None,
+    compare_offline: Annotated[bool, typer.Option("--compare-offline", help="Also answer each question offline on the frames seen so far; record agreement and the TTFT ratio.", rich_help_panel="Stream")] = False,
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="JSONL of timed questions: video, time, question, options, answer (several per video).", rich_help_panel="Dataset")] = None,
+    answer_mode: AnswerMode = "generate",
+    preset: Preset = None,
+    config: ConfigFile = None,
+    sets: Sets = None,
+    model: Model = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    attn_implementation: Attn = None,
+    num_frames: NumFrames = None,
+    fps: Annotated[Optional[float], typer.Option("--fps", help="Sampling rate of the stream (default 2; --num-frames samples that many instead).", rich_help_panel="Video")] = None,
+    max_frames: MaxFrames = None,
+    max_pixels: MaxPixels = None,
+    max_new_tokens: MaxNew = None,
+    results_dir: ResultsDir = Path("results"),
+    label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder; rerun with the same one to resume.", rich_help_panel="Output")] = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Play a video as a stream: chunks are appended to a live KV cache and each question is
+    answered from it at its time, without re-encoding. Stage 1 (from the preset or
+    --set stage1.enabled=true) merges each chunk as it arrives; Stage 2 evicts cached visual
+    tokens for each answer by the question's layer-K scores."""
+    from prunevid_bench.config import build_config
+    from prunevid_bench.stream_run import TimedQuestion, parse_ask, read_stream_dataset, run_stream
+
+    human = human_console(json_out, quiet)
+    if fps is None and num_frames is None:
+        fps = 2.0
+    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
+    cfg = build_config(preset, config, overrides)
+    if dataset is not None:
+        if video is not None or asks or options:
+            raise PruneVidError("give either VIDEO with --ask, or --dataset, not both")
+        videos = read_stream_dataset(dataset)
+        source = str(dataset)
+        default_label = f"stream-{dataset.stem}"
+    else:
+        if video is None or not asks:
+            raise PruneVidError("give a VIDEO and at least one --ask SECONDS:QUESTION (or --dataset FILE)")
+        if options is not None and len(options) < 2:
+            raise PruneVidError("give at least 2 --option values")
+        questions = [TimedQuestion(f"q{i}", *parse_ask(text), options=list(options or [])) for i, text in enumerate(asks)]
+        videos = {str(video): questions}
+        source = str(video)
+        default_label = f"stream-{video.stem}"
+    run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, budget=budget, compare_offline=compare_offline,
+                                  preset=preset, results_dir=results_dir, label=label or default_label, source=source,
+                                  answer_mode=answer_mode, console=human)
+    if json_out:
+        emit_json({"run_dir": str(run_dir), **summary})
+
+
 # ---------------------------------------------------------------- compare
 @app.command()
 @guarded
@@ -331,6 +419,36 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> N
     console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), highlight=False, end="")
 
 
+# ---------------------------------------------------------------- methods
+@methods_app.callback()
+@guarded
+def methods(ctx: typer.Context) -> None:
+    """List the registered token-reduction methods, one line each: where it acts, its section and keys."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prunevid_bench.methods import all_methods
+
+    for m in all_methods():
+        keys = ", ".join(k for k, *_ in m.keys())
+        console.print(f"{m.name} [{m.acts}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
+
+
+@methods_app.command("show")
+@guarded
+def methods_show(name: Annotated[str, typer.Argument(help="Method name (see `prunevid methods`).")]) -> None:
+    """A method's keys with their types, defaults and allowed values; set them as SECTION.KEY."""
+    from prunevid_bench.methods import get_method
+
+    m = get_method(name)
+    console.print(f"{m.name} ({m.acts}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"section: {m.section} (e.g. --set {m.section}.enabled=true)", highlight=False, markup=False)
+    for key, kind, default, allowed in m.keys():
+        extra = f"  {allowed}" if allowed else ""
+        console.print(f"  {m.section}.{key}: {kind} = {default!r}{extra}", highlight=False, markup=False, soft_wrap=True)
+    if m.record_fields:
+        console.print(f"record fields: {', '.join(m.record_fields)}", highlight=False, markup=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------- toy data
 @app.command("toy-data")
 @guarded
@@ -344,6 +462,17 @@ def toy_data(
 
     path = generate_dataset(out, n, seed)
     console.print(f"wrote {n} questions to {path}")
+
+
+@app.command("export-toy")
+@guarded
+def export_toy(
+    out: Annotated[Path, typer.Argument(help="New folder for the checkpoint.", show_default=False)],
+) -> None:
+    """Write the built-in toy model as a standard checkpoint folder (weights, config, tokenizer, processor)."""
+    from prunevid_bench.toy.export import export_toy as write
+
+    console.print(f"wrote the toy checkpoint to {write(out)}", soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class Stage1Config:
     tau: float = 0.8  # a slot is static when its mean pairwise cosine over frames exceeds tau
     cluster_ratio: float = 0.5  # share of each token set kept as DPC-KNN cluster centres
     temporal_segment_ratio: float = 0.25  # segments = max(1, int(T * ratio))
-    k: int = 7  # DPC-KNN neighbours, self included (7 in the official code)
+    dpc_neighbours: int = 7  # DPC-KNN neighbours, self included (7 in the official code); formerly `k`
     min_cluster_tokens: int = 14  # sets this small are not clustered (14 in the official code)
 
 
@@ -75,6 +75,10 @@ class Stage2Config:
     seed: int = 0  # for score = random
 
 
+# Keys renamed, still read under their old name (for one release): section -> {old: new}.
+RENAMED_KEYS = {"stage1": {"k": "dpc_neighbours"}}  # `k` read like the pruning layer K
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -82,9 +86,29 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    # Sections of the other registered methods (prunevid_bench.methods), by section name.
+    methods: dict[str, Any] = field(default_factory=lambda: _other_method_defaults())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """One mapping per section; the other methods' sections sit beside stage1/stage2."""
+        data = dataclasses.asdict(self)
+        data.update(data.pop("methods"))
+        return data
+
+    def section(self, name: str) -> Any:
+        """The config of one section (``stage1``, ``video``, a method's section)."""
+        if name in self.methods:
+            return self.methods[name]
+        if name in {f.name for f in dataclasses.fields(self)}:
+            return getattr(self, name)
+        return section_types()[name]()  # a method section this config was built without: its defaults
+
+    @property
+    def enabled_methods(self) -> list[str]:
+        """The registered methods this run applies, in the order they run."""
+        from prunevid_bench.methods import all_methods
+
+        return [m.name for m in all_methods() if self.section(m.section).enabled]
 
     @property
     def stage3_enabled(self) -> bool:
@@ -92,18 +116,35 @@ class RunConfig:
         return self.stage2.enabled
 
 
-_SECTION_TYPES = {
+_BASE_SECTIONS = {
     "model": ModelConfig,
     "video": VideoConfig,
     "generation": GenerationConfig,
-    "stage1": Stage1Config,
-    "stage2": Stage2Config,
 }
+
+
+# Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
+# registered later with a key of the same name does not make today's short names ambiguous.
+_CORE_SECTIONS = ("model", "video", "generation", "stage1", "stage2")
+
+
+def _other_method_defaults() -> dict[str, Any]:
+    """Default configs of the method sections RunConfig does not name as fields."""
+    fixed = {f.name for f in dataclasses.fields(RunConfig)}
+    return {name: cls() for name, cls in section_types().items() if name not in fixed and name not in _BASE_SECTIONS}
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> dataclass: model, video, generation, then each registered method's
+    section (stage1, stage2, ...), read from the method registry."""
+    from prunevid_bench.methods import method_sections
+
+    return {**_BASE_SECTIONS, **method_sections()}
 
 
 def all_keys() -> list[str]:
     """Every dotted key, e.g. ``stage1.tau``."""
-    return [f"{s}.{f.name}" for s, cls in _SECTION_TYPES.items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{f.name}" for s, cls in section_types().items() for f in dataclasses.fields(cls)]
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
@@ -114,9 +155,15 @@ def _suggest(word: str, candidates: list[str]) -> str:
 def resolve_key(name: str) -> str:
     """Turn a short (``tau``) or dotted (``stage1.tau``) name into a dotted key, or raise."""
     keys = all_keys()
+    section, _, key = name.rpartition(".")
+    for old_section, renames in RENAMED_KEYS.items():  # an old name, dotted or short
+        if key in renames and section in ("", old_section):
+            return f"{old_section}.{renames[key]}"
     if name in keys:
         return name
     short = [k for k in keys if k.split(".", 1)[1] == name]
+    core = [k for k in short if k.split(".", 1)[0] in _CORE_SECTIONS]
+    short = core or short
     if len(short) == 1:
         return short[0]
     if len(short) > 1:
@@ -126,7 +173,7 @@ def resolve_key(name: str) -> str:
 
 def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
     """Convert a YAML/CLI value to the field's type, with a one-line error naming the key."""
-    if key == "stage2.pruning_layer":
+    if key.endswith(".pruning_layer"):
         return parse_layer(key, value)
     if value is None:
         if "None" in annotation:
@@ -196,25 +243,22 @@ def resolve_layer(spec: int | str, num_layers: int, key: str = "stage2.pruning_l
     return spec
 
 
-def _in_unit_interval(key: str, value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise PruneVidError(f"{key} must be in (0, 1], got {value}")
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     """Range checks that need no model. ``stage2.pruning_layer`` is only checked for its form
     here: it is resolved against the model's depth (``resolve_layer``) when the patch is applied."""
-    s1, s2, v = cfg.stage1, cfg.stage2, cfg.video
-    for name in ("tau", "cluster_ratio", "temporal_segment_ratio"):
-        _in_unit_interval(f"stage1.{name}", getattr(s1, name))
-    if s1.k < 1:
-        raise PruneVidError(f"stage1.k must be >= 1, got {s1.k}")
-    if s1.min_cluster_tokens < 0:
-        raise PruneVidError(f"stage1.min_cluster_tokens must be >= 0, got {s1.min_cluster_tokens}")
-    _in_unit_interval("stage2.keep_ratio", s2.keep_ratio)
-    parse_layer("stage2.pruning_layer", s2.pruning_layer)
-    if s2.score not in SCORE_MODES:
-        raise PruneVidError(f"stage2.score must be one of {', '.join(SCORE_MODES)}, got '{s2.score}'{_suggest(s2.score, list(SCORE_MODES))}")
+    from prunevid_bench.methods import all_methods
+
+    v = cfg.video
+    layer_methods = []
+    for method in all_methods():
+        section = cfg.section(method.section)
+        method.validate(section)
+        if method.pruning_layer is not None:
+            parse_layer(f"{method.section}.pruning_layer", method.pruning_layer(section))
+            if section.enabled:
+                layer_methods.append(method.section)
+    if len(layer_methods) > 1:
+        raise PruneVidError(f"one LLM-layer method per run: {' and '.join(layer_methods)} are both enabled; disable all but one")
     if v.policy not in VIDEO_POLICIES:
         raise PruneVidError(f"video.policy must be one of {', '.join(VIDEO_POLICIES)}, got '{v.policy}'{_suggest(v.policy, list(VIDEO_POLICIES))}")
     if v.num_frames is not None and v.num_frames < 1:
@@ -246,12 +290,13 @@ def merge_into(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict
     for section, values in layer.items():
         if section in ("name", "description"):
             continue  # preset metadata
-        if section not in _SECTION_TYPES:
-            raise PruneVidError(f"{source}: unknown section '{section}'{_suggest(str(section), list(_SECTION_TYPES))}")
+        if section not in section_types():
+            raise PruneVidError(f"{source}: unknown section '{section}'{_suggest(str(section), list(section_types()))}")
         if not isinstance(values, dict):
             raise PruneVidError(f"{source}: section '{section}' must be a mapping")
-        names = [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
+        names = [f.name for f in dataclasses.fields(section_types()[section])]
         for key, value in values.items():
+            key = RENAMED_KEYS.get(section, {}).get(key, key)
             if key not in names:
                 raise PruneVidError(f"{source}: unknown key '{section}.{key}'{_suggest(str(key), names)}")
             out.setdefault(section, {})[key] = value
@@ -318,7 +363,7 @@ def build_config(
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Resolve defaults < preset < user YAML < overrides into a validated RunConfig."""
-    layered: dict[str, Any] = {s: {} for s in _SECTION_TYPES}
+    layered: dict[str, Any] = {s: {} for s in section_types()}
     if preset:
         layered = merge_into(layered, load_yaml(preset_path(preset)), f"preset '{preset}'")
     if config_file:
@@ -330,13 +375,14 @@ def build_config(
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a (possibly partial) nested dict, coercing and validating."""
-    data = merge_into({s: {} for s in _SECTION_TYPES}, data, "config")
-    sections = {}
-    for section, cls in _SECTION_TYPES.items():
+    data = merge_into({s: {} for s in section_types()}, data, "config")
+    sections, methods = {}, {}
+    fixed = {f.name for f in dataclasses.fields(RunConfig)}
+    for section, cls in section_types().items():
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in data.get(section, {}):
                 default = getattr(cls(), f.name)
                 kwargs[f.name] = _coerce(f"{section}.{f.name}", data[section][f.name], default, str(f.type))
-        sections[section] = cls(**kwargs)
-    return validate(RunConfig(**sections))
+        (sections if section in fixed else methods)[section] = cls(**kwargs)
+    return validate(RunConfig(**sections, methods=methods))

@@ -1,18 +1,19 @@
 """The engine: one prepared sample through the model, prefill then a greedy decode loop.
 
 Positions are passed explicitly, exactly as transformers' ``generate`` builds them for
-Qwen2.5-VL: at prefill four rows (a text row ``arange(L)`` and the three M-RoPE rows from
-``get_rope_index`` on the full, unpruned prompt); at decode step i every row advances by one
+Qwen2-VL and Qwen2.5-VL: at prefill four rows (a text row ``arange(L)`` and the three M-RoPE rows
+the model's family computes on the full, unpruned prompt); at decode step i every row advances by one
 from the last prompt position. Decode positions therefore never depend on the KV-cache length,
 which is what lets Stages 1-3 shorten the cache while decoding continues the unpruned numbering.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, PeakMemory, cache_bytes
 
 
@@ -31,23 +32,12 @@ class EngineOutput:
     kv_cache_bytes: int  # after prefill, after any compression
     prompt_tokens: int
     visual_tokens: int
-    marks: dict = field(default_factory=dict, repr=False)
 
 
 def prefill_position_ids(model, inputs: dict) -> torch.Tensor:
     """Position ids ``(4, 1, L)`` for the full prompt, as ``generate`` builds them; also sets
-    ``model.model.rope_deltas``."""
-    input_ids = inputs["input_ids"]
-    rope_kwargs = {k: inputs[k] for k in ("video_grid_thw", "image_grid_thw", "second_per_grid_ts") if k in inputs}
-    mrope, deltas = model.model.get_rope_index(
-        input_ids,
-        mm_token_type_ids=inputs["mm_token_type_ids"],
-        attention_mask=inputs.get("attention_mask"),
-        **rope_kwargs,
-    )
-    model.model.rope_deltas = deltas
-    text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
-    return torch.cat([text, mrope.to(input_ids.device)], dim=0)
+    the model's ``rope_deltas`` (see ``Family.prefill_position_ids``)."""
+    return family_of(model).prefill_position_ids(model, inputs)
 
 
 def eos_ids(model) -> set[int]:
@@ -86,7 +76,8 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
 
         return hook
 
-    visual = model.model.visual
+    family = family_of(model)
+    visual = family.vision_encoder(model)
     hooks = [visual.register_forward_pre_hook(mark("vision_start")), visual.register_forward_hook(mark("vision_end"))]
     try:
         position_ids = prefill_position_ids(model, inputs)
@@ -137,6 +128,5 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         memory_kind=memory.kind,
         kv_cache_bytes=kv_bytes,
         prompt_tokens=int(input_ids.shape[1]),
-        visual_tokens=int((input_ids == model.config.video_token_id).sum()),
-        marks=marks,
+        visual_tokens=int((input_ids == family.video_token_id(model)).sum()),
     )

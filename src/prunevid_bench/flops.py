@@ -1,9 +1,10 @@
-"""Analytic prefill FLOPs of Qwen2.5-VL: the ideal speed-up that fewer tokens can buy.
+"""Analytic prefill FLOPs of Qwen2-VL / Qwen2.5-VL: the ideal speed-up that fewer tokens can buy.
 
 Only matrix multiplications are counted, a multiply-add being 2 FLOPs (the convention of
 ``torch.utils.flop_counter``); norms, rotary, softmax, activations and residual adds are
 O(n * hidden) and left out. Pure Python, no torch: a model config or the presets below give the
-shapes, and the token counts come from the run.
+shapes (the model's family gives them: ``Family.vision_shape``), and the token counts come from
+the run (``run_flops``).
 
 Per decoder layer with n tokens (empty cache), hidden D, H query heads and H_kv key/value heads
 of size d, MLP width I:
@@ -67,7 +68,7 @@ class VisionShape:
     spatial_merge_size: int = 2
     window_size: int = 112  # pixels
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-
+    mlp_matmuls: int = 3  # SwiGLU (Qwen2.5-VL); 2 for Qwen2-VL's fc1/GELU/fc2
     @classmethod
     def from_config(cls, config) -> VisionShape:
         vision = getattr(config, "vision_config", config)
@@ -195,7 +196,7 @@ def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> 
             pairs = full_pairs if block in shape.fullatt_block_indexes else window_pairs
             total += 2 * patches * dim * 3 * dim + 2 * patches * dim * dim  # qkv, proj
             total += 2 * 2 * shape.num_heads * head_dim * pairs  # q k^T, attn v (no mask)
-            total += 3 * 2 * patches * dim * shape.intermediate_size  # SwiGLU MLP
+            total += shape.mlp_matmuls * 2 * patches * dim * shape.intermediate_size  # MLP
         merged, wide = patches // unit, dim * unit
         total += 2 * merged * wide * wide + 2 * merged * wide * shape.out_hidden_size  # merger MLP
     return Flops(vision=total)
@@ -204,3 +205,18 @@ def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> 
 def ideal_speedup(baseline: Flops, pruned: Flops) -> float:
     """How much faster the pruned computation would be if time followed FLOPs."""
     return baseline.total / pruned.total if pruned.total else float("inf")
+
+
+def run_flops(model_config, vision: VisionShape, grids, prompt_tokens: int, llm_prefill_tokens: int,
+              pruning_layer: int | None, tokens_dropped: int, scored_rows: int) -> tuple[Flops, Flops]:
+    """(this run's prefill FLOPs, the unreduced baseline's on the same input): the vision encoder
+    over ``grids``, the LLM with ``llm_prefill_tokens`` (after the visual-token methods) up to
+    layer K and ``tokens_dropped`` fewer after it, and the score of ``scored_rows`` query rows."""
+    text = TextShape.from_config(model_config)
+    encoder = vision_encoder_flops(vision, grids)
+    after = llm_prefill_tokens - tokens_dropped
+    layers = tokens_per_layer(text.num_layers, llm_prefill_tokens, pruning_layer, after if pruning_layer is not None else None)
+    scoring = prunevid_scoring_flops(text, scored_rows, llm_prefill_tokens) if scored_rows else 0
+    run = llm_prefill_flops(text, layers, scoring=scoring) + encoder
+    base = llm_prefill_flops(text, [prompt_tokens] * text.num_layers) + encoder
+    return run, base

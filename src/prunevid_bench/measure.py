@@ -33,10 +33,6 @@ class Clock:
             return event
         return time.perf_counter()
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def elapsed(self, start, end) -> float:
         if start is None or end is None:
             return 0.0

@@ -1,8 +1,9 @@
 """The library entry point: ``load_pipeline("tiny").run("video.mp4", "What is happening?")``.
 
 A Pipeline owns one loaded model and processor. It prepares a sample (decode, sample, process),
-switches the PruneVid hooks to the run's stage settings, calls the engine and assembles the
-:class:`RunResult`. Changing stage settings between runs never reloads the model.
+switches the hooks to the run's token-reduction methods (``prunevid_bench.methods``), calls the
+engine and assembles the :class:`RunResult`. Changing method settings between runs never
+reloads the model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.report import RunResult
+from prunevid_bench.report import Reduction, RunResult
 from prunevid_bench.messages import lmms_system_prompt, prepare_media, single_video_messages
 from prunevid_bench.video import Clip, VideoRequest
 
@@ -40,7 +41,7 @@ class Pipeline:
         self.model = loaded.model
         self.processor = loaded.processor
         self.model_name = loaded.name
-        self.default_policy = getattr(loaded, "video_policy", "qwen")
+        self.default_policy = loaded.video_policy
         self.config = config
         self.device = next(self.model.parameters()).device
         self._handle = None
@@ -63,11 +64,12 @@ class Pipeline:
 
     def video_request(self, cfg: RunConfig | None = None) -> VideoRequest:
         cfg = cfg or self.config
-        vp = self.processor.video_processor
+        from prunevid_bench.families import family_of
+
         policy = self.video_policy(cfg)
         if policy == "processor" and cfg.video.total_pixels is not None:
             raise PruneVidError("video.total_pixels applies to the qwen and lmms-eval policies (the processor policy has no total budget)")
-        return VideoRequest.from_config(cfg.video, policy, factor=vp.patch_size * vp.merge_size)
+        return VideoRequest.from_config(cfg.video, policy, factor=family_of(self.model).geometry(self.model.config).factor)
 
     def build_prompt(self, question: str) -> str:
         return self._template(single_video_messages(None, question))
@@ -144,19 +146,20 @@ class Pipeline:
                 f"but the model's max_position_embeddings is {limit}: shorten the question or sample fewer frames"
             )
 
-    # ----------------------------------------------------------- stages
+    # ----------------------------------------------------------- methods
     def _apply_stages(self, cfg: RunConfig):
-        from prunevid_bench.qwen25vl_patch import apply_prunevid
+        from prunevid_bench.methods import all_methods
+        from prunevid_bench.patch import apply_methods
 
-        key = (dataclasses.astuple(cfg.stage1), dataclasses.astuple(cfg.stage2))
+        key = tuple((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods())
         if self._handle_key == key:
             return self._handle
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         self._handle_key = None
-        if cfg.stage1.enabled or cfg.stage2.enabled:
-            self._handle = apply_prunevid(self.model, cfg.stage1, cfg.stage2)
+        if cfg.enabled_methods:
+            self._handle = apply_methods(self.model, cfg)
         self._handle_key = key
         return self._handle
 
@@ -194,10 +197,16 @@ class Pipeline:
         tokens_before = stages.get("tokens_before", after1)
         tokens_after = stages.get("tokens_after", after1)
         kv_uncompressed = out.kv_cache_bytes
-        if cfg.stage2.enabled and stages.get("kv_bytes_layers_0_to_k"):
+        layer_method = handle.layer_method if handle else None
+        if layer_method and stages.get("kv_bytes_layers_0_to_k"):
             # Layers 0..K were read just before compaction; every layer holds the same length.
             n_layers = self.model.config.get_text_config().num_hidden_layers
             kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (handle.pruning_layer + 1)
+        llm_prefill_tokens = stages.get("llm_prefill_tokens") or out.prompt_tokens
+        reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
+        method_fields = _method_fields(handle, stages)
+        flops, flops_base = self._flops(prepared, out.prompt_tokens, llm_prefill_tokens, handle, tokens_before - tokens_after,
+                                        stages.get("scored_rows", 0))
         grid = prepared.inputs.get("video_grid_thw")
         seconds = prepared.inputs.get("second_per_grid_ts")
         clip = prepared.clip
@@ -231,18 +240,78 @@ class Pipeline:
             stage1_segments=stages.get("stage1_segments"),
             stage1_static_tokens=stages.get("stage1_static_tokens"),
             stage1_dynamic_tokens=stages.get("stage1_dynamic_tokens"),
-            stage1_s=stages.get("stage1_s", 0.0),
-            tokens_before=tokens_before,
-            tokens_after=tokens_after,
+            stage1_s=_seconds(stages, "prunevid_stage1"),
+            stage2_tokens_before=tokens_before,
+            stage2_tokens_after=tokens_after,
             visual_tokens_kept=tokens_after,
-            stage2_s=stages.get("stage2_s", 0.0),
-            total_compression_ratio=(tokens_after / before1) if before1 else 1.0,
-            llm_prefill_tokens=stages.get("llm_prefill_tokens") or out.prompt_tokens,
-            pruning_layer=handle.pruning_layer if cfg.stage2.enabled else None,
-            pruning_layer_spec=cfg.stage2.pruning_layer if cfg.stage2.enabled else None,
+            stage2_s=_seconds(stages, layer_method[0].name) if layer_method else 0.0,
+            visual_tokens_kept_ratio=(tokens_after / before1) if before1 else 1.0,
+            llm_prefill_tokens=llm_prefill_tokens,
+            pruning_layer=handle.pruning_layer if layer_method else None,
+            pruning_layer_spec=handle.pruning_layer_spec if layer_method else None,
+            model_family=self.model.config.model_type,
+            methods=[m.name for m, _ in handle.methods] if handle else [],
+            reductions=reductions,
+            method_fields=method_fields,
+            prefill_flops=flops.total,
+            prefill_flops_baseline=flops_base.total,
+            ideal_speedup=round(flops_base.total / flops.total, 6) if flops.total else None,
             generated_token_ids=out.token_ids,
             first_token_logits=out.first_logits,
         )
+
+
+    def _flops(self, prepared: Prepared, prompt_tokens: int, llm_prefill_tokens: int, handle, dropped: int, scored_rows: int):
+        from prunevid_bench.families import family_of
+        from prunevid_bench.flops import run_flops
+
+        grids = [list(map(int, g)) for key in ("video_grid_thw", "image_grid_thw")
+                 for g in _as_rows(prepared.inputs.get(key))]
+        vision = family_of(self.model).vision_shape(self.model.config)
+        layer = handle.pruning_layer if handle is not None and handle.layer_method else None
+        return run_flops(self.model.config, vision, grids, prompt_tokens, llm_prefill_tokens, layer,
+                         dropped if layer is not None else 0, scored_rows)
+
+
+def _seconds(stages: dict, method: str) -> float:
+    return stages.get("methods", {}).get(method, {}).get("seconds", 0.0)
+
+
+def _reductions(handle, stages: dict, prompt_tokens: int, llm_prefill_tokens: int, kv_after: int, kv_uncompressed: int) -> list[Reduction]:
+    """One typed entry per applied method. The prompt shrinks by each method's dropped tokens;
+    a visual-token method's KV bytes are the final cache's bytes per token times the prompt
+    length before and after it (every layer holds the same length), an LLM-layer method's are
+    the cache measured before and after compaction."""
+    if handle is None:
+        return []
+    dropped_in_llm = stages.get("tokens_before", 0) - stages.get("tokens_after", 0)
+    final_len = llm_prefill_tokens - dropped_in_llm
+    per_token = kv_after // final_len if final_len else 0
+    out, length = [], prompt_tokens
+    for method, _ in handle.methods:
+        info = stages.get("methods", {}).get(method.name, {"tokens": [0, 0], "seconds": 0.0})
+        tokens_in, tokens_out = info["tokens"]
+        if method.acts == "llm_layer":
+            before, after = kv_uncompressed, kv_after
+        else:
+            before, after = per_token * length, per_token * (length - (tokens_in - tokens_out))
+        length -= tokens_in - tokens_out
+        out.append(Reduction(method.name, method.acts, tokens_in, tokens_out, info["seconds"], before, after))
+    return out
+
+
+def _method_fields(handle, stages: dict) -> dict[str, Any]:
+    """The record fields of applied methods that RunResult does not name itself."""
+    if handle is None:
+        return {}
+    own = {f.name for f in dataclasses.fields(RunResult)}
+    return {key: stages.get(key) for method, _ in handle.methods for key in method.record_fields if key not in own}
+
+
+def _as_rows(value) -> list:
+    if value is None:
+        return []
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
 def _as_list(value) -> list:

@@ -22,6 +22,29 @@ from prunevid_bench.errors import PruneVidError
 
 
 @dataclass
+class Reduction:
+    """What one token-reduction method did in one run (``RunResult.reductions``, in run order).
+    Tokens are visual tokens; KV bytes are the prefill's cache with the prompt as it entered and
+    left the method (measured for an LLM-layer method, per-token bytes times length otherwise)."""
+
+    method: str
+    acts: str  # vision_encoder | visual_tokens | llm_layer
+    tokens_in: int
+    tokens_out: int
+    seconds: float
+    kv_bytes_before: int
+    kv_bytes_after: int
+
+
+# Old record names, kept beside the new ones for one release: old -> new.
+RECORD_ALIASES = {
+    "tokens_before": "stage2_tokens_before",
+    "tokens_after": "stage2_tokens_after",
+    "total_compression_ratio": "visual_tokens_kept_ratio",
+}
+
+
+@dataclass
 class RunResult:
     """What one sample's run measured. Token counts are read off tensors, never inferred."""
 
@@ -50,24 +73,41 @@ class RunResult:
     stage1_static_tokens: int | None
     stage1_dynamic_tokens: int | None
     stage1_s: float
-    tokens_before: int  # visual tokens entering Stage 2
-    tokens_after: int  # visual tokens leaving Stage 2
+    stage2_tokens_before: int  # visual tokens entering Stage 2 (the LLM-layer method)
+    stage2_tokens_after: int  # visual tokens leaving Stage 2
     stage2_s: float
-    total_compression_ratio: float  # visual tokens after all stages / before Stage 1
+    visual_tokens_kept_ratio: float  # visual tokens kept by all methods / in the prompt
     llm_prefill_tokens: int  # sequence length the LLM's first layer saw
     video_policy: str = "processor"  # how the frames were chosen and sized (video.policy, resolved)
     frame_indices: list[int] = field(default_factory=list)  # source frame of each sampled frame (first video)
     frame_size: list[int] = field(default_factory=list)  # [h, w] given to the processor (first video)
     second_per_grid_ts: list[float] = field(default_factory=list)  # seconds per temporal grid step, per video
     videos: list[dict[str, Any]] | None = None  # per video, when the prompt has several
-    visual_tokens_kept: int | None = None  # = tokens_after; 0 when every visual token was pruned
+    visual_tokens_kept: int | None = None  # = stage2_tokens_after; 0 when every visual token was pruned
     pruning_layer: int | None = None  # the absolute layer K Stage 2 pruned after (None when off)
     pruning_layer_spec: int | str | None = None  # K as configured: an index or "K/N" (None when off)
+    model_family: str | None = None  # the checkpoint's model_type (qwen2_5_vl, qwen2_vl)
+    methods: list[str] = field(default_factory=list)  # the reduction methods applied, in order
+    reductions: list[Reduction] = field(default_factory=list)  # one per method, in order
+    method_fields: dict[str, Any] = field(default_factory=dict)  # fields other methods add to the record
+    prefill_flops: int | None = None  # analytic (flops.py): vision encoder + LLM prefill of this run
+    prefill_flops_baseline: int | None = None  # the same input with no reduction
+    ideal_speedup: float | None = None  # prefill_flops_baseline / prefill_flops: if time followed FLOPs
     generated_token_ids: list[int] = field(default_factory=list)
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 
+    # The old names (RECORD_ALIASES), for one release.
+    tokens_before = property(lambda self: self.stage2_tokens_before)
+    tokens_after = property(lambda self: self.stage2_tokens_after)
+    total_compression_ratio = property(lambda self: self.visual_tokens_kept_ratio)
+
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "first_token_logits"}
+        skip = ("first_token_logits", "method_fields")
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        data["reductions"] = [dataclasses.asdict(r) for r in self.reductions]
+        data.update(self.method_fields)
+        for old, new in RECORD_ALIASES.items():
+            data[old] = data[new]
         return data
 
 

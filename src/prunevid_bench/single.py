@@ -40,8 +40,8 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
     rows = [
         ("visual tokens before Stage 1", result["tokens_before_stage1"]),
         ("after Stage 1 (merging)", result["tokens_after_stage1"]),
-        ("after Stage 2 (pruning)", result["tokens_after"]),
-        ("total compression ratio", f"{result['total_compression_ratio']:.3f}"),
+        ("after Stage 2 (pruning)", result["stage2_tokens_after"]),
+        ("visual tokens kept ratio", f"{result['visual_tokens_kept_ratio']:.3f}"),
         ("prompt tokens (unpruned)", result["prompt_tokens"]),
         ("LLM prefill tokens (layer 0)", result["llm_prefill_tokens"]),
         ("generated tokens", result["generated_tokens"]),
@@ -61,6 +61,12 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
     ]
     if "ttft_s_median" in result:
         rows.insert(8, ("  TTFT median / p90 over repeats", f"{fmt_seconds(result['ttft_s_median'])} / {fmt_seconds(result['ttft_s_p90'])}"))
+    # every method applied, in order: tokens in -> out and its own time
+    for i, red in enumerate(result.get("reductions") or []):
+        rows.insert(4 + i, (f"  method {red['method']} ({red['acts']})",
+                            f"{red['tokens_in']} → {red['tokens_out']} in {fmt_seconds(red['seconds'])}"))
+    if result.get("ideal_speedup") is not None:
+        rows.append(("ideal speed-up (prefill FLOPs)", f"{result['ideal_speedup']:.2f}×"))
     for name, value in rows:
         table.add_row(name, str(value))
     return table

@@ -56,7 +56,16 @@ def stages_text(cfg: dict[str, Any], pruning_layer: int | str | None = None) -> 
         parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}")
     if s2["enabled"]:
         parts.append(f"S2 keep={s2['keep_ratio']} L={layer_text(pruning_layer, s2['pruning_layer'])} {s2['score']}")
+    for section, values in cfg.items():  # the other methods present, by their section name
+        if section in NOT_METHODS or not isinstance(values, dict) or not values.get("enabled"):
+            continue
+        keys = [f"L={layer_text(pruning_layer, v)}" if k == "pruning_layer" else f"{k}={v}"
+                for k, v in values.items() if k != "enabled"]
+        parts.append(" ".join([section, *keys]))
     return " + ".join(parts) or "off"
+
+
+NOT_METHODS = ("model", "video", "generation", "stage1", "stage2")
 
 
 def question_set(run: SavedRun) -> frozenset[str]:
@@ -123,6 +132,7 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
             "compression": (kept / tokens_in) if kept is not None and tokens_in else None,
             "llm_prefill_tokens": run.metric("llm_prefill_tokens"),
             "ttft_s": run.metric("ttft_s"),
+            "ideal_speedup": run.metric("ideal_speedup"),  # analytic (FLOPs), beside the measured ttft_speedup
             "decode_tokens_per_s": run.metric("decode_tokens_per_s"),
             "peak_memory_bytes": run.metric("peak_memory_bytes"),
             "kv_cache_bytes": run.metric("kv_cache_bytes"),

@@ -46,6 +46,9 @@ METRICS = (
     "tokens_after_stage1",
     "tokens_after",
     "total_compression_ratio",
+    "visual_tokens_kept_ratio",
+    "prefill_flops",
+    "ideal_speedup",
     "prompt_tokens",
     "llm_prefill_tokens",
     "generated_tokens",
@@ -60,6 +63,12 @@ METRICS = (
     "kv_cache_bytes_uncompressed",
     "prepare_s",
 )
+
+
+def enabled_sections(cfg: Mapping[str, Any]) -> list[str]:
+    """The config sections of the token-reduction methods a run had on, in config order."""
+    return [name for name, values in cfg.items()
+            if name not in ("model", "video", "generation") and isinstance(values, Mapping) and values.get("enabled")]
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
@@ -271,6 +280,7 @@ def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[s
         "cluster_ratio": cfg["stage1"]["cluster_ratio"],
         "temporal_segment_ratio": cfg["stage1"]["temporal_segment_ratio"],
         "stage2": cfg["stage2"]["enabled"],
+        "methods": "+".join(enabled_sections(cfg)),  # every method section on, stage1/stage2 included
         "pruning_layer": summary.get("pruning_layer"),  # resolved; None when Stage 2 is off
         "pruning_layer_spec": cfg["stage2"]["pruning_layer"],  # as configured, e.g. "10/28"
         "keep_ratio": cfg["stage2"]["keep_ratio"],
@@ -320,7 +330,8 @@ class SavedRun:
 
     @property
     def stages_off(self) -> bool:
-        return not self.config["stage1"]["enabled"] and not self.config["stage2"]["enabled"]
+        """No token-reduction method on (stage1, stage2, or any other method's section)."""
+        return not enabled_sections(self.config)
 
     @property
     def pruning_layer(self) -> int | str | None:

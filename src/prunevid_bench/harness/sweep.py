@@ -207,10 +207,15 @@ def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str
     for control in controls:
         if control not in CONTROLS:
             raise PruneVidError(f"unknown control '{control}'; use {' or '.join(CONTROLS)}")
+    from prunevid_bench.methods import method_sections
+
+    sections = method_sections()
     off = {"stage1.enabled": False, "stage2.enabled": False}
+    # any other method the base config has on is off in the baseline too
+    off.update({f"{s}.enabled": False for s in sections if s not in ("stage1", "stage2") and base.section(s).enabled})
     cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
     switch_on = {f"{k.split('.')[0]}.enabled": True for k in spec
-                 if k.split(".")[0] in ("stage1", "stage2") and not k.endswith(".enabled")}
+                 if k.split(".")[0] in sections and not k.endswith(".enabled")}
     for combo in itertools.product(*spec.values()):
         chosen = dict(zip(spec, combo))
         overrides = {**switch_on, **chosen}  # an explicitly swept .enabled wins
@@ -464,9 +469,9 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         row = {"cell": cell.name, "kind": cell.kind}
         for key in spec:
             section, name = key.split(".")
-            stage_off = section in ("stage1", "stage2") and not getattr(cell.config, section).enabled
+            stage_off = section not in ("model", "video", "generation") and not cell.config.section(section).enabled
             # A stage's parameters mean nothing in a cell where it is off: left blank, not the base's value.
-            row[short_name(key)] = None if stage_off and name != "enabled" else getattr(getattr(cell.config, section), name)
+            row[short_name(key)] = None if stage_off and name != "enabled" else getattr(cell.config.section(section), name)
         if "stage2.pruning_layer" in spec:  # the layer the model resolved, beside the value as swept
             row[short_name("stage2.pruning_layer")] = res.summary.get("pruning_layer")
             row["pruning_layer_spec"] = cell.config.stage2.pruning_layer if cell.config.stage2.enabled else None

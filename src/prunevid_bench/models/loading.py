@@ -1,23 +1,22 @@
-"""Load a Qwen2.5-VL model and processor by name: ``tiny``, ``toy``, a Hugging Face id or a path.
+"""Load a model and processor by name: ``tiny``, ``tiny-qwen2vl``, ``toy``, a Hugging Face id or a path.
 
-Built-in names are registered here; a typo gets a "did you mean". Everything else goes to
-``from_pretrained``. A model that is not Qwen2.5-VL is refused with one line: only that family
-is patched (the patch module is model-specific, see ``qwen25vl_patch``).
+Built-in names are listed here; a typo gets a "did you mean". Everything else goes to the
+``from_pretrained`` of its family (``prunevid_bench.families``, keyed by the checkpoint's
+``model_type``); a model type no family covers is refused with one line listing the supported.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from prunevid_bench.errors import PruneVidError
-
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 
 
 @dataclass
@@ -25,38 +24,25 @@ class LoadedModel:
     model: Any
     processor: Any
     name: str
-    builtin: bool
     video_policy: str = "qwen"  # what video.policy "auto" means for this model
 
-    def __post_init__(self) -> None:
-        if self.builtin:
-            self.video_policy = "processor"  # toy and tiny were trained and tested with it
+
+# Built-in models: name -> "module:function", the function (attn_implementation) -> (model,
+# processor). Imported by name when asked for, so this module depends on none of them (the toy
+# package sits above it). They were all trained and tested with the processor's own sampling,
+# which is what video.policy "auto" means for them.
+BUILTIN: dict[str, str] = {
+    "tiny": "prunevid_bench.models.tiny:build_tiny",
+    "tiny-qwen2vl": "prunevid_bench.models.tiny_qwen2vl:build_tiny_qwen2vl",
+    "toy": "prunevid_bench.toy.model:load_toy_model",
+}
+BUILTIN_VIDEO_POLICY = "processor"
 
 
-BUILTIN: dict[str, Callable[[str], LoadedModel]] = {}
-
-
-def register(name: str):
-    def wrap(fn):
-        BUILTIN[name] = fn
-        return fn
-
-    return wrap
-
-
-@register("tiny")
-def _tiny(attn_implementation: str) -> LoadedModel:
-    from prunevid_bench.models.tiny import build_processor, build_tiny_model
-
-    return LoadedModel(build_tiny_model(attn_implementation=attn_implementation), build_processor(), "tiny", True)
-
-
-@register("toy")
-def _toy(attn_implementation: str) -> LoadedModel:
-    from prunevid_bench.toy.model import load_toy_model
-
-    model, processor = load_toy_model(attn_implementation=attn_implementation)
-    return LoadedModel(model, processor, "toy", True)
+def _load_builtin(name: str, attn_implementation: str) -> LoadedModel:
+    module, function = BUILTIN[name].split(":")
+    model, processor = getattr(importlib.import_module(module), function)(attn_implementation=attn_implementation)
+    return LoadedModel(model, processor, name, video_policy=BUILTIN_VIDEO_POLICY)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,7 +82,9 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) -> LoadedModel:
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from prunevid_bench.families import family_for_type
 
     path = Path(name).expanduser()
     if not path.exists() and not _looks_like_hub_id(name):
@@ -109,11 +97,9 @@ def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) ->
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise PruneVidError(_load_error(name, exc)) from None
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise PruneVidError(f"model '{name}' is a {model_type} model; prunevid-bench supports Qwen2.5-VL only")
+    family = family_for_type(getattr(config, "model_type", "?"), name)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        model = family.load_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, SafetensorError) as exc:
         message = _load_error(name, exc)
         if isinstance(exc, SafetensorError):  # the header or the tensors run past the end of the file
@@ -123,7 +109,7 @@ def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) ->
         processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise PruneVidError(_load_error(name, exc)) from None
-    return LoadedModel(model.eval(), processor, name, False)
+    return LoadedModel(model.eval(), processor, name)
 
 
 def _load_error(name: str, exc: BaseException) -> str:
@@ -158,7 +144,7 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", attn_implem
         if torch_dtype == torch.float32:
             raise PruneVidError("flash_attention_2 runs in bfloat16 or float16 (use --dtype bfloat16)")
     if name in BUILTIN:
-        loaded = BUILTIN[name](attn_implementation)
+        loaded = _load_builtin(name, attn_implementation)
         loaded.model.to(dtype=torch_dtype)
     else:
         loaded = _load_pretrained(name, torch_dtype, attn_implementation)

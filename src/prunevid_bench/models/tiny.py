@@ -99,13 +99,16 @@ def build_tokenizer(words=()):
     )
 
 
-def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, tokenizer=None):
-    """The offline processor: Qwen2.5-VL's own image/video processors with our tokenizer."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, tokenizer=None,
+                    processor_class: str = "Qwen2_5_VLProcessor"):
+    """The offline processor: the family's processor (Qwen2.5-VL's by default; Qwen2-VL's gives no
+    ``second_per_grid_ts``) with Qwen2-VL's image/video processors and our tokenizer."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     pixel_bounds = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     common = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Qwen2_5_VLProcessor(
+    return getattr(transformers, processor_class)(
         image_processor=Qwen2VLImageProcessor(size=dict(pixel_bounds), **common),
         tokenizer=tokenizer or build_tokenizer(),
         video_processor=Qwen2VLVideoProcessor(size=dict(pixel_bounds), cap_pixels_per_frame=False, **common),
@@ -172,3 +175,8 @@ def build_tiny_model(seed: int = 0, attn_implementation: str = "sdpa", sizes: Ti
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
     return model.eval()
+
+
+def build_tiny(attn_implementation: str = "sdpa"):
+    """The built-in model ``tiny``: (model, processor)."""
+    return build_tiny_model(attn_implementation=attn_implementation), build_processor()

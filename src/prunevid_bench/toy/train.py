@@ -628,7 +628,7 @@ def train(cfg: TrainConfig) -> None:
     processor = build_toy_processor()
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
-    pipe = Pipeline(LoadedModel(model, processor, "toy", True), RunConfig())
+    pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
     codec = PixelCodec(processor)
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
 

@@ -1,0 +1,104 @@
+"""What a model family tells the rest of the code. Defaults fit the Qwen-VL layout of
+transformers 5.x (``model.model.language_model``, ``model.model.visual``); a family whose
+modules sit elsewhere overrides the accessor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How pixels become visual tokens: ``patch`` px square patches, ``temporal`` frames per
+    temporal patch, ``merge`` x ``merge`` patches merged into one LLM token."""
+
+    patch: int
+    temporal: int
+    merge: int
+
+    @property
+    def factor(self) -> int:
+        """Frame sides are multiples of this (one merged token's side in pixels)."""
+        return self.patch * self.merge
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # the checkpoint's config.model_type
+    model_class: str  # transformers class that loads a checkpoint
+    processor_class: str  # transformers processor class of the family
+    rope_inputs: tuple[str, ...]  # processor outputs the family's get_rope_index reads
+    apply_rotary: Callable  # (q, k, cos, sin) -> (q, k), the family's own rotary
+    build_tiny: Callable[..., Any] | None = None  # (seed, attn_implementation) -> random-weight model
+
+    # --------------------------------------------------------------- where things are
+    def base(self, model):
+        """The multimodal model below the LM head (placeholder scatter + M-RoPE ids happen here)."""
+        return model.model
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def decoder_layers(self, model):
+        return self.language_model(model).layers
+
+    def attention(self, layer):
+        """The attention module of a decoder layer (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``)."""
+        return layer.self_attn
+
+    def vision_encoder(self, model):
+        return model.model.visual
+
+    def vision_merger(self, model):
+        """The module turning patch features into LLM tokens: its input is the vision encoder's
+        output before the merger ([patches, C_vision]), its output the visual tokens."""
+        return model.model.visual.merger
+
+    def video_token_id(self, model) -> int:
+        return model.config.video_token_id
+
+    def vision_end_token_id(self, model) -> int:
+        return model.config.vision_end_token_id
+
+    def geometry(self, config) -> PatchGeometry:
+        vision = config.vision_config
+        return PatchGeometry(int(vision.patch_size), int(vision.temporal_patch_size), int(vision.spatial_merge_size))
+
+    # --------------------------------------------------------------- positions
+    def prefill_position_ids(self, model, inputs: dict) -> torch.Tensor:
+        """Position ids ``(4, 1, L)`` of the full, unpruned prompt as ``generate`` builds them (a
+        text row ``arange(L)`` and the three M-RoPE rows); also sets the base model's
+        ``rope_deltas``."""
+        input_ids = inputs["input_ids"]
+        base = self.base(model)
+        rope_kwargs = {k: inputs[k] for k in self.rope_inputs if k in inputs}
+        mrope, deltas = base.get_rope_index(
+            input_ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            **rope_kwargs,
+        )
+        base.rope_deltas = deltas
+        text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
+        return torch.cat([text, mrope.to(input_ids.device)], dim=0)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply a layer's (already M-RoPE-merged) rotary cos/sin [1, L, d] to q [H, L, d], k [H_kv, L, d]."""
+        cos, sin = position_embeddings
+        q_rot, k_rot = self.apply_rotary(q.unsqueeze(0), k.unsqueeze(0), cos, sin)
+        return q_rot[0], k_rot[0]
+
+    def vision_shape(self, config):
+        """The vision encoder's shape for ``flops`` (Qwen2.5-VL's config layout by default)."""
+        from prunevid_bench.flops import VisionShape
+
+        return VisionShape.from_config(config)
+
+    # --------------------------------------------------------------- loading
+    def load_pretrained(self, name: str, **kwargs):
+        import transformers
+
+        return getattr(transformers, self.model_class).from_pretrained(name, **kwargs)

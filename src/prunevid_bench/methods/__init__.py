@@ -1,0 +1,231 @@
+"""Token-reduction methods as a registry.
+
+A :class:`Method` declares where it acts (``ACTS``), its config dataclass (one YAML section,
+named after the method's ``section``, with an ``enabled`` switch), the ranges of its keys and
+the fields it adds to the run record. The patch (``prunevid_bench.patch``) runs the enabled
+methods of a run in ``ACTS`` order, and within one place in registration order:
+
+- ``visual_tokens``: on each video's visual tokens after the vision encoder, before the LLM;
+  ``reduce(tokens: VideoTokens, cfg) -> VisualReduction``.
+- ``llm_layer``: after decoder layer K, with the question visible;
+  ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual positions). The patch
+  drops the others from the hidden states, the later layers' inputs and the KV cache of layers
+  0..K. One such method per run.
+- ``vision_encoder``: inside the vision tower (its output before the merger is reachable through
+  the family); declared for methods to come, none is registered yet.
+
+Built-in methods live in this package, one file each; others register with
+:func:`register_method` or through the entry point group ``prunevid_bench.methods`` (the entry
+point names a module or a callable; loading it registers the method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prunevid_bench.errors import PruneVidError
+
+ACTS = ("vision_encoder", "visual_tokens", "llm_layer")
+ENTRY_POINT_GROUP = "prunevid_bench.methods"
+_BUILTIN_MODULES = (
+    "prunevid_bench.methods.prunevid_stage1",
+    "prunevid_bench.methods.prunevid_stage2",
+    "prunevid_bench.methods.random_keep",
+    "prunevid_bench.methods.fastv",
+)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def contains(self, value: float) -> bool:
+        """Written as "is inside" so that NaN is outside every range."""
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def check(self, key: str, value: float) -> None:
+        if not self.contains(value):
+            raise PruneVidError(f"{key} must be {self}, got {value}")
+
+
+UNIT = Range(0, 1, lo_open=True)  # (0, 1]: ratios
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    acts: str  # one of ACTS
+    config: type  # a dataclass with an ``enabled: bool`` field; its YAML section is ``section``
+    summary: str  # one line for ``prunevid methods``
+    section: str = ""  # the config section; the name by default
+    ranges: dict[str, Range] = field(default_factory=dict)
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # string keys and their allowed values
+    record_fields: tuple[str, ...] = ()  # what it adds to the run record
+    reduce: Callable | None = None  # visual_tokens
+    select: Callable | None = None  # llm_layer
+    pruning_layer: Callable[[Any], Any] | None = None  # llm_layer: cfg -> the layer as configured ("K/N" or index)
+
+    def __post_init__(self) -> None:
+        if not self.section:
+            object.__setattr__(self, "section", self.name)
+        if self.acts not in ACTS:
+            raise ValueError(f"method {self.name}: acts must be one of {ACTS}, got {self.acts!r}")
+        if not dataclasses.is_dataclass(self.config) or "enabled" not in {f.name for f in dataclasses.fields(self.config)}:
+            raise ValueError(f"method {self.name}: config must be a dataclass with an 'enabled' field")
+        needed = {"visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
+        if needed and getattr(self, needed) is None:
+            raise ValueError(f"method {self.name} acts on {self.acts} and needs a {needed} function")
+
+    def validate(self, cfg: Any) -> None:
+        """Range and choice checks of one config of this method (names ``section.key``)."""
+        for key, rng in self.ranges.items():
+            rng.check(f"{self.section}.{key}", getattr(cfg, key))
+        for key, allowed in self.choices.items():
+            value = getattr(cfg, key)
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), list(allowed), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise PruneVidError(f"{self.section}.{key} must be one of {', '.join(allowed)}, got '{value}'{hint}")
+
+    def keys(self) -> list[tuple[str, str, Any, str]]:
+        """(key, type, default, allowed values) of each config key."""
+        default = self.config()
+        out = []
+        for f in dataclasses.fields(self.config):
+            allowed = str(self.ranges[f.name]) if f.name in self.ranges else (
+                "one of " + ", ".join(self.choices[f.name]) if f.name in self.choices else "")
+            if self.pruning_layer is not None and f.name == "pruning_layer":
+                allowed = "a 0-based layer index or 'K/N' (the same relative depth)"
+            out.append((f.name, str(f.type), getattr(default, f.name), allowed))
+        return out
+
+
+_METHODS: dict[str, Method] = {}
+_loaded = False
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to the registry (built-in, third-party or a test's); a name or section
+    already taken by another method is refused."""
+    for other in _METHODS.values():
+        if other.name != method.name and other.section == method.section:
+            raise PruneVidError(f"method {method.name}: config section '{method.section}' is taken by {other.name}")
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Take a method out of the registry (tests; a plug-in being reloaded)."""
+    _METHODS.pop(name, None)
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is named, not a traceback
+            raise PruneVidError(f"the method plug-in '{ep.name}' ({ep.value}) failed to load: {exc}") from None
+        if isinstance(loaded, Method):
+            register_method(loaded)
+        elif callable(loaded):
+            loaded()
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, in the order they run (by ``ACTS``, then registration)."""
+    _load()
+    return sorted(_METHODS.values(), key=lambda m: ACTS.index(m.acts))
+
+
+def get_method(name: str) -> Method:
+    _load()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list(_METHODS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise PruneVidError(f"unknown method '{name}'{hint}; see `prunevid methods`")
+    return _METHODS[name]
+
+
+def method_sections() -> dict[str, type]:
+    """Config section -> config dataclass of every registered method."""
+    return {m.section: m.config for m in all_methods()}
+
+
+# ------------------------------------------------------------------ what methods see
+@dataclass
+class VideoTokens:
+    """One video's visual tokens entering a ``visual_tokens`` method.
+
+    ``embeds`` [V, C]; ``index`` [V]: each token's place in the video's full grid (t * n tokens,
+    frame-major); ``group`` [V]: the group an LLM-layer method keeps a share of (a temporal grid
+    step until a method says otherwise); ``t``, ``n``: temporal grid steps and tokens per step
+    of the full grid."""
+
+    embeds: Any
+    index: Any
+    group: Any
+    t: int
+    n: int
+
+    @property
+    def is_full_grid(self) -> bool:
+        return self.index.numel() == self.t * self.n
+
+
+@dataclass
+class VisualReduction:
+    """What a ``visual_tokens`` method returns: ``keep`` [M] indices into its input tokens (their
+    M-RoPE ids are kept: the representatives' ids), ``embeds`` [M, C] the new embeddings, ``group``
+    [M] groups numbered from 0, ``stats`` record fields (summed over videos)."""
+
+    keep: Any
+    embeds: Any
+    group: Any
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LayerContext:
+    """What an ``llm_layer`` method sees after layer K (one prefill, batch size 1).
+
+    ``q`` [H, L, d] and ``k`` [H_kv, L, d]: the layer's projections BEFORE rotary; ``rotate(q,
+    k)``: the same rotated with the layer's M-RoPE; ``visual`` [V] positions of the visual tokens;
+    ``groups`` [V]; ``query_start``: first text position after the last video; ``scaling``: the
+    attention scale. A method may leave its [V] scores in ``scores`` for the state (tests, plots)."""
+
+    q: Any
+    k: Any
+    rotate: Callable
+    visual: Any
+    groups: Any
+    query_start: int
+    scaling: float
+    seq_len: int
+    scores: Any = None
+    scored_rows: int = 0  # query rows scored against all keys (analytic FLOPs)

@@ -1,0 +1,45 @@
+"""PruneVid Stage 1 as a method: merge each video's static and similar tokens (``stages.stage1``)
+before the LLM. Config section ``stage1`` (:class:`prunevid_bench.config.Stage1Config`)."""
+
+from __future__ import annotations
+
+from prunevid_bench.config import Stage1Config
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+
+
+def reduce(tokens: VideoTokens, cfg: Stage1Config) -> VisualReduction:
+    from prunevid_bench.stages.stage1 import merge_video_tokens
+
+    if not tokens.is_full_grid:
+        raise PruneVidError("prunevid_stage1 needs each video's full token grid: run it before other visual-token methods")
+    res = merge_video_tokens(
+        tokens.embeds.reshape(tokens.t, tokens.n, -1),
+        tau=cfg.tau,
+        cluster_ratio=cfg.cluster_ratio,
+        temporal_segment_ratio=cfg.temporal_segment_ratio,
+        k=cfg.dpc_neighbours,
+        min_cluster_tokens=cfg.min_cluster_tokens,
+    )
+    device = tokens.index.device
+    return VisualReduction(
+        keep=res.representative.to(device),
+        embeds=res.merged,
+        group=res.group.to(device),
+        stats={"stage1_segments": res.n_segments, "stage1_static_tokens": res.n_static_tokens,
+               "stage1_dynamic_tokens": res.n_dynamic_tokens},
+    )
+
+
+register_method(Method(
+    name="prunevid_stage1",
+    section="stage1",
+    acts="visual_tokens",
+    config=Stage1Config,
+    summary="PruneVid Stage 1: merge static tokens over time, then cluster (DPC-KNN) and average similar ones",
+    ranges={"tau": UNIT, "cluster_ratio": UNIT, "temporal_segment_ratio": UNIT,
+            "dpc_neighbours": Range(1), "min_cluster_tokens": Range(0)},
+    record_fields=("tokens_before_stage1", "tokens_after_stage1", "stage1_segments", "stage1_static_tokens",
+                   "stage1_dynamic_tokens", "stage1_s"),
+    reduce=reduce,
+))

@@ -1,0 +1,48 @@
+"""PruneVid Stages 2+3 as a method: after layer K, keep a share of each group's visual tokens by
+their attention from the question (``stages.stage2``); the patch drops the rest from the hidden
+states and the KV cache. Config section ``stage2`` (:class:`prunevid_bench.config.Stage2Config`)."""
+
+from __future__ import annotations
+
+from prunevid_bench.config import SCORE_MODES, Stage2Config
+from prunevid_bench.methods import UNIT, LayerContext, Method, register_method
+
+
+def scores(ctx: LayerContext, mode: str, seed: int = 0):
+    """[V] importance of each visual token under ``mode`` (see ``config.SCORE_MODES``)."""
+    import torch
+
+    from prunevid_bench.stages import stage2 as s2
+
+    rows = torch.arange(ctx.query_start, ctx.seq_len, device=ctx.visual.device)
+    ctx.scored_rows = {"prunevid": rows.numel(), "attention": rows.numel(), "last_token": 1}.get(mode, 0)
+    if mode == "prunevid":
+        # Official score: q, k BEFORE rotary, no causal mask, softmax over all keys.
+        return s2.max_max_scores(ctx.q[:, rows], ctx.k, ctx.visual, ctx.scaling)
+    if mode in ("attention", "last_token"):
+        q_rot, k_rot = ctx.rotate(ctx.q, ctx.k)
+        if mode == "attention":
+            return s2.max_max_scores(q_rot[:, rows], k_rot, ctx.visual, ctx.scaling, query_positions=rows)
+        return s2.last_token_scores(q_rot[:, -1:], k_rot, ctx.visual, ctx.scaling, ctx.seq_len - 1)
+    return s2.random_scores(ctx.visual.numel(), seed, ctx.visual.device)
+
+
+def select(ctx: LayerContext, cfg: Stage2Config):
+    from prunevid_bench.stages import stage2 as s2
+
+    ctx.scores = scores(ctx, cfg.score, cfg.seed)
+    return s2.stratified_keep(ctx.scores, ctx.groups, cfg.keep_ratio)
+
+
+register_method(Method(
+    name="prunevid_stage2",
+    section="stage2",
+    acts="llm_layer",
+    config=Stage2Config,
+    summary="PruneVid Stages 2+3: after layer K keep a share of each group by the question's attention; compact the KV cache",
+    ranges={"keep_ratio": UNIT},
+    choices={"score": SCORE_MODES},
+    record_fields=("stage2_tokens_before", "stage2_tokens_after", "stage2_s", "pruning_layer", "pruning_layer_spec"),
+    select=select,
+    pruning_layer=lambda cfg: cfg.pruning_layer,
+))

@@ -1,0 +1,336 @@
+"""Token-reduction methods on a loaded model, applied with hooks (no copied forward).
+
+``apply_methods(model, config) -> ReductionHandle`` installs the hooks for the run's enabled
+methods (``prunevid_bench.methods``); ``handle.remove()`` restores the model, so the baseline and
+the pruned runs share one loaded model. ``apply_prunevid(model, stage1, stage2)`` is the same for
+PruneVid's stages. Works with our engine and with ``model.generate`` alike, because both pass
+explicit position ids that continue the unpruned numbering (see ``Family.prefill_position_ids``).
+Every module is reached through the model's family (``prunevid_bench.families``); the splicing
+itself is family-agnostic (``prunevid_bench.splice``).
+
+Where the hooks sit (transformers 5.x Qwen2-VL / Qwen2.5-VL):
+- base model pre-hook: a prefill starts; remember ``input_ids`` (the text model gets
+  ``input_ids=None``) and the video grids.
+- language model pre-hook: runs after the placeholder ``masked_scatter`` and after the M-RoPE
+  ids of the UNPRUNED prompt are computed. The ``visual_tokens`` methods (PruneVid Stage 1)
+  reduce each video here; the position ids are index-selected by the kept tokens (never
+  renumbered). It also records which positions are visual and their groups.
+- layer K: forward hooks on ``q_proj``/``k_proj`` keep the pre-rotary query rows and keys; the
+  layer's forward hook asks the ``llm_layer`` method (PruneVid Stage 2) which visual tokens to
+  keep, drops the others from its output and from the KV cache of layers 0..K (Stage 3).
+- layers K+1..: pre-hooks slice the shared rotary cos/sin, the 4D mask (eager) and the text
+  position ids to the kept tokens. Prefill only; decoding never re-scores.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prunevid_bench import splice
+from prunevid_bench.config import RunConfig, Stage1Config, Stage2Config, resolve_layer
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_of
+from prunevid_bench.measure import Clock, cache_bytes
+from prunevid_bench.methods import LayerContext, VideoTokens, all_methods
+from prunevid_bench.stages import stage2 as s2
+
+
+@dataclass
+class SampleState:
+    """What one sample's prefill learned; reset when the next prefill starts."""
+
+    input_ids: torch.Tensor | None = None  # [L] unpruned prompt
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
+    prefill: bool = False
+    tokens_before_stage1: int = 0  # visual tokens before the visual-token methods
+    tokens_after_stage1: int = 0  # ... and after them
+    method_stats: dict = field(default_factory=dict)  # record fields the visual-token methods reported
+    method_tokens: dict = field(default_factory=dict)  # method name -> [tokens in, tokens out]
+    method_marks: dict = field(default_factory=dict)  # method name -> [(start mark, end mark), ...]
+    source_index: torch.Tensor | None = None  # [L1] original prompt index of each post-Stage-1 token
+    visual_positions: torch.Tensor | None = None  # [V] positions (post Stage 1) of visual tokens
+    visual_groups: torch.Tensor | None = None  # [V] Stage-2 group of each visual token
+    query_start: int | None = None  # first position (post Stage 1) after the last video's <|vision_end|>
+    scores: torch.Tensor | None = None  # [V] Stage-2 importance (PruneVid's scoring), when the method keeps one
+    keep_index: torch.Tensor | None = None  # [L2] positions (post Stage 1) that survive Stage 2
+    kept_visual: torch.Tensor | None = None  # [V'] indices into visual_positions
+    tokens_before: int = 0  # visual tokens entering the LLM-layer method (Stage 2)
+    tokens_after: int = 0  # ... and leaving it
+    kv_bytes_layers_0_to_k: int = 0  # before compaction, read off the tensors
+    scored_rows: int = 0  # query rows the LLM-layer method scored (analytic FLOPs)
+    captured: dict = field(default_factory=dict)
+
+
+class ReductionHandle:
+    def __init__(self, model, config: RunConfig):
+        self.model = model
+        self.family = family_of(model)
+        self.state = SampleState()
+        self._encoded_video_grid_thw = None  # grids of the last get_video_features call (see _remember_video_grids)
+        self.clock = Clock(next(model.parameters()).device)
+        self._hooks: list = []
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.video_token_id = self.family.video_token_id(model)
+        self.vision_end_token_id = self.family.vision_end_token_id(model)
+        self.merge = self.family.geometry(model.config).merge
+        enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
+        inside_encoder = [m.name for m, _ in enabled if m.acts == "vision_encoder"]
+        if inside_encoder:  # declared for what comes next; the hooks for it are not written yet
+            raise PruneVidError(f"{inside_encoder[0]} acts inside the vision encoder, which this version cannot run yet; disable it")
+        self.visual_methods = [(m, c) for m, c in enabled if m.acts == "visual_tokens"]
+        layer = [(m, c) for m, c in enabled if m.acts == "llm_layer"]
+        if len(layer) > 1:
+            raise PruneVidError("one LLM-layer method per run; disable all but one")
+        self.layer_method = layer[0] if layer else None
+        # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads this.
+        self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None
+        self.pruning_layer = (
+            resolve_layer(self.pruning_layer_spec, self.num_layers, f"{layer[0][0].section}.pruning_layer") if layer else None
+        )
+
+    @property
+    def methods(self) -> list:
+        """(method, config) of each enabled method, in the order they run."""
+        return self.visual_methods + ([self.layer_method] if self.layer_method else [])
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        fam, model = self.family, self.model
+        base, lm = fam.base(model), fam.language_model(model)
+        add = self._hooks.append
+        add(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        add(self._remember_video_grids(base))
+        add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
+        add(lm.register_forward_hook(self._on_llm_output))
+        if self.layer_method is not None:
+            layers = fam.decoder_layers(model)
+            k = self.pruning_layer
+            layer = layers[k]
+            attn = fam.attention(layer)
+            add(attn.q_proj.register_forward_hook(self._capture("q")))
+            add(attn.k_proj.register_forward_hook(self._capture("k")))
+            add(layer.register_forward_pre_hook(self._capture_layer_inputs, with_kwargs=True))
+            add(layer.register_forward_hook(self._prune_after_layer_k, with_kwargs=True))
+            for later in layers[k + 1 :]:
+                add(later.register_forward_pre_hook(self._slice_layer_inputs, with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _remember_video_grids(self, base):
+        """``generate`` (transformers 5.23 ``_prepare_multimodal_encoder_kwargs_for_generation``)
+        runs the vision tower before the first forward and then calls the model with
+        ``mm_encoder_outputs`` and ``video_grid_thw=None``; the grids are only seen by
+        ``get_video_features``, so wrap it on this instance. Returns an object with ``remove()``."""
+        original = base.get_video_features
+
+        @functools.wraps(original)
+        def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
+            self._encoded_video_grid_thw = video_grid_thw
+            return original(pixel_values_videos, video_grid_thw, **kwargs)
+
+        base.get_video_features = get_video_features
+
+        class _Restore:
+            def remove(_):
+                if base.__dict__.get("get_video_features") is get_video_features:
+                    del base.get_video_features
+
+        return _Restore()
+
+    def _on_model_call(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids")
+        cache = splice.cache_kwarg(kwargs)
+        if input_ids is not None and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0):
+            if input_ids.shape[0] != 1:
+                raise PruneVidError("PruneVid runs one sample per forward (batch size 1); shard the dataset instead")
+            grids = kwargs.get("video_grid_thw")
+            if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
+                grids = self._encoded_video_grid_thw  # generate(): the tower already ran
+            self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
+        return None
+
+    def _on_llm_output(self, module, args, output):
+        st = self.state
+        if st.prefill and st.source_index is not None:
+            # Decode loops that let the model derive positions (position_ids=None) use
+            # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta
+            # grows by as much and decoding continues the unpruned numbering. Our engine and
+            # generate() pass explicit positions and never read it.
+            final_len = st.keep_index.numel() if st.keep_index is not None else st.source_index.numel()
+            base = self.family.base(self.model)
+            deltas = getattr(base, "rope_deltas", None)
+            if deltas is not None:
+                base.rope_deltas = deltas + (st.input_ids.shape[0] - final_len)
+        st.prefill = False  # whatever follows is decoding
+        st.captured.clear()
+        return None
+
+    # ------------------------------------------------------------------ visual-token methods
+    def _reduce_video(self, tokens: VideoTokens) -> tuple[VideoTokens, int]:
+        """Run the visual-token methods on one video in order; returns the tokens and the
+        number of groups they are in."""
+        st = self.state
+        n_groups = tokens.t
+        for method, cfg in self.visual_methods:
+            start = self.clock.mark()
+            red = method.reduce(tokens, cfg)
+            keep = red.keep.to(tokens.index.device)
+            counts = st.method_tokens.setdefault(method.name, [0, 0])
+            counts[0] += int(tokens.index.numel())
+            counts[1] += int(keep.numel())
+            for key, value in red.stats.items():
+                st.method_stats[key] = st.method_stats.get(key, 0) + int(value)
+            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n)
+            n_groups = int(red.group.max()) + 1 if red.group.numel() else 0
+            st.method_marks.setdefault(method.name, []).append((start, self.clock.mark()))
+        return tokens, n_groups
+
+    def _on_llm_input(self, module, args, kwargs):
+        st = self.state
+        embeds = kwargs.get("inputs_embeds")
+        if not st.prefill or embeds is None or st.input_ids is None or embeds.shape[1] != st.input_ids.shape[0]:
+            return None
+        ids = st.input_ids
+        is_video = ids == self.video_token_id
+        st.tokens_before_stage1 = int(is_video.sum())
+        grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
+        spans = splice.split_spans(splice.runs(is_video), grids, self.merge)
+        pieces, visual_flags, groups, reduced = [], [], [], []
+        cursor, group_offset = 0, 0
+        for (start, end), (t, h, w) in zip(spans, grids):
+            n_per_frame = (h // self.merge) * (w // self.merge)
+            pieces.append(torch.arange(cursor, start, device=ids.device))
+            visual_flags.append(torch.zeros(start - cursor, dtype=torch.bool, device=ids.device))
+            full = torch.arange(end - start, device=ids.device)
+            # Before any method, each temporal grid step of each video is one group.
+            tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame)
+            if self.visual_methods:
+                tokens, n_groups = self._reduce_video(tokens)
+                reduced.append((sum(p.numel() for p in pieces), tokens.embeds))
+            else:
+                n_groups = t
+            pieces.append(start + tokens.index)
+            groups.append(tokens.group + group_offset)
+            group_offset += n_groups
+            visual_flags.append(torch.ones(len(pieces[-1]), dtype=torch.bool, device=ids.device))
+            cursor = end
+        pieces.append(torch.arange(cursor, ids.shape[0], device=ids.device))
+        visual_flags.append(torch.zeros(ids.shape[0] - cursor, dtype=torch.bool, device=ids.device))
+        source = torch.cat(pieces)
+        visual = torch.cat(visual_flags)
+
+        if reduced:
+            new_embeds = embeds[:, source].clone()
+            for offset, merged in reduced:
+                new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
+            splice.select_llm_inputs(kwargs, source, new_embeds)
+        st.source_index = source
+        st.visual_positions = torch.nonzero(visual).flatten()
+        st.visual_groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long, device=ids.device)
+        st.tokens_after_stage1 = int(st.visual_positions.numel())
+        st.tokens_before = st.tokens_after = st.tokens_after_stage1
+        st.query_start = splice.query_start(ids[source], visual, self.vision_end_token_id)
+        if self.layer_method is not None and st.tokens_after_stage1 > 0:
+            if st.query_start is None or st.query_start >= source.numel():
+                raise PruneVidError(
+                    f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
+                )
+        return args, kwargs
+
+    # ------------------------------------------------------------------ LLM-layer method (Stages 2 + 3)
+    def _active(self, hidden: torch.Tensor) -> bool:
+        st = self.state
+        return st.prefill and st.visual_positions is not None and st.visual_positions.numel() > 0 and hidden.shape[1] > 1
+
+    def _capture(self, name):
+        def hook(module, args, output):
+            if self._active(args[0]):
+                self.state.captured[name] = output
+            return None
+
+        return hook
+
+    def _capture_layer_inputs(self, module, args, kwargs):
+        if self._active(args[0]):
+            self.state.captured["position_embeddings"] = kwargs.get("position_embeddings")
+        return None
+
+    def _prune_after_layer_k(self, module, args, kwargs, output):
+        st = self.state
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not self._active(hidden) or "q" not in st.captured:
+            return None
+        method, cfg = self.layer_method
+        start = self.clock.mark()
+        attn = self.family.attention(module)
+        seq_len = hidden.shape[1]
+        hd = attn.head_dim
+        q = st.captured["q"][0].view(seq_len, -1, hd).transpose(0, 1)  # [H, L, d], before rotary
+        k = st.captured["k"][0].view(seq_len, -1, hd).transpose(0, 1)  # [H_kv, L, d]
+        position_embeddings = st.captured.get("position_embeddings")
+        ctx = LayerContext(
+            q=q, k=k, rotate=lambda q_, k_: self.family.rotate(q_, k_, position_embeddings),
+            visual=st.visual_positions, groups=st.visual_groups, query_start=st.query_start,
+            scaling=attn.scaling, seq_len=seq_len,
+        )
+        kept = method.select(ctx, cfg)
+        keep_index = splice.drop_index(seq_len, st.visual_positions, kept)
+        cache = splice.cache_kwarg(kwargs)
+        st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0
+        if cache is not None:
+            s2.compact_cache_layers(cache, range(self.pruning_layer + 1), keep_index)
+        st.scores, st.scored_rows = ctx.scores, ctx.scored_rows
+        st.kept_visual, st.keep_index = kept, keep_index
+        st.tokens_after = int(kept.numel())
+        st.method_tokens[method.name] = [st.tokens_before, st.tokens_after]
+        st.captured.clear()
+        hidden = hidden[:, keep_index]
+        st.method_marks[method.name] = [(start, self.clock.mark())]
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _slice_layer_inputs(self, module, args, kwargs):
+        st = self.state
+        keep = st.keep_index
+        if not st.prefill or keep is None or args[0].shape[1] != keep.numel():
+            return None
+        splice.slice_layer_kwargs(kwargs, keep)
+        return args, kwargs
+
+    # ------------------------------------------------------------------ report
+    def seconds(self, name: str) -> float:
+        """Seconds the method ``name`` took in the last prefill (all videos)."""
+        return sum(self.clock.elapsed(a, b) for a, b in self.state.method_marks.get(name, []))
+
+    def report(self) -> dict[str, Any]:
+        st = self.state
+        names = [m.name for m, _ in self.methods]
+        return {
+            "tokens_before_stage1": st.tokens_before_stage1,
+            "tokens_after_stage1": st.tokens_after_stage1,
+            **st.method_stats,
+            "tokens_before": st.tokens_before,
+            "tokens_after": st.tokens_after,
+            "llm_prefill_tokens": int(st.source_index.numel()) if st.source_index is not None else 0,
+            "kv_bytes_layers_0_to_k": st.kv_bytes_layers_0_to_k,
+            "scored_rows": st.scored_rows,
+            "methods": {n: {"tokens": list(st.method_tokens.get(n, [0, 0])), "seconds": self.seconds(n)} for n in names},
+        }
+
+
+def apply_methods(model, config: RunConfig) -> ReductionHandle:
+    """Install the hooks for the run's enabled methods on a loaded model; returns the handle."""
+    handle = ReductionHandle(model, config)
+    handle._install()
+    return handle
+
+
+def apply_prunevid(model, stage1: Stage1Config, stage2: Stage2Config) -> ReductionHandle:
+    """PruneVid's stages (Stage 1, Stages 2+3) on a loaded model; returns the handle."""
+    return apply_methods(model, RunConfig(stage1=stage1, stage2=stage2))

@@ -1,0 +1,95 @@
+"""Generic splicing of a prefill: find the visual spans, remove or reorder tokens in what enters
+the LLM (embeddings, position ids, 2D mask), slice what a later decoder layer receives (rotary
+cos/sin, 4D mask, text position ids). Family-agnostic: tensors in, tensors out."""
+
+from __future__ import annotations
+
+import torch
+
+from prunevid_bench.errors import PruneVidError
+
+
+def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True in a 1-D bool tensor, as (start, end) pairs."""
+    padded = torch.cat([mask.new_zeros(1), mask, mask.new_zeros(1)]).int()
+    edges = torch.nonzero(padded[1:] - padded[:-1]).flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def split_spans(spans, grids, merge) -> list[tuple[int, int]]:
+    """Two videos whose placeholder runs touch form one run; split runs by the grids' sizes.
+    Raises when the grids do not cover the placeholders exactly (e.g. no grids were seen), so a
+    video is never silently left unpruned."""
+    sizes = [t * h * w // (merge * merge) for t, h, w in grids]
+    out, i = [], 0
+    for start, end in spans:
+        while start < end and i < len(sizes):
+            out.append((start, start + sizes[i]))
+            start += sizes[i]
+            i += 1
+    if len(out) != len(grids) or sum(e - s for s, e in out) != sum(e - s for s, e in spans):
+        raise PruneVidError(
+            f"the {sum(e - s for s, e in spans)} video placeholder tokens do not match the video grids "
+            f"{[list(g) for g in grids]}; pass video_grid_thw with the inputs"
+        )
+    return out
+
+
+def query_start(ids: torch.Tensor, visual: torch.Tensor, vision_end_id: int) -> int | None:
+    """First position after the ``<|vision_end|>`` that closes the last video (not the last
+    image): an LLM-layer method's query rows are the text that follows the videos. None without
+    a video."""
+    video_positions = torch.nonzero(visual).flatten()
+    if video_positions.numel() == 0:
+        return None
+    ends = torch.nonzero(ids[int(video_positions[-1]) :] == vision_end_id).flatten()
+    return int(video_positions[-1]) + int(ends[0]) + 1 if ends.numel() else None
+
+
+def cache_kwarg(kwargs: dict):
+    """The KV cache a hooked forward was called with. transformers 5.24 renamed the keyword
+    ``past_key_values`` to ``cache`` (the old name is deprecated, to be removed in 5.40) and its
+    outer forwards pass ``cache=`` inward even when the user wrote the old name; 5.23 only knows
+    ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so Stage 3 would skip
+    compacting layers 0..K and decoding would see the dropped tokens there."""
+    return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
+
+
+def select_llm_inputs(kwargs: dict, source: torch.Tensor, embeds: torch.Tensor) -> None:
+    """Make the language model's input the tokens ``source`` [L1] of the prompt (in that order),
+    with ``embeds`` [1, L1, D]. The M-RoPE ids are index-selected (the kept tokens keep their
+    original ids: never renumbered); a text row (4-row ids) becomes contiguous again, so that no
+    packed-sequence mask is inferred from it."""
+    kwargs["inputs_embeds"] = embeds
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise PruneVidError("token reduction needs the M-RoPE position ids: pass the processor's mm_token_type_ids")
+    pos = pos[..., source]
+    if pos.shape[0] == 4:
+        pos = torch.cat([torch.arange(pos.shape[-1], device=pos.device).view(1, 1, -1), pos[1:]])
+    kwargs["position_ids"] = pos
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        kwargs["attention_mask"] = mask[:, source]
+
+
+def slice_layer_kwargs(kwargs: dict, keep: torch.Tensor) -> None:
+    """A decoder layer after the pruning layer sees only the tokens ``keep``: slice the shared
+    rotary cos/sin, the 4D mask (eager) and the text position ids computed for the full length."""
+    cos, sin = kwargs["position_embeddings"]
+    if cos.shape[-2] != keep.numel():
+        kwargs["position_embeddings"] = (cos.index_select(-2, keep), sin.index_select(-2, keep))
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] != keep.numel():
+        kwargs["attention_mask"] = mask.index_select(-2, keep).index_select(-1, keep)
+    pos = kwargs.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.shape[-1] != keep.numel():
+        kwargs["position_ids"] = torch.arange(keep.numel(), device=pos.device).view(1, -1)
+
+
+def drop_index(seq_len: int, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Positions [L'] that survive when only ``visual[kept]`` of the visual positions stay."""
+    is_dropped = torch.zeros(seq_len, dtype=torch.bool, device=visual.device)
+    is_dropped[visual] = True
+    is_dropped[visual[kept]] = False
+    return torch.nonzero(~is_dropped).flatten()

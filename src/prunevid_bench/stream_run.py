@@ -1,0 +1,284 @@
+"""Scenario: play a video chunk by chunk through a StreamSession and ask questions at their times.
+
+One video with ``--ask "SECONDS:question"`` pairs, or a JSONL dataset of timed questions (several
+per video, as OVO-Bench and StreamingBench have them) evaluated for accuracy into a resumable run
+folder. A chunk is appended once its last frame has arrived; a question at time t is answered
+from every chunk complete by then. Each question's record holds its TTFT, the append time of
+each chunk so far, the KV bytes, the visual tokens cached and the answer; ``compare_offline``
+re-runs it offline on the frames seen so far and records the agreement and TTFT ratio.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from prunevid_bench.config import RunConfig
+from prunevid_bench.errors import PruneVidError
+
+QUESTIONS_FILE = "questions.jsonl"
+CHUNKS_FILE = "chunks.jsonl"  # every appended chunk of this invocation: append time, tokens, KV bytes
+NO_FRAME_CAP = 10**9  # a stream samples at its rate for the whole video: --max-frames caps it
+
+
+@dataclass
+class TimedQuestion:
+    id: str
+    time_s: float
+    question: str
+    options: list[str] = field(default_factory=list)
+    answer: str | None = None  # the right option's letter
+
+
+def parse_ask(text: str) -> tuple[float, str]:
+    """``"2.0:What is moving?"`` (also ``t=2.0:...``) -> (2.0, "What is moving?")."""
+    head, sep, question = text.partition(":")
+    head = head.strip().removeprefix("t=")
+    try:
+        seconds = float(head)
+    except ValueError:
+        seconds = None
+    if not sep or seconds is None or seconds < 0 or not question.strip():
+        raise PruneVidError(f"--ask takes SECONDS:QUESTION, e.g. --ask \"2.0:What is moving?\", got '{text}'")
+    return seconds, question.strip()
+
+
+def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
+    """JSONL rows ``{"video", "time", "question", "options", "answer"}`` grouped by video (paths
+    relative to the file's folder); answer: a letter, a 0-based index or the option's text."""
+    from prunevid_bench.choices import LETTERS
+
+    if not path.is_file():
+        raise PruneVidError(f"dataset not found: {path}")
+    videos: dict[str, list[TimedQuestion]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PruneVidError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PruneVidError(f"{where} is not valid JSON ({exc.msg})") from None
+        missing = [k for k in ("video", "time", "question", "options", "answer") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise PruneVidError(f"{where} lacks {', '.join(missing)} (rows need video, time, question, options, answer)")
+        options = [str(o) for o in row["options"]] if isinstance(row["options"], list) else []
+        if not 2 <= len(options) <= len(LETTERS):
+            raise PruneVidError(f"{where}: options must be a list of 2 to {len(LETTERS)} choices")
+        answer = _answer_letter(row["answer"], options)
+        if answer is None:
+            raise PruneVidError(f"{where}: answer '{row['answer']}' is not a letter, an index or one of the options")
+        try:
+            time_s = float(row["time"])
+        except (TypeError, ValueError):
+            raise PruneVidError(f"{where}: time must be seconds, got {row['time']!r}") from None
+        video = str((path.parent / str(row["video"])).resolve()) if not Path(str(row["video"])).is_absolute() else str(row["video"])
+        qid = str(row.get("id", f"{Path(video).stem}-{number}"))
+        videos.setdefault(video, []).append(TimedQuestion(qid, time_s, str(row["question"]), options, answer))
+    if not videos:
+        raise PruneVidError(f"{path}: no rows")
+    return videos
+
+
+def _answer_letter(value: Any, options: list[str]) -> str | None:
+    from prunevid_bench.choices import LETTERS
+
+    if isinstance(value, int) and 0 <= value < len(options):
+        return LETTERS[value]
+    text = str(value).strip()
+    if len(text) == 1 and text.upper() in LETTERS[: len(options)]:
+        return text.upper()
+    return LETTERS[options.index(text)] if text in options else None
+
+
+# ---------------------------------------------------------------- playing one video
+def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQuestion], *, chunk_frames: int,
+               budget: int | None, max_new_tokens: int, compare_offline: bool, done: set[str] | None = None,
+               chunk_log: list | None = None, answer_mode: str = "generate"):
+    """Stream one video and yield one record per question (those in ``done`` are skipped);
+    each appended chunk's record is added to ``chunk_log``. ``answer_mode``: generate (parse the
+    reply's letter) or logits (the best option letter's first-token logit), as ``run --dataset``."""
+    from prunevid_bench.choices import LETTERS
+    from prunevid_bench.streaming import StreamSession
+    from prunevid_bench.video import VideoRequest, load_clip
+
+    v = cfg.video
+    request = VideoRequest("processor", num_frames=v.num_frames if v.fps is None else None, fps=v.fps,
+                           max_frames=v.max_frames or NO_FRAME_CAP, max_pixels=v.max_pixels, min_pixels=v.min_pixels)
+    pending = sorted((q for q in questions if q.id not in (done or set())), key=lambda q: q.time_s)
+    if not pending:
+        return
+    clip = load_clip(video, request=request)
+    times = [i / clip.native_fps for i in clip.indices]
+    chunks = [(s, min(s + chunk_frames, clip.num_frames)) for s in range(0, clip.num_frames, chunk_frames)]
+    ready = [times[end - 1] for _, end in chunks]  # a chunk is appended once its last frame arrived
+    for q in pending:
+        if q.time_s < ready[0]:
+            raise PruneVidError(f"question '{q.id}' at {q.time_s:g} s comes before the first chunk of {video} is complete "
+                                f"({ready[0]:.2f} s): ask later or use a smaller --chunk-frames")
+    session = StreamSession(pipe, video_fps=clip.sampled_fps, chunk_frames=chunk_frames,
+                            stage1=cfg.stage1 if cfg.stage1.enabled else None,
+                            stage2=cfg.stage2 if cfg.stage2.enabled else None, visual_budget=budget)
+    appended = 0
+    for q in pending:
+        while appended < len(chunks) and ready[appended] <= q.time_s:
+            start, end = chunks[appended]
+            chunk = session.append(clip.frames[start:end])
+            if chunk_log is not None and chunk is not None:
+                chunk_log.append({"video": str(video), "ready_s": ready[appended], **asdict(chunk)})
+            appended += 1
+        if q.options:
+            answer = session.ask_choice(q.question, q.options, max_new_tokens if answer_mode == "generate" else None)
+        else:
+            answer = session.ask(q.question, max_new_tokens)
+        record = {
+            "id": q.id, "video": str(video), "time_s": q.time_s, "question": q.question,
+            "answered_after_s": ready[appended - 1], "chunks_appended": appended,
+            "append_s": [c.append_s for c in session.chunks], **answer.record(), "sampled_fps": clip.sampled_fps,
+        }
+        if q.options:
+            record.update(options=q.options, prediction=None if answer.choice is None else LETTERS[answer.choice])
+            if q.answer is not None:
+                record.update(answer=q.answer, correct=record["prediction"] == q.answer)
+        if compare_offline:
+            record.update(_offline(pipe, cfg, clip.frames[: session.frames_seen], clip.sampled_fps, q, answer,
+                                   max_new_tokens, answer_mode))
+        yield record
+
+
+def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer, max_new_tokens: int,
+             answer_mode: str) -> dict[str, Any]:
+    """The same question offline on the frames the stream had seen: one full prefill. Agreement
+    is on the chosen letter for choices, on the reply's text otherwise."""
+    from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
+    from prunevid_bench.harness.evaluate import letter_token_ids
+
+    logits_mode = bool(q.options) and answer_mode == "logits"
+    text = format_mc_prompt(q.question, q.options) if q.options else q.question
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames, "fps": fps}, {"type": "text", "text": text}]}]
+    run_cfg = cfg.to_dict()
+    run_cfg["video"]["policy"] = "processor"
+    run_cfg["generation"]["max_new_tokens"] = 1 if logits_mode else max_new_tokens
+    from prunevid_bench.config import from_dict
+
+    ref = pipe.run(messages=messages, config=from_dict(run_cfg))
+    if logits_mode:
+        letters = letter_token_ids(pipe.processor.tokenizer, len(q.options))
+        offline_answer, streamed = LETTERS[int(ref.first_token_logits[letters].argmax())], answer.text
+    elif q.options:
+        index, _ = parse_choice(ref.generated_text, len(q.options), q.options)
+        offline_answer = None if index is None else LETTERS[index]
+        streamed = None if answer.choice is None else LETTERS[answer.choice]
+    else:
+        offline_answer, streamed = ref.generated_text, answer.text
+    return {
+        "offline_answer": offline_answer,
+        "offline_reply": ref.generated_text,
+        "offline_agrees": offline_answer == streamed,
+        "offline_ttft_s": ref.ttft_s,
+        "offline_over_stream_ttft": ref.ttft_s / answer.ttft_s if answer.ttft_s > 0 else None,
+        "offline_max_logit_diff": float((ref.first_token_logits - answer.first_logits).abs().max()),
+    }
+
+
+# ---------------------------------------------------------------- run folders
+def check_stream_config(cfg: RunConfig, chunk_frames: int, budget: int | None) -> None:
+    if cfg.stage2.enabled and cfg.stage2.score != "prunevid":
+        raise PruneVidError(f"a stream's question-time eviction scores with stage2.score=prunevid only, got '{cfg.stage2.score}'")
+    if chunk_frames <= 0 or chunk_frames % 2:
+        raise PruneVidError(f"--chunk-frames must be a positive multiple of 2 (the temporal patch size), got {chunk_frames}")
+    if budget is not None and cfg.stage1.enabled:
+        raise PruneVidError("--budget and Stage 1 per chunk cannot be combined yet; choose one")
+
+
+def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_frames: int, budget: int | None,
+               compare_offline: bool, preset: str | None, results_dir: Path, label: str, source: str,
+               answer_mode: str = "generate", console: Console | None = None) -> tuple[Path, dict[str, Any]]:
+    """Stream each video, write one record per question to ``questions.jsonl`` (a rerun of the
+    same command resumes: questions already recorded are skipped) and ``summary.json``."""
+    from prunevid_bench.harness.runs import SampleLog, read_samples
+    from prunevid_bench.pipeline import Pipeline
+    from prunevid_bench.report import check_writable, write_json
+    from prunevid_bench.single import write_run_header
+    from prunevid_bench.video import check_video
+
+    console = console or Console()
+    check_stream_config(cfg, chunk_frames, budget)
+    if answer_mode not in ("generate", "logits"):
+        raise PruneVidError(f"--answer-mode is generate or logits, got '{answer_mode}'")
+    for video in videos:
+        check_video(video)
+    check_writable(results_dir)
+    run_dir = results_dir / label
+    meta = {"scenario": "stream", "preset": preset, "source": source, "chunk_frames": chunk_frames,
+            "visual_budget": budget, "compare_offline": compare_offline, "answer_mode": answer_mode}
+    done: dict[str, dict[str, Any]] = {}
+    if (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        if {k: saved.get(k) for k in meta} != meta or saved.get("config") != cfg.to_dict():
+            raise PruneVidError(f"{run_dir} holds a stream run with other settings: pass another --label")
+        done = read_samples(run_dir / QUESTIONS_FILE, repair=True)
+    pipe = Pipeline.from_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_header(run_dir, cfg, pipe, meta)
+    records = dict(done)
+    chunk_log: list[dict[str, Any]] = []
+    with SampleLog(run_dir / QUESTIONS_FILE) as log:
+        for video, questions in videos.items():
+            for record in play_video(pipe, cfg, video, questions, chunk_frames=chunk_frames, budget=budget,
+                                     max_new_tokens=cfg.generation.max_new_tokens, compare_offline=compare_offline,
+                                     done=set(done), chunk_log=chunk_log, answer_mode=answer_mode):
+                log.write(record)
+                records[record["id"]] = record
+                if "options" in record:
+                    shown = record["prediction"] or f"no letter in '{record['text']}'"
+                else:
+                    shown = record["text"] or "(empty)"
+                console.print(f"[bold]{record['time_s']:g} s[/] {escape(record['question'])} -> {escape(shown)} "
+                              f"(TTFT {record['ttft_s'] * 1000:.1f} ms, {record['visual_tokens']} visual tokens)", highlight=False)
+    summary = stream_summary(list(records.values()))
+    write_json(run_dir / "summary.json", summary)
+    if chunk_log:
+        _write_chunks(run_dir, chunk_log)
+    console.print(f"run folder: {run_dir}")
+    return run_dir, summary
+
+
+def _write_chunks(run_dir: Path, chunk_log: list[dict[str, Any]]) -> None:
+    """``chunks.jsonl`` and ``kv.png`` (KV bytes over each video's stream, up to its last question)."""
+    from prunevid_bench.stream_plot import plot_kv_over_stream
+
+    (run_dir / CHUNKS_FILE).write_text("".join(json.dumps(c) + "\n" for c in chunk_log), encoding="utf-8")
+    series: dict[str, list[tuple[float, int]]] = {}
+    for c in chunk_log:
+        series.setdefault(Path(c["video"]).name, []).append((c["ready_s"], c["kv_bytes"]))
+    plot_kv_over_stream(dict(list(series.items())[:10]), run_dir / "kv.png")
+
+
+def stream_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    import statistics
+
+    scored = [r for r in records if "correct" in r]
+    compared = [r for r in records if "offline_agrees" in r]
+    out: dict[str, Any] = {"questions": len(records)}
+    if records:
+        out["ttft_s_median"] = statistics.median(r["ttft_s"] for r in records)
+        out["kv_bytes_max"] = max(r["kv_bytes"] for r in records)
+    if scored:
+        out.update(correct=sum(r["correct"] for r in scored), scored=len(scored),
+                   accuracy=sum(r["correct"] for r in scored) / len(scored))
+    if compared:
+        out["offline_agreement"] = sum(r["offline_agrees"] for r in compared) / len(compared)
+        ratios = [r["offline_over_stream_ttft"] for r in compared if r["offline_over_stream_ttft"]]
+        if ratios:
+            out["offline_over_stream_ttft_median"] = statistics.median(ratios)
+    return out

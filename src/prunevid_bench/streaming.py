@@ -1,0 +1,459 @@
+"""Streaming: append video chunks to a live KV cache and answer questions mid-stream.
+
+``StreamSession(pipe, video_fps=2)``: ``append(frames)`` encodes a chunk with the vision tower and
+prefills its tokens into the cache; ``ask(question)`` answers from that cache and leaves it as it
+was. Nothing already cached is ever re-encoded.
+
+Why a stream with no pruning is *exactly* the offline prefill, computed in pieces:
+- Qwen2.5-VL's vision tower attends within one temporal step only (per-frame ``cu_seqlens`` and
+  windows in transformers 5.24), so a chunk cut at temporal-step boundaries encodes to the same
+  features those frames get inside the whole video (``tests/test_streaming.py`` checks it).
+- Every token takes the M-RoPE ids it has in the whole video's prompt: they are read off
+  ``get_rope_index`` on the prompt as it would be offline with the frames seen so far (a video's
+  token ids never depend on later frames; the text after it does, and is computed at ``ask``).
+- Causal attention over a cache filled in pieces equals one prefill of the whole prompt.
+Position ids therefore never drift, unlike engines that renumber each chunk from an offset.
+
+The few Qwen2.5-VL specifics (the processor's video call, the vision tower, the video token and
+its mm_token_type) sit in the marked section below, to move to the family module later.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench.engine import cache_keyword, eos_ids, prefill_position_ids
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.measure import Clock, cache_bytes
+
+VIDEO_MARK = "<|video_pad|>"  # the chat template's single video placeholder, split on below
+
+
+# ============================================================ Qwen2.5-VL specifics (family code)
+def qwen_encode_chunk(pipe, frames: np.ndarray, fps: float) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Vision features ``[t * n, C]`` (t-major) and the grid ``(t, h, w)`` of one chunk of frames,
+    resized by the processor's per-frame rule (never by the chunk's length)."""
+    vp = pipe.processor.video_processor
+    kwargs: dict[str, Any] = {}
+    video = pipe.config.video
+    if video.max_pixels or video.min_pixels:
+        size = dict(vp.size)
+        if video.max_pixels:
+            size["longest_edge"] = video.max_pixels
+        if video.min_pixels:
+            size["shortest_edge"] = video.min_pixels
+        kwargs["size"] = size
+    meta = [{"total_num_frames": len(frames), "fps": fps, "frames_indices": list(range(len(frames)))}]
+    out = vp(videos=[frames], video_metadata=meta, do_sample_frames=False, return_tensors="pt", **kwargs)
+    dtype = next(pipe.model.parameters()).dtype
+    pixels = out["pixel_values_videos"].to(pipe.device, dtype)
+    grid = out["video_grid_thw"].to(pipe.device)
+    features = pipe.model.model.get_video_features(pixels, grid).pooler_output[0]
+    return features, tuple(int(x) for x in grid[0].tolist())
+
+
+def qwen_temporal_patch(pipe) -> int:
+    return int(pipe.processor.video_processor.temporal_patch_size)
+
+
+def qwen_merge(pipe) -> int:
+    return int(pipe.model.config.vision_config.spatial_merge_size)
+
+
+def qwen_prompt_positions(pipe, ids: list[int], n_video: int, video_at: int, grid: tuple[int, int, int],
+                          fps: float) -> torch.Tensor:
+    """M-RoPE ids ``(3, L)`` of the prompt ``ids[:video_at] + n_video video tokens + ids[video_at:]``,
+    as ``get_rope_index`` gives them offline (``second_per_grid_ts`` as the processor sets it)."""
+    model = pipe.model
+    video_id = model.config.video_token_id
+    full = ids[:video_at] + [video_id] * n_video + ids[video_at:]
+    input_ids = torch.tensor([full], device=pipe.device)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == video_id).long() * 2}
+    if n_video:
+        inputs["video_grid_thw"] = torch.tensor([grid], device=pipe.device)
+        inputs["second_per_grid_ts"] = torch.tensor([qwen_temporal_patch(pipe) / fps], device=pipe.device)
+    saved = getattr(model.model, "rope_deltas", None)
+    positions = prefill_position_ids(model, inputs)[1:, 0]
+    model.model.rope_deltas = saved  # prefill_position_ids sets it; the session keeps its own state
+    return positions
+
+
+# ============================================================ cache edits (one place)
+def crop_cache(cache, length: int) -> None:
+    """Keep the first ``length`` tokens of every layer (views: no copy)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def select_cache(cache, index: torch.Tensor) -> None:
+    """Keep the tokens at ``index`` (ascending) in every layer."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(-2, index.to(layer.values.device))
+
+
+def cache_length(cache) -> int:
+    return int(cache.get_seq_length())
+
+
+# ============================================================ records
+@dataclass
+class ChunkRecord:
+    """One appended chunk."""
+
+    index: int
+    first_frame: int  # index of its first frame in the stream
+    frames: int
+    tokens_before_stage1: int
+    tokens_cached: int  # visual tokens it added to the cache (after Stage 1)
+    evicted: int  # visual tokens the budget evicted while appending it
+    append_s: float  # processor + vision tower + Stage 1 + LLM prefill
+    vision_s: float
+    visual_tokens: int  # in the cache after this chunk (and any eviction)
+    kv_bytes: int  # the cache's bytes after this chunk
+
+
+@dataclass
+class StreamAnswer:
+    text: str
+    token_ids: list[int]
+    first_logits: torch.Tensor = field(repr=False)  # [V] float32 on CPU
+    ttft_s: float  # from the question's arrival (tokenising included) to the first token
+    decode_s: float
+    question_tokens: int  # tokens prefilled for the question (<|vision_end|> to the assistant prefix)
+    kv_bytes: int  # cache bytes after the question's prefill
+    extra_kv_bytes: int  # cache bytes the ask added at its peak (question + generated tokens)
+    cached_tokens: int  # cache length before the ask (video and prefix)
+    visual_tokens: int  # visual tokens in the cache
+    frames_seen: int
+    visual_tokens_kept: int | None = None  # question-time eviction: visual tokens this answer kept
+    choice: int | None = None  # ask_choice: the chosen option's index
+    parse_status: str | None = None  # ask_choice: "logits", or the letter parser's status
+
+    def record(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("first_logits")
+        return out
+
+
+# ============================================================ the session
+class StreamSession:
+    """A live video stream over one model. Chunks must hold a multiple of the temporal patch size
+    (2 frames); an odd frame at the end of a chunk is held back and prepended to the next chunk,
+    so it is not seen by a question asked before then (``cache_info()["pending_frames"]``).
+
+    ``stage1``: PruneVid Stage 1 per chunk (question-agnostic), segments never crossing a chunk.
+    ``visual_budget``: at most this many visual tokens stay cached; beyond it, the tokens most
+    similar to the same slot of the previous temporal step are evicted (EVS-style, question-agnostic).
+    ``stage2``: question-time eviction at each ask (``prunevid_bench.stream_stage2``).
+    """
+
+    def __init__(self, pipe, video_fps: float, chunk_frames: int | None = None, *,
+                 stage1: Stage1Config | None = None, stage2: Stage2Config | None = None,
+                 visual_budget: int | None = None):
+        if video_fps <= 0:
+            raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
+        self.pipe = pipe
+        self.fps = float(video_fps)
+        self.step = qwen_temporal_patch(pipe)
+        if chunk_frames is not None and (chunk_frames <= 0 or chunk_frames % self.step):
+            raise PruneVidError(f"--chunk-frames must be a positive multiple of {self.step} (the temporal patch size), got {chunk_frames}")
+        self.chunk_frames = chunk_frames
+        self.stage1 = stage1 if stage1 is not None and stage1.enabled else None
+        if visual_budget is not None and visual_budget <= 0:
+            raise PruneVidError(f"the visual-token budget must be > 0, got {visual_budget}")
+        if visual_budget is not None and self.stage1 is not None:
+            raise PruneVidError("a visual-token budget and Stage 1 per chunk cannot be combined yet; choose one")
+        self.visual_budget = visual_budget
+        self.eviction = None
+        if stage2 is not None and stage2.enabled:
+            from prunevid_bench.stream_stage2 import QuestionEviction
+
+            self.eviction = QuestionEviction(pipe.model, stage2)
+        self._answering = False
+        self.clock = Clock(pipe.device)
+        self._cache_kw = cache_keyword(pipe.model)
+        self._stop = eos_ids(pipe.model)
+        prefix, _ = self._split_template("?")
+        self._prefix_ids = self._tokens(prefix)
+        if pipe.model.config.vision_start_token_id not in self._prefix_ids[-1:]:
+            raise PruneVidError("the chat template does not put <|vision_start|> right before the video")
+        self.reset()
+
+    # ----------------------------------------------------------- state
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Empty the stream: a fresh cache holding only the tokens before the video."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.pipe.model.config.get_text_config())
+        self.chunks: list[ChunkRecord] = []
+        self.grid_hw: tuple[int, int] | None = None
+        self.steps = 0  # temporal steps (2 frames each) in the cache
+        self.pending: np.ndarray | None = None  # a held-back odd frame
+        self.frames_seen = 0
+        self.visual_index = torch.zeros(0, dtype=torch.long)  # cache slot of each cached visual token
+        self.visual_groups = torch.zeros(0, dtype=torch.long)  # Stage-2 group of each (a step, or Stage 1's)
+        if self.eviction is not None:
+            self.eviction.keys = None
+        self.redundancy = torch.zeros(0)  # per cached visual token, for the budget
+        self._last_step_features: torch.Tensor | None = None
+        ids = torch.tensor([self._prefix_ids], device=self.pipe.device)
+        positions = qwen_prompt_positions(self.pipe, self._prefix_ids, 0, len(self._prefix_ids), (0, 0, 0), self.fps)
+        self._prefill(ids=ids, positions=positions)
+
+    @property
+    def visual_tokens(self) -> int:
+        return int(self.visual_index.numel())
+
+    def cache_info(self) -> dict[str, Any]:
+        per_layer = [cache_bytes(_Layers([layer])) for layer in self.cache.layers]
+        return {
+            "tokens": cache_length(self.cache),
+            "visual_tokens": self.visual_tokens,
+            "frames": self.frames_seen,
+            "temporal_steps": self.steps,
+            "pending_frames": 0 if self.pending is None else len(self.pending),
+            "bytes": sum(per_layer),
+            "bytes_per_layer": per_layer,
+            "chunks": [asdict(c) for c in self.chunks],
+        }
+
+    # ----------------------------------------------------------- appending
+    @torch.inference_mode()
+    def append(self, frames) -> ChunkRecord | None:
+        """Encode a chunk ``[T, H, W, 3]`` uint8 and prefill its tokens. Returns its record, or
+        None when only a held-back frame is left (nothing was encoded)."""
+        frames = _as_frames(frames)
+        if self.pending is not None:
+            frames = np.concatenate([self.pending, frames])
+            self.pending = None
+        if len(frames) % self.step:
+            self.pending, frames = frames[-1:], frames[:-1]
+        if len(frames) == 0:
+            return None
+        if self.chunk_frames is not None and len(frames) > self.chunk_frames:
+            raise PruneVidError(f"a chunk of {len(frames)} frames is longer than chunk_frames={self.chunk_frames}")
+        start = self.clock.start()
+        features, (t, h, w) = qwen_encode_chunk(self.pipe, frames, self.fps)
+        vision_end = self.clock.mark()
+        if self.grid_hw is None:
+            self.grid_hw = (h, w)
+        elif self.grid_hw != (h, w):
+            raise PruneVidError(f"a chunk's frames encode to a {h}x{w} grid, the stream's are {self.grid_hw[0]}x{self.grid_hw[1]}: keep the frame size")
+        merge = qwen_merge(self.pipe)
+        per_step = (h // merge) * (w // merge)
+        before = cache_length(self.cache)
+        positions = self._video_positions(self.steps + t)[:, self.steps * per_step :]
+        embeds = features
+        groups = torch.arange(t * per_step) // per_step  # without Stage 1 each temporal step is a group
+        if self.stage1 is not None:
+            embeds, keep, groups = _stage1(features.view(t, per_step, -1), self.stage1)
+            positions = positions[:, keep]
+        offset = int(self.visual_groups.max()) + 1 if self.visual_groups.numel() else 0
+        self.visual_groups = torch.cat([self.visual_groups, groups.cpu() + offset])
+        scores = self._redundancy(features.view(t, per_step, -1)) if self.visual_budget else None
+        self._prefill(embeds=embeds.unsqueeze(0), positions=positions)
+        added = embeds.shape[0]
+        self.visual_index = torch.cat([self.visual_index, torch.arange(before, before + added)])
+        if scores is not None:
+            self.redundancy = torch.cat([self.redundancy, scores])
+        evicted = self._enforce_budget()
+        end = self.clock.mark()
+        record = ChunkRecord(
+            index=len(self.chunks), first_frame=self.frames_seen, frames=len(frames),
+            tokens_before_stage1=t * per_step, tokens_cached=added, evicted=evicted,
+            append_s=self.clock.elapsed(start, end), vision_s=self.clock.elapsed(start, vision_end),
+            visual_tokens=self.visual_tokens, kv_bytes=cache_bytes(self.cache),
+        )
+        self.chunks.append(record)
+        self.steps += t
+        self.frames_seen += len(frames)
+        return record
+
+    def _video_positions(self, steps: int) -> torch.Tensor:
+        """M-RoPE ids ``(3, steps * n)`` of the video's tokens when it has ``steps`` temporal steps."""
+        h, w = self.grid_hw
+        merge = qwen_merge(self.pipe)
+        n = steps * (h // merge) * (w // merge)
+        at = len(self._prefix_ids)
+        return qwen_prompt_positions(self.pipe, self._prefix_ids, n, at, (steps, h, w), self.fps)[:, at : at + n]
+
+    def _prefill(self, *, positions: torch.Tensor, ids: torch.Tensor | None = None,
+                 embeds: torch.Tensor | None = None):
+        """One forward over new tokens with explicit positions: row 0 (the text row, used only to
+        detect packed sequences) is the physical cache slot; rows 1-3 the M-RoPE ids."""
+        past = cache_length(self.cache)
+        n = positions.shape[-1]
+        text_row = torch.arange(past, past + n, device=positions.device).view(1, -1)
+        position_ids = torch.cat([text_row, positions]).unsqueeze(1)
+        feed = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
+        recording = self.eviction.recording() if self.eviction is not None and not self._answering else nullcontext()
+        with recording:
+            return self.pipe.model(**feed, position_ids=position_ids, **{self._cache_kw: self.cache},
+                                   use_cache=True, logits_to_keep=1)
+
+    # ----------------------------------------------------------- the budget
+    def _redundancy(self, steps: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each token ``[t, n, C]`` to the same slot one temporal step
+        earlier (the previous chunk's last step for the first); the stream's first step scores -1
+        (never the first to go)."""
+        x = steps.float()
+        prev = torch.cat([self._last_step_features.unsqueeze(0) if self._last_step_features is not None
+                          else x[:1] * 0, x[:-1]])
+        sim = torch.nn.functional.cosine_similarity(x, prev, dim=-1)
+        if self._last_step_features is None:
+            sim[0] = -1.0
+        self._last_step_features = x[-1].clone()
+        return sim.flatten().cpu()
+
+    def _enforce_budget(self) -> int:
+        over = self.visual_tokens - (self.visual_budget or self.visual_tokens)
+        if over <= 0:
+            return 0
+        # Evict the most redundant; ties go to the oldest (stable sort on slot order).
+        order = torch.sort(self.redundancy, descending=True, stable=True).indices
+        drop = torch.zeros(self.visual_tokens, dtype=torch.bool)
+        drop[order[:over]] = True
+        keep_slots = torch.ones(cache_length(self.cache), dtype=torch.bool)
+        keep_slots[self.visual_index[drop]] = False
+        select_cache(self.cache, torch.nonzero(keep_slots).flatten())
+        if self.eviction is not None:
+            self.eviction.select(torch.nonzero(keep_slots).flatten())
+        self.visual_groups = self.visual_groups[~drop]
+        kept_visual = self.visual_index[~drop]
+        # Slots shift down by the evicted tokens before each survivor.
+        self.visual_index = torch.searchsorted(torch.nonzero(keep_slots).flatten(), kept_visual)
+        self.redundancy = self.redundancy[~drop]
+        return over
+
+    # ----------------------------------------------------------- asking
+    @torch.inference_mode()
+    def ask(self, question: str, max_new_tokens: int = 32) -> StreamAnswer:
+        """Close the video, add the question and the assistant prefix, decode greedily; the cache
+        is then cropped back to the video, so the session is exactly as before."""
+        if not question or not str(question).strip():
+            raise PruneVidError("the question is empty")
+        if self.steps == 0:
+            raise PruneVidError("no video in the stream yet: append at least one chunk of 2 frames before asking")
+        start = self.clock.start()
+        _, suffix = self._split_template(question)
+        suffix_ids = self._tokens(suffix)
+        h, w = self.grid_hw
+        merge = qwen_merge(self.pipe)
+        n_video = self.steps * (h // merge) * (w // merge)
+        ids = self._prefix_ids + suffix_ids
+        positions = qwen_prompt_positions(self.pipe, ids, n_video, len(self._prefix_ids), (self.steps, h, w), self.fps)
+        positions = positions[:, -len(suffix_ids):]
+        # The offline prompt's length (before any pruning), refused where run() would refuse it.
+        self.pipe._check_length(len(ids) + n_video, max_new_tokens)
+        length = cache_length(self.cache)
+        bytes_before = cache_bytes(self.cache)
+        originals = list(self.cache.layers)
+        answering = (self.eviction.answering(self.cache, self.visual_index, self.visual_groups)
+                     if self.eviction is not None else nullcontext())
+        self._answering = True
+        try:
+            with answering:
+                first_logits, tokens, marks, kv_bytes = self._answer(suffix_ids, positions, max_new_tokens)
+                held = cache_bytes(self.cache)  # with eviction: the answer's pruned copies ...
+                if any(a is not b for a, b in zip(self.cache.layers, originals)):
+                    held += cache_bytes(_Layers(originals))  # ... besides the stream's own layers
+        finally:
+            self._answering = False
+            crop_cache(self.cache, length)
+            if self.eviction is not None:
+                self.eviction.crop(length)
+        text = self.pipe.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        first, decode_end = marks
+        return StreamAnswer(
+            text=text, token_ids=tokens, first_logits=first_logits.float().cpu(),
+            ttft_s=self.clock.elapsed(start, first), decode_s=self.clock.elapsed(first, decode_end),
+            question_tokens=len(suffix_ids), kv_bytes=kv_bytes, extra_kv_bytes=held - bytes_before,
+            cached_tokens=length, visual_tokens=self.visual_tokens, frames_seen=self.frames_seen,
+            visual_tokens_kept=self.eviction.last.get("visual_tokens_kept") if self.eviction is not None else None,
+        )
+
+    def _answer(self, suffix_ids: list[int], positions: torch.Tensor, max_new_tokens: int):
+        """Prefill the question, then decode greedily; every position row advances by one per
+        token from the question's last, as the engine does."""
+        out = self._prefill(ids=torch.tensor([suffix_ids], device=self.pipe.device), positions=positions)
+        first_logits = out.logits[0, -1]
+        tokens = [int(first_logits.argmax())]
+        first = self.clock.mark()
+        kv_bytes = cache_bytes(self.cache)
+        next_pos = positions[:, -1:] + 1
+        while len(tokens) < max_new_tokens and tokens[-1] not in self._stop:
+            out = self._prefill(ids=torch.tensor([[tokens[-1]]], device=self.pipe.device), positions=next_pos)
+            tokens.append(int(out.logits[0, -1].argmax()))
+            next_pos = next_pos + 1
+        return first_logits, tokens, (first, self.clock.mark()), kv_bytes
+
+    def ask_choice(self, question: str, options: Sequence[str], max_new_tokens: int | None = None) -> StreamAnswer:
+        """A multiple-choice question (lettered options, the lmms-eval instruction). By default
+        the answer is the option whose letter has the highest first-token logit (one forward);
+        with ``max_new_tokens`` the reply is generated and its letter parsed, as ``run`` does
+        (``choice`` None when no letter can be read; ``parse_status`` says why)."""
+        from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
+        from prunevid_bench.harness.evaluate import letter_token_ids
+
+        prompt = format_mc_prompt(question, options)
+        if max_new_tokens is not None:
+            answer = self.ask(prompt, max_new_tokens=max_new_tokens)
+            answer.choice, answer.parse_status = parse_choice(answer.text, len(options), list(options))
+            return answer
+        answer = self.ask(prompt, max_new_tokens=1)
+        letters = letter_token_ids(self.pipe.processor.tokenizer, len(options))
+        answer.choice = int(answer.first_logits[letters].argmax())
+        answer.text, answer.parse_status = LETTERS[answer.choice], "logits"
+        return answer
+
+    # ----------------------------------------------------------- prompt pieces
+    def _split_template(self, question: str) -> tuple[str, str]:
+        """The chat prompt around the video: text up to ``<|vision_start|>`` and from
+        ``<|vision_end|>`` to the assistant prefix, as the offline run's template writes it."""
+        prompt = self.pipe.build_prompt(question)
+        if prompt.count(VIDEO_MARK) != 1:
+            raise PruneVidError("the chat template must write exactly one video placeholder")
+        prefix, suffix = prompt.split(VIDEO_MARK)
+        return prefix, suffix
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class _Layers:
+    """Some cache layers as a cache, so ``cache_bytes`` counts them alone."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+
+def _stage1(tokens: torch.Tensor, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PruneVid Stage 1 on one chunk ``[t, n, C]``: merged tokens ``[M, C]``, the index of each
+    one's representative (whose M-RoPE ids it takes) among the chunk's ``t * n`` tokens, and its
+    Stage-2 group (numbered within the chunk)."""
+    from prunevid_bench.stages.stage1 import merge_video_tokens
+
+    res = merge_video_tokens(tokens, tau=cfg.tau, cluster_ratio=cfg.cluster_ratio,
+                             temporal_segment_ratio=cfg.temporal_segment_ratio, k=cfg.dpc_neighbours,
+                             min_cluster_tokens=cfg.min_cluster_tokens)
+    return res.merged.to(tokens.dtype), res.representative.to(tokens.device), res.group
+
+
+def _as_frames(frames) -> np.ndarray:
+    array = np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
+        raise PruneVidError(f"a chunk must be frames [T, H, W, 3] with T >= 1, got shape {tuple(array.shape)}")
+    if array.dtype != np.uint8:
+        raise PruneVidError(f"a chunk's frames must be uint8 pixel values, got {array.dtype}")
+    return array

@@ -1,0 +1,101 @@
+"""`prunevid stream` through typer's CliRunner: per-question records, the offline comparison, datasets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prunevid_bench.cli import app
+from tests.conftest import write_clip
+
+runner = CliRunner()
+TINY = ("--model", "tiny", "--dtype", "float32", "--device", "cpu", "--fps", "4")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def clip16(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("stream") / "clip16.mp4", 16, fps=4, seed=2)  # 4 s
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "questions.jsonl").read_text().splitlines()]
+
+
+def test_stream_asks_at_times_and_matches_offline(clip16, tmp_path):
+    res = invoke("stream", clip16, "--chunk-frames", "4", "--ask", "1.0:What is moving?", "--ask", "t=3.9:What now?",
+                 "--compare-offline", "--max-new-tokens", "4", *TINY, "--results-dir", tmp_path, "--label", "s")
+    assert res.exit_code == 0, res.output
+    first, last = records(tmp_path / "s")
+    # Frames at 0, 0.25, ... s: the first chunk is complete at 0.75 s, the last at 3.75 s.
+    assert (first["chunks_appended"], first["answered_after_s"], first["frames_seen"]) == (1, 0.75, 4)
+    assert (last["chunks_appended"], last["frames_seen"]) == (4, 16) and len(last["append_s"]) == 4
+    for r in (first, last):
+        assert r["offline_agrees"] and r["offline_max_logit_diff"] <= 1e-4
+        assert r["ttft_s"] > 0 and r["kv_bytes"] > 0 and r["visual_tokens"] == r["frames_seen"] // 2 * 16
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["questions"] == 2 and summary["offline_agreement"] == 1.0
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["scenario"] == "stream"
+    chunks = [json.loads(line) for line in (tmp_path / "s" / "chunks.jsonl").read_text().splitlines()]
+    assert [c["ready_s"] for c in chunks] == [0.75, 1.75, 2.75, 3.75]
+    assert [c["visual_tokens"] for c in chunks] == [32, 64, 96, 128] and chunks[-1]["kv_bytes"] > chunks[0]["kv_bytes"]
+    assert (tmp_path / "s" / "kv.png").stat().st_size > 0
+
+
+def test_stream_options_pick_a_letter_and_the_budget_holds(clip16, tmp_path):
+    res = invoke("stream", clip16, "--ask", "3.9:Which?", "-o", "red", "-o", "blue", "--budget", "40", "--chunk-frames", "2",
+                 "--answer-mode", "logits",
+                 "--compare-offline", *TINY, "--results-dir", tmp_path, "--label", "b")
+    assert res.exit_code == 0, res.output
+    (r,) = records(tmp_path / "b")
+    assert r["prediction"] in ("A", "B") and r["parse_status"] == "logits" and r["visual_tokens"] == 40
+    assert "offline_agrees" in r
+
+
+def test_stream_dataset_scores_and_resumes(clip16, tmp_path):
+    rows = [
+        {"video": clip16.name, "time": 1.0, "question": "Colour?", "options": ["red", "blue"], "answer": "A"},
+        {"video": clip16.name, "time": 3.0, "question": "Shape?", "options": ["round", "square", "none"], "answer": 2},
+    ]
+    data = clip16.parent / "timed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ("stream", "--dataset", data, "--chunk-frames", "4", *TINY, "--results-dir", tmp_path, "--label", "d", "--json", "--quiet",
+            "--compare-offline", "--max-new-tokens", "4")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    done = records(tmp_path / "d")
+    assert summary["scored"] == 2 and summary["correct"] == sum(r["correct"] for r in done)
+    for r in done:  # generate mode: the reply's letter is parsed, offline's the same way
+        assert r["parse_status"] != "logits" and r["offline_agrees"] and r["offline_reply"] == r["text"]
+    again = invoke(*args)
+    assert again.exit_code == 0 and len(records(tmp_path / "d")) == 2  # nothing redone
+    other = invoke(*args[:4], "2", *args[5:])
+    assert other.exit_code == 2 and "other settings" in other.output
+
+
+def test_stream_with_stage1_and_stage2_records_the_kept_tokens(clip16, tmp_path):
+    res = invoke("stream", clip16, "--ask", "3.9:What now?", "--set", "stage1.enabled=true", "--set", "stage2.enabled=true",
+                 "--set", "stage2.pruning_layer=1", "--compare-offline", "--max-new-tokens", "3", *TINY,
+                 "--results-dir", tmp_path, "--label", "p")
+    assert res.exit_code == 0, res.output
+    (r,) = records(tmp_path / "p")
+    assert 0 < r["visual_tokens_kept"] < r["visual_tokens"] < 8 * 16  # Stage 1 merged, Stage 2 kept fewer
+    assert isinstance(r["offline_agrees"], bool) and r["offline_max_logit_diff"] >= 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--chunk-frames", "3"), "multiple of 2"),
+    (("--ask", "soon:What?"), "SECONDS:QUESTION"),
+    (("--ask", "0.2:What?"), "before the first chunk"),
+    (("--set", "stage2.enabled=true", "--set", "stage2.score=random"), "stage2.score=prunevid only"),
+])
+def test_stream_user_errors_are_one_line(clip16, tmp_path, extra, message):
+    ask = () if "--ask" in extra else ("--ask", "2:What?")
+    res = invoke("stream", clip16, *ask, *extra, *TINY, "--results-dir", tmp_path)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
