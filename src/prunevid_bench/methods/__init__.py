@@ -36,6 +36,9 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.prunevid_stage2",
     "prunevid_bench.methods.random_keep",
     "prunevid_bench.methods.fastv",
+    "prunevid_bench.methods.tome",
+    "prunevid_bench.methods.evs",
+    "prunevid_bench.methods.vidcom2",
 )
 
 
@@ -97,7 +100,8 @@ class Method:
     def validate(self, cfg: Any) -> None:
         """Range and choice checks of one config of this method (names ``section.key``)."""
         for key, rng in self.ranges.items():
-            rng.check(f"{self.section}.{key}", getattr(cfg, key))
+            if getattr(cfg, key) is not None:  # an optional key left unset (e.g. a budget)
+                rng.check(f"{self.section}.{key}", getattr(cfg, key))
         for key, allowed in self.choices.items():
             value = getattr(cfg, key)
             if value not in allowed:
