@@ -114,3 +114,19 @@ def test_pruned_run_matches_cache_free_reference(case, method, overrides):
                             out.result.generated_token_ids, full[1:, :, -1:] + 1)
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
     assert (out.logits[0] - base.logits[0]).abs().max() > 1e-3  # the reduction changed the computation
+
+
+@pytest.mark.parametrize("preset,method,kept", [("fastv", "fastv", 32), ("evs-75", "evs", 16), ("tome-50", "tome", 32),
+                                                ("vidcom2-25", "vidcom2", None)])
+def test_comparator_presets(case, preset, method, kept):
+    from prunevid_bench.config import build_config
+
+    cfg = build_config(preset)
+    assert cfg.enabled_methods == [method]
+    overrides = {f"{method}.{key}": value for key, value in vars(cfg.section(method)).items()}
+    if method == "fastv":
+        overrides["fastv.pruning_layer"] = 1  # "2/28" is layer 0 of the tiny model's 4; any K serves the count
+    out = run(case, **overrides)
+    if kept is None:  # the official count: per-frame rounding of 0.25 * 16 shifted by frame uniqueness
+        kept = int(vidcom2.frame_keep_counts(vidcom2.vidcom2_scores(video_tokens(case))[1], 0.25, PER_FRAME).sum())
+    assert out.result.reductions[0].tokens_out == kept
