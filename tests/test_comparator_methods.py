@@ -130,3 +130,47 @@ def test_comparator_presets(case, preset, method, kept):
     if kept is None:  # the official count: per-frame rounding of 0.25 * 16 shifted by frame uniqueness
         kept = int(vidcom2.frame_keep_counts(vidcom2.vidcom2_scores(video_tokens(case))[1], 0.25, PER_FRAME).sum())
     assert out.result.reductions[0].tokens_out == kept
+
+
+# ----------------------------------------------------------------------------- matched budgets
+def test_prunevid_budget_mode_spreads_round_b_times_original_over_stage1_groups(case):
+    from prunevid_bench.stages.tome import spread_counts
+    from tests.test_stage2 import STAGE1
+
+    over = {**STAGE1, "stage2.enabled": True, "pruning_layer": 1}
+    official = run(case, **over)
+    budget = run(case, **over, **{"stage2.budget": 0.3})
+    st = budget.state
+    assert st.tokens_after_stage1 == official.state.tokens_after_stage1 < N_VISUAL  # Stage 1 keeps its own settings
+    assert st.tokens_after == round(0.3 * N_VISUAL) == 19
+    sizes = torch.bincount(st.visual_groups)
+    kept = torch.bincount(st.visual_groups[st.kept_visual], minlength=sizes.numel())
+    assert kept.tolist() == spread_counts(19, sizes.tolist())
+    assert budget.result.method_fields["budget"] == 0.3 and "budget" not in official.result.method_fields
+    assert official.state.tokens_after == int((torch.floor(sizes.double() * 0.4)).sum())  # default stays official
+
+
+def test_fastv_budget_keeps_round_b_times_v(case):
+    out = run(case, **{"fastv.enabled": True, "fastv.pruning_layer": 1, "fastv.budget": 0.3})
+    assert out.state.tokens_after == 19 and out.result.to_dict()["visual_tokens_kept_ratio"] == 19 / 64
+
+
+def test_budget_flag_sets_each_methods_knob(clip8, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+
+    args = ["run", str(clip8), "What is happening?", "--model", "tiny", "--num-frames", "8", "--max-new-tokens", "2",
+            "--results-dir", str(tmp_path), "--json", "-q", "--budget", "0.25"]
+    for method in ("tome", "evs", "fastv", "stage2"):
+        res = CliRunner().invoke(app, [*args, "--set", f"{method}.enabled=true"])
+        assert res.exit_code == 0, res.output
+        record = json.loads(res.stdout)
+        assert (record["budget"], record["visual_tokens_kept"]) == (0.25, 16), method
+        assert record["visual_tokens_kept_ratio"] == 0.25
+    res = CliRunner().invoke(app, [*args[:-2], "--budget", "0.25"])
+    assert res.exit_code != 0 and "--budget needs a method that takes one" in res.output
+    res = CliRunner().invoke(app, [*args[:-2], "--budget", "1.5", "--set", "evs.enabled=true"])
+    assert res.exit_code != 0 and "--budget must be in (0, 1], got 1.5" in res.output

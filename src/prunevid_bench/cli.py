@@ -165,6 +165,7 @@ def run(
     output: OutputFlags,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
     warmup: Annotated[int, typer.Option("--warmup", help="Timing mode: discarded warm-up runs.", rich_help_panel="Timing")] = 0,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Keep this fraction (0, 1] of the original visual tokens: the enabled method's own knob is set to reach it (PruneVid: Stage 2's total).", rich_help_panel="Config")] = None,
 ) -> None:
     """Run one video and question, or a whole dataset with --dataset."""
     given = [name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
@@ -174,7 +175,9 @@ def run(
             raise PruneVidError(f"{', '.join(refused)} only apply to --dataset; drop them for a single video")
     json_out, preset = output.json_out, flags.preset
     human = human_console(json_out, output.quiet)
-    cfg = flags.build()
+    from prunevid_bench.config import with_budget
+
+    cfg = with_budget(flags.build(), budget)
     if dataset is not None:
         if video is not None or messages_file is not None:
             raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")

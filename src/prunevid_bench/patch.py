@@ -278,7 +278,7 @@ class ReductionHandle:
         ctx = LayerContext(
             q=q, k=k, rotate=lambda q_, k_: self.family.rotate(q_, k_, position_embeddings),
             visual=st.visual_positions, groups=st.visual_groups, query_start=st.query_start,
-            scaling=attn.scaling, seq_len=seq_len,
+            scaling=attn.scaling, seq_len=seq_len, original_visual=st.tokens_before_stage1,
         )
         kept = method.select(ctx, cfg)
         keep_index = splice.drop_index(seq_len, st.visual_positions, kept)

@@ -233,3 +233,4 @@ class LayerContext:
     seq_len: int
     scores: Any = None
     scored_rows: int = 0  # query rows scored against all keys (analytic FLOPs)
+    original_visual: int = 0  # visual tokens before any method (what a budget is a fraction of)
