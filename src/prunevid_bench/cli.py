@@ -236,6 +236,9 @@ def sweep(
     controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets).", rich_help_panel="Sweep")] = None,
+    budgets: Annotated[Optional[str], typer.Option("--budgets", help="Kept fractions of the visual tokens for --methods, e.g. 0.1,0.25,0.5.", rich_help_panel="Sweep")] = None,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Every cell keeps this fraction (0, 1] of the visual tokens (as run --budget).", rich_help_panel="Sweep")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
     *,
@@ -254,10 +257,15 @@ def sweep(
     if dataset is None:
         raise PruneVidError("a sweep needs --dataset PATH")
     human = human_console(output.json_out, output.quiet)
-    cfg = flags.build()
-    from prunevid_bench.harness.sweep import SweepGrid, run_sweep
+    from prunevid_bench.config import with_budget
+    from prunevid_bench.harness.sweep import SweepGrid, parse_method_grid, run_sweep
 
-    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run)
+    if budget is not None and methods is not None:
+        raise PruneVidError("--budget fixes one budget; with --methods give --budgets instead")
+    cfg = with_budget(flags.build(), budget)
+    method_names, budget_values = parse_method_grid(methods, budgets)
+    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run,
+                     method_names, budget_values)
     sweep_options = evaluation.options(flags.preset, label=label, force=force)
     result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human)
     if output.json_out:
