@@ -174,3 +174,65 @@ def test_budget_flag_sets_each_methods_knob(clip8, tmp_path):
     assert res.exit_code != 0 and "--budget needs a method that takes one" in res.output
     res = CliRunner().invoke(app, [*args[:-2], "--budget", "1.5", "--set", "evs.enabled=true"])
     assert res.exit_code != 0 and "--budget must be in (0, 1], got 1.5" in res.output
+
+
+# ----------------------------------------------------------------------------- ToMe's proportional attention
+TOME = {"tome.enabled": True, "tome.intra_ratio": 0.25, "tome.inter_ratio": 0.25}
+
+
+@pytest.mark.parametrize("proportional", [False, True])
+def test_tome_proportional_attention_matches_the_cache_free_reference(case, monkeypatch, proportional):
+    """With it on, every layer's logits get log(size) of each merged key, prefill and decode; the
+    reference adds that bias to its own dense additive mask (a generated token's bias is 0)."""
+    import tests.test_stage2 as ts2
+
+    pipe, prepared, base = case
+    start, end = layout(prepared.inputs["input_ids"])
+    intra, inter = tome.tome_video_removals(N_FRAMES, PER_FRAME, 0.25, 0.25)
+    res = tome.tome_video(video_tokens(case), intra, inter)
+    source = torch.cat([torch.arange(start), start + res.representative, torch.arange(end, base.embeds.shape[1])])
+    bias = torch.zeros(source.numel())
+    if proportional:
+        bias[start : start + res.size.numel()] = res.size.log()
+        assert bias.max() > 0
+    dense = ts2.additive_mask
+    monkeypatch.setattr(ts2, "additive_mask", lambda allowed: dense(allowed) + torch.cat(
+        [bias, torch.zeros(allowed.shape[1] - bias.numel())])[: allowed.shape[1]])
+    out = run(case, **TOME, **{"tome.proportional_attention": proportional})
+    pipe.remove_stages()  # the reference runs the bare layers: the patch's bias must not be added a second time
+    full = prefill_position_ids(pipe.model, prepared.inputs)
+    ref = cache_free_logits(pipe.model, out.embeds, full[1:, :, source], torch.arange(source.numel()), N_LAYERS - 1,
+                            out.result.generated_token_ids, full[1:, :, -1:] + 1)
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
+    if proportional:  # the bias changed the computation
+        plain = run(case, **TOME)
+        assert (out.logits[0] - plain.logits[0]).abs().max() > 1e-3
+
+
+def test_tome_proportional_attention_with_nothing_merged_equals_the_baseline(case):
+    base = case[2]
+    out = run(case, **{"tome.enabled": True, "tome.intra_ratio": 0.0, "tome.inter_ratio": 0.0, "tome.proportional_attention": True})
+    assert out.result.generated_token_ids == base.result.generated_token_ids
+    torch.testing.assert_close(out.logits, base.logits, rtol=0, atol=1e-5)
+
+
+def test_tome_proportional_attention_refuses_an_llm_layer_method(case):
+    from prunevid_bench.errors import PruneVidError
+
+    with pytest.raises(PruneVidError, match="proportional attention cannot be combined with an LLM-layer method"):
+        run(case, **TOME, **{"tome.proportional_attention": True, "fastv.enabled": True, "fastv.pruning_layer": 1})
+
+
+def test_tome_proportional_attention_agrees_under_eager_and_sdpa(case):
+    from prunevid_bench.pipeline import load_pipeline
+
+    eager = load_pipeline("tiny", device="cpu", dtype="float32", attn_implementation="eager")
+    try:
+        prepared = eager.prepare(video_frames(), QUESTION)
+        over = {**TOME, "tome.proportional_attention": True, "generation.max_new_tokens": MAX_NEW}
+        by_eager = run_traced(eager, prepared, **over)
+    finally:
+        eager.remove_stages()
+    by_sdpa = run(case, **TOME, **{"tome.proportional_attention": True})
+    assert by_eager.result.generated_token_ids == by_sdpa.result.generated_token_ids
+    torch.testing.assert_close(by_eager.logits, by_sdpa.logits, rtol=0, atol=1e-4)

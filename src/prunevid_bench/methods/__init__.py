@@ -206,12 +206,15 @@ class VideoTokens:
 class VisualReduction:
     """What a ``visual_tokens`` method returns: ``keep`` [M] indices into its input tokens (their
     M-RoPE ids are kept: the representatives' ids), ``embeds`` [M, C] the new embeddings, ``group``
-    [M] groups numbered from 0, ``stats`` record fields (summed over videos)."""
+    [M] groups numbered from 0, ``stats`` record fields (summed over videos). ``size`` [M] (only
+    a method asking for proportional attention sets it): how many input tokens each stands for;
+    the patch then adds log(size) to every query's attention logit for that key, in every layer."""
 
     keep: Any
     embeds: Any
     group: Any
     stats: dict[str, int] = field(default_factory=dict)
+    size: Any = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ class ToMeConfig:
     clip_frames: int = 2  # neighbouring temporal steps matched together in the inter-frame step
     budget: float | None = None  # kept fraction of the video's tokens; replaces the two ratios when set
     inter_share: float = 0.5  # with a budget: the share of the removals made across frames
+    proportional_attention: bool = False  # ToMe's log(size) on the attention logits of merged tokens (SDPA or eager)
 
 
 def _groups(values):
@@ -40,7 +41,8 @@ def reduce(tokens: VideoTokens, cfg: ToMeConfig) -> VisualReduction:
     res = tome.tome_video(tokens.embeds.reshape(tokens.t, tokens.n, -1), intra, inter, cfg.clip_frames)
     keep = res.representative.to(tokens.index.device)
     return VisualReduction(keep=keep, embeds=res.merged, group=_groups(tokens.group[keep]),
-                           stats={"tome_merged_tokens": int(tokens.index.numel() - keep.numel())})
+                           stats={"tome_merged_tokens": int(tokens.index.numel() - keep.numel())},
+                           size=res.size.to(keep.device) if cfg.proportional_attention else None)
 
 
 register_method(Method(
