@@ -269,3 +269,53 @@ def test_params_without_values_take_the_shipped_sweep_files():
     spec = grid_spec(["tau", "cluster_ratio"], None, None)
     assert spec == {"stage1.tau": [0.7, 0.8, 0.9], "stage1.cluster_ratio": [0.3, 0.5, 0.7]}
     assert grid_spec(["tau"], ["tau=0.5,0.6"], None) == {"stage1.tau": [0.5, 0.6]}
+
+
+def test_methods_by_budgets_grid_runs_each_method_at_each_budget(toy, tmp_path):
+    res = invoke("sweep", "--methods", "prunevid,tome,fastv", "--budgets", "0.25,0.5", "--dataset", toy, "--limit", "1",
+                 "--model", "tiny", "--max-new-tokens", "2", "--num-frames", "8", "--results-dir", tmp_path)
+    assert res.exit_code in (0, INCOMPLETE), res.output
+    (sweep_dir,) = tmp_path.iterdir()
+    rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert list(rows) == ["baseline"] + [f"{m},budget={b}" for m in ("prunevid", "tome", "fastv") for b in ("0.25", "0.5")]
+    for name in ("tome", "fastv"):  # both set their count exactly: round(B * 64) of the 64 tokens
+        for budget in (0.25, 0.5):
+            row = rows[f"{name},budget={budget}"]
+            assert (row["method"], float(row["budget"]), float(row["kept_tokens"])) == (name, budget, 64 * budget)
+            assert float(row["retention"]) == budget
+            assert float(row["ttft_ideal_s"]) == pytest.approx(float(rows["baseline"]["ttft_s"]) / float(row["ideal_speedup"]))
+    cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
+    tome_cell = next(c for c in cells if c["name"] == "tome,budget=0.25")["overrides"]
+    assert tome_cell["tome.enabled"] and tome_cell["tome.budget"] == 0.25 and not tome_cell["stage1.enabled"]
+    prunevid = next(c for c in cells if c["name"] == "prunevid,budget=0.5")["overrides"]
+    assert prunevid["stage1.enabled"] and prunevid["stage2.budget"] == 0.5  # Stage 1 keeps its own settings
+    assert float(rows["prunevid,budget=0.5"]["kept_tokens"]) <= 32
+    assert (sweep_dir / "pareto.png").is_file()
+    res = invoke("compare", sweep_dir, "--markdown")
+    assert res.exit_code == 0 and "| tome,budget=0.25 | tome " in res.output and "| fastv,budget=0.5 | fastv " in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budgets", "0.5"], "--budgets needs --methods"),
+    (["--methods", "tome"], "--methods needs --budgets"),
+    (["--methods", "tomee", "--budgets", "0.5"], "did you mean 'tome'"),
+    (["--methods", "tome", "--budgets", "0,0.5"], "--budgets values must be in (0, 1], got 0.0"),
+    (["--methods", "prunevid_stage1", "--budgets", "0.5"], "--budget needs a method that takes one (prunevid_stage1 take no budget)"),
+    (["--methods", "tome", "--budgets", "0.5", "--controls", "random"], "--methods/--budgets make their own grid"),
+])
+def test_methods_grid_refuses_what_it_cannot_run(toy, tmp_path, args, message):
+    res = invoke("sweep", *args, "--dataset", toy, "--model", "tiny", "--results-dir", tmp_path)
+    assert res.exit_code != 0 and message in res.output, res.output
+
+
+def test_sweep_budget_fixes_every_cells_kept_fraction(toy, tmp_path):
+    res = invoke("sweep", "pruning_layer", "--values", "pruning_layer=1,2", "--preset", "stage2_only", "--budget", "0.25",
+                 "--dataset", toy, "--limit", "1", "--model", "tiny", "--max-new-tokens", "2", "--num-frames", "8",
+                 "--results-dir", tmp_path)
+    assert res.exit_code in (0, INCOMPLETE), res.output
+    (sweep_dir,) = tmp_path.iterdir()
+    rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert [(c, r["kept_tokens"]) for c, r in rows.items()] == [
+        ("baseline", "64.0"), ("pruning_layer=1", "16.0"), ("pruning_layer=2", "16.0")]
+    res = invoke("sweep", "--methods", "tome", "--budgets", "0.5", "--budget", "0.5", "--dataset", toy, "--model", "tiny")
+    assert res.exit_code != 0 and "with --methods give --budgets instead" in res.output

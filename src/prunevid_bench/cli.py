@@ -166,6 +166,7 @@ def run(
     output: OutputFlags,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
     warmup: Annotated[int, typer.Option("--warmup", help="Timing mode: discarded warm-up runs.", rich_help_panel="Timing")] = 0,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Keep this fraction (0, 1] of the original visual tokens: the enabled method's own knob is set to reach it (PruneVid: Stage 2's total).", rich_help_panel="Config")] = None,
 ) -> None:
     """Run one video and question, or a whole dataset with --dataset."""
     given = [name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
@@ -175,7 +176,9 @@ def run(
             raise PruneVidError(f"{', '.join(refused)} only apply to --dataset; drop them for a single video")
     json_out, preset = output.json_out, flags.preset
     human = human_console(json_out, output.quiet)
-    cfg = flags.build()
+    from prunevid_bench.config import with_budget
+
+    cfg = with_budget(flags.build(), budget)
     if dataset is not None:
         if video is not None or messages_file is not None:
             raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")
@@ -238,6 +241,9 @@ def sweep(
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     status: Annotated[bool, typer.Option("--status", help="Show each cell's state (new, running, k/n done, done, failed) and job; run nothing.", rich_help_panel="Sweep")] = False,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets).", rich_help_panel="Sweep")] = None,
+    budgets: Annotated[Optional[str], typer.Option("--budgets", help="Kept fractions of the visual tokens for --methods, e.g. 0.1,0.25,0.5.", rich_help_panel="Sweep")] = None,
+    budget: Annotated[Optional[float], typer.Option("--budget", help="Every cell keeps this fraction (0, 1] of the visual tokens (as run --budget).", rich_help_panel="Sweep")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
     *,
@@ -257,10 +263,15 @@ def sweep(
     if dataset is None:
         raise PruneVidError("a sweep needs --dataset PATH")
     human = human_console(output.json_out, output.quiet)
-    cfg = flags.build()
-    from prunevid_bench.harness.sweep import SweepGrid, run_sweep
+    from prunevid_bench.config import with_budget
+    from prunevid_bench.harness.sweep import SweepGrid, parse_method_grid, run_sweep
 
-    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run, status)
+    if budget is not None and methods is not None:
+        raise PruneVidError("--budget fixes one budget; with --methods give --budgets instead")
+    cfg = with_budget(flags.build(), budget)
+    method_names, budget_values = parse_method_grid(methods, budgets)
+    grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run,
+                     status=status, methods=method_names, budgets=budget_values)
     sweep_options = evaluation.options(flags.preset, label=label, force=force)
     result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human, launch=launching.launch())
     if output.json_out:

@@ -73,6 +73,7 @@ class Stage2Config:
     keep_ratio: float = 0.4  # int(n * keep_ratio) kept in each Stage-1 group (the official count)
     score: str = "prunevid"  # prunevid | attention | last_token | random
     seed: int = 0  # for score = random
+    budget: float | None = None  # not official: keep round(budget * visual tokens before Stage 1) in total, spread over the groups by size
 
 
 # Keys renamed, still read under their old name (for one release): section -> {old: new}.
@@ -386,3 +387,26 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
                 kwargs[f.name] = _coerce(f"{section}.{f.name}", data[section][f.name], default, str(f.type))
         (sections if section in fixed else methods)[section] = cls(**kwargs)
     return validate(RunConfig(**sections, methods=methods))
+
+
+def budget_overrides(cfg: RunConfig, budget: float) -> dict[str, float]:
+    """``--budget B``: the override that makes this run keep the fraction B of the original visual
+    tokens, on the last enabled method that takes a budget (each method turns B into its own
+    knob; PruneVid's Stage 1 keeps its settings and Stage 2 keeps round(B * original) in total)."""
+    if not 0.0 < budget <= 1.0:
+        raise PruneVidError(f"--budget must be in (0, 1], got {budget}")
+    from prunevid_bench.methods import get_method
+
+    enabled = [get_method(name) for name in cfg.enabled_methods]
+    takes = [m for m in enabled if "budget" in {f.name for f in dataclasses.fields(m.config)}]
+    if not takes:
+        named = f" ({', '.join(m.name for m in enabled)} take no budget)" if enabled else ""
+        raise PruneVidError(f"--budget needs a method that takes one{named}: e.g. --preset default, or --set tome.enabled=true")
+    return {f"{takes[-1].section}.budget": budget}
+
+
+def with_budget(cfg: RunConfig, budget: float | None) -> RunConfig:
+    """``cfg`` with ``budget_overrides`` applied (unchanged for None)."""
+    if budget is None:
+        return cfg
+    return from_dict(merge_into(cfg.to_dict(), overrides_to_layer(budget_overrides(cfg, budget)), "--budget"))

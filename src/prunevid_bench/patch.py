@@ -62,6 +62,7 @@ class SampleState:
     tokens_after: int = 0  # ... and leaving it
     kv_bytes_layers_0_to_k: int = 0  # before compaction, read off the tensors
     scored_rows: int = 0  # query rows the LLM-layer method scored (analytic FLOPs)
+    key_log_size: torch.Tensor | None = None  # [L1] log(size) of each prompt key (proportional attention), else None
     captured: dict = field(default_factory=dict)
 
 
@@ -106,6 +107,9 @@ class ReductionHandle:
         add(self._remember_video_grids(base))
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
+        if self.visual_methods:  # proportional attention, when a method's reduction asks for it
+            for i, layer in enumerate(fam.decoder_layers(model)):
+                add(layer.register_forward_pre_hook(functools.partial(self._add_key_bias, i), with_kwargs=True))
         if self.layer_method is not None:
             layers = fam.decoder_layers(model)
             k = self.pruning_layer
@@ -173,11 +177,11 @@ class ReductionHandle:
         return None
 
     # ------------------------------------------------------------------ visual-token methods
-    def _reduce_video(self, tokens: VideoTokens) -> tuple[VideoTokens, int]:
-        """Run the visual-token methods on one video in order; returns the tokens and the
-        number of groups they are in."""
+    def _reduce_video(self, tokens: VideoTokens) -> tuple[VideoTokens, int, torch.Tensor | None]:
+        """Run the visual-token methods on one video in order; returns the tokens, the number
+        of groups they are in and their sizes when a method asked for proportional attention."""
         st = self.state
-        n_groups = tokens.t
+        n_groups, size = tokens.t, None
         for method, cfg in self.visual_methods:
             start = self.clock.mark()
             red = method.reduce(tokens, cfg)
@@ -187,10 +191,16 @@ class ReductionHandle:
             counts[1] += int(keep.numel())
             for key, value in red.stats.items():
                 st.method_stats[key] = st.method_stats.get(key, 0) + int(value)
+            if red.size is not None:
+                if size is not None:
+                    raise PruneVidError("one proportional-attention method per run: sizes of two merges do not compose here")
+                size = red.size.float()
+            elif size is not None:
+                size = size[keep]
             tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n)
             n_groups = int(red.group.max()) + 1 if red.group.numel() else 0
             st.method_marks.setdefault(method.name, []).append((start, self.clock.mark()))
-        return tokens, n_groups
+        return tokens, n_groups, size
 
     def _on_llm_input(self, module, args, kwargs):
         st = self.state
@@ -202,7 +212,7 @@ class ReductionHandle:
         st.tokens_before_stage1 = int(is_video.sum())
         grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
         spans = splice.split_spans(splice.runs(is_video), grids, self.merge)
-        pieces, visual_flags, groups, reduced = [], [], [], []
+        pieces, visual_flags, groups, reduced, sizes = [], [], [], [], []
         cursor, group_offset = 0, 0
         for (start, end), (t, h, w) in zip(spans, grids):
             n_per_frame = (h // self.merge) * (w // self.merge)
@@ -212,8 +222,10 @@ class ReductionHandle:
             # Before any method, each temporal grid step of each video is one group.
             tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame)
             if self.visual_methods:
-                tokens, n_groups = self._reduce_video(tokens)
+                tokens, n_groups, size = self._reduce_video(tokens)
                 reduced.append((sum(p.numel() for p in pieces), tokens.embeds))
+                if size is not None:
+                    sizes.append((reduced[-1][0], size))
             else:
                 n_groups = t
             pieces.append(start + tokens.index)
@@ -232,6 +244,14 @@ class ReductionHandle:
                 new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
             splice.select_llm_inputs(kwargs, source, new_embeds)
         st.source_index = source
+        if sizes:
+            if self.layer_method is not None:
+                raise PruneVidError("proportional attention cannot be combined with an LLM-layer method yet; turn one off")
+            if "flash" in str(getattr(self.model.config, "_attn_implementation", "")):
+                raise PruneVidError("proportional attention needs an additive mask: use --attn-implementation sdpa or eager")
+            st.key_log_size = torch.zeros(source.numel(), device=ids.device)
+            for offset, size in sizes:
+                st.key_log_size[offset : offset + size.numel()] = size.to(ids.device).log()
         st.visual_positions = torch.nonzero(visual).flatten()
         st.visual_groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long, device=ids.device)
         st.tokens_after_stage1 = int(st.visual_positions.numel())
@@ -242,6 +262,30 @@ class ReductionHandle:
                 raise PruneVidError(
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
+        return args, kwargs
+
+    def _add_key_bias(self, layer_idx: int, module, args, kwargs):
+        """Proportional attention (ToMe): the layer's additive mask becomes causal + log(size) of
+        every prompt key (0 for text and generated tokens), so SDPA takes it as ``attn_mask``;
+        prefill and decode alike. Query i of this call sits at sequence index past + i."""
+        bias = self.state.key_log_size
+        if bias is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = splice.cache_kwarg(kwargs)
+        past = cache.get_seq_length(layer_idx) if cache is not None else 0
+        n_q, n_kv = hidden.shape[1], past + hidden.shape[1]
+        key_bias = torch.zeros(n_kv, device=hidden.device)
+        key_bias[: bias.numel()] = bias[:n_kv]
+        lowest = torch.finfo(hidden.dtype).min
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # eager: already causal (and padding)
+            base = mask if mask.is_floating_point() else torch.zeros(mask.shape, device=hidden.device).masked_fill(~mask, lowest)
+            base = base[..., :n_kv].float()
+        else:  # sdpa passes None and lets the kernel be causal
+            future = torch.arange(n_kv, device=hidden.device)[None, :] > (past + torch.arange(n_q, device=hidden.device))[:, None]
+            base = torch.zeros(n_q, n_kv, device=hidden.device).masked_fill(future, lowest)[None, None]
+        kwargs["attention_mask"] = (base + key_bias).clamp(min=lowest).to(hidden.dtype)
         return args, kwargs
 
     # ------------------------------------------------------------------ LLM-layer method (Stages 2 + 3)
@@ -278,7 +322,7 @@ class ReductionHandle:
         ctx = LayerContext(
             q=q, k=k, rotate=lambda q_, k_: self.family.rotate(q_, k_, position_embeddings),
             visual=st.visual_positions, groups=st.visual_groups, query_start=st.query_start,
-            scaling=attn.scaling, seq_len=seq_len,
+            scaling=attn.scaling, seq_len=seq_len, original_visual=st.tokens_before_stage1,
         )
         kept = method.select(ctx, cfg)
         keep_index = splice.drop_index(seq_len, st.visual_positions, kept)

@@ -305,7 +305,11 @@ def _method_fields(handle, stages: dict) -> dict[str, Any]:
     if handle is None:
         return {}
     own = {f.name for f in dataclasses.fields(RunResult)}
-    return {key: stages.get(key) for method, _ in handle.methods for key in method.record_fields if key not in own}
+    fields = {key: stages.get(key) for method, _ in handle.methods for key in method.record_fields if key not in own}
+    asked = [cfg.budget for _, cfg in handle.methods if getattr(cfg, "budget", None) is not None]
+    if asked:  # beside it: the achieved fraction, visual_tokens_kept_ratio
+        fields["budget"] = asked[0]
+    return fields
 
 
 def _as_rows(value) -> list:

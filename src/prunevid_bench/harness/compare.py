@@ -55,12 +55,13 @@ def stages_text(cfg: dict[str, Any], pruning_layer: int | str | None = None) -> 
     if s1["enabled"]:
         parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}")
     if s2["enabled"]:
-        parts.append(f"S2 keep={s2['keep_ratio']} L={layer_text(pruning_layer, s2['pruning_layer'])} {s2['score']}")
+        kept = f"keep={s2['keep_ratio']}" if s2.get("budget") is None else f"budget={s2['budget']}"
+        parts.append(f"S2 {kept} L={layer_text(pruning_layer, s2['pruning_layer'])} {s2['score']}")
     for section, values in cfg.items():  # the other methods present, by their section name
         if section in NOT_METHODS or not isinstance(values, dict) or not values.get("enabled"):
             continue
         keys = [f"L={layer_text(pruning_layer, v)}" if k == "pruning_layer" else f"{k}={v}"
-                for k, v in values.items() if k != "enabled"]
+                for k, v in values.items() if k != "enabled" and v is not None]  # unset optional keys (budget) say nothing
         parts.append(" ".join([section, *keys]))
     return " + ".join(parts) or "off"
 

@@ -21,7 +21,9 @@ STYLE = {  # kind -> (marker, colour, legend label)
     "baseline": ("*", "black", "baseline (no pruning)"),
     "control_random": ("x", "tab:orange", "random scores (same budget)"),
     "control_frames": ("s", "tab:green", "fewer frames (same budget)"),
+    "method": ("o", "0.35", "method at a budget"),
 }
+METHOD_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # not the front's red
 PANELS = (("kept_tokens", "kept visual tokens (median)", 1.0), ("ttft_s", "TTFT, median (ms)", 1000.0))
 KEY_LINES = 30  # cells per column of the numbered key
 KEY_FONT = 7  # points; a monospace character is about 0.6 of that wide
@@ -71,6 +73,10 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
                 above = [max(0.0, 100 * hi - y) for y, hi in zip(by, high)]
                 ax.errorbar(bx, by, yerr=[below, above], fmt="none", ecolor=colour, elinewidth=0.8, alpha=0.5,
                             capsize=2, zorder=2)
+        for j, name in enumerate(dict.fromkeys(r["method"] for _, r in usable if r.get("method"))):
+            line = sorted((r for _, r in usable if r.get("method") == name), key=lambda r: r[cost])
+            ax.plot([r[cost] * scale for r in line], [100 * r[metric] for r in line], "-", color=METHOD_COLOURS[j % len(METHOD_COLOURS)], lw=1.2,
+                    label=name, zorder=2)  # one line per method, through its budgets
         front = sorted((r for _, r in usable if r.get(f"pareto_{cost}")), key=lambda r: r[cost])
         if front:
             xs, ys = [r[cost] * scale for r in front], [100 * r[metric] for r in front]

@@ -73,6 +73,8 @@ class SweepGrid:
     metric: str = "accuracy"  # accuracy | agreement, for the Pareto front
     dry_run: bool = False  # list the cells and their status; run nothing
     status: bool = False  # the same list, with each cell's job: what a running sweep has done so far
+    methods: tuple[str, ...] = ()  # matched budgets: prunevid or registered method names ...
+    budgets: tuple[float, ...] = ()  # ... each run at every kept fraction B (its own knob set by config.budget_overrides)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Cell:
     overrides: dict[str, Any]  # dotted keys applied to the base config
     config: RunConfig
     matches: list[str] = field(default_factory=list)  # frames control: the cells whose budget it matches
+    method: str | None = None  # matched-budget cells: the method and the asked budget
+    budget: float | None = None
 
 
 @dataclass
@@ -229,6 +233,49 @@ def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str
     return cells
 
 
+def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float]) -> list[Cell]:
+    """Matched budgets: the baseline (every method off) and one cell per method and budget, with
+    only that method on (``prunevid``: Stages 1 and 2, Stage 1 with the base's settings) and
+    its knob set to keep the fraction B (``config.budget_overrides``)."""
+    from prunevid_bench.config import budget_overrides
+    from prunevid_bench.methods import all_methods, get_method
+
+    if not budgets:
+        raise PruneVidError("--methods needs --budgets B1,B2,... (kept fractions in (0, 1])")
+    off = {f"{m.section}.enabled": False for m in all_methods()}
+    cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
+    for name in dict.fromkeys(methods):
+        sections = ["stage1", "stage2"] if name == "prunevid" else [get_method(name).section]
+        on = {**off, **{f"{s}.enabled": True for s in sections}}
+        for budget in dict.fromkeys(budgets):
+            overrides = {**on, **budget_overrides(with_overrides(base, on), float(budget))}
+            cells.append(Cell(f"{name},budget={_value_text(budget)}", "method", overrides, with_overrides(base, overrides),
+                              method=name, budget=float(budget)))
+    return cells
+
+
+def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``--methods a,b --budgets 0.1,0.5`` -> (names, fractions), each checked."""
+    if methods is None:
+        if budgets is not None:
+            raise PruneVidError("--budgets needs --methods (e.g. --methods prunevid,tome)")
+        return (), ()
+    from prunevid_bench.methods import get_method
+
+    names = tuple(n.strip() for n in methods.split(",") if n.strip())
+    for name in names:
+        if name != "prunevid":
+            get_method(name)  # unknown names: did you mean
+    try:
+        values = tuple(float(b) for b in (budgets or "").split(",") if b.strip())
+    except ValueError:
+        raise PruneVidError(f"--budgets expects fractions like 0.1,0.25,0.5, got '{budgets}'") from None
+    for value in values:
+        if not 0.0 < value <= 1.0:
+            raise PruneVidError(f"--budgets values must be in (0, 1], got {value}")
+    return names, values
+
+
 def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, EvalResult]) -> list[Cell]:
     """Baseline runs with fewer frames, one per distinct count matching a grid cell's kept tokens."""
     baseline = results["baseline"].summary["metrics"]
@@ -289,14 +336,21 @@ def run_sweep(
     if metric not in METRIC_CHOICES:
         raise PruneVidError(f"--metric must be accuracy or agreement, got '{metric}'")
     notes: list[str] = []
-    spec = grid_spec(list(params or []), values, sweep_file, notes)
+    if grid.methods:
+        if params or values or sweep_file or controls:
+            raise PruneVidError("--methods/--budgets make their own grid; drop PARAMs, --values, --sweep-file and --controls")
+        spec = {"method": list(grid.methods), "budget": list(grid.budgets)}  # for the title and sweep.json
+        cells = method_budget_cells(base, list(grid.methods), list(grid.budgets))
+    else:
+        spec = grid_spec(list(params or []), values, sweep_file, notes)
+        cells = expand_cells(base, spec, controls)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    cells = expand_cells(base, spec, controls)
     check_folders(cells)
     # A dry run only checks that videos exist; a real run decodes each one before the model loads.
     plan = plan_dataset(dataset, check=_exists_only if dry_run else None, console=console)
-    label = options.label or (Path(sweep_file).stem if sweep_file else "+".join(short_name(k) for k in spec))
+    label = options.label or ("methods" if grid.methods else Path(sweep_file).stem if sweep_file
+                              else "+".join(short_name(k) for k in spec))
     sweep_dir = sweep_dir_for(options.results_dir, label, base, plan, answer_mode)
     if dry_run or grid.status:
         console.print(cells_table(cells, sweep_dir, plan, controls))
@@ -457,6 +511,7 @@ def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls)
 
 def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str, list[Any]]) -> list[dict[str, Any]]:
     base_records = results["baseline"].records
+    base_ttft = results["baseline"].summary["metrics"].get("ttft_s", {}).get("median")
     rows = []
     for cell in cells:
         res = results[cell.name]
@@ -467,7 +522,9 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
             return m[name]["median"] if name in m else None
 
         row = {"cell": cell.name, "kind": cell.kind}
-        for key in spec:
+        if cell.kind in ("method", "baseline") and "method" in spec:  # matched budgets: no config keys swept
+            row.update(method=cell.method, budget=cell.budget)
+        for key in (k for k in spec if "." in k):
             section, name = key.split(".")
             stage_off = section not in ("model", "video", "generation") and not cell.config.section(section).enabled
             # A stage's parameters mean nothing in a cell where it is off: left blank, not the base's value.
@@ -481,7 +538,8 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
             agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"],
             num_frames=med("num_frames"), tokens_in=med("tokens_before_stage1"),
             tokens_after_stage1=med("tokens_after_stage1"), kept_tokens=med("tokens_after"),
-            retention=med("total_compression_ratio"), ttft_s=med("ttft_s"),
+            retention=med("total_compression_ratio"), ttft_s=med("ttft_s"), ideal_speedup=med("ideal_speedup"),
+            ttft_ideal_s=base_ttft / med("ideal_speedup") if base_ttft and med("ideal_speedup") else None,
             decode_tokens_per_s=med("decode_tokens_per_s"), peak_memory_bytes=med("peak_memory_bytes"),
             kv_cache_bytes=med("kv_cache_bytes"), matches=";".join(cell.matches), run_dir=str(res.run_dir),
         )
@@ -528,7 +586,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def sweep_title(spec: dict[str, list[Any]], controls, plan: DatasetPlan, base: RunConfig, preset: str | None) -> str:
     """What was swept, over what: the plot's and the table's title."""
-    grid = " × ".join(f"{short_name(k)} {{{', '.join(_value_text(v) for v in values)}}}" for k, values in spec.items())
+    grid = " × ".join(f"{short_name(k) if '.' in k else k} {{{', '.join(_value_text(v) for v in values)}}}" for k, values in spec.items())
     extra = f" with {' and '.join(controls)} controls" if controls else ""
     return (f"Sweep of {grid}{extra} on {plan.name} ({len(plan.runnable)} questions), "
             f"from preset {preset or '(none)'}, model {base.model.name}")

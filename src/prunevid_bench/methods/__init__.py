@@ -36,6 +36,9 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.prunevid_stage2",
     "prunevid_bench.methods.random_keep",
     "prunevid_bench.methods.fastv",
+    "prunevid_bench.methods.tome",
+    "prunevid_bench.methods.evs",
+    "prunevid_bench.methods.vidcom2",
 )
 
 
@@ -97,7 +100,8 @@ class Method:
     def validate(self, cfg: Any) -> None:
         """Range and choice checks of one config of this method (names ``section.key``)."""
         for key, rng in self.ranges.items():
-            rng.check(f"{self.section}.{key}", getattr(cfg, key))
+            if getattr(cfg, key) is not None:  # an optional key left unset (e.g. a budget)
+                rng.check(f"{self.section}.{key}", getattr(cfg, key))
         for key, allowed in self.choices.items():
             value = getattr(cfg, key)
             if value not in allowed:
@@ -202,12 +206,15 @@ class VideoTokens:
 class VisualReduction:
     """What a ``visual_tokens`` method returns: ``keep`` [M] indices into its input tokens (their
     M-RoPE ids are kept: the representatives' ids), ``embeds`` [M, C] the new embeddings, ``group``
-    [M] groups numbered from 0, ``stats`` record fields (summed over videos)."""
+    [M] groups numbered from 0, ``stats`` record fields (summed over videos). ``size`` [M] (only
+    a method asking for proportional attention sets it): how many input tokens each stands for;
+    the patch then adds log(size) to every query's attention logit for that key, in every layer."""
 
     keep: Any
     embeds: Any
     group: Any
     stats: dict[str, int] = field(default_factory=dict)
+    size: Any = None
 
 
 @dataclass
@@ -229,3 +236,4 @@ class LayerContext:
     seq_len: int
     scores: Any = None
     scored_rows: int = 0  # query rows scored against all keys (analytic FLOPs)
+    original_visual: int = 0  # visual tokens before any method (what a budget is a fraction of)

@@ -13,6 +13,7 @@ class FastVConfig:
     enabled: bool = False
     pruning_layer: int | str = "2/28"  # K: FastV prunes after layer 2 of LLaVA's 32; an index or "K/N"
     keep_ratio: float = 0.5  # int(V * keep_ratio) kept over the whole video
+    budget: float | None = None  # keep round(budget * visual tokens before any method) instead (FastV's kept count)
 
 
 def select(ctx: LayerContext, cfg: FastVConfig):
@@ -23,6 +24,11 @@ def select(ctx: LayerContext, cfg: FastVConfig):
     q_rot, k_rot = ctx.rotate(ctx.q, ctx.k)
     ctx.scored_rows = 1
     ctx.scores = s2.last_token_scores(q_rot[:, -1:], k_rot, ctx.visual, ctx.scaling, ctx.seq_len - 1)
+    if cfg.budget is not None:
+        from prunevid_bench.stages.fastv import fastv_budget, fastv_keep
+
+        n_keep = min(fastv_budget(ctx.original_visual, cfg.budget)[0], ctx.scores.numel())
+        return fastv_keep(ctx.scores, n_keep)
     n_keep = int(ctx.scores.numel() * cfg.keep_ratio)
     return torch.sort(torch.topk(ctx.scores, n_keep).indices).values
 
@@ -32,7 +38,7 @@ register_method(Method(
     acts="llm_layer",
     config=FastVConfig,
     summary="control: after layer K keep the visual tokens the last prompt token attends to most",
-    ranges={"keep_ratio": UNIT},
+    ranges={"keep_ratio": UNIT, "budget": UNIT},
     record_fields=("pruning_layer",),
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,

@@ -31,7 +31,8 @@ def select(ctx: LayerContext, cfg: Stage2Config):
     from prunevid_bench.stages import stage2 as s2
 
     ctx.scores = scores(ctx, cfg.score, cfg.seed)
-    return s2.stratified_keep(ctx.scores, ctx.groups, cfg.keep_ratio)
+    total = None if cfg.budget is None else round(cfg.budget * ctx.original_visual)
+    return s2.stratified_keep(ctx.scores, ctx.groups, cfg.keep_ratio, total)
 
 
 register_method(Method(
@@ -40,7 +41,7 @@ register_method(Method(
     acts="llm_layer",
     config=Stage2Config,
     summary="PruneVid Stages 2+3: after layer K keep a share of each group by the question's attention; compact the KV cache",
-    ranges={"keep_ratio": UNIT},
+    ranges={"keep_ratio": UNIT, "budget": UNIT},
     choices={"score": SCORE_MODES},
     record_fields=("stage2_tokens_before", "stage2_tokens_after", "stage2_s", "pruning_layer", "pruning_layer_spec"),
     select=select,

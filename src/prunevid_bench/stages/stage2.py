@@ -82,9 +82,12 @@ def random_scores(n: int, seed: int, device: torch.device | str = "cpu") -> torc
     return torch.rand(n, generator=gen).to(device)
 
 
-def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: float, total: int | None = None) -> torch.Tensor:
     """Keep int(n * keep_ratio) top-scoring tokens of every group (as the official code does
     per segment's static set and per frame's dynamic set); not a global top-k.
+
+    ``total`` (budget mode, not in the official code): keep exactly ``min(total, V)`` instead,
+    spread over the groups in proportion to their sizes (largest remainder; ``keep_ratio`` unused).
 
     scores [V], groups [V] (any integer ids). Returns sorted positions [V'] into 0..V-1, so the
     kept tokens stay in their original order. Ties go to the lower index (stable sorts).
@@ -100,6 +103,10 @@ def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: floa
     # the official count, Python's int(n * keep_ratio) in double precision: 90 * 0.7 is
     # 62.99999999999999, so 62 are kept
     n_keep = torch.floor(counts.double() * keep_ratio).long()
+    if total is not None:
+        from prunevid_bench.stages.tome import spread_counts
+
+        n_keep = torch.tensor(spread_counts(total, counts.tolist()), device=scores.device)
     return torch.sort(order[rank < n_keep[group_id[order]]]).values
 
 

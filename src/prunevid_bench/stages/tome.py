@@ -183,7 +183,7 @@ def tome_video_removals(
     return intra, inter
 
 
-def _spread(total: int, capacities: Sequence[int]) -> list[int]:
+def spread_counts(total: int, capacities: Sequence[int]) -> list[int]:
     """Split ``total`` over units in proportion to their capacities (largest remainder, earlier
     units first on ties), never above a unit's capacity."""
     cap_sum = sum(capacities)
@@ -222,13 +222,13 @@ def tome_budget(
     removals = total - target
     inter_total = round(inter_share * removals)
     frame_caps = [per_frame - 1] * n_frames
-    intra = _spread(removals - inter_total, frame_caps)
+    intra = spread_counts(removals - inter_total, frame_caps)
     # whatever the frames cannot absorb moves across frames, and vice versa
     clip_sizes = [
         sum(per_frame - intra[t] for t in range(c * clip_frames, min(n_frames, (c + 1) * clip_frames)))
         for c in range(n_clips)
     ]
-    inter = _spread(removals - sum(intra), [s - 1 for s in clip_sizes])
+    inter = spread_counts(removals - sum(intra), [s - 1 for s in clip_sizes])
     return intra, inter, total - sum(intra) - sum(inter)
 
 
