@@ -64,6 +64,9 @@ class RunResult:
     pruning_layer: int | None = None  # the absolute layer K Stage 2 pruned after (None when off)
     pruning_layer_spec: int | str | None = None  # K as configured: an index or "K/N" (None when off)
     generated_token_ids: list[int] = field(default_factory=list)
+    # the vision tower's output came from a feature cache: vision_encoder_s is the time measured
+    # when it was computed, and ttft_s = that time + this run's measured post-vision time
+    vision_cached: bool = False
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 
     def to_dict(self) -> dict[str, Any]:

@@ -167,8 +167,7 @@ def evaluate_dataset(
     baseline_records = load_baseline(options.baseline)
     fingerprint = run_fingerprint(cfg, plan, options.answer_mode)
     run_dir = default_run_dir(options.results_dir, options.label, options.preset, plan, fingerprint)
-    if pipeline is None:
-        pipeline = pipeline_loader(cfg)
+    pipeline = with_feature_cache(pipeline or pipeline_loader(cfg), options, default_gb=0)
     meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
             "baseline": str(options.baseline) if options.baseline else None}
     return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
@@ -185,6 +184,24 @@ def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
 
             loaded.append(Pipeline.from_config(cfg))
         return loaded[0]
+
+    return get
+
+
+def with_feature_cache(pipe, options: EvalOptions, default_gb: float) -> Callable[[], Any]:
+    """``pipe`` (a Pipeline or a function returning one) as a function that returns it with this
+    run's vision-feature cache attached (or none: a pipeline shared with an earlier sweep must not
+    keep that sweep's cache)."""
+    from prunevid_bench.feature_cache import FeatureCache
+
+    gigabytes = default_gb if options.feature_cache_gb is None else options.feature_cache_gb
+    cache = FeatureCache.from_options(gigabytes, options.feature_cache)
+    get_pipe = pipe if callable(pipe) else (lambda: pipe)
+
+    def get():
+        loaded = get_pipe()
+        loaded.feature_cache = cache
+        return loaded
 
     return get
 
