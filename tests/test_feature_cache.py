@@ -145,3 +145,42 @@ def test_cache_flags_are_checked(tmp_path, clip8):
     assert res.exit_code == 2 and "--feature-cache-gb must be >= 0" in res.output
     assert FeatureCache.from_options(0, None) is None  # off: no cache at all
     assert FeatureCache.from_options(0, tmp_path).max_bytes == 0  # disk only
+
+
+def test_the_key_holds_what_the_features_depend_on_and_nothing_per_process(tiny_pipe, clip8):
+    import copy
+
+    from prunevid_bench.feature_cache import sample_key
+    from prunevid_bench.models.tiny import build_processor
+    from prunevid_bench.pipeline import _with_overrides
+
+    cfg = tiny_pipe.config
+    key = sample_key(tiny_pipe, str(clip8), "What?", cfg, None)
+    rebuilt = copy.copy(tiny_pipe)
+    rebuilt.processor = build_processor()  # a new processor object (as in another process): same key
+    assert sample_key(rebuilt, str(clip8), "What?", cfg, None) == key
+    rebuilt.processor = build_processor(max_pixels=56 * 56)
+    assert sample_key(rebuilt, str(clip8), "What?", cfg, None) != key
+    assert sample_key(tiny_pipe, str(clip8), "Why?", cfg, None) != key
+    fewer = _with_overrides(cfg.to_dict(), {"video.num_frames": 4})
+    assert sample_key(tiny_pipe, str(clip8), "What?", fewer, None) != key
+    stages = _with_overrides(cfg.to_dict(), {"stage2.enabled": True, "stage2.keep_ratio": 0.2})
+    assert sample_key(tiny_pipe, str(clip8), "What?", stages, None) == key  # pruning never changes the features
+
+
+def test_a_full_cache_keeps_the_first_samples_for_the_next_cell():
+    """Samples come in the same order in every cell: with room for 3 of 5, the next cell finds
+    the first 2 (and the one just run), instead of missing every time as LRU would."""
+    import torch
+
+    from prunevid_bench.feature_cache import Entry
+
+    def entry():
+        return Entry({"input_ids": torch.zeros(256, dtype=torch.int32)}, [], "", "qwen")  # 1 KiB
+
+    cache = FeatureCache(3 * 1024)
+    for key in "abcde":
+        cache._put(key, entry(), to_disk=False)
+    assert list(cache._memory) == ["a", "b", "e"]
+    hits = [key for key in "abcde" if cache._get(key) is not None or cache._put(key, entry(), to_disk=False)]
+    assert hits == ["a", "b", "e"]

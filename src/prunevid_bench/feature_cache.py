@@ -54,8 +54,8 @@ class Entry:
 
 
 class FeatureCache:
-    """``max_bytes`` bounds the entries held in memory (least recently used go first; 0 keeps
-    none in memory); ``directory`` (optional) keeps every complete entry on disk as well."""
+    """``max_bytes`` bounds the entries held in memory (0: only the sample being run);
+    ``directory`` (optional) keeps every complete entry on disk as well."""
 
     def __init__(self, max_bytes: int, directory: Path | None = None):
         self.max_bytes = int(max_bytes)
@@ -127,12 +127,16 @@ class FeatureCache:
         self._memory.move_to_end(key)
         if to_disk:
             self._write(key, entry)
-        # least recently used go first; the newest entry stays whatever its size (even with a
-        # bound of 0): the run that prepared it has yet to use it
+        # Over the bound, the most recently used entry before the newest goes: a sweep asks for the
+        # samples in the same order in every cell, so the oldest entries are the next ones needed
+        # (dropping the least recently used would miss every time once the samples outgrow the
+        # bound). The newest stays whatever its size (even with a bound of 0): its run has yet to
+        # use it.
         held = sum(e.nbytes() for e in self._memory.values())
         while held > self.max_bytes and len(self._memory) > 1:
-            _, old = self._memory.popitem(last=False)
-            held -= old.nbytes()
+            newest = self._memory.popitem(last=True)
+            held -= self._memory.popitem(last=True)[1].nbytes()
+            self._memory[newest[0]] = newest[1]
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"

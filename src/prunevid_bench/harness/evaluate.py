@@ -167,7 +167,7 @@ def evaluate_dataset(
     baseline_records = load_baseline(options.baseline)
     fingerprint = run_fingerprint(cfg, plan, options.answer_mode)
     run_dir = default_run_dir(options.results_dir, options.label, options.preset, plan, fingerprint)
-    pipeline = with_feature_cache(pipeline or pipeline_loader(cfg), options, default_gb=0)
+    pipeline = with_feature_cache(pipeline if pipeline is not None else pipeline_loader(cfg), options, default_gb=0)
     meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
             "baseline": str(options.baseline) if options.baseline else None}
     return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
