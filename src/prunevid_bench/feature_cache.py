@@ -66,7 +66,7 @@ class FeatureCache:
             except OSError as exc:
                 raise PruneVidError(f"--feature-cache {directory}: cannot create the folder ({exc.strerror})") from None
         self._memory: OrderedDict[str, Entry] = OrderedDict()
-        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "corrupt": 0}
+        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "corrupt": 0, "write_errors": 0}
 
     @classmethod
     def from_options(cls, gigabytes: float | None, directory: Path | None) -> "FeatureCache | None":
@@ -152,8 +152,13 @@ class FeatureCache:
                 "policy": entry.policy, "vision_s": repr(entry.vision_s), "n_videos": str(len(entry.video_features))}
         path = self._path(key)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # readers never see half a file
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)  # readers never see half a file
+        except OSError:  # a full or read-only disk costs the reuse, not the sample
+            self.stats["write_errors"] += 1
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def _read(self, key: str) -> Entry | None:
         if self.directory is None or not self._path(key).is_file():
