@@ -12,7 +12,9 @@ scaled down from 7B (default: 7 layers x 896 for the LLM, 14 heads / 2 kv heads,
 
 The two sweeps alternate (without, with, without, with, ...), each into a fresh results folder,
 so machine load drifts into both alike; the ratio is of the medians. The vision share is the
-time inside the tower's forward (summed over the sweep) over the sweep's wall time.
+time inside the tower's forward (summed over the sweep) over the sweep's time. Both are given in
+wall time and in this process's CPU time, which on a shared machine moves far less with other
+jobs' load.
 """
 
 from __future__ import annotations
@@ -38,17 +40,19 @@ from prunevid_bench.toy.world import generate_dataset
 
 
 class TowerTimer:
-    """Seconds spent inside the vision tower's forward, summed."""
+    """Seconds spent inside the vision tower's forward, summed: wall and this process's CPU time."""
 
     def __init__(self, visual):
-        self.total, self._start = 0.0, None
+        self.total = self.cpu = 0.0
+        self._start = None
         self._hooks = [visual.register_forward_pre_hook(self._enter), visual.register_forward_hook(self._leave)]
 
     def _enter(self, *_):
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def _leave(self, *_):
-        self.total += time.perf_counter() - self._start
+        self.total += time.perf_counter() - self._start[0]
+        self.cpu += time.process_time() - self._start[1]
 
 
 def build_pipeline(args) -> Pipeline:
@@ -69,21 +73,24 @@ def build_pipeline(args) -> Pipeline:
     return Pipeline(LoadedModel(model, processor, "scaled", True), cfg), cfg
 
 
-def one_sweep(pipe, cfg, data: Path, cached: bool, args) -> tuple[float, float]:
-    """(wall seconds, seconds inside the tower) of one whole sweep into a fresh folder."""
+def one_sweep(pipe, cfg, data: Path, cached: bool, args) -> tuple[float, float, float, float]:
+    """(wall s, wall s inside the tower, CPU s, CPU s inside the tower) of one whole sweep into a
+    fresh folder. CPU time is this process's: on a shared machine it moves far less with other
+    jobs' load than wall time does."""
     timer = TowerTimer(pipe.model.model.visual)
     grid = SweepGrid(("tau", "keep_ratio"), ("tau=0.7,0.9", "keep_ratio=0.3,0.5,0.7"), None, (), "accuracy", False)
     with tempfile.TemporaryDirectory() as out:
         options = EvalOptions(results_dir=Path(out), feature_cache_gb=None if cached else 0)
-        start = time.perf_counter()
         from rich.console import Console
+
+        start, cpu_start = time.perf_counter(), time.process_time()
 
         run_sweep(cfg, DatasetSpec(data, limit=args.questions), grid, options,
                   console=Console(file=open(os.devnull, "w")), pipeline=pipe)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     for h in timer._hooks:
         h.remove()
-    return wall, timer.total
+    return wall, timer.total, cpu, timer.cpu
 
 
 def main() -> None:
@@ -117,23 +124,25 @@ def main() -> None:
           f"{args.size}px -> {tokens} visual tokens each; sweep tau x keep_ratio = 1 + 6 cells, preset default")
     with tempfile.TemporaryDirectory() as tmp:
         data = generate_dataset(Path(tmp), args.questions, seed=0, frames=max(16, args.frames), size=args.size)
-        runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        runs: dict[bool, list[tuple[float, float, float, float]]] = {False: [], True: []}
         for i in range(args.rounds):
             for cached in (False, True):
-                wall, tower = one_sweep(pipe, cfg, data, cached, args)
-                runs[cached].append((wall, tower))
-                print(f"  round {i + 1} {'with' if cached else 'without':>7} the cache: {wall:7.1f} s, "
-                      f"tower {tower:6.1f} s ({100 * tower / wall:4.1f}%)", flush=True)
-    without = statistics.median(w for w, _ in runs[False])
-    with_cache = statistics.median(w for w, _ in runs[True])
-    share_before = statistics.median(t / w for w, t in runs[False])
-    share_after = statistics.median(t / w for w, t in runs[True])
-    goal = (1 + 6 * (1 - share_before)) / 7
-    print(f"\nwall time, median of {args.rounds}: without {without:.1f} s, with {with_cache:.1f} s -> "
-          f"{without / with_cache:.2f}x faster ({100 * (1 - with_cache / without):.0f}% less)")
-    print(f"vision tower share of the sweep: {100 * share_before:.1f}% without, {100 * share_after:.1f}% with")
-    print(f"goal from the measured share: with/without <= (1 + 6 x (1 - {share_before:.2f})) / 7 = {goal:.2f}; "
-          f"measured {with_cache / without:.2f}")
+                wall, tower, cpu, tower_cpu = one_sweep(pipe, cfg, data, cached, args)
+                runs[cached].append((wall, tower, cpu, tower_cpu))
+                print(f"  round {i + 1} {'with' if cached else 'without':>7} the cache: wall {wall:7.1f} s, "
+                      f"tower {tower:6.1f} s ({100 * tower / wall:4.1f}%) | CPU {cpu:7.1f} s, tower "
+                      f"{tower_cpu:6.1f} s ({100 * tower_cpu / cpu:4.1f}%)", flush=True)
+    for name, total, part in (("wall", 0, 1), ("CPU", 2, 3)):
+        without = statistics.median(r[total] for r in runs[False])
+        with_cache = statistics.median(r[total] for r in runs[True])
+        share_before = statistics.median(r[part] / r[total] for r in runs[False])
+        share_after = statistics.median(r[part] / r[total] for r in runs[True])
+        goal = (1 + 6 * (1 - share_before)) / 7
+        print(f"\n{name} time, median of {args.rounds}: without {without:.1f} s, with {with_cache:.1f} s -> "
+              f"{without / with_cache:.2f}x faster ({100 * (1 - with_cache / without):.0f}% less)")
+        print(f"  vision tower share of the sweep: {100 * share_before:.1f}% without, {100 * share_after:.1f}% with")
+        print(f"  goal from the measured share: with/without <= (1 + 6 x (1 - {share_before:.2f})) / 7 = {goal:.2f}; "
+              f"measured {with_cache / without:.2f}")
 
 
 if __name__ == "__main__":
