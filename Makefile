@@ -55,6 +55,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
 	$(BIN)/python benchmarks/bench_video_memory.py
+	$(BIN)/python benchmarks/bench_feature_cache.py
 
 clean:
 	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -274,79 +275,56 @@ def scoring_memory(model, args, device, dtype, rows: int) -> list[tuple[int, int
     return results
 
 
-# ----------------------------------------------------------------------------- main
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.0f}"
+# ----------------------------------------------------------------------------- scoring speed
+def max_max_scores_before(queries, keys, visual_index, scaling):
+    """The scoring as it was before it sliced the keys once (kept to measure the change): the
+    full softmax per row chunk, keys repeated per chunk, a separate scaling multiply, then a
+    gather of the visual columns of the products."""
+    best = torch.full((visual_index.numel(),), float("-inf"), device=keys.device)
+    for rows in s2._row_chunks(queries.shape[0], queries.shape[1], keys.shape[1]):
+        probs = s2.attention_probs(queries[:, rows], keys, scaling)[..., visual_index]
+        best = torch.maximum(best, probs.amax(dim=(0, 1)))
+    return best
 
 
-def spread(values: list[float], scale: float = 1.0, fmt: str | None = None) -> str:
-    """median (min-max); the format adapts to the magnitude unless given."""
-    if not values:
-        return "-"
-    v = [x * scale for x in values]
-    fmt = fmt or ("{:.1f}" if statistics.median(v) < 100 else "{:.0f}")
-    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (synchronised on CUDA)."""
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (cpu float32, cuda bfloat16), float32, bfloat16, float16")
-    parser.add_argument("--tokens", type=int, default=4096, help="visual tokens before Stage 1 (rounded to the grid)")
-    parser.add_argument("--frames", type=int, default=16, help="temporal grid steps (= sampled frames / 2)")
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size")
-    parser.add_argument("--heads", type=int, default=8, help="query heads")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 7B's 5.29 x hidden)")
-    parser.add_argument("--pruning-layer", type=int, default=None,
-                        help="K (default: 10/32 of the depth, as in the paper)")
-    parser.add_argument("--keep-ratio", type=float, default=0.4, help="Stage 2 keep ratio")
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per run (decode speed)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--score-tokens", type=int, nargs="*", default=[2048, 4096, 8192],
-                        help="sequence lengths for the scoring-memory comparison (none: skip it)")
-    args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
-    k = args.pruning_layer
-    if k is None:
-        k = max(0, min(args.layers - 1, round(args.layers * 10 / 32)))  # the paper: K = 10 of 32 layers
-
-    import transformers
-
-    model = build_model(args, device, dtype)
-    grid = grid_for(args.tokens, args.frames)
-    inputs = build_inputs(model, grid, device, dtype)
-    prompt_len = inputs["input_ids"].shape[1]
-    n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
-    question_rows = len(build_tokenizer()(QUESTION, add_special_tokens=False)["input_ids"])
+def scoring_speed(model, args, device, dtype, rows: int) -> list[tuple[int, float, float, float]]:
+    """Scoring alone, before and after, and a plain float32 matmul of the score's shape
+    ([H, R, d] @ [H, d, L], the FLOPs the score needs): (L, before s, after s, matmul s)."""
     text = model.config.get_text_config()
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    d = text.hidden_size // heads
+    results = []
+    for length in args.scoring_speed_tokens:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(heads, rows, d, generator=gen).to(device, dtype)
+        k = torch.randn(kv_heads, length, d, generator=gen).to(device, dtype)
+        visual = torch.arange(40, length - rows - 1, device=device)
+        before = timed(lambda: max_max_scores_before(q, k, visual, d**-0.5), device, args.repeats)
+        after = timed(lambda: s2.max_max_scores(q, k, visual, d**-0.5), device, args.repeats)
+        qf, kf = q.float(), s2.repeat_kv(k.float(), heads // kv_heads).transpose(1, 2).contiguous()
+        matmul = timed(lambda: torch.bmm(qf, kf), device, args.repeats)
+        results.append((length, before, after, matmul))
+        del q, k, qf, kf
+    return results
 
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start"
-    )
-    print(f"machine: {platform.platform()} | {hardware}")
-    print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "
-          f"| device {device} | dtype {dtype_name} | attention sdpa")
-    print(f"model: random Qwen2.5-VL LLM, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
-          f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, MLP {text.intermediate_size}")
-    print(f"input: video grid {list(grid)} -> {n_visual} visual tokens, prompt {prompt_len} tokens "
-          f"({question_rows} after the video); {args.new_tokens} new tokens")
-    print(f"stage 2: K={k}, keep_ratio={args.keep_ratio}, score=prunevid; stage 1: official defaults "
-          f"(tau 0.8, cluster_ratio 0.5, temporal_segment_ratio 0.25, k 7, min 14)"
-          + ("" if HAVE_STAGE1 else "  [stage1 not importable: skipped]"))
-    print(f"timing: median (min-max) of {args.repeats} runs after {args.warmup} warm-up; "
-          f"memory: {PeakMemory(device).kind}")
-    print()
 
+def end_to_end(model, inputs, args, device, k, prompt_len, question_rows, grid) -> None:
+    """TTFT, memory and KV cache of every variant, next to the analytic ideal speed-up."""
     stage2 = Stage2Config(enabled=True, pruning_layer=k, keep_ratio=args.keep_ratio, score="prunevid")
     rows = [run_variant("baseline", model, inputs, args, device)]
     rows.append(run_variant("stage 2+3", model, inputs, args, device, stage2=stage2))
@@ -391,12 +369,102 @@ def main() -> None:
         end_to_end = fl.ideal_speedup(base7 + vision, f7 + vision)
         print(f"  {r.name:<13} {fl.ideal_speedup(base7, f7):.2f}x / {end_to_end:.2f}x")
 
+
+
+# ----------------------------------------------------------------------------- main
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def spread(values: list[float], scale: float = 1.0, fmt: str | None = None) -> str:
+    """median (min-max); the format adapts to the magnitude unless given."""
+    if not values:
+        return "-"
+    v = [x * scale for x in values]
+    fmt = fmt or ("{:.1f}" if statistics.median(v) < 100 else "{:.0f}")
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (cpu float32, cuda bfloat16), float32, bfloat16, float16")
+    parser.add_argument("--tokens", type=int, default=4096, help="visual tokens before Stage 1 (rounded to the grid)")
+    parser.add_argument("--frames", type=int, default=16, help="temporal grid steps (= sampled frames / 2)")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size")
+    parser.add_argument("--heads", type=int, default=8, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 7B's 5.29 x hidden)")
+    parser.add_argument("--pruning-layer", type=int, default=None,
+                        help="K (default: 10/32 of the depth, as in the paper)")
+    parser.add_argument("--keep-ratio", type=float, default=0.4, help="Stage 2 keep ratio")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per run (decode speed)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--score-tokens", type=int, nargs="*", default=[2048, 4096, 8192],
+                        help="sequence lengths for the scoring-memory comparison (none: skip it)")
+    parser.add_argument("--scoring-speed-tokens", type=int, nargs="*", default=[8192, 16384],
+                        help="sequence lengths for the scoring-speed comparison, before/after (none: skip it)")
+    parser.add_argument("--scoring-only", action="store_true",
+                        help="skip the end-to-end variants; only the scoring sections")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    k = args.pruning_layer
+    if k is None:
+        k = max(0, min(args.layers - 1, round(args.layers * 10 / 32)))  # the paper: K = 10 of 32 layers
+
+    import transformers
+
+    model = build_model(args, device, dtype)
+    grid = grid_for(args.tokens, args.frames)
+    inputs = build_inputs(model, grid, device, dtype)
+    prompt_len = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
+    question_rows = len(build_tokenizer()(QUESTION, add_special_tokens=False)["input_ids"])
+    text = model.config.get_text_config()
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start"
+    )
+    print(f"machine: {platform.platform()} | {hardware}")
+    print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "
+          f"| device {device} | dtype {dtype_name} | attention sdpa")
+    print(f"model: random Qwen2.5-VL LLM, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+          f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, MLP {text.intermediate_size}")
+    print(f"input: video grid {list(grid)} -> {n_visual} visual tokens, prompt {prompt_len} tokens "
+          f"({question_rows} after the video); {args.new_tokens} new tokens")
+    print(f"stage 2: K={k}, keep_ratio={args.keep_ratio}, score=prunevid; stage 1: official defaults "
+          f"(tau 0.8, cluster_ratio 0.5, temporal_segment_ratio 0.25, k 7, min 14)"
+          + ("" if HAVE_STAGE1 else "  [stage1 not importable: skipped]"))
+    print(f"timing: median (min-max) of {args.repeats} runs after {args.warmup} warm-up; "
+          f"memory: {PeakMemory(device).kind}")
+    print()
+
+    if not args.scoring_only:
+        end_to_end(model, inputs, args, device, k, prompt_len, question_rows, grid)
     if args.score_tokens:
         print(f"\nscoring memory, {text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, "
               f"{question_rows} query rows, {dtype_name} (peak extra MiB):")
         print(f"  {'L':>6} {'ours (rows only)':>17} {'dense L x L softmax':>19} {'one H x L x L fp32':>19}")
         for length, ours, dense, one in scoring_memory(model, args, device, dtype, question_rows):
             print(f"  {length:>6} {mib(ours):>17} {mib(dense):>19} {one:>19,.0f}")
+
+    if args.scoring_speed_tokens:
+        print(f"\nscoring speed, {text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, "
+              f"{question_rows} query rows, {dtype_name} inputs (median of {args.repeats} after 1 warm-up):")
+        print(f"  {'L':>6} {'before ms':>10} {'after ms':>9} {'speed-up':>8} {'matmul ms':>10} "
+              f"{'before/matmul rate':>18} {'after/matmul rate':>17}")
+        for length, before, after, matmul in scoring_speed(model, args, device, dtype, question_rows):
+            print(f"  {length:>6} {before * 1e3:>10.2f} {after * 1e3:>9.2f} {before / after:>7.2f}x "
+                  f"{matmul * 1e3:>10.2f} {matmul / before:>18.2f} {matmul / after:>17.2f}")
 
 
 if __name__ == "__main__":

@@ -369,6 +369,39 @@ def test_max_max_scores_on_small_inputs():
     assert not torch.allclose(expected, expected_causal)
 
 
+def _max_max_scores_before(queries, keys, visual_index, scaling, query_positions=None):
+    """The implementation this module had before the cheaper scoring (kept as the reference):
+    the full softmax over all keys per row chunk, keys repeated per chunk, then the visual columns."""
+    best = torch.full((visual_index.numel(),), float("-inf"))
+    for rows in s2._row_chunks(queries.shape[0], queries.shape[1], keys.shape[1]):
+        pos = None if query_positions is None else query_positions[rows]
+        probs = s2.attention_probs(queries[:, rows], keys, scaling, pos)[..., visual_index]
+        best = torch.maximum(best, probs.amax(dim=(0, 1)))
+    return best
+
+
+@pytest.mark.parametrize("n_heads, n_kv", [(4, 4), (4, 2), (8, 1), (28, 4)])
+@pytest.mark.parametrize("visual", ["contiguous", "scattered"])
+def test_max_max_scores_equal_the_previous_implementation(n_heads, n_kv, visual):
+    """The split-keys / grouped-heads / folded-scale scoring gives the old scores within 1e-6,
+    with and without the causal mask, for dense and grouped heads and scattered visual tokens
+    (several videos or images in one prompt)."""
+    gen = torch.Generator().manual_seed(n_heads * 10 + n_kv)
+    n_keys, n_rows, d = 300, 17, 16
+    queries = 2 * torch.randn(n_heads, n_rows, d, generator=gen)
+    keys = 2 * torch.randn(n_kv, n_keys, d, generator=gen)
+    if visual == "contiguous":
+        visual_index = torch.arange(20, 250)
+    else:
+        visual_index = torch.sort(torch.randperm(n_keys - n_rows, generator=gen)[:150]).values
+    rows_at = torch.arange(n_keys - n_rows, n_keys)
+    for pos in (None, rows_at):
+        expected = _max_max_scores_before(queries, keys, visual_index, d**-0.5, pos)
+        got = s2.max_max_scores(queries, keys, visual_index, d**-0.5, pos)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- chunking
 def test_scoring_chunks_rows_and_never_builds_l_by_l(pipes, monkeypatch):
     """Tiny chunks (one query row at a time) give the same scores and the same kept tokens; no
@@ -376,13 +409,14 @@ def test_scoring_chunks_rows_and_never_builds_l_by_l(pipes, monkeypatch):
     pipe, prepared = pipes["sdpa"]
     seq_len = prepared.inputs["input_ids"].shape[1]
     calls = []
-    original = s2.attention_probs
+    original = s2._grouped_probs
 
-    def spy(queries, keys, *args, **kwargs):
-        calls.append((queries.shape[0], queries.shape[1], keys.shape[1]))
-        return original(queries, keys, *args, **kwargs)
+    def spy(grouped_q, keys, *args, **kwargs):
+        n_kv, n_rep, rows, _ = grouped_q.shape
+        calls.append((n_kv * n_rep, rows, keys.shape[1]))
+        return original(grouped_q, keys, *args, **kwargs)
 
-    monkeypatch.setattr(s2, "attention_probs", spy)
+    monkeypatch.setattr(s2, "_grouped_probs", spy)
     default_budget = s2.ROW_CHUNK_ELEMENTS
     for score in ("prunevid", "attention"):
         calls.clear()

@@ -8,6 +8,7 @@ reloads the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Prepared:
     clips: list[Clip]  # one per video, in prompt order
     prompt: str
     policy: str = "processor"
+    feature_key: str | None = None  # set when it came through a FeatureCache (prunevid_bench.feature_cache)
 
     @property
     def clip(self) -> Clip:
@@ -46,6 +48,7 @@ class Pipeline:
         self.device = next(self.model.parameters()).device
         self._handle = None
         self._handle_key = None
+        self.feature_cache = None  # a FeatureCache shared by the runs of a sweep or dataset run
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Pipeline":
@@ -86,7 +89,13 @@ class Pipeline:
     ) -> Prepared:
         """Decode, sample and resize the videos as the run's policy does, load any images, and
         run the processor. Give one ``video`` and a ``question``, or Qwen chat ``messages``
-        (see ``prunevid_bench.messages``)."""
+        (see ``prunevid_bench.messages``). With a ``feature_cache``, a sample seen before is
+        served from it."""
+        if self.feature_cache is not None:
+            return self.feature_cache.prepare(self, video, question, config or self.config, messages)
+        return self._prepare(video, question, config, messages)
+
+    def _prepare(self, video, question, config, messages) -> Prepared:
         cfg = config or self.config
         given = messages is not None
         if not given:
@@ -188,7 +197,9 @@ class Pipeline:
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
-        out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
+        with self._served_features(prepared) as served:
+            out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
+        out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         stages = handle.report() if handle else {}
         visual = out.visual_tokens
@@ -258,7 +269,13 @@ class Pipeline:
             ideal_speedup=round(flops_base.total / flops.total, 6) if flops.total else None,
             generated_token_ids=out.token_ids,
             first_token_logits=out.first_logits,
+            vision_cached=bool(served and served.hit),
         )
+
+    def _served_features(self, prepared: Prepared):
+        if self.feature_cache is None or prepared.feature_key is None:
+            return contextlib.nullcontext()
+        return self.feature_cache.serve(self.model, prepared)
 
 
     def _flops(self, prepared: Prepared, prompt_tokens: int, llm_prefill_tokens: int, handle, dropped: int, scored_rows: int):

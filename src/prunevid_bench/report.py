@@ -94,6 +94,9 @@ class RunResult:
     prefill_flops_baseline: int | None = None  # the same input with no reduction
     ideal_speedup: float | None = None  # prefill_flops_baseline / prefill_flops: if time followed FLOPs
     generated_token_ids: list[int] = field(default_factory=list)
+    # the vision tower's output came from a feature cache: vision_encoder_s is the time measured
+    # when it was computed, and ttft_s = that time + this run's measured post-vision time
+    vision_cached: bool = False
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 
     # The old names (RECORD_ALIASES), for one release.

@@ -185,6 +185,7 @@ def evaluate_dataset(
     if pipeline is None:  # the folder's name and config keep the device as given; the rank loads on its own
         device = shard.device(cfg.model.device)
         pipeline = pipeline_loader(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device)))
+    pipeline = with_feature_cache(pipeline, options, default_gb=0)
     meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
             "baseline": str(options.baseline) if options.baseline else None}
     return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
@@ -201,6 +202,24 @@ def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
 
             loaded.append(Pipeline.from_config(cfg))
         return loaded[0]
+
+    return get
+
+
+def with_feature_cache(pipe, options: EvalOptions, default_gb: float) -> Callable[[], Any]:
+    """``pipe`` (a Pipeline or a function returning one) as a function that returns it with this
+    run's vision-feature cache attached (or none: a pipeline shared with an earlier sweep must not
+    keep that sweep's cache)."""
+    from prunevid_bench.feature_cache import FeatureCache
+
+    gigabytes = default_gb if options.feature_cache_gb is None else options.feature_cache_gb
+    cache = FeatureCache.from_options(gigabytes, options.feature_cache)
+    get_pipe = pipe if callable(pipe) else (lambda: pipe)
+
+    def get():
+        loaded = get_pipe()
+        loaded.feature_cache = cache
+        return loaded
 
     return get
 

@@ -59,7 +59,11 @@ class EvalOptions:
     results_dir: Path = Path("results")
     label: str | None = None  # the run (or sweep) folder's name; default from the preset
     preset: str | None = None  # the preset the config came from: names the folder, kept in the record
+    feature_cache: Path | None = None  # a folder for the vision-feature cache on disk (feature_cache.py)
+    feature_cache_gb: float | None = None  # its memory bound; None: the scenario's default
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
             raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{self.answer_mode}'")
+        if self.feature_cache_gb is not None and self.feature_cache_gb < 0:
+            raise PruneVidError(f"--feature-cache-gb must be >= 0 (0 turns the memory cache off), got {self.feature_cache_gb}")

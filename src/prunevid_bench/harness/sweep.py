@@ -48,6 +48,7 @@ from prunevid_bench.harness.evaluate import (
     needs_retry,
     pipeline_loader,
     plan_dataset,
+    with_feature_cache,
 )
 from prunevid_bench.harness.launch import Launch
 from prunevid_bench.harness.runlock import LOCK_FILE, held_locks
@@ -59,6 +60,7 @@ from prunevid_bench.report import slug, write_json
 SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"  # package data, like the presets (config.PRESET_DIR)
 
 CONTROLS = ("random", "frames")
+SWEEP_FEATURE_CACHE_GB = 4.0  # memory for the cells' shared vision features (--feature-cache-gb)
 METRIC_CHOICES = ("accuracy", "agreement")
 
 
@@ -366,6 +368,7 @@ def run_sweep(
         get_pipe = pipeline_loader(base)
     else:
         get_pipe = pipeline if callable(pipeline) else (lambda: pipeline)
+    get_pipe = with_feature_cache(get_pipe, options, default_gb=SWEEP_FEATURE_CACHE_GB)
     if force or any(cell_status(sweep_dir / "cells" / cell_folder(c.name), plan) != "done" for c in cells):
         check_cells_fit(cells, get_pipe())  # before any cell runs: not after the baseline
     (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)

@@ -58,13 +58,43 @@ def max_max_scores(
     queries [H, R, d]; keys [H_kv, L, d]; visual_index [V] (key positions of the visual tokens);
     returns [V] float32. ``query_positions`` switches on the causal mask (``attention`` mode);
     without it, this is the official ``prunevid`` score (pre-rotary q, k and no mask).
+
+    Equal to ``attention_probs(...)[..., visual_index].amax((0, 1))``, computed cheaper: the keys
+    are reordered once, visual first, so the visual columns of every chunk are a slice (a view),
+    not a gather of the products (the other columns still feed the softmax's normaliser);
+    grouped-query heads are a reshape of q instead of repeated keys; the scale is folded into q.
     """
-    best = torch.full((visual_index.numel(),), float("-inf"), device=keys.device)
-    for rows in _row_chunks(queries.shape[0], queries.shape[1], keys.shape[1]):
+    n_heads, n_rows, d = queries.shape
+    n_kv, n_visual = keys.shape[0], visual_index.numel()
+    ordered_keys, key_positions = _visual_first(keys.float(), visual_index)
+    # query head h uses key head h // n_rep (as transformers' repeat_kv): heads group by key head
+    grouped = (queries.float() * scaling).view(n_kv, n_heads // n_kv, n_rows, d)
+    best = torch.full((n_visual,), float("-inf"), device=keys.device)
+    for rows in _row_chunks(n_heads, n_rows, keys.shape[1]):
         pos = None if query_positions is None else query_positions[rows]
-        probs = attention_probs(queries[:, rows], keys, scaling, pos)[..., visual_index]  # [H, r, V]
-        best = torch.maximum(best, probs.amax(dim=(0, 1)))
+        probs = _grouped_probs(grouped[:, :, rows], ordered_keys, key_positions, pos)  # [H_kv, n_rep * r, L]
+        best = torch.maximum(best, probs[..., :n_visual].amax(dim=(0, 1)))
     return best
+
+
+def _visual_first(keys: torch.Tensor, visual_index: torch.Tensor):
+    """[H_kv, L, d] -> the same keys with the visual ones first [H_kv, L, d], and each reordered
+    key's original position [L] (for the causal mask)."""
+    is_other = torch.ones(keys.shape[1], dtype=torch.bool, device=keys.device)
+    is_other[visual_index] = False
+    positions = torch.cat([visual_index.to(keys.device), is_other.nonzero().squeeze(1)])
+    return keys.index_select(1, positions), positions
+
+
+def _grouped_probs(grouped_q: torch.Tensor, keys: torch.Tensor, key_positions, query_positions) -> torch.Tensor:
+    """grouped_q [H_kv, n_rep, r, d] (scaled), keys [H_kv, L, d] -> softmax [H_kv, n_rep * r, L]:
+    one batched matmul per key head, its n_rep query heads stacked as rows (no repeated keys)."""
+    n_kv, n_rep, r, d = grouped_q.shape
+    logits = torch.bmm(grouped_q.reshape(n_kv, n_rep * r, d), keys.transpose(1, 2))
+    if query_positions is not None:
+        future = key_positions.view(1, 1, -1) > query_positions.repeat(n_rep).view(1, -1, 1)
+        logits.masked_fill_(future, float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 def last_token_scores(

@@ -1,0 +1,315 @@
+"""A vision-feature cache: per sample, the processor output and the vision tower's output are
+computed once and reused by every later run of the same sample (the cells of a sweep), in
+memory for the cache's lifetime and optionally on disk as safetensors.
+
+The key covers everything those depend on: each input video's identity (path, size, mtime; or a
+hash of frames given in memory), the question or messages, the sampling policy and every
+``video`` setting, the processor's config and chat template, the model's name and revision, the
+dtype and the device type. A changed file is a new key; a missing or corrupt disk entry is
+recomputed (and rewritten). Nothing stale is served.
+
+Timing stays honest: a run that used cached features did not run the vision tower, so its
+measured TTFT lacks it. ``Served.account`` reports ``ttft_s`` = the vision time measured when the
+features were computed + this run's measured post-vision time, and marks the result
+``vision_cached``. Entries are held on the CPU (they would otherwise count in a CUDA run's peak
+memory) and moved to the model's device for each run. The decoded frames themselves are not
+kept: the processor output is what is reused; a cached ``Clip`` keeps its metadata and a
+zero-stride placeholder of the frames' shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prunevid_bench.errors import PruneVidError
+
+FORMAT = 1  # bump when an entry's layout changes: older files then miss instead of misreading
+
+
+@dataclass
+class Entry:
+    """One sample's reusable work, on the CPU."""
+
+    inputs: dict[str, torch.Tensor]  # the processor output
+    clips: list[dict[str, Any]]  # Clip fields without the frames, plus their shape
+    prompt: str
+    policy: str
+    video_features: list[torch.Tensor] | None = None  # the tower's output, one [N_i, D] per video
+    vision_s: float = 0.0  # the vision time measured when video_features were computed
+
+    def nbytes(self) -> int:
+        tensors = list(self.inputs.values()) + list(self.video_features or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FeatureCache:
+    """``max_bytes`` bounds the entries held in memory (0: only the sample being run);
+    ``directory`` (optional) keeps every complete entry on disk as well."""
+
+    def __init__(self, max_bytes: int, directory: Path | None = None):
+        self.max_bytes = int(max_bytes)
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PruneVidError(f"--feature-cache {directory}: cannot create the folder ({exc.strerror})") from None
+        self._memory: OrderedDict[str, Entry] = OrderedDict()
+        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "corrupt": 0, "write_errors": 0}
+
+    @classmethod
+    def from_options(cls, gigabytes: float | None, directory: Path | None) -> "FeatureCache | None":
+        """The cache a run asked for, or None when neither memory nor disk is wanted."""
+        if gigabytes is not None and gigabytes < 0:
+            raise PruneVidError(f"--feature-cache-gb must be >= 0, got {gigabytes}")
+        if not gigabytes and directory is None:
+            return None
+        return cls(int((gigabytes or 0) * 2**30), directory)
+
+    # ----------------------------------------------------------- preparation
+    def prepare(self, pipe, video, question, cfg, messages):
+        """``pipe.prepare`` through the cache: a hit skips decoding and the processor."""
+        key = sample_key(pipe, video, question, cfg, messages)
+        entry = self._get(key)
+        if entry is None:
+            self.stats["misses"] += 1
+            prepared = pipe._prepare(video, question, cfg, messages)
+            self._put(key, Entry(
+                inputs={k: v.detach().cpu() for k, v in prepared.inputs.items() if isinstance(v, torch.Tensor)},
+                clips=[_clip_fields(c) for c in prepared.clips], prompt=prepared.prompt, policy=prepared.policy,
+            ), to_disk=False)  # written to disk once the features are known too
+        else:
+            pipe._check_length(int(entry.inputs["input_ids"].shape[1]), cfg.generation.max_new_tokens)
+            prepared = _prepared_from(entry, pipe.device, next(pipe.model.parameters()).dtype)
+        prepared.feature_key = key
+        return prepared
+
+    # ----------------------------------------------------------- running
+    @contextlib.contextmanager
+    def serve(self, model, prepared):
+        """For one model call: inject the cached video features, or record them on the way."""
+        entry = self._memory.get(prepared.feature_key) if prepared.feature_key else None
+        served = Served(self, prepared.feature_key, entry)
+        if entry is None:
+            yield served
+            return
+        device = prepared.inputs["input_ids"].device
+        cached = None if entry.video_features is None else [t.to(device) for t in entry.video_features]
+        with video_features_patch(model, cached, served.captured):
+            yield served
+
+    # ----------------------------------------------------------- storage
+    def _get(self, key: str) -> Entry | None:
+        entry = self._memory.get(key)
+        if entry is not None:
+            self._memory.move_to_end(key)
+            self.stats["hits"] += 1
+            return entry
+        entry = self._read(key)
+        if entry is not None:
+            self.stats["disk_hits"] += 1
+            self._put(key, entry, to_disk=False)
+        return entry
+
+    def _put(self, key: str, entry: Entry, to_disk: bool) -> None:
+        self._memory[key] = entry
+        self._memory.move_to_end(key)
+        if to_disk:
+            self._write(key, entry)
+        # Over the bound, the most recently used entry before the newest goes: a sweep asks for the
+        # samples in the same order in every cell, so the oldest entries are the next ones needed
+        # (dropping the least recently used would miss every time once the samples outgrow the
+        # bound). The newest stays whatever its size (even with a bound of 0): its run has yet to
+        # use it.
+        held = sum(e.nbytes() for e in self._memory.values())
+        while held > self.max_bytes and len(self._memory) > 1:
+            newest = self._memory.popitem(last=True)
+            held -= self._memory.popitem(last=True)[1].nbytes()
+            self._memory[newest[0]] = newest[1]
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def _write(self, key: str, entry: Entry) -> None:
+        if self.directory is None or entry.video_features is None:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {f"input.{k}": v.contiguous() for k, v in entry.inputs.items()}
+        tensors.update({f"video.{i}": t.contiguous() for i, t in enumerate(entry.video_features)})
+        meta = {"format": str(FORMAT), "key": key, "clips": json.dumps(entry.clips), "prompt": entry.prompt,
+                "policy": entry.policy, "vision_s": repr(entry.vision_s), "n_videos": str(len(entry.video_features))}
+        path = self._path(key)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)  # readers never see half a file
+        except OSError:  # a full or read-only disk costs the reuse, not the sample
+            self.stats["write_errors"] += 1
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+    def _read(self, key: str) -> Entry | None:
+        if self.directory is None or not self._path(key).is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self._path(key)), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != str(FORMAT) or meta.get("key") != key:
+                    raise ValueError("not an entry for this key")
+                names = list(f.keys())
+                inputs = {n[len("input."):]: f.get_tensor(n) for n in names if n.startswith("input.")}
+                videos = [f.get_tensor(f"video.{i}") for i in range(int(meta["n_videos"]))]
+                return Entry(inputs, json.loads(meta["clips"]), meta["prompt"], meta["policy"], videos,
+                             float(meta["vision_s"]))
+        except Exception:  # noqa: BLE001 - any damage (truncated, foreign, half-written): recompute
+            self.stats["corrupt"] += 1
+            return None
+
+
+class Served:
+    """What one model call got from the cache; ``account`` turns the engine's output into the
+    honest one."""
+
+    def __init__(self, cache: FeatureCache, key: str | None, entry: Entry | None):
+        self.cache, self.key, self.entry = cache, key, entry
+        self.hit = entry is not None and entry.video_features is not None
+        self.captured: list = []  # filled by the patch on a miss: the tower's output
+
+    def account(self, out):
+        """EngineOutput -> EngineOutput. On a hit, TTFT = the recorded vision time + this run's
+        measured TTFT (which did not include the tower). On a miss, remember the features and
+        their measured vision time (and write the entry to disk)."""
+        if self.entry is None:
+            return out
+        if self.hit:
+            vision = self.entry.vision_s
+            return dataclasses.replace(out, ttft_s=vision + out.ttft_s, vision_encoder_s=vision, prefill_s=out.ttft_s)
+        if self.captured:
+            self.entry.video_features = [t.detach().cpu() for t in self.captured[0]]
+            self.entry.vision_s = out.vision_encoder_s
+            self.cache._put(self.key, self.entry, to_disk=True)
+        return out
+
+
+# ----------------------------------------------------------------------------- model-specific
+@contextlib.contextmanager
+def video_features_patch(model, cached: list[torch.Tensor] | None, captured: list):
+    """MODEL-SPECIFIC (Qwen2.5-VL / Qwen2-VL, transformers 5.x): for the duration of one call,
+    wrap the instance's ``model.model.get_video_features``. With ``cached`` it returns them as the
+    tower's output (``pooler_output``: one tensor per video) without running the tower; without,
+    it runs the tower and appends its per-video output to ``captured``. Wraps whatever is bound
+    on the instance now (e.g. the PruneVid patch's own wrapper) and restores it afterwards."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    base = model.model
+    had_own = "get_video_features" in base.__dict__
+    previous = base.get_video_features
+
+    def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
+        if cached is not None:
+            sizes = (video_grid_thw.prod(-1) // base.visual.spatial_merge_size**2).tolist()
+            if sizes != [int(t.shape[0]) for t in cached]:
+                raise RuntimeError("cached video features do not match the prompt's video grids")
+            return BaseModelOutputWithPooling(pooler_output=tuple(cached))
+        out = previous(pixel_values_videos, video_grid_thw, **kwargs)
+        captured.append(tuple(out.pooler_output))
+        return out
+
+    base.get_video_features = get_video_features
+    try:
+        yield
+    finally:
+        if had_own:
+            base.get_video_features = previous
+        else:
+            del base.get_video_features
+
+
+# ----------------------------------------------------------------------------- keys and entries
+def sample_key(pipe, video, question, cfg, messages) -> str:
+    """sha256 over everything the processor output and the tower's output depend on."""
+    model = pipe.model
+    vp = pipe.processor.video_processor
+    payload = {
+        "format": FORMAT,
+        "inputs": _describe({"video": video, "question": question, "messages": messages}),
+        "policy": pipe.video_policy(cfg),
+        "video": dataclasses.asdict(cfg.video),
+        "processor": vp.to_dict() if hasattr(vp, "to_dict") else repr(vp),
+        "image_processor": _to_dict(getattr(pipe.processor, "image_processor", None)),
+        "chat_template": getattr(pipe.processor, "chat_template", None),
+        "model": pipe.model_name,
+        "model_path": getattr(model.config, "_name_or_path", None),
+        "revision": getattr(model.config, "_commit_hash", None),
+        "dtype": str(next(model.parameters()).dtype),
+        "device_type": pipe.device.type,
+    }
+    text = json.dumps(payload, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _to_dict(obj) -> Any:
+    return None if obj is None else (obj.to_dict() if hasattr(obj, "to_dict") else repr(obj))
+
+
+def _describe(obj: Any) -> Any:
+    """JSON-able identity of an input: files by (path, size, mtime), arrays and images by a hash."""
+    from prunevid_bench.video import Clip
+
+    if isinstance(obj, (str, Path)) and str(obj) and os.path.isfile(obj):
+        st = os.stat(obj)
+        return {"file": os.path.abspath(obj), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if isinstance(obj, Clip):
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "frames"}
+        return {"clip": _describe(obj.frames), **{k: _describe(v) for k, v in fields.items()}}
+    if isinstance(obj, np.ndarray):
+        return {"array": hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest(), "shape": obj.shape,
+                "dtype": str(obj.dtype)}
+    if isinstance(obj, torch.Tensor):
+        return _describe(obj.detach().cpu().numpy())
+    if hasattr(obj, "tobytes") and hasattr(obj, "size") and hasattr(obj, "mode"):  # a PIL image
+        return {"image": hashlib.sha256(obj.tobytes()).hexdigest(), "size": obj.size, "mode": obj.mode}
+    if isinstance(obj, dict):
+        return {str(k): _describe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_describe(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else repr(obj)
+
+
+def _clip_fields(clip) -> dict[str, Any]:
+    fields = {f.name: getattr(clip, f.name) for f in dataclasses.fields(clip) if f.name != "frames"}
+    fields["frames_shape"] = list(clip.frames.shape)
+    return json.loads(json.dumps(fields, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+
+
+def _prepared_from(entry: Entry, device, dtype):
+    from prunevid_bench.pipeline import Prepared
+    from prunevid_bench.video import Clip
+
+    clips = []
+    for fields in entry.clips:
+        fields = dict(fields)
+        shape = fields.pop("frames_shape")
+        frames = np.broadcast_to(np.zeros((1, 1, 1, 1), dtype=np.uint8), shape)  # metadata only
+        clips.append(Clip(frames=frames, **fields))
+    inputs = {}
+    for key, value in entry.inputs.items():
+        value = value.to(device)
+        if value.is_floating_point() and key in ("pixel_values_videos", "pixel_values"):
+            value = value.to(dtype)
+        inputs[key] = value
+    return Prepared(inputs, clips, entry.prompt, entry.policy)
