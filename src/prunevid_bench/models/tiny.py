@@ -116,12 +116,11 @@ def build_processor(max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, toke
     )
 
 
-def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa"):
-    from transformers import Qwen2_5_VLConfig
-
+def tiny_text_config(sizes: TinySizes) -> dict:
+    """The language model's config of the tiny models (both families share it)."""
     head_dim = sizes.hidden_size // sizes.num_attention_heads
     assert sum(sizes.mrope_section) * 2 == head_dim, "mrope sections must sum to head_dim/2"
-    text_config = dict(
+    return dict(
         vocab_size=sizes.vocab_size,
         hidden_size=sizes.hidden_size,
         intermediate_size=sizes.intermediate_size,
@@ -137,6 +136,12 @@ def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdp
         pad_token_id=PAD_ID,
         tie_word_embeddings=False,
     )
+
+
+def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa"):
+    from transformers import Qwen2_5_VLConfig
+
+    text_config = tiny_text_config(sizes)
     vision_config = dict(
         depth=sizes.vision_depth,
         hidden_size=sizes.vision_hidden_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prunevid_bench.models.tiny import IM_END_ID, IMAGE_PAD_ID, PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, TinySizes
+from prunevid_bench.models.tiny import IM_END_ID, IMAGE_PAD_ID, PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, TinySizes, tiny_text_config
 
 PROCESSOR_CLASS = "Qwen2VLProcessor"
 
@@ -17,24 +17,7 @@ PROCESSOR_CLASS = "Qwen2VLProcessor"
 def build_qwen2vl_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa"):
     from transformers import Qwen2VLConfig
 
-    head_dim = sizes.hidden_size // sizes.num_attention_heads
-    assert sum(sizes.mrope_section) * 2 == head_dim, "mrope sections must sum to head_dim/2"
-    text_config = dict(
-        vocab_size=sizes.vocab_size,
-        hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size,
-        num_hidden_layers=sizes.num_hidden_layers,
-        num_attention_heads=sizes.num_attention_heads,
-        num_key_value_heads=sizes.num_key_value_heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_scaling={"type": "mrope", "mrope_section": list(sizes.mrope_section), "rope_theta": 10000.0},
-        use_sliding_window=False,
-        bos_token_id=PAD_ID,
-        eos_token_id=IM_END_ID,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-    )
+    text_config = tiny_text_config(sizes)
     vision_config = dict(
         depth=sizes.vision_depth,
         embed_dim=sizes.vision_hidden_size,
