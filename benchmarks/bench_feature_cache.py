@@ -70,7 +70,7 @@ def build_pipeline(args) -> Pipeline:
     processor = build_processor(max_pixels=args.size * args.size, min_pixels=56 * 56)
     cfg = build_config("default", None, {"model.name": "tiny", "model.device": "cpu", "model.dtype": "float32",
                                          "video.num_frames": args.frames, "generation.max_new_tokens": args.new_tokens})
-    return Pipeline(LoadedModel(model, processor, "scaled", True), cfg), cfg
+    return Pipeline(LoadedModel(model, processor, "scaled", video_policy="processor"), cfg), cfg
 
 
 def one_sweep(pipe, cfg, data: Path, cached: bool, args) -> tuple[float, float, float, float]:
@@ -85,9 +85,12 @@ def one_sweep(pipe, cfg, data: Path, cached: bool, args) -> tuple[float, float, 
 
         start, cpu_start = time.perf_counter(), time.process_time()
 
-        run_sweep(cfg, DatasetSpec(data, limit=args.questions), grid, options,
-                  console=Console(file=open(os.devnull, "w")), pipeline=pipe)
+        result = run_sweep(cfg, DatasetSpec(data, limit=args.questions), grid, options,
+                           console=Console(file=open(os.devnull, "w")), pipeline=pipe)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        errors = {name: s["accuracy"]["errors"] for name, s in result.summaries.items() if s["accuracy"]["errors"]}
+        if errors:  # a sweep of failing samples times nothing: refuse to report it
+            raise SystemExit(f"samples failed in cells {errors}; fix them before timing the sweep")
     for h in timer._hooks:
         h.remove()
     return wall, timer.total, cpu, timer.cpu

@@ -45,7 +45,7 @@ def scaled_pipeline(device: str) -> Pipeline:
     # Random weights have no trained context length: allow the 16-chunk prompt (4.7k tokens).
     model.config.get_text_config().max_position_embeddings = 32768
     processor = build_processor(max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
-    return Pipeline(LoadedModel(model, processor, "scaled", builtin=True), RunConfig())
+    return Pipeline(LoadedModel(model, processor, "scaled", video_policy="processor"), RunConfig())
 
 
 def frames(n: int, seed: int = 0) -> np.ndarray:
