@@ -138,10 +138,36 @@ def tiny_text_config(sizes: TinySizes) -> dict:
     )
 
 
+def tiny_config(config_class, sizes: TinySizes, vision_config: dict, attn_implementation: str):
+    """A tiny model's config (both families): the shared language model, the family's vision
+    tower, our special-token ids."""
+    cfg = config_class(
+        text_config=tiny_text_config(sizes),
+        vision_config=vision_config,
+        image_token_id=IMAGE_PAD_ID,
+        video_token_id=VIDEO_PAD_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def seeded_model(model_class, cfg, seed: int):
+    """``model_class(cfg)`` with weights drawn from ``seed`` (the global RNG left as it was), in
+    eval mode, stopping at ``<|im_end|>``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(cfg)
+    model.generation_config.eos_token_id = IM_END_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval()
+
+
 def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa"):
     from transformers import Qwen2_5_VLConfig
 
-    text_config = tiny_text_config(sizes)
     vision_config = dict(
         depth=sizes.vision_depth,
         hidden_size=sizes.vision_hidden_size,
@@ -156,30 +182,14 @@ def build_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdp
         fullatt_block_indexes=[sizes.vision_depth - 1],
         tokens_per_second=sizes.tokens_per_second,
     )
-    cfg = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=IMAGE_PAD_ID,
-        video_token_id=VIDEO_PAD_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
-    )
-    cfg._attn_implementation = attn_implementation
-    return cfg
+    return tiny_config(Qwen2_5_VLConfig, sizes, vision_config, attn_implementation)
 
 
 def build_tiny_model(seed: int = 0, attn_implementation: str = "sdpa", sizes: TinySizes = TinySizes()):
     """A Qwen2.5-VL with seeded random weights (float32, CPU, eval mode)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    cfg = build_config(sizes, attn_implementation)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = IM_END_ID
-    model.generation_config.pad_token_id = PAD_ID
-    return model.eval()
+    return seeded_model(Qwen2_5_VLForConditionalGeneration, build_config(sizes, attn_implementation), seed)
 
 
 def build_tiny(attn_implementation: str = "sdpa"):

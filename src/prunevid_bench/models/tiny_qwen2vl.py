@@ -7,9 +7,7 @@ family: Qwen2-VL's vision tower (full attention per frame, no windows, GELU MLP)
 
 from __future__ import annotations
 
-import torch
-
-from prunevid_bench.models.tiny import IM_END_ID, IMAGE_PAD_ID, PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, TinySizes, tiny_text_config
+from prunevid_bench.models.tiny import TinySizes, seeded_model, tiny_config
 
 PROCESSOR_CLASS = "Qwen2VLProcessor"
 
@@ -17,7 +15,6 @@ PROCESSOR_CLASS = "Qwen2VLProcessor"
 def build_qwen2vl_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa"):
     from transformers import Qwen2VLConfig
 
-    text_config = tiny_text_config(sizes)
     vision_config = dict(
         depth=sizes.vision_depth,
         embed_dim=sizes.vision_hidden_size,
@@ -29,30 +26,14 @@ def build_qwen2vl_config(sizes: TinySizes = TinySizes(), attn_implementation: st
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    cfg = Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=IMAGE_PAD_ID,
-        video_token_id=VIDEO_PAD_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
-    )
-    cfg._attn_implementation = attn_implementation
-    return cfg
+    return tiny_config(Qwen2VLConfig, sizes, vision_config, attn_implementation)
 
 
 def build_tiny_qwen2vl_model(seed: int = 0, attn_implementation: str = "sdpa", sizes: TinySizes = TinySizes()):
     """A Qwen2-VL with seeded random weights (float32, CPU, eval mode)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    cfg = build_qwen2vl_config(sizes, attn_implementation)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = IM_END_ID
-    model.generation_config.pad_token_id = PAD_ID
-    return model.eval()
+    return seeded_model(Qwen2VLForConditionalGeneration, build_qwen2vl_config(sizes, attn_implementation), seed)
 
 
 def build_qwen2vl_processor():
