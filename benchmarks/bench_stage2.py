@@ -385,51 +385,33 @@ def spread(values: list[float], scale: float = 1.0, fmt: str | None = None) -> s
     return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The device, dtype and model-shape options (shared with bench_methods.py)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (cpu float32, cuda bfloat16), float32, bfloat16, float16")
-    parser.add_argument("--tokens", type=int, default=4096, help="visual tokens before Stage 1 (rounded to the grid)")
     parser.add_argument("--frames", type=int, default=16, help="temporal grid steps (= sampled frames / 2)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size")
     parser.add_argument("--heads", type=int, default=8, help="query heads")
     parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 7B's 5.29 x hidden)")
-    parser.add_argument("--pruning-layer", type=int, default=None,
-                        help="K (default: 10/32 of the depth, as in the paper)")
-    parser.add_argument("--keep-ratio", type=float, default=0.4, help="Stage 2 keep ratio")
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per run (decode speed)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--score-tokens", type=int, nargs="*", default=[2048, 4096, 8192],
-                        help="sequence lengths for the scoring-memory comparison (none: skip it)")
-    parser.add_argument("--scoring-speed-tokens", type=int, nargs="*", default=[8192, 16384],
-                        help="sequence lengths for the scoring-speed comparison, before/after (none: skip it)")
-    parser.add_argument("--scoring-only", action="store_true",
-                        help="skip the end-to-end variants; only the scoring sections")
-    args = parser.parse_args()
 
+
+def setup(args) -> tuple[torch.device, str, torch.dtype]:
+    """Threads, device and dtype from the options of ``add_model_arguments``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
-    k = args.pruning_layer
-    if k is None:
-        k = max(0, min(args.layers - 1, round(args.layers * 10 / 32)))  # the paper: K = 10 of 32 layers
+    return device, dtype_name, getattr(torch, dtype_name)
 
+
+def print_machine(model, device, dtype_name: str) -> None:
+    """The machine (with the load average: the box is shared), the versions and the model's shape."""
     import transformers
 
-    model = build_model(args, device, dtype)
-    grid = grid_for(args.tokens, args.frames)
-    inputs = build_inputs(model, grid, device, dtype)
-    prompt_len = inputs["input_ids"].shape[1]
-    n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
-    question_rows = len(build_tokenizer()(QUESTION, add_special_tokens=False)["input_ids"])
     text = model.config.get_text_config()
-
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start"
@@ -439,6 +421,40 @@ def main() -> None:
           f"| device {device} | dtype {dtype_name} | attention sdpa")
     print(f"model: random Qwen2.5-VL LLM, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
           f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, MLP {text.intermediate_size}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--tokens", type=int, default=4096, help="visual tokens before Stage 1 (rounded to the grid)")
+    parser.add_argument("--pruning-layer", type=int, default=None,
+                        help="K (default: 10/32 of the depth, as in the paper)")
+    parser.add_argument("--keep-ratio", type=float, default=0.4, help="Stage 2 keep ratio")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per run (decode speed)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
+    parser.add_argument("--score-tokens", type=int, nargs="*", default=[2048, 4096, 8192],
+                        help="sequence lengths for the scoring-memory comparison (none: skip it)")
+    parser.add_argument("--scoring-speed-tokens", type=int, nargs="*", default=[8192, 16384],
+                        help="sequence lengths for the scoring-speed comparison, before/after (none: skip it)")
+    parser.add_argument("--scoring-only", action="store_true",
+                        help="skip the end-to-end variants; only the scoring sections")
+    args = parser.parse_args()
+
+    device, dtype_name, dtype = setup(args)
+    k = args.pruning_layer
+    if k is None:
+        k = max(0, min(args.layers - 1, round(args.layers * 10 / 32)))  # the paper: K = 10 of 32 layers
+
+    model = build_model(args, device, dtype)
+    grid = grid_for(args.tokens, args.frames)
+    inputs = build_inputs(model, grid, device, dtype)
+    prompt_len = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
+    question_rows = len(build_tokenizer()(QUESTION, add_special_tokens=False)["input_ids"])
+    text = model.config.get_text_config()
+
+    print_machine(model, device, dtype_name)
     print(f"input: video grid {list(grid)} -> {n_visual} visual tokens, prompt {prompt_len} tokens "
           f"({question_rows} after the video); {args.new_tokens} new tokens")
     print(f"stage 2: K={k}, keep_ratio={args.keep_ratio}, score=prunevid; stage 1: official defaults "

@@ -1,0 +1,177 @@
+"""Each method's TTFT against its ideal, and its own cost (selection / merging) as a share of the
+baseline's TTFT, on the scaled model of bench_stage2.py at several visual-token counts.
+
+    PYTHONPATH=src python benchmarks/bench_methods.py --device cpu --threads 1 --tokens 4096 8192 --repeats 3
+    PYTHONPATH=src python benchmarks/bench_methods.py --smoke        # tiny sizes, a few seconds
+    PYTHONPATH=src python benchmarks/bench_methods.py --variants baseline tome --tokens 4096
+
+The model and the inputs are bench_stage2.py's (imported from it): a random-weight Qwen2.5-VL
+language model scaled down from 7B, fed thousands of visual tokens as precomputed
+vision-encoder output (the vision tower is skipped; it is the same for every variant). Every
+variant is a run config built from ``VARIANTS`` (label -> config overrides, one line each) and
+installed with ``apply_methods`` on the same loaded model, at the matched budget ``--budget``
+where the method has a budget knob.
+
+Per variant and token count: the visual tokens kept, the median (min-max) TTFT of the timed runs
+after warm-up, the ideal TTFT (the baseline's TTFT divided by the ideal speed-up from the
+analytic FLOPs model with the measured token counts), the method's own time (the handle's clock
+marks around its reduce/select: CUDA events on a GPU, perf_counter on the CPU) and its share of
+the baseline's TTFT, against the goal of at most 3%. Memory as in bench_stage2.py, one extra run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+
+import torch
+from bench_stage2 import PeakMemory, add_model_arguments, build_inputs, build_model, grid_for, mib, print_machine, setup, spread
+
+from prunevid_bench import flops as fl
+from prunevid_bench.config import build_config
+from prunevid_bench.engine import run_greedy
+from prunevid_bench.measure import Clock
+from prunevid_bench.patch import apply_methods
+
+BUDGET = object()  # stands for --budget in VARIANTS
+GOAL = 0.03  # a method's own time at most 3% of the baseline's TTFT (PruneVid's share; issue 14)
+
+# label -> config overrides (``--set`` keys); add a line to add a variant. Each comparator at the
+# matched budget through its own budget key; random has none, so its per-group share is the budget.
+# (Stage 1 in the vision tower, ``stage1.space: vision``, needs the tower these inputs skip.)
+VARIANTS: list[tuple[str, dict]] = [
+    ("baseline", {}),
+    ("prunevid", {"stage1.enabled": True, "stage2.enabled": True}),  # the official default (keep 0.4 per group)
+    ("prunevid@B", {"stage1.enabled": True, "stage2.enabled": True, "stage2.budget": BUDGET}),
+    ("fastv", {"fastv.enabled": True, "fastv.budget": BUDGET}),
+    ("tome", {"tome.enabled": True, "tome.budget": BUDGET}),
+    ("tome+prop", {"tome.enabled": True, "tome.budget": BUDGET, "tome.proportional_attention": True}),
+    ("evs", {"evs.enabled": True, "evs.budget": BUDGET}),
+    ("vidcom2", {"vidcom2.enabled": True, "vidcom2.budget": BUDGET}),
+    ("random", {"random.enabled": True, "random.keep_ratio": BUDGET}),
+]
+
+
+@dataclass
+class Result:
+    label: str
+    methods: list[str]
+    visual_before: int
+    visual_kept: int
+    ttft: list[float]
+    own_s: list[float]  # all the variant's methods together, per timed run
+    per_method_s: dict[str, list[float]]
+    kv_bytes: int
+    peak_bytes: int
+    flops: fl.Flops
+    flops_baseline: fl.Flops
+
+
+def variant_config(overrides: dict, budget: float):
+    return build_config(overrides={k: budget if v is BUDGET else v for k, v in overrides.items()})
+
+
+def run_variant(label: str, overrides: dict, model, inputs: dict, args, device) -> Result:
+    cfg = variant_config(overrides, args.budget)
+    handle = apply_methods(model, cfg) if cfg.enabled_methods else None
+    clock = handle.clock if handle else Clock(device)
+    names = cfg.enabled_methods
+    ttft, own, per_method = [], [], {n: [] for n in names}
+    try:
+        for i in range(args.warmup + args.repeats):
+            out = run_greedy(model, inputs, args.new_tokens, clock=clock)
+            if i >= args.warmup:
+                ttft.append(out.ttft_s)
+                for n in names:
+                    per_method[n].append(handle.seconds(n))
+                own.append(sum(per_method[n][-1] for n in names))
+        memory = PeakMemory(device)
+        memory.start()
+        out = run_greedy(model, inputs, args.new_tokens, clock=clock)
+        peak = memory.stop(out)
+        report = handle.report() if handle else None
+        layer = handle.pruning_layer if handle and handle.layer_method else None
+    finally:
+        if handle:
+            handle.remove()
+    prompt_len = inputs["input_ids"].shape[1]
+    visual = out.visual_tokens
+    if report is None:
+        llm_len, kept, dropped, scored = prompt_len, visual, 0, 0
+    else:
+        llm_len, kept = report["llm_prefill_tokens"], report["tokens_after"]
+        dropped, scored = report["tokens_before"] - report["tokens_after"], report["scored_rows"]
+    # The vision encoder is skipped here (grids=[]): only the LLM's prefill is compared.
+    run, base = fl.run_flops(model.config, fl.QWEN25_VL_7B_VISION, [], prompt_len, llm_len, layer, dropped, scored)
+    return Result(label, names, visual, kept, ttft, own, per_method, out.kv_cache_bytes, peak, run, base)
+
+
+def print_table(results: list[Result]) -> None:
+    base_ttft = statistics.median(results[0].ttft)
+    header = (f"{'variant':<11} {'visual kept':>17} {'TTFT ms':>22} {'ideal ms':>9} {'/ideal':>6} "
+              f"{'own ms':>8} {'own/base':>8} {'<=3%':>4} {'KV MiB':>6} {'peak MiB':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ideal = base_ttft / fl.ideal_speedup(r.flops_baseline, r.flops)
+        kept = f"{r.visual_kept}/{r.visual_before} {r.visual_kept / r.visual_before:.3f}"
+        if r.methods:
+            share = statistics.median(r.own_s) / base_ttft
+            own = f"{statistics.median(r.own_s) * 1e3:>8.1f} {share:>7.2%} {'pass' if share <= GOAL else 'FAIL':>4}"
+        else:
+            own = f"{'-':>8} {'-':>8} {'-':>4}"
+        print(f"{r.label:<11} {kept:>17} {spread(r.ttft, 1e3):>22} {ideal * 1e3:>9.0f} "
+              f"{statistics.median(r.ttft) / ideal:>6.2f} {own} {mib(r.kv_bytes):>6} {mib(r.peak_bytes):>8}")
+    several = [r for r in results if len(r.methods) > 1]
+    for r in several:
+        parts = ", ".join(f"{n} {statistics.median(v) * 1e3:.1f} ms" for n, v in r.per_method_s.items())
+        print(f"  {r.label}: {parts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192],
+                        help="visual tokens before any method (each rounded to the grid)")
+    parser.add_argument("--budget", type=float, default=0.25, help="matched budget: kept fraction of the visual tokens")
+    parser.add_argument("--variants", nargs="+", default=None, choices=[label for label, _ in VARIANTS],
+                        help="a subset of the variants (the baseline always runs)")
+    parser.add_argument("--new-tokens", type=int, default=2, help="tokens generated per run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one run per variant: checks the script works, measures nothing")
+    args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.frames, args.layers, args.hidden, args.heads = [256], 8, 2, 64, 4
+        args.repeats, args.warmup, args.new_tokens = 1, 0, 1
+    chosen = set(args.variants or [label for label, _ in VARIANTS]) | {"baseline"}
+    variants = [(label, o) for label, o in VARIANTS if label in chosen]
+
+    device, dtype_name, dtype = setup(args)
+    model = build_model(args, device, dtype)
+    print_machine(model, device, dtype_name)
+    print(f"budget {args.budget} (kept fraction of the visual tokens, through each method's budget key; "
+          f"random: its per-group keep_ratio); each method's other keys at their defaults")
+    print(f"timing: median (min-max) of {args.repeats} runs after {args.warmup} warm-up; "
+          f"memory: {PeakMemory(device).kind}")
+    print("ideal ms = baseline TTFT / ideal speed-up; ideal speed-up = baseline LLM prefill FLOPs / the variant's,")
+    print("  with its measured token counts (flops.run_flops: layers 0..K and K+1.., causal attention, plus the")
+    print("  Stage-2/FastV score's q.k rows). A method's own selection/merge work is NOT in the FLOPs model apart")
+    print("  from that score, nor is tome+prop's per-layer mask; the vision encoder is skipped by every variant.")
+    print("own ms = the methods' own time (handle clock marks around reduce/select, incl. KV compaction for")
+    print(f"  LLM-layer methods); own/base = own ms / the baseline's median TTFT at that token count; goal <= {GOAL:.0%}.")
+
+    for tokens in args.tokens:
+        grid = grid_for(tokens, args.frames)
+        inputs = build_inputs(model, grid, device, dtype)
+        print(f"\n{int(inputs['mm_token_type_ids'].bool().sum())} visual tokens (grid {list(grid)}), "
+              f"prompt {inputs['input_ids'].shape[1]} tokens")
+        results = [run_variant(label, overrides, model, inputs, args, device) for label, overrides in variants]
+        print_table(results)
+        del inputs
+
+
+if __name__ == "__main__":
+    main()
