@@ -54,6 +54,7 @@ toy-model: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
+	$(BIN)/python benchmarks/bench_methods.py
 	$(BIN)/python benchmarks/bench_video_memory.py
 	$(BIN)/python benchmarks/bench_feature_cache.py
 

@@ -12,8 +12,9 @@ variant is a run config built from ``VARIANTS`` (label -> config overrides, one 
 installed with ``apply_methods`` on the same loaded model, at the matched budget ``--budget``
 where the method has a budget knob.
 
-Per variant and token count: the visual tokens kept, the median (min-max) TTFT of the timed runs
-after warm-up, the ideal TTFT (the baseline's TTFT divided by the ideal speed-up from the
+The variants take turns: each round runs every variant once, so a change of the shared
+machine's load falls on all of them alike. Per variant and token count: the visual tokens kept,
+the median (min-max) TTFT of the timed rounds after the warm-up rounds, the ideal TTFT (the baseline's TTFT divided by the ideal speed-up from the
 analytic FLOPs model with the measured token counts), the method's own time (the handle's clock
 marks around its reduce/select: CUDA events on a GPU, perf_counter on the CPU) and its share of
 the baseline's TTFT, against the goal of at most 3%. Memory as in bench_stage2.py, one extra run.
@@ -22,6 +23,7 @@ the baseline's TTFT, against the goal of at most 3%. Memory as in bench_stage2.p
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -72,39 +74,52 @@ def variant_config(overrides: dict, budget: float):
     return build_config(overrides={k: budget if v is BUDGET else v for k, v in overrides.items()})
 
 
-def run_variant(label: str, overrides: dict, model, inputs: dict, args, device) -> Result:
-    cfg = variant_config(overrides, args.budget)
+def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = None):
+    """One prefill + decode with ``cfg``'s methods installed (removed after): the engine's output,
+    each method's seconds, the handle's report and its layer K (None without an LLM-layer method)."""
     handle = apply_methods(model, cfg) if cfg.enabled_methods else None
-    clock = handle.clock if handle else Clock(device)
-    names = cfg.enabled_methods
-    ttft, own, per_method = [], [], {n: [] for n in names}
     try:
-        for i in range(args.warmup + args.repeats):
-            out = run_greedy(model, inputs, args.new_tokens, clock=clock)
-            if i >= args.warmup:
-                ttft.append(out.ttft_s)
-                for n in names:
-                    per_method[n].append(handle.seconds(n))
-                own.append(sum(per_method[n][-1] for n in names))
-        memory = PeakMemory(device)
-        memory.start()
-        out = run_greedy(model, inputs, args.new_tokens, clock=clock)
-        peak = memory.stop(out)
+        if memory:
+            memory.start()
+        out = run_greedy(model, inputs, args.new_tokens, clock=handle.clock if handle else Clock(device))
+        peak = memory.stop(out) if memory else 0
+        seconds = {n: handle.seconds(n) for n in cfg.enabled_methods}
         report = handle.report() if handle else None
         layer = handle.pruning_layer if handle and handle.layer_method else None
     finally:
         if handle:
             handle.remove()
+    return out, seconds, report, layer, peak
+
+
+def measure(variants: list[tuple[str, dict]], model, inputs: dict, args, device) -> list[Result]:
+    """Every variant once per round, round after round (warm-up rounds first), so that a change
+    of the shared machine's load falls on all variants alike; then one memory run each."""
+    configs = [(label, variant_config(overrides, args.budget)) for label, overrides in variants]
+    ttft = {label: [] for label, _ in configs}
+    per_method = {label: {n: [] for n in cfg.enabled_methods} for label, cfg in configs}
+    for i in range(args.warmup + args.repeats):
+        for label, cfg in configs:
+            out, seconds, *_ = one_run(model, cfg, inputs, args, device)
+            if i >= args.warmup:
+                ttft[label].append(out.ttft_s)
+                for n, s in seconds.items():
+                    per_method[label][n].append(s)
     prompt_len = inputs["input_ids"].shape[1]
-    visual = out.visual_tokens
-    if report is None:
-        llm_len, kept, dropped, scored = prompt_len, visual, 0, 0
-    else:
-        llm_len, kept = report["llm_prefill_tokens"], report["tokens_after"]
-        dropped, scored = report["tokens_before"] - report["tokens_after"], report["scored_rows"]
-    # The vision encoder is skipped here (grids=[]): only the LLM's prefill is compared.
-    run, base = fl.run_flops(model.config, fl.QWEN25_VL_7B_VISION, [], prompt_len, llm_len, layer, dropped, scored)
-    return Result(label, names, visual, kept, ttft, own, per_method, out.kv_cache_bytes, peak, run, base)
+    results = []
+    for label, cfg in configs:
+        out, _, report, layer, peak = one_run(model, cfg, inputs, args, device, PeakMemory(device))
+        if report is None:
+            llm_len, kept, dropped, scored = prompt_len, out.visual_tokens, 0, 0
+        else:
+            llm_len, kept = report["llm_prefill_tokens"], report["tokens_after"]
+            dropped, scored = report["tokens_before"] - report["tokens_after"], report["scored_rows"]
+        # The vision encoder is skipped here (grids=[]): only the LLM's prefill is compared.
+        run, base = fl.run_flops(model.config, fl.QWEN25_VL_7B_VISION, [], prompt_len, llm_len, layer, dropped, scored)
+        own = [sum(runs) for runs in zip(*per_method[label].values())] if cfg.enabled_methods else []
+        results.append(Result(label, cfg.enabled_methods, out.visual_tokens, kept, ttft[label], own,
+                              per_method[label], out.kv_cache_bytes, peak, run, base))
+    return results
 
 
 def print_table(results: list[Result]) -> None:
@@ -132,8 +147,8 @@ def print_table(results: list[Result]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192],
-                        help="visual tokens before any method (each rounded to the grid)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="visual tokens before any method, each rounded to the grid (default 4096 8192; smoke 256)")
     parser.add_argument("--budget", type=float, default=0.25, help="matched budget: kept fraction of the visual tokens")
     parser.add_argument("--variants", nargs="+", default=None, choices=[label for label, _ in VARIANTS],
                         help="a subset of the variants (the baseline always runs)")
@@ -144,8 +159,10 @@ def main() -> None:
                         help="tiny sizes, one run per variant: checks the script works, measures nothing")
     args = parser.parse_args()
     if args.smoke:
-        args.tokens, args.frames, args.layers, args.hidden, args.heads = [256], 8, 2, 64, 4
+        args.frames, args.layers, args.hidden, args.heads = 8, 2, 64, 4
         args.repeats, args.warmup, args.new_tokens = 1, 0, 1
+        args.threads = args.threads or 1  # two threads on a busy two-core box oversubscribe it
+    args.tokens = args.tokens or ([256] if args.smoke else [4096, 8192])
     chosen = set(args.variants or [label for label, _ in VARIANTS]) | {"baseline"}
     variants = [(label, o) for label, o in VARIANTS if label in chosen]
 
@@ -154,7 +171,8 @@ def main() -> None:
     print_machine(model, device, dtype_name)
     print(f"budget {args.budget} (kept fraction of the visual tokens, through each method's budget key; "
           f"random: its per-group keep_ratio); each method's other keys at their defaults")
-    print(f"timing: median (min-max) of {args.repeats} runs after {args.warmup} warm-up; "
+    print(f"timing: median (min-max) of {args.repeats} rounds after {args.warmup} warm-up "
+          f"(a round runs every variant once, in turn); "
           f"memory: {PeakMemory(device).kind}")
     print("ideal ms = baseline TTFT / ideal speed-up; ideal speed-up = baseline LLM prefill FLOPs / the variant's,")
     print("  with its measured token counts (flops.run_flops: layers 0..K and K+1.., causal attention, plus the")
@@ -167,9 +185,9 @@ def main() -> None:
         grid = grid_for(tokens, args.frames)
         inputs = build_inputs(model, grid, device, dtype)
         print(f"\n{int(inputs['mm_token_type_ids'].bool().sum())} visual tokens (grid {list(grid)}), "
-              f"prompt {inputs['input_ids'].shape[1]} tokens")
-        results = [run_variant(label, overrides, model, inputs, args, device) for label, overrides in variants]
-        print_table(results)
+              f"prompt {inputs['input_ids'].shape[1]} tokens, load average {os.getloadavg()[0]:.2f} at the start")
+        print_table(measure(variants, model, inputs, args, device))
+        print(f"load average {os.getloadavg()[0]:.2f} at the end")
         del inputs
 
 

@@ -1,0 +1,102 @@
+"""The benchmark scripts still run: each at tiny sizes in a subprocess (they measure nothing here;
+the figures live in docs/benchmarks.md). Exit status 0 and the lines each one must print."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prunevid_bench.config import PROJECT_ROOT
+
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+TINY_LLM = ["--device", "cpu", "--threads", "1", "--frames", "8", "--layers", "2", "--hidden", "64", "--heads", "4"]
+
+
+def run_script(name: str, *args: str, cwd=None) -> str:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd or PROJECT_ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The rows of bench_methods' table, by variant label (first column)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("variant")) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line or line.startswith(" "):
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
+def test_bench_methods_smoke_prints_a_row_per_variant():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_methods import VARIANTS
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = run_script("bench_methods.py", "--smoke", "--threads", "1")
+    rows = table_rows(out)
+    assert list(rows) == [label for label, _ in VARIANTS]
+    kept, total = map(int, rows["baseline"][1].split("/"))
+    assert kept == total > 0
+    for label, cells in rows.items():
+        if label != "baseline":
+            kept, total = map(int, cells[1].split("/"))
+            assert 0 < kept < total, label
+            assert cells[-3] in ("pass", "FAIL"), label  # the 3% goal column
+    # the matched budget 0.25 of the 240 smoke tokens, where a method reaches it exactly
+    for label in ("prunevid@B", "fastv", "tome", "tome+prop", "evs"):
+        assert rows[label][1] == "60/240", label
+
+
+def test_bench_methods_runs_a_subset_at_two_token_counts():
+    out = run_script("bench_methods.py", "--smoke", "--threads", "1", "--tokens", "128", "256", "--variants", "evs")
+    assert out.count("\nvariant ") == 2
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("baseline", "evs"))] == ["baseline", "evs"] * 2
+
+
+def test_bench_stage2_smoke():
+    out = run_script("bench_stage2.py", *TINY_LLM, "--tokens", "256", "--repeats", "1", "--warmup", "0",
+                     "--new-tokens", "1", "--score-tokens", "256", "--scoring-speed-tokens", "512")
+    variants = [line[:13].strip() for line in out.splitlines() if line.startswith(("baseline ", "stage 2+3 ", "stages 1+2+3 "))]
+    assert variants[:3] == ["baseline", "stage 2+3", "stages 1+2+3"]
+    assert "scoring memory" in out and "scoring speed" in out
+
+
+def test_bench_stage1_smoke():
+    out = run_script("bench_stage1.py", "--device", "cpu", "--T", "4", "--N", "32", "--C", "64", "--repeats", "1",
+                     "--warmup", "0")
+    assert "median" in out.lower()
+
+
+@pytest.mark.slow
+def test_bench_feature_cache_smoke():
+    out = run_script("bench_feature_cache.py", "--questions", "2", "--frames", "4", "--size", "56", "--layers", "1",
+                     "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vision-depth", "1",
+                     "--vision-hidden", "64", "--new-tokens", "1", "--rounds", "1", "--threads", "1")
+    assert "faster" in out
+
+
+@pytest.mark.slow
+def test_video_policies_smoke():
+    out = run_script("video_policies.py", "--frames", "32")  # lmms-eval asks for 32 by default
+    assert out.count("| qwen |") == 1 and "| processor |" in out
+
+
+def test_bench_video_memory_smoke():
+    out = run_script("bench_video_memory.py", "--frames", "40", "--width", "160", "--height", "120")
+    assert "pyav / decord peak RSS" in out
+
+
+@pytest.mark.slow
+def test_bench_streaming_smoke(tmp_path):
+    out = run_script("bench_streaming.py", "--chunks", "2", "--repeats", "1", "--plot-chunks", "4", "--budget", "288",
+                     "--plot", str(tmp_path / "kv.png"))
+    assert (tmp_path / "kv.png").is_file() and "KV bytes, no budget" in out
