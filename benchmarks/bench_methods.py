@@ -27,7 +27,6 @@ import os
 import statistics
 from dataclasses import dataclass
 
-import torch
 from bench_stage2 import PeakMemory, add_model_arguments, build_inputs, build_model, grid_for, mib, print_machine, setup, spread
 
 from prunevid_bench import flops as fl
@@ -153,8 +152,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None, choices=[label for label, _ in VARIANTS],
                         help="a subset of the variants (the baseline always runs)")
     parser.add_argument("--new-tokens", type=int, default=2, help="tokens generated per run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded runs per variant")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported); a round runs each variant once")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before them")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one run per variant: checks the script works, measures nothing")
     args = parser.parse_args()
