@@ -11,8 +11,14 @@ methods of a run in ``ACTS`` order, and within one place in registration order:
   ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual positions). The patch
   drops the others from the hidden states, the later layers' inputs and the KV cache of layers
   0..K. One such method per run.
-- ``vision_encoder``: inside the vision tower (its output before the merger is reachable through
-  the family); declared for methods to come, none is registered yet.
+- ``vision_encoder``: inside the vision tower, on each video's patch features before the patch
+  merger: ``reduce(tokens: VideoTokens, cfg) -> VisualReduction`` as for ``visual_tokens``, but
+  each token's ``embeds`` row is the merger's input for that LLM token (its merge x merge patch
+  features side by side, [V, merge^2 * C_vision]) and the reduction returns rows in that space;
+  the patch projects only those through the merger, then drops the other tokens before the LLM.
+
+A method whose place depends on its config (PruneVid Stage 1's ``space``) says so with
+``placement``: ``cfg -> one of ACTS``; ``Method.where(cfg)`` is the place of one run.
 
 Built-in methods live in this package, one file each; others register with
 :func:`register_method` or through the entry point group ``prunevid_bench.methods`` (the entry
@@ -82,9 +88,17 @@ class Method:
     ranges: dict[str, Range] = field(default_factory=dict)
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # string keys and their allowed values
     record_fields: tuple[str, ...] = ()  # what it adds to the run record
-    reduce: Callable | None = None  # visual_tokens
+    reduce: Callable | None = None  # vision_encoder, visual_tokens
     select: Callable | None = None  # llm_layer
     pruning_layer: Callable[[Any], Any] | None = None  # llm_layer: cfg -> the layer as configured ("K/N" or index)
+    placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
+
+    def where(self, cfg: Any) -> str:
+        """Where the method acts in a run with ``cfg`` (one of ACTS)."""
+        place = self.placement(cfg) if self.placement is not None else self.acts
+        if place not in ACTS:
+            raise ValueError(f"method {self.name}: placement must give one of {ACTS}, got {place!r}")
+        return place
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -93,7 +107,7 @@ class Method:
             raise ValueError(f"method {self.name}: acts must be one of {ACTS}, got {self.acts!r}")
         if not dataclasses.is_dataclass(self.config) or "enabled" not in {f.name for f in dataclasses.fields(self.config)}:
             raise ValueError(f"method {self.name}: config must be a dataclass with an 'enabled' field")
-        needed = {"visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
+        needed = {"vision_encoder": "reduce", "visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
         if needed and getattr(self, needed) is None:
             raise ValueError(f"method {self.name} acts on {self.acts} and needs a {needed} function")
 
