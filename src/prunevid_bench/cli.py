@@ -442,7 +442,8 @@ def methods(ctx: typer.Context) -> None:
 
     for m in all_methods():
         keys = ", ".join(k for k, *_ in m.keys())
-        console.print(f"{m.name} [{m.acts}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{m.name} [{'|'.join(m.places())}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
+
 
 
 @methods_app.command("show")
@@ -452,7 +453,7 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name (see `pru
     from prunevid_bench.methods import get_method
 
     m = get_method(name)
-    console.print(f"{m.name} ({m.acts}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{m.name} ({'|'.join(m.places())}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"section: {m.section} (e.g. --set {m.section}.enabled=true)", highlight=False, markup=False)
     for key, kind, default, allowed in m.keys():
         extra = f"  {allowed}" if allowed else ""

@@ -100,6 +100,15 @@ class Method:
             raise ValueError(f"method {self.name}: placement must give one of {ACTS}, got {place!r}")
         return place
 
+    def places(self) -> list[str]:
+        """Every place the method can act (the places its config's choices lead to), in ACTS order."""
+        if self.placement is None:
+            return [self.acts]
+        default = self.config()
+        found = {self.where(default)} | {self.where(dataclasses.replace(default, **{key: value}))
+                                         for key, values in self.choices.items() for value in values}
+        return [place for place in ACTS if place in found]
+
     def __post_init__(self) -> None:
         if not self.section:
             object.__setattr__(self, "section", self.name)
