@@ -217,3 +217,14 @@ def test_cli_runs_vision_space_and_names_a_bad_space(clip8, tmp_path):
     assert bad.exit_code == 2
     assert "stage1.space must be one of llm, vision, got 'visoin' (did you mean 'vision'?)" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_compare_names_the_space_only_when_it_is_not_the_official_one():
+    from prunevid_bench.config import RunConfig
+    from prunevid_bench.harness.compare import stages_text
+
+    cfg = RunConfig().to_dict()
+    cfg["stage1"].update(enabled=True)
+    assert "space" not in stages_text(cfg)
+    cfg["stage1"].update(space="vision")
+    assert stages_text(cfg) == "S1 tau=0.8 c=0.5 seg=0.25 space=vision"
