@@ -228,3 +228,28 @@ def test_compare_names_the_space_only_when_it_is_not_the_official_one():
     assert "space" not in stages_text(cfg)
     cfg["stage1"].update(space="vision")
     assert stages_text(cfg) == "S1 tau=0.8 c=0.5 seg=0.25 space=vision"
+
+
+def test_a_matched_budget_sweep_draws_prunevid_in_both_spaces(tmp_path):
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import EXIT_INCOMPLETE, app
+    from prunevid_bench.toy.world import generate_dataset
+
+    data = generate_dataset(tmp_path / "toy", 2, seed=3)
+    args = ["sweep", "--methods", "prunevid,prunevid-vision", "--budgets", "0.25", "--dataset", str(data), "--limit", "1",
+            "--model", "tiny", "--max-new-tokens", "2", "--num-frames", "8", "--results-dir", str(tmp_path / "out")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code in (0, EXIT_INCOMPLETE), res.output
+    (sweep_dir,) = (tmp_path / "out").iterdir()
+    rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert list(rows) == ["baseline", "prunevid,budget=0.25", "prunevid-vision,budget=0.25"]
+    assert rows["prunevid-vision,budget=0.25"]["method"] == "prunevid-vision"
+    cells = {c["name"]: c["overrides"] for c in json.loads((sweep_dir / "sweep.json").read_text())["cells"]}
+    vision = cells["prunevid-vision,budget=0.25"]
+    assert vision["stage1.space"] == "vision" and vision["stage1.enabled"] and vision["stage2.budget"] == 0.25
+    assert "stage1.space" not in cells["prunevid,budget=0.25"]
+    assert float(rows["prunevid-vision,budget=0.25"]["kept_tokens"]) <= 16  # round(0.25 * 64)
