@@ -14,7 +14,9 @@ Where the hooks sit (transformers 5.x Qwen2-VL / Qwen2.5-VL):
 - language model pre-hook: runs after the placeholder ``masked_scatter`` and after the M-RoPE
   ids of the UNPRUNED prompt are computed. The ``visual_tokens`` methods (PruneVid Stage 1)
   reduce each video here; the position ids are index-selected by the kept tokens (never
-  renumbered). It also records which positions are visual and their groups.
+  renumbered, unless a reduction sets ``positions_after``: then the M-RoPE ids after that video
+  move, and every decode step's by what makes decoding continue from the largest prompt id + 1).
+  It also records which positions are visual and their groups.
 - layer K: forward hooks on ``q_proj``/``k_proj`` keep the pre-rotary query rows and keys; the
   layer's forward hook asks the ``llm_layer`` method (PruneVid Stage 2) which visual tokens to
   keep, drops the others from its output and from the KV cache of layers 0..K (Stage 3).
@@ -63,6 +65,8 @@ class SampleState:
     kv_bytes_layers_0_to_k: int = 0  # before compaction, read off the tensors
     scored_rows: int = 0  # query rows the LLM-layer method scored (analytic FLOPs)
     key_log_size: torch.Tensor | None = None  # [L1] log(size) of each prompt key (proportional attention), else None
+    prompt_max_id: int | None = None  # largest M-RoPE id of the prompt, when a reduction renumbered it (positions_after)
+    decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
     captured: dict = field(default_factory=dict)
 
 
@@ -158,6 +162,11 @@ class ReductionHandle:
             if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
                 grids = self._encoded_video_grid_thw  # generate(): the tower already ran
             self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
+        elif self.state.decode_position_shift and kwargs.get("position_ids") is not None:
+            # A caller's explicit decode positions continue the unpruned numbering (the engine
+            # and generate alike); loops that leave them to the model get it from rope_deltas.
+            kwargs["position_ids"] = splice.shift_positions(kwargs["position_ids"], 0, self.state.decode_position_shift)
+            return args, kwargs
         return None
 
     def _on_llm_output(self, module, args, output):
@@ -170,18 +179,21 @@ class ReductionHandle:
             final_len = st.keep_index.numel() if st.keep_index is not None else st.source_index.numel()
             base = self.family.base(self.model)
             deltas = getattr(base, "rope_deltas", None)
-            if deltas is not None:
+            if deltas is not None and st.prompt_max_id is not None:  # renumbered: continue after its largest id
+                base.rope_deltas = torch.full_like(deltas, st.prompt_max_id + 1 - final_len)
+            elif deltas is not None:
                 base.rope_deltas = deltas + (st.input_ids.shape[0] - final_len)
         st.prefill = False  # whatever follows is decoding
         st.captured.clear()
         return None
 
     # ------------------------------------------------------------------ visual-token methods
-    def _reduce_video(self, tokens: VideoTokens) -> tuple[VideoTokens, int, torch.Tensor | None]:
+    def _reduce_video(self, tokens: VideoTokens) -> tuple[VideoTokens, int, torch.Tensor | None, int | None]:
         """Run the visual-token methods on one video in order; returns the tokens, the number
-        of groups they are in and their sizes when a method asked for proportional attention."""
+        of groups they are in, their sizes when a method asked for proportional attention and
+        the renumbering of what follows the video (``VisualReduction.positions_after``)."""
         st = self.state
-        n_groups, size = tokens.t, None
+        n_groups, size, after = tokens.t, None, None
         for method, cfg in self.visual_methods:
             start = self.clock.mark()
             red = method.reduce(tokens, cfg)
@@ -197,10 +209,11 @@ class ReductionHandle:
                 size = red.size.float()
             elif size is not None:
                 size = size[keep]
-            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n)
+            after = red.positions_after if red.positions_after is not None else after
+            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n, tokens.w)
             n_groups = int(red.group.max()) + 1 if red.group.numel() else 0
             st.method_marks.setdefault(method.name, []).append((start, self.clock.mark()))
-        return tokens, n_groups, size
+        return tokens, n_groups, size, after
 
     def _on_llm_input(self, module, args, kwargs):
         st = self.state
@@ -212,7 +225,7 @@ class ReductionHandle:
         st.tokens_before_stage1 = int(is_video.sum())
         grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
         spans = splice.split_spans(splice.runs(is_video), grids, self.merge)
-        pieces, visual_flags, groups, reduced, sizes = [], [], [], [], []
+        pieces, visual_flags, groups, reduced, sizes, shifts = [], [], [], [], [], []
         cursor, group_offset = 0, 0
         for (start, end), (t, h, w) in zip(spans, grids):
             n_per_frame = (h // self.merge) * (w // self.merge)
@@ -220,9 +233,10 @@ class ReductionHandle:
             visual_flags.append(torch.zeros(start - cursor, dtype=torch.bool, device=ids.device))
             full = torch.arange(end - start, device=ids.device)
             # Before any method, each temporal grid step of each video is one group.
-            tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame)
+            tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame, w // self.merge)
+            after = None
             if self.visual_methods:
-                tokens, n_groups, size = self._reduce_video(tokens)
+                tokens, n_groups, size, after = self._reduce_video(tokens)
                 reduced.append((sum(p.numel() for p in pieces), tokens.embeds))
                 if size is not None:
                     sizes.append((reduced[-1][0], size))
@@ -232,17 +246,22 @@ class ReductionHandle:
             groups.append(tokens.group + group_offset)
             group_offset += n_groups
             visual_flags.append(torch.ones(len(pieces[-1]), dtype=torch.bool, device=ids.device))
+            if after is not None:  # where the video ends now, its first id, what it adds for the next token
+                shifts.append((sum(p.numel() for p in pieces), start, end, after))
             cursor = end
         pieces.append(torch.arange(cursor, ids.shape[0], device=ids.device))
         visual_flags.append(torch.zeros(ids.shape[0] - cursor, dtype=torch.bool, device=ids.device))
         source = torch.cat(pieces)
         visual = torch.cat(visual_flags)
 
+        unpruned = kwargs.get("position_ids")
         if reduced:
             new_embeds = embeds[:, source].clone()
             for offset, merged in reduced:
                 new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
             splice.select_llm_inputs(kwargs, source, new_embeds)
+        if shifts:
+            self._renumber_after_videos(kwargs, shifts, unpruned)
         st.source_index = source
         if sizes:
             if self.layer_method is not None:
@@ -263,6 +282,21 @@ class ReductionHandle:
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
         return args, kwargs
+
+    def _renumber_after_videos(self, kwargs, shifts, unpruned) -> None:
+        """Apply the reductions' ``positions_after``: shifts [(index after the video in the LLM
+        input, the video's start and end in the prompt, n)]; unpruned (4 or 3, 1, L) ids. Each
+        move is read off the unpruned ids, so later moves add to earlier ones unchanged."""
+        st, ids = self.state, unpruned[-3:, 0]
+        pos = kwargs["position_ids"]
+        for new_end, start, end, after in shifts:
+            if end < ids.shape[1]:
+                pos = splice.shift_positions(pos, new_end, int(ids[0, start]) + after - int(ids[0, end]))
+        kwargs["position_ids"] = pos
+        # Decoding continues from the largest id + 1 (vLLM's mrope_position_delta); callers pass
+        # positions continuing the unpruned last id + 1 (the engine, generate), so they move by this.
+        st.prompt_max_id = int(pos[-3:].max())
+        st.decode_position_shift = st.prompt_max_id - int(ids[:, -1].max())
 
     def _add_key_bias(self, layer_idx: int, module, args, kwargs):
         """Proportional attention (ToMe): the layer's additive mask becomes causal + log(size) of
