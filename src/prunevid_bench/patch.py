@@ -162,10 +162,12 @@ class ReductionHandle:
             if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
                 grids = self._encoded_video_grid_thw  # generate(): the tower already ran
             self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
-        elif self.state.decode_position_shift and kwargs.get("position_ids") is not None:
+            return None
+        shift, pos = self.state.decode_position_shift, kwargs.get("position_ids")
+        if shift and pos is not None and cache is not None and cache.get_seq_length() > 0:
             # A caller's explicit decode positions continue the unpruned numbering (the engine
             # and generate alike); loops that leave them to the model get it from rope_deltas.
-            kwargs["position_ids"] = splice.shift_positions(kwargs["position_ids"], 0, self.state.decode_position_shift)
+            kwargs["position_ids"] = splice.shift_positions(pos, 0, shift)
             return args, kwargs
         return None
 
