@@ -14,7 +14,9 @@ Where the hooks sit (transformers 5.x Qwen2-VL / Qwen2.5-VL):
 - language model pre-hook: runs after the placeholder ``masked_scatter`` and after the M-RoPE
   ids of the UNPRUNED prompt are computed. The ``visual_tokens`` methods (PruneVid Stage 1)
   reduce each video here; the position ids are index-selected by the kept tokens (never
-  renumbered). It also records which positions are visual and their groups.
+  renumbered, unless a reduction sets ``positions_after``: then the M-RoPE ids after that video
+  move, and every decode step's by what makes decoding continue from the largest prompt id + 1).
+  It also records which positions are visual and their groups.
 - layer K: forward hooks on ``q_proj``/``k_proj`` keep the pre-rotary query rows and keys; the
   layer's forward hook asks the ``llm_layer`` method (PruneVid Stage 2) which visual tokens to
   keep, drops the others from its output and from the KV cache of layers 0..K (Stage 3).
@@ -64,6 +66,8 @@ class SampleState:
     scored_rows: int = 0  # query rows the LLM-layer method scored (analytic FLOPs)
     merger_rows_skipped: int = 0  # video tokens the merger did not project (a vision-encoder method merged them)
     key_log_size: torch.Tensor | None = None  # [L1] log(size) of each prompt key (proportional attention), else None
+    prompt_max_id: int | None = None  # largest M-RoPE id of the prompt, when a reduction renumbered it (positions_after)
+    decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
     captured: dict = field(default_factory=dict)
 
 
@@ -202,10 +206,11 @@ class ReductionHandle:
         for t, h, w in grids.tolist():
             n = (h // self.merge) * (w // self.merge)
             full = torch.arange(t * n, device=x.device)
-            tokens, n_groups, size = self._reduce_video(
-                VideoTokens(raster[offset : offset + t * n], full, full // n, t, n), self.encoder_methods, record)
-            if size is not None:
-                raise PruneVidError("proportional attention is not available for a method inside the vision encoder")
+            tokens, n_groups, size, after = self._reduce_video(
+                VideoTokens(raster[offset : offset + t * n], full, full // n, t, n, w // self.merge), self.encoder_methods, record)
+            if size is not None or after is not None:
+                raise PruneVidError("a method inside the vision encoder can set neither sizes (proportional attention) "
+                                    "nor positions_after")
             videos.append((offset, tokens, n_groups))
             offset += t * n
         projected = project(torch.cat([v.embeds for _, v, _ in videos]).reshape(-1, x.shape[-1]).to(x.dtype))
@@ -225,6 +230,13 @@ class ReductionHandle:
             if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
                 grids = self._encoded_video_grid_thw  # generate(): the tower already ran
             self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
+            return None
+        shift, pos = self.state.decode_position_shift, kwargs.get("position_ids")
+        if shift and pos is not None and cache is not None and cache.get_seq_length() > 0:
+            # A caller's explicit decode positions continue the unpruned numbering (the engine
+            # and generate alike); loops that leave them to the model get it from rope_deltas.
+            kwargs["position_ids"] = splice.shift_positions(pos, 0, shift)
+            return args, kwargs
         return None
 
     def _on_llm_output(self, module, args, output):
@@ -237,17 +249,20 @@ class ReductionHandle:
             final_len = st.keep_index.numel() if st.keep_index is not None else st.source_index.numel()
             base = self.family.base(self.model)
             deltas = getattr(base, "rope_deltas", None)
-            if deltas is not None:
+            if deltas is not None and st.prompt_max_id is not None:  # renumbered: continue after its largest id
+                base.rope_deltas = torch.full_like(deltas, st.prompt_max_id + 1 - final_len)
+            elif deltas is not None:
                 base.rope_deltas = deltas + (st.input_ids.shape[0] - final_len)
         st.prefill = False  # whatever follows is decoding
         st.captured.clear()
         return None
 
     # ------------------------------------------------------------------ visual-token methods
-    def _reduce_video(self, tokens: VideoTokens, methods, st: SampleState) -> tuple[VideoTokens, int, torch.Tensor | None]:
+    def _reduce_video(self, tokens: VideoTokens, methods, st: SampleState) -> tuple[VideoTokens, int, torch.Tensor | None, int | None]:
         """Run ``methods`` on one video in order, recording into ``st``; returns the tokens, the
-        number of groups they are in and their sizes when a method asked for proportional attention."""
-        n_groups, size = int(tokens.group.max()) + 1 if tokens.group.numel() else 0, None
+        number of groups they are in, their sizes when a method asked for proportional attention
+        and the renumbering of what follows the video (``VisualReduction.positions_after``)."""
+        n_groups, size, after = int(tokens.group.max()) + 1 if tokens.group.numel() else 0, None, None
         for method, cfg in methods:
             start = self.clock.mark()
             red = method.reduce(tokens, cfg)
@@ -263,10 +278,11 @@ class ReductionHandle:
                 size = red.size.float()
             elif size is not None:
                 size = size[keep]
-            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n)
+            after = red.positions_after if red.positions_after is not None else after
+            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n, tokens.w)
             n_groups = int(red.group.max()) + 1 if red.group.numel() else 0
             st.method_marks.setdefault(method.name, []).append((start, self.clock.mark()))
-        return tokens, n_groups, size
+        return tokens, n_groups, size, after
 
     def _take_before_merger(self, n_videos: int) -> _BeforeMerger | None:
         """The encoder methods' work for this prefill's videos, moved into the sample's state."""
@@ -295,7 +311,7 @@ class ReductionHandle:
         grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
         spans = splice.split_spans(splice.runs(is_video), grids, self.merge)
         encoded = self._take_before_merger(len(grids))
-        pieces, visual_flags, groups, reduced, sizes = [], [], [], [], []
+        pieces, visual_flags, groups, reduced, sizes, shifts = [], [], [], [], [], []
         cursor, group_offset = 0, 0
         for i, ((start, end), (t, h, w)) in enumerate(zip(spans, grids)):
             n_per_frame = (h // self.merge) * (w // self.merge)
@@ -303,12 +319,13 @@ class ReductionHandle:
             visual_flags.append(torch.zeros(start - cursor, dtype=torch.bool, device=ids.device))
             full = torch.arange(end - start, device=ids.device)
             # Before any method, each temporal grid step of each video is one group.
-            tokens, n_groups = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame), t
+            tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame, w // self.merge)
+            n_groups, after = t, None
             if encoded is not None:  # the encoder methods chose these tokens; the merger projected only them
                 index, group, n_groups = encoded.videos[i]
-                tokens = VideoTokens(tokens.embeds[index], index, group, t, n_per_frame)
+                tokens = VideoTokens(tokens.embeds[index], index, group, t, n_per_frame, tokens.w)
             if self.visual_methods:
-                tokens, n_groups, size = self._reduce_video(tokens, self.visual_methods, st)
+                tokens, n_groups, size, after = self._reduce_video(tokens, self.visual_methods, st)
                 if size is not None:
                     sizes.append((sum(p.numel() for p in pieces), size))
             if encoded is not None or self.visual_methods:
@@ -317,17 +334,22 @@ class ReductionHandle:
             groups.append(tokens.group + group_offset)
             group_offset += n_groups
             visual_flags.append(torch.ones(len(pieces[-1]), dtype=torch.bool, device=ids.device))
+            if after is not None:  # where the video ends now, its first id, what it adds for the next token
+                shifts.append((sum(p.numel() for p in pieces), start, end, after))
             cursor = end
         pieces.append(torch.arange(cursor, ids.shape[0], device=ids.device))
         visual_flags.append(torch.zeros(ids.shape[0] - cursor, dtype=torch.bool, device=ids.device))
         source = torch.cat(pieces)
         visual = torch.cat(visual_flags)
 
+        unpruned = kwargs.get("position_ids")
         if reduced:
             new_embeds = embeds[:, source].clone()
             for offset, merged in reduced:
                 new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
             splice.select_llm_inputs(kwargs, source, new_embeds)
+        if shifts:
+            self._renumber_after_videos(kwargs, shifts, unpruned)
         st.source_index = source
         if sizes:
             if self.layer_method is not None:
@@ -348,6 +370,21 @@ class ReductionHandle:
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
         return args, kwargs
+
+    def _renumber_after_videos(self, kwargs, shifts, unpruned) -> None:
+        """Apply the reductions' ``positions_after``: shifts [(index after the video in the LLM
+        input, the video's start and end in the prompt, n)]; unpruned (4 or 3, 1, L) ids. Each
+        move is read off the unpruned ids, so later moves add to earlier ones unchanged."""
+        st, ids = self.state, unpruned[-3:, 0]
+        pos = kwargs["position_ids"]
+        for new_end, start, end, after in shifts:
+            if end < ids.shape[1]:
+                pos = splice.shift_positions(pos, new_end, int(ids[0, start]) + after - int(ids[0, end]))
+        kwargs["position_ids"] = pos
+        # Decoding continues from the largest id + 1 (vLLM's mrope_position_delta); callers pass
+        # positions continuing the unpruned last id + 1 (the engine, generate), so they move by this.
+        st.prompt_max_id = int(pos[-3:].max())
+        st.decode_position_shift = st.prompt_max_id - int(ids[:, -1].max())
 
     def _add_key_bias(self, layer_idx: int, module, args, kwargs):
         """Proportional attention (ToMe): the layer's additive mask becomes causal + log(size) of

@@ -212,13 +212,14 @@ class VideoTokens:
     ``embeds`` [V, C]; ``index`` [V]: each token's place in the video's full grid (t * n tokens,
     frame-major); ``group`` [V]: the group an LLM-layer method keeps a share of (a temporal grid
     step until a method says otherwise); ``t``, ``n``: temporal grid steps and tokens per step
-    of the full grid."""
+    of the full grid; ``w``: the full grid's width in tokens (n = H' * w)."""
 
     embeds: Any
     index: Any
     group: Any
     t: int
     n: int
+    w: int = 0
 
     @property
     def is_full_grid(self) -> bool:
@@ -231,13 +232,23 @@ class VisualReduction:
     M-RoPE ids are kept: the representatives' ids), ``embeds`` [M, C] the new embeddings, ``group``
     [M] groups numbered from 0, ``stats`` record fields (summed over videos). ``size`` [M] (only
     a method asking for proportional attention sets it): how many input tokens each stands for;
-    the patch then adds log(size) to every query's attention logit for that key, in every layer."""
+    the patch then adds log(size) to every query's attention logit for that key, in every layer.
+
+    ``positions_after`` (None, the default: every id stays as it was): a method that renumbers
+    what follows the video sets it to n. The first token after the video then gets the video's
+    first M-RoPE id + n, and every later token (text, later videos) moves by as much, on the
+    M-RoPE rows (the text row stays the contiguous index); with several videos the moves add
+    up, first video first. Decoding then continues from the prompt's largest M-RoPE id + 1, the
+    rule of vLLM's ``mrope_position_delta`` and of transformers' ``rope_deltas`` (``generate``'s
+    explicit positions continue from the last id + 1 instead: the same unless the video's ids
+    exceed the text after it), for our engine, ``generate`` and loops that derive positions."""
 
     keep: Any
     embeds: Any
     group: Any
     stats: dict[str, int] = field(default_factory=dict)
     size: Any = None
+    positions_after: int | None = None
 
 
 @dataclass
