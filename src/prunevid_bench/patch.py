@@ -83,6 +83,19 @@ class _BeforeMerger:
     rows_skipped: int
 
 
+class _InstanceOverride:
+    """Binds ``fn`` as ``obj.name`` on that instance (the class's stays); ``remove()`` unbinds
+    it, unless something else has been bound there since."""
+
+    def __init__(self, obj, name: str, fn):
+        self.obj, self.name, self.fn = obj, name, fn
+        setattr(obj, name, fn)
+
+    def remove(self) -> None:
+        if self.obj.__dict__.get(self.name) is self.fn:
+            delattr(self.obj, self.name)
+
+
 class ReductionHandle:
     def __init__(self, model, config: RunConfig):
         self.model = model
@@ -162,14 +175,7 @@ class ReductionHandle:
             finally:
                 self._encoding_videos = False
 
-        base.get_video_features = get_video_features
-
-        class _Restore:
-            def remove(_):
-                if base.__dict__.get("get_video_features") is get_video_features:
-                    del base.get_video_features
-
-        return _Restore()
+        return _InstanceOverride(base, "get_video_features", get_video_features)
 
     def _wrap_merger(self, merger):
         """Wrap the merger's ``forward`` on this instance: while videos are encoded, the
@@ -183,14 +189,7 @@ class ReductionHandle:
                 return original(x, *args, **kwargs)  # an image, or a call outside get_video_features
             return self._reduce_before_merger(lambda rows: original(rows, *args, **kwargs), x, self._encoded_video_grid_thw)
 
-        merger.forward = forward
-
-        class _Restore:
-            def remove(_):
-                if merger.__dict__.get("forward") is forward:
-                    del merger.forward
-
-        return _Restore()
+        return _InstanceOverride(merger, "forward", forward)
 
     def _reduce_before_merger(self, project, x: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """The merger's input ``x`` [U * merge^2, C] of one tower call over the videos ``grids``
