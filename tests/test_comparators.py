@@ -218,7 +218,7 @@ def test_evs_position_modes():
     w_ids = torch.arange(W).repeat(T * H)
     base = 3
     video = torch.stack([t_ids, h_ids, w_ids]) + base
-    after_start = base + int(video.max()) - base + 1  # HF: max id of the video + 1
+    after_start = base + int(video.max()) - base + 1  # max id of the video + 1 (transformers < 5.24, vLLM without EVS)
     text_after = torch.arange(4) + after_start
     ids = torch.cat([torch.arange(3).expand(3, -1), video, text_after.expand(3, -1)], dim=1)
     video_index = torch.arange(3, 3 + T * H * W)

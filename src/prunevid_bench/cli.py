@@ -242,7 +242,7 @@ def sweep(
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     status: Annotated[bool, typer.Option("--status", help="Show each cell's state (new, running, k/n done, done, failed) and job; run nothing.", rich_help_panel="Sweep")] = False,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets).", rich_help_panel="Sweep")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets); prunevid-vision is PruneVid with stage1.space=vision.", rich_help_panel="Sweep")] = None,
     budgets: Annotated[Optional[str], typer.Option("--budgets", help="Kept fractions of the visual tokens for --methods, e.g. 0.1,0.25,0.5.", rich_help_panel="Sweep")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Every cell keeps this fraction (0, 1] of the visual tokens (as run --budget).", rich_help_panel="Sweep")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
@@ -442,7 +442,8 @@ def methods(ctx: typer.Context) -> None:
 
     for m in all_methods():
         keys = ", ".join(k for k, *_ in m.keys())
-        console.print(f"{m.name} [{m.acts}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{m.name} [{'|'.join(m.places())}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
+
 
 
 @methods_app.command("show")
@@ -452,7 +453,7 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name (see `pru
     from prunevid_bench.methods import get_method
 
     m = get_method(name)
-    console.print(f"{m.name} ({m.acts}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{m.name} ({'|'.join(m.places())}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"section: {m.section} (e.g. --set {m.section}.enabled=true)", highlight=False, markup=False)
     for key, kind, default, allowed in m.keys():
         extra = f"  {allowed}" if allowed else ""

@@ -61,6 +61,7 @@ class Stage1Config:
     temporal_segment_ratio: float = 0.25  # segments = max(1, int(T * ratio))
     dpc_neighbours: int = 7  # DPC-KNN neighbours, self included (7 in the official code); formerly `k`
     min_cluster_tokens: int = 14  # sets this small are not clustered (14 in the official code)
+    space: str = "llm"  # llm: on the LLM's visual tokens (official); vision: on the vision tower's patch features before its merger
 
 
 SCORE_MODES = ("prunevid", "attention", "last_token", "random")

@@ -197,9 +197,14 @@ def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> 
             total += 2 * patches * dim * 3 * dim + 2 * patches * dim * dim  # qkv, proj
             total += 2 * 2 * shape.num_heads * head_dim * pairs  # q k^T, attn v (no mask)
             total += shape.mlp_matmuls * 2 * patches * dim * shape.intermediate_size  # MLP
-        merged, wide = patches // unit, dim * unit
-        total += 2 * merged * wide * wide + 2 * merged * wide * shape.out_hidden_size  # merger MLP
+        total += merger_flops(shape, patches // unit)
     return Flops(vision=total)
+
+
+def merger_flops(shape: VisionShape, rows: int) -> int:
+    """The patch merger's MLP on ``rows`` LLM tokens (each merge x merge patch features wide)."""
+    wide = shape.hidden_size * shape.spatial_merge_size**2
+    return 2 * rows * wide * wide + 2 * rows * wide * shape.out_hidden_size
 
 
 def ideal_speedup(baseline: Flops, pruned: Flops) -> float:
@@ -208,15 +213,18 @@ def ideal_speedup(baseline: Flops, pruned: Flops) -> float:
 
 
 def run_flops(model_config, vision: VisionShape, grids, prompt_tokens: int, llm_prefill_tokens: int,
-              pruning_layer: int | None, tokens_dropped: int, scored_rows: int) -> tuple[Flops, Flops]:
+              pruning_layer: int | None, tokens_dropped: int, scored_rows: int,
+              merger_rows_skipped: int = 0) -> tuple[Flops, Flops]:
     """(this run's prefill FLOPs, the unreduced baseline's on the same input): the vision encoder
-    over ``grids``, the LLM with ``llm_prefill_tokens`` (after the visual-token methods) up to
-    layer K and ``tokens_dropped`` fewer after it, and the score of ``scored_rows`` query rows."""
+    over ``grids`` (its merger ``merger_rows_skipped`` tokens fewer, when a method merged them
+    before it), the LLM with ``llm_prefill_tokens`` (after the visual-token methods) up to layer K
+    and ``tokens_dropped`` fewer after it, and the score of ``scored_rows`` query rows."""
     text = TextShape.from_config(model_config)
     encoder = vision_encoder_flops(vision, grids)
     after = llm_prefill_tokens - tokens_dropped
     layers = tokens_per_layer(text.num_layers, llm_prefill_tokens, pruning_layer, after if pruning_layer is not None else None)
     scoring = prunevid_scoring_flops(text, scored_rows, llm_prefill_tokens) if scored_rows else 0
-    run = llm_prefill_flops(text, layers, scoring=scoring) + encoder
+    encoder_run = Flops(vision=encoder.vision - merger_flops(vision, merger_rows_skipped))
+    run = llm_prefill_flops(text, layers, scoring=scoring) + encoder_run
     base = llm_prefill_flops(text, [prompt_tokens] * text.num_layers) + encoder
     return run, base

@@ -14,7 +14,9 @@ Where the hooks sit (transformers 5.x Qwen2-VL / Qwen2.5-VL):
 - language model pre-hook: runs after the placeholder ``masked_scatter`` and after the M-RoPE
   ids of the UNPRUNED prompt are computed. The ``visual_tokens`` methods (PruneVid Stage 1)
   reduce each video here; the position ids are index-selected by the kept tokens (never
-  renumbered). It also records which positions are visual and their groups.
+  renumbered, unless a reduction sets ``positions_after``: then the M-RoPE ids after that video
+  move, and every decode step's by what makes decoding continue from the largest prompt id + 1).
+  It also records which positions are visual and their groups.
 - layer K: forward hooks on ``q_proj``/``k_proj`` keep the pre-rotary query rows and keys; the
   layer's forward hook asks the ``llm_layer`` method (PruneVid Stage 2) which visual tokens to
   keep, drops the others from its output and from the KV cache of layers 0..K (Stage 3).
@@ -62,8 +64,36 @@ class SampleState:
     tokens_after: int = 0  # ... and leaving it
     kv_bytes_layers_0_to_k: int = 0  # before compaction, read off the tensors
     scored_rows: int = 0  # query rows the LLM-layer method scored (analytic FLOPs)
+    merger_rows_skipped: int = 0  # video tokens the merger did not project (a vision-encoder method merged them)
     key_log_size: torch.Tensor | None = None  # [L1] log(size) of each prompt key (proportional attention), else None
+    prompt_max_id: int | None = None  # largest M-RoPE id of the prompt, when a reduction renumbered it (positions_after)
+    decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
     captured: dict = field(default_factory=dict)
+
+
+@dataclass
+class _BeforeMerger:
+    """What the ``vision_encoder`` methods did in one tower call: per video (kept token indices
+    into its full grid, their groups, the number of groups), their record, and the merger rows
+    not computed. Made when the tower runs (inside the prefill, or before it under ``generate``)
+    and taken over by the next prefill."""
+
+    videos: list
+    record: SampleState
+    rows_skipped: int
+
+
+class _InstanceOverride:
+    """Binds ``fn`` as ``obj.name`` on that instance (the class's stays); ``remove()`` unbinds
+    it, unless something else has been bound there since."""
+
+    def __init__(self, obj, name: str, fn):
+        self.obj, self.name, self.fn = obj, name, fn
+        setattr(obj, name, fn)
+
+    def remove(self) -> None:
+        if self.obj.__dict__.get(self.name) is self.fn:
+            delattr(self.obj, self.name)
 
 
 class ReductionHandle:
@@ -79,11 +109,11 @@ class ReductionHandle:
         self.vision_end_token_id = self.family.vision_end_token_id(model)
         self.merge = self.family.geometry(model.config).merge
         enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
-        inside_encoder = [m.name for m, _ in enabled if m.acts == "vision_encoder"]
-        if inside_encoder:  # declared for what comes next; the hooks for it are not written yet
-            raise PruneVidError(f"{inside_encoder[0]} acts inside the vision encoder, which this version cannot run yet; disable it")
-        self.visual_methods = [(m, c) for m, c in enabled if m.acts == "visual_tokens"]
-        layer = [(m, c) for m, c in enabled if m.acts == "llm_layer"]
+        self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder"]
+        self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
+        self._encoding_videos = False  # inside get_video_features: the merger is projecting video tokens
+        self._before_merger: _BeforeMerger | None = None  # what the encoder methods did in the last video pass
+        layer = [(m, c) for m, c in enabled if m.where(c) == "llm_layer"]
         if len(layer) > 1:
             raise PruneVidError("one LLM-layer method per run; disable all but one")
         self.layer_method = layer[0] if layer else None
@@ -96,7 +126,7 @@ class ReductionHandle:
     @property
     def methods(self) -> list:
         """(method, config) of each enabled method, in the order they run."""
-        return self.visual_methods + ([self.layer_method] if self.layer_method else [])
+        return self.encoder_methods + self.visual_methods + ([self.layer_method] if self.layer_method else [])
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
@@ -105,6 +135,8 @@ class ReductionHandle:
         add = self._hooks.append
         add(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         add(self._remember_video_grids(base))
+        if self.encoder_methods:
+            add(self._wrap_merger(fam.vision_merger(model)))
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.visual_methods:  # proportional attention, when a method's reduction asks for it
@@ -137,16 +169,55 @@ class ReductionHandle:
         @functools.wraps(original)
         def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
             self._encoded_video_grid_thw = video_grid_thw
-            return original(pixel_values_videos, video_grid_thw, **kwargs)
+            self._encoding_videos = True
+            try:
+                return original(pixel_values_videos, video_grid_thw, **kwargs)
+            finally:
+                self._encoding_videos = False
 
-        base.get_video_features = get_video_features
+        return _InstanceOverride(base, "get_video_features", get_video_features)
 
-        class _Restore:
-            def remove(_):
-                if base.__dict__.get("get_video_features") is get_video_features:
-                    del base.get_video_features
+    def _wrap_merger(self, merger):
+        """Wrap the merger's ``forward`` on this instance: while videos are encoded, the
+        ``vision_encoder`` methods reduce its input and only what they return is projected.
+        Returns an object with ``remove()``."""
+        original = merger.forward
 
-        return _Restore()
+        @functools.wraps(original)
+        def forward(x, *args, **kwargs):
+            if not self._encoding_videos or self._encoded_video_grid_thw is None:
+                return original(x, *args, **kwargs)  # an image, or a call outside get_video_features
+            return self._reduce_before_merger(lambda rows: original(rows, *args, **kwargs), x, self._encoded_video_grid_thw)
+
+        return _InstanceOverride(merger, "forward", forward)
+
+    def _reduce_before_merger(self, project, x: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """The merger's input ``x`` [U * merge^2, C] of one tower call over the videos ``grids``
+        -> its output [U, D], computed for the tokens the encoder methods keep; the others get
+        zero rows, dropped before the LLM (``_on_llm_input`` reads ``self._before_merger``)."""
+        unit = self.merge * self.merge
+        order = self.family.merger_order(self.model, grids)  # merger row j is raster token order[j]
+        rows = x.reshape(-1, x.shape[-1] * unit)
+        raster = torch.empty_like(rows)
+        raster[order] = rows
+        record = SampleState()  # the stats, counts and clock marks of this pass, taken over at prefill
+        videos, offset = [], 0
+        for t, h, w in grids.tolist():
+            n = (h // self.merge) * (w // self.merge)
+            full = torch.arange(t * n, device=x.device)
+            tokens, n_groups, size, after = self._reduce_video(
+                VideoTokens(raster[offset : offset + t * n], full, full // n, t, n, w // self.merge), self.encoder_methods, record)
+            if size is not None or after is not None:
+                raise PruneVidError("a method inside the vision encoder can set neither sizes (proportional attention) "
+                                    "nor positions_after")
+            videos.append((offset, tokens, n_groups))
+            offset += t * n
+        projected = project(torch.cat([v.embeds for _, v, _ in videos]).reshape(-1, x.shape[-1]).to(x.dtype))
+        out = projected.new_zeros(rows.shape[0], projected.shape[-1])
+        out[torch.cat([start + v.index for start, v, _ in videos])] = projected
+        self._before_merger = _BeforeMerger([(v.index, v.group, g) for _, v, g in videos], record,
+                                            rows.shape[0] - projected.shape[0])
+        return out[order]
 
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids")
@@ -158,6 +229,13 @@ class ReductionHandle:
             if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
                 grids = self._encoded_video_grid_thw  # generate(): the tower already ran
             self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
+            return None
+        shift, pos = self.state.decode_position_shift, kwargs.get("position_ids")
+        if shift and pos is not None and cache is not None and cache.get_seq_length() > 0:
+            # A caller's explicit decode positions continue the unpruned numbering (the engine
+            # and generate alike); loops that leave them to the model get it from rope_deltas.
+            kwargs["position_ids"] = splice.shift_positions(pos, 0, shift)
+            return args, kwargs
         return None
 
     def _on_llm_output(self, module, args, output):
@@ -170,19 +248,21 @@ class ReductionHandle:
             final_len = st.keep_index.numel() if st.keep_index is not None else st.source_index.numel()
             base = self.family.base(self.model)
             deltas = getattr(base, "rope_deltas", None)
-            if deltas is not None:
+            if deltas is not None and st.prompt_max_id is not None:  # renumbered: continue after its largest id
+                base.rope_deltas = torch.full_like(deltas, st.prompt_max_id + 1 - final_len)
+            elif deltas is not None:
                 base.rope_deltas = deltas + (st.input_ids.shape[0] - final_len)
         st.prefill = False  # whatever follows is decoding
         st.captured.clear()
         return None
 
     # ------------------------------------------------------------------ visual-token methods
-    def _reduce_video(self, tokens: VideoTokens) -> tuple[VideoTokens, int, torch.Tensor | None]:
-        """Run the visual-token methods on one video in order; returns the tokens, the number
-        of groups they are in and their sizes when a method asked for proportional attention."""
-        st = self.state
-        n_groups, size = tokens.t, None
-        for method, cfg in self.visual_methods:
+    def _reduce_video(self, tokens: VideoTokens, methods, st: SampleState) -> tuple[VideoTokens, int, torch.Tensor | None, int | None]:
+        """Run ``methods`` on one video in order, recording into ``st``; returns the tokens, the
+        number of groups they are in, their sizes when a method asked for proportional attention
+        and the renumbering of what follows the video (``VisualReduction.positions_after``)."""
+        n_groups, size, after = int(tokens.group.max()) + 1 if tokens.group.numel() else 0, None, None
+        for method, cfg in methods:
             start = self.clock.mark()
             red = method.reduce(tokens, cfg)
             keep = red.keep.to(tokens.index.device)
@@ -197,10 +277,27 @@ class ReductionHandle:
                 size = red.size.float()
             elif size is not None:
                 size = size[keep]
-            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n)
+            after = red.positions_after if red.positions_after is not None else after
+            tokens = VideoTokens(red.embeds, tokens.index[keep], red.group.to(keep.device), tokens.t, tokens.n, tokens.w)
             n_groups = int(red.group.max()) + 1 if red.group.numel() else 0
             st.method_marks.setdefault(method.name, []).append((start, self.clock.mark()))
-        return tokens, n_groups, size
+        return tokens, n_groups, size, after
+
+    def _take_before_merger(self, n_videos: int) -> _BeforeMerger | None:
+        """The encoder methods' work for this prefill's videos, moved into the sample's state."""
+        encoded, self._before_merger = self._before_merger, None
+        if not self.encoder_methods or n_videos == 0:
+            return None
+        if encoded is None or len(encoded.videos) != n_videos:
+            names = ", ".join(m.name for m, _ in self.encoder_methods)
+            raise PruneVidError(f"{names} acts inside the vision encoder, which did not run for this prompt's "
+                                f"{n_videos} video(s) (features given precomputed?): run the tower, or disable it")
+        st = self.state
+        st.method_stats.update(encoded.record.method_stats)
+        st.method_tokens.update(encoded.record.method_tokens)
+        st.method_marks.update(encoded.record.method_marks)
+        st.merger_rows_skipped = encoded.rows_skipped
+        return encoded
 
     def _on_llm_input(self, module, args, kwargs):
         st = self.state
@@ -212,37 +309,46 @@ class ReductionHandle:
         st.tokens_before_stage1 = int(is_video.sum())
         grids = st.video_grid_thw.tolist() if st.video_grid_thw is not None else []
         spans = splice.split_spans(splice.runs(is_video), grids, self.merge)
-        pieces, visual_flags, groups, reduced, sizes = [], [], [], [], []
+        encoded = self._take_before_merger(len(grids))
+        pieces, visual_flags, groups, reduced, sizes, shifts = [], [], [], [], [], []
         cursor, group_offset = 0, 0
-        for (start, end), (t, h, w) in zip(spans, grids):
+        for i, ((start, end), (t, h, w)) in enumerate(zip(spans, grids)):
             n_per_frame = (h // self.merge) * (w // self.merge)
             pieces.append(torch.arange(cursor, start, device=ids.device))
             visual_flags.append(torch.zeros(start - cursor, dtype=torch.bool, device=ids.device))
             full = torch.arange(end - start, device=ids.device)
             # Before any method, each temporal grid step of each video is one group.
-            tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame)
+            tokens = VideoTokens(embeds[0, start:end], full, full // n_per_frame, t, n_per_frame, w // self.merge)
+            n_groups, after = t, None
+            if encoded is not None:  # the encoder methods chose these tokens; the merger projected only them
+                index, group, n_groups = encoded.videos[i]
+                tokens = VideoTokens(tokens.embeds[index], index, group, t, n_per_frame, tokens.w)
             if self.visual_methods:
-                tokens, n_groups, size = self._reduce_video(tokens)
-                reduced.append((sum(p.numel() for p in pieces), tokens.embeds))
+                tokens, n_groups, size, after = self._reduce_video(tokens, self.visual_methods, st)
                 if size is not None:
-                    sizes.append((reduced[-1][0], size))
-            else:
-                n_groups = t
+                    sizes.append((sum(p.numel() for p in pieces), size))
+            if encoded is not None or self.visual_methods:
+                reduced.append((sum(p.numel() for p in pieces), tokens.embeds))
             pieces.append(start + tokens.index)
             groups.append(tokens.group + group_offset)
             group_offset += n_groups
             visual_flags.append(torch.ones(len(pieces[-1]), dtype=torch.bool, device=ids.device))
+            if after is not None:  # where the video ends now, its first id, what it adds for the next token
+                shifts.append((sum(p.numel() for p in pieces), start, end, after))
             cursor = end
         pieces.append(torch.arange(cursor, ids.shape[0], device=ids.device))
         visual_flags.append(torch.zeros(ids.shape[0] - cursor, dtype=torch.bool, device=ids.device))
         source = torch.cat(pieces)
         visual = torch.cat(visual_flags)
 
+        unpruned = kwargs.get("position_ids")
         if reduced:
             new_embeds = embeds[:, source].clone()
             for offset, merged in reduced:
                 new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
             splice.select_llm_inputs(kwargs, source, new_embeds)
+        if shifts:
+            self._renumber_after_videos(kwargs, shifts, unpruned)
         st.source_index = source
         if sizes:
             if self.layer_method is not None:
@@ -263,6 +369,21 @@ class ReductionHandle:
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
         return args, kwargs
+
+    def _renumber_after_videos(self, kwargs, shifts, unpruned) -> None:
+        """Apply the reductions' ``positions_after``: shifts [(index after the video in the LLM
+        input, the video's start and end in the prompt, n)]; unpruned (4 or 3, 1, L) ids. Each
+        move is read off the unpruned ids, so later moves add to earlier ones unchanged."""
+        st, ids = self.state, unpruned[-3:, 0]
+        pos = kwargs["position_ids"]
+        for new_end, start, end, after in shifts:
+            if end < ids.shape[1]:
+                pos = splice.shift_positions(pos, new_end, int(ids[0, start]) + after - int(ids[0, end]))
+        kwargs["position_ids"] = pos
+        # Decoding continues from the largest id + 1 (vLLM's mrope_position_delta); callers pass
+        # positions continuing the unpruned last id + 1 (the engine, generate), so they move by this.
+        st.prompt_max_id = int(pos[-3:].max())
+        st.decode_position_shift = st.prompt_max_id - int(ids[:, -1].max())
 
     def _add_key_bias(self, layer_idx: int, module, args, kwargs):
         """Proportional attention (ToMe): the layer's additive mask becomes causal + log(size) of
@@ -364,6 +485,7 @@ class ReductionHandle:
             "llm_prefill_tokens": int(st.source_index.numel()) if st.source_index is not None else 0,
             "kv_bytes_layers_0_to_k": st.kv_bytes_layers_0_to_k,
             "scored_rows": st.scored_rows,
+            "merger_rows_skipped": st.merger_rows_skipped,
             "methods": {n: {"tokens": list(st.method_tokens.get(n, [0, 0])), "seconds": self.seconds(n)} for n in names},
         }
 

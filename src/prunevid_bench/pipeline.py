@@ -197,7 +197,7 @@ class Pipeline:
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
-        with self._served_features(prepared) as served:
+        with self._served_features(prepared, handle) as served:
             out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
         out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -217,7 +217,7 @@ class Pipeline:
         reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
         method_fields = _method_fields(handle, stages)
         flops, flops_base = self._flops(prepared, out.prompt_tokens, llm_prefill_tokens, handle, tokens_before - tokens_after,
-                                        stages.get("scored_rows", 0))
+                                        stages.get("scored_rows", 0), stages.get("merger_rows_skipped", 0))
         grid = prepared.inputs.get("video_grid_thw")
         seconds = prepared.inputs.get("second_per_grid_ts")
         clip = prepared.clip
@@ -272,13 +272,16 @@ class Pipeline:
             vision_cached=bool(served and served.hit),
         )
 
-    def _served_features(self, prepared: Prepared):
-        if self.feature_cache is None or prepared.feature_key is None:
+    def _served_features(self, prepared: Prepared, handle):
+        """The feature cache's tower output for this run, unless a method changes the tower's
+        output (it then runs, and what it gives is not kept either)."""
+        if self.feature_cache is None or prepared.feature_key is None or (handle is not None and handle.encoder_methods):
             return contextlib.nullcontext()
         return self.feature_cache.serve(self.model, prepared)
 
 
-    def _flops(self, prepared: Prepared, prompt_tokens: int, llm_prefill_tokens: int, handle, dropped: int, scored_rows: int):
+    def _flops(self, prepared: Prepared, prompt_tokens: int, llm_prefill_tokens: int, handle, dropped: int, scored_rows: int,
+               merger_rows_skipped: int):
         from prunevid_bench.families import family_of
         from prunevid_bench.flops import run_flops
 
@@ -287,7 +290,7 @@ class Pipeline:
         vision = family_of(self.model).vision_shape(self.model.config)
         layer = handle.pruning_layer if handle is not None and handle.layer_method else None
         return run_flops(self.model.config, vision, grids, prompt_tokens, llm_prefill_tokens, layer,
-                         dropped if layer is not None else 0, scored_rows)
+                         dropped if layer is not None else 0, scored_rows, merger_rows_skipped)
 
 
 def _seconds(stages: dict, method: str) -> float:
@@ -305,15 +308,16 @@ def _reductions(handle, stages: dict, prompt_tokens: int, llm_prefill_tokens: in
     final_len = llm_prefill_tokens - dropped_in_llm
     per_token = kv_after // final_len if final_len else 0
     out, length = [], prompt_tokens
-    for method, _ in handle.methods:
+    for method, cfg in handle.methods:
         info = stages.get("methods", {}).get(method.name, {"tokens": [0, 0], "seconds": 0.0})
         tokens_in, tokens_out = info["tokens"]
-        if method.acts == "llm_layer":
+        acts = method.where(cfg)
+        if acts == "llm_layer":
             before, after = kv_uncompressed, kv_after
         else:
             before, after = per_token * length, per_token * (length - (tokens_in - tokens_out))
         length -= tokens_in - tokens_out
-        out.append(Reduction(method.name, method.acts, tokens_in, tokens_out, info["seconds"], before, after))
+        out.append(Reduction(method.name, acts, tokens_in, tokens_out, info["seconds"], before, after))
     return out
 
 

@@ -73,6 +73,15 @@ def select_llm_inputs(kwargs: dict, source: torch.Tensor, embeds: torch.Tensor) 
         kwargs["attention_mask"] = mask[:, source]
 
 
+def shift_positions(pos: torch.Tensor, start: int, shift: int) -> torch.Tensor:
+    """``pos`` (4 or 3, B, L) with ``shift`` added to the M-RoPE rows of the tokens from
+    ``start`` on; a text row (4-row ids) stays the contiguous index. A new tensor: callers such
+    as ``generate`` extend the one they passed."""
+    out = pos.clone()
+    out[-3:, :, start:] += shift
+    return out
+
+
 def slice_layer_kwargs(kwargs: dict, keep: torch.Tensor) -> None:
     """A decoder layer after the pruning layer sees only the tokens ``keep``: slice the shared
     rotary cos/sin, the 4D mask (eager) and the text position ids computed for the full length."""

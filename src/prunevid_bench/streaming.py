@@ -169,6 +169,8 @@ class StreamSession:
             raise PruneVidError(f"--chunk-frames must be a positive multiple of {self.step} (the temporal patch size), got {chunk_frames}")
         self.chunk_frames = chunk_frames
         self.stage1 = stage1 if stage1 is not None and stage1.enabled else None
+        if self.stage1 is not None and self.stage1.space != "llm":
+            raise PruneVidError("streaming runs Stage 1 on each chunk's LLM tokens only: set stage1.space=llm")
         if visual_budget is not None and visual_budget <= 0:
             raise PruneVidError(f"the visual-token budget must be > 0, got {visual_budget}")
         if visual_budget is not None and self.stage1 is not None:

@@ -57,6 +57,14 @@ class Family:
         output before the merger ([patches, C_vision]), its output the visual tokens."""
         return model.model.visual.merger
 
+    def merger_order(self, model, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[U] for the merger's input of one tower call over grids ``grid_thw``: row j's
+        merge x merge patch group is LLM token ``order[j]`` of the call (raster order, video after
+        video). The tower puts the merger's output back in raster order itself. Identity here:
+        patch groups reach the merger in raster order (Qwen2-VL)."""
+        m = self.geometry(model.config).merge
+        return torch.arange(int((grid_thw.prod(-1) // (m * m)).sum()), device=grid_thw.device)
+
     def video_token_id(self, model) -> int:
         return model.config.video_token_id
 

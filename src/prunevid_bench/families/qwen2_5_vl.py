@@ -3,6 +3,7 @@ video's timing (``second_per_grid_ts``), window attention in the vision tower.""
 
 from __future__ import annotations
 
+import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from prunevid_bench.families import register_family
@@ -15,7 +16,21 @@ def _tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     return build_tiny_model(seed=seed, attn_implementation=attn_implementation)
 
 
-QWEN2_5_VL = register_family(Family(
+class Qwen2_5_VLFamily(Family):
+    def merger_order(self, model, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The tower reorders patch groups window by window before its blocks (its
+        ``window_index``) and the merger sees them in that order."""
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:  # transformers before 5.24: a method of the tower
+            order, _ = self.vision_encoder(model).get_window_index(grid_thw)
+        else:
+            vision = model.config.vision_config
+            order, _ = get_vision_window_index(grid_thw, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+        return order.to(grid_thw.device)
+
+
+QWEN2_5_VL = register_family(Qwen2_5_VLFamily(
     model_type="qwen2_5_vl",
     model_class="Qwen2_5_VLForConditionalGeneration",
     processor_class="Qwen2_5_VLProcessor",

@@ -53,7 +53,8 @@ def stages_text(cfg: dict[str, Any], pruning_layer: int | str | None = None) -> 
     s1, s2 = cfg["stage1"], cfg["stage2"]
     parts = []
     if s1["enabled"]:
-        parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}")
+        space = f" space={s1['space']}" if s1.get("space", "llm") != "llm" else ""  # the official space says nothing
+        parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}{space}")
     if s2["enabled"]:
         kept = f"keep={s2['keep_ratio']}" if s2.get("budget") is None else f"budget={s2['budget']}"
         parts.append(f"S2 {kept} L={layer_text(pruning_layer, s2['pruning_layer'])} {s2['score']}")

@@ -235,10 +235,15 @@ def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str
     return cells
 
 
+# PruneVid's lines in a matched-budget sweep: Stages 1 and 2 on, with these settings on top.
+PRUNEVID_LINES = {"prunevid": {}, "prunevid-vision": {"stage1.space": "vision"}}
+
+
 def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float]) -> list[Cell]:
     """Matched budgets: the baseline (every method off) and one cell per method and budget, with
-    only that method on (``prunevid``: Stages 1 and 2, Stage 1 with the base's settings) and
-    its knob set to keep the fraction B (``config.budget_overrides``)."""
+    only that method on (``prunevid``: Stages 1 and 2, Stage 1 with the base's settings;
+    ``prunevid-vision``: the same with Stage 1 in the vision encoder's space) and its knob set to
+    keep the fraction B (``config.budget_overrides``)."""
     from prunevid_bench.config import budget_overrides
     from prunevid_bench.methods import all_methods, get_method
 
@@ -247,8 +252,8 @@ def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float
     off = {f"{m.section}.enabled": False for m in all_methods()}
     cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
     for name in dict.fromkeys(methods):
-        sections = ["stage1", "stage2"] if name == "prunevid" else [get_method(name).section]
-        on = {**off, **{f"{s}.enabled": True for s in sections}}
+        sections = ["stage1", "stage2"] if name in PRUNEVID_LINES else [get_method(name).section]
+        on = {**off, **{f"{s}.enabled": True for s in sections}, **PRUNEVID_LINES.get(name, {})}
         for budget in dict.fromkeys(budgets):
             overrides = {**on, **budget_overrides(with_overrides(base, on), float(budget))}
             cells.append(Cell(f"{name},budget={_value_text(budget)}", "method", overrides, with_overrides(base, overrides),
@@ -266,7 +271,7 @@ def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[s
 
     names = tuple(n.strip() for n in methods.split(",") if n.strip())
     for name in names:
-        if name != "prunevid":
+        if name not in PRUNEVID_LINES:
             get_method(name)  # unknown names: did you mean
     try:
         values = tuple(float(b) for b in (budgets or "").split(",") if b.strip())

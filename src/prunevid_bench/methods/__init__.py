@@ -11,8 +11,14 @@ methods of a run in ``ACTS`` order, and within one place in registration order:
   ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual positions). The patch
   drops the others from the hidden states, the later layers' inputs and the KV cache of layers
   0..K. One such method per run.
-- ``vision_encoder``: inside the vision tower (its output before the merger is reachable through
-  the family); declared for methods to come, none is registered yet.
+- ``vision_encoder``: inside the vision tower, on each video's patch features before the patch
+  merger: ``reduce(tokens: VideoTokens, cfg) -> VisualReduction`` as for ``visual_tokens``, but
+  each token's ``embeds`` row is the merger's input for that LLM token (its merge x merge patch
+  features side by side, [V, merge^2 * C_vision]) and the reduction returns rows in that space;
+  the patch projects only those through the merger, then drops the other tokens before the LLM.
+
+A method whose place depends on its config (PruneVid Stage 1's ``space``) says so with
+``placement``: ``cfg -> one of ACTS``; ``Method.where(cfg)`` is the place of one run.
 
 Built-in methods live in this package, one file each; others register with
 :func:`register_method` or through the entry point group ``prunevid_bench.methods`` (the entry
@@ -82,9 +88,26 @@ class Method:
     ranges: dict[str, Range] = field(default_factory=dict)
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # string keys and their allowed values
     record_fields: tuple[str, ...] = ()  # what it adds to the run record
-    reduce: Callable | None = None  # visual_tokens
+    reduce: Callable | None = None  # vision_encoder, visual_tokens
     select: Callable | None = None  # llm_layer
     pruning_layer: Callable[[Any], Any] | None = None  # llm_layer: cfg -> the layer as configured ("K/N" or index)
+    placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
+
+    def where(self, cfg: Any) -> str:
+        """Where the method acts in a run with ``cfg`` (one of ACTS)."""
+        place = self.placement(cfg) if self.placement is not None else self.acts
+        if place not in ACTS:
+            raise ValueError(f"method {self.name}: placement must give one of {ACTS}, got {place!r}")
+        return place
+
+    def places(self) -> list[str]:
+        """Every place the method can act (the places its config's choices lead to), in ACTS order."""
+        if self.placement is None:
+            return [self.acts]
+        default = self.config()
+        found = {self.where(default)} | {self.where(dataclasses.replace(default, **{key: value}))
+                                         for key, values in self.choices.items() for value in values}
+        return [place for place in ACTS if place in found]
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -93,7 +116,7 @@ class Method:
             raise ValueError(f"method {self.name}: acts must be one of {ACTS}, got {self.acts!r}")
         if not dataclasses.is_dataclass(self.config) or "enabled" not in {f.name for f in dataclasses.fields(self.config)}:
             raise ValueError(f"method {self.name}: config must be a dataclass with an 'enabled' field")
-        needed = {"visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
+        needed = {"vision_encoder": "reduce", "visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
         if needed and getattr(self, needed) is None:
             raise ValueError(f"method {self.name} acts on {self.acts} and needs a {needed} function")
 
@@ -189,13 +212,14 @@ class VideoTokens:
     ``embeds`` [V, C]; ``index`` [V]: each token's place in the video's full grid (t * n tokens,
     frame-major); ``group`` [V]: the group an LLM-layer method keeps a share of (a temporal grid
     step until a method says otherwise); ``t``, ``n``: temporal grid steps and tokens per step
-    of the full grid."""
+    of the full grid; ``w``: the full grid's width in tokens (n = H' * w)."""
 
     embeds: Any
     index: Any
     group: Any
     t: int
     n: int
+    w: int = 0
 
     @property
     def is_full_grid(self) -> bool:
@@ -208,13 +232,23 @@ class VisualReduction:
     M-RoPE ids are kept: the representatives' ids), ``embeds`` [M, C] the new embeddings, ``group``
     [M] groups numbered from 0, ``stats`` record fields (summed over videos). ``size`` [M] (only
     a method asking for proportional attention sets it): how many input tokens each stands for;
-    the patch then adds log(size) to every query's attention logit for that key, in every layer."""
+    the patch then adds log(size) to every query's attention logit for that key, in every layer.
+
+    ``positions_after`` (None, the default: every id stays as it was): a method that renumbers
+    what follows the video sets it to n. The first token after the video then gets the video's
+    first M-RoPE id + n, and every later token (text, later videos) moves by as much, on the
+    M-RoPE rows (the text row stays the contiguous index); with several videos the moves add
+    up, first video first. Decoding then continues from the prompt's largest M-RoPE id + 1, the
+    rule of vLLM's ``mrope_position_delta`` and of transformers' ``rope_deltas`` (``generate``'s
+    explicit positions continue from the last id + 1 instead: the same unless the video's ids
+    exceed the text after it), for our engine, ``generate`` and loops that derive positions."""
 
     keep: Any
     embeds: Any
     group: Any
     stats: dict[str, int] = field(default_factory=dict)
     size: Any = None
+    positions_after: int | None = None
 
 
 @dataclass

@@ -1,7 +1,12 @@
 """vLLM's Efficient Video Sampling as a method: per spatial position, the dissimilarity to the
 same position one temporal step earlier; the first step always kept; a global top-k with vLLM's
-count for ``video_pruning_rate`` (``stages.evs``). Kept tokens keep their original M-RoPE ids
-(vLLM's own renumbering, ``stages.evs.evs_position_ids(mode="vllm")``, is not wired yet)."""
+count for ``video_pruning_rate`` (``stages.evs``).
+
+Positions (``evs.positions``): ``original`` (the default) keeps every kept token's and the
+text's unpruned M-RoPE ids, as PruneVid does; ``vllm`` is what vLLM does for Qwen2.5-VL: the
+kept video tokens keep their ids, the tokens after the video restart at the video's first id + W'
+(``stages.evs.evs_position_ids(mode="vllm")``; the reduction's ``positions_after``), and decoding
+continues from the largest prompt id + 1. ``vllm`` is the mode that matches vLLM."""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ from dataclasses import dataclass
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
 
+POSITION_MODES = ("original", "vllm")
+
 
 @dataclass
 class EVSConfig:
     enabled: bool = False
     video_pruning_rate: float = 0.75  # q: max(N_frame, int(T * N_frame * (1 - q))) tokens kept (vLLM's count)
     budget: float | None = None  # kept fraction of the video's tokens; sets q when given
+    positions: str = "original"  # original: unpruned ids (as PruneVid); vllm: vLLM's renumbering after the video
 
 
 def reduce(tokens: VideoTokens, cfg: EVSConfig) -> VisualReduction:
@@ -29,7 +37,10 @@ def reduce(tokens: VideoTokens, cfg: EVSConfig) -> VisualReduction:
     mask = evs.evs_retention_mask(tokens.embeds.reshape(tokens.t, tokens.n, -1), rate)
     keep = torch.nonzero(mask).flatten().to(tokens.index.device)
     group = torch.unique(tokens.group[keep], return_inverse=True)[1]
-    return VisualReduction(keep=keep, embeds=tokens.embeds[keep], group=group,
+    # vLLM's recompute_mrope_positions: what follows the video restarts at its first id + W'
+    # (channel 3 of compute_mrope_for_media), whichever tokens were kept
+    after = tokens.w if cfg.positions == "vllm" else None
+    return VisualReduction(keep=keep, embeds=tokens.embeds[keep], group=group, positions_after=after,
                            stats={"evs_dropped_tokens": int(mask.numel() - keep.numel())})
 
 
@@ -37,8 +48,10 @@ register_method(Method(
     name="evs",
     acts="visual_tokens",
     config=EVSConfig,
-    summary="vLLM's EVS: drop the tokens least changed since the previous temporal step (global top-k)",
+    summary="vLLM's EVS: drop the tokens least changed since the previous temporal step (global top-k); "
+            "positions=vllm numbers the positions as vLLM does",
     ranges={"video_pruning_rate": Range(0, 1, hi_open=True), "budget": UNIT},
+    choices={"positions": POSITION_MODES},
     record_fields=("evs_dropped_tokens",),
     reduce=reduce,
 ))

@@ -1,11 +1,19 @@
 """PruneVid Stage 1 as a method: merge each video's static and similar tokens (``stages.stage1``)
-before the LLM. Config section ``stage1`` (:class:`prunevid_bench.config.Stage1Config`)."""
+before the LLM. Config section ``stage1`` (:class:`prunevid_bench.config.Stage1Config`).
+
+``stage1.space`` says in which space: ``llm`` (the official place) on the visual tokens the
+merger produced; ``vision`` on the vision tower's features before the merger, each LLM token
+being its 2x2 patch features side by side. Both run the same algorithm on the rows they get;
+in ``vision`` space the patch then projects only the merged rows through the merger."""
 
 from __future__ import annotations
 
 from prunevid_bench.config import Stage1Config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+
+
+SPACES = ("llm", "vision")
 
 
 def reduce(tokens: VideoTokens, cfg: Stage1Config) -> VisualReduction:
@@ -37,6 +45,8 @@ register_method(Method(
     acts="visual_tokens",
     config=Stage1Config,
     summary="PruneVid Stage 1: merge static tokens over time, then cluster (DPC-KNN) and average similar ones",
+    choices={"space": SPACES},
+    placement=lambda cfg: "vision_encoder" if cfg.space == "vision" else "visual_tokens",
     ranges={"tau": UNIT, "cluster_ratio": UNIT, "temporal_segment_ratio": UNIT,
             "dpc_neighbours": Range(1), "min_cluster_tokens": Range(0)},
     record_fields=("tokens_before_stage1", "tokens_after_stage1", "stage1_segments", "stage1_static_tokens",

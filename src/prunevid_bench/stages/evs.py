@@ -83,10 +83,13 @@ def evs_position_ids(
       (what PruneVid and most Qwen ports do; decode continues from the unpruned length).
     - ``vllm``: as vLLM's ``recompute_mrope_positions`` for Qwen2.5-VL: kept video tokens keep
       their (t, h, w) ids, but the first token after the video gets ``base + W'`` (base = the
-      vision-start id + 1) and the rest follow it, where the unpruned numbering starts at
-      ``base + max(t, h, w ids) + 1``. Everything after the video moves by that one shift, so
+      vision-start id + 1) and the rest follow it, where the unpruned numbering gives it
+      ``base + max(H', W')`` (transformers 5.24's ``get_rope_index``; older versions and vLLM
+      without EVS: the video's largest id + 1). Everything after the video moves by that one shift, so
       with several videos, call once per video, first video first, on the previous result's
-      numbering (indices of later videos are then those of the shortened sequence).
+      numbering (indices of later videos are then those of the shortened sequence). Decoding
+      then continues from the largest id of the result + 1 (vLLM's ``mrope_position_delta``
+      is ``max + 1 - N``), which can be a video token's id when little text follows the video.
     """
     if mode not in ("original", "vllm"):
         raise PruneVidError(f"EVS position mode must be 'original' or 'vllm', got {mode!r}")
@@ -100,3 +103,4 @@ def evs_position_ids(
         if end < n:  # a shift, so a later video's grid ids stay relative to its own start
             out[:, end:] += base + grid_w - position_ids[0, end]
     return out[:, keep_seq]
+
