@@ -100,3 +100,10 @@ def test_bench_streaming_smoke(tmp_path):
     out = run_script("bench_streaming.py", "--chunks", "2", "--repeats", "1", "--plot-chunks", "4", "--budget", "288",
                      "--plot", str(tmp_path / "kv.png"))
     assert (tmp_path / "kv.png").is_file() and "KV bytes, no budget" in out
+
+
+def test_bench_vision_space_smoke():
+    out = run_script("bench_vision_space.py", "--smoke", "--threads", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("llm ", "vision ")) and "/" not in line]
+    assert [cells[0] for cells in rows] == ["llm", "vision"] and rows[0][1] == rows[1][1]  # the same tokens out
+    assert "vision / llm:" in out
