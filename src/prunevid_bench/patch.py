@@ -66,6 +66,7 @@ class SampleState:
     scored_rows: int = 0  # query rows the LLM-layer method scored (analytic FLOPs)
     merger_rows_skipped: int = 0  # video tokens the merger did not project (a vision-encoder method merged them)
     key_log_size: torch.Tensor | None = None  # [L1] log(size) of each prompt key (proportional attention), else None
+    key_bias_mask: tuple | None = None  # (the layer's own mask, shape, the mask built from it): proportional attention, per forward
     prompt_max_id: int | None = None  # largest M-RoPE id of the prompt, when a reduction renumbered it (positions_after)
     decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
     captured: dict = field(default_factory=dict)
@@ -388,7 +389,8 @@ class ReductionHandle:
     def _add_key_bias(self, layer_idx: int, module, args, kwargs):
         """Proportional attention (ToMe): the layer's additive mask becomes causal + log(size) of
         every prompt key (0 for text and generated tokens), so SDPA takes it as ``attn_mask``;
-        prefill and decode alike. Query i of this call sits at sequence index past + i."""
+        prefill and decode alike. Query i of this call sits at sequence index past + i. Every
+        layer of one forward gets the same mask, so it is built once per forward."""
         bias = self.state.key_log_size
         if bias is None:
             return None
@@ -396,18 +398,26 @@ class ReductionHandle:
         cache = splice.cache_kwarg(kwargs)
         past = cache.get_seq_length(layer_idx) if cache is not None else 0
         n_q, n_kv = hidden.shape[1], past + hidden.shape[1]
+        mask = kwargs.get("attention_mask")
+        shape = (past, n_q, hidden.dtype, hidden.device)
+        built = self.state.key_bias_mask
+        if built is None or built[0] is not mask or built[1] != shape:
+            built = self.state.key_bias_mask = (mask, shape, self._key_bias_mask(bias, mask, past, n_q, n_kv, hidden))
+        kwargs["attention_mask"] = built[2]
+        return args, kwargs
+
+    @staticmethod
+    def _key_bias_mask(bias, mask, past: int, n_q: int, n_kv: int, hidden: torch.Tensor) -> torch.Tensor:
         key_bias = torch.zeros(n_kv, device=hidden.device)
         key_bias[: bias.numel()] = bias[:n_kv]
         lowest = torch.finfo(hidden.dtype).min
-        mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # eager: already causal (and padding)
             base = mask if mask.is_floating_point() else torch.zeros(mask.shape, device=hidden.device).masked_fill(~mask, lowest)
             base = base[..., :n_kv].float()
         else:  # sdpa passes None and lets the kernel be causal
             future = torch.arange(n_kv, device=hidden.device)[None, :] > (past + torch.arange(n_q, device=hidden.device))[:, None]
             base = torch.zeros(n_q, n_kv, device=hidden.device).masked_fill(future, lowest)[None, None]
-        kwargs["attention_mask"] = (base + key_bias).clamp(min=lowest).to(hidden.dtype)
-        return args, kwargs
+        return (base + key_bias).clamp(min=lowest).to(hidden.dtype)
 
     # ------------------------------------------------------------------ LLM-layer method (Stages 2 + 3)
     def _active(self, hidden: torch.Tensor) -> bool:

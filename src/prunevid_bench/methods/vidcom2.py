@@ -26,10 +26,12 @@ def reduce(tokens: VideoTokens, cfg: VidCom2Config) -> VisualReduction:
     if not tokens.is_full_grid:
         raise PruneVidError("vidcom2 needs each video's full token grid: run it before other visual-token methods")
     grid = tokens.embeds.reshape(tokens.t, tokens.n, -1)
-    ratio = cfg.retention_ratio
+    ratio, scores = cfg.retention_ratio, None
     if cfg.budget is not None:
-        ratio = vidcom2.vidcom2_budget(vidcom2.vidcom2_scores(grid)[1], tokens.n, cfg.budget)[0]
-    keep = vidcom2.vidcom2_keep(grid, ratio, exact_count=cfg.exact_count and cfg.budget is None).to(tokens.index.device)
+        scores = vidcom2.vidcom2_scores(grid)  # once: the budget's frame weights and the selection share them
+        ratio = vidcom2.vidcom2_budget(scores[1], tokens.n, cfg.budget)[0]
+    keep = vidcom2.vidcom2_keep(grid, ratio, exact_count=cfg.exact_count and cfg.budget is None,
+                                scores=scores).to(tokens.index.device)
     group = torch.unique(tokens.group[keep], return_inverse=True)[1]
     return VisualReduction(keep=keep, embeds=tokens.embeds[keep], group=group,
                            stats={"vidcom2_dropped_tokens": int(tokens.index.numel() - keep.numel())})

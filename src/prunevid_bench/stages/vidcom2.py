@@ -27,7 +27,7 @@ def low_variance_channels(x: Tensor, share: float = LOW_VARIANCE_SHARE) -> Tenso
     tokens, in ascending order of variance (ties: lower channel first)."""
     variances = x.float().var(dim=0, unbiased=False)
     k = int(x.shape[-1] * share)
-    return x[:, torch.sort(variances, stable=True).indices[:k]]
+    return x.index_select(1, torch.sort(variances, stable=True).indices[:k])
 
 
 def _multi_scale_gaussian(x: Tensor, centre: Tensor) -> Tensor:
@@ -73,14 +73,16 @@ def vidcom2_scores(tokens: Tensor) -> tuple[Tensor, Tensor]:
     return video_score + frame_score, frame_uniqueness(video_score)
 
 
-def vidcom2_keep(tokens: Tensor, retention_ratio: float, exact_count: bool = False) -> Tensor:
+def vidcom2_keep(tokens: Tensor, retention_ratio: float, exact_count: bool = False,
+                 scores: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Flat indices (t * N + n, ascending) of the tokens VidCom2 keeps: in each frame the k_t
-    tokens least similar to the video and frame centres. tokens [T, N, C].
+    tokens least similar to the video and frame centres. tokens [T, N, C]; ``scores``: their
+    ``vidcom2_scores`` when already computed (a budget needs them first).
 
     ``exact_count`` adds vLLM's reconcile step (not in the official code): the total is forced
     to ``max(T, int(T * N * r))`` by dropping the kept tokens with the highest similarity, or
     adding the dropped ones with the lowest, over the whole video."""
-    similarity, uniqueness = vidcom2_scores(tokens)
+    similarity, uniqueness = scores if scores is not None else vidcom2_scores(tokens)
     counts = frame_keep_counts(uniqueness, retention_ratio, tokens.shape[1])
     kept = select_per_frame(similarity, counts)
     if exact_count:
