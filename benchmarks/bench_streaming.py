@@ -89,9 +89,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", type=Path, default=Path("docs/img/stream_kv.png"))
-    parser.add_argument("--plot-chunks", type=int, default=24)
+    parser.add_argument("--plot-chunks", type=int, default=24, help="chunks in the plotted stream (>= 1)")
     parser.add_argument("--budget", type=int, default=1152, help="visual tokens (4 chunks of 288)")
     args = parser.parse_args()
+    if args.plot_chunks < 1:
+        parser.error(f"--plot-chunks must be >= 1, got {args.plot_chunks}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"machine: {platform.platform()} | {platform.machine()}, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__} | device {args.device} | float32 | model hidden {SIZES.hidden_size}, "
@@ -108,7 +110,9 @@ def main() -> None:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot_kv_over_stream(series, args.plot, title=f"KV cache over a {args.plot_chunks}-chunk stream")
     for name, points in series.items():
-        print(f"KV bytes, {name}: after chunk 4 {points[3][1] / 2**20:.2f} MiB, after chunk {len(points)} {points[-1][1] / 2**20:.2f} MiB")
+        early = min(4, len(points))
+        print(f"KV bytes, {name}: after chunk {early} {points[early - 1][1] / 2**20:.2f} MiB, "
+              f"after chunk {len(points)} {points[-1][1] / 2**20:.2f} MiB")
     print(f"plot: {args.plot}")
 
 

@@ -43,8 +43,9 @@ def write_clip(path: Path, frames: int, width: int, height: int, fps: int) -> No
             img[..., 0] = (xx + 3 * i) % 256
             img[..., 1] = (yy + 2 * i) % 256
             img[..., 2] = 128
-            x, y = (7 * i) % (width - 64), (5 * i) % (height - 64)
-            img[y : y + 64, x : x + 64] = 255
+            side = max(1, min(64, width // 4, height // 4))  # the square fits any frame size
+            x, y = (7 * i) % max(1, width - side), (5 * i) % max(1, height - side)
+            img[y : y + side, x : x + side] = 255
             container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         container.mux(stream.encode())
 
