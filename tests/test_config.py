@@ -231,9 +231,10 @@ def test_presets_command_lists_every_preset_with_its_stages():
     def cells(name):
         return [c.strip() for c in next(line for line in res.output.splitlines() if f" {name} " in line).split("│")]
 
-    assert cells("baseline")[2:4] == ["off", "off"]
-    assert cells("default")[2:4] == ["on", "on"]
-    assert cells("stage1_only")[2:4] == ["on", "off"]
+    assert cells("baseline")[2] == "none"
+    assert cells("default")[2] == "stage1, stage2"
+    assert cells("stage1_only")[2] == "stage1"
+    assert cells("evs-75")[2] == "evs" and cells("fastv")[2] == "fastv"  # the comparators' presets too
 
 
 def test_presets_show_prints_the_resolved_config():

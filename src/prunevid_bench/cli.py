@@ -396,26 +396,20 @@ def compare(
 @presets_app.callback()
 @guarded
 def presets(ctx: typer.Context) -> None:
-    """List the presets with one line each."""
+    """List the presets with one line each: the method sections each switches on."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.table import Table
 
-    from prunevid_bench.config import load_yaml, preset_names, preset_path
+    from prunevid_bench.config import build_config, load_yaml, preset_names, preset_path
+    from prunevid_bench.methods import get_method
 
     table = Table(title="Presets", show_lines=False)
-    for col in ("name", "stage1", "stage2", "description"):
+    for col in ("name", "methods on", "description"):
         table.add_column(col)
     for name in preset_names():
-        data = load_yaml(preset_path(name))
-        s1 = data.get("stage1", {}) or {}
-        s2 = data.get("stage2", {}) or {}
-        table.add_row(
-            name,
-            "on" if s1.get("enabled") else "off",
-            "on" if s2.get("enabled") else "off",
-            str(data.get("description", "")),
-        )
+        sections = [get_method(m).section for m in build_config(name).enabled_methods]  # what --set names
+        table.add_row(name, ", ".join(sections) or "none", str(load_yaml(preset_path(name)).get("description", "")))
     console.print(table)
 
 
