@@ -18,7 +18,6 @@ system prompt as its ``qwen2_5_vl`` model) and ``processor`` for the built-in to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,5 +207,8 @@ def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _process_place() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the environment ``torchrun`` and ``accelerate launch``
-    set; lmms-eval's evaluator reads the same variables."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    set (``harness.shard.Shard``, which checks them); lmms-eval's evaluator reads the same variables."""
+    from prunevid_bench.harness.shard import Shard
+
+    shard = Shard.from_env()
+    return shard.rank, shard.world_size, shard.local_rank
