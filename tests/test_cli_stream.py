@@ -79,6 +79,26 @@ def test_stream_dataset_scores_and_resumes(clip16, tmp_path):
     assert other.exit_code == 2 and "other settings" in other.output
 
 
+def test_stream_force_keeps_the_earlier_results_and_a_held_folder_is_refused(clip16, tmp_path):
+    from prunevid_bench.harness.runlock import RunLock
+
+    args = ("stream", clip16, "--ask", "1.0:What?", "--chunk-frames", "4", "--max-new-tokens", "2", *TINY,
+            "--results-dir", tmp_path, "--label", "f")
+    assert invoke(*args).exit_code == 0
+    first = records(tmp_path / "f")
+    other = invoke(*args, "--budget", "40")  # other settings: refused without --force ...
+    assert other.exit_code == 2 and "--force" in other.output
+    forced = invoke(*args, "--budget", "40", "--force")  # ... and started over with it
+    assert forced.exit_code == 0, forced.output
+    assert "backup-1/" in forced.output
+    assert [json.loads(line) for line in (tmp_path / "f" / "backup-1" / "questions.jsonl").read_text().splitlines()] == first
+    assert records(tmp_path / "f")[0]["visual_tokens"] == 32  # the new run (budget 40 after 2 chunks of 16)
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["visual_budget"] == 40
+    with RunLock(tmp_path / "f"):  # another process (here: this one) holds the folder
+        held = invoke(*args, "--budget", "40")
+    assert held.exit_code == 2 and "is in use by" in held.output and len(held.output.strip().splitlines()) == 1
+
+
 def test_stream_with_stage1_and_stage2_records_the_kept_tokens(clip16, tmp_path):
     res = invoke("stream", clip16, "--ask", "3.9:What now?", "--set", "stage1.enabled=true", "--set", "stage2.enabled=true",
                  "--set", "stage2.pruning_layer=1", "--compare-offline", "--max-new-tokens", "3", *TINY,

@@ -334,6 +334,8 @@ def stream(
     max_new_tokens: MaxNew = None,
     results_dir: ResultsDir = Path("results"),
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder; rerun with the same one to resume.", rich_help_panel="Output")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start the run folder over (earlier results move to backup-N/).", rich_help_panel="Output")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of stopping.", rich_help_panel="Output")] = False,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -366,7 +368,7 @@ def stream(
         default_label = f"stream-{video.stem}"
     run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, budget=budget, compare_offline=compare_offline,
                                   preset=preset, results_dir=results_dir, label=label or default_label, source=source,
-                                  answer_mode=answer_mode, console=human)
+                                  answer_mode=answer_mode, force=force, wait=wait, console=human)
     if json_out:
         emit_json({"run_dir": str(run_dir), **summary})
 

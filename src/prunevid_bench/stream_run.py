@@ -23,6 +23,7 @@ from prunevid_bench.errors import PruneVidError
 
 QUESTIONS_FILE = "questions.jsonl"
 CHUNKS_FILE = "chunks.jsonl"  # every appended chunk of this invocation: append time, tokens, KV bytes
+STREAM_FILES = (QUESTIONS_FILE, "summary.json", CHUNKS_FILE, "kv.png", "config.json")  # what --force moves aside
 NO_FRAME_CAP = 10**9  # a stream samples at its rate for the whole video: --max-frames caps it
 
 
@@ -202,13 +203,15 @@ def check_stream_config(cfg: RunConfig, chunk_frames: int, budget: int | None) -
 
 def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_frames: int, budget: int | None,
                compare_offline: bool, preset: str | None, results_dir: Path, label: str, source: str,
-               answer_mode: str = "generate", console: Console | None = None) -> tuple[Path, dict[str, Any]]:
+               answer_mode: str = "generate", force: bool = False, wait: bool = False,
+               console: Console | None = None) -> tuple[Path, dict[str, Any]]:
     """Stream each video, write one record per question to ``questions.jsonl`` (a rerun of the
-    same command resumes: questions already recorded are skipped) and ``summary.json``."""
-    from prunevid_bench.harness.runs import SampleLog, read_samples
-    from prunevid_bench.pipeline import Pipeline
-    from prunevid_bench.report import check_writable, write_json
-    from prunevid_bench.single import write_run_header
+    same command resumes: questions already recorded are skipped; ``force`` moves the earlier
+    results to ``backup-N/`` and starts over) and ``summary.json``. One process at a time holds
+    the run folder (``harness.runlock``; ``wait`` waits for the holder instead of stopping)."""
+    from prunevid_bench.harness.runlock import RunLock
+    from prunevid_bench.harness.runs import back_up, read_samples
+    from prunevid_bench.report import check_writable
     from prunevid_bench.video import check_video
 
     console = console or Console()
@@ -221,14 +224,31 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
     run_dir = results_dir / label
     meta = {"scenario": "stream", "preset": preset, "source": source, "chunk_frames": chunk_frames,
             "visual_budget": budget, "compare_offline": compare_offline, "answer_mode": answer_mode}
-    done: dict[str, dict[str, Any]] = {}
-    if (run_dir / "config.json").is_file():
-        saved = json.loads((run_dir / "config.json").read_text())
-        if {k: saved.get(k) for k in meta} != meta or saved.get("config") != cfg.to_dict():
-            raise PruneVidError(f"{run_dir} holds a stream run with other settings: pass another --label")
-        done = read_samples(run_dir / QUESTIONS_FILE, repair=True)
-    pipe = Pipeline.from_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, wait=wait, note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
+        done: dict[str, dict[str, Any]] = {}
+        if force:
+            backup = back_up(run_dir, STREAM_FILES)
+            if backup is not None:
+                console.print(f"--force: the earlier results of {run_dir} are kept in {backup.name}/", soft_wrap=True, highlight=False)
+        elif (run_dir / "config.json").is_file():
+            saved = json.loads((run_dir / "config.json").read_text())
+            if {k: saved.get(k) for k in meta} != meta or saved.get("config") != cfg.to_dict():
+                raise PruneVidError(f"{run_dir} holds a stream run with other settings: pass another --label, or --force")
+            done = read_samples(run_dir / QUESTIONS_FILE, repair=True)
+        return _run_stream_locked(cfg, videos, run_dir, meta, done, chunk_frames=chunk_frames, budget=budget,
+                                  compare_offline=compare_offline, answer_mode=answer_mode, console=console)
+
+
+def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], run_dir: Path, meta: dict[str, Any],
+                       done: dict[str, dict[str, Any]], *, chunk_frames: int, budget: int | None, compare_offline: bool,
+                       answer_mode: str, console: Console) -> tuple[Path, dict[str, Any]]:
+    from prunevid_bench.harness.runs import SampleLog
+    from prunevid_bench.pipeline import Pipeline
+    from prunevid_bench.report import write_json
+    from prunevid_bench.single import write_run_header
+
+    pipe = Pipeline.from_config(cfg)
     write_run_header(run_dir, cfg, pipe, meta)
     records = dict(done)
     chunk_log: list[dict[str, Any]] = []
