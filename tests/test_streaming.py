@@ -9,7 +9,7 @@ import torch
 from prunevid_bench.config import Stage1Config
 from prunevid_bench.engine import prefill_position_ids
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.streaming import StreamSession, qwen_encode_chunk
+from prunevid_bench.streaming import StreamSession, encode_chunk
 
 FPS = 2.0
 QUESTION = "What is moving?"
@@ -26,10 +26,10 @@ def offline(pipe, frames, question=QUESTION, max_new_tokens=6, **overrides):
 
 
 def test_chunk_features_equal_the_whole_videos(tiny_pipe, frames16):
-    whole, (t, h, w) = qwen_encode_chunk(tiny_pipe, frames16, FPS)
+    whole, (t, h, w) = encode_chunk(tiny_pipe, frames16, FPS)
     per_step = whole.shape[0] // t
     for start, end in [(0, 2), (4, 10), (14, 16)]:
-        part, grid = qwen_encode_chunk(tiny_pipe, frames16[start:end], FPS)
+        part, grid = encode_chunk(tiny_pipe, frames16[start:end], FPS)
         assert grid == ((end - start) // 2, h, w)
         torch.testing.assert_close(part, whole[start // 2 * per_step : end // 2 * per_step], rtol=0, atol=1e-5)
 
@@ -49,6 +49,17 @@ def test_stream_equals_offline_after_first_middle_and_last_chunk(tiny_pipe, fram
             assert answer.token_ids == ref.generated_token_ids
             assert answer.cached_tokens + answer.question_tokens == ref.prompt_tokens
             assert answer.visual_tokens == ref.visual_tokens
+
+
+def test_a_qwen2_vl_stream_equals_offline_too(tiny_qwen2vl_pipe, frames16):
+    """The second family: its M-RoPE time ids advance by one per step, and the stream follows."""
+    session = StreamSession(tiny_qwen2vl_pipe, video_fps=FPS, chunk_frames=4)
+    for i in range(3):
+        session.append(frames16[i * 4 : (i + 1) * 4])
+    answer = session.ask(QUESTION, max_new_tokens=6)
+    ref = offline(tiny_qwen2vl_pipe, frames16[:12])
+    assert (answer.first_logits - ref.first_token_logits).abs().max() <= 1e-4
+    assert answer.token_ids == ref.generated_token_ids and answer.visual_tokens == ref.visual_tokens
 
 
 def test_streamed_position_ids_equal_the_offline_prompts(tiny_pipe, frames16):

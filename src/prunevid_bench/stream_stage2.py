@@ -28,9 +28,12 @@ from prunevid_bench.stages import stage2 as s2
 
 
 def layer_parts(model, k: int):
-    """(Qwen2.5-VL family code) decoder layers, layer K's attention, head dim and scaling."""
-    layers = model.model.language_model.layers
-    attn = layers[k].self_attn
+    """The decoder layers, layer K's attention, its head dim and scaling (through the family)."""
+    from prunevid_bench.families import family_of
+
+    family = family_of(model)
+    layers = family.decoder_layers(model)
+    attn = family.attention(layers[k])
     return layers, attn, attn.head_dim, attn.scaling
 
 

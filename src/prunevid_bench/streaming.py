@@ -14,8 +14,9 @@ Why a stream with no pruning is *exactly* the offline prefill, computed in piece
 - Causal attention over a cache filled in pieces equals one prefill of the whole prompt.
 Position ids therefore never drift, unlike engines that renumber each chunk from an offset.
 
-The few Qwen2.5-VL specifics (the processor's video call, the vision tower, the video token and
-its mm_token_type) sit in the marked section below, to move to the family module later.
+The model is reached through its family (``prunevid_bench.families``: the base model, the patch
+geometry, the prompt's M-RoPE ids), so a stream runs on Qwen2-VL and Qwen2.5-VL alike; the
+chunk encoder below is the one place that calls the processor and the vision tower.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import torch
 from prunevid_bench.config import Stage1Config, Stage2Config
 from prunevid_bench.engine import cache_keyword, eos_ids, prefill_position_ids
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
 
 VIDEO_MARK = "<|video_pad|>"  # the chat template's single video placeholder, split on below
 
 
-# ============================================================ Qwen2.5-VL specifics (family code)
-def qwen_encode_chunk(pipe, frames: np.ndarray, fps: float) -> tuple[torch.Tensor, tuple[int, int, int]]:
+# ============================================================ the model, through its family
+def encode_chunk(pipe, frames: np.ndarray, fps: float) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Vision features ``[t * n, C]`` (t-major) and the grid ``(t, h, w)`` of one chunk of frames,
     resized by the processor's per-frame rule (never by the chunk's length)."""
     vp = pipe.processor.video_processor
@@ -54,33 +56,37 @@ def qwen_encode_chunk(pipe, frames: np.ndarray, fps: float) -> tuple[torch.Tenso
     dtype = next(pipe.model.parameters()).dtype
     pixels = out["pixel_values_videos"].to(pipe.device, dtype)
     grid = out["video_grid_thw"].to(pipe.device)
-    features = pipe.model.model.get_video_features(pixels, grid).pooler_output[0]
+    features = family_of(pipe.model).base(pipe.model).get_video_features(pixels, grid).pooler_output[0]
     return features, tuple(int(x) for x in grid[0].tolist())
 
 
-def qwen_temporal_patch(pipe) -> int:
-    return int(pipe.processor.video_processor.temporal_patch_size)
+def temporal_patch(pipe) -> int:
+    """Frames per temporal grid step."""
+    return family_of(pipe.model).geometry(pipe.model.config).temporal
 
 
-def qwen_merge(pipe) -> int:
-    return int(pipe.model.config.vision_config.spatial_merge_size)
+def merge_size(pipe) -> int:
+    """Patches merged per LLM token along each side."""
+    return family_of(pipe.model).geometry(pipe.model.config).merge
 
 
-def qwen_prompt_positions(pipe, ids: list[int], n_video: int, video_at: int, grid: tuple[int, int, int],
+def prompt_positions(pipe, ids: list[int], n_video: int, video_at: int, grid: tuple[int, int, int],
                           fps: float) -> torch.Tensor:
     """M-RoPE ids ``(3, L)`` of the prompt ``ids[:video_at] + n_video video tokens + ids[video_at:]``,
-    as ``get_rope_index`` gives them offline (``second_per_grid_ts`` as the processor sets it)."""
+    as ``get_rope_index`` gives them offline (``second_per_grid_ts`` as the processor sets it, read
+    by the families whose M-RoPE follows time)."""
     model = pipe.model
+    base = family_of(model).base(model)
     video_id = model.config.video_token_id
     full = ids[:video_at] + [video_id] * n_video + ids[video_at:]
     input_ids = torch.tensor([full], device=pipe.device)
     inputs: dict[str, Any] = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == video_id).long() * 2}
     if n_video:
         inputs["video_grid_thw"] = torch.tensor([grid], device=pipe.device)
-        inputs["second_per_grid_ts"] = torch.tensor([qwen_temporal_patch(pipe) / fps], device=pipe.device)
-    saved = getattr(model.model, "rope_deltas", None)
+        inputs["second_per_grid_ts"] = torch.tensor([temporal_patch(pipe) / fps], device=pipe.device)
+    saved = getattr(base, "rope_deltas", None)
     positions = prefill_position_ids(model, inputs)[1:, 0]
-    model.model.rope_deltas = saved  # prefill_position_ids sets it; the session keeps its own state
+    base.rope_deltas = saved  # prefill_position_ids sets it; the session keeps its own state
     return positions
 
 
@@ -164,7 +170,7 @@ class StreamSession:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
         self.pipe = pipe
         self.fps = float(video_fps)
-        self.step = qwen_temporal_patch(pipe)
+        self.step = temporal_patch(pipe)
         if chunk_frames is not None and (chunk_frames <= 0 or chunk_frames % self.step):
             raise PruneVidError(f"--chunk-frames must be a positive multiple of {self.step} (the temporal patch size), got {chunk_frames}")
         self.chunk_frames = chunk_frames
@@ -210,7 +216,7 @@ class StreamSession:
         self.redundancy = torch.zeros(0)  # per cached visual token, for the budget
         self._last_step_features: torch.Tensor | None = None
         ids = torch.tensor([self._prefix_ids], device=self.pipe.device)
-        positions = qwen_prompt_positions(self.pipe, self._prefix_ids, 0, len(self._prefix_ids), (0, 0, 0), self.fps)
+        positions = prompt_positions(self.pipe, self._prefix_ids, 0, len(self._prefix_ids), (0, 0, 0), self.fps)
         self._prefill(ids=ids, positions=positions)
 
     @property
@@ -246,13 +252,13 @@ class StreamSession:
         if self.chunk_frames is not None and len(frames) > self.chunk_frames:
             raise PruneVidError(f"a chunk of {len(frames)} frames is longer than chunk_frames={self.chunk_frames}")
         start = self.clock.start()
-        features, (t, h, w) = qwen_encode_chunk(self.pipe, frames, self.fps)
+        features, (t, h, w) = encode_chunk(self.pipe, frames, self.fps)
         vision_end = self.clock.mark()
         if self.grid_hw is None:
             self.grid_hw = (h, w)
         elif self.grid_hw != (h, w):
             raise PruneVidError(f"a chunk's frames encode to a {h}x{w} grid, the stream's are {self.grid_hw[0]}x{self.grid_hw[1]}: keep the frame size")
-        merge = qwen_merge(self.pipe)
+        merge = merge_size(self.pipe)
         per_step = (h // merge) * (w // merge)
         before = cache_length(self.cache)
         positions = self._video_positions(self.steps + t)[:, self.steps * per_step :]
@@ -285,10 +291,10 @@ class StreamSession:
     def _video_positions(self, steps: int) -> torch.Tensor:
         """M-RoPE ids ``(3, steps * n)`` of the video's tokens when it has ``steps`` temporal steps."""
         h, w = self.grid_hw
-        merge = qwen_merge(self.pipe)
+        merge = merge_size(self.pipe)
         n = steps * (h // merge) * (w // merge)
         at = len(self._prefix_ids)
-        return qwen_prompt_positions(self.pipe, self._prefix_ids, n, at, (steps, h, w), self.fps)[:, at : at + n]
+        return prompt_positions(self.pipe, self._prefix_ids, n, at, (steps, h, w), self.fps)[:, at : at + n]
 
     def _prefill(self, *, positions: torch.Tensor, ids: torch.Tensor | None = None,
                  embeds: torch.Tensor | None = None):
@@ -351,10 +357,10 @@ class StreamSession:
         _, suffix = self._split_template(question)
         suffix_ids = self._tokens(suffix)
         h, w = self.grid_hw
-        merge = qwen_merge(self.pipe)
+        merge = merge_size(self.pipe)
         n_video = self.steps * (h // merge) * (w // merge)
         ids = self._prefix_ids + suffix_ids
-        positions = qwen_prompt_positions(self.pipe, ids, n_video, len(self._prefix_ids), (self.steps, h, w), self.fps)
+        positions = prompt_positions(self.pipe, ids, n_video, len(self._prefix_ids), (self.steps, h, w), self.fps)
         positions = positions[:, -len(suffix_ids):]
         # The offline prompt's length (before any pruning), refused where run() would refuse it.
         self.pipe._check_length(len(ids) + n_video, max_new_tokens)
