@@ -295,6 +295,22 @@ def test_methods_by_budgets_grid_runs_each_method_at_each_budget(toy, tmp_path):
     assert res.exit_code == 0 and "| tome,budget=0.25 | tome " in res.output and "| fastv,budget=0.5 | fastv " in res.output
 
 
+def test_a_sweep_folder_held_by_another_sweep_is_refused(toy, tmp_path):
+    from prunevid_bench.harness.runlock import RunLock
+
+    args = ("sweep", "--methods", "fastv", "--budgets", "0.5", "--dataset", toy, "--limit", "1", "--model", "tiny",
+            "--max-new-tokens", "2", "--num-frames", "8", "--results-dir", tmp_path)
+    first = invoke(*args)
+    assert first.exit_code in (0, INCOMPLETE), first.output
+    (sweep_dir,) = tmp_path.iterdir()
+    with RunLock(sweep_dir):  # another sweep (here: this process) holds the folder
+        held = invoke(*args)
+    assert held.exit_code == 2 and f"{sweep_dir} is in use by" in held.output, held.output
+    assert held.output.strip().splitlines()[-1].startswith("error:")  # one line, after the dataset's preflight line
+    again = invoke(*args)  # released: the rerun resumes (every cell done)
+    assert again.exit_code in (0, INCOMPLETE) and "0 samples run now" in again.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["--budgets", "0.5"], "--budgets needs --methods"),
     (["--methods", "tome"], "--methods needs --budgets"),

@@ -51,7 +51,7 @@ from prunevid_bench.harness.evaluate import (
     with_feature_cache,
 )
 from prunevid_bench.harness.launch import Launch
-from prunevid_bench.harness.runlock import LOCK_FILE, held_locks
+from prunevid_bench.harness.runlock import LOCK_FILE, RunLock, held_locks
 from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, read_run_samples
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.harness.tables import Column, FittedTable
@@ -364,11 +364,19 @@ def run_sweep(
         console.print(f"sweep folder: {sweep_dir}  ({len(cells)} cells; nothing run)", soft_wrap=True)
         return SweepResult(sweep_dir, cells, [], None)
     meta = {"preset": options.preset, "label": label, "sweep": sweep_dir.name}
-    if launch.parallel:
-        from prunevid_bench.harness.sweep_jobs import run_as_jobs
+    # One sweep per folder at a time (each cell also locks its own run folder): two would rewrite
+    # each other's sweep.json, table and plot, and a --force would back up the other's.
+    with RunLock(sweep_dir, wait=options.wait, note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
+        if launch.parallel:
+            from prunevid_bench.harness.sweep_jobs import run_as_jobs
 
-        return run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console)
+            return run_as_jobs(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, launch, console)
+        return _run_cells_here(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, pipeline, console)
 
+
+def _run_cells_here(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, pipeline, console) -> SweepResult:
+    """The cells one after another in this process, then the sweep's table and plot."""
+    force = options.force
     if pipeline is None:
         get_pipe = pipeline_loader(base)
     else:
