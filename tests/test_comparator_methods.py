@@ -236,3 +236,54 @@ def test_tome_proportional_attention_agrees_under_eager_and_sdpa(case):
     by_sdpa = run(case, **TOME, **{"tome.proportional_attention": True})
     assert by_eager.result.generated_token_ids == by_sdpa.result.generated_token_ids
     torch.testing.assert_close(by_eager.logits, by_sdpa.logits, rtol=0, atol=1e-4)
+
+
+def test_tome_proportional_attention_keeps_sdpa_causal_and_unmasked(case, monkeypatch):
+    """Under SDPA the bias rides in one extra q/k channel, so the language model's prefill calls
+    the kernel causal with no mask (a mask would make it compute the whole L x L), and removing
+    the patch puts back the ``sdpa`` function it found."""
+    import torch.nn.functional as F
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    pipe = case[0]
+    head_dim = pipe.model.config.get_text_config().hidden_size // pipe.model.config.get_text_config().num_attention_heads
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[-1], q.shape[-2], attn_mask is None, kwargs.get("is_causal", False)))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    pipe.remove_stages()
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]  # transformers' own, or another live handle's wrapper
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    run(case, **TOME, **{"tome.proportional_attention": True})
+    llm = [c for c in calls if c[0] == head_dim + 8]  # the language model's calls, with the 8 extra channels
+    prefill = [c for c in llm if c[1] > 1]
+    assert len(prefill) == N_LAYERS and all(unmasked and causal for _, _, unmasked, causal in prefill)
+    assert len(llm) == N_LAYERS * MAX_NEW  # decoding goes through it too
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not before
+    pipe.remove_stages()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    calls.clear()
+    plain = run(case)  # after removal nothing is added, even if the wrapper stays under a later one
+    assert all(c[0] == head_dim for c in calls if c[0] in (head_dim, head_dim + 8)) and plain.result.generated_token_ids
+
+
+def test_a_removed_handles_sdpa_wrapper_adds_nothing_under_a_later_one(case):
+    """Handle A (this pipeline) wraps ``sdpa``, handle B (another pipeline) wraps A's wrapper;
+    removing A leaves its wrapper inside B's, and it must then pass every call through."""
+    from prunevid_bench.pipeline import load_pipeline
+
+    pipe, prepared, base = case
+    other = load_pipeline("tiny", device="cpu", dtype="float32")
+    try:
+        pipe.remove_stages()
+        run(case, **TOME, **{"tome.proportional_attention": True})  # A
+        other.run(other.prepare(video_frames(), QUESTION), **TOME, **{"tome.proportional_attention": True,
+                                                                       "generation.max_new_tokens": 2})  # B
+        pipe.remove_stages()  # A goes; its wrapper stays under B's
+        again = run(case)
+        assert again.result.generated_token_ids == base.result.generated_token_ids
+        torch.testing.assert_close(again.logits, base.logits, rtol=0, atol=0)
+    finally:
+        other.remove_stages()

@@ -97,6 +97,28 @@ class _InstanceOverride:
             delattr(self.obj, self.name)
 
 
+class _MappingOverride:
+    """Sets ``mapping[key] = fn``; ``remove()`` puts back what was there, unless something else
+    has been set there since."""
+
+    def __init__(self, mapping, key: str, fn):
+        self.mapping, self.key, self.fn = mapping, key, fn
+        local = getattr(mapping, "_local_mapping", {})
+        self.previous = local.get(key)  # a local override there before, else None (the global one shows again)
+        mapping[key] = fn
+
+    def remove(self) -> None:
+        if self.mapping.get(self.key) is not self.fn:
+            return
+        if self.previous is not None:
+            self.mapping[self.key] = self.previous
+        else:
+            del self.mapping[self.key]
+
+
+EXTRA_CHANNELS = 8  # proportional attention's extra q/k/v channels (two used; 8 keeps head dims kernel-friendly)
+
+
 class ReductionHandle:
     def __init__(self, model, config: RunConfig):
         self.model = model
@@ -143,6 +165,7 @@ class ReductionHandle:
         if self.visual_methods:  # proportional attention, when a method's reduction asks for it
             for i, layer in enumerate(fam.decoder_layers(model)):
                 add(layer.register_forward_pre_hook(functools.partial(self._add_key_bias, i), with_kwargs=True))
+            add(self._wrap_sdpa({id(fam.attention(layer)) for layer in fam.decoder_layers(model)}))
         if self.layer_method is not None:
             layers = fam.decoder_layers(model)
             k = self.pruning_layer
@@ -386,13 +409,52 @@ class ReductionHandle:
         st.prompt_max_id = int(pos[-3:].max())
         st.decode_position_shift = st.prompt_max_id - int(ids[:, -1].max())
 
+    def _wrap_sdpa(self, attention_ids: set[int]):
+        """Proportional attention under SDPA without a mask: for this model's attention modules,
+        transformers' ``sdpa`` attention function gets each query two more channels of 1 and each
+        key two more holding log(size) / scaling (0 for text and generated tokens; the second
+        holds what the first's rounding to bf16/fp16 lost), padded to 8 channels of which the rest
+        are 0, and values 8 zero channels (dropped from the output).
+        So ``scaling * q'.k'`` is ``scaling * q.k + log(size)``, exactly the biased logit, and
+        the kernel stays causal: an explicit mask would make it compute the whole L x L. Any
+        other model, a call with a mask (``_add_key_bias`` then biases the mask), or a sample
+        without sizes goes to the function as it was. Returns an object with ``remove()``."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+        def sdpa_with_key_bias(module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
+            bias = self.state.key_log_size
+            # not self._hooks: this handle was removed, but a later one wrapped this function
+            if bias is None or not self._hooks or attention_mask is not None or id(module) not in attention_ids:
+                return original(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+            dim, n_kv = query.shape[-1], key.shape[-2]
+            scale = scaling if scaling is not None else dim**-0.5
+            key_bias = torch.zeros(n_kv, device=key.device, dtype=torch.float32)
+            key_bias[: min(n_kv, bias.numel())] = bias[:n_kv].to(key.device)
+            q_extra = query.new_zeros(*query.shape[:-1], EXTRA_CHANNELS)
+            q_extra[..., :2] = 1
+            k_extra = key.new_zeros(*key.shape[:-1], EXTRA_CHANNELS)
+            target = key_bias / scale
+            high = target.to(key.dtype)  # and what bf16/fp16 rounding lost, in a second channel
+            k_extra[..., 0], k_extra[..., 1] = high, (target - high.float()).to(key.dtype)
+            v_extra = value.new_zeros(*value.shape[:-1], EXTRA_CHANNELS)
+            out, weights = original(module, torch.cat([query, q_extra], -1), torch.cat([key, k_extra], -1),
+                                    torch.cat([value, v_extra], -1), None, *args, scaling=scale, **kwargs)
+            return out[..., :dim], weights
+
+        return _MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_with_key_bias)
+
     def _add_key_bias(self, layer_idx: int, module, args, kwargs):
-        """Proportional attention (ToMe): the layer's additive mask becomes causal + log(size) of
-        every prompt key (0 for text and generated tokens), so SDPA takes it as ``attn_mask``;
-        prefill and decode alike. Query i of this call sits at sequence index past + i. Every
-        layer of one forward gets the same mask, so it is built once per forward."""
+        """Proportional attention (ToMe) with a mask: the layer's additive mask becomes causal +
+        log(size) of every prompt key (0 for text and generated tokens); prefill and decode alike.
+        Query i of this call sits at sequence index past + i. Every layer of one forward gets the
+        same mask, so it is built once per forward. Under SDPA with no mask of its own the layer
+        is left alone: ``_wrap_sdpa`` puts the bias in the keys instead."""
         bias = self.state.key_log_size
         if bias is None:
+            return None
+        if kwargs.get("attention_mask") is None and self._attn_implementation() == "sdpa":
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = splice.cache_kwarg(kwargs)
@@ -405,6 +467,10 @@ class ReductionHandle:
             built = self.state.key_bias_mask = (mask, shape, self._key_bias_mask(bias, mask, past, n_q, n_kv, hidden))
         kwargs["attention_mask"] = built[2]
         return args, kwargs
+
+    def _attn_implementation(self) -> str:
+        return str(getattr(self.model.config.get_text_config(), "_attn_implementation", None) or
+                   getattr(self.model.config, "_attn_implementation", ""))
 
     @staticmethod
     def _key_bias_mask(bias, mask, past: int, n_q: int, n_kv: int, hidden: torch.Tensor) -> torch.Tensor:
