@@ -176,7 +176,7 @@ def main() -> None:
     print("ideal ms = baseline TTFT / ideal speed-up; ideal speed-up = baseline LLM prefill FLOPs / the variant's,")
     print("  with its measured token counts (flops.run_flops: layers 0..K and K+1.., causal attention, plus the")
     print("  Stage-2/FastV score's q.k rows). A method's own selection/merge work is NOT in the FLOPs model apart")
-    print("  from that score, nor is tome+prop's per-layer mask; the vision encoder is skipped by every variant.")
+    print("  from that score, nor is tome+prop's bias (extra q/k channels); the vision encoder is skipped by every variant.")
     print("own ms = the methods' own time (handle clock marks around reduce/select, incl. KV compaction for")
     print(f"  LLM-layer methods); own/base = own ms / the baseline's median TTFT at that token count; goal <= {GOAL:.0%}.")
 
