@@ -32,8 +32,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    mrope: str = "transformers"  # M-RoPE numbering: transformers (as installed) | qwen (Qwen's own; prunevid_bench.mrope)
 
 
+MROPE_MODES = ("transformers", "qwen")  # model.mrope (prunevid_bench.mrope)
 VIDEO_POLICIES = ("auto", "qwen", "lmms-eval", "processor")
 
 
@@ -277,6 +279,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise PruneVidError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{cfg.model.dtype}'")
+    if cfg.model.mrope not in MROPE_MODES:
+        raise PruneVidError(f"model.mrope must be transformers or qwen, got '{cfg.model.mrope}'")
     if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
         raise PruneVidError(
             f"model.attn_implementation must be sdpa, eager or flash_attention_2, got '{cfg.model.attn_implementation}'"

@@ -20,6 +20,7 @@ import torch
 from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.mrope import numbering
 from prunevid_bench.report import Reduction, RunResult
 from prunevid_bench.messages import lmms_system_prompt, prepare_media, single_video_messages
 from prunevid_bench.video import Clip, VideoRequest
@@ -197,7 +198,7 @@ class Pipeline:
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
-        with self._served_features(prepared, handle) as served:
+        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope):
             out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
         out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)

@@ -193,6 +193,8 @@ def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer,
 
 # ---------------------------------------------------------------- run folders
 def check_stream_config(cfg: RunConfig, chunk_frames: int, budget: int | None) -> None:
+    if cfg.model.mrope != "transformers":
+        raise PruneVidError("a stream numbers its positions as the installed transformers does: set model.mrope=transformers")
     if cfg.stage2.enabled and cfg.stage2.score != "prunevid":
         raise PruneVidError(f"a stream's question-time eviction scores with stage2.score=prunevid only, got '{cfg.stage2.score}'")
     if chunk_frames <= 0 or chunk_frames % 2:
