@@ -12,7 +12,7 @@ merger shape: what each costs, merger included.
 
 The patch groups are synthetic but shaped like a video (bench_stage1's scenes with still slots),
 the merger is Qwen2.5-VL's with random weights. Both orders run in the same process, medians
-after a warm-up; the merger's FLOPs are ``flops.merger_flops``.
+after a warm-up (bench_stage2's `timed`); the merger's FLOPs are ``flops.merger_flops``.
 """
 
 from __future__ import annotations
@@ -20,41 +20,27 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
 
 from bench_stage1 import CONFIG, synthetic_video
+from bench_stage2 import timed
 from prunevid_bench.flops import QWEN25_VL_7B_VISION, merger_flops
-from prunevid_bench.measure import Clock
 from prunevid_bench.stages.stage1 import merge_video_tokens
-
-
-def timed(clock: Clock, fn, warmup: int, repeats: int) -> tuple[float, object]:
-    """(median seconds of ``repeats`` calls after ``warmup`` discarded ones, the last result)."""
-    times, result = [], None
-    for i in range(warmup + repeats):
-        start = clock.start()
-        result = fn()
-        seconds = clock.elapsed(start, clock.mark())
-        if i >= warmup:
-            times.append(seconds)
-    return statistics.median(times), result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", type=int, default=16, help="temporal grid steps")
     parser.add_argument("--N", type=int, default=256, help="LLM tokens per step (a 16 x 16 merged grid)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape and one run (CI)")
     args = parser.parse_args()
     if args.smoke:
-        args.T, args.N, args.repeats, args.warmup = 4, 16, 1, 0
+        args.T, args.N, args.repeats = 4, 16, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -64,18 +50,19 @@ def main() -> None:
     merger = Qwen2_5_VLPatchMerger(shape.out_hidden_size, shape.hidden_size, shape.spatial_merge_size)
     merger = merger.to(device=device, dtype=dtype).eval()
     groups = synthetic_video(args.T, args.N, shape.hidden_size * unit).to(device=device, dtype=dtype)  # [T, N, 5120]
-    clock = Clock(device)
     total = args.T * args.N
 
     def project(rows: torch.Tensor) -> torch.Tensor:  # [M, 5120] -> [M, 3584]
         return merger(rows.reshape(-1, shape.hidden_size))
 
     with torch.inference_mode():
-        merger_all, tokens = timed(clock, lambda: project(groups.reshape(total, -1)), args.warmup, args.repeats)
-        s1_llm, res_llm = timed(clock, lambda: merge_video_tokens(tokens.reshape(args.T, args.N, -1), **CONFIG),
-                                args.warmup, args.repeats)
-        s1_vision, res_vision = timed(clock, lambda: merge_video_tokens(groups, **CONFIG), args.warmup, args.repeats)
-        merger_kept, _ = timed(clock, lambda: project(res_vision.merged.to(dtype)), args.warmup, args.repeats)
+        tokens = project(groups.reshape(total, -1))
+        res_llm = merge_video_tokens(tokens.reshape(args.T, args.N, -1), **CONFIG)
+        res_vision = merge_video_tokens(groups, **CONFIG)
+        merger_all = timed(lambda: project(groups.reshape(total, -1)), device, args.repeats)
+        s1_llm = timed(lambda: merge_video_tokens(tokens.reshape(args.T, args.N, -1), **CONFIG), device, args.repeats)
+        s1_vision = timed(lambda: merge_video_tokens(groups, **CONFIG), device, args.repeats)
+        merger_kept = timed(lambda: project(res_vision.merged.to(dtype)), device, args.repeats)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -84,7 +71,7 @@ def main() -> None:
     print(f"torch {torch.__version__} | device {device} | dtype {str(dtype).removeprefix('torch.')}")
     print(f"input: T={args.T} x N={args.N} = {total} tokens; patch groups {shape.hidden_size}x{unit} = "
           f"{shape.hidden_size * unit} wide; merger -> {shape.out_hidden_size} (Qwen2.5-VL-7B, random weights)")
-    print(f"stage 1: {CONFIG}; median of {args.repeats} after {args.warmup} warm-up")
+    print(f"stage 1: {CONFIG}; median of {args.repeats} after 1 warm-up")
     print()
     rows = [
         ("llm", res_llm.n_merged, total, merger_all, s1_llm),

@@ -144,8 +144,12 @@ def test_the_merger_projects_only_the_merged_tokens(case):
 
 
 def test_with_stage2_the_groups_come_from_the_vision_space_merge(case):
+    pipe, prepared, _ = case
+    res = merge_video_tokens(raster_units(pipe, prepared), tau=0.8, cluster_ratio=0.5, temporal_segment_ratio=0.25, k=7,
+                             min_cluster_tokens=4)
     out = run(case, **VISION, **{"stage2.enabled": True, "stage2.pruning_layer": 1, "stage2.keep_ratio": 0.5})
     st = out.state
+    assert torch.equal(st.visual_groups, res.group.to(st.visual_groups.device))  # not the frames, not LLM space's
     sizes = torch.bincount(st.visual_groups)
     assert st.tokens_after == int(sum(int(n * 0.5) for n in sizes.tolist()))
     assert [r.acts for r in out.result.reductions] == ["vision_encoder", "llm_layer"]

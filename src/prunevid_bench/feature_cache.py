@@ -206,22 +206,24 @@ class Served:
 
 
 # ----------------------------------------------------------------------------- model-specific
-@contextlib.contextmanager
 def video_features_patch(model, cached: list[torch.Tensor] | None, captured: list):
-    """MODEL-SPECIFIC (Qwen2.5-VL / Qwen2-VL, transformers 5.x): for the duration of one call,
-    wrap the instance's ``model.model.get_video_features``. With ``cached`` it returns them as the
+    """For the duration of one call (a ``with`` block), wrap the instance's
+    ``get_video_features`` (on the family's base model). With ``cached`` it returns them as the
     tower's output (``pooler_output``: one tensor per video) without running the tower; without,
     it runs the tower and appends its per-video output to ``captured``. Wraps whatever is bound
     on the instance now (e.g. the PruneVid patch's own wrapper) and restores it afterwards."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    base = model.model
-    had_own = "get_video_features" in base.__dict__
+    from prunevid_bench.families import family_of
+    from prunevid_bench.overrides import overriding
+
+    family = family_of(model)
+    base, merge = family.base(model), family.geometry(model.config).merge
     previous = base.get_video_features
 
     def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
         if cached is not None:
-            sizes = (video_grid_thw.prod(-1) // base.visual.spatial_merge_size**2).tolist()
+            sizes = (video_grid_thw.prod(-1) // merge**2).tolist()
             if sizes != [int(t.shape[0]) for t in cached]:
                 raise RuntimeError("cached video features do not match the prompt's video grids")
             return BaseModelOutputWithPooling(pooler_output=tuple(cached))
@@ -229,14 +231,7 @@ def video_features_patch(model, cached: list[torch.Tensor] | None, captured: lis
         captured.append(tuple(out.pooler_output))
         return out
 
-    base.get_video_features = get_video_features
-    try:
-        yield
-    finally:
-        if had_own:
-            base.get_video_features = previous
-        else:
-            del base.get_video_features
+    return overriding(base, "get_video_features", get_video_features)
 
 
 # ----------------------------------------------------------------------------- keys and entries

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from prunevid_bench.config import MROPE_MODES
+from prunevid_bench.overrides import overriding
 
 __all__ = ["MROPE_MODES", "numbering", "qwen_numbering"]
 
@@ -64,9 +65,7 @@ def numbering(model, mode: str):
     from prunevid_bench.families import family_of
 
     base = family_of(model).base(model)
-    had_own = "get_rope_index" in base.__dict__
     original = base.get_rope_index
-
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -75,11 +74,5 @@ def numbering(model, mode: str):
         position_ids, _ = original(*args, **kwargs)
         return qwen_numbering(position_ids, given["mm_token_type_ids"], given.get("attention_mask"))
 
-    base.get_rope_index = get_rope_index
-    try:
+    with overriding(base, "get_rope_index", get_rope_index):
         yield
-    finally:
-        if had_own:
-            base.get_rope_index = original
-        else:
-            del base.get_rope_index

@@ -38,6 +38,7 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
 from prunevid_bench.methods import LayerContext, VideoTokens, all_methods
+from prunevid_bench.overrides import InstanceOverride, MappingOverride
 from prunevid_bench.stages import stage2 as s2
 
 
@@ -84,38 +85,6 @@ class _BeforeMerger:
     rows_skipped: int
 
 
-class _InstanceOverride:
-    """Binds ``fn`` as ``obj.name`` on that instance (the class's stays); ``remove()`` unbinds
-    it, unless something else has been bound there since."""
-
-    def __init__(self, obj, name: str, fn):
-        self.obj, self.name, self.fn = obj, name, fn
-        setattr(obj, name, fn)
-
-    def remove(self) -> None:
-        if self.obj.__dict__.get(self.name) is self.fn:
-            delattr(self.obj, self.name)
-
-
-class _MappingOverride:
-    """Sets ``mapping[key] = fn``; ``remove()`` puts back what was there, unless something else
-    has been set there since."""
-
-    def __init__(self, mapping, key: str, fn):
-        self.mapping, self.key, self.fn = mapping, key, fn
-        local = getattr(mapping, "_local_mapping", {})
-        self.previous = local.get(key)  # a local override there before, else None (the global one shows again)
-        mapping[key] = fn
-
-    def remove(self) -> None:
-        if self.mapping.get(self.key) is not self.fn:
-            return
-        if self.previous is not None:
-            self.mapping[self.key] = self.previous
-        else:
-            del self.mapping[self.key]
-
-
 EXTRA_CHANNELS = 8  # proportional attention's extra q/k/v channels (two used; 8 keeps head dims kernel-friendly)
 
 
@@ -131,6 +100,9 @@ class ReductionHandle:
         self.video_token_id = self.family.video_token_id(model)
         self.vision_end_token_id = self.family.vision_end_token_id(model)
         self.merge = self.family.geometry(model.config).merge
+        text = model.config.get_text_config()
+        self.attn_implementation = str(getattr(text, "_attn_implementation", None) or
+                                       getattr(model.config, "_attn_implementation", ""))
         enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
         self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder"]
         self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
@@ -199,7 +171,7 @@ class ReductionHandle:
             finally:
                 self._encoding_videos = False
 
-        return _InstanceOverride(base, "get_video_features", get_video_features)
+        return InstanceOverride(base, "get_video_features", get_video_features)
 
     def _wrap_merger(self, merger):
         """Wrap the merger's ``forward`` on this instance: while videos are encoded, the
@@ -213,7 +185,7 @@ class ReductionHandle:
                 return original(x, *args, **kwargs)  # an image, or a call outside get_video_features
             return self._reduce_before_merger(lambda rows: original(rows, *args, **kwargs), x, self._encoded_video_grid_thw)
 
-        return _InstanceOverride(merger, "forward", forward)
+        return InstanceOverride(merger, "forward", forward)
 
     def _reduce_before_merger(self, project, x: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """The merger's input ``x`` [U * merge^2, C] of one tower call over the videos ``grids``
@@ -230,7 +202,7 @@ class ReductionHandle:
             n = (h // self.merge) * (w // self.merge)
             full = torch.arange(t * n, device=x.device)
             tokens, n_groups, size, after = self._reduce_video(
-                VideoTokens(raster[offset : offset + t * n], full, full // n, t, n, w // self.merge), self.encoder_methods, record)
+                VideoTokens(raster[offset : offset + t * n], full, full // n, t, n, w // self.merge), t, self.encoder_methods, record)
             if size is not None or after is not None:
                 raise PruneVidError("a method inside the vision encoder can set neither sizes (proportional attention) "
                                     "nor positions_after")
@@ -281,11 +253,13 @@ class ReductionHandle:
         return None
 
     # ------------------------------------------------------------------ visual-token methods
-    def _reduce_video(self, tokens: VideoTokens, methods, st: SampleState) -> tuple[VideoTokens, int, torch.Tensor | None, int | None]:
-        """Run ``methods`` on one video in order, recording into ``st``; returns the tokens, the
-        number of groups they are in, their sizes when a method asked for proportional attention
-        and the renumbering of what follows the video (``VisualReduction.positions_after``)."""
-        n_groups, size, after = int(tokens.group.max()) + 1 if tokens.group.numel() else 0, None, None
+    def _reduce_video(self, tokens: VideoTokens, n_groups: int, methods, st: SampleState
+                      ) -> tuple[VideoTokens, int, torch.Tensor | None, int | None]:
+        """Run ``methods`` on one video (its tokens in ``n_groups`` groups) in order, recording
+        into ``st``; returns the tokens, the number of groups they are in, their sizes when a
+        method asked for proportional attention and the renumbering of what follows the video
+        (``VisualReduction.positions_after``)."""
+        size, after = None, None
         for method, cfg in methods:
             start = self.clock.mark()
             red = method.reduce(tokens, cfg)
@@ -348,11 +322,10 @@ class ReductionHandle:
                 index, group, n_groups = encoded.videos[i]
                 tokens = VideoTokens(tokens.embeds[index], index, group, t, n_per_frame, tokens.w)
             if self.visual_methods:
-                tokens, n_groups, size, after = self._reduce_video(tokens, self.visual_methods, st)
-                if size is not None:
-                    sizes.append((sum(p.numel() for p in pieces), size))
-            if encoded is not None or self.visual_methods:
+                tokens, n_groups, size, after = self._reduce_video(tokens, n_groups, self.visual_methods, st)
                 reduced.append((sum(p.numel() for p in pieces), tokens.embeds))
+                if size is not None:
+                    sizes.append((reduced[-1][0], size))
             pieces.append(start + tokens.index)
             groups.append(tokens.group + group_offset)
             group_offset += n_groups
@@ -366,8 +339,8 @@ class ReductionHandle:
         visual = torch.cat(visual_flags)
 
         unpruned = kwargs.get("position_ids")
-        if reduced:
-            new_embeds = embeds[:, source].clone()
+        if reduced or encoded is not None:  # the encoder methods' tokens are already in place
+            new_embeds = embeds[:, source]  # a copy (index-selected), so written in place below
             for offset, merged in reduced:
                 new_embeds[0, offset : offset + merged.shape[0]] = merged.to(new_embeds.dtype)
             splice.select_llm_inputs(kwargs, source, new_embeds)
@@ -377,7 +350,7 @@ class ReductionHandle:
         if sizes:
             if self.layer_method is not None:
                 raise PruneVidError("proportional attention cannot be combined with an LLM-layer method yet; turn one off")
-            if "flash" in str(getattr(self.model.config, "_attn_implementation", "")):
+            if "flash" in self.attn_implementation:
                 raise PruneVidError("proportional attention needs an additive mask: use --attn-implementation sdpa or eager")
             st.key_log_size = torch.zeros(source.numel(), device=ids.device)
             for offset, size in sizes:
@@ -443,7 +416,7 @@ class ReductionHandle:
                                     torch.cat([value, v_extra], -1), None, *args, scaling=scale, **kwargs)
             return out[..., :dim], weights
 
-        return _MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_with_key_bias)
+        return MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_with_key_bias)
 
     def _add_key_bias(self, layer_idx: int, module, args, kwargs):
         """Proportional attention (ToMe) with a mask: the layer's additive mask becomes causal +
@@ -454,7 +427,7 @@ class ReductionHandle:
         bias = self.state.key_log_size
         if bias is None:
             return None
-        if kwargs.get("attention_mask") is None and self._attn_implementation() == "sdpa":
+        if kwargs.get("attention_mask") is None and self.attn_implementation == "sdpa":
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = splice.cache_kwarg(kwargs)
@@ -467,10 +440,6 @@ class ReductionHandle:
             built = self.state.key_bias_mask = (mask, shape, self._key_bias_mask(bias, mask, past, n_q, n_kv, hidden))
         kwargs["attention_mask"] = built[2]
         return args, kwargs
-
-    def _attn_implementation(self) -> str:
-        return str(getattr(self.model.config.get_text_config(), "_attn_implementation", None) or
-                   getattr(self.model.config, "_attn_implementation", ""))
 
     @staticmethod
     def _key_bias_mask(bias, mask, past: int, n_q: int, n_kv: int, hidden: torch.Tensor) -> torch.Tensor:
