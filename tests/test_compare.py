@@ -187,7 +187,7 @@ def test_another_method_is_named_and_never_taken_for_the_baseline(runs, tiny_pip
     assert res.exit_code == 0, res.output
     fastv_row, base_row = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
     assert (fastv_row["is_baseline"], base_row["is_baseline"]) == ("False", "True")
-    assert fastv_row["stages"] == "fastv L=1 keep_ratio=0.5"
+    assert fastv_row["stages"] == "fastv L=1 keep_ratio=0.5 kv_cache=original"
     assert float(fastv_row["ideal_speedup"]) == summary(fastv)["metrics"]["ideal_speedup"]["median"] > 1
     assert float(base_row["ideal_speedup"]) == 1
     (row,) = csv.DictReader(open(fastv / "summary.csv"))

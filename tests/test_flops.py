@@ -156,7 +156,7 @@ def test_run_record_carries_flops_and_ideal_speedup(request, pipe_fixture, frame
     model = pipe.model
     shape = TextShape.from_config(model.config)
     ids = prepared.inputs["input_ids"][0]
-    rows = ids.numel() - (int(torch.nonzero(ids == model.config.vision_end_token_id)[-1]) + 1)
+    rows = ids.numel() - int(torch.nonzero(ids == model.config.vision_end_token_id)[-1])  # <|vision_end|> on
     vision = vision_encoder_flops(family_of(model).vision_shape(model.config), r.video_grid_thw)
     llm = llm_prefill_flops(shape, tokens_per_layer(shape.num_layers, r.prompt_tokens, 1,
                                                     r.prompt_tokens - (r.stage2_tokens_before - r.stage2_tokens_after)),

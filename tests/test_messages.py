@@ -89,7 +89,7 @@ def test_two_videos_an_image_and_a_system_prompt_equal_the_per_video_reference(p
     # Stage 2 scores from the text after the second video; the image is never pruned.
     merged_ids = ids[0, source]
     last_video = int(torch.nonzero(merged_ids == VIDEO_PAD_ID).flatten()[-1])
-    assert st.query_start == last_video + 1 + int(torch.nonzero(merged_ids[last_video:] == VISION_END_ID)[0])
+    assert st.query_start == last_video + 1 and merged_ids[st.query_start] == VISION_END_ID  # <|vision_end|> is a query row
     kept_ids = merged_ids[st.keep_index]
     assert int((kept_ids == IMAGE_PAD_ID).sum()) == 8
     assert 0 < st.tokens_after < st.tokens_before == st.tokens_after_stage1
@@ -113,7 +113,7 @@ def test_query_rows_start_after_the_last_video_not_after_an_image(pipe):
     ids = prepared.inputs["input_ids"][0]
     video_end = int(torch.nonzero(ids == VISION_END_ID)[0])
     image_end = int(torch.nonzero(ids == VISION_END_ID)[1])
-    assert traced.state.query_start == video_end + 1 < image_end
+    assert traced.state.query_start == video_end < image_end  # the video's <|vision_end|> row on
     ref = reference_for(pipe, prepared, traced, 1)
     torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
 

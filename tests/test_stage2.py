@@ -288,10 +288,11 @@ def stage1_cfg(enabled: bool) -> Stage1Config:
 
 def merged_layout(input_ids: torch.Tensor, merged_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(visual positions, query rows) in the post-Stage-1 sequence, from lengths alone: the text
-    before and after the video is untouched, so the merged tokens fill the gap between them."""
+    before and after the video is untouched, so the merged tokens fill the gap between them; the
+    query rows are every row after the last visual token, its <|vision_end|> included."""
     start, end = layout(input_ids)
     n_merged = merged_len - (input_ids.shape[1] - N_VISUAL)
-    return torch.arange(start, start + n_merged), torch.arange(start + n_merged + 1, merged_len)
+    return torch.arange(start, start + n_merged), torch.arange(start + n_merged, merged_len)
 
 
 @pytest.mark.parametrize("k", [0, 2])
@@ -344,6 +345,44 @@ def test_prunevid_scores_equal_dense_official_formula(pipes, models, impl, k, wi
         visual, rows = merged_layout(inputs["input_ids"], hidden.shape[1])
         expected = dense_official_scores(model.model.language_model.layers[k], hidden, rows, visual)
     torch.testing.assert_close(st.scores, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,keep", [(0, 0.4), (1, 0.25), (3, 0.5)])
+def test_kept_set_equals_the_official_query_row_rule(pipes, models, k, keep):
+    """The official code, transcribed naively: the image span is the first to the last pad
+    index, the query rows are ``A[:, :, img_end + 1:, img_start:img_end + 1]`` of the pre-rotary,
+    unmasked softmax (its <|vision_end|> row included), max over heads then rows, and each
+    frame keeps ``topk(int(n * keep))``, offset and sorted."""
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **stage2(k=k, keep=keep))
+    inputs, model = prepared.inputs, models["sdpa"]
+    seen = {}
+    hook = model.model.language_model.layers[k].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(hidden=a[0].detach().clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, position_ids=prefill_position_ids(model, inputs))
+    finally:
+        hook.remove()
+    ids = inputs["input_ids"][0]
+    pads = torch.nonzero(ids == VIDEO_PAD_ID).flatten()
+    img_start, img_end = int(pads[0]), int(pads[-1])
+    layer = model.model.language_model.layers[k]
+    attn = layer.self_attn
+    x = layer.input_layernorm(seen["hidden"])[0]
+    n, d = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(n, -1, d).transpose(0, 1)
+    kk = attn.k_proj(x).view(n, -1, d).transpose(0, 1)
+    kk = kk.repeat_interleave(q.shape[0] // kk.shape[0], dim=0)  # GQA: query head h reads key head h // groups
+    probs = torch.softmax(q @ kk.transpose(1, 2) / d**0.5, dim=-1)
+    text_to_video = probs[:, img_end + 1 :, img_start : img_end + 1]
+    importance = text_to_video.max(0)[0].max(0)[0]
+    kept = []
+    for f in range(N_FRAMES):
+        frame = importance[f * PER_FRAME : (f + 1) * PER_FRAME]
+        kept.append(frame.topk(int(PER_FRAME * keep)).indices + f * PER_FRAME)
+    expected = torch.cat(kept).sort().values
+    assert torch.equal(traced.state.kept_visual, expected)
 
 
 def test_max_max_scores_on_small_inputs():
@@ -627,4 +666,4 @@ def test_prompt_without_text_after_the_video_is_refused(pipes, models):
         run(head, True)
     run(head, False)  # only Stage 2 needs a question
     _, st = run(head + "?", True)  # one token after the video is enough: it is the only query row
-    assert st.query_start == st.keep_index[-1] and st.tokens_after == N_FRAMES * int(PER_FRAME * 0.4)
+    assert st.query_start == st.keep_index[-2] and st.tokens_after == N_FRAMES * int(PER_FRAME * 0.4)  # <|vision_end|>, ?

@@ -37,7 +37,7 @@ from prunevid_bench.config import RunConfig, Stage1Config, Stage2Config, resolve
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
-from prunevid_bench.methods import LayerContext, VideoTokens, all_methods
+from prunevid_bench.methods import LayerContext, LayerReduction, VideoTokens, all_methods
 from prunevid_bench.overrides import InstanceOverride, MappingOverride
 from prunevid_bench.stages import stage2 as s2
 
@@ -57,10 +57,11 @@ class SampleState:
     source_index: torch.Tensor | None = None  # [L1] original prompt index of each post-Stage-1 token
     visual_positions: torch.Tensor | None = None  # [V] positions (post Stage 1) of visual tokens
     visual_groups: torch.Tensor | None = None  # [V] Stage-2 group of each visual token
-    query_start: int | None = None  # first position (post Stage 1) after the last video's <|vision_end|>
+    query_start: int | None = None  # first row (post Stage 1) after the last video's last visual token: its <|vision_end|>
     scores: torch.Tensor | None = None  # [V] Stage-2 importance (PruneVid's scoring), when the method keeps one
     keep_index: torch.Tensor | None = None  # [L2] positions (post Stage 1) that survive Stage 2
     kept_visual: torch.Tensor | None = None  # [V'] indices into visual_positions
+    compacted: bool = True  # the LLM-layer method dropped its tokens from the early layers' cache too
     tokens_before: int = 0  # visual tokens entering the LLM-layer method (Stage 2)
     tokens_after: int = 0  # ... and leaving it
     kv_bytes_layers_0_to_k: int = 0  # before compaction, read off the tensors
@@ -86,6 +87,20 @@ class _BeforeMerger:
 
 
 EXTRA_CHANNELS = 8  # proportional attention's extra q/k/v channels (two used; 8 keeps head dims kernel-friendly)
+
+
+def _layers(method, spec, num_layers: int) -> tuple[int, int]:
+    """(K as the method means it, the last layer that runs on every token: the one scored)."""
+    key = f"{method.section}.pruning_layer"
+    k = resolve_layer(spec, num_layers, key)
+    if not method.prunes_before:
+        return k, k
+    if isinstance(spec, str) and "/" in spec:
+        k = max(1, k)  # a relative depth too shallow for this model: the shallowest K there is
+    if k < 1:
+        raise PruneVidError(f"{key} must be >= 1: {method.name} scores with layer K-1's attention and prunes "
+                            f"before layer K, got {spec}")
+    return k, k - 1
 
 
 class ReductionHandle:
@@ -114,9 +129,9 @@ class ReductionHandle:
         self.layer_method = layer[0] if layer else None
         # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads this.
         self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None
-        self.pruning_layer = (
-            resolve_layer(self.pruning_layer_spec, self.num_layers, f"{layer[0][0].section}.pruning_layer") if layer else None
-        )
+        self.pruning_layer = self.score_layer = None
+        if layer:
+            self.pruning_layer, self.score_layer = _layers(layer[0][0], self.pruning_layer_spec, self.num_layers)
 
     @property
     def methods(self) -> list:
@@ -140,15 +155,15 @@ class ReductionHandle:
             add(self._wrap_sdpa({id(fam.attention(layer)) for layer in fam.decoder_layers(model)}))
         if self.layer_method is not None:
             layers = fam.decoder_layers(model)
-            k = self.pruning_layer
+            k = self.score_layer
             layer = layers[k]
             attn = fam.attention(layer)
             add(attn.q_proj.register_forward_hook(self._capture("q")))
             add(attn.k_proj.register_forward_hook(self._capture("k")))
             add(layer.register_forward_pre_hook(self._capture_layer_inputs, with_kwargs=True))
             add(layer.register_forward_hook(self._prune_after_layer_k, with_kwargs=True))
-            for later in layers[k + 1 :]:
-                add(later.register_forward_pre_hook(self._slice_layer_inputs, with_kwargs=True))
+            for i, later in enumerate(layers[k + 1 :], start=k + 1):
+                add(later.register_forward_pre_hook(functools.partial(self._slice_layer_inputs, i), with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -241,7 +256,8 @@ class ReductionHandle:
             # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta
             # grows by as much and decoding continues the unpruned numbering. Our engine and
             # generate() pass explicit positions and never read it.
-            final_len = st.keep_index.numel() if st.keep_index is not None else st.source_index.numel()
+            # (what layer 0's cache holds: a method that leaves the early layers whole keeps it unpruned)
+            final_len = st.keep_index.numel() if st.keep_index is not None and st.compacted else st.source_index.numel()
             base = self.family.base(self.model)
             deltas = getattr(base, "rope_deltas", None)
             if deltas is not None and st.prompt_max_id is not None:  # renumbered: continue after its largest id
@@ -359,9 +375,12 @@ class ReductionHandle:
         st.visual_groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long, device=ids.device)
         st.tokens_after_stage1 = int(st.visual_positions.numel())
         st.tokens_before = st.tokens_after = st.tokens_after_stage1
-        st.query_start = splice.query_start(ids[source], visual, self.vision_end_token_id)
+        # the query rows: every row after the last visual token of the last video, its
+        # <|vision_end|> included (the official code's img_end + 1 on)
+        st.query_start = int(torch.searchsorted(source, spans[-1][1])) if spans else None
         if self.layer_method is not None and st.tokens_after_stage1 > 0:
-            if st.query_start is None or st.query_start >= source.numel():
+            question = splice.text_start(ids[source], visual, self.vision_end_token_id)
+            if question is None or question >= source.numel():
                 raise PruneVidError(
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
@@ -490,12 +509,15 @@ class ReductionHandle:
             visual=st.visual_positions, groups=st.visual_groups, query_start=st.query_start,
             scaling=attn.scaling, seq_len=seq_len, original_visual=st.tokens_before_stage1,
         )
-        kept = method.select(ctx, cfg)
+        red = method.select(ctx, cfg)
+        red = red if isinstance(red, LayerReduction) else LayerReduction(keep=red)
+        kept = red.keep
         keep_index = splice.drop_index(seq_len, st.visual_positions, kept)
         cache = splice.cache_kwarg(kwargs)
         st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0
-        if cache is not None:
-            s2.compact_cache_layers(cache, range(self.pruning_layer + 1), keep_index)
+        st.compacted = red.compact_cache
+        if cache is not None and red.compact_cache:
+            s2.compact_cache_layers(cache, range(self.score_layer + 1), keep_index)
         st.scores, st.scored_rows = ctx.scores, ctx.scored_rows
         st.kept_visual, st.keep_index = kept, keep_index
         st.tokens_after = int(kept.numel())
@@ -505,13 +527,26 @@ class ReductionHandle:
         st.method_marks[method.name] = [(start, self.clock.mark())]
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-    def _slice_layer_inputs(self, module, args, kwargs):
+    def _slice_layer_inputs(self, layer_idx: int, module, args, kwargs):
         st = self.state
         keep = st.keep_index
-        if not st.prefill or keep is None or args[0].shape[1] != keep.numel():
+        if keep is None:
             return None
-        splice.slice_layer_kwargs(kwargs, keep)
-        return args, kwargs
+        if st.prefill and args[0].shape[1] == keep.numel():
+            splice.slice_layer_kwargs(kwargs, keep)
+            return args, kwargs
+        mask = kwargs.get("attention_mask")
+        if not st.prefill and not st.compacted and isinstance(mask, torch.Tensor) and mask.ndim == 4:
+            # decoding with the early layers' cache left whole: a mask built for layer 0's length
+            # loses the dropped prompt columns in the shorter layers
+            cache = splice.cache_kwarg(kwargs)
+            n_kv = (cache.get_seq_length(layer_idx) if cache is not None else 0) + args[0].shape[1]
+            if mask.shape[-1] != n_kv:
+                full = st.source_index.numel()
+                columns = torch.cat([keep, torch.arange(full, mask.shape[-1], device=keep.device)])
+                kwargs["attention_mask"] = mask.index_select(-1, columns)
+                return args, kwargs
+        return None
 
     # ------------------------------------------------------------------ report
     def seconds(self, name: str) -> float:

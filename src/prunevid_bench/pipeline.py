@@ -211,9 +211,9 @@ class Pipeline:
         kv_uncompressed = out.kv_cache_bytes
         layer_method = handle.layer_method if handle else None
         if layer_method and stages.get("kv_bytes_layers_0_to_k"):
-            # Layers 0..K were read just before compaction; every layer holds the same length.
+            # The layers that ran on all tokens were read just before pruning; each held the prompt.
             n_layers = self.model.config.get_text_config().num_hidden_layers
-            kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (handle.pruning_layer + 1)
+            kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (handle.score_layer + 1)
         llm_prefill_tokens = stages.get("llm_prefill_tokens") or out.prompt_tokens
         reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
         method_fields = _method_fields(handle, stages)
@@ -289,7 +289,7 @@ class Pipeline:
         grids = [list(map(int, g)) for key in ("video_grid_thw", "image_grid_thw")
                  for g in _as_rows(prepared.inputs.get(key))]
         vision = family_of(self.model).vision_shape(self.model.config)
-        layer = handle.pruning_layer if handle is not None and handle.layer_method else None
+        layer = handle.score_layer if handle is not None and handle.layer_method else None  # the last on all tokens
         return run_flops(self.model.config, vision, grids, prompt_tokens, llm_prefill_tokens, layer,
                          dropped if layer is not None else 0, scored_rows, merger_rows_skipped)
 

@@ -35,10 +35,9 @@ def split_spans(spans, grids, merge) -> list[tuple[int, int]]:
     return out
 
 
-def query_start(ids: torch.Tensor, visual: torch.Tensor, vision_end_id: int) -> int | None:
+def text_start(ids: torch.Tensor, visual: torch.Tensor, vision_end_id: int) -> int | None:
     """First position after the ``<|vision_end|>`` that closes the last video (not the last
-    image): an LLM-layer method's query rows are the text that follows the videos. None without
-    a video."""
+    image): the question an LLM-layer method needs. None without a video."""
     video_positions = torch.nonzero(visual).flatten()
     if video_positions.numel() == 0:
         return None

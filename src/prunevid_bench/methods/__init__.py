@@ -7,10 +7,11 @@ methods of a run in ``ACTS`` order, and within one place in registration order:
 
 - ``visual_tokens``: on each video's visual tokens after the vision encoder, before the LLM;
   ``reduce(tokens: VideoTokens, cfg) -> VisualReduction``.
-- ``llm_layer``: after decoder layer K, with the question visible;
-  ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual positions). The patch
-  drops the others from the hidden states, the later layers' inputs and the KV cache of layers
-  0..K. One such method per run.
+- ``llm_layer``: after decoder layer K (or, with ``prunes_before``, before it: after layer K-1),
+  with the question visible; ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual
+  positions) or a :class:`LayerReduction`. The patch drops the others from the hidden states,
+  the later layers' inputs and (unless the reduction says otherwise) the KV cache of the layers
+  that ran on all tokens. One such method per run.
 - ``vision_encoder``: inside the vision tower, on each video's patch features before the patch
   merger: ``reduce(tokens: VideoTokens, cfg) -> VisualReduction`` as for ``visual_tokens``, but
   each token's ``embeds`` row is the merger's input for that LLM token (its merge x merge patch
@@ -91,6 +92,9 @@ class Method:
     reduce: Callable | None = None  # vision_encoder, visual_tokens
     select: Callable | None = None  # llm_layer
     pruning_layer: Callable[[Any], Any] | None = None  # llm_layer: cfg -> the layer as configured ("K/N" or index)
+    # llm_layer: True when the configured K is the first layer that runs on the kept tokens (FastV:
+    # it scores with layer K-1's attention); False when K is scored and pruned after (PruneVid)
+    prunes_before: bool = False
     placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
 
     def where(self, cfg: Any) -> str:
@@ -252,12 +256,24 @@ class VisualReduction:
 
 
 @dataclass
+class LayerReduction:
+    """What an ``llm_layer`` method may return instead of the bare ``kept`` indices: ``keep``
+    [V'] ascending indices into the visual positions; ``compact_cache`` False leaves the KV cache
+    of the layers that ran on all tokens whole (FastV's own KV-cache code: decoding then still
+    sees the dropped tokens there), True drops them there too (PruneVid's Stage 3)."""
+
+    keep: Any
+    compact_cache: bool = True
+
+
+@dataclass
 class LayerContext:
     """What an ``llm_layer`` method sees after layer K (one prefill, batch size 1).
 
     ``q`` [H, L, d] and ``k`` [H_kv, L, d]: the layer's projections BEFORE rotary; ``rotate(q,
     k)``: the same rotated with the layer's M-RoPE; ``visual`` [V] positions of the visual tokens;
-    ``groups`` [V]; ``query_start``: first text position after the last video; ``scaling``: the
+    ``groups`` [V]; ``query_start``: the first row after the last visual token of the last video
+    (its ``<|vision_end|>``: the official PruneVid query rows start there); ``scaling``: the
     attention scale. A method may leave its [V] scores in ``scores`` for the state (tests, plots)."""
 
     q: Any

@@ -1,0 +1,87 @@
+"""FastV at the original's K, on both tiny families: the kept set equals a naive transcription of
+pkunlp-icler/FastV's inplace code (layer K-1's attention, eager, ``mean(heads)[-1]`` over the
+visual span, ``topk``, sorted) at K = 1, 2, 3; the run equals a cache-free reference in which
+layers 0..K-1 see every token (and decoding still sees the dropped ones there, FastV's KV cache)
+or, with ``fastv.kv_cache: compact``, not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunevid_bench.engine import prefill_position_ids
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.measure import cache_lengths
+from tests.test_stage2 import N_LAYERS, N_VISUAL, baseline, models, pipes, reference_for, run_traced, tiny_name  # noqa: F401
+
+
+def fastv(k, keep=0.5, kv_cache="original") -> dict:
+    return {"fastv.enabled": True, "fastv.pruning_layer": k, "fastv.keep_ratio": keep, "fastv.kv_cache": kv_cache}
+
+
+@torch.no_grad()
+def naive_fastv_keep(model, inputs, k: int, keep_ratio: float) -> torch.Tensor:
+    """The original, transcribed naively: run the unpruned prompt with eager attention, take layer
+    K-1's attention weights, average over heads, the last row over the visual span, keep the
+    ``int(V * ratio)`` largest, sorted (indices into the visual span)."""
+    out = model(**inputs, position_ids=prefill_position_ids(model, inputs), output_attentions=True)
+    ids = inputs["input_ids"][0]
+    video = torch.nonzero(ids == model.config.video_token_id).flatten()
+    first, last = int(video[0]), int(video[-1])
+    image_attention_score = out.attentions[k - 1].mean(dim=1)[0][-1][first : last + 1]
+    top = image_attention_score.topk(int(video.numel() * keep_ratio)).indices
+    return top.sort().values
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_kept_set_equals_the_original_at_k(pipes, models, k, keep):
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **fastv(k, keep))
+    expected = naive_fastv_keep(models["eager"], prepared.inputs, k, keep)
+    assert torch.equal(traced.state.kept_visual, expected)
+    assert traced.result.pruning_layer == k
+    if k > 1:  # the neighbouring layer's attention keeps another set: the test tells K from K-1
+        assert not torch.equal(naive_fastv_keep(models["eager"], prepared.inputs, k - 1, keep), expected)
+
+
+@pytest.mark.parametrize("impl,k", [("sdpa", 1), ("eager", 2), ("sdpa", 3)])
+@pytest.mark.parametrize("kv_cache", ["original", "compact"])
+def test_run_matches_cache_free_reference(pipes, impl, k, kv_cache):
+    """Layers 0..K-1 run on every token, K.. on the kept ones; decoding reads the dropped tokens
+    in layers 0..K-1 exactly when their cache is left whole (the original)."""
+    pipe, prepared = pipes[impl]
+    traced = run_traced(pipe, prepared, **fastv(k, kv_cache=kv_cache))
+    original = kv_cache == "original"
+    ref = reference_for(pipe, prepared, traced, k - 1, decode_sees_dropped=original)
+    torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
+    other = reference_for(pipe, prepared, traced, k - 1, decode_sees_dropped=not original)
+    assert (other[1:] - traced.logits[1:]).abs().max() > 1e-3  # the cache rule is seen
+    base = baseline(pipes, impl).result
+    prompt, kept = prepared.inputs["input_ids"].shape[1], traced.state.keep_index.numel()
+    r = traced.result
+    assert r.kv_cache_bytes_uncompressed == base.kv_cache_bytes
+    full_layers = k if original else 0
+    per_token_layer = base.kv_cache_bytes // (prompt * N_LAYERS)
+    assert r.kv_cache_bytes == per_token_layer * (full_layers * prompt + (N_LAYERS - full_layers) * kept)
+
+
+def test_early_layers_keep_their_whole_cache(pipes):
+    from transformers import DynamicCache
+
+    pipe, prepared = pipes["eager"]
+    traced = run_traced(pipe, prepared, **fastv(2))
+    handle, model, inputs = pipe._handle, pipe.model, prepared.inputs
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad():
+        model(**inputs, position_ids=prefill_position_ids(model, inputs), past_key_values=cache, use_cache=True)
+    prompt, kept = inputs["input_ids"].shape[1], handle.state.keep_index.numel()
+    assert cache_lengths(cache) == [prompt, prompt] + [kept] * (N_LAYERS - 2)
+    assert traced.result.tokens_after == N_VISUAL // 2
+
+
+def test_layer_zero_is_refused_and_a_shallow_relative_depth_is_layer_one(pipes):
+    pipe, prepared = pipes["sdpa"]
+    with pytest.raises(PruneVidError, match=r"fastv.pruning_layer must be >= 1: fastv scores with layer K-1"):
+        pipe.run(prepared, **fastv(0))
+    assert pipe.run(prepared, **fastv("2/28")).pruning_layer == 1  # 2/28 of 4 layers rounds to 0
