@@ -198,7 +198,7 @@ class Pipeline:
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
-        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope):
+        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope, _integer_seconds(cfg)):
             out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
         out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -350,6 +350,14 @@ def _video_entry(clip: Clip) -> dict[str, Any]:
     """One video of a several-video prompt, for the record."""
     return {"path": clip.path, "frame_indices": list(clip.indices), "frame_size": clip.frame_size,
             "num_frames": clip.num_frames, "sampled_fps": round(clip.sampled_fps, 6), "backend": clip.backend}
+
+
+def _integer_seconds(cfg: RunConfig) -> bool:
+    """Whether an enabled method numbers video time ids with integer seconds per step (vLLM's EVS)."""
+    from prunevid_bench.methods import get_method
+
+    methods = [get_method(name) for name in cfg.enabled_methods]
+    return any(m.integer_seconds(cfg.section(m.section)) for m in methods if m.integer_seconds is not None)
 
 
 def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

@@ -92,6 +92,7 @@ class Method:
     select: Callable | None = None  # llm_layer
     pruning_layer: Callable[[Any], Any] | None = None  # llm_layer: cfg -> the layer as configured ("K/N" or index)
     placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
+    integer_seconds: Callable[[Any], bool] | None = None  # cfg -> number video time ids with int(seconds per step) (prunevid_bench.mrope)
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

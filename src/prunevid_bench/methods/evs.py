@@ -6,7 +6,9 @@ Positions (``evs.positions``): ``original`` (the default) keeps every kept token
 text's unpruned M-RoPE ids, as PruneVid does; ``vllm`` is what vLLM does for Qwen2.5-VL: the
 kept video tokens keep their ids, the tokens after the video restart at the video's first id + W'
 (``stages.evs.evs_position_ids(mode="vllm")``; the reduction's ``positions_after``), and decoding
-continues from the largest prompt id + 1. ``vllm`` is the mode that matches vLLM."""
+continues from the largest prompt id + 1; the video's time ids are vLLM's too, ``step * int(seconds
+per step) * tokens_per_second`` (``prunevid_bench.mrope.integer_second_time_ids``). ``vllm`` is the
+mode that matches vLLM."""
 
 from __future__ import annotations
 
@@ -54,4 +56,5 @@ register_method(Method(
     choices={"positions": POSITION_MODES},
     record_fields=("evs_dropped_tokens",),
     reduce=reduce,
+    integer_seconds=lambda cfg: cfg.positions == "vllm",  # vLLM: second_per_grid_ts.long() before scaling
 ))
