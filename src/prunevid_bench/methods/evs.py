@@ -36,7 +36,8 @@ def reduce(tokens: VideoTokens, cfg: EVSConfig) -> VisualReduction:
     if not tokens.is_full_grid:
         raise PruneVidError("evs needs each video's full token grid: run it before other visual-token methods")
     rate = cfg.video_pruning_rate if cfg.budget is None else evs.evs_budget(tokens.n, tokens.t, cfg.budget)[0]
-    mask = evs.evs_retention_mask(tokens.embeds.reshape(tokens.t, tokens.n, -1), rate)
+    # in a stream, a chunk's first step is compared with the previous chunk's last (tokens.previous)
+    mask = evs.evs_retention_mask(tokens.embeds.reshape(tokens.t, tokens.n, -1), rate, tokens.previous)
     keep = torch.nonzero(mask).flatten().to(tokens.index.device)
     group = torch.unique(tokens.group[keep], return_inverse=True)[1]
     # vLLM's recompute_mrope_positions: what follows the video restarts at its first id + W'
