@@ -75,7 +75,7 @@ def speedup(pipe, n_chunks: int, repeats: int) -> dict:
 
 
 def kv_series(pipe, n_chunks: int, budget: int | None) -> list[tuple[float, int]]:
-    session = StreamSession(pipe, video_fps=FPS, chunk_frames=CHUNK, visual_budget=budget)
+    session = StreamSession(pipe, video_fps=FPS, chunk_frames=CHUNK, cache_tokens=budget)
     points = []
     for i in range(n_chunks):
         record = session.append(frames(CHUNK, seed=100 + i))

@@ -47,8 +47,8 @@ def test_stream_asks_at_times_and_matches_offline(clip16, tmp_path):
     assert (tmp_path / "s" / "kv.png").stat().st_size > 0
 
 
-def test_stream_options_pick_a_letter_and_the_budget_holds(clip16, tmp_path):
-    res = invoke("stream", clip16, "--ask", "3.9:Which?", "-o", "red", "-o", "blue", "--budget", "40", "--chunk-frames", "2",
+def test_stream_options_pick_a_letter_and_the_cache_cap_holds(clip16, tmp_path):
+    res = invoke("stream", clip16, "--ask", "3.9:Which?", "-o", "red", "-o", "blue", "--cache-tokens", "40", "--chunk-frames", "2",
                  "--answer-mode", "logits",
                  "--compare-offline", *TINY, "--results-dir", tmp_path, "--label", "b")
     assert res.exit_code == 0, res.output
@@ -86,16 +86,16 @@ def test_stream_force_keeps_the_earlier_results_and_a_held_folder_is_refused(cli
             "--results-dir", tmp_path, "--label", "f")
     assert invoke(*args).exit_code == 0
     first = records(tmp_path / "f")
-    other = invoke(*args, "--budget", "40")  # other settings: refused without --force ...
+    other = invoke(*args, "--cache-tokens", "40")  # other settings: refused without --force ...
     assert other.exit_code == 2 and "--force" in other.output
-    forced = invoke(*args, "--budget", "40", "--force")  # ... and started over with it
+    forced = invoke(*args, "--cache-tokens", "40", "--force")  # ... and started over with it
     assert forced.exit_code == 0, forced.output
     assert "backup-1/" in forced.output
     assert [json.loads(line) for line in (tmp_path / "f" / "backup-1" / "questions.jsonl").read_text().splitlines()] == first
-    assert records(tmp_path / "f")[0]["visual_tokens"] == 32  # the new run (budget 40 after 2 chunks of 16)
-    assert json.loads((tmp_path / "f" / "config.json").read_text())["visual_budget"] == 40
+    assert records(tmp_path / "f")[0]["visual_tokens"] == 32  # the new run (cap 40 after 2 chunks of 16)
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["cache_tokens"] == 40
     with RunLock(tmp_path / "f"):  # another process (here: this one) holds the folder
-        held = invoke(*args, "--budget", "40")
+        held = invoke(*args, "--cache-tokens", "40")
     assert held.exit_code == 2 and "is in use by" in held.output and len(held.output.strip().splitlines()) == 1
 
 
@@ -114,8 +114,63 @@ def test_stream_with_stage1_and_stage2_records_the_kept_tokens(clip16, tmp_path)
     (("--ask", "soon:What?"), "SECONDS:QUESTION"),
     (("--ask", "0.2:What?"), "before the first chunk"),
     (("--set", "stage2.enabled=true", "--set", "stage2.score=random"), "stage2.score=prunevid only"),
+    (("--budget", "40"), "stream --budget is now --cache-tokens N"),
+    (("--set", "fastv.enabled=true"), "fastv cannot run in a stream yet"),
+    (("--set", "random.enabled=true"), "random cannot run in a stream yet"),
+    (("--preset", "evs-75"), "evs renumbers the positions after the video"),
+    (("--preset", "tome-50", "--set", "tome.proportional_attention=true"), "tome asks for proportional attention"),
+    (("--preset", "stage1_only", "--set", "stage1.space=vision"), "acts inside the vision encoder"),
+    (("--preset", "tome-50", "--cache-tokens", "40"), "--cache-tokens and a visual-token method per chunk (tome)"),
 ])
 def test_stream_user_errors_are_one_line(clip16, tmp_path, extra, message):
     ask = () if "--ask" in extra else ("--ask", "2:What?")
     res = invoke("stream", clip16, *ask, *extra, *TINY, "--results-dir", tmp_path)
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    if "before the first chunk" not in message:  # known only once the clip is decoded
+        assert not (tmp_path / "stream-clip16").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("preset, method, field", [("tome-50", "tome", "tome_merged_tokens"),
+                                                   ("evs-75", "evs", "evs_dropped_tokens"),
+                                                   ("vidcom2-25", "vidcom2", "vidcom2_dropped_tokens"),
+                                                   ("stage1_only", "prunevid_stage1", "stage1_segments")])
+def test_stream_runs_each_visual_token_method_per_chunk(clip16, tmp_path, preset, method, field):
+    extra = ("--set", "evs.positions=original") if method == "evs" else ()
+    res = invoke("stream", clip16, "--ask", "3.9:What now?", "--preset", preset, *extra, "--chunk-frames", "4",
+                 "--max-new-tokens", "2", *TINY, "--results-dir", tmp_path, "--label", "m")
+    assert res.exit_code == 0, res.output
+    chunks = [json.loads(line) for line in (tmp_path / "m" / "chunks.jsonl").read_text().splitlines()]
+    assert len(chunks) == 4
+    for c in chunks:
+        assert c["methods"] == [method] and c["tokens_in"] == c["tokens_before_stage1"] == 32
+        assert c["tokens_cached"] < c["tokens_in"] and field in c["method_stats"]
+    if method == "tome":  # 0.5 of each chunk's 32 tokens, exactly
+        assert [c["tokens_cached"] for c in chunks] == [16] * 4
+    (r,) = records(tmp_path / "m")
+    assert r["visual_tokens"] == sum(c["tokens_cached"] for c in chunks)
+
+
+def test_stream_stage2_budget_keeps_its_share_of_the_original_tokens(clip16, tmp_path):
+    res = invoke("stream", clip16, "--ask", "3.9:What now?", "--set", "stage2.enabled=true", "--set", "stage2.pruning_layer=1",
+                 "--set", "stage2.budget=0.25", "--max-new-tokens", "2", *TINY, "--results-dir", tmp_path, "--label", "b")
+    assert res.exit_code == 0, res.output
+    (r,) = records(tmp_path / "b")
+    assert (r["visual_tokens"], r["visual_tokens_kept"]) == (128, 32)  # round(0.25 * 128), not int(n * keep_ratio) per step
+
+
+def test_a_stream_and_a_run_of_a_checkpoint_see_the_same_frames(clip16, tmp_path):
+    """A checkpoint's default policy is qwen: its per-frame pixel bounds apply in a stream as in
+    `run`, so the same 16 frames are the same visual tokens (the processor policy would give 128)."""
+    ckpt = tmp_path / "toy-ckpt"
+    assert runner.invoke(app, ["export-toy", str(ckpt)]).exit_code == 0
+    common = ("--model", ckpt, "--num-frames", "16", "--max-new-tokens", "2", "--results-dir", tmp_path)
+    ran = invoke("run", clip16, "What is moving?", *common, "--json", "-q")
+    assert ran.exit_code == 0, ran.output
+    offline = json.loads(ran.stdout)
+    res = invoke("stream", clip16, "--ask", "3.9:What is moving?", "--chunk-frames", "4", *common, "--label", "c")
+    assert res.exit_code == 0, res.output
+    (r,) = records(tmp_path / "c")
+    assert offline["video_policy"] == r["video_policy"] == "qwen" and r["frames_seen"] == 16
+    assert r["visual_tokens"] == offline["visual_tokens"] != 8 * 16
+    assert r["frame_size"] == offline["frame_size"] and "per-frame share over the 16 frames" in r["pixels_per_frame"]

@@ -92,6 +92,29 @@ def test_prefill_ids_are_vllms_renumbering_two_videos(tiny_pipe):
     assert int(out.position_ids[1, 0, -1]) == int(full[1, 0, -1]) - 1
 
 
+@pytest.mark.parametrize("seconds", (0.5, 2 / 3, 1.25, 7.5))
+def test_vllm_positions_cast_seconds_per_step_as_vllm_does(tiny_pipe, seconds):
+    """vLLM's EVS numbers a video's time ids with ``second_per_grid_ts.long()``: a kept token of
+    step a sits at the video's first id + a * int(s) * tokens_per_second (transformers 5.24:
+    floor(a * s * tokens_per_second)); ``original`` keeps the installed transformers' ids."""
+    prepared = portrait_clip(tiny_pipe, n_frames=16)
+    prepared.inputs["second_per_grid_ts"] = torch.tensor([seconds])
+    (start, end), = video_spans(prepared.inputs["input_ids"], prepared.inputs["video_grid_thw"].tolist())
+    full = prefill_position_ids(tiny_pipe.model, prepared.inputs)
+    per_second = tiny_pipe.model.config.vision_config.tokens_per_second
+    for mode, interval in (("vllm", int(seconds) * per_second), ("original", None)):
+        out = traced(tiny_pipe, prepared, **{**VLLM, "evs.positions": mode})
+        source = out.state.source_index
+        video = (source >= start) & (source < end)
+        step = (source[video] - start) // 8  # 8 tokens a step (4 x 2)
+        got = out.position_ids[1, 0, video]
+        if mode == "vllm":
+            assert torch.equal(got, full[1, 0, start] + step * interval)
+        else:
+            assert torch.equal(got, full[1, 0, source[video]])
+            assert not torch.equal(got, full[1, 0, start] + step * int(seconds) * per_second)  # 5.24 keeps the fraction
+
+
 def test_original_positions_keep_the_unpruned_ids(tiny_pipe):
     prepared = portrait_clip(tiny_pipe)
     full = prefill_position_ids(tiny_pipe.model, prepared.inputs)

@@ -1,6 +1,7 @@
 """``model.mrope: qwen``: Qwen's own M-RoPE numbering (every segment starts at the largest id
-before it + 1) against a naive transcription of the published rule written here from the
-grids alone; it moves only the starts of segments; decoding continues from the largest id + 1;
+before it + 1; a video's time ids step by int(seconds per step) * tokens_per_second) against a
+naive transcription of transformers 4.57's rule written here from the grids alone, with whole and
+fractional seconds per step; it moves only the starts of segments; decoding continues from the largest id + 1;
 ``generate`` agrees; the cache-free reference holds; methods compose; bad input is refused."""
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ QWEN = {"model.mrope": "qwen", "generation.max_new_tokens": 4}
 
 
 def published_rule(model, inputs) -> torch.Tensor:
-    """(3, L) by Qwen's rule, from scratch: a text run counts on from the largest id so far + 1;
-    a vision span of grid (t, h, w) gets (t * interval, h, w) offsets from that start, with
-    interval = tokens_per_second * seconds per step for a Qwen2.5-VL video, 1 for Qwen2-VL, 0
-    for an image (one step)."""
+    """(3, L) by transformers 4.57's rule, from scratch: a text run counts on from the largest id
+    so far + 1; a vision span of grid (t, h, w) gets (t * interval, h, w) offsets from that start,
+    with interval = int(seconds per step) * tokens_per_second for a Qwen2.5-VL video (4.57 casts
+    the seconds to the int64 dtype of its ``arange`` before multiplying), 1 for Qwen2-VL, 0 for
+    an image (one step)."""
     kinds = inputs["mm_token_type_ids"][0].tolist()
     merge = model.config.vision_config.spatial_merge_size
     grids = {1: iter(inputs.get("image_grid_thw", [])), 2: iter(inputs.get("video_grid_thw", []))}
@@ -37,8 +39,8 @@ def published_rule(model, inputs) -> torch.Tensor:
             ids += [[start + k] * 3 for k in range(j - i)]
         else:
             t, h, w = (int(x) for x in next(grids[kinds[i]]))
-            step = 1 if kinds[i] == 1 or seconds is None else per_second * next(seconds)
-            ids += [[start + int(a * step), start + b, start + c]
+            step = 1 if kinds[i] == 1 or seconds is None else int(next(seconds)) * per_second
+            ids += [[start + a * step, start + b, start + c]
                     for a in range(t) for b in range(h // merge) for c in range(w // merge)]
         top = max(max(row) for row in ids)
         i = j
@@ -74,11 +76,35 @@ def test_the_lm_gets_the_published_numbering_and_transformers_5_24_differs(pipe)
     assert longer_in_time == (pipe.model.config.model_type == "qwen2_5_vl")  # 1 s steps x 2 ids a second
 
 
+FRACTIONAL_STEPS = (0.5, 2 / 3, 1.25, 7.5)  # seconds per step: 16 frames of 16 s, 24 s, 51.2 s (4 fps), 4 fps of 0.27 fps
+
+
+@pytest.mark.parametrize("seconds", FRACTIONAL_STEPS)
+def test_fractional_seconds_per_step_are_cast_as_transformers_4_57_does(seconds):
+    """transformers 5.24 numbers step a at floor(a * s * tokens_per_second), 4.57 at a * int(s) *
+    tokens_per_second: with s fractional the two differ, and ``qwen`` gives the 4.57 ids."""
+    pipe = load_pipeline("tiny", device="cpu", dtype="float32")
+    prepared = pipe.prepare(video_frames(), QUESTION)
+    prepared.inputs["second_per_grid_ts"] = torch.tensor([seconds])
+    out = run_traced(pipe, prepared, **QWEN)
+    rule = published_rule(pipe.model, prepared.inputs)
+    assert torch.equal(out.position_ids[1:, 0], rule)
+    is_video = prepared.inputs["mm_token_type_ids"][0] == 2
+    steps = rule[0, is_video].unique() - rule[0, is_video].min()
+    per_second = pipe.model.config.vision_config.tokens_per_second
+    assert steps.tolist() == sorted({a * int(seconds) * per_second for a in range(int(prepared.inputs["video_grid_thw"][0, 0]))})
+    plain = prefill_position_ids(pipe.model, prepared.inputs)[1:, 0]
+    plain_steps = plain[0, is_video].unique() - plain[0, is_video].min()
+    assert not torch.equal(plain_steps, steps)  # 5.24 keeps the fraction
+    pipe.remove_stages()
+
+
 def test_two_videos_an_image_and_a_system_prompt():
     from tests.test_messages import two_videos_and_an_image
 
     pipe = load_pipeline("tiny", device="cpu", dtype="float32")
     prepared = pipe.prepare(messages=two_videos_and_an_image())
+    prepared.inputs["second_per_grid_ts"] = torch.tensor([2.5, 2 / 3])  # one video cast to 2, the other to 0
     out = run_traced(pipe, prepared, **QWEN)
     assert torch.equal(out.position_ids[1:, 0], published_rule(pipe.model, prepared.inputs))
     pipe.remove_stages()

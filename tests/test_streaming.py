@@ -20,6 +20,13 @@ def frames16() -> np.ndarray:
     return np.random.default_rng(3).integers(0, 255, (16, 112, 112, 3), dtype=np.uint8)
 
 
+def with_section(pipe, **sections):
+    """The pipeline's config with these method sections (``stage1=Stage1Config(...)``) in place."""
+    import dataclasses
+
+    return dataclasses.replace(pipe.config, **sections)
+
+
 def offline(pipe, frames, question=QUESTION, max_new_tokens=6, **overrides):
     messages = [{"role": "user", "content": [{"type": "video", "video": frames, "fps": FPS}, {"type": "text", "text": question}]}]
     return pipe.run(messages=messages, max_new_tokens=max_new_tokens, **overrides)
@@ -123,7 +130,7 @@ def test_an_odd_frame_waits_for_the_next_chunk(tiny_pipe, frames16):
 
 def test_ask_choice_equals_offline_logits_choice(tiny_pipe, frames16):
     from prunevid_bench.choices import format_mc_prompt
-    from prunevid_bench.harness.evaluate import letter_token_ids
+    from prunevid_bench.choices import letter_token_ids
 
     options = ["a cat", "a car", "a cloud"]
     session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4)
@@ -195,7 +202,7 @@ def test_stage1_per_chunk_equals_offline_when_chunks_are_its_segments(tiny_pipe)
                                         "stage1.min_cluster_tokens": 4})
     assert ref.stage1_segments == 2 and ref.tokens_after_stage1 < ref.tokens_before_stage1
     # Each chunk is one scene of 2 steps: int(2 * 0.5) = 1 segment, the offline one.
-    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4, stage1=cfg)
+    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4, config=with_section(tiny_pipe, stage1=cfg))
     session.append(frames[:4])
     session.append(frames[4:])
     answer = session.ask(QUESTION, max_new_tokens=6)
@@ -209,19 +216,19 @@ def test_stage1_per_chunk_never_merges_across_a_chunk(tiny_pipe):
     cfg = Stage1Config(enabled=True, temporal_segment_ratio=0.25, min_cluster_tokens=4)
     ref = offline(tiny_pipe, frames, **{"stage1.enabled": True, "stage1.temporal_segment_ratio": 0.25,
                                         "stage1.min_cluster_tokens": 4})
-    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4, stage1=cfg)
+    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=4, config=with_section(tiny_pipe, stage1=cfg))
     session.append(frames[:4])
     session.append(frames[4:])
     # Static slots are averaged per chunk, not over the whole scene: more tokens survive.
     assert ref.stage1_segments == 1
     assert session.visual_tokens > ref.tokens_after_stage1
-    assert all(c.tokens_cached < c.tokens_before_stage1 for c in session.chunks)
+    assert all(c.tokens_cached < c.tokens_in for c in session.chunks)
 
 
 def test_the_visual_budget_holds_over_a_long_stream(tiny_pipe):
     rng = np.random.default_rng(9)
     budget = 40
-    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=2, visual_budget=budget)
+    session = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=2, cache_tokens=budget)
     bytes_seen = []
     for _ in range(12):
         session.append(rng.integers(0, 255, (2, 112, 112, 3), dtype=np.uint8))
@@ -237,7 +244,7 @@ def test_the_budget_evicts_the_most_redundant_tokens(tiny_pipe):
     still = np.full((2, 112, 112, 3), 90, dtype=np.uint8)
     noise = np.random.default_rng(1).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
     chunks = [noise, noise, still]  # the second repeats the first step exactly: all redundant
-    budgeted = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=2, visual_budget=32)
+    budgeted = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=2, cache_tokens=32)
     full = StreamSession(tiny_pipe, video_fps=FPS, chunk_frames=2)
     for chunk in chunks:
         budgeted.append(chunk)
@@ -255,7 +262,7 @@ def eviction_session(pipe, frames, keep_ratio, budget=None):
     from prunevid_bench.config import Stage2Config
 
     cfg = Stage2Config(enabled=True, pruning_layer=1, keep_ratio=keep_ratio)
-    session = StreamSession(pipe, video_fps=FPS, chunk_frames=4, stage2=cfg, visual_budget=budget)
+    session = StreamSession(pipe, video_fps=FPS, chunk_frames=4, config=with_section(pipe, stage2=cfg), cache_tokens=budget)
     for i in range(0, len(frames), 4):
         session.append(frames[i : i + 4])
     return session
@@ -312,3 +319,26 @@ def test_the_key_store_follows_the_budget(tiny_pipe, frames16):
     assert session.eviction.keys.shape[1] == session.cache_info()["tokens"]
     counts = torch.unique(session.visual_groups, return_counts=True)[1]
     assert session.ask(QUESTION, 3).visual_tokens_kept == sum(int(c * 0.5) for c in counts.tolist())  # per group
+
+
+def test_evs_compares_a_chunks_first_step_with_the_previous_chunks_last():
+    """Chunk [B, C] after a chunk ending in B: offline EVS would keep step 0 (255); in a stream
+    step 0 repeats the step before it and goes, and C's tokens stay."""
+    from prunevid_bench.config import RunConfig
+    from prunevid_bench.stages import evs
+    from prunevid_bench.stream_methods import enabled_methods, reduce_chunk
+
+    rng = torch.Generator().manual_seed(0)
+    b, c = torch.randn(16, 8, generator=rng), torch.randn(16, 8, generator=rng)
+    features = torch.cat([b, c])
+    cfg = RunConfig()
+    cfg.methods["evs"].enabled, cfg.methods["evs"].video_pruning_rate = True, 0.75
+    visual, _, _ = enabled_methods(cfg)
+    first = reduce_chunk(visual, features, 2, 16, 4, previous=None)
+    assert first.keep.tolist() == list(range(16))  # no step before: step 0 kept whole, as offline
+    later = reduce_chunk(visual, features, 2, 16, 4, previous=b.clone())
+    assert later.keep.tolist() == list(range(16, 32)) and later.methods == ["evs"]
+    scores = evs.evs_dissimilarity(features.view(2, 16, 8), b)
+    torch.testing.assert_close(scores[0], torch.zeros(16), rtol=0, atol=1e-6)
+    naive = [1 - float(torch.nn.functional.cosine_similarity(c[i], b[i], dim=0)) for i in range(16)]
+    torch.testing.assert_close(scores[1], torch.tensor(naive), rtol=0, atol=1e-6)

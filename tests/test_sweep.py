@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
+from prunevid_bench.methods import get_method
 from prunevid_bench.config import PROJECT_ROOT, build_config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.sweep import (
@@ -77,7 +78,7 @@ def test_another_methods_keys_switch_it_on_and_the_baseline_has_it_off():
         (["fastv"], 0.3), (["fastv"], 0.6)]
     cells = expand_cells(build_config(), parse_values(["fastv.keep_ratio=0.3"]))
     assert cells[1].config.enabled_methods == ["fastv"]  # sweeping a method's key switches it on
-    assert cells[0].overrides == {"stage1.enabled": False, "stage2.enabled": False}  # as before: no other method was on
+    assert cells[0].overrides == {}  # no method was on in the base: nothing to switch off
 
 
 def test_an_explicitly_swept_enabled_flag_wins():
@@ -148,6 +149,24 @@ def test_frames_control_matches_the_kept_tokens():
     assert [(c.name, c.matches) for c in controls] == [("frames=4", [cells[1].name]), ("frames=8", [cells[2].name])]
     assert all(c.config.video.num_frames == int(c.name[7:]) and not c.config.stage1.enabled and not c.config.stage2.enabled
                for c in controls)
+
+
+@pytest.mark.parametrize("preset, method", [("tome-50", "tome"), ("evs-75", "evs"), ("default", "prunevid_stage1")])
+def test_frames_controls_and_the_baseline_switch_off_every_method(preset, method):
+    """From a ToMe or EVS base the frames control is the baseline with fewer frames: no method on."""
+    def result(**medians):
+        return SimpleNamespace(summary={"metrics": {k: {"median": v} for k, v in medians.items()}})
+
+    base = build_config(preset, None, {"video.num_frames": 16})
+    assert method in base.enabled_methods
+    cells = expand_cells(base, parse_values(["keep_ratio=0.25"]))
+    results = {"baseline": result(num_frames=16, tokens_before_stage1=128, tokens_after=128),
+               cells[1].name: result(tokens_after=32)}
+    controls = frames_controls(base, cells, results)
+    assert [c.name for c in controls] == ["frames=4"]
+    for cell in (cells[0], *controls):
+        assert cell.config.enabled_methods == []
+        assert not cell.config.section(get_method(method).section).enabled
 
 
 # ---------------------------------------------------------------------------------------------

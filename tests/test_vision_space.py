@@ -200,8 +200,11 @@ def test_streaming_refuses_vision_space(tiny_pipe):
     from prunevid_bench.errors import PruneVidError
     from prunevid_bench.streaming import StreamSession
 
-    with pytest.raises(PruneVidError, match="stage1.space=llm"):
-        StreamSession(tiny_pipe, video_fps=2, chunk_frames=4, stage1=Stage1Config(enabled=True, space="vision"))
+    from prunevid_bench.config import RunConfig
+
+    cfg = RunConfig(stage1=Stage1Config(enabled=True, space="vision"))
+    with pytest.raises(PruneVidError, match="prunevid_stage1 acts inside the vision encoder with this config"):
+        StreamSession(tiny_pipe, video_fps=2, chunk_frames=4, config=cfg)
 
 
 def test_cli_runs_vision_space_and_names_a_bad_space(clip8, tmp_path):

@@ -22,6 +22,23 @@ LETTERS = "ABCDEFGHIJ"
 PROMPT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
+def letter_token_ids(tokenizer, n: int) -> list[int]:
+    """Token id of each option letter "A", "B", ... as the reply's first token (no leading space:
+    the assistant turn starts on a new line)."""
+    ids = []
+    for letter in LETTERS[:n]:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise PruneVidError(
+                f"--answer-mode logits needs every option letter to be one token; '{letter}' is "
+                f"{len(encoded)} tokens for this tokenizer: use --answer-mode generate"
+            )
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise PruneVidError("--answer-mode logits: two option letters share a token; use --answer-mode generate")
+    return ids
+
+
 def format_mc_prompt(question: str, options: Sequence[str]) -> str:
     """Question, one "(A) option" line per choice, then the lmms-eval instruction."""
     if not 2 <= len(options) <= len(LETTERS):

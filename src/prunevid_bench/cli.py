@@ -316,7 +316,8 @@ def stream(
     asks: Annotated[Optional[list[str]], typer.Option("--ask", "-a", help="SECONDS:QUESTION, asked once every chunk complete by then is cached (repeatable).", rich_help_panel="Stream")] = None,
     options: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A multiple-choice option (repeatable) for every --ask; the letter is parsed (or see --answer-mode).", rich_help_panel="Stream")] = None,
     chunk_frames: Annotated[int, typer.Option("--chunk-frames", help="Frames per chunk (a multiple of 2, the temporal patch).", rich_help_panel="Stream")] = 4,
-    budget: Annotated[Optional[int], typer.Option("--budget", help="Keep at most B visual tokens cached, evicting those most like the previous step (question-agnostic).", rich_help_panel="Stream")] = None,
+    cache_tokens: Annotated[Optional[int], typer.Option("--cache-tokens", help="Keep at most N visual tokens cached, evicting those most like the previous step (question-agnostic).", rich_help_panel="Stream")] = None,
+    old_budget: Annotated[Optional[str], typer.Option("--budget", hidden=True)] = None,
     compare_offline: Annotated[bool, typer.Option("--compare-offline", help="Also answer each question offline on the frames seen so far; record agreement and the TTFT ratio.", rich_help_panel="Stream")] = False,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="JSONL of timed questions: video, time, question, options, answer (several per video).", rich_help_panel="Dataset")] = None,
     answer_mode: AnswerMode = "generate",
@@ -340,13 +341,16 @@ def stream(
     quiet: Quiet = False,
 ) -> None:
     """Play a video as a stream: chunks are appended to a live KV cache and each question is
-    answered from it at its time, without re-encoding. Stage 1 (from the preset or
-    --set stage1.enabled=true) merges each chunk as it arrives; Stage 2 evicts cached visual
-    tokens for each answer by the question's layer-K scores."""
+    answered from it at its time, without re-encoding. The preset's visual-token methods (PruneVid
+    Stage 1, ToMe, EVS, VidCom2) act on each chunk as it arrives; PruneVid Stage 2 evicts cached
+    visual tokens for each answer by the question's layer-K scores; anything else is refused."""
     from prunevid_bench.config import build_config
     from prunevid_bench.stream_run import TimedQuestion, parse_ask, read_stream_dataset, run_stream
 
     human = human_console(json_out, quiet)
+    if old_budget is not None:
+        raise PruneVidError("stream --budget is now --cache-tokens N (a cap on the visual tokens cached); "
+                            "--budget means a kept fraction in run and sweep")
     if fps is None and num_frames is None:
         fps = 2.0
     overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
@@ -366,7 +370,7 @@ def stream(
         videos = {str(video): questions}
         source = str(video)
         default_label = f"stream-{video.stem}"
-    run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, budget=budget, compare_offline=compare_offline,
+    run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, cache_tokens=cache_tokens, compare_offline=compare_offline,
                                   preset=preset, results_dir=results_dir, label=label or default_label, source=source,
                                   answer_mode=answer_mode, force=force, wait=wait, console=human)
     if json_out:

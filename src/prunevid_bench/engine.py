@@ -55,6 +55,18 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def greedy_decode(first: torch.Tensor, step, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy decoding of one sample after its prefill, shared by the engine and streams: ``first``
+    is the first token (a 0-d or [1] tensor), ``step(token [1, 1])`` runs one forward on the last
+    token and returns the next logits [V]; stops at ``max_new_tokens`` or a stop token."""
+    token = first
+    tokens = [int(token)]
+    while len(tokens) < max_new_tokens and tokens[-1] not in stop:
+        token = step(token.view(1, 1)).argmax(-1)
+        tokens.append(int(token))  # int() syncs: the loop is host-driven like generate's
+    return tokens
+
+
 @torch.inference_mode()
 def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = None) -> EngineOutput:
     """Prefill + greedy decode of one sample (batch size 1). ``inputs`` is the processor output,
@@ -100,17 +112,16 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
             h.remove()
     vision_s = clock.elapsed(marks.get("vision_start"), marks.get("vision_end"))
 
-    tokens = [int(token)]
-    next_pos = position_ids[:, :, -1:] + 1  # every row continues from the last prompt position
+    next_pos = [position_ids[:, :, -1:] + 1]  # every row continues from the last prompt position
+
+    def step(last):
+        out = model(input_ids=last, position_ids=next_pos[0], **with_cache, use_cache=True, logits_to_keep=1)
+        next_pos[0] = next_pos[0] + 1
+        return out.logits[0, -1]
+
     memory.reset()
     decode_start = clock.mark()
-    while len(tokens) < max_new_tokens and tokens[-1] not in stop:
-        out = model(
-            input_ids=token.view(1, 1), position_ids=next_pos, **with_cache, use_cache=True, logits_to_keep=1
-        )
-        token = out.logits[:, -1, :].argmax(-1)
-        tokens.append(int(token))  # int() syncs: the loop is host-driven like generate's
-        next_pos = next_pos + 1
+    tokens = greedy_decode(token, step, max_new_tokens, stop)
     decode_end = clock.mark()
     decode_s = clock.elapsed(decode_start, decode_end)
     decode_peak = memory.read()

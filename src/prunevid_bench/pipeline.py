@@ -108,16 +108,7 @@ class Pipeline:
         request = self.video_request(cfg)
         media = prepare_media(messages, request, lmms_system_prompt(request.policy), name_elements=given)
         prompt = self._template(media.template_messages)
-        kwargs: dict[str, Any] = {}
-        if request.resizes:
-            kwargs["do_resize"] = False  # the policy sized every frame and image already
-        elif cfg.video.max_pixels or cfg.video.min_pixels:
-            size = dict(self.processor.video_processor.size)
-            if cfg.video.max_pixels:
-                size["longest_edge"] = cfg.video.max_pixels
-            if cfg.video.min_pixels:
-                size["shortest_edge"] = cfg.video.min_pixels
-            kwargs["size"] = size
+        kwargs = processor_size_kwargs(self.processor.video_processor, cfg.video, request.resizes)
         metadata = [
             {"total_num_frames": clip.num_frames, "fps": clip.sampled_fps, "frames_indices": list(range(clip.num_frames))}
             for clip in media.clips
@@ -198,7 +189,7 @@ class Pipeline:
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
-        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope):
+        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope, _integer_seconds(cfg)):
             out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
         out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -350,6 +341,30 @@ def _video_entry(clip: Clip) -> dict[str, Any]:
     """One video of a several-video prompt, for the record."""
     return {"path": clip.path, "frame_indices": list(clip.indices), "frame_size": clip.frame_size,
             "num_frames": clip.num_frames, "sampled_fps": round(clip.sampled_fps, 6), "backend": clip.backend}
+
+
+def processor_size_kwargs(video_processor, video, presized: bool) -> dict[str, Any]:
+    """What the processor is told about frame sizes, offline and in streams alike: nothing to
+    resize when the policy sized the frames already (qwen, lmms-eval), else the processor's own
+    per-frame rule with ``video.max_pixels`` / ``min_pixels`` as its bounds."""
+    if presized:
+        return {"do_resize": False}
+    if not (video.max_pixels or video.min_pixels):
+        return {}
+    size = dict(video_processor.size)
+    if video.max_pixels:
+        size["longest_edge"] = video.max_pixels
+    if video.min_pixels:
+        size["shortest_edge"] = video.min_pixels
+    return {"size": size}
+
+
+def _integer_seconds(cfg: RunConfig) -> bool:
+    """Whether an enabled method numbers video time ids with integer seconds per step (vLLM's EVS)."""
+    from prunevid_bench.methods import get_method
+
+    methods = [get_method(name) for name in cfg.enabled_methods]
+    return any(m.integer_seconds(cfg.section(m.section)) for m in methods if m.integer_seconds is not None)
 
 
 def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

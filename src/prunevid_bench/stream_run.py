@@ -11,7 +11,7 @@ re-runs it offline on the frames seen so far and records the agreement and TTFT 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +102,44 @@ def _answer_letter(value: Any, options: list[str]) -> str | None:
 
 
 # ---------------------------------------------------------------- playing one video
+def stream_request(pipe, cfg: RunConfig):
+    """The video request of a stream: the one ``run`` uses (the model's default policy, ``qwen``
+    for checkpoints, with its per-frame pixel bounds), except that the processor policy samples
+    by rate for the whole video unless --max-frames caps it."""
+    import dataclasses
+
+    request = pipe.video_request(cfg)
+    if request.policy == "processor" and request.max_frames is None:
+        request = dataclasses.replace(request, max_frames=NO_FRAME_CAP)
+    return request
+
+
+def pixel_note(clip, request) -> dict[str, Any]:
+    """What the record says of the frames' size: the policy, the size, and for the qwen-style
+    policies how the whole-video pixel budget became a per-frame bound (a stream cannot know
+    the video's length in advance: the budget is shared over the frames it plays)."""
+    from prunevid_bench.video import video_pixel_bounds
+
+    out: dict[str, Any] = {"video_policy": clip.policy, "frame_size": clip.frame_size}
+    if request.resizes:
+        _, most = video_pixel_bounds(request, clip.num_frames)
+        budget = "video.total_pixels" if request.total_pixels is not None else "the policy's total pixel budget"
+        out["pixels_per_frame"] = (f"{budget} replaced by its per-frame share over the {clip.num_frames} frames "
+                                   f"streamed: at most {int(most)} pixels a frame")
+    return out
+
+
 def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQuestion], *, chunk_frames: int,
-               budget: int | None, max_new_tokens: int, compare_offline: bool, done: set[str] | None = None,
+               cache_tokens: int | None, max_new_tokens: int, compare_offline: bool, done: set[str] | None = None,
                chunk_log: list | None = None, answer_mode: str = "generate"):
     """Stream one video and yield one record per question (those in ``done`` are skipped);
     each appended chunk's record is added to ``chunk_log``. ``answer_mode``: generate (parse the
     reply's letter) or logits (the best option letter's first-token logit), as ``run --dataset``."""
     from prunevid_bench.choices import LETTERS
     from prunevid_bench.streaming import StreamSession
-    from prunevid_bench.video import VideoRequest, load_clip
+    from prunevid_bench.video import load_clip
 
-    v = cfg.video
-    request = VideoRequest("processor", num_frames=v.num_frames if v.fps is None else None, fps=v.fps,
-                           max_frames=v.max_frames or NO_FRAME_CAP, max_pixels=v.max_pixels, min_pixels=v.min_pixels)
+    request = stream_request(pipe, cfg)
     pending = sorted((q for q in questions if q.id not in (done or set())), key=lambda q: q.time_s)
     if not pending:
         return
@@ -126,16 +151,16 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
         if q.time_s < ready[0]:
             raise PruneVidError(f"question '{q.id}' at {q.time_s:g} s comes before the first chunk of {video} is complete "
                                 f"({ready[0]:.2f} s): ask later or use a smaller --chunk-frames")
-    session = StreamSession(pipe, video_fps=clip.sampled_fps, chunk_frames=chunk_frames,
-                            stage1=cfg.stage1 if cfg.stage1.enabled else None,
-                            stage2=cfg.stage2 if cfg.stage2.enabled else None, visual_budget=budget)
+    session = StreamSession(pipe, video_fps=clip.sampled_fps, chunk_frames=chunk_frames, config=cfg,
+                            cache_tokens=cache_tokens, presized=clip.resized)
+    pixels = pixel_note(clip, request)
     appended = 0
     for q in pending:
         while appended < len(chunks) and ready[appended] <= q.time_s:
             start, end = chunks[appended]
             chunk = session.append(clip.frames[start:end])
             if chunk_log is not None and chunk is not None:
-                chunk_log.append({"video": str(video), "ready_s": ready[appended], **asdict(chunk)})
+                chunk_log.append({"video": str(video), "ready_s": ready[appended], **chunk.record()})
             appended += 1
         if q.options:
             answer = session.ask_choice(q.question, q.options, max_new_tokens if answer_mode == "generate" else None)
@@ -145,6 +170,7 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
             "id": q.id, "video": str(video), "time_s": q.time_s, "question": q.question,
             "answered_after_s": ready[appended - 1], "chunks_appended": appended,
             "append_s": [c.append_s for c in session.chunks], **answer.record(), "sampled_fps": clip.sampled_fps,
+            **pixels,
         }
         if q.options:
             record.update(options=q.options, prediction=None if answer.choice is None else LETTERS[answer.choice])
@@ -161,13 +187,12 @@ def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer,
     """The same question offline on the frames the stream had seen: one full prefill. Agreement
     is on the chosen letter for choices, on the reply's text otherwise."""
     from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
-    from prunevid_bench.harness.evaluate import letter_token_ids
+    from prunevid_bench.choices import letter_token_ids
 
     logits_mode = bool(q.options) and answer_mode == "logits"
     text = format_mc_prompt(q.question, q.options) if q.options else q.question
     messages = [{"role": "user", "content": [{"type": "video", "video": frames, "fps": fps}, {"type": "text", "text": text}]}]
     run_cfg = cfg.to_dict()
-    run_cfg["video"]["policy"] = "processor"
     run_cfg["generation"]["max_new_tokens"] = 1 if logits_mode else max_new_tokens
     from prunevid_bench.config import from_dict
 
@@ -192,18 +217,20 @@ def _offline(pipe, cfg: RunConfig, frames, fps: float, q: TimedQuestion, answer,
 
 
 # ---------------------------------------------------------------- run folders
-def check_stream_config(cfg: RunConfig, chunk_frames: int, budget: int | None) -> None:
+def check_stream_config(cfg: RunConfig, chunk_frames: int, cache_tokens: int | None) -> None:
+    """Everything a stream refuses, before any work (no model loaded, no frame decoded)."""
+    from prunevid_bench.stream_methods import check_stream_methods
+
     if cfg.model.mrope != "transformers":
         raise PruneVidError("a stream numbers its positions as the installed transformers does: set model.mrope=transformers")
-    if cfg.stage2.enabled and cfg.stage2.score != "prunevid":
-        raise PruneVidError(f"a stream's question-time eviction scores with stage2.score=prunevid only, got '{cfg.stage2.score}'")
     if chunk_frames <= 0 or chunk_frames % 2:
         raise PruneVidError(f"--chunk-frames must be a positive multiple of 2 (the temporal patch size), got {chunk_frames}")
-    if budget is not None and cfg.stage1.enabled:
-        raise PruneVidError("--budget and Stage 1 per chunk cannot be combined yet; choose one")
+    if cache_tokens is not None and cache_tokens <= 0:
+        raise PruneVidError(f"--cache-tokens must be > 0, got {cache_tokens}")
+    check_stream_methods(cfg, cache_tokens)
 
 
-def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_frames: int, budget: int | None,
+def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_frames: int, cache_tokens: int | None,
                compare_offline: bool, preset: str | None, results_dir: Path, label: str, source: str,
                answer_mode: str = "generate", force: bool = False, wait: bool = False,
                console: Console | None = None) -> tuple[Path, dict[str, Any]]:
@@ -217,7 +244,7 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
     from prunevid_bench.video import check_video
 
     console = console or Console()
-    check_stream_config(cfg, chunk_frames, budget)
+    check_stream_config(cfg, chunk_frames, cache_tokens)
     if answer_mode not in ("generate", "logits"):
         raise PruneVidError(f"--answer-mode is generate or logits, got '{answer_mode}'")
     for video in videos:
@@ -225,7 +252,7 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
     check_writable(results_dir)
     run_dir = results_dir / label
     meta = {"scenario": "stream", "preset": preset, "source": source, "chunk_frames": chunk_frames,
-            "visual_budget": budget, "compare_offline": compare_offline, "answer_mode": answer_mode}
+            "cache_tokens": cache_tokens, "compare_offline": compare_offline, "answer_mode": answer_mode}
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir, wait=wait, note=lambda text: console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)):
         done: dict[str, dict[str, Any]] = {}
@@ -238,12 +265,12 @@ def run_stream(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], *, chunk_
             if {k: saved.get(k) for k in meta} != meta or saved.get("config") != cfg.to_dict():
                 raise PruneVidError(f"{run_dir} holds a stream run with other settings: pass another --label, or --force")
             done = read_samples(run_dir / QUESTIONS_FILE, repair=True)
-        return _run_stream_locked(cfg, videos, run_dir, meta, done, chunk_frames=chunk_frames, budget=budget,
+        return _run_stream_locked(cfg, videos, run_dir, meta, done, chunk_frames=chunk_frames, cache_tokens=cache_tokens,
                                   compare_offline=compare_offline, answer_mode=answer_mode, console=console)
 
 
 def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], run_dir: Path, meta: dict[str, Any],
-                       done: dict[str, dict[str, Any]], *, chunk_frames: int, budget: int | None, compare_offline: bool,
+                       done: dict[str, dict[str, Any]], *, chunk_frames: int, cache_tokens: int | None, compare_offline: bool,
                        answer_mode: str, console: Console) -> tuple[Path, dict[str, Any]]:
     from prunevid_bench.harness.runs import SampleLog
     from prunevid_bench.pipeline import Pipeline
@@ -256,7 +283,7 @@ def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], r
     chunk_log: list[dict[str, Any]] = []
     with SampleLog(run_dir / QUESTIONS_FILE) as log:
         for video, questions in videos.items():
-            for record in play_video(pipe, cfg, video, questions, chunk_frames=chunk_frames, budget=budget,
+            for record in play_video(pipe, cfg, video, questions, chunk_frames=chunk_frames, cache_tokens=cache_tokens,
                                      max_new_tokens=cfg.generation.max_new_tokens, compare_offline=compare_offline,
                                      done=set(done), chunk_log=chunk_log, answer_mode=answer_mode):
                 log.write(record)

@@ -41,9 +41,13 @@ class QuestionEviction:
     """Keeps layer K's pre-rotary keys of every cached token (PruneVid scores before rotary) and
     prunes one answer's cache. ``keys``: ``[H_kv, L, d]``, one row per cache slot."""
 
-    def __init__(self, model, cfg: Stage2Config):
+    @staticmethod
+    def check(cfg: Stage2Config) -> None:
         if cfg.score != "prunevid":
-            raise PruneVidError(f"a stream scores with stage2.score=prunevid only, got '{cfg.score}'")
+            raise PruneVidError(f"a stream's question-time eviction scores with stage2.score=prunevid only, got '{cfg.score}'")
+
+    def __init__(self, model, cfg: Stage2Config):
+        self.check(cfg)
         self.model = model
         self.cfg = cfg
         self.layer = resolve_layer(cfg.pruning_layer, model.config.get_text_config().num_hidden_layers)
@@ -75,9 +79,12 @@ class QuestionEviction:
 
     # ----------------------------------------------------------- one answer
     @contextmanager
-    def answering(self, cache, visual_index: torch.Tensor, groups: torch.Tensor):
+    def answering(self, cache, visual_index: torch.Tensor, groups: torch.Tensor, original: int = 0):
         """Around the question's prefill and decode: prune at layer K, answer on copies, and put
-        the stream's own layers back afterwards (the caller then crops them to the video)."""
+        the stream's own layers back afterwards (the caller then crops them to the video).
+        ``original``: the video's visual tokens before any method (``stage2.budget`` keeps
+        ``round(budget * original)`` of them, as offline)."""
+        budget_total = None if self.cfg.budget is None else round(self.cfg.budget * original)
         past = int(cache.get_seq_length())
         originals = list(cache.layers)
         state: dict = {}
@@ -92,7 +99,7 @@ class QuestionEviction:
             rows = state.pop("q")[:, 1:]  # the text after <|vision_end|>, as offline's query rows
             visual = visual_index.to(self.keys.device)
             scores = s2.max_max_scores(rows, self.keys, visual, self.scaling)
-            kept = s2.stratified_keep(scores, groups.to(scores.device), self.cfg.keep_ratio)
+            kept = s2.stratified_keep(scores, groups.to(scores.device), self.cfg.keep_ratio, budget_total)
             total = self.keys.shape[1]
             is_dropped = torch.zeros(total, dtype=torch.bool, device=self.keys.device)
             is_dropped[visual] = True
@@ -130,3 +137,7 @@ def _pruned_copy(layer, index: torch.Tensor):
     new.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
     new.values = layer.values.index_select(-2, index.to(layer.values.device))
     return new
+
+
+# The LLM-layer methods a stream can run at question time, by method name.
+STREAM_LAYER_METHODS = {"prunevid_stage2": QuestionEviction}

@@ -16,140 +16,25 @@ Position ids therefore never drift, unlike engines that renumber each chunk from
 
 The model is reached through its family (``prunevid_bench.families``: the base model, the patch
 geometry, the prompt's M-RoPE ids), so a stream runs on Qwen2-VL and Qwen2.5-VL alike; the
-chunk encoder below is the one place that calls the processor and the vision tower.
+chunk encoder (``stream_parts.encode_chunk``) is the one place that calls the processor and the
+vision tower. Which methods run per chunk and at each question: ``stream_methods``.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from prunevid_bench.config import Stage1Config, Stage2Config
-from prunevid_bench.engine import cache_keyword, eos_ids, prefill_position_ids
+from prunevid_bench.engine import cache_keyword, eos_ids, greedy_decode
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
-
-VIDEO_MARK = "<|video_pad|>"  # the chat template's single video placeholder, split on below
-
-
-# ============================================================ the model, through its family
-def encode_chunk(pipe, frames: np.ndarray, fps: float) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Vision features ``[t * n, C]`` (t-major) and the grid ``(t, h, w)`` of one chunk of frames,
-    resized by the processor's per-frame rule (never by the chunk's length)."""
-    vp = pipe.processor.video_processor
-    kwargs: dict[str, Any] = {}
-    video = pipe.config.video
-    if video.max_pixels or video.min_pixels:
-        size = dict(vp.size)
-        if video.max_pixels:
-            size["longest_edge"] = video.max_pixels
-        if video.min_pixels:
-            size["shortest_edge"] = video.min_pixels
-        kwargs["size"] = size
-    meta = [{"total_num_frames": len(frames), "fps": fps, "frames_indices": list(range(len(frames)))}]
-    out = vp(videos=[frames], video_metadata=meta, do_sample_frames=False, return_tensors="pt", **kwargs)
-    dtype = next(pipe.model.parameters()).dtype
-    pixels = out["pixel_values_videos"].to(pipe.device, dtype)
-    grid = out["video_grid_thw"].to(pipe.device)
-    features = family_of(pipe.model).base(pipe.model).get_video_features(pixels, grid).pooler_output[0]
-    return features, tuple(int(x) for x in grid[0].tolist())
-
-
-def temporal_patch(pipe) -> int:
-    """Frames per temporal grid step."""
-    return family_of(pipe.model).geometry(pipe.model.config).temporal
-
-
-def merge_size(pipe) -> int:
-    """Patches merged per LLM token along each side."""
-    return family_of(pipe.model).geometry(pipe.model.config).merge
-
-
-def prompt_positions(pipe, ids: list[int], n_video: int, video_at: int, grid: tuple[int, int, int],
-                          fps: float) -> torch.Tensor:
-    """M-RoPE ids ``(3, L)`` of the prompt ``ids[:video_at] + n_video video tokens + ids[video_at:]``,
-    as ``get_rope_index`` gives them offline (``second_per_grid_ts`` as the processor sets it, read
-    by the families whose M-RoPE follows time)."""
-    model = pipe.model
-    base = family_of(model).base(model)
-    video_id = model.config.video_token_id
-    full = ids[:video_at] + [video_id] * n_video + ids[video_at:]
-    input_ids = torch.tensor([full], device=pipe.device)
-    inputs: dict[str, Any] = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == video_id).long() * 2}
-    if n_video:
-        inputs["video_grid_thw"] = torch.tensor([grid], device=pipe.device)
-        inputs["second_per_grid_ts"] = torch.tensor([temporal_patch(pipe) / fps], device=pipe.device)
-    saved = getattr(base, "rope_deltas", None)
-    positions = prefill_position_ids(model, inputs)[1:, 0]
-    base.rope_deltas = saved  # prefill_position_ids sets it; the session keeps its own state
-    return positions
-
-
-# ============================================================ cache edits (one place)
-def crop_cache(cache, length: int) -> None:
-    """Keep the first ``length`` tokens of every layer (views: no copy)."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
-
-
-def select_cache(cache, index: torch.Tensor) -> None:
-    """Keep the tokens at ``index`` (ascending) in every layer."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
-            layer.values = layer.values.index_select(-2, index.to(layer.values.device))
-
-
-def cache_length(cache) -> int:
-    return int(cache.get_seq_length())
-
-
-# ============================================================ records
-@dataclass
-class ChunkRecord:
-    """One appended chunk."""
-
-    index: int
-    first_frame: int  # index of its first frame in the stream
-    frames: int
-    tokens_before_stage1: int
-    tokens_cached: int  # visual tokens it added to the cache (after Stage 1)
-    evicted: int  # visual tokens the budget evicted while appending it
-    append_s: float  # processor + vision tower + Stage 1 + LLM prefill
-    vision_s: float
-    visual_tokens: int  # in the cache after this chunk (and any eviction)
-    kv_bytes: int  # the cache's bytes after this chunk
-
-
-@dataclass
-class StreamAnswer:
-    text: str
-    token_ids: list[int]
-    first_logits: torch.Tensor = field(repr=False)  # [V] float32 on CPU
-    ttft_s: float  # from the question's arrival (tokenising included) to the first token
-    decode_s: float
-    question_tokens: int  # tokens prefilled for the question (<|vision_end|> to the assistant prefix)
-    kv_bytes: int  # cache bytes after the question's prefill
-    extra_kv_bytes: int  # cache bytes the ask added at its peak (question + generated tokens)
-    cached_tokens: int  # cache length before the ask (video and prefix)
-    visual_tokens: int  # visual tokens in the cache
-    frames_seen: int
-    visual_tokens_kept: int | None = None  # question-time eviction: visual tokens this answer kept
-    choice: int | None = None  # ask_choice: the chosen option's index
-    parse_status: str | None = None  # ask_choice: "logits", or the letter parser's status
-
-    def record(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("first_logits")
-        return out
-
+from prunevid_bench.stream_parts import (  # noqa: F401 (encode_chunk: part of this module's API)
+    VIDEO_MARK, ChunkRecord, StreamAnswer, _Layers, cache_length, crop_cache, encode_chunk, merge_size,
+    prompt_positions, select_cache, temporal_patch,
+)
 
 # ============================================================ the session
 class StreamSession:
@@ -157,15 +42,22 @@ class StreamSession:
     (2 frames); an odd frame at the end of a chunk is held back and prepended to the next chunk,
     so it is not seen by a question asked before then (``cache_info()["pending_frames"]``).
 
-    ``stage1``: PruneVid Stage 1 per chunk (question-agnostic), segments never crossing a chunk.
-    ``visual_budget``: at most this many visual tokens stay cached; beyond it, the tokens most
+    ``config`` (the pipeline's by default) says which methods run (``prunevid_bench.stream_methods``):
+    every enabled visual-token method on each chunk as it arrives (question-agnostic; PruneVid
+    Stage 1's segments, ToMe's merges, VidCom2's frame budgets never cross a chunk, EVS compares
+    a chunk's first step with the previous chunk's last), and the LLM-layer method at each ask
+    (question-time eviction, ``prunevid_bench.stream_stage2``). What a stream cannot run is refused.
+    ``cache_tokens``: at most this many visual tokens stay cached; beyond it, the tokens most
     similar to the same slot of the previous temporal step are evicted (EVS-style, question-agnostic).
-    ``stage2``: question-time eviction at each ask (``prunevid_bench.stream_stage2``).
+    ``presized``: the frames come at the model's input size (a qwen-style policy sized them), so the
+    processor does not resize them, as offline.
     """
 
-    def __init__(self, pipe, video_fps: float, chunk_frames: int | None = None, *,
-                 stage1: Stage1Config | None = None, stage2: Stage2Config | None = None,
-                 visual_budget: int | None = None):
+    def __init__(self, pipe, video_fps: float, chunk_frames: int | None = None, *, config=None,
+                 cache_tokens: int | None = None, presized: bool = False):
+        from prunevid_bench.stream_methods import check_stream_methods, enabled_methods
+        from prunevid_bench.stream_stage2 import STREAM_LAYER_METHODS
+
         if video_fps <= 0:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
         self.pipe = pipe
@@ -174,19 +66,17 @@ class StreamSession:
         if chunk_frames is not None and (chunk_frames <= 0 or chunk_frames % self.step):
             raise PruneVidError(f"--chunk-frames must be a positive multiple of {self.step} (the temporal patch size), got {chunk_frames}")
         self.chunk_frames = chunk_frames
-        self.stage1 = stage1 if stage1 is not None and stage1.enabled else None
-        if self.stage1 is not None and self.stage1.space != "llm":
-            raise PruneVidError("streaming runs Stage 1 on each chunk's LLM tokens only: set stage1.space=llm")
-        if visual_budget is not None and visual_budget <= 0:
-            raise PruneVidError(f"the visual-token budget must be > 0, got {visual_budget}")
-        if visual_budget is not None and self.stage1 is not None:
-            raise PruneVidError("a visual-token budget and Stage 1 per chunk cannot be combined yet; choose one")
-        self.visual_budget = visual_budget
+        if cache_tokens is not None and cache_tokens <= 0:
+            raise PruneVidError(f"--cache-tokens must be > 0, got {cache_tokens}")
+        config = config if config is not None else pipe.config
+        check_stream_methods(config, cache_tokens)
+        self.visual_methods, layer, _ = enabled_methods(config)
+        self.cache_tokens = cache_tokens
+        self.presized = presized
         self.eviction = None
-        if stage2 is not None and stage2.enabled:
-            from prunevid_bench.stream_stage2 import QuestionEviction
-
-            self.eviction = QuestionEviction(pipe.model, stage2)
+        if layer:
+            method, section = layer[0]
+            self.eviction = STREAM_LAYER_METHODS[method.name](pipe.model, section)
         self._answering = False
         self.clock = Clock(pipe.device)
         self._cache_kw = cache_keyword(pipe.model)
@@ -210,11 +100,12 @@ class StreamSession:
         self.pending: np.ndarray | None = None  # a held-back odd frame
         self.frames_seen = 0
         self.visual_index = torch.zeros(0, dtype=torch.long)  # cache slot of each cached visual token
-        self.visual_groups = torch.zeros(0, dtype=torch.long)  # Stage-2 group of each (a step, or Stage 1's)
+        self.visual_groups = torch.zeros(0, dtype=torch.long)  # the group an LLM-layer method keeps a share of
         if self.eviction is not None:
             self.eviction.keys = None
-        self.redundancy = torch.zeros(0)  # per cached visual token, for the budget
-        self._last_step_features: torch.Tensor | None = None
+        self.redundancy = torch.zeros(0)  # per cached visual token, for --cache-tokens
+        self._last_step_features: torch.Tensor | None = None  # the previous chunk's last step [n, C]
+        self.tokens_in = 0  # the video's visual tokens before any method (what a budget is a fraction of)
         ids = torch.tensor([self._prefix_ids], device=self.pipe.device)
         positions = prompt_positions(self.pipe, self._prefix_ids, 0, len(self._prefix_ids), (0, 0, 0), self.fps)
         self._prefill(ids=ids, positions=positions)
@@ -233,7 +124,7 @@ class StreamSession:
             "pending_frames": 0 if self.pending is None else len(self.pending),
             "bytes": sum(per_layer),
             "bytes_per_layer": per_layer,
-            "chunks": [asdict(c) for c in self.chunks],
+            "chunks": [c.record() for c in self.chunks],
         }
 
     # ----------------------------------------------------------- appending
@@ -252,7 +143,7 @@ class StreamSession:
         if self.chunk_frames is not None and len(frames) > self.chunk_frames:
             raise PruneVidError(f"a chunk of {len(frames)} frames is longer than chunk_frames={self.chunk_frames}")
         start = self.clock.start()
-        features, (t, h, w) = encode_chunk(self.pipe, frames, self.fps)
+        features, (t, h, w) = encode_chunk(self.pipe, frames, self.fps, self.presized)
         vision_end = self.clock.mark()
         if self.grid_hw is None:
             self.grid_hw = (h, w)
@@ -262,29 +153,31 @@ class StreamSession:
         per_step = (h // merge) * (w // merge)
         before = cache_length(self.cache)
         positions = self._video_positions(self.steps + t)[:, self.steps * per_step :]
-        embeds = features
-        groups = torch.arange(t * per_step) // per_step  # without Stage 1 each temporal step is a group
-        if self.stage1 is not None:
-            embeds, keep, groups = _stage1(features.view(t, per_step, -1), self.stage1)
-            positions = positions[:, keep]
+        from prunevid_bench.stream_methods import reduce_chunk
+
+        reduced = reduce_chunk(self.visual_methods, features, t, per_step, w // merge, self._last_step_features)
+        embeds, positions = reduced.embeds, positions[:, reduced.keep.to(positions.device)]
         offset = int(self.visual_groups.max()) + 1 if self.visual_groups.numel() else 0
-        self.visual_groups = torch.cat([self.visual_groups, groups.cpu() + offset])
-        scores = self._redundancy(features.view(t, per_step, -1)) if self.visual_budget else None
+        self.visual_groups = torch.cat([self.visual_groups, reduced.groups.cpu() + offset])
+        scores = self._redundancy(features.view(t, per_step, -1)) if self.cache_tokens else None
+        self._last_step_features = features.view(t, per_step, -1)[-1].clone()
         self._prefill(embeds=embeds.unsqueeze(0), positions=positions)
         added = embeds.shape[0]
         self.visual_index = torch.cat([self.visual_index, torch.arange(before, before + added)])
         if scores is not None:
             self.redundancy = torch.cat([self.redundancy, scores])
-        evicted = self._enforce_budget()
+        evicted = self._enforce_cache_tokens()
         end = self.clock.mark()
         record = ChunkRecord(
             index=len(self.chunks), first_frame=self.frames_seen, frames=len(frames),
-            tokens_before_stage1=t * per_step, tokens_cached=added, evicted=evicted,
+            tokens_in=t * per_step, tokens_cached=added, evicted=evicted,
             append_s=self.clock.elapsed(start, end), vision_s=self.clock.elapsed(start, vision_end),
             visual_tokens=self.visual_tokens, kv_bytes=cache_bytes(self.cache),
+            methods=reduced.methods, method_stats=reduced.stats,
         )
         self.chunks.append(record)
         self.steps += t
+        self.tokens_in += t * per_step
         self.frames_seen += len(frames)
         return record
 
@@ -310,22 +203,21 @@ class StreamSession:
             return self.pipe.model(**feed, position_ids=position_ids, **{self._cache_kw: self.cache},
                                    use_cache=True, logits_to_keep=1)
 
-    # ----------------------------------------------------------- the budget
+    # ----------------------------------------------------------- --cache-tokens
     def _redundancy(self, steps: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each token ``[t, n, C]`` to the same slot one temporal step
         earlier (the previous chunk's last step for the first); the stream's first step scores -1
         (never the first to go)."""
         x = steps.float()
-        prev = torch.cat([self._last_step_features.unsqueeze(0) if self._last_step_features is not None
+        prev = torch.cat([self._last_step_features.float().unsqueeze(0) if self._last_step_features is not None
                           else x[:1] * 0, x[:-1]])
         sim = torch.nn.functional.cosine_similarity(x, prev, dim=-1)
         if self._last_step_features is None:
             sim[0] = -1.0
-        self._last_step_features = x[-1].clone()
         return sim.flatten().cpu()
 
-    def _enforce_budget(self) -> int:
-        over = self.visual_tokens - (self.visual_budget or self.visual_tokens)
+    def _enforce_cache_tokens(self) -> int:
+        over = self.visual_tokens - (self.cache_tokens or self.visual_tokens)
         if over <= 0:
             return 0
         # Evict the most redundant; ties go to the oldest (stable sort on slot order).
@@ -367,7 +259,7 @@ class StreamSession:
         length = cache_length(self.cache)
         bytes_before = cache_bytes(self.cache)
         originals = list(self.cache.layers)
-        answering = (self.eviction.answering(self.cache, self.visual_index, self.visual_groups)
+        answering = (self.eviction.answering(self.cache, self.visual_index, self.visual_groups, self.tokens_in)
                      if self.eviction is not None else nullcontext())
         self._answering = True
         try:
@@ -396,14 +288,17 @@ class StreamSession:
         token from the question's last, as the engine does."""
         out = self._prefill(ids=torch.tensor([suffix_ids], device=self.pipe.device), positions=positions)
         first_logits = out.logits[0, -1]
-        tokens = [int(first_logits.argmax())]
+        token = first_logits.argmax(-1)
         first = self.clock.mark()
         kv_bytes = cache_bytes(self.cache)
-        next_pos = positions[:, -1:] + 1
-        while len(tokens) < max_new_tokens and tokens[-1] not in self._stop:
-            out = self._prefill(ids=torch.tensor([[tokens[-1]]], device=self.pipe.device), positions=next_pos)
-            tokens.append(int(out.logits[0, -1].argmax()))
-            next_pos = next_pos + 1
+        next_pos = [positions[:, -1:] + 1]
+
+        def step(last):
+            logits = self._prefill(ids=last, positions=next_pos[0]).logits[0, -1]
+            next_pos[0] = next_pos[0] + 1
+            return logits
+
+        tokens = greedy_decode(token, step, max_new_tokens, self._stop)
         return first_logits, tokens, (first, self.clock.mark()), kv_bytes
 
     def ask_choice(self, question: str, options: Sequence[str], max_new_tokens: int | None = None) -> StreamAnswer:
@@ -412,7 +307,7 @@ class StreamSession:
         with ``max_new_tokens`` the reply is generated and its letter parsed, as ``run`` does
         (``choice`` None when no letter can be read; ``parse_status`` says why)."""
         from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
-        from prunevid_bench.harness.evaluate import letter_token_ids
+        from prunevid_bench.choices import letter_token_ids
 
         prompt = format_mc_prompt(question, options)
         if max_new_tokens is not None:
@@ -437,25 +332,6 @@ class StreamSession:
 
     def _tokens(self, text: str) -> list[int]:
         return list(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-class _Layers:
-    """Some cache layers as a cache, so ``cache_bytes`` counts them alone."""
-
-    def __init__(self, layers):
-        self.layers = list(layers)
-
-
-def _stage1(tokens: torch.Tensor, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PruneVid Stage 1 on one chunk ``[t, n, C]``: merged tokens ``[M, C]``, the index of each
-    one's representative (whose M-RoPE ids it takes) among the chunk's ``t * n`` tokens, and its
-    Stage-2 group (numbered within the chunk)."""
-    from prunevid_bench.stages.stage1 import merge_video_tokens
-
-    res = merge_video_tokens(tokens, tau=cfg.tau, cluster_ratio=cfg.cluster_ratio,
-                             temporal_segment_ratio=cfg.temporal_segment_ratio, k=cfg.dpc_neighbours,
-                             min_cluster_tokens=cfg.min_cluster_tokens)
-    return res.merged.to(tokens.dtype), res.representative.to(tokens.device), res.group
 
 
 def _as_frames(frames) -> np.ndarray:

@@ -40,7 +40,7 @@ from rich.table import Table
 
 from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.choices import LETTERS, format_mc_prompt, parse_choice
+from prunevid_bench.choices import LETTERS, format_mc_prompt, letter_token_ids, parse_choice
 from prunevid_bench.harness.datasets import QASample, load_dataset, preflight, sample_rows
 from prunevid_bench.harness.progress import progress_for
 from prunevid_bench.harness.runlock import RunLock, held_locks, meta_lock
@@ -370,23 +370,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError, OSError, torch.AcceleratorError)):
         return True
     return isinstance(exc, RuntimeError) and "CUDA" in str(exc)
-
-
-def letter_token_ids(tokenizer, n: int) -> list[int]:
-    """Token id of each option letter "A", "B", ... as the reply's first token (no leading space:
-    the assistant turn starts on a new line)."""
-    ids = []
-    for letter in LETTERS[:n]:
-        encoded = tokenizer.encode(letter, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise PruneVidError(
-                f"--answer-mode logits needs every option letter to be one token; '{letter}' is "
-                f"{len(encoded)} tokens for this tokenizer: use --answer-mode generate"
-            )
-        ids.append(encoded[0])
-    if len(set(ids)) != len(ids):
-        raise PruneVidError("--answer-mode logits: two option letters share a token; use --answer-mode generate")
-    return ids
 
 
 def _run_samples(pipe, cfg, todo, done, log_path, answer_mode, letter_ids, console, total, where) -> None:

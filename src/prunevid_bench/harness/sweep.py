@@ -1,7 +1,7 @@
 """``prunevid sweep``: a grid of configs over one dataset, each cell a resumable dataset run.
 
 Cells, in the order they run:
-- ``baseline``: the base config with every stage off. Always included: agreement and deltas
+- ``baseline``: the base config with every method off. Always included: agreement and deltas
   are measured against it.
 - grid cells: the Cartesian product of the swept values over the base config (``--preset``,
   ``--config``, ``--set``). Sweeping a Stage-1 key (``stage1.*`` other than ``enabled``) switches
@@ -10,7 +10,7 @@ Cells, in the order they run:
   override that.
 - ``--controls random``: each grid cell with Stage 2 on, again with ``stage2.score=random`` (the
   same number of tokens kept, chosen at random). Cells without Stage 2 get none.
-- ``--controls frames``: the baseline with fewer frames, so that its visual tokens match a grid
+- ``--controls frames``: the baseline (every method off) with fewer frames, so that its visual tokens match a grid
   cell's kept tokens (medians). The frame count is known only after the cell ran, so these run
   last, one per distinct count.
 
@@ -207,6 +207,14 @@ def _value_text(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def methods_off(base: RunConfig) -> dict[str, bool]:
+    """The overrides that switch off every method the base config has on: the baseline cell and
+    every frames control start from these, so no method (ToMe, EVS, ...) stays on in them."""
+    from prunevid_bench.methods import method_sections
+
+    return {f"{s}.enabled": False for s in method_sections() if base.section(s).enabled}
+
+
 def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str] | None = None) -> list[Cell]:
     """The baseline, every grid cell and the random controls (frames controls come later)."""
     controls = list(dict.fromkeys(controls or []))  # a control named twice runs once
@@ -216,9 +224,7 @@ def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str
     from prunevid_bench.methods import method_sections
 
     sections = method_sections()
-    off = {"stage1.enabled": False, "stage2.enabled": False}
-    # any other method the base config has on is off in the baseline too
-    off.update({f"{s}.enabled": False for s in sections if s not in ("stage1", "stage2") and base.section(s).enabled})
+    off = methods_off(base)
     cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
     switch_on = {f"{k.split('.')[0]}.enabled": True for k in spec
                  if k.split(".")[0] in sections and not k.endswith(".enabled")}
@@ -300,7 +306,7 @@ def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, EvalR
             wanted.setdefault(frames, []).append(cell.name)
     out = []
     for frames in sorted(wanted):
-        overrides = {"stage1.enabled": False, "stage2.enabled": False, "video.num_frames": frames, "video.fps": None}
+        overrides = {**methods_off(base), "video.num_frames": frames, "video.fps": None}
         out.append(Cell(f"frames={frames}", "control_frames", overrides, with_overrides(base, overrides), wanted[frames]))
     return out
 

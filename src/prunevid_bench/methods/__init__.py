@@ -96,6 +96,7 @@ class Method:
     # it scores with layer K-1's attention); False when K is scored and pruned after (PruneVid)
     prunes_before: bool = False
     placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
+    integer_seconds: Callable[[Any], bool] | None = None  # cfg -> number video time ids with int(seconds per step) (prunevid_bench.mrope)
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""
@@ -216,7 +217,9 @@ class VideoTokens:
     ``embeds`` [V, C]; ``index`` [V]: each token's place in the video's full grid (t * n tokens,
     frame-major); ``group`` [V]: the group an LLM-layer method keeps a share of (a temporal grid
     step until a method says otherwise); ``t``, ``n``: temporal grid steps and tokens per step
-    of the full grid; ``w``: the full grid's width in tokens (n = H' * w)."""
+    of the full grid; ``w``: the full grid's width in tokens (n = H' * w); ``previous`` [n, C]:
+    the temporal step just before these tokens when there is one (a stream's previous chunk's
+    last step; None offline), for methods that compare a step with the one before (EVS)."""
 
     embeds: Any
     index: Any
@@ -224,6 +227,7 @@ class VideoTokens:
     t: int
     n: int
     w: int = 0
+    previous: Any = None
 
     @property
     def is_full_grid(self) -> bool:

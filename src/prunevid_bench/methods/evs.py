@@ -6,7 +6,9 @@ Positions (``evs.positions``): ``original`` (the default) keeps every kept token
 text's unpruned M-RoPE ids, as PruneVid does; ``vllm`` is what vLLM does for Qwen2.5-VL: the
 kept video tokens keep their ids, the tokens after the video restart at the video's first id + W'
 (``stages.evs.evs_position_ids(mode="vllm")``; the reduction's ``positions_after``), and decoding
-continues from the largest prompt id + 1. ``vllm`` is the mode that matches vLLM."""
+continues from the largest prompt id + 1; the video's time ids are vLLM's too, ``step * int(seconds
+per step) * tokens_per_second`` (``prunevid_bench.mrope.integer_second_time_ids``). ``vllm`` is the
+mode that matches vLLM."""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def reduce(tokens: VideoTokens, cfg: EVSConfig) -> VisualReduction:
     if not tokens.is_full_grid:
         raise PruneVidError("evs needs each video's full token grid: run it before other visual-token methods")
     rate = cfg.video_pruning_rate if cfg.budget is None else evs.evs_budget(tokens.n, tokens.t, cfg.budget)[0]
-    mask = evs.evs_retention_mask(tokens.embeds.reshape(tokens.t, tokens.n, -1), rate)
+    # in a stream, a chunk's first step is compared with the previous chunk's last (tokens.previous)
+    mask = evs.evs_retention_mask(tokens.embeds.reshape(tokens.t, tokens.n, -1), rate, tokens.previous)
     keep = torch.nonzero(mask).flatten().to(tokens.index.device)
     group = torch.unique(tokens.group[keep], return_inverse=True)[1]
     # vLLM's recompute_mrope_positions: what follows the video restarts at its first id + W'
@@ -54,4 +57,5 @@ register_method(Method(
     choices={"positions": POSITION_MODES},
     record_fields=("evs_dropped_tokens",),
     reduce=reduce,
+    integer_seconds=lambda cfg: cfg.positions == "vllm",  # vLLM: second_per_grid_ts.long() before scaling
 ))

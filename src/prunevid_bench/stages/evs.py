@@ -34,22 +34,26 @@ def evs_retained_count(tokens_per_frame: int, n_frames: int, pruning_rate: float
     return max(tokens_per_frame, int(tokens_per_frame * n_frames * (1 - pruning_rate)))
 
 
-def evs_dissimilarity(tokens: Tensor) -> Tensor:
+def evs_dissimilarity(tokens: Tensor, previous: Tensor | None = None) -> Tensor:
     """tokens [T, N, C] -> [T, N]: ``1 - cos`` of each token to the token at the same spatial
-    position one temporal step earlier; step 0 gets 255. Computed in the input's dtype, as vLLM
-    does (``F.cosine_similarity``)."""
+    position one temporal step earlier; step 0 gets 255, or, given the step before it
+    (``previous`` [N, C]: a stream's previous chunk's last step), its ``1 - cos`` to that step.
+    Computed in the input's dtype, as vLLM does (``F.cosine_similarity``)."""
     similarity = F.cosine_similarity(tokens[1:], tokens[:-1], dim=-1)
-    first = torch.full_like(tokens[:1, :, 0], FIRST_STEP_SCORE)
+    if previous is None:
+        first = torch.full_like(tokens[:1, :, 0], FIRST_STEP_SCORE)
+    else:
+        first = 1 - F.cosine_similarity(tokens[:1], previous.to(tokens.dtype).unsqueeze(0), dim=-1)
     return torch.cat([first, 1 - similarity], dim=0)
 
 
-def evs_retention_mask(tokens: Tensor, pruning_rate: float) -> Tensor:
-    """The EVS keep mask, bool [T * N] (t-major): a global top-k of ``evs_dissimilarity`` with
-    k = ``evs_retained_count``; ties go to the lower flat index (vLLM's stable descending sort).
-    Rate 0 keeps every token."""
+def evs_retention_mask(tokens: Tensor, pruning_rate: float, previous: Tensor | None = None) -> Tensor:
+    """The EVS keep mask, bool [T * N] (t-major): a global top-k of ``evs_dissimilarity`` (step 0
+    compared with ``previous`` when given) with k = ``evs_retained_count``; ties go to the lower
+    flat index (vLLM's stable descending sort). Rate 0 keeps every token."""
     n_frames, per_frame, _ = tokens.shape
     k = evs_retained_count(per_frame, n_frames, pruning_rate)
-    flat = evs_dissimilarity(tokens).reshape(-1)
+    flat = evs_dissimilarity(tokens, previous).reshape(-1)
     order = torch.sort(flat, descending=True, stable=True).indices
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=tokens.device)
     mask[order[:k]] = True
