@@ -213,7 +213,7 @@ def with_feature_cache(pipe, options: EvalOptions, default_gb: float) -> Callabl
     from prunevid_bench.feature_cache import FeatureCache
 
     gigabytes = default_gb if options.feature_cache_gb is None else options.feature_cache_gb
-    cache = FeatureCache.from_options(gigabytes, options.feature_cache)
+    cache = FeatureCache.from_options(gigabytes, options.feature_cache, options.feature_cache_shared)
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
 
     def get():
