@@ -155,17 +155,17 @@ def test_the_key_holds_what_the_features_depend_on_and_nothing_per_process(tiny_
     from prunevid_bench.pipeline import _with_overrides
 
     cfg = tiny_pipe.config
-    key = sample_key(tiny_pipe, str(clip8), "What?", cfg, None)
+    key = sample_key(tiny_pipe, str(clip8), "What?", cfg, None)[0]
     rebuilt = copy.copy(tiny_pipe)
     rebuilt.processor = build_processor()  # a new processor object (as in another process): same key
-    assert sample_key(rebuilt, str(clip8), "What?", cfg, None) == key
+    assert sample_key(rebuilt, str(clip8), "What?", cfg, None)[0] == key
     rebuilt.processor = build_processor(max_pixels=56 * 56)
-    assert sample_key(rebuilt, str(clip8), "What?", cfg, None) != key
-    assert sample_key(tiny_pipe, str(clip8), "Why?", cfg, None) != key
+    assert sample_key(rebuilt, str(clip8), "What?", cfg, None)[0] != key
+    assert sample_key(tiny_pipe, str(clip8), "Why?", cfg, None)[0] != key
     fewer = _with_overrides(cfg.to_dict(), {"video.num_frames": 4})
-    assert sample_key(tiny_pipe, str(clip8), "What?", fewer, None) != key
+    assert sample_key(tiny_pipe, str(clip8), "What?", fewer, None)[0] != key
     stages = _with_overrides(cfg.to_dict(), {"stage2.enabled": True, "stage2.keep_ratio": 0.2})
-    assert sample_key(tiny_pipe, str(clip8), "What?", stages, None) == key  # pruning never changes the features
+    assert sample_key(tiny_pipe, str(clip8), "What?", stages, None)[0] == key  # pruning never changes the features
 
 
 def test_a_full_cache_keeps_the_first_samples_for_the_next_cell():
@@ -176,11 +176,11 @@ def test_a_full_cache_keeps_the_first_samples_for_the_next_cell():
     from prunevid_bench.feature_cache import Entry
 
     def entry():
-        return Entry({"input_ids": torch.zeros(256, dtype=torch.int32)}, [], "", "qwen")  # 1 KiB
+        return Entry({"input_ids": torch.zeros(256, dtype=torch.int32)}, [], "", "qwen", "")  # 1 KiB
 
     cache = FeatureCache(3 * 1024)
     for key in "abcde":
         cache._put(key, entry(), to_disk=False)
     assert list(cache._memory) == ["a", "b", "e"]
-    hits = [key for key in "abcde" if cache._get(key) is not None or cache._put(key, entry(), to_disk=False)]
+    hits = [key for key in "abcde" if cache._get(key, "") is not None or cache._put(key, entry(), to_disk=False)]
     assert hits == ["a", "b", "e"]

@@ -171,3 +171,23 @@ def test_slurm_without_a_cluster_is_one_line(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     res = invoke(*sweep_args(toy, tmp_path / "out", "--launcher", "slurm"))
     assert res.exit_code == 2 and "--launcher slurm" in res.output and "--launcher local" in res.output
+
+
+def test_local_workers_write_and_reuse_the_disk_feature_cache(toy, tmp_path):
+    features = tmp_path / "features"
+    args = ["sweep", "tau", "--values", "tau=0.7", "--dataset", toy, *FAST, "--limit", "2", "--launcher", "local",
+            "--feature-cache", features, "--json"]
+    first = invoke(*args, "--results-dir", tmp_path / "first")
+    assert first.exit_code in (0, EXIT_INCOMPLETE), first.output
+    entries = sorted(features.glob("*.safetensors"))
+    assert len(entries) == 2 and all(e.stat().st_mode & 0o777 == 0o600 for e in entries)
+    cells = the_sweep(tmp_path / "first") / "cells"
+    assert [r["vision_cached"] for r in read_run_samples(cells / "baseline").values()] == [False, False]
+    assert [r["vision_cached"] for r in read_run_samples(cells / "tau=0.7").values()] == [True, True]  # job's memory
+    second = invoke(*args, "--results-dir", tmp_path / "second")  # a new job: every sample from the disk
+    assert second.exit_code in (0, EXIT_INCOMPLETE), second.output
+    for cell in ("baseline", "tau=0.7"):
+        records = read_run_samples(the_sweep(tmp_path / "second") / "cells" / cell)
+        assert [r["vision_cached"] for r in records.values()] == [True, True], cell
+        assert {i: {k: r[k] for k in RECORD_KEYS} for i, r in records.items()} == cell_records(cells.parent, cell)
+    assert sorted(features.glob("*")) == entries  # no temporary file left behind

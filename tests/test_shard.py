@@ -240,3 +240,29 @@ def test_a_sweep_under_a_launcher_is_refused(toy, tmp_path, calls, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     res = runner.invoke(app, ["sweep", "tau", "--values", "tau=0.7", "--dataset", str(toy), *FAST, "--results-dir", str(tmp_path)])
     assert res.exit_code == 2 and "--launcher local --workers N" in res.output and calls.n == 0
+
+
+def test_a_split_run_missing_a_rank_exits_incomplete_naming_it(toy, tmp_path, calls, monkeypatch):
+    """Rank 1 of 2 never ran: rank 0 finishes its half and exits 3 naming rank 1 and the missing
+    ids; `summarize` says the same. (``logits``: every answer parses, so nothing else is wrong.)"""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = [*map(str, run_args(toy, tmp_path)), "--limit", "6", "--answer-mode", "logits"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == EXIT_INCOMPLETE, res.output
+    assert "3 not evaluated (" in res.output and "rank 1 of 2 did not finish" in res.output
+    run_dir = the_run_dir(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["accuracy"]["unparsed"] == 0 and summary["accuracy"]["errors"] == 0
+    assert summary["missing_ranks"] == [1] and len(summary["missing"]) == 3
+    assert all(i in res.output for i in summary["missing"])
+    res = runner.invoke(app, ["run", *args[1:], "--quiet"])  # quiet: nothing said, the exit code still tells
+    assert res.exit_code == EXIT_INCOMPLETE and res.output == ""
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    res = runner.invoke(app, ["summarize", str(run_dir)])
+    assert res.exit_code == EXIT_INCOMPLETE and "rank 1 of 2 did not finish" in res.output
+    res = runner.invoke(app, args)  # one process finishes the rest: a clean exit
+    assert res.exit_code == 0, res.output
+    assert "missing" not in json.loads((run_dir / "summary.json").read_text())
+    assert runner.invoke(app, ["summarize", str(run_dir)]).exit_code == 0

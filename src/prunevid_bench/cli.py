@@ -45,7 +45,7 @@ EXIT_INCOMPLETE = 3  # the run finished, but some samples were skipped, errored 
 EXIT_INTERRUPTED = 130
 EXIT_HELP = (
     "Exit codes: 0 every selected sample gave a parsed answer; 3 finished, but samples were skipped, "
-    "errored or unparsed; 2 usage or input error; 130 interrupted (rerun to resume)."
+    "errored, unparsed or not evaluated (a rank died; summarize of an unfinished run); 2 usage or input error; 130 interrupted (rerun to resume)."
 )
 
 app = typer.Typer(
@@ -65,7 +65,7 @@ err_console = Console(stderr=True)
 
 # `run` options that only mean something with --dataset: refused for one video rather than ignored.
 DATASET_ONLY = ("limit", "seed", "answer_mode", "baseline", "force", "wait", "video_root", "answers", "dataset_format",
-                "feature_cache", "feature_cache_gb")
+                "feature_cache", "feature_cache_gb", "feature_cache_shared")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -40,6 +40,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", 
 AnswerMode = Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of stopping.", rich_help_panel="Dataset")]
 FeatureCacheDir = Annotated[Optional[Path], typer.Option("--feature-cache", help="Keep each sample's processor output and vision-tower output on disk here (safetensors), so a rerun or resumed run skips decoding and the tower.", rich_help_panel="Dataset")]
+FeatureCacheShared = Annotated[bool, typer.Option("--feature-cache-shared", help="Accept a --feature-cache folder that other users can write to (they could change this run's features, and so its answers).", rich_help_panel="Dataset")]
 FeatureCacheGb = Annotated[Optional[float], typer.Option("--feature-cache-gb", help="Memory for the vision-feature cache shared by a sweep's cells (default: 4 for a sweep, 0 for a dataset run; 0 turns it off).", rich_help_panel="Dataset")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout; everything else goes to stderr.", rich_help_panel="Output")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and the --json result).", rich_help_panel="Output")]
@@ -138,12 +139,14 @@ class EvalFlags:
     results_dir: ResultsDir = Path("results")
     feature_cache: FeatureCacheDir = None
     feature_cache_gb: FeatureCacheGb = None
+    feature_cache_shared: FeatureCacheShared = False
 
     def options(self, preset: str | None, **more):
         from prunevid_bench.harness.specs import EvalOptions
 
         return EvalOptions(answer_mode=self.answer_mode, wait=self.wait, results_dir=self.results_dir, preset=preset,
-                           feature_cache=self.feature_cache, feature_cache_gb=self.feature_cache_gb, **more)
+                           feature_cache=self.feature_cache, feature_cache_gb=self.feature_cache_gb,
+                           feature_cache_shared=self.feature_cache_shared, **more)
 
 
 Launcher = Annotated[str, typer.Option("--launcher", help="Where the cells run: serial (here, one after another) | local (--workers processes) | slurm (one job array); local and slurm need prunevid-bench\\[slurm].", rich_help_panel="Launch")]

@@ -1,12 +1,21 @@
 """A vision-feature cache: per sample, the processor output and the vision tower's output are
 computed once and reused by every later run of the same sample (the cells of a sweep), in
-memory for the cache's lifetime and optionally on disk as safetensors.
+memory for the cache's lifetime and optionally on disk as safetensors (a folder that the workers
+of ``--launcher local``/``slurm`` share: entries are written whole and renamed into place).
 
-The key covers everything those depend on: each input video's identity (path, size, mtime; or a
-hash of frames given in memory), the question or messages, the sampling policy and every
-``video`` setting, the processor's config and chat template, the model's name and revision, the
-dtype and the device type. A changed file is a new key; a missing or corrupt disk entry is
-recomputed (and rewritten). Nothing stale is served.
+The key is what the features were computed from (``content_id.py``): each input file's content
+(a sha256 of its bytes; frames given in memory are hashed), the question or messages, the
+sampling policy and every ``video`` setting, the processor's config and chat template, the
+model's weights (every weight file's size, mtime, safetensors header and sampled data; the
+package version and a hash of the state dict for a built-in model), the dtype and the device
+type. A disk entry stores a digest of its tensors, of its prompt and of the request it answers;
+each is checked when it is read, and an entry that fails is recomputed with a one-line warning.
+Nothing stale or foreign is served.
+
+The folder is created 0700 and entries 0600. A folder, or an entry, owned by another user or
+writable by others is refused: whoever can write there chooses the features this run uses, and
+so its answers. ``--feature-cache-shared`` accepts such a folder (and writes entries readable by
+the group) after saying so.
 
 Timing stays honest: a run that used cached features did not run the vision tower, so its
 measured TTFT lacks it. ``Served.account`` reports ``ttft_s`` = the vision time measured when the
@@ -24,6 +33,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
+import sys
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +44,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunevid_bench.content_id import file_digest, tensors_digest, weights_identity
 from prunevid_bench.errors import PruneVidError
 
-FORMAT = 1  # bump when an entry's layout changes: older files then miss instead of misreading
+FORMAT = 2  # bump when an entry's layout changes: older files then miss instead of misreading
+SHARED_RISK = ("anyone who can write to it can change the features, and so the answers, of this run "
+               "(entries are still checked against their digests, which catches damage, not a forgery)")
+
+
+def warn(message: str) -> None:
+    """One line on stderr (under the CLI, the run goes on)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -45,6 +65,7 @@ class Entry:
     clips: list[dict[str, Any]]  # Clip fields without the frames, plus their shape
     prompt: str
     policy: str
+    request: str  # sha256 of what was asked: the inputs' contents, the question or messages
     video_features: list[torch.Tensor] | None = None  # the tower's output, one [N_i, D] per video
     vision_s: float = 0.0  # the vision time measured when video_features were computed
 
@@ -55,39 +76,52 @@ class Entry:
 
 class FeatureCache:
     """``max_bytes`` bounds the entries held in memory (0: only the sample being run);
-    ``directory`` (optional) keeps every complete entry on disk as well."""
+    ``directory`` (optional) keeps every complete entry on disk as well; ``shared`` accepts a
+    folder and entries that other users can write (see the module docstring)."""
 
-    def __init__(self, max_bytes: int, directory: Path | None = None):
+    def __init__(self, max_bytes: int, directory: Path | None = None, shared: bool = False):
         self.max_bytes = int(max_bytes)
         self.directory = Path(directory) if directory is not None else None
+        self.shared = shared
         if self.directory is not None:
             try:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                self.directory.mkdir(mode=0o777 if shared else 0o700, parents=True, exist_ok=True)
+                st = self.directory.stat()
             except OSError as exc:
                 raise PruneVidError(f"--feature-cache {directory}: cannot create the folder ({exc.strerror})") from None
+            why = foreign(st)
+            if why and not shared:
+                raise PruneVidError(f"--feature-cache {directory}: the folder is {why}, and whoever can write to it "
+                                    "chooses this run's features (so its answers): use a folder of your own, or "
+                                    "accept that with --feature-cache-shared")
+            if shared:
+                warn(f"--feature-cache-shared: {directory}: {SHARED_RISK}")
         self._memory: OrderedDict[str, Entry] = OrderedDict()
-        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "corrupt": 0, "write_errors": 0}
+        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "corrupt": 0, "rejected": 0, "write_errors": 0}
 
     @classmethod
-    def from_options(cls, gigabytes: float | None, directory: Path | None) -> "FeatureCache | None":
+    def from_options(cls, gigabytes: float | None, directory: Path | None, shared: bool = False) -> "FeatureCache | None":
         """The cache a run asked for, or None when neither memory nor disk is wanted."""
         if gigabytes is not None and gigabytes < 0:
             raise PruneVidError(f"--feature-cache-gb must be >= 0, got {gigabytes}")
+        if shared and directory is None:
+            raise PruneVidError("--feature-cache-shared applies to a --feature-cache folder")
         if not gigabytes and directory is None:
             return None
-        return cls(int((gigabytes or 0) * 2**30), directory)
+        return cls(int((gigabytes or 0) * 2**30), directory, shared)
 
     # ----------------------------------------------------------- preparation
     def prepare(self, pipe, video, question, cfg, messages):
         """``pipe.prepare`` through the cache: a hit skips decoding and the processor."""
-        key = sample_key(pipe, video, question, cfg, messages)
-        entry = self._get(key)
+        key, request = sample_key(pipe, video, question, cfg, messages)
+        entry = self._get(key, request)
         if entry is None:
             self.stats["misses"] += 1
             prepared = pipe._prepare(video, question, cfg, messages)
             self._put(key, Entry(
                 inputs={k: v.detach().cpu() for k, v in prepared.inputs.items() if isinstance(v, torch.Tensor)},
                 clips=[_clip_fields(c) for c in prepared.clips], prompt=prepared.prompt, policy=prepared.policy,
+                request=request,
             ), to_disk=False)  # written to disk once the features are known too
         else:
             pipe._check_length(int(entry.inputs["input_ids"].shape[1]), cfg.generation.max_new_tokens)
@@ -110,13 +144,13 @@ class FeatureCache:
             yield served
 
     # ----------------------------------------------------------- storage
-    def _get(self, key: str) -> Entry | None:
+    def _get(self, key: str, request: str) -> Entry | None:
         entry = self._memory.get(key)
         if entry is not None:
             self._memory.move_to_end(key)
             self.stats["hits"] += 1
             return entry
-        entry = self._read(key)
+        entry = self._read(key, request)
         if entry is not None:
             self.stats["disk_hits"] += 1
             self._put(key, entry, to_disk=False)
@@ -149,35 +183,75 @@ class FeatureCache:
         tensors = {f"input.{k}": v.contiguous() for k, v in entry.inputs.items()}
         tensors.update({f"video.{i}": t.contiguous() for i, t in enumerate(entry.video_features)})
         meta = {"format": str(FORMAT), "key": key, "clips": json.dumps(entry.clips), "prompt": entry.prompt,
-                "policy": entry.policy, "vision_s": repr(entry.vision_s), "n_videos": str(len(entry.video_features))}
-        path = self._path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)  # readers never see half a file
+                "policy": entry.policy, "vision_s": repr(entry.vision_s), "n_videos": str(len(entry.video_features)),
+                "request": entry.request, "prompt_sha256": _text_digest(entry.prompt),
+                "tensors_sha256": tensors_digest(tensors)}
+        tmp = None
+        try:  # a unique name per writer (workers on several hosts may share the folder)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)  # mode 0600
+            os.close(fd)
+            save_file(tensors, tmp, metadata=meta)
+            if self.shared:
+                os.chmod(tmp, 0o664)
+            os.replace(tmp, self._path(key))  # readers never see half a file
         except OSError:  # a full or read-only disk costs the reuse, not the sample
             self.stats["write_errors"] += 1
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
-    def _read(self, key: str) -> Entry | None:
-        if self.directory is None or not self._path(key).is_file():
+    def _read(self, key: str, request: str) -> Entry | None:
+        if self.directory is None or not os.path.lexists(self._path(key)):
             return None
+        path = self._path(key)
         from safetensors import safe_open
 
+        why = foreign(os.lstat(path))
+        if why and not self.shared:
+            return self._reject(path, f"{why}; it is not used (delete it, or accept it with --feature-cache-shared)")
         try:
-            with safe_open(str(self._path(key)), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != str(FORMAT) or meta.get("key") != key:
-                    raise ValueError("not an entry for this key")
+                if meta.get("format") != str(FORMAT):
+                    raise ValueError("an entry of another format")
                 names = list(f.keys())
-                inputs = {n[len("input."):]: f.get_tensor(n) for n in names if n.startswith("input.")}
-                videos = [f.get_tensor(f"video.{i}") for i in range(int(meta["n_videos"]))]
-                return Entry(inputs, json.loads(meta["clips"]), meta["prompt"], meta["policy"], videos,
-                             float(meta["vision_s"]))
+                tensors = {n: f.get_tensor(n) for n in names}
         except Exception:  # noqa: BLE001 - any damage (truncated, foreign, half-written): recompute
             self.stats["corrupt"] += 1
             return None
+        try:
+            entry = Entry({n[len("input."):]: t for n, t in tensors.items() if n.startswith("input.")},
+                          json.loads(meta["clips"]), meta["prompt"], meta["policy"], meta["request"],
+                          [tensors[f"video.{i}"] for i in range(int(meta["n_videos"]))], float(meta["vision_s"]))
+        except (KeyError, ValueError, TypeError):
+            return self._reject(path, "its metadata is incomplete; recomputed")
+        checks = (("key", meta.get("key") == key), ("request", entry.request == request),
+                  ("prompt", meta.get("prompt_sha256") == _text_digest(entry.prompt)),
+                  ("tensors", meta.get("tensors_sha256") == tensors_digest(tensors)))
+        failed = [name for name, ok in checks if not ok]
+        if failed:
+            return self._reject(path, f"its {' and '.join(failed)} digest does not match; recomputed")
+        return entry
+
+    def _reject(self, path: Path, why: str) -> None:
+        self.stats["rejected"] += 1
+        warn(f"feature cache entry {path}: {why}")
+        return None
+
+
+def foreign(st: os.stat_result) -> str | None:
+    """Why a cache folder or entry cannot be trusted: another owner, writable by others, a link."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"owned by another user (uid {st.st_uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Served:
@@ -235,13 +309,18 @@ def video_features_patch(model, cached: list[torch.Tensor] | None, captured: lis
 
 
 # ----------------------------------------------------------------------------- keys and entries
-def sample_key(pipe, video, question, cfg, messages) -> str:
-    """sha256 over everything the processor output and the tower's output depend on."""
+def sample_key(pipe, video, question, cfg, messages) -> tuple[str, str]:
+    """sha256 over everything the processor output and the tower's output depend on (the key),
+    and over what was asked alone (the request an entry must answer)."""
+    from prunevid_bench.models.loading import BUILTIN
+
     model = pipe.model
     vp = pipe.processor.video_processor
+    inputs = _describe({"video": video, "question": question, "messages": messages})
+    request = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")).hexdigest()
     payload = {
         "format": FORMAT,
-        "inputs": _describe({"video": video, "question": question, "messages": messages}),
+        "inputs": request,
         "policy": pipe.video_policy(cfg),
         "video": dataclasses.asdict(cfg.video),
         "processor": vp.to_dict() if hasattr(vp, "to_dict") else repr(vp),
@@ -250,11 +329,12 @@ def sample_key(pipe, video, question, cfg, messages) -> str:
         "model": pipe.model_name,
         "model_path": getattr(model.config, "_name_or_path", None),
         "revision": getattr(model.config, "_commit_hash", None),
+        "weights": weights_identity(model, pipe.model_name, builtin=pipe.model_name in BUILTIN),
         "dtype": str(next(model.parameters()).dtype),
         "device_type": pipe.device.type,
     }
     text = json.dumps(payload, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32], request
 
 
 def _to_dict(obj) -> Any:
@@ -262,12 +342,12 @@ def _to_dict(obj) -> Any:
 
 
 def _describe(obj: Any) -> Any:
-    """JSON-able identity of an input: files by (path, size, mtime), arrays and images by a hash."""
+    """JSON-able identity of an input: files by their path and content, arrays and images by a hash."""
     from prunevid_bench.video import Clip
 
-    if isinstance(obj, (str, Path)) and str(obj) and os.path.isfile(obj):
-        st = os.stat(obj)
-        return {"file": os.path.abspath(obj), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    path = str(obj)[7:] if isinstance(obj, str) and obj.startswith("file://") else obj
+    if isinstance(path, (str, Path)) and str(path) and os.path.isfile(path):
+        return {"file": os.path.abspath(path), "sha256": file_digest(path)}
     if isinstance(obj, Clip):
         fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "frames"}
         return {"clip": _describe(obj.frames), **{k: _describe(v) for k, v in fields.items()}}

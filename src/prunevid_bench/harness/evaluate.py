@@ -213,7 +213,7 @@ def with_feature_cache(pipe, options: EvalOptions, default_gb: float) -> Callabl
     from prunevid_bench.feature_cache import FeatureCache
 
     gigabytes = default_gb if options.feature_cache_gb is None else options.feature_cache_gb
-    cache = FeatureCache.from_options(gigabytes, options.feature_cache)
+    cache = FeatureCache.from_options(gigabytes, options.feature_cache, options.feature_cache_shared)
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
 
     def get():
@@ -333,9 +333,29 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
         ranks = rank_summary(records)
         if ranks:
             summary["ranks"] = ranks
+        summary.update(missing_samples(run_dir, plan["runnable"], done))
         write_json(run_dir / SUMMARY_FILE, summary)
         write_csv_row(run_dir / "summary.csv", flat_row(meta, summary, meta["config"]))
     return summary, records
+
+
+def missing_samples(run_dir: Path, runnable: list[str], done) -> dict[str, Any]:
+    """The runnable ids not logged yet (``missing``) and, for a split launch, the ranks that were
+    to run them (``missing_ranks``: rank r of n takes every n-th runnable question from r)."""
+    missing = [i for i in runnable if i not in done]
+    if not missing:
+        return {}
+    env_path = run_dir / "environment.json"
+    try:
+        world = int(json.loads(env_path.read_text())["shards"]["world_size"]) if env_path.is_file() else 1
+    except (ValueError, KeyError, TypeError):
+        world = 1
+    out: dict[str, Any] = {"missing": missing}
+    if world > 1:
+        position = {sample_id: n for n, sample_id in enumerate(runnable)}
+        out["missing_ranks"] = sorted({position[i] % world for i in missing})
+        out["world_size"] = world
+    return out
 
 
 def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any], fingerprint: dict[str, Any],

@@ -8,7 +8,9 @@ jobs through submitit (``pip install 'prunevid-bench[slurm]'``):
   when there are GPUs.
 
 Both run the same job function, ``run_cells``: each cell is an ordinary run folder (locked,
-resumable sample by sample) evaluated with ``evaluate_plan``; a cell that fails writes its error to
+resumable sample by sample) evaluated with ``evaluate_plan``, with the sweep's vision-feature
+cache (``--feature-cache``: a folder every job reads and writes, entries written whole and renamed
+into place); a cell that fails writes its error to
 ``<cell>/error.json`` and the job goes on with its next cell. The sweep waits for the jobs, or with
 ``--no-wait`` returns once they are submitted; ``launch.json`` keeps the job id of each cell. A
 rerun of the same command submits only the cells not finished, not running (their lock is held)
@@ -94,14 +96,20 @@ class CellTask:
 
 def run_cells(tasks: list[CellTask]) -> dict[str, str]:
     """The job function: run each cell in turn; one model load shared by the job's cells (a sweep
-    varies no ``model.*`` key). Returns each cell's outcome, ``done`` or its error."""
+    varies no ``model.*`` key), and one vision-feature cache, as a serial sweep's (its memory part
+    per job, its ``--feature-cache`` folder shared by every job). Returns each cell's outcome,
+    ``done`` or its error."""
     from rich.console import Console
 
     from prunevid_bench.config import from_dict
-    from prunevid_bench.harness.evaluate import evaluate_plan, pipeline_loader
+    from prunevid_bench.harness.evaluate import evaluate_plan, pipeline_loader, with_feature_cache
+    from prunevid_bench.harness.sweep import SWEEP_FEATURE_CACHE_GB
 
     outcomes: dict[str, str] = {}
-    get_pipe = pipeline_loader(from_dict(tasks[0].config)) if tasks else None
+    get_pipe = None
+    if tasks:
+        get_pipe = with_feature_cache(pipeline_loader(from_dict(tasks[0].config)), tasks[0].options,
+                                      default_gb=SWEEP_FEATURE_CACHE_GB)
     console = Console(force_terminal=False)  # into the job's log
     for task in tasks:
         console.print(f"cell {task.name}", highlight=False, soft_wrap=True)

@@ -257,10 +257,18 @@ def summarise(
 
 def shortfall(summary: Mapping[str, Any]) -> list[str]:
     """Why a finished dataset run did not answer every selected question, e.g.
-    ``["2 skipped", "1 errored", "3 unparsed"]``; empty when every one got a parsed answer."""
+    ``["2 skipped", "1 errored", "3 unparsed"]``, led by the questions not evaluated (with the
+    ranks that were to run them); empty when every one got a parsed answer."""
     acc = summary["accuracy"]
     counts = {"skipped": len(summary.get("skipped", [])), "errored": acc["errors"], "unparsed": acc["unparsed"]}
-    return [f"{n} {what}" for what, n in counts.items() if n]
+    problems = [f"{n} {what}" for what, n in counts.items() if n]
+    missing = summary.get("missing") or []
+    if missing:  # an unfinished run (a rank died, or it was stopped): never a clean exit
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        ranks = summary.get("missing_ranks")
+        who = (f"; rank {', '.join(map(str, ranks))} of {summary.get('world_size')} did not finish" if ranks else "")
+        problems.insert(0, f"{len(missing)} not evaluated ({shown}{who})")
+    return problems
 
 
 def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class EvalOptions:
     preset: str | None = None  # the preset the config came from: names the folder, kept in the record
     feature_cache: Path | None = None  # a folder for the vision-feature cache on disk (feature_cache.py)
     feature_cache_gb: float | None = None  # its memory bound; None: the scenario's default
+    feature_cache_shared: bool = False  # accept a cache folder other users can write to
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
