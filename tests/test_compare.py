@@ -79,7 +79,7 @@ def test_table_values_and_deltas(runs, tmp_path):
     assert (pruned_csv["pruning_layer"], pruned_csv["pruning_layer_spec"]) == ("1", "1")
     assert (base_csv["pruning_layer"], base_csv["pruning_layer_spec"]) == ("", "10/28")  # Stage 2 off: no layer pruned
     md = (tmp_path / "compare.md").read_text().splitlines()
-    assert md[0].startswith("| run | stages |") and len(md) == 4 and md[3].startswith(f"| {runs['pruned'].name} |")
+    assert md[0].startswith("| run | stages | model |") and len(md) == 4 and md[3].startswith(f"| {runs['pruned'].name} |")
 
 
 def test_baseline_is_the_run_with_stages_off_or_the_one_named(runs, tmp_path):
@@ -101,20 +101,67 @@ def test_markdown_to_stdout(runs):
     res = invoke("compare", runs["base"], runs["pruned"], "--markdown")
     assert res.exit_code == 0, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("|")]
-    assert len(lines) == 4 and lines[1].startswith("|---|---|---:")
+    assert len(lines) == 4 and lines[1].startswith("|---|---|---|---:")
     assert "+0.0 pt" in lines[2] and "1.00×" in lines[2]
 
 
 @pytest.mark.parametrize(
     "other,message",
-    [("fewer_questions", "(3 vs 4, 3 shared)"), ("fewer_frames", "(num_frames 4 vs 2)")],
+    [("fewer_questions", "(3 vs 4, 3 shared)"), ("fewer_frames", "differ in frames (frames num_frames=2 vs num_frames=4)")],
 )
 def test_refuses_mismatched_runs_unless_allowed(runs, other, message):
     res = invoke("compare", runs["base"], runs[other])
-    assert res.exit_code == 2 and message in res.output and "--allow-mismatch" in res.output
+    assert res.exit_code == 2 and message in res.output and "--allow-mixed" in res.output
     assert len(res.output.strip().splitlines()) == 1
-    res = invoke("compare", runs["base"], runs[other], "--allow-mismatch", "--markdown")
+    res = invoke("compare", runs["base"], runs[other], "--allow-mixed", "--markdown")
     assert res.exit_code == 0, res.output
+    res = invoke("compare", runs["base"], runs[other], "--allow-mismatch", "--markdown")  # the old name still works
+    assert res.exit_code == 0, res.output
+
+
+def _as_other_model(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run folder recorded as if another model (the toy) had answered."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    meta = json.loads((dest / "config.json").read_text())
+    meta["config"]["model"]["name"] = "toy"
+    meta["run"] = dest.name
+    (dest / "config.json").write_text(json.dumps(meta))
+    env = json.loads((dest / "environment.json").read_text())
+    env["model_name"], env["model_weights"] = "toy", "toy sha256:0123"
+    (dest / "environment.json").write_text(json.dumps(env))
+    return dest
+
+
+def test_refuses_another_model_or_video_policy_and_allow_mixed_marks_them(runs, tiny_pipe, tmp_path):
+    """The same questions through another model, or through the same model under another video
+    policy (other frames, other tokens), are not a pruning effect: refused in one line naming the
+    fields; --allow-mixed compares anyway and shows those fields as columns marked ≠."""
+    env = json.loads((runs["base"] / "environment.json").read_text())
+    assert env["model_weights"] == "tiny (built in code, seeded)" and env["model_family"] == "qwen2_5_vl"
+    assert env["video_policy"] == "processor" and len(env["prompt_template"]) == 12
+    other = _as_other_model(runs["base"], tmp_path / "other-model")
+    res = invoke("compare", runs["base"], other)
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "differ in model, weights (model toy vs tiny)" in res.output and "--allow-mixed" in res.output
+
+    toy = generate_dataset(tmp_path / "toy", 6, seed=3)
+    cfg = build_config(None, None, {**FAST, "video.policy": "qwen", "video.max_pixels": 112 * 112})
+    qwen = evaluate_dataset(cfg, DatasetSpec(toy, limit=4), EvalOptions(results_dir=tmp_path / "q", label="qwen"),
+                            pipeline=tiny_pipe, console=Console(quiet=True)).run_dir
+    res = invoke("compare", runs["base"], qwen)
+    assert res.exit_code == 2 and "differ in policy, pixels (policy qwen vs processor)" in res.output
+
+    res = invoke("compare", runs["base"], qwen, other, "--allow-mixed", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "model≠" in res.output and "policy≠" in res.output and "differs between these runs" in res.output
+    rows = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
+    assert [r["policy"] for r in rows] == ["processor", "qwen", "processor"]
+    assert [r["model"] for r in rows] == ["tiny", "tiny", "toy"]
+    assert rows[0]["differs_in"] == "model;weights;policy;pixels"
+    header = (tmp_path / "o" / "compare.md").read_text().splitlines()[0]
+    assert header.startswith("| run | stages | model | model≠ | weights≠ | policy≠ | pixels≠ |")
 
 
 def test_single_video_runs_compare_too(tmp_path):

@@ -13,12 +13,13 @@ from prunevid_bench.harness.tables import Column, FittedTable
 
 def compare_row(name, stages, tokens, acc, ttft, baseline=False):
     """A row as compare_rows makes it, with the README's kind of values (long names and stages)."""
-    return {"run": name, "path": "", "stages": stages, "n": 200, "tokens_in": tokens[0],
+    return {"run": name, "path": "", "stages": stages, "model": "toy", "n": 200, "tokens_in": tokens[0],
             "tokens_after_stage1": tokens[1], "tokens_after_stage2": tokens[2], "compression": tokens[2] / tokens[0],
             "llm_prefill_tokens": None, "ttft_s": ttft, "decode_tokens_per_s": 245.8, "peak_memory_bytes": 857_499_648,
             "kv_cache_bytes": 166_912, "accuracy": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.03, "unparsed": 0,
             "is_baseline": baseline, "delta_accuracy": acc - 0.94, "ttft_speedup": 0.0908 / ttft, "kv_ratio": 0.427,
-            "agreement": 0.91}
+            "agreement": 0.91, "paired_n": 200, "paired_difference": acc - 0.94, "paired_ci_low": acc - 0.98,
+            "paired_ci_high": acc - 0.9, "mcnemar_p": 0.031}
 
 
 COMPARE_ROWS = [
@@ -38,7 +39,8 @@ def sweep_rows():
         rows.append({"cell": cell, "kind": kind, "n": 30, "accuracy": 0.9 - i / 20, "ci_low": 0.7 - i / 20,
                      "ci_high": 0.97 - i / 20, "agreement": 1 - i / 30, "kept_tokens": 128 - 10 * i,
                      "retention": (128 - 10 * i) / 128, "ttft_s": 0.09 - i / 500, "decode_tokens_per_s": 240.0,
-                     "peak_memory_bytes": 857_499_648, "kv_cache_bytes": 166_912})
+                     "peak_memory_bytes": 857_499_648, "kv_cache_bytes": 166_912, "model": "toy",
+                     "paired_difference": -i / 20, "mcnemar_p": 0.5})
     mark_pareto(rows, "accuracy")
     return rows
 
@@ -69,14 +71,14 @@ def test_compare_table_fits_and_keeps_header_words_whole(width):
     shown = headers_as_shown(lines)
     all_headers = [c.header for c in CONSOLE_COLUMNS]
     assert all(h in all_headers for h in shown), shown  # every header reads back whole
-    assert shown[:2] == ["run", "acc % (CI)"]  # rank 0 is always there
+    assert shown[:3] == ["run", "model", "acc % (CI)"]  # rank 0 is always there
     hidden = [h for h in all_headers if h not in shown]
     assert hidden and f"not shown at {width} columns: {', '.join(hidden)}" in caption_text(lines)
 
 
 def test_compare_table_at_80_columns_keeps_the_headline_columns():
     shown = headers_as_shown(render(rich_table(COMPARE_ROWS), 80))
-    assert shown == ["run", "acc % (CI)", "kept", "TTFT", "Δacc", "speed-up"]
+    assert shown == ["run", "model", "acc % (CI)", "kept", "Δacc (p)", "speed-up"]
     assert [h for h in headers_as_shown(render(rich_table(COMPARE_ROWS), 250))] == [c.header for c in CONSOLE_COLUMNS]
 
 
@@ -90,8 +92,8 @@ def test_a_wide_console_shows_every_column_and_no_note():
 def test_markdown_keeps_every_column_whatever_the_console():
     md = markdown_table(COMPARE_ROWS).splitlines()
     assert md[0] == "| " + " | ".join(h for h, _ in COLUMNS) + " |"
-    assert md[0].startswith("| run | stages | n | tokens in → S1 → S2 | kept | TTFT (median) |")
-    assert "| 89.0% [84.0%, 92.0%] | -5.0 pt |" in md[3]
+    assert md[0].startswith("| run | stages | model | n | tokens in → S1 → S2 | kept | TTFT (median) |")
+    assert "| 89.0% [84.0%, 92.0%] | -5.0 pt | -5.0 pt [-9, -1] p=0.03 |" in md[3]
 
 
 @pytest.mark.parametrize("width", [60, 80, 140])
@@ -100,8 +102,9 @@ def test_sweep_table_fits_and_keeps_header_words_whole(width):
     lines = render(sweep_table(rows, "accuracy", title="Sweep of tau {0.7, 0.9} × cluster_ratio {0.3, 0.7}"), width)
     assert max(map(len, lines)) <= width
     shown = headers_as_shown(lines)
-    assert {"cell", "acc (CI)"} <= set(shown) and (width < 80 or {"tokens", "TTFT", "front"} <= set(shown))
-    assert all(h in ("cell", "acc (CI)", "tokens", "TTFT", "agree", "front", "kept", "n", "KV", "dec tok/s", "peak mem")
+    assert {"cell", "acc (CI)"} <= set(shown) and (width < 140 or "model" in shown) and (width < 80 or {"tokens", "TTFT", "front"} <= set(shown))
+    assert all(h in ("cell", "model", "acc (CI)", "tokens", "TTFT", "Δacc (p)", "agree", "front", "kept", "n", "KV",
+                     "dec tok/s", "peak mem")
                for h in shown), shown
     text = "\n".join(lines)
     assert "tau=0.7+random" not in text  # the names are whole words: they wrap after their commas

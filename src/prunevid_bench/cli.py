@@ -385,14 +385,14 @@ def compare(
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="The run deltas are taken against (default: the first with every stage off).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write compare.csv and compare.md into this folder.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown instead of a rich table.")] = False,
-    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs on different questions or frame settings anyway.")] = False,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", "--allow-mismatch", help="Compare runs on different questions or inputs (model, weights, dtype, device, attention, video policy, pixels, frames, prompt, transformers) anyway; the differing fields are shown as columns marked ≠.")] = False,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
     """One table across saved runs: tokens per stage, TTFT, decode speed, memory, KV, accuracy, deltas."""
     from prunevid_bench.harness.compare import compare_runs
 
-    rows = compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mismatch=allow_mismatch,
+    rows = compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mixed=allow_mixed,
                         console=human_console(json_out, quiet))
     if json_out:
         emit_json({"runs": rows})

@@ -108,7 +108,9 @@ def timing_note(record: dict[str, Any]) -> str | None:
 def write_run_header(run_dir: Path, cfg: RunConfig, pipe, meta: dict[str, Any]) -> None:
     """The resolved config and the environment: every run folder starts with these."""
     write_json(run_dir / "config.json", {**meta, "config": cfg.to_dict()})
-    write_json(run_dir / "environment.json", environment(cfg, pipe.model, pipe.device))
+    from prunevid_bench.harness.inputs import recorded_identity
+
+    write_json(run_dir / "environment.json", {**environment(cfg, pipe.model, pipe.device), **recorded_identity(pipe, cfg)})
 
 
 def read_messages(path: Path) -> list[dict[str, Any]]:

@@ -102,3 +102,64 @@ def agreement(
         "only_a": len(a) - len(shared),
         "only_b": len(b) - len(shared),
     }
+
+
+def paired_difference(records: Iterable[Mapping[str, Any]], base_records: Iterable[Mapping[str, Any]],
+                      z: float = 1.96) -> dict[str, Any]:
+    """Accuracy of a run minus its baseline's on the questions both answered, as a paired test.
+
+    Both runs answered the same questions, so their correctness is paired: only the discordant
+    questions (one right, the other wrong) carry information. ``difference`` = (gained - lost) / n;
+    the 95% interval is Newcombe's (1998, Stat Med 17:2635, method 10: Wilson intervals of the two
+    marginal accuracies combined with the phi correlation of the pairs, its numerator corrected as
+    there), which stays inside [-1, 1] and keeps a width when nothing differs; ``p`` is the exact McNemar test: a
+    two-sided binomial test of ``gained`` among the discordant pairs at 1/2 (scipy's binomtest).
+    An errored row counts as wrong, as in the accuracy. ``significant``: the interval leaves out 0.
+    """
+    from scipy.stats import binomtest
+
+    a, b = _by_id(records, "A"), _by_id(base_records, "B")
+    shared = [i for i in a if i in b]
+    right = {i: (bool(a[i].get("correct")) and not a[i].get("error"),
+                 bool(b[i].get("correct")) and not b[i].get("error")) for i in shared}
+    both = sum(1 for r, s in right.values() if r and s)
+    gained = sum(1 for r, s in right.values() if r and not s)  # the run right, the baseline wrong
+    lost = sum(1 for r, s in right.values() if s and not r)
+    neither = len(shared) - both - gained - lost
+    n = len(shared)
+    out: dict[str, Any] = {"n": n, "both": both, "gained": gained, "lost": lost, "neither": neither,
+                           "difference": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan,
+                           "significant": False}
+    if n == 0:
+        return out
+    p_run, p_base = (both + gained) / n, (both + lost) / n
+    (l1, u1), (l2, u2) = wilson_interval(both + gained, n, z), wilson_interval(both + lost, n, z)
+    margins = (both + gained) * (neither + lost) * (both + lost) * (neither + gained)
+    cross = both * neither - gained * lost  # Newcombe's phi, its numerator pulled N/2 towards 0 when positive
+    phi = (max(cross - n / 2, 0.0) if cross > 0 else cross) / math.sqrt(margins) if margins else 0.0
+    theta = p_run - p_base
+    below = math.sqrt(max(0.0, (p_run - l1) ** 2 - 2 * phi * (p_run - l1) * (u2 - p_base) + (u2 - p_base) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p_run) ** 2 - 2 * phi * (u1 - p_run) * (p_base - l2) + (p_base - l2) ** 2))
+    low, high = max(-1.0, theta - below), min(1.0, theta + above)
+    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    out.update(difference=theta, ci_low=low, ci_high=high, p=float(p), significant=not low <= 0.0 <= high)
+    return out
+
+
+def paired_text(paired: Mapping[str, Any] | None) -> str:
+    """``-4.0 pt [-11, +3] p=0.45`` (points; the interval in whole points), ``-`` without one."""
+    if not paired or not paired.get("n") or paired["difference"] != paired["difference"]:
+        return "-"
+    return (f"{100 * paired['difference']:+.1f} pt [{100 * paired['ci_low']:+.0f}, {100 * paired['ci_high']:+.0f}] "
+            f"p={_p_text(paired['p'])}")
+
+
+def paired_short(difference: float | None, p: float | None) -> str:
+    """``-5.0 p=0.03``: the paired difference in points and McNemar's p, for a narrow column."""
+    if difference is None or difference != difference or p is None:
+        return "-"
+    return f"{100 * difference:+.1f} p={_p_text(p)}"
+
+
+def _p_text(p: float) -> str:
+    return "1" if p >= 0.995 else f"{p:.2f}" if p >= 0.01 else f"{p:.0e}"

@@ -2,9 +2,11 @@
 
 Accepts dataset run folders, single-video run folders and sweep folders (a sweep expands to its
 cells, in its own order). The baseline is ``--baseline`` or else the first run with every stage
-off. Runs must share the same questions and frame settings, or the numbers are not comparable;
-that is refused unless ``--allow-mismatch``. A sweep's frames controls change the frame count on
-purpose and are exempt from the frame check.
+off. Runs must share the same questions and inputs (``harness.inputs``: model and weights, family,
+dtype, device, attention, video policy, pixel budgets, frames, prompt template, transformers), or
+the numbers are not comparable; that is refused, naming the fields, unless ``--allow-mixed``, which
+shows each differing field as a column marked ≠. A sweep's frames controls change the frame count
+on purpose and are exempt from the frame check.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Any
 from rich.console import Console
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import accuracy_summary, agreement
+from prunevid_bench.harness.answers import accuracy_summary, agreement, paired_difference, paired_short, paired_text
 from prunevid_bench.harness.evaluate import fmt_pct
+from prunevid_bench.harness.inputs import check_same_inputs, identity, model_text
 from prunevid_bench.harness.runs import SavedRun, load_run
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import read_json
 from prunevid_bench.single import fmt_seconds, human_bytes, layer_text
 
-FRAME_KEYS = ("num_frames", "fps", "max_frames", "max_pixels", "min_pixels")
+ALLOW = "pass --allow-mixed to compare anyway"
 
 
 def expand(paths: list[Path]) -> list[SavedRun]:
@@ -75,26 +78,18 @@ def question_set(run: SavedRun) -> frozenset[str]:
     return frozenset(ids) if ids is not None else run.question_ids
 
 
-def check_comparable(runs: list[SavedRun], reference: SavedRun) -> None:
-    """Refuse runs whose questions or frame settings differ from the reference's."""
+def check_comparable(runs: list[SavedRun], reference: SavedRun, allow_mixed: bool = False) -> list[str]:
+    """Refuse runs whose questions or inputs differ from the reference's (``allow_mixed``: return
+    the differing input fields instead, for the table to mark)."""
     ref_q = question_set(reference)
-    ref_frames = {k: reference.config["video"].get(k) for k in FRAME_KEYS}
     for run in runs:
         q = question_set(run)
-        if q != ref_q:
+        if q != ref_q and not allow_mixed:
             raise PruneVidError(
                 f"{run.name} asked different questions than {reference.name} ({len(q)} vs {len(ref_q)}, "
-                f"{len(q & ref_q)} shared); pass --allow-mismatch to compare anyway"
+                f"{len(q & ref_q)} shared); {ALLOW}"
             )
-        if run.meta.get("kind") == "control_frames":
-            continue  # fewer frames is the point of this control
-        frames = {k: run.config["video"].get(k) for k in FRAME_KEYS}
-        if frames != ref_frames:
-            diff = ", ".join(f"{k} {ref_frames[k]} vs {frames[k]}" for k in FRAME_KEYS if frames[k] != ref_frames[k])
-            raise PruneVidError(
-                f"{run.name} samples frames differently from {reference.name} ({diff}); "
-                "pass --allow-mismatch to compare anyway"
-            )
+    return check_same_inputs(runs, reference, allow_mixed)
 
 
 def answered(run: SavedRun) -> list[dict[str, Any]]:
@@ -126,6 +121,7 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
         row: dict[str, Any] = {
             "run": run.name,
             "path": str(run.path),
+            **identity(run),  # model, weights, ..., transformers: what the model saw and how it ran
             "stages": stages_text(run.config, run.pruning_layer),
             "n": acc["n"] if acc else 1,
             "tokens_in": tokens_in,
@@ -150,7 +146,9 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
 
 
 def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> dict[str, Any]:
-    out = {"delta_accuracy": None, "ttft_speedup": None, "kv_ratio": None, "agreement": None}
+    out = {"delta_accuracy": None, "ttft_speedup": None, "kv_ratio": None, "agreement": None,
+           "paired_n": None, "paired_difference": None, "paired_ci_low": None, "paired_ci_high": None,
+           "mcnemar_p": None, "gained": None, "lost": None}
     if reference is None:
         return out
     ref_acc = run_accuracy(reference)
@@ -164,7 +162,23 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
     mine, theirs = answered(run), answered(reference)
     if mine and theirs:
         out["agreement"] = agreement(mine, theirs)["agreement"]
+        if all("correct" in r for r in mine + theirs):  # scored: the paired test over the shared questions
+            paired = paired_difference(mine, theirs)
+            out.update(paired_n=paired["n"], paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
+                       paired_ci_high=paired["ci_high"], mcnemar_p=paired["p"], gained=paired["gained"],
+                       lost=paired["lost"])
     return out
+
+
+def _paired(r: dict[str, Any]) -> dict[str, Any] | None:
+    if r.get("paired_n") is None:
+        return None
+    return {"n": r["paired_n"], "difference": r["paired_difference"], "ci_low": r["paired_ci_low"],
+            "ci_high": r["paired_ci_high"], "p": r["mcnemar_p"]}
+
+
+def _paired_short(r: dict[str, Any]) -> str:
+    return paired_short(r["paired_difference"], r["mcnemar_p"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +187,7 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
 COLUMNS = (  # header, formatter of a row
     ("run", lambda r: r["run"] + (" (base)" if r["is_baseline"] and r["run"] != "baseline" else "")),
     ("stages", lambda r: r["stages"]),
+    ("model", lambda r: model_text(r["model"])),
     ("n", lambda r: str(r["n"])),
     ("tokens in → S1 → S2", lambda r: " → ".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2"))),
     ("kept", lambda r: fmt_pct(r["compression"])),
@@ -182,6 +197,7 @@ COLUMNS = (  # header, formatter of a row
     ("KV cache", lambda r: human_bytes(r["kv_cache_bytes"])),
     ("accuracy [95% CI]", lambda r: "-" if r["accuracy"] is None else f"{fmt_pct(r['accuracy'])} [{fmt_pct(r['ci_low'])}, {fmt_pct(r['ci_high'])}]"),
     ("Δ accuracy", lambda r: "-" if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.1f} pt"),
+    ("paired Δ [95% CI] McNemar p", lambda r: paired_text(_paired(r))),
     ("TTFT speed-up", lambda r: "-" if r["ttft_speedup"] is None else f"{r['ttft_speedup']:.2f}×"),
     ("KV vs base", lambda r: fmt_pct(r["kv_ratio"])),
     ("agreement", lambda r: fmt_pct(r["agreement"])),
@@ -206,11 +222,13 @@ FORMAT = dict(COLUMNS)  # header -> formatter
 # the highest rank up, the caption says which); --markdown and --out keep every column.
 CONSOLE_COLUMNS = (
     Column("run", FORMAT["run"], rank=0, fold=True, justify="left", word_cap=16),  # folder names fold
+    Column("model", FORMAT["model"], rank=0, fold=True, justify="left", word_cap=12),
     Column("acc % (CI)", _ci_text, rank=0, note="acc: accuracy, 95% CI"),
     Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after the stages"),
-    Column("TTFT", FORMAT["TTFT (median)"], rank=1, note="TTFT: median"),
-    Column("Δacc", FORMAT["Δ accuracy"], rank=2, note="Δ and speed-up: against the base run"),
-    Column("speed-up", FORMAT["TTFT speed-up"], rank=3),
+    Column("TTFT", FORMAT["TTFT (median)"], rank=2, note="TTFT: median"),
+    Column("Δacc (p)", _paired_short, rank=1,
+           note="Δacc: paired accuracy difference in points on the shared questions, p: exact McNemar"),
+    Column("speed-up", FORMAT["TTFT speed-up"], rank=1, note="Δ and speed-up: against the base run (TTFT medians)"),
     Column("in→S1→S2", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
     Column("agree", FORMAT["agreement"], rank=5, note="agree: same choice as the base run"),
     Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),
@@ -222,28 +240,38 @@ CONSOLE_COLUMNS = (
 )
 
 
-def rich_table(rows: list[dict[str, Any]]) -> FittedTable:
+def mixed_columns(mixed: list[str]) -> list[tuple[str, Any]]:
+    """(header, formatter) of each input field that differs between the runs (``--allow-mixed``)."""
+    return [(f"{label}≠", lambda r, label=label: "-" if r[label] is None else str(r[label])) for label in mixed]
+
+
+def rich_table(rows: list[dict[str, Any]], mixed: list[str] = ()) -> FittedTable:
     """The comparison for the console, laid out for the width it is printed at."""
-    return FittedTable(list(CONSOLE_COLUMNS), rows, title="Comparison",
+    columns = list(CONSOLE_COLUMNS)
+    for k, (header, fmt) in enumerate(mixed_columns(list(mixed))):
+        note = "≠: differs between these runs (--allow-mixed): the comparison is not like for like" if k == 0 else ""
+        columns.insert(2 + k, Column(header, fmt, rank=1, fold=True, justify="left", word_cap=14, note=note))
+    return FittedTable(columns, rows, title="Comparison",
                        full_table="every column: --markdown, or --out DIR for compare.csv")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if h in ("run", "stages") else "---:" for h, _ in COLUMNS) + "|"]
+def markdown_table(rows: list[dict[str, Any]], mixed: list[str] = ()) -> str:
+    columns = [*COLUMNS[:3], *mixed_columns(list(mixed)), *COLUMNS[3:]]
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "|".join("---" if h in ("run", "stages", "model") or h.endswith("≠") else "---:" for h, _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row).replace("|", "\\|") for _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(row).replace("|", "\\|") for _, fmt in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+def write_outputs(rows: list[dict[str, Any]], out: Path, mixed: list[str] = ()) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "compare.csv", out / "compare.md"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    md_path.write_text(markdown_table(rows))
+    md_path.write_text(markdown_table(rows, mixed))
     return csv_path, md_path
 
 
@@ -253,7 +281,7 @@ def compare_runs(
     baseline: Path | None = None,
     out: Path | None = None,
     markdown: bool = False,
-    allow_mismatch: bool = False,
+    allow_mixed: bool = False,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
     console = console or Console()
@@ -267,16 +295,17 @@ def compare_runs(
             runs.insert(0, reference)
     else:
         reference = next((r for r in runs if r.stages_off), None)
-    if not allow_mismatch:
-        check_comparable(runs, reference or runs[0])
+    mixed = check_comparable(runs, reference or runs[0], allow_mixed)
     rows = compare_rows(runs, reference)
+    for row in rows:
+        row["differs_in"] = ";".join(mixed)
     if markdown:
-        console.print(markdown_table(rows), end="", markup=False, highlight=False, soft_wrap=True)
+        console.print(markdown_table(rows, mixed), end="", markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print(rich_table(rows))
+        console.print(rich_table(rows, mixed))
     if reference is None:
         console.print("no run with every stage off and no --baseline: deltas are left empty")
     if out is not None:
-        csv_path, md_path = write_outputs(rows, Path(out))
+        csv_path, md_path = write_outputs(rows, Path(out), mixed)
         console.print(f"wrote {csv_path} and {md_path}")
     return rows

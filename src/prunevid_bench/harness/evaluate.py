@@ -325,6 +325,7 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
         records = [done[i] for i in plan["runnable"] if i in done]
         summary = {
             "run": run_dir.name,
+            "model": model_of(run_dir, meta),
             "complete": len(records) == len(plan["runnable"]) and not any(r.get("error") for r in records),
             "n_selected": plan["n_selected"],
             "counts": {**plan["counts"], "evaluated": len(records)},
@@ -356,6 +357,13 @@ def missing_samples(run_dir: Path, runnable: list[str], done) -> dict[str, Any]:
         out["missing_ranks"] = sorted({position[i] % world for i in missing})
         out["world_size"] = world
     return out
+
+
+def model_of(run_dir: Path, meta: dict[str, Any]) -> str | None:
+    """The model that ran: as environment.json recorded it when loaded, else the config's name."""
+    env_path = Path(run_dir) / "environment.json"
+    env = read_json(env_path, "restore it, or rerun with --force") if env_path.is_file() else {}
+    return env.get("model_name") or meta["config"]["model"]["name"]
 
 
 def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any], fingerprint: dict[str, Any],
@@ -490,6 +498,8 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     def row(name: str, value: str) -> None:
         table.add_row(shown(name), shown(value))  # "[p25, p75]" is text, not rich markup; categories come from the data
 
+    if summary.get("model"):
+        row("model", summary["model"])
     counts = summary.get("counts")
     if counts:  # selected = evaluated + skipped in preflight; skipped = unusable rows + preflight
         pre = f"; {counts['skipped_preflight']} skipped in preflight" if counts["skipped_preflight"] else ""
@@ -508,6 +518,10 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     if "agreement" in summary:
         ag = summary["agreement"]
         row("agreement with baseline", f"{fmt_pct(ag['agreement'])} [{fmt_pct(ag['ci_low'])}, {fmt_pct(ag['ci_high'])}] on {ag['n']}")
+    if summary.get("paired"):
+        from prunevid_bench.harness.answers import paired_text
+
+        row("Δ accuracy vs baseline, paired [95% CI], McNemar p", paired_text(summary["paired"]))
     for name, cat in summary["accuracy"].get("by_category", {}).items():
         row(f"  {name}", f"{fmt_pct(cat['accuracy'])}  ({cat['correct']}/{cat['n']})")
     m = summary["metrics"]

@@ -238,7 +238,7 @@ def summarise(
     baseline_records: list[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy (95% Wilson CI, per category), agreement with a baseline, metric medians."""
-    from prunevid_bench.harness.answers import accuracy_summary, agreement
+    from prunevid_bench.harness.answers import accuracy_summary, agreement, paired_difference
 
     ok = [r for r in records if not r.get("error")]
     summary: dict[str, Any] = {
@@ -252,6 +252,7 @@ def summarise(
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if v is not None}
     if baseline_records is not None:
         summary["agreement"] = agreement(records, baseline_records)
+        summary["paired"] = paired_difference(records, baseline_records)  # accuracy vs the baseline, paired test
     return summary
 
 
@@ -305,6 +306,10 @@ def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[s
     if "agreement" in summary:
         ag = summary["agreement"]
         row.update(agreement=ag["agreement"], agreement_n=ag["n"], agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"])
+    if "paired" in summary:
+        pd = summary["paired"]
+        row.update(paired_difference=pd["difference"], paired_ci_low=pd["ci_low"], paired_ci_high=pd["ci_high"],
+                   mcnemar_p=pd["p"])
     for name, stats in summary["metrics"].items():
         for key in ("median", "p25", "p75", "p90"):
             row[f"{name}_{key}"] = stats[key]
@@ -325,6 +330,7 @@ class SavedRun:
     summary: dict[str, Any] | None  # dataset runs
     result: dict[str, Any] | None  # single-video runs
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)  # environment.json ({} when absent)
 
     @property
     def name(self) -> str:
@@ -375,4 +381,6 @@ def load_run(path: Path) -> SavedRun:
         result = read_json(path / "result.json", "rerun the command, or leave this folder out")
     else:
         raise PruneVidError(f"{path} has no summary.json or result.json: the run has not finished; rerun its command")
-    return SavedRun(path, meta, config, summary, result, records)
+    env_path = path / "environment.json"
+    env = read_json(env_path, "restore it, or leave this folder out") if env_path.is_file() else {}
+    return SavedRun(path, meta, config, summary, result, records, env)

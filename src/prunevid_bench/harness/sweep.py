@@ -39,7 +39,7 @@ from rich.markup import escape
 
 from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import agreement
+from prunevid_bench.harness.answers import agreement, paired_difference, paired_short
 from prunevid_bench.harness.evaluate import (
     DatasetPlan,
     EvalResult,
@@ -554,7 +554,10 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         if "stage2.pruning_layer" in spec:  # the layer the model resolved, beside the value as swept
             row[short_name("stage2.pruning_layer")] = res.summary.get("pruning_layer")
             row["pruning_layer_spec"] = cell.config.stage2.pruning_layer if cell.config.stage2.enabled else None
+        paired = paired_difference(res.records, base_records)
         row.update(
+            model=cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
+            paired_ci_high=paired["ci_high"], mcnemar_p=paired["p"],
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
             agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"],
@@ -629,15 +632,20 @@ def _acc_ci(r: dict[str, Any]) -> str:
 
 def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTable:
     """The sweep's console table, fitted to the terminal; summary.csv has every column."""
+    from prunevid_bench.harness.inputs import model_text
     from prunevid_bench.single import fmt_seconds, human_bytes
 
     columns = [
         # a space after each comma: a long name wraps between its values
         Column("cell", lambda r: r["cell"].replace(",", ", "), rank=0, fold=True, justify="left"),
+        # one model per sweep, named in the title too: at 80 columns the Pareto front goes first
+        Column("model", lambda r: model_text(r.get("model")), rank=3, fold=True, justify="left", word_cap=10),
         Column("acc (CI)", _acc_ci, rank=0, note="acc: accuracy with its 95% CI in %"),
         Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1, note="tokens: visual tokens kept (median)"),
         Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1, note="TTFT: median"),
         Column("front", _front, rank=2, note=f"front: on the Pareto front of {metric} against kept tokens / TTFT"),
+        Column("Δacc (p)", lambda r: paired_short(r.get("paired_difference"), r.get("mcnemar_p")), rank=3,
+               note="Δacc: paired difference from the baseline cell in points, p: exact McNemar"),
         Column("agree", lambda r: fmt_pct(r["agreement"]), rank=3, note="agree: with the baseline cell"),
         Column("kept", lambda r: fmt_pct(r["retention"]), rank=4, note="kept: of the visual tokens in"),
         Column("n", lambda r: str(r["n"]), rank=5),
