@@ -66,8 +66,8 @@ def cache_kwarg(kwargs: dict):
     """The KV cache a hooked forward was called with. transformers 5.24 renamed the keyword
     ``past_key_values`` to ``cache`` (the old name is deprecated, to be removed in 5.40) and its
     outer forwards pass ``cache=`` inward even when the user wrote the old name; 5.23 only knows
-    ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so Stage 3 would skip
-    compacting layers 0..K and decoding would see the dropped tokens there."""
+    ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so an LLM-layer
+    method would skip compacting layers 0..K and decoding would see the dropped tokens there."""
     return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
 
 

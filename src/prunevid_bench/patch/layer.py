@@ -10,7 +10,6 @@ import torch
 from prunevid_bench import splice
 from prunevid_bench.measure import cache_bytes
 from prunevid_bench.methods import LayerContext, LayerReduction
-from prunevid_bench.stages import stage2 as s2
 from prunevid_bench.tokens import weighted_rows
 
 
@@ -66,12 +65,14 @@ class LayerMethod:
         st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0
         st.compacted = red.compact_cache
         dest = self._row_operator(seq_len, keep_index, kept, red.merge_into)
-        if cache is not None and red.compact_cache and dest is None:
-            s2.compact_cache_layers(cache, range(self.score_layer + 1), keep_index)
-        elif cache is not None and red.compact_cache:
+        if cache is not None and red.compact_cache:  # the tensors really get shorter (new, smaller ones)
             for layer in cache.layers[: self.score_layer + 1]:
-                layer.keys = merge_along(layer.keys, dest, st.row_sizes, keep_index.numel(), -2)
-                layer.values = merge_along(layer.values, dest, st.row_sizes, keep_index.numel(), -2)
+                if dest is None:
+                    layer.keys = layer.keys.index_select(-2, keep_index)
+                    layer.values = layer.values.index_select(-2, keep_index)
+                else:
+                    layer.keys = merge_along(layer.keys, dest, st.row_sizes, keep_index.numel(), -2)
+                    layer.values = merge_along(layer.values, dest, st.row_sizes, keep_index.numel(), -2)
         st.scores, st.scored_rows = ctx.scores, ctx.scored_rows
         st.kept_visual, st.keep_index, st.merged_into = kept, keep_index, red.merge_into
         st.tokens_after = int(kept.numel())
