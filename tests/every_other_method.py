@@ -21,8 +21,8 @@ class EveryOtherConfig:
 def reduce(tokens, cfg: EveryOtherConfig) -> VisualReduction:
     keep = torch.arange(cfg.offset, tokens.index.numel(), 2, device=tokens.index.device)
     _, group = torch.unique(tokens.group[keep], return_inverse=True)  # numbered from 0
-    return VisualReduction(keep=keep, embeds=tokens.embeds[keep], group=group,
-                           stats={"every_other_dropped": tokens.index.numel() - keep.numel()})
+    return VisualReduction.keep(keep, tokens.index.numel(), group,
+                                stats={"every_other_dropped": tokens.index.numel() - keep.numel()})
 
 
 METHOD = prunevid_bench.register_method(prunevid_bench.Method(

@@ -16,23 +16,40 @@ def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(edges[0::2], edges[1::2]))
 
 
-def split_spans(spans, grids, merge) -> list[tuple[int, int]]:
-    """Two videos whose placeholder runs touch form one run; split runs by the grids' sizes.
-    Raises when the grids do not cover the placeholders exactly (e.g. no grids were seen), so a
-    video is never silently left unpruned."""
-    sizes = [t * h * w // (merge * merge) for t, h, w in grids]
-    out, i = [], 0
-    for start, end in spans:
-        while start < end and i < len(sizes):
-            out.append((start, start + sizes[i]))
-            start += sizes[i]
-            i += 1
-    if len(out) != len(grids) or sum(e - s for s, e in out) != sum(e - s for s, e in spans):
+def assign_runs(runs, sizes, per_step: bool = False) -> list[list[tuple[int, int]]]:
+    """Placeholder ``runs`` [(start, end)] in prompt order -> each video's runs. ``sizes``: per
+    video (t, n), t temporal steps of n tokens. A video takes runs until it holds t * n tokens;
+    two videos whose runs touch share one run, which is split. ``per_step``: the family writes
+    one run per temporal step (text between the steps), so every run must hold n tokens. Raises
+    when the grids do not cover the placeholders exactly (e.g. no grids were seen), so a video
+    is never silently left unpruned."""
+    out, queue = [], list(runs)
+    total = sum(e - s for s, e in runs)
+    for t, n in sizes:
+        need, mine = t * n, []
+        while need > 0 and queue:
+            start, end = queue.pop(0)
+            take = min(need, end - start)
+            if per_step and take != n:
+                break
+            mine.append((start, start + take))
+            if start + take < end:
+                queue.insert(0, (start + take, end))
+            need -= take
+        if need:
+            break
+        out.append(mine)
+    if len(out) != len(sizes) or queue:
         raise PruneVidError(
-            f"the {sum(e - s for s, e in spans)} video placeholder tokens do not match the video grids "
-            f"{[list(g) for g in grids]}; pass video_grid_thw with the inputs"
+            f"the {total} video placeholder tokens do not match the videos' grids "
+            f"({', '.join(f'{t} x {n}' for t, n in sizes) or 'none'} tokens); pass video_grid_thw with the inputs"
         )
     return out
+
+
+def run_positions(runs, device=None) -> torch.Tensor:
+    """[t * n] the prompt position of each token of a video's grid, frame-major, from its runs."""
+    return torch.cat([torch.arange(s, e, device=device) for s, e in runs])
 
 
 def text_start(ids: torch.Tensor, visual: torch.Tensor, vision_end_id: int) -> int | None:
@@ -49,8 +66,8 @@ def cache_kwarg(kwargs: dict):
     """The KV cache a hooked forward was called with. transformers 5.24 renamed the keyword
     ``past_key_values`` to ``cache`` (the old name is deprecated, to be removed in 5.40) and its
     outer forwards pass ``cache=`` inward even when the user wrote the old name; 5.23 only knows
-    ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so Stage 3 would skip
-    compacting layers 0..K and decoding would see the dropped tokens there."""
+    ``past_key_values``. Reading the old name alone on 5.24 finds no cache, so an LLM-layer
+    method would skip compacting layers 0..K and decoding would see the dropped tokens there."""
     return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
 
 

@@ -1,7 +1,7 @@
 """Question-time eviction in a stream: PruneVid's Stage 2 + 3 for one answer, on a live cache.
 
 At ``ask`` the question is prefilled through layers 0..K over the whole cache. At layer K its
-rows (after ``<|vision_end|>``) score every cached visual token with PruneVid's score (pre-rotary
+rows (``<|vision_end|>`` on) score every cached visual token with PruneVid's score (pre-rotary
 q and k, no mask, max over rows and heads); ``int(n * keep_ratio)`` are kept per group. From
 there the answer runs on a pruned copy of every layer's cache: layers K+1.. attend only to the
 kept tokens (the question's own rows included) and decoding sees the kept tokens in every layer,
@@ -96,7 +96,7 @@ class QuestionEviction:
         def prune(module, args, output):
             if "q" not in state or "keep" in state:
                 return None
-            rows = state.pop("q")[:, 1:]  # the text after <|vision_end|>, as offline's query rows
+            rows = state.pop("q")  # <|vision_end|> and the text after it, as offline's query rows
             visual = visual_index.to(self.keys.device)
             scores = s2.max_max_scores(rows, self.keys, visual, self.scaling)
             kept = s2.stratified_keep(scores, groups.to(scores.device), self.cfg.keep_ratio, budget_total)

@@ -33,6 +33,9 @@ class Family:
     rope_inputs: tuple[str, ...]  # processor outputs the family's get_rope_index reads
     apply_rotary: Callable  # (q, k, cos, sin) -> (q, k), the family's own rotary
     build_tiny: Callable[..., Any] | None = None  # (seed, attn_implementation) -> random-weight model
+    # how a video's placeholders lie in the prompt: "video" one run per video (Qwen2/2.5-VL),
+    # "step" one run per temporal grid step with text between them (Qwen3-VL's timestamps)
+    video_layout: str = "video"
 
     # --------------------------------------------------------------- where things are
     def base(self, model):
@@ -70,6 +73,17 @@ class Family:
 
     def vision_end_token_id(self, model) -> int:
         return model.config.vision_end_token_id
+
+    def video_runs(self, model, input_ids: torch.Tensor, grids: list) -> list[list[tuple[int, int]]]:
+        """Each video's placeholder runs in the prompt ``input_ids`` [L], as (start, end) pairs in
+        prompt order: the video of grid (t, h, w) holds t * h * w / merge^2 tokens, frame-major, in
+        its runs (``splice.assign_runs``)."""
+        from prunevid_bench import splice
+
+        merge = self.geometry(model.config).merge
+        sizes = [(t, h * w // (merge * merge)) for t, h, w in grids]
+        runs = splice.runs(input_ids == self.video_token_id(model))
+        return splice.assign_runs(runs, sizes, per_step=self.video_layout == "step")
 
     def geometry(self, config) -> PatchGeometry:
         vision = config.vision_config

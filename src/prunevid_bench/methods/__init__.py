@@ -6,7 +6,9 @@ the fields it adds to the run record. The patch (``prunevid_bench.patch``) runs 
 methods of a run in ``ACTS`` order, and within one place in registration order:
 
 - ``visual_tokens``: on each video's visual tokens after the vision encoder, before the LLM;
-  ``reduce(tokens: VideoTokens, cfg) -> VisualReduction``.
+  ``reduce(tokens: VideoTokens, cfg) -> VisualReduction``, an operator (``prunevid_bench.tokens``:
+  which output row each token went to); the patch applies it to the embeddings, positions,
+  sizes and every extra per-token tensor alike.
 - ``llm_layer``: after decoder layer K (or, with ``prunes_before``, before it: after layer K-1),
   with the question visible; ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual
   positions) or a :class:`LayerReduction`. The patch drops the others from the hidden states,
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.tokens import VideoTokens, VisualReduction  # noqa: F401  (what visual-token methods see and return)
 
 ACTS = ("vision_encoder", "visual_tokens", "llm_layer")
 ENTRY_POINT_GROUP = "prunevid_bench.methods"
@@ -46,6 +49,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.tome",
     "prunevid_bench.methods.evs",
     "prunevid_bench.methods.vidcom2",
+    "prunevid_bench.methods.merge_nearest",
 )
 
 
@@ -92,6 +96,7 @@ class Method:
     reduce: Callable | None = None  # vision_encoder, visual_tokens
     select: Callable | None = None  # llm_layer
     pruning_layer: Callable[[Any], Any] | None = None  # llm_layer: cfg -> the layer as configured ("K/N" or index)
+    extras: Callable[[Any, Any], dict] | None = None  # (VideoTokens, cfg) -> {name: [V, ...]} per-token tensors it carries
     # llm_layer: True when the configured K is the first layer that runs on the kept tokens (FastV:
     # it scores with layer K-1's attention); False when K is scored and pruned after (PruneVid)
     prunes_before: bool = False
@@ -211,63 +216,19 @@ def method_sections() -> dict[str, type]:
 
 # ------------------------------------------------------------------ what methods see
 @dataclass
-class VideoTokens:
-    """One video's visual tokens entering a ``visual_tokens`` method.
-
-    ``embeds`` [V, C]; ``index`` [V]: each token's place in the video's full grid (t * n tokens,
-    frame-major); ``group`` [V]: the group an LLM-layer method keeps a share of (a temporal grid
-    step until a method says otherwise); ``t``, ``n``: temporal grid steps and tokens per step
-    of the full grid; ``w``: the full grid's width in tokens (n = H' * w); ``previous`` [n, C]:
-    the temporal step just before these tokens when there is one (a stream's previous chunk's
-    last step; None offline), for methods that compare a step with the one before (EVS)."""
-
-    embeds: Any
-    index: Any
-    group: Any
-    t: int
-    n: int
-    w: int = 0
-    previous: Any = None
-
-    @property
-    def is_full_grid(self) -> bool:
-        return self.index.numel() == self.t * self.n
-
-
-@dataclass
-class VisualReduction:
-    """What a ``visual_tokens`` method returns: ``keep`` [M] indices into its input tokens (their
-    M-RoPE ids are kept: the representatives' ids), ``embeds`` [M, C] the new embeddings, ``group``
-    [M] groups numbered from 0, ``stats`` record fields (summed over videos). ``size`` [M] (only
-    a method asking for proportional attention sets it): how many input tokens each stands for;
-    the patch then adds log(size) to every query's attention logit for that key, in every layer.
-
-    ``positions_after`` (None, the default: every id stays as it was): a method that renumbers
-    what follows the video sets it to n. The first token after the video then gets the video's
-    first M-RoPE id + n, and every later token (text, later videos) moves by as much, on the
-    M-RoPE rows (the text row stays the contiguous index); with several videos the moves add
-    up, first video first. Decoding then continues from the prompt's largest M-RoPE id + 1, the
-    rule of vLLM's ``mrope_position_delta`` and of transformers' ``rope_deltas`` (``generate``'s
-    explicit positions continue from the last id + 1 instead: the same unless the video's ids
-    exceed the text after it), for our engine, ``generate`` and loops that derive positions."""
-
-    keep: Any
-    embeds: Any
-    group: Any
-    stats: dict[str, int] = field(default_factory=dict)
-    size: Any = None
-    positions_after: int | None = None
-
-
-@dataclass
 class LayerReduction:
     """What an ``llm_layer`` method may return instead of the bare ``kept`` indices: ``keep``
     [V'] ascending indices into the visual positions; ``compact_cache`` False leaves the KV cache
     of the layers that ran on all tokens whole (FastV's own KV-cache code: decoding then still
-    sees the dropped tokens there), True drops them there too (PruneVid's Stage 3)."""
+    sees the dropped tokens there), True drops them there too (PruneVid's Stage 3).
+    ``merge_into`` (optional) makes it a merge: each kept row becomes the size-weighted mean of
+    itself and the tokens sent to it, in the hidden states and in the KV cache of those layers
+    alike (the row keeps the kept token's position); a kept token must be sent to itself."""
 
     keep: Any
     compact_cache: bool = True
+    merge_into: Any = None  # [V]: the kept token (index into keep) each visual token is averaged into, -1 dropped
+
 
 
 @dataclass
@@ -291,3 +252,4 @@ class LayerContext:
     scores: Any = None
     scored_rows: int = 0  # query rows scored against all keys (analytic FLOPs)
     original_visual: int = 0  # visual tokens before any method (what a budget is a fraction of)
+    hidden: Any = None  # [L, D] the layer's output hidden states (before any reduction)

@@ -43,8 +43,8 @@ def reduce(tokens: VideoTokens, cfg: EVSConfig) -> VisualReduction:
     # vLLM's recompute_mrope_positions: what follows the video restarts at its first id + W'
     # (channel 3 of compute_mrope_for_media), whichever tokens were kept
     after = tokens.w if cfg.positions == "vllm" else None
-    return VisualReduction(keep=keep, embeds=tokens.embeds[keep], group=group, positions_after=after,
-                           stats={"evs_dropped_tokens": int(mask.numel() - keep.numel())})
+    return VisualReduction.keep(keep, tokens.index.numel(), group, positions_after=after,
+                                stats={"evs_dropped_tokens": int(mask.numel() - keep.numel())})
 
 
 register_method(Method(

@@ -31,9 +31,10 @@ def reduce(tokens: VideoTokens, cfg: Stage1Config) -> VisualReduction:
     )
     device = tokens.index.device
     return VisualReduction(
-        keep=res.representative.to(device),
-        embeds=res.merged,
+        dest=res.token_to_merged.to(device),
         group=res.group.to(device),
+        representative=res.representative.to(device),
+        embeds=res.merged,
         stats={"stage1_segments": res.n_segments, "stage1_static_tokens": res.n_static_tokens,
                "stage1_dynamic_tokens": res.n_dynamic_tokens},
     )

@@ -39,10 +39,10 @@ def reduce(tokens: VideoTokens, cfg: ToMeConfig) -> VisualReduction:
     else:
         intra, inter = tome.tome_video_removals(tokens.t, tokens.n, cfg.intra_ratio, cfg.inter_ratio, cfg.clip_frames)
     res = tome.tome_video(tokens.embeds.reshape(tokens.t, tokens.n, -1), intra, inter, cfg.clip_frames)
-    keep = res.representative.to(tokens.index.device)
-    return VisualReduction(keep=keep, embeds=res.merged, group=_groups(tokens.group[keep]),
-                           stats={"tome_merged_tokens": int(tokens.index.numel() - keep.numel())},
-                           size=res.size.to(keep.device) if cfg.proportional_attention else None)
+    rep = res.representative.to(tokens.index.device)
+    return VisualReduction(dest=res.token_to_merged.to(rep.device), group=_groups(tokens.group[rep]), representative=rep,
+                           embeds=res.merged, proportional_attention=cfg.proportional_attention,
+                           stats={"tome_merged_tokens": int(tokens.index.numel() - rep.numel())})
 
 
 register_method(Method(

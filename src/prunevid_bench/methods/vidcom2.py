@@ -33,8 +33,8 @@ def reduce(tokens: VideoTokens, cfg: VidCom2Config) -> VisualReduction:
     keep = vidcom2.vidcom2_keep(grid, ratio, exact_count=cfg.exact_count and cfg.budget is None,
                                 scores=scores).to(tokens.index.device)
     group = torch.unique(tokens.group[keep], return_inverse=True)[1]
-    return VisualReduction(keep=keep, embeds=tokens.embeds[keep], group=group,
-                           stats={"vidcom2_dropped_tokens": int(tokens.index.numel() - keep.numel())})
+    return VisualReduction.keep(keep, tokens.index.numel(), group,
+                                stats={"vidcom2_dropped_tokens": int(tokens.index.numel() - keep.numel())})
 
 
 register_method(Method(

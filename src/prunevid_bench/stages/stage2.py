@@ -1,7 +1,7 @@
-"""Stage 2 (question-guided scoring and stratified selection) and Stage 3 (KV compaction) as
-pure tensor functions. Nothing here builds the L x L attention matrix: only the R query rows
-(the text after the last video) are scored against the keys, in row chunks, so the extra
-memory is O(H * chunk * L), never O(L^2).
+"""Stage 2 (question-guided scoring and stratified selection) as pure tensor functions (Stage 3,
+the KV compaction, is the patch's: ``patch.layer``). Nothing here builds the L x L attention
+matrix: only the R query rows (the video's ``<|vision_end|>`` and the text after it) are scored
+against the keys, in row chunks, so the extra memory is O(H * chunk * L), never O(L^2).
 
 Shapes: H query heads, H_kv key/value heads (grouped-query attention), R query rows,
 L keys (the whole prefill sequence), V visual tokens, d head dim.
@@ -139,11 +139,3 @@ def stratified_keep(scores: torch.Tensor, groups: torch.Tensor, keep_ratio: floa
         n_keep = torch.tensor(spread_counts(total, counts.tolist()), device=scores.device)
     return torch.sort(order[rank < n_keep[group_id[order]]]).values
 
-
-def compact_cache_layers(cache, layer_indices, keep_index: torch.Tensor) -> None:
-    """Stage 3: physically shorten the KV cache of the given layers to ``keep_index`` [L'] along
-    the sequence axis (index_select makes new, smaller tensors; the old ones are freed)."""
-    for i in layer_indices:
-        layer = cache.layers[i]
-        layer.keys = layer.keys.index_select(-2, keep_index)
-        layer.values = layer.values.index_select(-2, keep_index)

@@ -1,0 +1,48 @@
+"""A control for merges inside the LLM: after layer K keep what PruneVid's Stage 2 keeps
+(``stage2``'s official score, a share of each group) and average each other visual token into
+its most similar kept token (cosine of layer K's output hidden states) instead of dropping it.
+The patch applies the merge to the hidden states and to the KV cache of layers 0..K alike (a
+merged row keeps its kept token's position), so the path HoliTom-style methods need is proven
+against a cache-free reference (``tests/test_merge_nearest.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prunevid_bench.methods import UNIT, LayerContext, LayerReduction, Method, register_method
+
+
+@dataclass
+class MergeNearestConfig:
+    enabled: bool = False
+    pruning_layer: int | str = "10/28"  # K: layers 0..K see all tokens, K+1.. the kept rows; an index or "K/N"
+    keep_ratio: float = 0.4  # int(n * keep_ratio) kept in each group; the rest merged into the kept
+
+
+def select(ctx: LayerContext, cfg: MergeNearestConfig) -> LayerReduction:
+    import torch
+    import torch.nn.functional as F
+
+    from prunevid_bench.methods.prunevid_stage2 import scores
+    from prunevid_bench.stages import stage2 as s2
+
+    ctx.scores = scores(ctx, "prunevid")
+    keep = s2.stratified_keep(ctx.scores, ctx.groups, cfg.keep_ratio)
+    into = torch.full((ctx.visual.numel(),), -1, dtype=torch.long, device=ctx.visual.device)
+    if keep.numel():
+        unit = F.normalize(ctx.hidden[ctx.visual].float(), dim=-1)
+        into = (unit @ unit[keep].T).argmax(dim=1)  # ties: the first kept token
+        into[keep] = torch.arange(keep.numel(), device=keep.device)
+    return LayerReduction(keep=keep, merge_into=into)
+
+
+register_method(Method(
+    name="merge_nearest",
+    acts="llm_layer",
+    config=MergeNearestConfig,
+    summary="control: after layer K keep Stage 2's share, average every other token into its most similar kept one",
+    ranges={"keep_ratio": UNIT},
+    record_fields=("pruning_layer",),
+    select=select,
+    pruning_layer=lambda cfg: cfg.pruning_layer,
+))

@@ -1,0 +1,149 @@
+"""``ReductionHandle``: the run's methods installed on a loaded model as hooks, one
+``SampleState`` per prefill. The work of each place lives in its own module (``encoder``,
+``llm_input``, ``layer``, ``key_bias``, ``report``); this one installs and removes the hooks and
+keeps the prefill's bookkeeping at the model's entry and exit."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from prunevid_bench import splice
+from prunevid_bench.config import RunConfig, resolve_layer
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_of
+from prunevid_bench.measure import Clock
+from prunevid_bench.methods import all_methods
+from prunevid_bench.patch.encoder import EncoderSide
+from prunevid_bench.patch.key_bias import KeyBias
+from prunevid_bench.patch.layer import LayerMethod
+from prunevid_bench.patch.llm_input import LLMInput
+from prunevid_bench.patch.report import Reporting
+from prunevid_bench.patch.state import BeforeMerger, SampleState
+
+
+def _layers(method, spec, num_layers: int) -> tuple[int, int]:
+    """(K as the method means it, the last layer that runs on every token: the one scored)."""
+    key = f"{method.section}.pruning_layer"
+    k = resolve_layer(spec, num_layers, key)
+    if not method.prunes_before:
+        return k, k
+    if isinstance(spec, str) and "/" in spec:
+        k = max(1, k)  # a relative depth too shallow for this model: the shallowest K there is
+    if k < 1:
+        raise PruneVidError(f"{key} must be >= 1: {method.name} scores with layer K-1's attention and prunes "
+                            f"before layer K, got {spec}")
+    return k, k - 1
+
+
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting):
+    def __init__(self, model, config: RunConfig):
+        self.model = model
+        self.family = family_of(model)
+        self.state = SampleState()
+        self._encoded_video_grid_thw = None  # grids of the last get_video_features call (see _remember_video_grids)
+        self.clock = Clock(next(model.parameters()).device)
+        self._hooks: list = []
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.video_token_id = self.family.video_token_id(model)
+        self.vision_end_token_id = self.family.vision_end_token_id(model)
+        self.merge = self.family.geometry(model.config).merge
+        text = model.config.get_text_config()
+        self.attn_implementation = str(getattr(text, "_attn_implementation", None) or
+                                       getattr(model.config, "_attn_implementation", ""))
+        enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
+        self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder"]
+        self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
+        self._encoding_videos = False  # inside get_video_features: the merger is projecting video tokens
+        self._before_merger: BeforeMerger | None = None  # what the encoder methods did in the last video pass
+        layer = [(m, c) for m, c in enabled if m.where(c) == "llm_layer"]
+        if len(layer) > 1:
+            raise PruneVidError("one LLM-layer method per run; disable all but one")
+        self.layer_method = layer[0] if layer else None
+        # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads
+        # this, and score_layer: the last layer on every token (K, or K-1 for a method pruning before K).
+        self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None
+        self.pruning_layer = self.score_layer = None
+        if layer:
+            self.pruning_layer, self.score_layer = _layers(layer[0][0], self.pruning_layer_spec, self.num_layers)
+
+    @property
+    def methods(self) -> list:
+        """(method, config) of each enabled method, in the order they run."""
+        return self.encoder_methods + self.visual_methods + ([self.layer_method] if self.layer_method else [])
+
+    def _install(self) -> None:
+        fam, model = self.family, self.model
+        base, lm = fam.base(model), fam.language_model(model)
+        add = self._hooks.append
+        add(base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        add(self._remember_video_grids(base))
+        if self.encoder_methods:
+            add(self._wrap_merger(fam.vision_merger(model)))
+        add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
+        add(lm.register_forward_hook(self._on_llm_output))
+        if self.visual_methods:  # proportional attention, when a method's reduction asks for it
+            for i, layer in enumerate(fam.decoder_layers(model)):
+                add(layer.register_forward_pre_hook(functools.partial(self._add_key_bias, i), with_kwargs=True))
+            add(self._wrap_sdpa({id(fam.attention(layer)) for layer in fam.decoder_layers(model)}))
+        if self.layer_method is not None:
+            layers = fam.decoder_layers(model)
+            k = self.score_layer
+            attn = fam.attention(layers[k])
+            add(attn.q_proj.register_forward_hook(self._capture("q")))
+            add(attn.k_proj.register_forward_hook(self._capture("k")))
+            add(layers[k].register_forward_pre_hook(self._capture_layer_inputs, with_kwargs=True))
+            add(layers[k].register_forward_hook(self._reduce_at_layer, with_kwargs=True))
+            for i, later in enumerate(layers[k + 1 :], start=k + 1):
+                add(later.register_forward_pre_hook(functools.partial(self._slice_layer_inputs, i), with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _on_model_call(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids")
+        cache = splice.cache_kwarg(kwargs)
+        if input_ids is not None and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0):
+            if input_ids.shape[0] != 1:
+                raise PruneVidError("PruneVid runs one sample per forward (batch size 1); shard the dataset instead")
+            grids = kwargs.get("video_grid_thw")
+            if grids is None and (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
+                grids = self._encoded_video_grid_thw  # generate(): the tower already ran
+            self.state = SampleState(input_ids=input_ids[0], video_grid_thw=grids, prefill=True)
+            return None
+        shift, pos = self.state.decode_position_shift, kwargs.get("position_ids")
+        if shift and pos is not None and cache is not None and cache.get_seq_length() > 0:
+            # A caller's explicit decode positions continue the unpruned numbering (the engine
+            # and generate alike); loops that leave them to the model get it from rope_deltas.
+            kwargs["position_ids"] = splice.shift_positions(pos, 0, shift)
+            return args, kwargs
+        return None
+
+    def _on_llm_output(self, module, args, output):
+        st = self.state
+        if st.prefill and st.source_index is not None:
+            # Decode loops that let the model derive positions (position_ids=None) use
+            # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta
+            # grows by as much and decoding continues the unpruned numbering (what layer 0's
+            # cache holds: a method that leaves the early layers whole keeps it unpruned). Our
+            # engine and generate() pass explicit positions and never read it.
+            final_len = st.keep_index.numel() if st.keep_index is not None and st.compacted else st.source_index.numel()
+            base = self.family.base(self.model)
+            deltas = getattr(base, "rope_deltas", None)
+            if deltas is not None and st.prompt_max_id is not None:  # renumbered: continue after its largest id
+                base.rope_deltas = torch.full_like(deltas, st.prompt_max_id + 1 - final_len)
+            elif deltas is not None:
+                base.rope_deltas = deltas + (st.input_ids.shape[0] - final_len)
+        st.prefill = False  # whatever follows is decoding
+        st.captured.clear()
+        return None
+
+
+def apply_methods(model, config: RunConfig) -> ReductionHandle:
+    """Install the hooks for the run's enabled methods on a loaded model; returns the handle."""
+    handle = ReductionHandle(model, config)
+    handle._install()
+    return handle
