@@ -208,6 +208,7 @@ class Pipeline:
         llm_prefill_tokens = stages.get("llm_prefill_tokens") or out.prompt_tokens
         reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
         method_fields = _method_fields(handle, stages)
+        method_fields.update(self._budget_fields(cfg, prepared, tokens_after))
         flops, flops_base = self._flops(prepared, out.prompt_tokens, llm_prefill_tokens, handle, tokens_before - tokens_after,
                                         stages.get("scored_rows", 0), stages.get("merger_rows_skipped", 0))
         grid = prepared.inputs.get("video_grid_thw")
@@ -264,6 +265,25 @@ class Pipeline:
             vision_cached=bool(served and served.hit),
         )
 
+    def _budget_fields(self, cfg: RunConfig, prepared: Prepared, kept: int) -> dict[str, Any]:
+        """A run with a budget: the asked fraction, the method whose knob it set, the visual
+        tokens that knob promised (``Method.budget_knob``) beside those kept (``visual_tokens_kept``),
+        and a note when the two differ."""
+        from prunevid_bench.config import budget_method
+        from prunevid_bench.families import family_of
+
+        method = budget_method(cfg)
+        if method is None:
+            return {}
+        section = cfg.section(method.section)
+        merge = family_of(self.model).geometry(self.model.config).merge
+        grids = [(t, (h // merge) * (w // merge)) for t, h, w in _as_rows(prepared.inputs.get("video_grid_thw"))]
+        promised = method.budget_knob(section, section.budget).promise(grids)
+        out = {"budget": section.budget, "budget_method": method.name, "budget_promised_tokens": promised}
+        if promised != kept:
+            out["budget_note"] = f"{method.name} kept {kept} visual tokens, not the {promised} its budget promised"
+        return out
+
     def _served_features(self, prepared: Prepared, handle):
         """The feature cache's tower output for this run, unless a method changes the tower's
         output (it then runs, and what it gives is not kept either)."""
@@ -319,9 +339,6 @@ def _method_fields(handle, stages: dict) -> dict[str, Any]:
         return {}
     own = {f.name for f in dataclasses.fields(RunResult)}
     fields = {key: stages.get(key) for method, _ in handle.methods for key in method.record_fields if key not in own}
-    asked = [cfg.budget for _, cfg in handle.methods if getattr(cfg, "budget", None) is not None]
-    if asked:  # beside it: the achieved fraction, visual_tokens_kept_ratio
-        fields["budget"] = asked[0]
     return fields
 
 

@@ -283,9 +283,10 @@ def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[s
         values = tuple(float(b) for b in (budgets or "").split(",") if b.strip())
     except ValueError:
         raise PruneVidError(f"--budgets expects fractions like 0.1,0.25,0.5, got '{budgets}'") from None
+    from prunevid_bench.methods import check_budget
+
     for value in values:
-        if not 0.0 < value <= 1.0:
-            raise PruneVidError(f"--budgets values must be in (0, 1], got {value}")
+        check_budget(value, "--budgets values")
     return names, values
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunevid_bench.methods import UNIT, LayerContext, Method, register_method
+from prunevid_bench.methods import UNIT, LayerContext, Method, fraction_knob, register_method
 
 
 @dataclass
@@ -42,4 +42,5 @@ register_method(Method(
     record_fields=("pruning_layer",),
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,
+    budget_knob=fraction_knob,  # FastV's kept count itself: exact
 ))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunevid_bench.methods import UNIT, LayerContext, Method, register_method
+from prunevid_bench.methods import UNIT, LayerContext, Method, fraction_knob, register_method
 
 SCORE_MODES = ("prunevid", "attention", "last_token", "random")
 
@@ -59,4 +59,5 @@ register_method(Method(
     record_fields=("stage2_tokens_before", "stage2_tokens_after", "stage2_s", "pruning_layer", "pruning_layer_spec"),
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,
+    budget_knob=fraction_knob,  # Stage 2 keeps round(B * original) in total (fewer if Stage 1 left fewer)
 ))
