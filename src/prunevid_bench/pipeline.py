@@ -21,7 +21,7 @@ from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.mrope import numbering
-from prunevid_bench.report import Reduction, RunResult
+from prunevid_bench.report import RECORD_ALIASES, Reduction, RunResult
 from prunevid_bench.messages import lmms_system_prompt, prepare_media, single_video_messages
 from prunevid_bench.video import Clip, VideoRequest
 
@@ -239,17 +239,13 @@ class Pipeline:
             memory_kind=out.memory_kind,
             kv_cache_bytes=out.kv_cache_bytes,
             kv_cache_bytes_uncompressed=kv_uncompressed,
-            tokens_before_stage1=before1,
-            tokens_after_stage1=after1,
-            stage1_segments=stages.get("stage1_segments"),
-            stage1_static_tokens=stages.get("stage1_static_tokens"),
-            stage1_dynamic_tokens=stages.get("stage1_dynamic_tokens"),
-            stage1_s=_seconds(stages, "prunevid_stage1"),
-            stage2_tokens_before=tokens_before,
-            stage2_tokens_after=tokens_after,
+            tokens_after_visual_methods=after1,
+            visual_methods_s=sum(r.seconds for r in reductions if r.acts != "llm_layer"),
+            layer_method_s=_seconds(stages, layer_method[0].name) if layer_method else 0.0,
             visual_tokens_kept=tokens_after,
-            stage2_s=_seconds(stages, layer_method[0].name) if layer_method else 0.0,
             visual_tokens_kept_ratio=(tokens_after / before1) if before1 else 1.0,
+            visual_methods=[r.method for r in reductions if r.acts != "llm_layer"],
+            layer_method=layer_method[0].name if layer_method else None,
             llm_prefill_tokens=llm_prefill_tokens,
             pruning_layer=handle.pruning_layer if layer_method else None,
             pruning_layer_spec=handle.pruning_layer_spec if layer_method else None,
@@ -337,7 +333,7 @@ def _method_fields(handle, stages: dict) -> dict[str, Any]:
     """The record fields of applied methods that RunResult does not name itself."""
     if handle is None:
         return {}
-    own = {f.name for f in dataclasses.fields(RunResult)}
+    own = {f.name for f in dataclasses.fields(RunResult)} | set(RECORD_ALIASES)  # aliases are the record's own
     fields = {key: stages.get(key) for method, _ in handle.methods for key in method.record_fields if key not in own}
     return fields
 

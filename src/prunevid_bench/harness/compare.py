@@ -174,7 +174,7 @@ COLUMNS = (  # header, formatter of a row
     ("run", lambda r: r["run"] + (" (base)" if r["is_baseline"] and r["run"] != "baseline" else "")),
     ("stages", lambda r: r["stages"]),
     ("n", lambda r: str(r["n"])),
-    ("tokens in → S1 → S2", lambda r: " → ".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2"))),
+    ("tokens in → LLM → kept", lambda r: " → ".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2"))),
     ("kept", lambda r: fmt_pct(r["compression"])),
     ("TTFT (median)", lambda r: fmt_seconds(r["ttft_s"])),
     ("decode tok/s", lambda r: _num(r["decode_tokens_per_s"], 1)),
@@ -207,11 +207,11 @@ FORMAT = dict(COLUMNS)  # header -> formatter
 CONSOLE_COLUMNS = (
     Column("run", FORMAT["run"], rank=0, fold=True, justify="left", word_cap=16),  # folder names fold
     Column("acc % (CI)", _ci_text, rank=0, note="acc: accuracy, 95% CI"),
-    Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after the stages"),
+    Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after every method"),
     Column("TTFT", FORMAT["TTFT (median)"], rank=1, note="TTFT: median"),
     Column("Δacc", FORMAT["Δ accuracy"], rank=2, note="Δ and speed-up: against the base run"),
     Column("speed-up", FORMAT["TTFT speed-up"], rank=3),
-    Column("in→S1→S2", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
+    Column("in→LLM→kept", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
     Column("agree", FORMAT["agreement"], rank=5, note="agree: same choice as the base run"),
     Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),
     Column("KV/base", FORMAT["KV vs base"], rank=7),
