@@ -54,6 +54,29 @@ def test_default_preset_runs_on_the_default_toy_model(clip8, tmp_path):
     assert (row["pruning_layer"], row["pruning_layer_spec"]) == ("1", "10/28")
 
 
+def test_the_record_and_tables_name_places_and_methods_not_prunevid_stages(clip8, tmp_path):
+    """A ToMe + FastV run: the counts by place, the methods that acted at each, the old names as
+    aliases; the run's table and `compare` name the methods, never S1/S2."""
+    res = invoke("run", clip8, "What is happening?", "--model", "tiny", "--num-frames", "8", "--max-new-tokens", "2",
+                 "--preset", "tome-50", "--set", "fastv.enabled=true", "--set", "fastv.pruning_layer=1",
+                 "--results-dir", tmp_path, "--label", "tf")
+    assert res.exit_code == 0, res.output
+    assert "entering the LLM (tome)" in res.output and "after the LLM layer (fastv)" in res.output
+    assert "Stage" not in res.output
+    (run_dir,) = tmp_path.iterdir()
+    r = json.loads((run_dir / "result.json").read_text())
+    assert (r["visual_tokens"], r["tokens_after_visual_methods"], r["visual_tokens_kept"]) == (64, 32, 16)
+    assert (r["visual_methods"], r["layer_method"]) == (["tome"], "fastv")
+    aliases = {"tokens_before_stage1": "visual_tokens", "tokens_after_stage1": "tokens_after_visual_methods",
+               "stage2_tokens_before": "tokens_after_visual_methods", "stage2_tokens_after": "visual_tokens_kept",
+               "tokens_after": "visual_tokens_kept", "stage1_s": "visual_methods_s", "stage2_s": "layer_method_s"}
+    assert all(r[old] == r[new] for old, new in aliases.items())
+    res = invoke("compare", run_dir, "--markdown")
+    assert res.exit_code == 0, res.output
+    assert "tome " in res.output and "fastv " in res.output and "S1" not in res.output and "S2" not in res.output
+    assert "tokens in → LLM → kept" in res.output
+
+
 def test_run_with_options_parses_a_choice(clip8, tmp_path):
     res = invoke("run", clip8, "Which?", "-o", "red", "-o", "blue", "--model", "tiny", "--num-frames", "8", "--results-dir", tmp_path, "--max-new-tokens", "2")
     assert "choice:" in res.output

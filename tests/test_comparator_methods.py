@@ -164,16 +164,45 @@ def test_budget_flag_sets_each_methods_knob(clip8, tmp_path):
 
     args = ["run", str(clip8), "What is happening?", "--model", "tiny", "--num-frames", "8", "--max-new-tokens", "2",
             "--results-dir", str(tmp_path), "--json", "-q", "--budget", "0.25"]
-    for method in ("tome", "evs", "fastv", "stage2"):
+    for method in ("tome", "evs", "fastv", "stage2", "random", "vidcom2"):
         res = CliRunner().invoke(app, [*args, "--set", f"{method}.enabled=true"])
         assert res.exit_code == 0, res.output
         record = json.loads(res.stdout)
-        assert (record["budget"], record["visual_tokens_kept"]) == (0.25, 16), method
-        assert record["visual_tokens_kept_ratio"] == 0.25
+        assert (record["budget"], record["budget_promised_tokens"]) == (0.25, 16), method  # the knob's promise
+        assert record["budget_method"] == {"stage2": "prunevid_stage2"}.get(method, method)
+        if method != "vidcom2":  # exact knobs: the promise is kept
+            assert record["visual_tokens_kept"] == 16 and "budget_note" not in record, method
+            assert record["visual_tokens_kept_ratio"] == 0.25
+        else:  # VidCom2's count steps: kept or said so
+            assert ("budget_note" in record) == (record["visual_tokens_kept"] != 16)
+    # Stage 1 leaves fewer than Stage 2's promise: the record says so
+    res = CliRunner().invoke(app, [*args[:-2], "--budget", "0.95", "--preset", "default", "--set", "stage1.min_cluster_tokens=4"])
+    record = json.loads(res.stdout)
+    assert record["budget_promised_tokens"] == round(0.95 * 64) > record["visual_tokens_kept"]
+    assert record["budget_note"] == (f"prunevid_stage2 kept {record['visual_tokens_kept']} visual tokens, "
+                                     f"not the {record['budget_promised_tokens']} its budget promised")
     res = CliRunner().invoke(app, [*args[:-2], "--budget", "0.25"])
     assert res.exit_code != 0 and "--budget needs a method that takes one" in res.output
     res = CliRunner().invoke(app, [*args[:-2], "--budget", "1.5", "--set", "evs.enabled=true"])
     assert res.exit_code != 0 and "--budget must be in (0, 1], got 1.5" in res.output
+
+
+def test_every_budget_knob_promises_what_its_pure_rule_gives():
+    """``Method.budget_knob(cfg, B)``: the settings and the promised count, per video grid."""
+    from prunevid_bench.methods import get_method
+    from prunevid_bench.stages import evs, tome
+
+    grids = [(4, 16), (3, 12)]
+    for name in ("prunevid_stage2", "fastv", "random", "vidcom2"):
+        method = get_method(name)
+        knob = method.budget_knob(method.config(), 0.3)
+        assert knob.settings == {"budget": 0.3} and knob.promise(grids) == round(0.3 * 100)
+    t = get_method("tome")
+    assert t.budget_knob(t.config(), 0.01).promise(grids) == sum(tome.tome_budget(a, b, 0.01)[2] for a, b in grids) > 1
+    e = get_method("evs")
+    assert e.budget_knob(e.config(), 0.01).promise(grids) == 16 + 12  # at least one step per video
+    assert e.budget_knob(e.config(), 0.5).promise(grids) == sum(evs.evs_budget(b, a, 0.5)[1] for a, b in grids) == 50
+    assert get_method("prunevid_stage1").budget_knob is None  # Stage 1 keeps its own settings
 
 
 # ----------------------------------------------------------------------------- ToMe's proportional attention

@@ -24,7 +24,7 @@ def write_yaml(path, data):
 def test_defaults_have_every_stage_off():
     cfg = build_config()
     assert cfg == RunConfig()
-    assert not cfg.stage1.enabled and not cfg.stage2.enabled and not cfg.stage3_enabled
+    assert not cfg.stage1.enabled and not cfg.stage2.enabled and cfg.enabled_methods == []
     assert cfg.video.num_frames is None and cfg.generation.max_new_tokens == 16  # None: the policy's default (16)
     assert cfg.video.policy == "auto"
 
@@ -310,3 +310,46 @@ def test_bad_answer_mode_is_refused_when_the_options_are_built():
 
     with pytest.raises(PruneVidError, match="--answer-mode must be one of generate, logits, got 'logit'"):
         EvalOptions(answer_mode="logit")
+
+
+def test_config_reads_its_sections_from_the_method_registry_and_no_method_imports_config():
+    """One direction only: config.py imports the registry at module level; no module of methods/
+    or stages/ imports config, not even inside a function (a hidden cycle), and the registry
+    loads every built-in method without config in sys.modules."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import prunevid_bench
+    from prunevid_bench.config import section_types
+    from prunevid_bench.methods import all_methods
+    from prunevid_bench.methods.prunevid_stage1 import Stage1Config
+    from prunevid_bench.methods.prunevid_stage2 import SCORE_MODES, Stage2Config
+
+    root = Path(prunevid_bench.__file__).parent
+    for path in [*(root / "methods").glob("*.py"), *(root / "stages").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith("prunevid_bench.config") for n in names), f"{path.name} imports config"
+    assert {m.section: m.config for m in all_methods()}.items() <= section_types().items()
+    assert section_types()["stage1"] is Stage1Config and section_types()["stage2"] is Stage2Config
+    from prunevid_bench import config
+
+    assert (config.Stage1Config, config.Stage2Config, config.SCORE_MODES) == (Stage1Config, Stage2Config, SCORE_MODES)  # old home
+    code = "import sys, prunevid_bench.methods as m; m.all_methods(); print('prunevid_bench.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_method_section_by_keyword_and_as_an_attribute():
+    from prunevid_bench.methods.prunevid_stage1 import Stage1Config
+
+    cfg = RunConfig(stage1=Stage1Config(enabled=True, tau=0.5))
+    assert cfg.stage1.tau == 0.5 and cfg.section("stage1") is cfg.stage1 and cfg.enabled_methods == ["prunevid_stage1"]
+    assert cfg.tome.enabled is False and RunConfig() == RunConfig()
+    with pytest.raises(TypeError, match="unknown section"):
+        RunConfig(stage3=Stage1Config())
+    with pytest.raises(AttributeError):
+        cfg.stage3  # noqa: B018

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench.methods.prunevid_stage1 import Stage1Config
+from prunevid_bench.methods.prunevid_stage2 import Stage2Config
 from prunevid_bench.engine import prefill_position_ids, run_greedy
 from prunevid_bench.families import family_for_type
 from prunevid_bench.models.tiny import build_processor, build_tiny_model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunevid_bench.config import Stage1Config
+from prunevid_bench.methods.prunevid_stage1 import Stage1Config
 from prunevid_bench.engine import prefill_position_ids
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.streaming import StreamSession, encode_chunk
@@ -259,7 +259,7 @@ def test_the_budget_evicts_the_most_redundant_tokens(tiny_pipe):
 
 # ------------------------------------------------------------------ question-time eviction
 def eviction_session(pipe, frames, keep_ratio, budget=None):
-    from prunevid_bench.config import Stage2Config
+    from prunevid_bench.methods.prunevid_stage2 import Stage2Config
 
     cfg = Stage2Config(enabled=True, pruning_layer=1, keep_ratio=keep_ratio)
     session = StreamSession(pipe, video_fps=FPS, chunk_frames=4, config=with_section(pipe, stage2=cfg), cache_tokens=budget)

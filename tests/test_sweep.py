@@ -151,6 +151,18 @@ def test_frames_control_matches_the_kept_tokens():
                for c in controls)
 
 
+def test_random_is_a_line_of_a_matched_budget_sweep():
+    from prunevid_bench.harness.sweep import method_budget_cells, parse_method_grid
+
+    names, budgets = parse_method_grid("random,tome", "0.25,0.5")
+    cells = method_budget_cells(build_config("default"), list(names), list(budgets))
+    random_cells = [c for c in cells if c.method == "random"]
+    assert [(c.config.enabled_methods, c.config.section("random").budget) for c in random_cells] == [
+        (["random"], 0.25), (["random"], 0.5)]
+    with pytest.raises(PruneVidError, match=r"--budgets values must be in \(0, 1\], got 1.5"):
+        parse_method_grid("random", "1.5")
+
+
 @pytest.mark.parametrize("preset, method", [("tome-50", "tome"), ("evs-75", "evs"), ("default", "prunevid_stage1")])
 def test_frames_controls_and_the_baseline_switch_off_every_method(preset, method):
     """From a ToMe or EVS base the frames control is the baseline with fewer frames: no method on."""

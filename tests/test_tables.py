@@ -92,7 +92,7 @@ def test_a_wide_console_shows_every_column_and_no_note():
 def test_markdown_keeps_every_column_whatever_the_console():
     md = markdown_table(COMPARE_ROWS).splitlines()
     assert md[0] == "| " + " | ".join(h for h, _ in COLUMNS) + " |"
-    assert md[0].startswith("| run | stages | model | n | tokens in → S1 → S2 | kept | TTFT (median) |")
+    assert md[0].startswith("| run | stages | model | n | tokens in → LLM → kept | kept | TTFT (median) |")
     assert "| 89.0% [84.0%, 92.0%] | -5.0 pt | -5.0 pt [-9, -1] p=0.03 |" in md[3]
 
 

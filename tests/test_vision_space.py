@@ -196,7 +196,7 @@ def test_the_feature_cache_is_neither_used_nor_filled(tmp_path):
 
 
 def test_streaming_refuses_vision_space(tiny_pipe):
-    from prunevid_bench.config import Stage1Config
+    from prunevid_bench.methods.prunevid_stage1 import Stage1Config
     from prunevid_bench.errors import PruneVidError
     from prunevid_bench.streaming import StreamSession
 

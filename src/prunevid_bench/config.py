@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.methods import all_methods, check_budget, get_method, method_sections
 
 # The checkout (pyproject.toml, git); meaningful only when running from one.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -55,69 +56,59 @@ class GenerationConfig:
     max_new_tokens: int = 16
 
 
-@dataclass
-class Stage1Config:
-    enabled: bool = False
-    tau: float = 0.8  # a slot is static when its mean pairwise cosine over frames exceeds tau
-    cluster_ratio: float = 0.5  # share of each token set kept as DPC-KNN cluster centres
-    temporal_segment_ratio: float = 0.25  # segments = max(1, int(T * ratio))
-    dpc_neighbours: int = 7  # DPC-KNN neighbours, self included (7 in the official code); formerly `k`
-    min_cluster_tokens: int = 14  # sets this small are not clustered (14 in the official code)
-    space: str = "llm"  # llm: on the LLM's visual tokens (official); vision: on the vision tower's patch features before its merger
-
-
-SCORE_MODES = ("prunevid", "attention", "last_token", "random")
-
-
-@dataclass
-class Stage2Config:
-    enabled: bool = False
-    pruning_layer: int | str = "10/28"  # K: layers 0..K see all tokens, K+1.. the kept ones; an index or "K/N" (resolve_layer)
-    keep_ratio: float = 0.4  # int(n * keep_ratio) kept in each Stage-1 group (the official count)
-    score: str = "prunevid"  # prunevid | attention | last_token | random
-    seed: int = 0  # for score = random
-    budget: float | None = None  # not official: keep round(budget * visual tokens before Stage 1) in total, spread over the groups by size
-
-
 # Keys renamed, still read under their old name (for one release): section -> {old: new}.
 RENAMED_KEYS = {"stage1": {"k": "dpc_neighbours"}}  # `k` read like the pruning layer K
 
 
-@dataclass
+@dataclass(init=False)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    video: VideoConfig = field(default_factory=VideoConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    # Sections of the other registered methods (prunevid_bench.methods), by section name.
-    methods: dict[str, Any] = field(default_factory=lambda: _other_method_defaults())
+    """model, video, generation, and one section per registered method (``methods``, by section
+    name: ``stage1``, ``stage2``, ``tome``, ...), each read as an attribute too (``cfg.tome``).
+    ``RunConfig(tome=ToMeConfig(enabled=True))`` sets a method's section by keyword."""
+
+    model: ModelConfig
+    video: VideoConfig
+    generation: GenerationConfig
+    methods: dict[str, Any]
+
+    def __init__(self, model: ModelConfig | None = None, video: VideoConfig | None = None,
+                 generation: GenerationConfig | None = None, methods: dict[str, Any] | None = None, **sections: Any):
+        self.model = model if model is not None else ModelConfig()
+        self.video = video if video is not None else VideoConfig()
+        self.generation = generation if generation is not None else GenerationConfig()
+        types = method_sections()
+        unknown = [name for name in sections if name not in types]
+        if unknown:
+            raise TypeError(f"RunConfig got unknown section(s) {', '.join(unknown)}")
+        self.methods = {name: cls() for name, cls in types.items()}
+        self.methods.update(methods or {})
+        self.methods.update(sections)
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's section as an attribute (``cfg.stage1``); only called for names not found."""
+        methods = self.__dict__.get("methods")
+        if methods is not None and name in methods:
+            return methods[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or section '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        """One mapping per section; the other methods' sections sit beside stage1/stage2."""
+        """One mapping per section: model, video, generation, then each method's."""
         data = dataclasses.asdict(self)
         data.update(data.pop("methods"))
         return data
 
     def section(self, name: str) -> Any:
-        """The config of one section (``stage1``, ``video``, a method's section)."""
+        """The config of one section (``video``, a method's section)."""
         if name in self.methods:
             return self.methods[name]
-        if name in {f.name for f in dataclasses.fields(self)}:
+        if name in _BASE_SECTIONS:
             return getattr(self, name)
         return section_types()[name]()  # a method section this config was built without: its defaults
 
     @property
     def enabled_methods(self) -> list[str]:
         """The registered methods this run applies, in the order they run."""
-        from prunevid_bench.methods import all_methods
-
         return [m.name for m in all_methods() if self.section(m.section).enabled]
-
-    @property
-    def stage3_enabled(self) -> bool:
-        """Stage 3 (KV compaction) is the physical half of Stage 2: on whenever Stage 2 is."""
-        return self.stage2.enabled
 
 
 _BASE_SECTIONS = {
@@ -128,21 +119,14 @@ _BASE_SECTIONS = {
 
 
 # Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
-# registered later with a key of the same name does not make today's short names ambiguous.
+# registered later with a key of the same name does not make today's short names ambiguous
+# (PruneVid's two sections: the short names of the presets and sweeps written before the registry).
 _CORE_SECTIONS = ("model", "video", "generation", "stage1", "stage2")
-
-
-def _other_method_defaults() -> dict[str, Any]:
-    """Default configs of the method sections RunConfig does not name as fields."""
-    fixed = {f.name for f in dataclasses.fields(RunConfig)}
-    return {name: cls() for name, cls in section_types().items() if name not in fixed and name not in _BASE_SECTIONS}
 
 
 def section_types() -> dict[str, type]:
     """Section name -> dataclass: model, video, generation, then each registered method's
-    section (stage1, stage2, ...), read from the method registry."""
-    from prunevid_bench.methods import method_sections
-
+    section, read from the method registry (the one place config learns of methods)."""
     return {**_BASE_SECTIONS, **method_sections()}
 
 
@@ -248,10 +232,8 @@ def resolve_layer(spec: int | str, num_layers: int, key: str = "stage2.pruning_l
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Range checks that need no model. ``stage2.pruning_layer`` is only checked for its form
+    """Range checks that need no model. A method's ``pruning_layer`` is only checked for its form
     here: it is resolved against the model's depth (``resolve_layer``) when the patch is applied."""
-    from prunevid_bench.methods import all_methods
-
     v = cfg.video
     layer_methods = []
     for method in all_methods():
@@ -383,31 +365,37 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a (possibly partial) nested dict, coercing and validating."""
     data = merge_into({s: {} for s in section_types()}, data, "config")
     sections, methods = {}, {}
-    fixed = {f.name for f in dataclasses.fields(RunConfig)}
     for section, cls in section_types().items():
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in data.get(section, {}):
                 default = getattr(cls(), f.name)
                 kwargs[f.name] = _coerce(f"{section}.{f.name}", data[section][f.name], default, str(f.type))
-        (sections if section in fixed else methods)[section] = cls(**kwargs)
+        (sections if section in _BASE_SECTIONS else methods)[section] = cls(**kwargs)
     return validate(RunConfig(**sections, methods=methods))
 
 
-def budget_overrides(cfg: RunConfig, budget: float) -> dict[str, float]:
-    """``--budget B``: the override that makes this run keep the fraction B of the original visual
-    tokens, on the last enabled method that takes a budget (each method turns B into its own
-    knob; PruneVid's Stage 1 keeps its settings and Stage 2 keeps round(B * original) in total)."""
-    if not 0.0 < budget <= 1.0:
-        raise PruneVidError(f"--budget must be in (0, 1], got {budget}")
-    from prunevid_bench.methods import get_method
-
+def budget_overrides(cfg: RunConfig, budget: float) -> dict[str, Any]:
+    """``--budget B``: the overrides that make this run keep the fraction B of the original visual
+    tokens: the last enabled method with a budget knob (``Method.budget_knob``) turns B into its
+    own settings (PruneVid's Stage 1 keeps its settings and Stage 2 keeps round(B * original) in
+    total). The range is checked here, once, for every method."""
+    check_budget(budget)
     enabled = [get_method(name) for name in cfg.enabled_methods]
-    takes = [m for m in enabled if "budget" in {f.name for f in dataclasses.fields(m.config)}]
+    takes = [m for m in enabled if m.budget_knob is not None]
     if not takes:
         named = f" ({', '.join(m.name for m in enabled)} take no budget)" if enabled else ""
         raise PruneVidError(f"--budget needs a method that takes one{named}: e.g. --preset default, or --set tome.enabled=true")
-    return {f"{takes[-1].section}.budget": budget}
+    method = takes[-1]
+    knob = method.budget_knob(cfg.section(method.section), budget)
+    return {f"{method.section}.{key}": value for key, value in knob.settings.items()}
+
+
+def budget_method(cfg: RunConfig):
+    """The enabled method whose knob a ``budget`` setting drives (the last with one), or None."""
+    takes = [m for m in (get_method(n) for n in cfg.enabled_methods)
+             if m.budget_knob is not None and getattr(cfg.section(m.section), "budget", None) is not None]
+    return takes[-1] if takes else None
 
 
 def with_budget(cfg: RunConfig, budget: float | None) -> RunConfig:
@@ -415,3 +403,17 @@ def with_budget(cfg: RunConfig, budget: float | None) -> RunConfig:
     if budget is None:
         return cfg
     return from_dict(merge_into(cfg.to_dict(), overrides_to_layer(budget_overrides(cfg, budget)), "--budget"))
+
+
+def __getattr__(name: str) -> Any:
+    """PruneVid's config classes under their old home (``config.Stage1Config``), for one release:
+    they live in the method files now (``methods.prunevid_stage1``, ``methods.prunevid_stage2``)."""
+    if name == "Stage1Config":
+        from prunevid_bench.methods.prunevid_stage1 import Stage1Config
+
+        return Stage1Config
+    if name in ("Stage2Config", "SCORE_MODES"):
+        from prunevid_bench.methods import prunevid_stage2
+
+        return getattr(prunevid_stage2, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.mrope import numbering
-from prunevid_bench.report import Reduction, RunResult
+from prunevid_bench.report import RECORD_ALIASES, Reduction, RunResult
 from prunevid_bench.messages import lmms_system_prompt, prepare_media, single_video_messages
 from prunevid_bench.video import Clip, VideoRequest
 
@@ -208,6 +208,7 @@ class Pipeline:
         llm_prefill_tokens = stages.get("llm_prefill_tokens") or out.prompt_tokens
         reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
         method_fields = _method_fields(handle, stages)
+        method_fields.update(self._budget_fields(cfg, prepared, tokens_after))
         flops, flops_base = self._flops(prepared, out.prompt_tokens, llm_prefill_tokens, handle, tokens_before - tokens_after,
                                         stages.get("scored_rows", 0), stages.get("merger_rows_skipped", 0))
         grid = prepared.inputs.get("video_grid_thw")
@@ -238,17 +239,13 @@ class Pipeline:
             memory_kind=out.memory_kind,
             kv_cache_bytes=out.kv_cache_bytes,
             kv_cache_bytes_uncompressed=kv_uncompressed,
-            tokens_before_stage1=before1,
-            tokens_after_stage1=after1,
-            stage1_segments=stages.get("stage1_segments"),
-            stage1_static_tokens=stages.get("stage1_static_tokens"),
-            stage1_dynamic_tokens=stages.get("stage1_dynamic_tokens"),
-            stage1_s=_seconds(stages, "prunevid_stage1"),
-            stage2_tokens_before=tokens_before,
-            stage2_tokens_after=tokens_after,
+            tokens_after_visual_methods=after1,
+            visual_methods_s=sum(r.seconds for r in reductions if r.acts != "llm_layer"),
+            layer_method_s=_seconds(stages, layer_method[0].name) if layer_method else 0.0,
             visual_tokens_kept=tokens_after,
-            stage2_s=_seconds(stages, layer_method[0].name) if layer_method else 0.0,
             visual_tokens_kept_ratio=(tokens_after / before1) if before1 else 1.0,
+            visual_methods=[r.method for r in reductions if r.acts != "llm_layer"],
+            layer_method=layer_method[0].name if layer_method else None,
             llm_prefill_tokens=llm_prefill_tokens,
             pruning_layer=handle.pruning_layer if layer_method else None,
             pruning_layer_spec=handle.pruning_layer_spec if layer_method else None,
@@ -263,6 +260,25 @@ class Pipeline:
             first_token_logits=out.first_logits,
             vision_cached=bool(served and served.hit),
         )
+
+    def _budget_fields(self, cfg: RunConfig, prepared: Prepared, kept: int) -> dict[str, Any]:
+        """A run with a budget: the asked fraction, the method whose knob it set, the visual
+        tokens that knob promised (``Method.budget_knob``) beside those kept (``visual_tokens_kept``),
+        and a note when the two differ."""
+        from prunevid_bench.config import budget_method
+        from prunevid_bench.families import family_of
+
+        method = budget_method(cfg)
+        if method is None:
+            return {}
+        section = cfg.section(method.section)
+        merge = family_of(self.model).geometry(self.model.config).merge
+        grids = [(t, (h // merge) * (w // merge)) for t, h, w in _as_rows(prepared.inputs.get("video_grid_thw"))]
+        promised = method.budget_knob(section, section.budget).promise(grids)
+        out = {"budget": section.budget, "budget_method": method.name, "budget_promised_tokens": promised}
+        if promised != kept:
+            out["budget_note"] = f"{method.name} kept {kept} visual tokens, not the {promised} its budget promised"
+        return out
 
     def _served_features(self, prepared: Prepared, handle):
         """The feature cache's tower output for this run, unless a method changes the tower's
@@ -317,11 +333,8 @@ def _method_fields(handle, stages: dict) -> dict[str, Any]:
     """The record fields of applied methods that RunResult does not name itself."""
     if handle is None:
         return {}
-    own = {f.name for f in dataclasses.fields(RunResult)}
+    own = {f.name for f in dataclasses.fields(RunResult)} | set(RECORD_ALIASES)  # aliases are the record's own
     fields = {key: stages.get(key) for method, _ in handle.methods for key in method.record_fields if key not in own}
-    asked = [cfg.budget for _, cfg in handle.methods if getattr(cfg, "budget", None) is not None]
-    if asked:  # beside it: the achieved fraction, visual_tokens_kept_ratio
-        fields["budget"] = asked[0]
     return fields
 
 

@@ -36,11 +36,19 @@ class Reduction:
     kv_bytes_after: int
 
 
-# Old record names, kept beside the new ones for one release: old -> new.
+# Old record names, kept beside the new ones for one release: old -> new. The record names
+# places, not PruneVid's stages: the prompt, before the LLM (after the visual-token methods),
+# after the LLM-layer method.
 RECORD_ALIASES = {
-    "tokens_before": "stage2_tokens_before",
-    "tokens_after": "stage2_tokens_after",
+    "tokens_before": "tokens_after_visual_methods",
+    "tokens_after": "visual_tokens_kept",
     "total_compression_ratio": "visual_tokens_kept_ratio",
+    "tokens_before_stage1": "visual_tokens",
+    "tokens_after_stage1": "tokens_after_visual_methods",
+    "stage2_tokens_before": "tokens_after_visual_methods",
+    "stage2_tokens_after": "visual_tokens_kept",
+    "stage1_s": "visual_methods_s",
+    "stage2_s": "layer_method_s",
 }
 
 
@@ -51,7 +59,7 @@ class RunResult:
     generated_text: str
     generated_tokens: int
     prompt_tokens: int  # the full, unpruned prompt
-    visual_tokens: int  # video placeholder tokens in the prompt (= before Stage 1)
+    visual_tokens: int  # video placeholder tokens in the prompt (before any method)
     video_grid_thw: list[list[int]]
     num_frames: int
     sampled_fps: float
@@ -65,17 +73,11 @@ class RunResult:
     prefill_peak_memory_bytes: int
     decode_peak_memory_bytes: int
     memory_kind: str
-    kv_cache_bytes: int  # after prefill (after Stage 3 when on)
-    kv_cache_bytes_uncompressed: int  # the same cache before Stage 3 (= kv_cache_bytes when off)
-    tokens_before_stage1: int
-    tokens_after_stage1: int
-    stage1_segments: int | None
-    stage1_static_tokens: int | None
-    stage1_dynamic_tokens: int | None
-    stage1_s: float
-    stage2_tokens_before: int  # visual tokens entering Stage 2 (the LLM-layer method)
-    stage2_tokens_after: int  # visual tokens leaving Stage 2
-    stage2_s: float
+    kv_cache_bytes: int  # after prefill (after the LLM-layer method's KV compaction when on)
+    kv_cache_bytes_uncompressed: int  # the same cache before that compaction (= kv_cache_bytes when none)
+    tokens_after_visual_methods: int  # visual tokens entering the LLM (after the vision-encoder and visual-token methods)
+    visual_methods_s: float  # time of the vision-encoder and visual-token methods
+    layer_method_s: float  # time of the LLM-layer method (scoring and compaction)
     visual_tokens_kept_ratio: float  # visual tokens kept by all methods / in the prompt
     llm_prefill_tokens: int  # sequence length the LLM's first layer saw
     video_policy: str = "processor"  # how the frames were chosen and sized (video.policy, resolved)
@@ -83,8 +85,10 @@ class RunResult:
     frame_size: list[int] = field(default_factory=list)  # [h, w] given to the processor (first video)
     second_per_grid_ts: list[float] = field(default_factory=list)  # seconds per temporal grid step, per video
     videos: list[dict[str, Any]] | None = None  # per video, when the prompt has several
-    visual_tokens_kept: int | None = None  # = stage2_tokens_after; 0 when every visual token was pruned
-    pruning_layer: int | None = None  # the absolute layer K Stage 2 pruned after (None when off)
+    visual_tokens_kept: int | None = None  # after the LLM-layer method (every method); 0 when every visual token was pruned
+    visual_methods: list[str] = field(default_factory=list)  # the methods acting before the LLM, in order
+    layer_method: str | None = None  # the LLM-layer method, if any
+    pruning_layer: int | None = None  # the absolute layer K the LLM-layer method pruned at (None when off)
     pruning_layer_spec: int | str | None = None  # K as configured: an index or "K/N" (None when off)
     model_family: str | None = None  # the checkpoint's model_type (qwen2_5_vl, qwen2_vl)
     methods: list[str] = field(default_factory=list)  # the reduction methods applied, in order
@@ -99,10 +103,14 @@ class RunResult:
     vision_cached: bool = False
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 
-    # The old names (RECORD_ALIASES), for one release.
-    tokens_before = property(lambda self: self.stage2_tokens_before)
-    tokens_after = property(lambda self: self.stage2_tokens_after)
-    total_compression_ratio = property(lambda self: self.visual_tokens_kept_ratio)
+    def __getattr__(self, name: str) -> Any:
+        """The old names (``RECORD_ALIASES``, for one release) and the methods' own record fields."""
+        if name in RECORD_ALIASES:
+            return getattr(self, RECORD_ALIASES[name])
+        fields = self.__dict__.get("method_fields") or {}
+        if name in fields:
+            return fields[name]
+        raise AttributeError(f"{type(self).__name__} has no field '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("first_token_logits", "method_fields")

@@ -11,9 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from prunevid_bench.config import RunConfig
-from prunevid_bench.report import RunResult, check_writable, environment, new_run_dir, write_csv_row, write_json
+from prunevid_bench.report import RECORD_ALIASES, RunResult, check_writable, environment, new_run_dir, write_csv_row, write_json
 
-TIMED_FIELDS = ("ttft_s", "prefill_s", "vision_encoder_s", "stage1_s", "stage2_s", "decode_tokens_per_s")
+TIMED_FIELDS = ("ttft_s", "prefill_s", "vision_encoder_s", "visual_methods_s", "layer_method_s", "decode_tokens_per_s")
 
 
 def human_bytes(n: int | float | None) -> str:
@@ -37,27 +37,29 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("measure")
     table.add_column("value", justify="right")
+    before = ", ".join(result.get("visual_methods") or []) or "no method"
+    layer = result.get("layer_method") or "no method"
     rows = [
-        ("visual tokens before Stage 1", result["tokens_before_stage1"]),
-        ("after Stage 1 (merging)", result["tokens_after_stage1"]),
-        ("after Stage 2 (pruning)", result["stage2_tokens_after"]),
+        ("visual tokens in the prompt", result["visual_tokens"]),
+        (f"entering the LLM ({before})", result["tokens_after_visual_methods"]),
+        (f"after the LLM layer ({layer})", result["visual_tokens_kept"]),
         ("visual tokens kept ratio", f"{result['visual_tokens_kept_ratio']:.3f}"),
         ("prompt tokens (unpruned)", result["prompt_tokens"]),
         ("LLM prefill tokens (layer 0)", result["llm_prefill_tokens"]),
         ("generated tokens", result["generated_tokens"]),
         ("TTFT", fmt_seconds(result["ttft_s"])),
         ("  vision encoder", fmt_seconds(result["vision_encoder_s"])),
-        ("  Stage 1 merging", fmt_seconds(result["stage1_s"])),
-        ("  Stage 2 scoring + Stage 3", fmt_seconds(result["stage2_s"])),
+        (f"  methods before the LLM ({before})", fmt_seconds(result["visual_methods_s"])),
+        (f"  LLM-layer method ({layer})", fmt_seconds(result["layer_method_s"])),
         ("  prefill after vision", fmt_seconds(result["prefill_s"])),
         ("decode speed", f"{result['decode_tokens_per_s']:.1f} tok/s" if result["decode_tokens_per_s"] else "-"),
         (f"peak memory ({result['memory_kind']})", human_bytes(result["peak_memory_bytes"])),
         ("KV cache after prefill", human_bytes(result["kv_cache_bytes"])),
-        ("KV cache without Stage 3", human_bytes(result["kv_cache_bytes_uncompressed"])),
+        ("KV cache before compaction", human_bytes(result["kv_cache_bytes_uncompressed"])),
         ("video grid (t, h, w)", str(result["video_grid_thw"])),
         ("video policy / frame size", f"{result.get('video_policy', '-')} / {'x'.join(map(str, result.get('frame_size') or [])) or '-'}"),
         ("frames / sampled fps / backend", f"{result['num_frames']} / {result['sampled_fps']:.3g} / {result['video_backend']}"),
-        ("Stage 2 pruning layer K", layer_text(result.get("pruning_layer"), result.get("pruning_layer_spec"))),
+        ("LLM-layer method's layer K", layer_text(result.get("pruning_layer"), result.get("pruning_layer_spec"))),
     ]
     if "ttft_s_median" in result:
         rows.insert(8, ("  TTFT median / p90 over repeats", f"{fmt_seconds(result['ttft_s_median'])} / {fmt_seconds(result['ttft_s_p90'])}"))
@@ -65,6 +67,8 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
     for i, red in enumerate(result.get("reductions") or []):
         rows.insert(4 + i, (f"  method {red['method']} ({red['acts']})",
                             f"{red['tokens_in']} → {red['tokens_out']} in {fmt_seconds(red['seconds'])}"))
+    if result.get("budget_note"):
+        rows.append(("budget", result["budget_note"]))
     if result.get("ideal_speedup") is not None:
         rows.append(("ideal speed-up (prefill FLOPs)", f"{result['ideal_speedup']:.2f}×"))
     for name, value in rows:
@@ -73,7 +77,7 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
 
 
 def layer_text(layer: int | None, spec: int | str | None) -> str:
-    """Stage 2's layer K: ``1 (10/28)`` when resolved from a relative depth, ``10`` for an index."""
+    """An LLM-layer method's layer K: ``1 (10/28)`` when resolved from a relative depth, ``10`` for an index."""
     if layer is None or layer == spec:
         return "-" if spec is None else str(spec)
     return f"{layer} ({spec})"
@@ -203,6 +207,7 @@ def run_single(
         for name in TIMED_FIELDS:  # every timing shown (and compared) is the median, not the first repeat
             if f"{name}_median" in record:
                 record[name] = record[f"{name}_median"]
+        record.update({old: record[new] for old, new in RECORD_ALIASES.items() if new in TIMED_FIELDS})
     run_dir = new_run_dir(results_dir, label or f"{preset or 'custom'}-{Path(video).stem}")
     meta = {"scenario": "single", "preset": preset, "video": str(video), "question": question}
     if messages is not None:

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
-from prunevid_bench.config import Stage2Config, resolve_layer
+from prunevid_bench.config import resolve_layer
+from prunevid_bench.methods.prunevid_stage2 import Stage2Config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.stages import stage2 as s2
 

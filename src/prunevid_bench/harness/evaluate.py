@@ -529,7 +529,7 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     def med(name, fmt=str):
         return fmt(m[name]["median"]) if name in m else "-"
 
-    row("visual tokens: in → Stage 1 → Stage 2 (median)",
+    row("visual tokens: prompt → LLM → kept (median)",
                   f"{med('tokens_before_stage1', _int)} → {med('tokens_after_stage1', _int)} → {med('tokens_after', _int)}")
     if "ttft_s" in m:
         t = m["ttft_s"]

@@ -8,8 +8,9 @@ Cells, in the order they run:
   Stage 1 on in every grid cell, and a Stage-2 key switches Stage 2 on, so ``prunevid sweep tau``
   measures merging even from a preset that has it off. Sweep ``stage1.enabled`` itself to
   override that.
-- ``--controls random``: each grid cell with Stage 2 on, again with ``stage2.score=random`` (the
-  same number of tokens kept, chosen at random). Cells without Stage 2 get none.
+- ``--controls random``: each grid cell whose LLM-layer method scores (PruneVid Stage 2), again
+  with its ``score=random`` (the same number of tokens kept, chosen at random; every other method
+  as in the cell, so the same tokens reach that layer). Cells without one get none.
 - ``--controls frames``: the baseline (every method off) with fewer frames, so that its visual tokens match a grid
   cell's kept tokens (medians). The frame count is known only after the cell ran, so these run
   last, one per distinct count.
@@ -235,10 +236,23 @@ def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str
         cells.append(Cell(name, "grid", overrides, with_overrides(base, overrides)))
     if "random" in (controls or []):
         for cell in [c for c in cells if c.kind == "grid"]:
-            if cell.config.stage2.enabled and cell.config.stage2.score != "random":
-                overrides = {**cell.overrides, "stage2.score": "random"}
+            key = _score_key(cell.config)
+            if key is not None:
+                overrides = {**cell.overrides, key: "random"}
                 cells.append(Cell(f"{cell.name}+random", "control_random", overrides, with_overrides(base, overrides)))
     return cells
+
+
+def _score_key(cfg: RunConfig) -> str | None:
+    """The dotted ``score`` key of the cell's LLM-layer method when it scores (and not by chance
+    already): its random control keeps the same tokens' count, chosen by chance."""
+    from prunevid_bench.methods import get_method
+
+    for method in (get_method(name) for name in cfg.enabled_methods):
+        section = cfg.section(method.section)
+        if method.where(section) == "llm_layer" and "random" in method.choices.get("score", ()) and section.score != "random":
+            return f"{method.section}.score"
+    return None
 
 
 # PruneVid's lines in a matched-budget sweep: Stages 1 and 2 on, with these settings on top.
@@ -283,9 +297,10 @@ def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[s
         values = tuple(float(b) for b in (budgets or "").split(",") if b.strip())
     except ValueError:
         raise PruneVidError(f"--budgets expects fractions like 0.1,0.25,0.5, got '{budgets}'") from None
+    from prunevid_bench.methods import check_budget
+
     for value in values:
-        if not 0.0 < value <= 1.0:
-            raise PruneVidError(f"--budgets values must be in (0, 1], got {value}")
+        check_budget(value, "--budgets values")
     return names, values
 
 
@@ -551,9 +566,10 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
             stage_off = section not in ("model", "video", "generation") and not cell.config.section(section).enabled
             # A stage's parameters mean nothing in a cell where it is off: left blank, not the base's value.
             row[short_name(key)] = None if stage_off and name != "enabled" else getattr(cell.config.section(section), name)
-        if "stage2.pruning_layer" in spec:  # the layer the model resolved, beside the value as swept
-            row[short_name("stage2.pruning_layer")] = res.summary.get("pruning_layer")
-            row["pruning_layer_spec"] = cell.config.stage2.pruning_layer if cell.config.stage2.enabled else None
+        for key in (k for k in spec if k.endswith(".pruning_layer")):  # the layer the model resolved, beside the value as swept
+            section = cell.config.section(key.split(".")[0])
+            row[short_name(key)] = res.summary.get("pruning_layer") if section.enabled else None
+            row["pruning_layer_spec"] = section.pruning_layer if section.enabled else None
         paired = paired_difference(res.records, base_records)
         row.update(
             model=cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],

@@ -81,6 +81,27 @@ class Range:
 
 
 UNIT = Range(0, 1, lo_open=True)  # (0, 1]: ratios
+BUDGET = UNIT  # a kept fraction of the original visual tokens (--budget, --budgets, a method's `budget` key)
+
+
+def check_budget(fraction: float, name: str = "--budget") -> None:
+    """The one range check of a kept fraction, wherever it enters."""
+    BUDGET.check(name, fraction)
+
+
+@dataclass(frozen=True)
+class BudgetKnob:
+    """What ``Method.budget_knob(cfg, fraction)`` returns: ``settings``, the method's own keys
+    that keep the fraction (e.g. ``{"budget": 0.25}``), and ``promise(grids)``, the visual tokens
+    it promises to keep for videos of these ``(t, n)`` grids (temporal steps, tokens per step)."""
+
+    settings: dict[str, Any]
+    promise: Callable[[list[tuple[int, int]]], int]
+
+
+def fraction_knob(cfg: Any, fraction: float) -> BudgetKnob:
+    """The knob of a method whose ``budget`` key keeps ``round(fraction * all visual tokens)``."""
+    return BudgetKnob({"budget": fraction}, lambda grids: round(fraction * sum(t * n for t, n in grids)))
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,7 @@ class Method:
     prunes_before: bool = False
     placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
     integer_seconds: Callable[[Any], bool] | None = None  # cfg -> number video time ids with int(seconds per step) (prunevid_bench.mrope)
+    budget_knob: Callable[[Any, float], BudgetKnob] | None = None  # (cfg, kept fraction) -> its settings and promised count
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+from prunevid_bench.methods import UNIT, BudgetKnob, Method, Range, VideoTokens, VisualReduction, register_method
 
 POSITION_MODES = ("original", "vllm")
 
@@ -47,6 +47,12 @@ def reduce(tokens: VideoTokens, cfg: EVSConfig) -> VisualReduction:
                                 stats={"evs_dropped_tokens": int(mask.numel() - keep.numel())})
 
 
+def budget_knob(cfg: EVSConfig, fraction: float) -> BudgetKnob:
+    """``budget``: the pruning rate whose count is ``round(B * T * N)``, at least one step per video."""
+    from prunevid_bench.stages import evs
+
+    return BudgetKnob({"budget": fraction}, lambda grids: sum(evs.evs_budget(n, t, fraction)[1] for t, n in grids))
+
 register_method(Method(
     name="evs",
     acts="visual_tokens",
@@ -58,4 +64,5 @@ register_method(Method(
     record_fields=("evs_dropped_tokens",),
     reduce=reduce,
     integer_seconds=lambda cfg: cfg.positions == "vllm",  # vLLM: second_per_grid_ts.long() before scaling
+    budget_knob=budget_knob,
 ))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunevid_bench.methods import UNIT, LayerContext, LayerReduction, Method, register_method
+from prunevid_bench.methods import UNIT, LayerContext, LayerReduction, Method, fraction_knob, register_method
 
 KV_CACHE_MODES = ("original", "compact")
 
@@ -55,4 +55,5 @@ register_method(Method(
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,
     prunes_before=True,
+    budget_knob=fraction_knob,  # FastV's kept count itself: exact
 ))

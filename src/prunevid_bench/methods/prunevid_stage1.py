@@ -1,5 +1,5 @@
 """PruneVid Stage 1 as a method: merge each video's static and similar tokens (``stages.stage1``)
-before the LLM. Config section ``stage1`` (:class:`prunevid_bench.config.Stage1Config`).
+before the LLM. Config section ``stage1`` (:class:`Stage1Config`).
 
 ``stage1.space`` says in which space: ``llm`` (the official place) on the visual tokens the
 merger produced; ``vision`` on the vision tower's features before the merger, each LLM token
@@ -8,12 +8,24 @@ in ``vision`` space the patch then projects only the merged rows through the mer
 
 from __future__ import annotations
 
-from prunevid_bench.config import Stage1Config
+from dataclasses import dataclass
+
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
 
 
 SPACES = ("llm", "vision")
+
+
+@dataclass
+class Stage1Config:
+    enabled: bool = False
+    tau: float = 0.8  # a slot is static when its mean pairwise cosine over frames exceeds tau
+    cluster_ratio: float = 0.5  # share of each token set kept as DPC-KNN cluster centres
+    temporal_segment_ratio: float = 0.25  # segments = max(1, int(T * ratio))
+    dpc_neighbours: int = 7  # DPC-KNN neighbours, self included (7 in the official code); formerly `k`
+    min_cluster_tokens: int = 14  # sets this small are not clustered (14 in the official code)
+    space: str = "llm"  # llm: on the LLM's visual tokens (official); vision: on the vision tower's patch features before its merger
 
 
 def reduce(tokens: VideoTokens, cfg: Stage1Config) -> VisualReduction:

@@ -1,15 +1,28 @@
 """PruneVid Stages 2+3 as a method: after layer K, keep a share of each group's visual tokens by
 their attention from the question (``stages.stage2``); the patch drops the rest from the hidden
-states and the KV cache. Config section ``stage2`` (:class:`prunevid_bench.config.Stage2Config`)."""
+states and the KV cache. Config section ``stage2`` (:class:`Stage2Config`); score modes ``SCORE_MODES``."""
 
 from __future__ import annotations
 
-from prunevid_bench.config import SCORE_MODES, Stage2Config
-from prunevid_bench.methods import UNIT, LayerContext, Method, register_method
+from dataclasses import dataclass
+
+from prunevid_bench.methods import UNIT, LayerContext, Method, fraction_knob, register_method
+
+SCORE_MODES = ("prunevid", "attention", "last_token", "random")
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = False
+    pruning_layer: int | str = "10/28"  # K: layers 0..K see all tokens, K+1.. the kept ones; an index or "K/N" (resolve_layer)
+    keep_ratio: float = 0.4  # int(n * keep_ratio) kept in each Stage-1 group (the official count)
+    score: str = "prunevid"  # prunevid | attention | last_token | random
+    seed: int = 0  # for score = random
+    budget: float | None = None  # not official: keep round(budget * visual tokens before Stage 1) in total, spread over the groups by size
 
 
 def scores(ctx: LayerContext, mode: str, seed: int = 0):
-    """[V] importance of each visual token under ``mode`` (see ``config.SCORE_MODES``)."""
+    """[V] importance of each visual token under ``mode`` (see ``SCORE_MODES``)."""
     import torch
 
     from prunevid_bench.stages import stage2 as s2
@@ -46,6 +59,7 @@ register_method(Method(
     record_fields=("stage2_tokens_before", "stage2_tokens_after", "stage2_s", "pruning_layer", "pruning_layer_spec"),
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,
+    budget_knob=fraction_knob,  # Stage 2 keeps round(B * original) in total (fewer if Stage 1 left fewer)
 ))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+from prunevid_bench.methods import UNIT, BudgetKnob, Method, Range, VideoTokens, VisualReduction, register_method
 
 BELOW_ONE = Range(0, 1, hi_open=True)  # [0, 1): shares removed
 
@@ -45,6 +45,16 @@ def reduce(tokens: VideoTokens, cfg: ToMeConfig) -> VisualReduction:
                            stats={"tome_merged_tokens": int(tokens.index.numel() - rep.numel())})
 
 
+def budget_knob(cfg: ToMeConfig, fraction: float) -> BudgetKnob:
+    """``budget``: removal counts ToMe takes directly, so ``round(B * T * N)`` exactly (one per
+    clip at least, the closest reachable)."""
+    from prunevid_bench.stages import tome
+
+    def promise(grids):
+        return sum(tome.tome_budget(t, n, fraction, cfg.inter_share, cfg.clip_frames)[2] for t, n in grids)
+
+    return BudgetKnob({"budget": fraction}, promise)
+
 register_method(Method(
     name="tome",
     acts="visual_tokens",
@@ -54,4 +64,5 @@ register_method(Method(
             "budget": UNIT, "inter_share": Range(0, 1)},
     record_fields=("tome_merged_tokens",),
     reduce=reduce,
+    budget_knob=budget_knob,
 ))

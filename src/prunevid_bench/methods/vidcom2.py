@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, fraction_knob, register_method
 
 
 @dataclass
@@ -45,4 +45,5 @@ register_method(Method(
     ranges={"retention_ratio": Range(0, lo_open=True), "budget": UNIT},
     record_fields=("vidcom2_dropped_tokens",),
     reduce=reduce,
+    budget_knob=fraction_knob,  # the target; VidCom2's count reaches it only where its rule allows
 ))

@@ -64,8 +64,6 @@ def evs_budget(tokens_per_frame: int, n_frames: int, budget: float) -> tuple[flo
     """EVS's knob for a kept fraction ``budget``: the pruning rate q whose count is
     ``round(budget * T * N)``, exact unless that is below one step (EVS keeps at least N, the
     closest reachable). Returns (q, achieved count)."""
-    if not 0.0 < budget <= 1.0:
-        raise PruneVidError(f"budget must be in (0, 1], got {budget}")
     total = tokens_per_frame * n_frames
     target = max(tokens_per_frame, round(budget * total))
     q = max(0.0, 1.0 - target / total)

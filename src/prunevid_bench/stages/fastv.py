@@ -43,7 +43,5 @@ def fastv_keep(scores: Tensor, n_keep: int) -> Tensor:
 def fastv_budget(n_visual: int, budget: float) -> tuple[int, int]:
     """FastV's knob for a kept fraction ``budget``: the kept count itself (FastV's
     ``ATTENTION_RANK``), so it is exact: ``round(budget * V)``. Returns (n_keep, achieved)."""
-    if not 0.0 < budget <= 1.0:
-        raise PruneVidError(f"budget must be in (0, 1], got {budget}")
     n_keep = round(budget * n_visual)
     return n_keep, n_keep

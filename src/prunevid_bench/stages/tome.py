@@ -212,8 +212,6 @@ def tome_budget(
     ``inter_share`` of the removals happen across frames, the rest within frames. Returns
     (intra_removals, inter_removals, achieved kept count).
     """
-    if not 0.0 < budget <= 1.0:
-        raise PruneVidError(f"budget must be in (0, 1], got {budget}")
     if not 0.0 <= inter_share <= 1.0:
         raise PruneVidError(f"ToMe inter_share must be in [0, 1], got {inter_share}")
     total = n_frames * per_frame

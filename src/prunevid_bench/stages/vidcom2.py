@@ -127,8 +127,6 @@ def vidcom2_budget(uniqueness: Tensor, tokens_per_frame: int, budget: float, ite
     where the rule allows. The search reaches the ratio at which every frame keeps all its
     tokens (above 1 when frames differ), so budget 1 is the identity. Returns (ratio, achieved).
     """
-    if not 0.0 < budget <= 1.0:
-        raise PruneVidError(f"budget must be in (0, 1], got {budget}")
     n_frames = uniqueness.numel()
     target = round(budget * n_frames * tokens_per_frame)
 
