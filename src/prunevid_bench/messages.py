@@ -232,6 +232,22 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
     return Media(template, clips, images)
 
 
+def confine_media(messages: Any, folder: Path) -> None:
+    """Refuse a ``--messages`` file that names a video or image file resolving outside its own
+    folder (``prunevid_bench.confine``); frames given in memory name no file."""
+    from prunevid_bench.confine import outside, refusal
+
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            for kind in ("video", "image"):
+                value = part.get(kind) if isinstance(part, dict) else None
+                if isinstance(value, str) and value:
+                    real = outside(value[7:] if value.startswith("file://") else value, folder)
+                    if real is not None:
+                        raise PruneVidError(f"{_where(i, j)}: {refusal(f'{kind} {value}', real, folder, 'the messages file folder')}")
+
+
 def lmms_system_prompt(policy: str) -> str | None:
     """The system prompt a policy adds when the messages have none."""
     return LMMS_SYSTEM_PROMPT if policy == "lmms-eval" else None

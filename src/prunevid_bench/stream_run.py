@@ -49,9 +49,10 @@ def parse_ask(text: str) -> tuple[float, str]:
     return seconds, question.strip()
 
 
-def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
+def read_stream_dataset(path: Path, allow_outside_root: bool = False) -> dict[str, list[TimedQuestion]]:
     """JSONL rows ``{"video", "time", "question", "options", "answer"}`` grouped by video (paths
-    relative to the file's folder); answer: a letter, a 0-based index or the option's text."""
+    relative to the file's folder, and confined to it unless ``allow_outside_root``); answer: a
+    letter, a 0-based index or the option's text."""
     from prunevid_bench.choices import LETTERS
 
     if not path.is_file():
@@ -83,11 +84,20 @@ def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
         except (TypeError, ValueError):
             raise PruneVidError(f"{where}: time must be seconds, got {row['time']!r}") from None
         video = str((path.parent / str(row["video"])).resolve()) if not Path(str(row["video"])).is_absolute() else str(row["video"])
+        check_inside(video, path.parent, where, row["video"], allow_outside_root)
         qid = str(row.get("id", f"{Path(video).stem}-{number}"))
         videos.setdefault(video, []).append(TimedQuestion(qid, time_s, str(row["question"]), options, answer))
     if not videos:
         raise PruneVidError(f"{path}: no rows")
     return videos
+
+
+def check_inside(video: str, root: Path, where: str, named: Any, allowed: bool) -> None:
+    from prunevid_bench.confine import outside, refusal
+
+    real = None if allowed else outside(video, root)
+    if real is not None:
+        raise PruneVidError(f"{where}: {refusal(f'video {named}', real, root, 'the dataset folder')}")
 
 
 def _answer_letter(value: Any, options: list[str]) -> str | None:

@@ -117,7 +117,8 @@ def plan_dataset(
     from prunevid_bench.video import check_video
 
     console = console or Console()
-    ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format)
+    ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format,
+                      allow_outside_root=dataset.allow_outside_root)
     limit, seed = dataset.limit, dataset.seed
     selected = sample_rows(ds.samples, limit, seed)
     runnable, problems = preflight(selected, check or check_video)

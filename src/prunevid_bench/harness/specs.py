@@ -28,6 +28,7 @@ class DatasetSpec:
     format: str | None = None  # a registered row format; None: recognised from the rows
     limit: int | None = None  # a seeded random sample of this many questions; None: all
     seed: int = 0
+    allow_outside_root: bool = False  # read rows whose videos resolve outside the video root
 
 
 @dataclass(frozen=True)
