@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ def single_video_messages(video: Any, question: str) -> list[dict[str, Any]]:
     """One video, then the question: the prompt of ``prunevid run VIDEO QUESTION``."""
     if not question or not str(question).strip():
         raise PruneVidError("the question is empty")
+    _check_text(str(question), "the question")
     return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}]
 
 
@@ -102,10 +104,20 @@ def video_request(part: dict, base: VideoRequest, where: str) -> tuple[VideoRequ
     return dataclasses.replace(base, **changes), start, end
 
 
+def _check_text(text: str, where: str) -> None:
+    """Text the tokenizer can take: UTF-8 encodable (a lone surrogate such as JSON's "\\ud800" is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PruneVidError(f"{where}: the text holds {text[exc.start]!r} at character {exc.start}, "
+                            "which is not Unicode text (a lone surrogate); fix the text") from None
+
+
 def _number(part: dict, key: str, kind: type, where: str):
     value = part[key]
     zero_ok = key == "video_start"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or (value == 0 and not zero_ok)):
         raise PruneVidError(f"{where}: {key} must be a positive number, got {value!r}")
     if kind is int and float(value) != int(value):
         raise PruneVidError(f"{where}: {key} must be a whole number, got {value!r}")
@@ -203,6 +215,7 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
             raise PruneVidError(f"{_where(i)}: role must be one of {', '.join(ROLES)}, got {message['role']!r}")
         content = message["content"]
         if isinstance(content, str):
+            _check_text(content, _where(i))
             template.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, (list, tuple)):
@@ -215,6 +228,7 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
                 _check_keys(part, TEXT_KEYS, where)
                 if not isinstance(part["text"], str):
                     raise PruneVidError(f"{where}: text must be a string")
+                _check_text(part["text"], where)
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "video":
                 _check_keys(part, VIDEO_KEYS, where)

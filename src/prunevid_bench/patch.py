@@ -37,7 +37,7 @@ from prunevid_bench.config import RunConfig, Stage1Config, Stage2Config, resolve
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
-from prunevid_bench.methods import LayerContext, VideoTokens, all_methods
+from prunevid_bench.methods import LayerContext, VideoTokens, all_methods, call_method, check_indices, check_reduction
 from prunevid_bench.overrides import InstanceOverride, MappingOverride
 from prunevid_bench.stages import stage2 as s2
 
@@ -262,7 +262,8 @@ class ReductionHandle:
         size, after = None, None
         for method, cfg in methods:
             start = self.clock.mark()
-            red = method.reduce(tokens, cfg)
+            red = call_method(method, "reduce", (tokens, cfg),
+                              lambda out: check_reduction(method, out, int(tokens.index.numel())))
             keep = red.keep.to(tokens.index.device)
             counts = st.method_tokens.setdefault(method.name, [0, 0])
             counts[0] += int(tokens.index.numel())
@@ -490,7 +491,8 @@ class ReductionHandle:
             visual=st.visual_positions, groups=st.visual_groups, query_start=st.query_start,
             scaling=attn.scaling, seq_len=seq_len, original_visual=st.tokens_before_stage1,
         )
-        kept = method.select(ctx, cfg)
+        kept = call_method(method, "select", (ctx, cfg),
+                           lambda out: check_indices(method, "kept indices", out, int(st.visual_positions.numel())))
         keep_index = splice.drop_index(seq_len, st.visual_positions, kept)
         cache = splice.cache_kwarg(kwargs)
         st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0

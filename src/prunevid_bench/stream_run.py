@@ -11,6 +11,7 @@ re-runs it offline on the frames seen so far and records the agreement and TTFT 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def parse_ask(text: str) -> tuple[float, str]:
         seconds = float(head)
     except ValueError:
         seconds = None
-    if not sep or seconds is None or seconds < 0 or not question.strip():
+    if not sep or seconds is None or not math.isfinite(seconds) or seconds < 0 or not question.strip():
         raise PruneVidError(f"--ask takes SECONDS:QUESTION, e.g. --ask \"2.0:What is moving?\", got '{text}'")
     return seconds, question.strip()
 
@@ -81,6 +82,8 @@ def read_stream_dataset(path: Path, allow_outside_root: bool = False) -> dict[st
             raise PruneVidError(f"{where}: answer '{row['answer']}' is not a letter, an index or one of the options")
         try:
             time_s = float(row["time"])
+            if not math.isfinite(time_s) or time_s < 0:
+                raise ValueError
         except (TypeError, ValueError):
             raise PruneVidError(f"{where}: time must be seconds, got {row['time']!r}") from None
         video = str((path.parent / str(row["video"])).resolve()) if not Path(str(row["video"])).is_absolute() else str(row["video"])
