@@ -165,9 +165,35 @@ def test_own_jsonl_video_root_and_absolute_paths(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     root = tmp_path / "root"
     root.mkdir()
-    data = load_dataset(path, video_root=root)
+    data = load_dataset(path, video_root=root, allow_outside_root=True)
     assert data.samples[0].video == (root / "v" / "one.mp4").resolve()
     assert data.samples[1].video == absolute.resolve()
+    confined = load_dataset(path, video_root=root)  # the default: an absolute path out of the root is refused
+    assert [s.id for s in confined.samples] == ["a"]
+    assert confined.skipped[0][0] == "b" and "outside the video root" in confined.skipped[0][1]
+
+
+def test_rows_out_of_the_video_root_are_refused_unless_allowed(tmp_path, clip8):
+    """``../``, an absolute path and a symlink out of the root are skipped naming the row;
+    --allow-outside-root admits them; a link inside the root to a file inside it is fine."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "inside.mp4").symlink_to(clip8)  # clip8 lives elsewhere: the link leads out
+    (root / "real.mp4").write_bytes(clip8.read_bytes())
+    (root / "alias.mp4").symlink_to(root / "real.mp4")
+    outside_clip = tmp_path / "secret.mp4"
+    outside_clip.write_bytes(clip8.read_bytes())
+    rows = [{"id": "up", "video": "../secret.mp4"}, {"id": "abs", "video": str(outside_clip)},
+            {"id": "link", "video": "inside.mp4"}, {"id": "ok", "video": "real.mp4"}, {"id": "alias", "video": "alias.mp4"}]
+    path = root / "set.jsonl"
+    path.write_text("\n".join(json.dumps({**r, "question": "?", "options": ["x", "y"], "answer": "A"}) for r in rows))
+    data = load_dataset(path)  # the root defaults to the file's folder
+    assert [s.id for s in data.samples] == ["ok", "alias"]
+    reasons = dict(data.skipped)
+    assert set(reasons) == {"up", "abs", "link"}
+    assert "video ../secret.mp4 resolves to" in reasons["up"] and "--allow-outside-root" in reasons["up"]
+    assert str(clip8.resolve()) in reasons["link"]
+    assert [s.id for s in load_dataset(path, allow_outside_root=True).samples] == ["up", "abs", "link", "ok", "alias"]
 
 
 def test_letter_that_is_also_another_options_text_is_skipped(tmp_path):

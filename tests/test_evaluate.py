@@ -232,7 +232,8 @@ def test_preflight_reports_missing_undecodable_and_unanswered_rows(toy, tmp_path
     del rows[4]["answer"]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
+    res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out",
+                 "--allow-outside-root")  # the broken video lies outside the root
     assert res.exit_code == INCOMPLETE, res.output
     preflight_part = res.output.split("run folder")[0]
     for row_id in (rows[1]["id"], rows[2]["id"], rows[4]["id"]):

@@ -295,7 +295,8 @@ def test_tall_video_in_a_dataset_is_skipped_in_preflight(toy, clip_dir, tmp_path
     rows[0]["video"] = str(tall)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out")
+    res = invoke("run", "--dataset", data, "--video-root", toy.parent, *FAST, "--results-dir", tmp_path / "out",
+                 "--allow-outside-root")  # the tall clip lies outside the root
     assert res.exit_code == INCOMPLETE, res.output
     (run_dir,) = (tmp_path / "out").iterdir()
     (skipped,) = json.loads((run_dir / "summary.json").read_text())["skipped"]

@@ -147,6 +147,7 @@ def test_two_processes_share_the_questions_and_one_records_folder(task, tmp_path
     [
         (["--batch_size", "2"], "prunevid: --batch_size 2 is refused: prunevid runs one sample per forward"),
         (["--gen_kwargs", "temperature=0.7"], "prunevid: task prunevid_toy: sampling (temperature=0.7) is refused"),
+        (["--gen_kwargs", "temperature=abc"], "prunevid: task prunevid_toy: temperature='abc' in --gen_kwargs is not a number"),
     ],
 )
 def test_refusals_are_one_line_and_fail_the_run(task, tmp_path, extra, message):

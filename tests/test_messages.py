@@ -160,8 +160,13 @@ def test_cli_messages_file(tmp_path, clip8):
     path = tmp_path / "messages.json"
     path.write_text(json.dumps(messages))
     runner = CliRunner()
-    res = runner.invoke(app, ["run", "--messages", str(path), "--model", "tiny", "--preset", "default",
-                              "--max-new-tokens", "2", "--results-dir", str(tmp_path / "r")])
+    args = ["run", "--messages", str(path), "--model", "tiny", "--preset", "default", "--max-new-tokens", "2",
+            "--results-dir", str(tmp_path / "r")]
+    res = runner.invoke(app, args)  # clip8 lies outside the messages file's folder
+    assert res.exit_code == 2 and res.output.startswith("error: messages[1].content[0]: video "), res.output
+    assert "outside the messages file folder" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+    res = runner.invoke(app, [*args, "--allow-outside-root"])
     assert res.exit_code == 0, res.output
     record = json.loads(next((tmp_path / "r").rglob("result.json")).read_text())
     assert [v["num_frames"] for v in record["videos"]] == [8, 4] and record["video_policy"] == "processor"

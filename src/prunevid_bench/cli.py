@@ -13,6 +13,7 @@ from rich.console import Console
 
 # The options run and sweep share are defined once, as groups (cli_options).
 from prunevid_bench.cli_options import (
+    AllowOutsideRoot,
     AnswerMode,
     Attn,
     ConfigFile,
@@ -207,7 +208,7 @@ def run(
             raise PruneVidError("give either VIDEO QUESTION or --messages, not both")
         from prunevid_bench.single import read_messages
 
-        messages = read_messages(messages_file)
+        messages = read_messages(messages_file, data.allow_outside_root)
     elif video is None or question is None:
         raise PruneVidError("give a VIDEO and a QUESTION (or --messages FILE, or --dataset PATH)")
     import json
@@ -320,6 +321,7 @@ def stream(
     old_budget: Annotated[Optional[str], typer.Option("--budget", hidden=True)] = None,
     compare_offline: Annotated[bool, typer.Option("--compare-offline", help="Also answer each question offline on the frames seen so far; record agreement and the TTFT ratio.", rich_help_panel="Stream")] = False,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="JSONL of timed questions: video, time, question, options, answer (several per video).", rich_help_panel="Dataset")] = None,
+    allow_outside_root: AllowOutsideRoot = False,
     answer_mode: AnswerMode = "generate",
     preset: Preset = None,
     config: ConfigFile = None,
@@ -358,7 +360,7 @@ def stream(
     if dataset is not None:
         if video is not None or asks or options:
             raise PruneVidError("give either VIDEO with --ask, or --dataset, not both")
-        videos = read_stream_dataset(dataset)
+        videos = read_stream_dataset(dataset, allow_outside_root)
         source = str(dataset)
         default_label = f"stream-{dataset.stem}"
     else:

@@ -33,6 +33,7 @@ MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Upper bo
 MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
 ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
 VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
+AllowOutsideRoot = Annotated[bool, typer.Option("--allow-outside-root", help="Read videos that resolve outside --video-root (a dataset, a stream dataset) or outside a --messages file's folder; refused by default.", rich_help_panel="Dataset")]
 AnswersFile = Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")]
 DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")]
@@ -123,11 +124,13 @@ class DatasetFlags:
     dataset_format: DatasetFormat = None
     limit: Limit = None
     seed: Seed = 0
+    allow_outside_root: AllowOutsideRoot = False
 
     def spec(self, path: Path):
         from prunevid_bench.harness.specs import DatasetSpec
 
-        return DatasetSpec(path, self.video_root, self.answers, self.dataset_format, self.limit, self.seed)
+        return DatasetSpec(path, self.video_root, self.answers, self.dataset_format, self.limit, self.seed,
+                           self.allow_outside_root)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,12 +185,12 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
                 raise ValueError
             return int(value)
         if base == "float":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):  # NaN is inside no range; refuse it here
                 raise ValueError
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise PruneVidError(f"{key} must be {base}, got {value!r}") from None
+        raise PruneVidError(f"{key} must be {'a finite number' if base == 'float' else base}, got {value!r}") from None
 
 
 LAYER_FORMS = "a 0-based layer index (e.g. 10) or a relative depth 'K/N' with 0 <= K < N (e.g. '10/28': layer 10 of 28)"

@@ -102,7 +102,7 @@ class FeatureCache:
     @classmethod
     def from_options(cls, gigabytes: float | None, directory: Path | None, shared: bool = False) -> "FeatureCache | None":
         """The cache a run asked for, or None when neither memory nor disk is wanted."""
-        if gigabytes is not None and gigabytes < 0:
+        if gigabytes is not None and not 0 <= gigabytes < float("inf"):  # NaN too
             raise PruneVidError(f"--feature-cache-gb must be >= 0, got {gigabytes}")
         if shared and directory is None:
             raise PruneVidError("--feature-cache-shared applies to a --feature-cache folder")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ def single_video_messages(video: Any, question: str) -> list[dict[str, Any]]:
     """One video, then the question: the prompt of ``prunevid run VIDEO QUESTION``."""
     if not question or not str(question).strip():
         raise PruneVidError("the question is empty")
+    _check_text(str(question), "the question")
     return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}]
 
 
@@ -102,10 +104,20 @@ def video_request(part: dict, base: VideoRequest, where: str) -> tuple[VideoRequ
     return dataclasses.replace(base, **changes), start, end
 
 
+def _check_text(text: str, where: str) -> None:
+    """Text the tokenizer can take: UTF-8 encodable (a lone surrogate such as JSON's "\\ud800" is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PruneVidError(f"{where}: the text holds {text[exc.start]!r} at character {exc.start}, "
+                            "which is not Unicode text (a lone surrogate); fix the text") from None
+
+
 def _number(part: dict, key: str, kind: type, where: str):
     value = part[key]
     zero_ok = key == "video_start"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or (value == 0 and not zero_ok)):
         raise PruneVidError(f"{where}: {key} must be a positive number, got {value!r}")
     if kind is int and float(value) != int(value):
         raise PruneVidError(f"{where}: {key} must be a whole number, got {value!r}")
@@ -203,6 +215,7 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
             raise PruneVidError(f"{_where(i)}: role must be one of {', '.join(ROLES)}, got {message['role']!r}")
         content = message["content"]
         if isinstance(content, str):
+            _check_text(content, _where(i))
             template.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, (list, tuple)):
@@ -215,6 +228,7 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
                 _check_keys(part, TEXT_KEYS, where)
                 if not isinstance(part["text"], str):
                     raise PruneVidError(f"{where}: text must be a string")
+                _check_text(part["text"], where)
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "video":
                 _check_keys(part, VIDEO_KEYS, where)
@@ -230,6 +244,22 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
     if system_prompt and template[0]["role"] != "system":
         template.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     return Media(template, clips, images)
+
+
+def confine_media(messages: Any, folder: Path) -> None:
+    """Refuse a ``--messages`` file that names a video or image file resolving outside its own
+    folder (``prunevid_bench.confine``); frames given in memory name no file."""
+    from prunevid_bench.confine import outside, refusal
+
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            for kind in ("video", "image"):
+                value = part.get(kind) if isinstance(part, dict) else None
+                if isinstance(value, str) and value:
+                    real = outside(value[7:] if value.startswith("file://") else value, folder)
+                    if real is not None:
+                        raise PruneVidError(f"{_where(i, j)}: {refusal(f'{kind} {value}', real, folder, 'the messages file folder')}")
 
 
 def lmms_system_prompt(policy: str) -> str | None:

@@ -117,20 +117,27 @@ def write_run_header(run_dir: Path, cfg: RunConfig, pipe, meta: dict[str, Any]) 
     write_json(run_dir / "environment.json", {**environment(cfg, pipe.model, pipe.device), **recorded_identity(pipe, cfg)})
 
 
-def read_messages(path: Path) -> list[dict[str, Any]]:
-    """A ``--messages`` file: Qwen chat messages as JSON (checked element by element later)."""
+def read_messages(path: Path, allow_outside_root: bool = False) -> list[dict[str, Any]]:
+    """A ``--messages`` file: Qwen chat messages as JSON (checked element by element later),
+    whose files must lie in the file's own folder unless ``allow_outside_root``."""
     import json
 
     from prunevid_bench.errors import PruneVidError
+    from prunevid_bench.messages import confine_media
 
     if not Path(path).is_file():
         raise PruneVidError(f"messages file not found: {path}")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        messages = json.loads(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise PruneVidError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise PruneVidError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise PruneVidError(f"{path}: nested too deeply to be chat messages") from None
+    if not allow_outside_root:
+        confine_media(messages, Path(path).parent)
+    return messages
 
 
 def _message_video_paths(messages: Any) -> list[str]:

@@ -11,6 +11,7 @@ re-runs it offline on the frames seen so far and records the agreement and TTFT 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,15 @@ def parse_ask(text: str) -> tuple[float, str]:
         seconds = float(head)
     except ValueError:
         seconds = None
-    if not sep or seconds is None or seconds < 0 or not question.strip():
+    if not sep or seconds is None or not math.isfinite(seconds) or seconds < 0 or not question.strip():
         raise PruneVidError(f"--ask takes SECONDS:QUESTION, e.g. --ask \"2.0:What is moving?\", got '{text}'")
     return seconds, question.strip()
 
 
-def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
+def read_stream_dataset(path: Path, allow_outside_root: bool = False) -> dict[str, list[TimedQuestion]]:
     """JSONL rows ``{"video", "time", "question", "options", "answer"}`` grouped by video (paths
-    relative to the file's folder); answer: a letter, a 0-based index or the option's text."""
+    relative to the file's folder, and confined to it unless ``allow_outside_root``); answer: a
+    letter, a 0-based index or the option's text."""
     from prunevid_bench.choices import LETTERS
 
     if not path.is_file():
@@ -80,14 +82,25 @@ def read_stream_dataset(path: Path) -> dict[str, list[TimedQuestion]]:
             raise PruneVidError(f"{where}: answer '{row['answer']}' is not a letter, an index or one of the options")
         try:
             time_s = float(row["time"])
+            if not math.isfinite(time_s) or time_s < 0:
+                raise ValueError
         except (TypeError, ValueError):
             raise PruneVidError(f"{where}: time must be seconds, got {row['time']!r}") from None
         video = str((path.parent / str(row["video"])).resolve()) if not Path(str(row["video"])).is_absolute() else str(row["video"])
+        check_inside(video, path.parent, where, row["video"], allow_outside_root)
         qid = str(row.get("id", f"{Path(video).stem}-{number}"))
         videos.setdefault(video, []).append(TimedQuestion(qid, time_s, str(row["question"]), options, answer))
     if not videos:
         raise PruneVidError(f"{path}: no rows")
     return videos
+
+
+def check_inside(video: str, root: Path, where: str, named: Any, allowed: bool) -> None:
+    from prunevid_bench.confine import outside, refusal
+
+    real = None if allowed else outside(video, root)
+    if real is not None:
+        raise PruneVidError(f"{where}: {refusal(f'video {named}', real, root, 'the dataset folder')}")
 
 
 def _answer_letter(value: Any, options: list[str]) -> str | None:

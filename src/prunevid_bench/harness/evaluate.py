@@ -117,7 +117,8 @@ def plan_dataset(
     from prunevid_bench.video import check_video
 
     console = console or Console()
-    ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format)
+    ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format,
+                      allow_outside_root=dataset.allow_outside_root)
     limit, seed = dataset.limit, dataset.seed
     selected = sample_rows(ds.samples, limit, seed)
     runnable, problems = preflight(selected, check or check_video)
@@ -315,6 +316,10 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
     if not (run_dir / PLAN_FILE).is_file():
         raise PruneVidError(f"{run_dir} has no {PLAN_FILE} (written by an older version, or not a dataset run); {again}")
     plan = read_json(run_dir / PLAN_FILE, again, ("runnable", "skipped", "counts", "n_selected"))
+    kinds = {"runnable": list, "skipped": list, "counts": dict, "n_selected": int}
+    wrong = [key for key, kind in kinds.items() if not isinstance(plan[key], kind) or isinstance(plan[key], bool)]
+    if wrong or not all(isinstance(i, str) for i in plan["runnable"]):
+        raise PruneVidError(f"{run_dir / PLAN_FILE}: {(wrong or ['runnable'])[0]} has the wrong type; {again}")
     if baseline_records is None and meta.get("baseline"):
         baseline_records = load_baseline(Path(meta["baseline"]))
     elif baseline_records is None and meta.get("scenario") == "sweep-cell" and meta.get("kind") != "baseline":

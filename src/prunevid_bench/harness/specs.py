@@ -28,6 +28,7 @@ class DatasetSpec:
     format: str | None = None  # a registered row format; None: recognised from the rows
     limit: int | None = None  # a seeded random sample of this many questions; None: all
     seed: int = 0
+    allow_outside_root: bool = False  # read rows whose videos resolve outside the video root
 
 
 @dataclass(frozen=True)
@@ -66,5 +67,5 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
             raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{self.answer_mode}'")
-        if self.feature_cache_gb is not None and self.feature_cache_gb < 0:
+        if self.feature_cache_gb is not None and not 0 <= self.feature_cache_gb < float("inf"):  # NaN too
             raise PruneVidError(f"--feature-cache-gb must be >= 0 (0 turns the memory cache off), got {self.feature_cache_gb}")

@@ -23,6 +23,7 @@ per forward is refused (DESIGN section 2), as is ``batch_size=auto``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,15 +105,33 @@ def check_batch(batch_size: Any, max_batch_size: Any = None) -> None:
 
 
 def check_generation(gen_kwargs: dict[str, Any], where: str) -> None:
-    """Greedy decoding only: sampling would make pruned and unpruned runs incomparable."""
-    temperature = gen_kwargs.get("temperature") or 0
-    if float(temperature) > 0 or gen_kwargs.get("do_sample"):
+    """Greedy decoding only: sampling would make pruned and unpruned runs incomparable. Every
+    number is checked here, before lmms-eval could swallow a failure to read one."""
+    temperature = _gen_number(gen_kwargs, "temperature", float, 0, where)
+    if temperature > 0 or gen_kwargs.get("do_sample"):
         raise PruneVidError(
-            f"{where}: sampling (temperature={temperature}) is refused: prunevid decodes greedily; "
+            f"{where}: sampling (temperature={gen_kwargs.get('temperature')}) is refused: prunevid decodes greedily; "
             "set temperature=0 in --gen_kwargs"
         )
-    if int(gen_kwargs.get("num_beams") or 1) != 1:
+    if _gen_number(gen_kwargs, "num_beams", int, 1, where) != 1:
         raise PruneVidError(f"{where}: num_beams={gen_kwargs['num_beams']} is refused: prunevid decodes greedily (num_beams=1)")
+    if _gen_number(gen_kwargs, "max_new_tokens", int, 1, where) < 1:
+        raise PruneVidError(f"{where}: max_new_tokens must be >= 1, got {gen_kwargs['max_new_tokens']!r}")
+
+
+def _gen_number(gen_kwargs: dict[str, Any], key: str, kind: type, default: float, where: str) -> float:
+    """A generation setting as a finite number (``default`` when absent or empty)."""
+    raw = gen_kwargs.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+        if isinstance(raw, bool) or not math.isfinite(value) or (kind is int and not value.is_integer()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise PruneVidError(f"{where}: {key}={raw!r} in --gen_kwargs is not a "
+                            f"{'whole number' if kind is int else 'number'}") from None
+    return kind(value)
 
 
 def stop_strings(gen_kwargs: dict[str, Any]) -> list[str]:

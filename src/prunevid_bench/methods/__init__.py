@@ -178,6 +178,7 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+_BROKEN: dict[str, str] = {}  # entry point name -> why its plug-in failed to load (left out)
 _loaded = False
 
 
@@ -208,12 +209,17 @@ def _load() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()
-        except Exception as exc:  # noqa: BLE001 - a broken plug-in is named, not a traceback
-            raise PruneVidError(f"the method plug-in '{ep.name}' ({ep.value}) failed to load: {exc}") from None
-        if isinstance(loaded, Method):
-            register_method(loaded)
-        elif callable(loaded):
-            loaded()
+            if isinstance(loaded, Method):
+                register_method(loaded)
+            elif callable(loaded):
+                loaded()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is left out and named once, not a traceback
+            text = str(exc).strip().splitlines()
+            _BROKEN[ep.name] = (f"the method plug-in '{ep.name}' ({ep.value}) failed to load: "
+                                f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "))
+            import sys
+
+            print(f"warning: {_BROKEN[ep.name]}; it is left out", file=sys.stderr, flush=True)
 
 
 def all_methods() -> list[Method]:
@@ -224,6 +230,8 @@ def all_methods() -> list[Method]:
 
 def get_method(name: str) -> Method:
     _load()
+    if name not in _METHODS and name in _BROKEN:
+        raise PruneVidError(_BROKEN[name])
     if name not in _METHODS:
         close = difflib.get_close_matches(name, list(_METHODS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -251,6 +259,54 @@ class LayerReduction:
     compact_cache: bool = True
     merge_into: Any = None  # [V]: the kept token (index into keep) each visual token is averaged into, -1 dropped
 
+
+
+def call_method(method: Method, verb: str, args: tuple, check: Callable[[Any], None]) -> Any:
+    """``method.reduce(*args)`` or ``method.select(*args)``. For a plug-in, a failure becomes one
+    line naming the method (a run of one video: exit 2; a dataset run: that sample's error row)
+    and ``check`` vets what it returned (out-of-range indices would otherwise fail deep in the
+    patch, or as a device-side assert on CUDA). A built-in method is neither wrapped nor checked
+    (tested, and a check costs host syncs); out of memory passes as it is."""
+    fn = getattr(method, verb)
+    if getattr(fn, "__module__", "").startswith("prunevid_bench."):
+        return fn(*args)
+    import torch
+
+    try:
+        out = fn(*args)
+    except (PruneVidError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise PruneVidError(f"method {method.name} failed in {verb}: {type(exc).__name__}"
+                            f"{': ' + text[0] if text else ''}") from None
+    check(out)
+    return out
+
+
+def check_indices(method: Method, what: str, index: Any, n: int) -> None:
+    """A method's returned indices must be a 1-D integer tensor of distinct values in [0, n)."""
+    import torch
+
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool:
+        raise PruneVidError(f"method {method.name} returned {what} that is not a 1-D integer tensor")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+        raise PruneVidError(f"method {method.name} returned {what} outside [0, {n - 1}] "
+                            f"(min {int(index.min())}, max {int(index.max())})")
+
+
+def check_reduction(method: Method, red: Any, n: int) -> None:
+    """What a ``reduce`` returned, before the patch applies it to ``n`` input tokens: a
+    :class:`VisualReduction` whose ``dest`` is an integer tensor with one entry per input token
+    (``tokens.apply_reduction`` then checks that it is an operator)."""
+    import torch
+
+    if not isinstance(red, VisualReduction):
+        raise PruneVidError(f"method {method.name} returned {type(red).__name__}, not a VisualReduction")
+    dest = red.dest
+    if not isinstance(dest, torch.Tensor) or dest.dim() != 1 or dest.is_floating_point() or dest.dtype == torch.bool \
+            or dest.numel() != n:
+        raise PruneVidError(f"method {method.name} returned a dest that is not a 1-D integer tensor of {n} entries")
 
 
 @dataclass

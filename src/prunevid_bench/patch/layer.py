@@ -9,7 +9,7 @@ import torch
 
 from prunevid_bench import splice
 from prunevid_bench.measure import cache_bytes
-from prunevid_bench.methods import LayerContext, LayerReduction
+from prunevid_bench.methods import LayerContext, LayerReduction, call_method, check_indices
 from prunevid_bench.tokens import weighted_rows
 
 
@@ -57,7 +57,8 @@ class LayerMethod:
             visual=st.visual_positions, groups=st.visual_groups, query_start=st.query_start,
             scaling=attn.scaling, seq_len=seq_len, original_visual=st.tokens_in_prompt, hidden=hidden[0],
         )
-        red = method.select(ctx, cfg)
+        red = call_method(method, "select", (ctx, cfg), lambda out: check_indices(
+            method, "kept indices", out.keep if isinstance(out, LayerReduction) else out, int(st.visual_positions.numel())))
         red = red if isinstance(red, LayerReduction) else LayerReduction(keep=red)
         kept = red.keep
         keep_index = splice.drop_index(seq_len, st.visual_positions, kept)

@@ -10,6 +10,7 @@ import torch
 
 from prunevid_bench import splice
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.methods import call_method, check_reduction
 from prunevid_bench.patch.state import SampleState
 from prunevid_bench.tokens import VideoTokens, apply_reduction
 
@@ -34,7 +35,8 @@ class LLMInput:
         proportional, after = False, None
         for method, cfg in methods:
             start = self.clock.mark()
-            red = method.reduce(tokens, cfg)
+            red = call_method(method, "reduce", (tokens, cfg),
+                              lambda out: check_reduction(method, out, int(tokens.index.numel())))
             counts = st.method_tokens.setdefault(method.name, [0, 0])
             counts[0] += int(tokens.index.numel())
             tokens = apply_reduction(tokens, red, method.name)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from prunevid_bench.confine import outside, refusal
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.datasets.base import Dataset, QASample, Skip, missing
 from prunevid_bench.harness.datasets.registry import detect_format, format_names, get_format
@@ -20,13 +21,16 @@ def load_dataset(
     video_root: str | Path | None = None,
     answers: str | Path | Mapping[str, int] | None = None,
     format: str | None = None,
+    allow_outside_root: bool = False,
 ) -> Dataset:
     """Read a dataset file, recognise its format and return validated samples.
 
     ``video_root`` is the folder the rows' video names are relative to (default: the dataset
     file's folder). ``answers`` is the EgoSchema answer file (or mapping); by default an
     ``answers.json`` or ``subset_answers.json`` beside the questions is used. ``format`` forces
-    a registered format (``format_names()``) instead of auto-detection.
+    a registered format (``format_names()``) instead of auto-detection. A row whose video
+    resolves outside the root is skipped, saying why, unless ``allow_outside_root``
+    (``prunevid_bench.confine``).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -57,6 +61,11 @@ def load_dataset(
             sample = read(row, i)
         except Skip as skip:
             skipped.append((label, str(skip)))
+            continue
+        real = None if allow_outside_root else outside(sample.video, root)
+        if real is not None:
+            what = f"video {row['video']}" if isinstance(row.get("video"), str) else "its video"
+            skipped.append((label, refusal(what, real, root, "the video root")))
             continue
         if sample.id in seen:
             skipped.append((sample.id, "duplicate id (the first occurrence is kept)"))
