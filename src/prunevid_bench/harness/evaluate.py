@@ -254,27 +254,13 @@ def evaluate_plan(
                                 "finish before starting one with another number of processes")
         return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=options.answer_mode,
                                 baseline_records=baseline_records, force=options.force, console=console, quiet=quiet,
-                                shard=shard)
+                                shard=shard, warmup=options.warmup)
 
 
 def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet,
-                     shard) -> EvalResult:
+                     shard, warmup=1) -> EvalResult:
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
-    fingerprint = run_fingerprint(cfg, plan, answer_mode)
-    header = {
-        **(meta or {}),
-        "run": run_dir.name,
-        "answer_mode": answer_mode,
-        "dataset": {**plan.identity(), "path": str(plan.path)},
-        "sample_ids": [s.id for s in plan.selected],
-        "fingerprint": fingerprint_hash(fingerprint),
-    }
-    own_log = run_dir / shard.log_name
-    with meta_lock(run_dir) if shard.split else contextlib.nullcontext():  # ranks create the folder once
-        open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
-        write_json(run_dir / PLAN_FILE, {"runnable": [s.id for s in plan.runnable], "skipped": plan.skipped,
-                                         "counts": plan.counts(), "n_selected": len(plan.selected)})
-    done = read_run_samples(run_dir, own=own_log)
+    done, own_log = open_for_samples(cfg, plan, get_pipe, run_dir, meta, answer_mode, force, console, shard)
     mine = shard.take(plan.runnable)
     todo = [s for s in mine if s.id not in done or needs_retry(done[s.id])]
     if done and not quiet:
@@ -291,6 +277,7 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
             where = {"rank": shard.rank, "world_size": shard.world_size, "device": str(pipe.device)}
             record_rank_environment(run_dir, shard, pipe)
         logged = {s.id: done[s.id] for s in mine if s.id in done}
+        warm_up(pipe, cfg, todo[:warmup], answer_mode, letter_ids)
         _run_samples(pipe, cfg, todo, logged, own_log, answer_mode, letter_ids, console, len(mine), where)
     if shard.split and shard.rank == 0:
         wait_for_other_ranks(run_dir, shard, console)
@@ -299,6 +286,28 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         console.print(summary_table(summary, title=run_dir.name))
         console.print(f"run folder: {run_dir}", soft_wrap=True)
     return EvalResult(run_dir, summary, records, len(todo))
+
+
+def open_for_samples(cfg: RunConfig, plan: DatasetPlan, get_pipe, run_dir: Path, meta: dict[str, Any] | None,
+                     answer_mode: str, force: bool, console: Console | None, shard: Shard = Shard(),
+                     ) -> tuple[dict[str, dict[str, Any]], Path]:
+    """Start or resume ``run_dir`` for this run (header, plan) and return the records already
+    logged by every process, with the log this process appends to."""
+    fingerprint = run_fingerprint(cfg, plan, answer_mode)
+    header = {
+        **(meta or {}),
+        "run": run_dir.name,
+        "answer_mode": answer_mode,
+        "dataset": {**plan.identity(), "path": str(plan.path)},
+        "sample_ids": [s.id for s in plan.selected],
+        "fingerprint": fingerprint_hash(fingerprint),
+    }
+    own_log = run_dir / shard.log_name
+    with meta_lock(run_dir) if shard.split else contextlib.nullcontext():  # ranks create the folder once
+        open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
+        write_json(run_dir / PLAN_FILE, {"runnable": [s.id for s in plan.runnable], "skipped": plan.skipped,
+                                         "counts": plan.counts(), "n_selected": len(plan.selected)})
+    return read_run_samples(run_dir, own=own_log), own_log
 
 
 def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None = None,
@@ -395,6 +404,14 @@ def letter_token_ids(tokenizer, n: int) -> list[int]:
     if len(set(ids)) != len(ids):
         raise PruneVidError("--answer-mode logits: two option letters share a token; use --answer-mode generate")
     return ids
+
+
+def warm_up(pipe, cfg: RunConfig, samples: list[QASample], answer_mode: str, letter_ids: list[int] | None) -> None:
+    """Run ``samples`` once, untimed and unlogged, so the first logged one does not pay the cold
+    start (allocator, kernels, caches: about 2x on the CPU). Greedy decoding is deterministic, so
+    the logged answers and token counts are the same with or without it."""
+    for sample in samples:
+        run_sample(pipe, cfg, sample, answer_mode, letter_ids)
 
 
 def _run_samples(pipe, cfg, todo, done, log_path, answer_mode, letter_ids, console, total, where) -> None:
