@@ -441,6 +441,10 @@ def report_sweep(base, cells, results, plan, sweep_dir, spec, controls, metric, 
             failed: dict[str, str] | None = None) -> SweepResult:
     """summary.csv, the table and pareto.png over the cells that have results."""
     done = [c for c in cells if c.name in results]
+    from prunevid_bench.harness.noops import no_effect_notes
+
+    for note in no_effect_notes(done, results, spec):
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     rows = sweep_rows(done, results, spec)
     mark_pareto(rows, metric)
     write_csv(sweep_dir / "summary.csv", rows)
