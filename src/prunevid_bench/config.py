@@ -56,6 +56,13 @@ class GenerationConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    # torch intra-op threads; null = torch's default (one per core). Under load, fewer threads than
+    # cores can be much faster (no contention); recorded per run, never part of a run's identity.
+    threads: int | None = None
+
+
+@dataclass
 class Stage1Config:
     enabled: bool = False
     tau: float = 0.8  # a slot is static when its mean pairwise cosine over frames exceeds tau
@@ -90,6 +97,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Sections of the other registered methods (prunevid_bench.methods), by section name.
     methods: dict[str, Any] = field(default_factory=lambda: _other_method_defaults())
 
@@ -124,12 +132,13 @@ _BASE_SECTIONS = {
     "model": ModelConfig,
     "video": VideoConfig,
     "generation": GenerationConfig,
+    "runtime": RuntimeConfig,
 }
 
 
 # Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
 # registered later with a key of the same name does not make today's short names ambiguous.
-_CORE_SECTIONS = ("model", "video", "generation", "stage1", "stage2")
+_CORE_SECTIONS = ("model", "video", "generation", "runtime", "stage1", "stage2")
 
 
 def _other_method_defaults() -> dict[str, Any]:
@@ -275,6 +284,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(v, name)
         if value is not None and value < 28 * 28:
             raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        raise PruneVidError(f"runtime.threads must be >= 1 (or null for torch's default), got {cfg.runtime.threads}")
     if cfg.generation.max_new_tokens < 1:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):

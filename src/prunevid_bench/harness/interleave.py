@@ -29,6 +29,7 @@ from prunevid_bench.harness.evaluate import (
     needs_retry,
     open_for_samples,
     run_sample,
+    say_if_busy,
     summarize_run,
     warm_up,
 )
@@ -57,6 +58,7 @@ def run_interleaved(cells: list, plan, get_pipe, folders: dict[str, Path], optio
             pipe = get_pipe()
             letter_ids = (letter_token_ids(pipe.processor.tokenizer, max(len(s.options) for s in pending))
                           if options.answer_mode == "logits" else None)
+            say_if_busy(console, "at the start")
             for cell in cells:
                 warm_up(pipe, cell.config, pending[:options.warmup], options.answer_mode, letter_ids)
             for i, sample in enumerate(pending, start=1):
@@ -67,6 +69,7 @@ def run_interleaved(cells: list, plan, get_pipe, folders: dict[str, Path], optio
                         ran[cell.name] += 1
                 console.print(f"  question {i}/{len(pending)} through {len(cells)} cells", highlight=False,
                               soft_wrap=True)
+            say_if_busy(console, "at the end")
     results: dict[str, EvalResult] = {}
     baseline = None
     for cell in cells:  # the baseline cell comes first: the others' agreement is with it

@@ -53,7 +53,7 @@ from prunevid_bench.harness.evaluate import (
 )
 from prunevid_bench.harness.launch import Launch
 from prunevid_bench.harness.runlock import LOCK_FILE, RunLock, held_locks
-from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, read_run_samples
+from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, identity_config, read_run_samples
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
@@ -197,6 +197,8 @@ def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | No
     for key in spec:
         if key.startswith("model."):
             raise PruneVidError(f"{key} cannot be swept: a sweep loads one model; run one sweep per model")
+        if key.startswith("runtime."):
+            raise PruneVidError(f"{key} cannot be swept: it is set once per process (--threads)")
     return {key: dedupe_values(key, vals, notes) for key, vals in spec.items()}
 
 
@@ -311,7 +313,7 @@ def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, EvalR
 
 
 def sweep_dir_for(results_dir: Path, label: str, base: RunConfig, plan: DatasetPlan, answer_mode: str) -> Path:
-    key = fingerprint_hash({"config": base.to_dict(), "answer_mode": answer_mode, "dataset": plan.identity()})
+    key = fingerprint_hash({"config": identity_config(base.to_dict()), "answer_mode": answer_mode, "dataset": plan.identity()})
     return Path(results_dir) / f"sweep-{slug(label)}-{slug(plan.name)}-{key}"
 
 
