@@ -107,3 +107,10 @@ def test_bench_vision_space_smoke():
     rows = [line.split() for line in out.splitlines() if line.startswith(("llm ", "vision ")) and "/" not in line]
     assert [cells[0] for cells in rows] == ["llm", "vision"] and rows[0][1] == rows[1][1]  # the same tokens out
     assert "vision / llm:" in out
+
+
+def test_demo_alternates_both_settings_in_one_process_and_says_correct_or_wrong():
+    out = run_script("demo.py", "--repeats", "2", "--warmup", "1", "--threads", "1")
+    assert out.count("A correct") == 2 and "128→128" in out and "128→16" in out
+    assert "median of the 2 paired ratios" in out and "ratio of the medians" in out
+    assert "TTFT ms median" in out and "(p25-p75)" in out and "2 alternating repeats after 1 warm-ups" in out

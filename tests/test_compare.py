@@ -190,7 +190,7 @@ def test_single_video_runs_with_an_answer_are_scored(tmp_path):
             "-o", "left", "-o", "down", "-o", "up", "-o", "right", "--warmup", "1", "--repeats", "2"]
     res = invoke(*args, "--answer", "A", "--results-dir", tmp_path / "r", "--label", "a-right")
     assert res.exit_code == 0, res.output
-    assert "choice: (A) left — right" in res.output and "median of 2 runs after 1 warm-up" in res.output
+    assert "choice: (A) left — correct" in res.output and "median of 2 runs after 1 warm-up" in res.output
     res = invoke(*args, "--answer", "b", "--results-dir", tmp_path / "r", "--label", "b-wrong")
     assert res.exit_code == 0, res.output
     assert "choice: (A) left — wrong, the answer is (B) down" in res.output

@@ -23,7 +23,7 @@ from prunevid_bench.toy.world import generate_dataset
 from tests.conftest import write_clip
 
 runner = CliRunner()
-FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4"]
+FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4", "--warmup", "0"]  # no warm-up: these count model calls
 
 
 def invoke(*args):

@@ -22,12 +22,13 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.evaluate import evaluate_plan, plan_dataset
 from prunevid_bench.harness.runs import read_run_samples, read_samples, sample_logs
 from prunevid_bench.harness.shard import Shard
-from prunevid_bench.harness.specs import DatasetSpec
+from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.pipeline import Pipeline
 from prunevid_bench.toy.world import generate_dataset
 
 runner = CliRunner()
-FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4"]
+NO_WARMUP = EvalOptions(warmup=0)  # these tests count model calls
+FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4", "--warmup", "0"]  # no warm-up: these count model calls
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # What must not depend on how the run was split: the answer and every measured token count.
 SAME = ("prediction", "parse_status", "generated_text", "correct", "tokens_before_stage1", "tokens_after_stage1",
@@ -136,10 +137,10 @@ def test_a_rerun_with_another_world_size_redoes_nothing(toy, tmp_path, tiny_pipe
     plan = plan_dataset(DatasetSpec(toy, limit=12))
     cfg = build_config(None, None, {"model.name": "tiny", "video.num_frames": 4, "generation.max_new_tokens": 2})
     run_dir = tmp_path / "run"
-    first = evaluate_plan(cfg, plan, tiny_pipe, run_dir, quiet=True, shard=Shard(0, 2))  # rank 1 never ran
+    first = evaluate_plan(cfg, plan, tiny_pipe, run_dir, NO_WARMUP, quiet=True, shard=Shard(0, 2))  # rank 1 never ran
     assert first.ran == 6 and not first.summary["complete"] and first.summary["counts"]["evaluated"] == 6
     calls.n = 0
-    ran = [evaluate_plan(cfg, plan, tiny_pipe, run_dir, quiet=True, shard=Shard(r, 3)).ran for r in range(3)]
+    ran = [evaluate_plan(cfg, plan, tiny_pipe, run_dir, NO_WARMUP, quiet=True, shard=Shard(r, 3)).ran for r in range(3)]
     # Rank r of 3 takes r, r+3, r+6, r+9; rank 0 of 2 did the even ones: two are left to each.
     assert calls.n == sum(ran) == 6 and ran == [2, 2, 2]
     ids = logged_ids(run_dir)
@@ -148,7 +149,7 @@ def test_a_rerun_with_another_world_size_redoes_nothing(toy, tmp_path, tiny_pipe
     assert summary["complete"] and summary["accuracy"]["n"] == 12
     assert [(r["world_size"], r["rank"], r["n"]) for r in summary["ranks"]] == [(2, 0, 6), (3, 0, 2), (3, 1, 2), (3, 2, 2)]
     calls.n = 0
-    assert evaluate_plan(cfg, plan, tiny_pipe, run_dir, quiet=True).ran == 0 and calls.n == 0  # one process: all done
+    assert evaluate_plan(cfg, plan, tiny_pipe, run_dir, NO_WARMUP, quiet=True).ran == 0 and calls.n == 0  # one process: all done
 
 
 SLOW_RANK = textwrap.dedent("""

@@ -215,7 +215,7 @@ def calls(monkeypatch, tiny_pipe):
 def sweep_args(toy, out, *extra):
     return ["sweep", "tau", "--values", "tau=0.7,0.95", "--dataset", toy, "--limit", "3", "--model", "tiny",
             "--max-new-tokens", "2", "--num-frames", "4", "--preset", "default", "--set", "stage2.pruning_layer=1",
-            "--results-dir", out, *extra]
+            "--results-dir", out, "--warmup", "0", *extra]  # no warm-up: the tests count model calls
 
 
 def test_dry_run_lists_cells_and_runs_nothing(toy, tmp_path, calls):

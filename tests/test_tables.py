@@ -103,7 +103,7 @@ def test_sweep_table_fits_and_keeps_header_words_whole(width):
     assert max(map(len, lines)) <= width
     shown = headers_as_shown(lines)
     assert {"cell", "acc (CI)"} <= set(shown) and (width < 140 or "model" in shown) and (width < 80 or {"tokens", "TTFT", "front"} <= set(shown))
-    assert all(h in ("cell", "model", "acc (CI)", "tokens", "TTFT", "Δacc (p)", "agree", "front", "kept", "n", "KV",
+    assert all(h in ("cell", "model", "acc (CI)", "tokens", "TTFT", "speed-up", "Δacc (p)", "agree", "front", "kept", "n", "KV",
                      "dec tok/s", "peak mem")
                for h in shown), shown
     text = "\n".join(lines)

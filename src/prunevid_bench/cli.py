@@ -167,7 +167,7 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Redo samples already finished in the run folder (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
     output: OutputFlags,
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
-    warmup: Annotated[int, typer.Option("--warmup", help="Timing mode: discarded warm-up runs.", rich_help_panel="Timing")] = 0,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Discarded warm-up runs: of the video in timing mode (default 0), or the first N questions of --dataset, run untimed and unlogged first (default 1).", rich_help_panel="Timing", show_default=False)] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Keep this fraction (0, 1] of the original visual tokens: the enabled method's own knob is set to reach it (PruneVid: Stage 2's total).", rich_help_panel="Config")] = None,
 ) -> None:
     """Run one video and question, or a whole dataset with --dataset."""
@@ -184,8 +184,8 @@ def run(
     if dataset is not None:
         if video is not None or messages_file is not None:
             raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")
-        if repeats != 1 or warmup != 0:
-            raise PruneVidError("--repeats/--warmup time one video; they do not apply to --dataset")
+        if repeats != 1:
+            raise PruneVidError("--repeats times one video; it does not apply to --dataset")
         if options:
             raise PruneVidError("--option is for one video; a dataset brings its own options")
         if answer is not None:
@@ -193,7 +193,8 @@ def run(
         from prunevid_bench.harness.evaluate import evaluate_dataset
         from prunevid_bench.harness.runs import shortfall
 
-        run_options = evaluation.options(preset, label=label, baseline=baseline, force=force)
+        run_options = evaluation.options(preset, label=label, baseline=baseline, force=force,
+                                         warmup=1 if warmup is None else warmup)
         result = evaluate_dataset(cfg, data.spec(dataset), run_options, console=human)
         if json_out:
             emit_json({"run_dir": str(result.run_dir), **result.summary})
@@ -217,7 +218,7 @@ def run(
 
     run_dir = run_single(
         cfg, video, question, options=options or [], answer=answer, preset=preset, results_dir=evaluation.results_dir, label=label,
-        repeats=repeats, warmup=warmup, console=human, messages=messages,
+        repeats=repeats, warmup=warmup or 0, console=human, messages=messages,
     )
     record = json.loads((run_dir / "result.json").read_text())
     if json_out:
@@ -248,6 +249,9 @@ def sweep(
     budget: Annotated[Optional[float], typer.Option("--budget", help="Every cell keeps this fraction (0, 1] of the visual tokens (as run --budget).", rich_help_panel="Sweep")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
+    warmup: Annotated[int, typer.Option("--warmup", help="Each cell first runs this many questions untimed and unlogged (the cold start is nobody's).", rich_help_panel="Sweep")] = 1,
+    interleave: Annotated[bool, typer.Option("--interleave", help="Run question i through every cell back to back on the one loaded model, so each question gives a TTFT ratio measured under the same load (the table's paired speed-up); resumable like a serial sweep.", rich_help_panel="Sweep")] = False,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Tabulate cells whose recorded inputs differ (e.g. resumed under another transformers version) instead of refusing.", rich_help_panel="Sweep")] = False,
     *,
     data: DatasetFlags,
     evaluation: EvalFlags,
@@ -274,7 +278,8 @@ def sweep(
     method_names, budget_values = parse_method_grid(methods, budgets)
     grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run,
                      status=status, methods=method_names, budgets=budget_values)
-    sweep_options = evaluation.options(flags.preset, label=label, force=force)
+    sweep_options = evaluation.options(flags.preset, label=label, force=force, warmup=warmup, allow_mixed=allow_mixed,
+                                       interleave=interleave)
     result = run_sweep(cfg, data.spec(dataset), grid, sweep_options, console=human, launch=launching.launch())
     if output.json_out:
         cells = [{"name": c.name, "kind": c.kind, "overrides": c.overrides} for c in result.cells]

@@ -30,6 +30,7 @@ NumFrames = Annotated[Optional[int], typer.Option("--num-frames", help="Frames s
 Fps = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate instead of --num-frames.", rich_help_panel="Video")]
 MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Cap on frames when sampling by --fps only (default: qwen 768, processor 64).", rich_help_panel="Video")]
 MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Upper bound on pixels per frame after resizing (default: the policy's).", rich_help_panel="Video")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="torch intra-op threads (runtime.threads; default: torch's own, one per core). On a busy machine fewer threads than cores avoid contention; recorded in every record.", rich_help_panel="Model")]
 MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
 ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
 VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
@@ -58,6 +59,7 @@ def collect_overrides(
     max_frames: int | None = None,
     max_pixels: int | None = None,
     max_new_tokens: int | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Flags and --set pairs as one dotted-key dict; --set wins over the dedicated flags."""
     from prunevid_bench.config import parse_override
@@ -72,6 +74,7 @@ def collect_overrides(
         "video.max_frames": max_frames,
         "video.max_pixels": max_pixels,
         "generation.max_new_tokens": max_new_tokens,
+        "runtime.threads": threads,
     }
     out = {k: v for k, v in flags.items() if v is not None}
     if fps is not None and num_frames is None:
@@ -98,6 +101,7 @@ class ConfigFlags:
     max_frames: MaxFrames = None
     max_pixels: MaxPixels = None
     max_new_tokens: MaxNew = None
+    threads: Threads = None
 
     def target(self):
         """The model flags as a RunTarget (None: as the preset or config file says)."""
@@ -111,7 +115,7 @@ class ConfigFlags:
 
         target = self.target().overrides()
         video = collect_overrides(self.sets, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
-                                  max_pixels=self.max_pixels, max_new_tokens=self.max_new_tokens)
+                                  max_pixels=self.max_pixels, max_new_tokens=self.max_new_tokens, threads=self.threads)
         return build_config(self.preset, self.config, {**target, **video})  # --set (in video) wins
 
 

@@ -57,26 +57,36 @@ class GenerationConfig:
     max_new_tokens: int = 16
 
 
+@dataclass
+class RuntimeConfig:
+    # torch intra-op threads; null = torch's default (one per core). Under load, fewer threads than
+    # cores can be much faster (no contention); recorded per run, never part of a run's identity.
+    threads: int | None = None
+
+
 # Keys renamed, still read under their old name (for one release): section -> {old: new}.
 RENAMED_KEYS = {"stage1": {"k": "dpc_neighbours"}}  # `k` read like the pruning layer K
 
 
 @dataclass(init=False)
 class RunConfig:
-    """model, video, generation, and one section per registered method (``methods``, by section
+    """model, video, generation, runtime, and one section per registered method (``methods``, by section
     name: ``stage1``, ``stage2``, ``tome``, ...), each read as an attribute too (``cfg.tome``).
     ``RunConfig(tome=ToMeConfig(enabled=True))`` sets a method's section by keyword."""
 
     model: ModelConfig
     video: VideoConfig
     generation: GenerationConfig
+    runtime: RuntimeConfig
     methods: dict[str, Any]
 
     def __init__(self, model: ModelConfig | None = None, video: VideoConfig | None = None,
-                 generation: GenerationConfig | None = None, methods: dict[str, Any] | None = None, **sections: Any):
+                 generation: GenerationConfig | None = None,
+                 runtime: RuntimeConfig | None = None, methods: dict[str, Any] | None = None, **sections: Any):
         self.model = model if model is not None else ModelConfig()
         self.video = video if video is not None else VideoConfig()
         self.generation = generation if generation is not None else GenerationConfig()
+        self.runtime = runtime if runtime is not None else RuntimeConfig()
         types = method_sections()
         unknown = [name for name in sections if name not in types]
         if unknown:
@@ -116,13 +126,14 @@ _BASE_SECTIONS = {
     "model": ModelConfig,
     "video": VideoConfig,
     "generation": GenerationConfig,
+    "runtime": RuntimeConfig,
 }
 
 
 # Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
 # registered later with a key of the same name does not make today's short names ambiguous
 # (PruneVid's two sections: the short names of the presets and sweeps written before the registry).
-_CORE_SECTIONS = ("model", "video", "generation", "stage1", "stage2")
+_CORE_SECTIONS = ("model", "video", "generation", "runtime", "stage1", "stage2")
 
 
 def section_types() -> dict[str, type]:
@@ -258,6 +269,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(v, name)
         if value is not None and value < 28 * 28:
             raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        raise PruneVidError(f"runtime.threads must be >= 1 (or null for torch's default), got {cfg.runtime.threads}")
     if cfg.generation.max_new_tokens < 1:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):

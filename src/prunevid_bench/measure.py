@@ -42,6 +42,14 @@ class Clock:
         return end - start
 
 
+def apply_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (``runtime.threads``; None leaves torch's default, one per
+    core) and return the count in effect, which every record carries."""
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def cpu_peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM on Linux (resettable, see below), else
     ``ru_maxrss`` (Linux reports KiB, macOS bytes)."""

@@ -54,8 +54,10 @@ class Pipeline:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Pipeline":
         """Load ``cfg.model`` once; ``cfg`` is the default config of every later call."""
+        from prunevid_bench.measure import apply_threads
         from prunevid_bench.models.loading import load_model
 
+        apply_threads(cfg.runtime.threads)
         m = cfg.model
         return cls(load_model(m.name, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation), cfg)
 

@@ -13,12 +13,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from prunevid_bench.config import PROJECT_ROOT, RunConfig
 from prunevid_bench.errors import PruneVidError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -126,6 +127,7 @@ CSV_EXCLUDE = {"generated_token_ids", "videos"}
 
 
 def environment(cfg: RunConfig, model: Any, device: torch.device) -> dict[str, Any]:
+    import torch  # here, not at the top: commands that only read run folders import no torch
     import transformers
 
     env = {
@@ -249,7 +251,7 @@ def read_json(path: Path, fix: str, required: tuple[str, ...] = ()) -> dict[str,
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    if type(value).__module__.startswith("torch") and hasattr(value, "tolist"):  # a tensor (torch is not imported here)
         return value.tolist()
     if isinstance(value, Path):
         return str(value)

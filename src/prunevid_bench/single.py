@@ -228,7 +228,7 @@ def run_single(
         shown = f"({choice}) {escape(options[LETTERS.index(choice)])}" if choice else f"none ({record['parse_status']})"
         if answer is not None:
             right = f"({answer}) {escape(options[LETTERS.index(answer)])}"
-            shown += " — [green]right[/]" if record["correct"] else f" — [red]wrong[/], the answer is {right}"
+            shown += " — [green]correct[/]" if record["correct"] else f" — [red]wrong[/], the answer is {right}"
         console.print(f"[bold]choice:[/] {shown}", highlight=False)
     if record["visual_tokens_kept"] == 0:
         console.print("[yellow]note:[/] every visual token was pruned (visual_tokens_kept: 0): the answer saw the text alone",

@@ -53,6 +53,7 @@ from prunevid_bench.harness.runs import (
     diff_keys,
     fingerprint_hash,
     flat_row,
+    identity_config,
     needs_retry,
     read_run_samples,
     run_files,
@@ -146,7 +147,7 @@ def counts_line(plan: DatasetPlan) -> str:
 
 
 def run_fingerprint(cfg: RunConfig, plan: DatasetPlan, answer_mode: str) -> dict[str, Any]:
-    return {"config": cfg.to_dict(), "answer_mode": answer_mode, "dataset": plan.identity()}
+    return {"config": identity_config(cfg.to_dict()), "answer_mode": answer_mode, "dataset": plan.identity()}
 
 
 def default_run_dir(results_dir: Path, label: str | None, preset: str | None, plan: DatasetPlan,
@@ -255,27 +256,13 @@ def evaluate_plan(
                                 "finish before starting one with another number of processes")
         return _evaluate_locked(cfg, plan, pipe, run_dir, meta=meta, answer_mode=options.answer_mode,
                                 baseline_records=baseline_records, force=options.force, console=console, quiet=quiet,
-                                shard=shard)
+                                shard=shard, warmup=options.warmup)
 
 
 def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_records, force, console, quiet,
-                     shard) -> EvalResult:
+                     shard, warmup=1) -> EvalResult:
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
-    fingerprint = run_fingerprint(cfg, plan, answer_mode)
-    header = {
-        **(meta or {}),
-        "run": run_dir.name,
-        "answer_mode": answer_mode,
-        "dataset": {**plan.identity(), "path": str(plan.path)},
-        "sample_ids": [s.id for s in plan.selected],
-        "fingerprint": fingerprint_hash(fingerprint),
-    }
-    own_log = run_dir / shard.log_name
-    with meta_lock(run_dir) if shard.split else contextlib.nullcontext():  # ranks create the folder once
-        open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
-        write_json(run_dir / PLAN_FILE, {"runnable": [s.id for s in plan.runnable], "skipped": plan.skipped,
-                                         "counts": plan.counts(), "n_selected": len(plan.selected)})
-    done = read_run_samples(run_dir, own=own_log)
+    done, own_log = open_for_samples(cfg, plan, get_pipe, run_dir, meta, answer_mode, force, console, shard)
     mine = shard.take(plan.runnable)
     todo = [s for s in mine if s.id not in done or needs_retry(done[s.id])]
     if done and not quiet:
@@ -292,7 +279,9 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
             where = {"rank": shard.rank, "world_size": shard.world_size, "device": str(pipe.device)}
             record_rank_environment(run_dir, shard, pipe)
         logged = {s.id: done[s.id] for s in mine if s.id in done}
-        _run_samples(pipe, cfg, todo, logged, own_log, answer_mode, letter_ids, console, len(mine), where)
+        say_if_busy(console, "at the start")
+        _run_samples(pipe, cfg, todo, logged, own_log, answer_mode, letter_ids, console, len(mine), where, warmup)
+        say_if_busy(console, "at the end")
     if shard.split and shard.rank == 0:
         wait_for_other_ranks(run_dir, shard, console)
     summary, records = summarize_run(run_dir, baseline_records)
@@ -300,6 +289,28 @@ def _evaluate_locked(cfg, plan, pipe, run_dir, *, meta, answer_mode, baseline_re
         console.print(summary_table(summary, title=run_dir.name))
         console.print(f"run folder: {run_dir}", soft_wrap=True)
     return EvalResult(run_dir, summary, records, len(todo))
+
+
+def open_for_samples(cfg: RunConfig, plan: DatasetPlan, get_pipe, run_dir: Path, meta: dict[str, Any] | None,
+                     answer_mode: str, force: bool, console: Console | None, shard: Shard = Shard(),
+                     ) -> tuple[dict[str, dict[str, Any]], Path]:
+    """Start or resume ``run_dir`` for this run (header, plan) and return the records already
+    logged by every process, with the log this process appends to."""
+    fingerprint = run_fingerprint(cfg, plan, answer_mode)
+    header = {
+        **(meta or {}),
+        "run": run_dir.name,
+        "answer_mode": answer_mode,
+        "dataset": {**plan.identity(), "path": str(plan.path)},
+        "sample_ids": [s.id for s in plan.selected],
+        "fingerprint": fingerprint_hash(fingerprint),
+    }
+    own_log = run_dir / shard.log_name
+    with meta_lock(run_dir) if shard.split else contextlib.nullcontext():  # ranks create the folder once
+        open_run_dir(run_dir, cfg, get_pipe, header, fingerprint, force, console)
+        write_json(run_dir / PLAN_FILE, {"runnable": [s.id for s in plan.runnable], "skipped": plan.skipped,
+                                         "counts": plan.counts(), "n_selected": len(plan.selected)})
+    return read_run_samples(run_dir, own=own_log), own_log
 
 
 def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None = None,
@@ -379,7 +390,7 @@ def open_run_dir(run_dir: Path, cfg: RunConfig, get_pipe, header: dict[str, Any]
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file() and not force:
         old = read_json(config_path, "restore it, or rerun with --force to start this run folder over", ("config",))
-        old_fp = {"config": old.get("config"), "answer_mode": old.get("answer_mode"),
+        old_fp = {"config": identity_config(old.get("config")), "answer_mode": old.get("answer_mode"),
                   "dataset": {k: old.get("dataset", {}).get(k) for k in fingerprint["dataset"]}}
         changed = diff_keys(old_fp, fingerprint)
         if changed:
@@ -405,9 +416,27 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA" in str(exc)
 
 
-def _run_samples(pipe, cfg, todo, done, log_path, answer_mode, letter_ids, console, total, where) -> None:
+def say_if_busy(console: Console, when: str) -> None:
+    """A warning when the load average exceeds the cores (each record keeps its own)."""
+    from prunevid_bench.harness.inputs import busy_note, load_average
+
+    note = busy_note(load_average())
+    if note:
+        console.print(f"[yellow]warning:[/] {when}: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def warm_up(pipe, cfg: RunConfig, samples: list[QASample], answer_mode: str, letter_ids: list[int] | None) -> None:
+    """Run ``samples`` once, untimed and unlogged, so the first logged one does not pay the cold
+    start (allocator, kernels, caches: about 2x on the CPU). Greedy decoding is deterministic, so
+    the logged answers and token counts are the same with or without it."""
+    for sample in samples:
+        run_sample(pipe, cfg, sample, answer_mode, letter_ids)
+
+
+def _run_samples(pipe, cfg, todo, done, log_path, answer_mode, letter_ids, console, total, where, warmup=0) -> None:
     correct = sum(1 for r in done.values() if r.get("correct"))  # an errored row is never correct
     with SampleLog(log_path) as log, progress_for(console, log_path.parent.name, total, total - len(todo), correct) as progress:
+        warm_up(pipe, cfg, todo[:warmup], answer_mode, letter_ids)
         for sample in todo:
             record = {**run_sample(pipe, cfg, sample, answer_mode, letter_ids), **where}
             log.write(record)
@@ -439,6 +468,9 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
         "reply_raw": None,  # the reply with its special tokens (generated_text has them stripped)
     }
     start = time.perf_counter()
+    from prunevid_bench.harness.inputs import load_average
+
+    record["torch_threads"] = torch.get_num_threads()
     try:
         prepared = pipe.prepare(_video_input(sample, cfg, pipe), format_mc_prompt(sample.question, sample.options), cfg)
         record["prompt"] = prepared.prompt
@@ -467,6 +499,7 @@ def run_sample(pipe, cfg: RunConfig, sample: QASample, answer_mode: str, letter_
     record.update({k: v for k, v in result.to_dict().items() if k not in RESULT_EXCLUDE})
     record["reply_raw"] = pipe.processor.tokenizer.decode(result.generated_token_ids, skip_special_tokens=False)
     record["sample_s"] = time.perf_counter() - start
+    record["load_average"] = load_average()  # 1, 5, 15 minutes, as the sample ended
     return record
 
 

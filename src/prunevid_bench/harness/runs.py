@@ -71,6 +71,15 @@ def enabled_sections(cfg: Mapping[str, Any]) -> list[str]:
             if name not in ("model", "video", "generation") and isinstance(values, Mapping) and values.get("enabled")]
 
 
+# Config sections that change how fast a run goes, never what it computes: left out of its identity.
+NOT_IDENTITY = ("runtime",)
+
+
+def identity_config(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A config dict without NOT_IDENTITY sections: what a run folder's fingerprint covers."""
+    return None if cfg is None else {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+
+
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
     """A short stable hash of what decides a run's results (config, dataset, sampling)."""
     text = json.dumps(fingerprint, sort_keys=True, default=str)
@@ -279,6 +288,11 @@ def summarise(
         "metrics": {name: spread(r.get(name) for r in ok) for name in METRICS},
     }
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if v is not None}
+    loads = [r["load_average"][0] for r in ok if r.get("load_average")]
+    if loads:  # how busy the machine was: timings under a load above the cores measure the queue
+        summary["runtime"] = {"torch_threads": sorted({r["torch_threads"] for r in ok if "torch_threads" in r}),
+                              "load_first": loads[0], "load_last": loads[-1], "load_max": max(loads),
+                              "cpu_count": os.cpu_count()}
     if baseline_records is not None:
         summary["agreement"] = agreement(records, baseline_records)
         summary["paired"] = paired_difference(records, baseline_records)  # accuracy vs the baseline, paired test

@@ -63,9 +63,14 @@ class EvalOptions:
     feature_cache: Path | None = None  # a folder for the vision-feature cache on disk (feature_cache.py)
     feature_cache_gb: float | None = None  # its memory bound; None: the scenario's default
     feature_cache_shared: bool = False  # accept a cache folder other users can write to
+    warmup: int = 1  # untimed, unlogged samples run first (a cold first forward costs about 2x)
+    allow_mixed: bool = False  # a sweep table over cells whose recorded inputs differ (harness.inputs)
+    interleave: bool = False  # a sweep: question i through every cell back to back (harness.interleave)
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
             raise PruneVidError(f"--answer-mode must be one of {', '.join(ANSWER_MODES)}, got '{self.answer_mode}'")
+        if self.warmup < 0:
+            raise PruneVidError(f"--warmup must be >= 0, got {self.warmup}")
         if self.feature_cache_gb is not None and not 0 <= self.feature_cache_gb < float("inf"):  # NaN too
             raise PruneVidError(f"--feature-cache-gb must be >= 0 (0 turns the memory cache off), got {self.feature_cache_gb}")

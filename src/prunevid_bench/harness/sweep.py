@@ -41,6 +41,7 @@ from rich.markup import escape
 from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement, paired_difference, paired_short
+from prunevid_bench.harness.interleave import paired_speedup
 from prunevid_bench.harness.evaluate import (
     DatasetPlan,
     EvalResult,
@@ -53,7 +54,7 @@ from prunevid_bench.harness.evaluate import (
 )
 from prunevid_bench.harness.launch import Launch
 from prunevid_bench.harness.runlock import LOCK_FILE, RunLock, held_locks
-from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, read_run_samples
+from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, identity_config, read_run_samples
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
@@ -197,6 +198,8 @@ def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | No
     for key in spec:
         if key.startswith("model."):
             raise PruneVidError(f"{key} cannot be swept: a sweep loads one model; run one sweep per model")
+        if key.startswith("runtime."):
+            raise PruneVidError(f"{key} cannot be swept: it is set once per process (--threads)")
     return {key: dedupe_values(key, vals, notes) for key, vals in spec.items()}
 
 
@@ -331,7 +334,7 @@ def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, EvalR
 
 
 def sweep_dir_for(results_dir: Path, label: str, base: RunConfig, plan: DatasetPlan, answer_mode: str) -> Path:
-    key = fingerprint_hash({"config": base.to_dict(), "answer_mode": answer_mode, "dataset": plan.identity()})
+    key = fingerprint_hash({"config": identity_config(base.to_dict()), "answer_mode": answer_mode, "dataset": plan.identity()})
     return Path(results_dir) / f"sweep-{slug(label)}-{slug(plan.name)}-{key}"
 
 
@@ -356,6 +359,8 @@ def run_sweep(
     console = console or Console()
     from prunevid_bench.harness.shard import Shard
 
+    if options.interleave and launch.parallel:
+        raise PruneVidError("--interleave runs every cell in this process; drop --launcher local/slurm")
     if Shard.from_env().split:
         raise PruneVidError("a sweep splits by cell, not by rank: run it once, with --launcher local --workers N "
                             "or --launcher slurm, not under torchrun or accelerate launch")
@@ -426,8 +431,15 @@ def _run_cells_here(base, cells, plan, sweep_dir, spec, controls, metric, option
                       f"{'-' if kept is None else f'{kept:.0f}'}; {res.ran} samples run now", highlight=False,
                       soft_wrap=True)
 
-    for i, cell in enumerate(cells, start=1):
-        run_cell(cell, f"{i}/{len(cells)}")
+    if options.interleave:  # question by question through every cell (harness.interleave)
+        from prunevid_bench.harness.interleave import run_interleaved
+
+        console.print(f"[bold]interleaved[/]: each question through the {len(cells)} cells in turn", soft_wrap=True)
+        folders = {c.name: sweep_dir / "cells" / cell_folder(c.name) for c in cells}
+        results.update(run_interleaved(cells, plan, get_pipe, folders, options, lambda c: cell_meta(meta, c), console))
+    else:
+        for i, cell in enumerate(cells, start=1):
+            run_cell(cell, f"{i}/{len(cells)}")
     if "frames" in (controls or []):
         extra = frames_controls(base, cells, results)
         for i, cell in enumerate(extra, start=1):
@@ -435,13 +447,27 @@ def _run_cells_here(base, cells, plan, sweep_dir, spec, controls, metric, option
         cells += extra
         write_sweep_json(sweep_dir, base, spec, controls, metric, cells)
 
+    check_cell_inputs(results, options.allow_mixed)
     return report_sweep(base, cells, results, plan, sweep_dir, spec, controls, metric, options.preset, console)
+
+
+def check_cell_inputs(results: dict[str, EvalResult], allow_mixed: bool) -> None:
+    """Cells run at other times (a resumed sweep) must have run the same model the same way."""
+    from prunevid_bench.harness.inputs import check_same_inputs
+    from prunevid_bench.harness.runs import load_run
+
+    saved = [load_run(res.run_dir) for res in results.values()]
+    check_same_inputs(saved, saved[0], allow_mixed, what="tabulate this sweep")
 
 
 def report_sweep(base, cells, results, plan, sweep_dir, spec, controls, metric, preset, console,
             failed: dict[str, str] | None = None) -> SweepResult:
     """summary.csv, the table and pareto.png over the cells that have results."""
     done = [c for c in cells if c.name in results]
+    from prunevid_bench.harness.noops import no_effect_notes
+
+    for note in no_effect_notes(done, results, spec):
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     rows = sweep_rows(done, results, spec)
     mark_pareto(rows, metric)
     write_csv(sweep_dir / "summary.csv", rows)
@@ -571,7 +597,10 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
             row[short_name(key)] = res.summary.get("pruning_layer") if section.enabled else None
             row["pruning_layer_spec"] = section.pruning_layer if section.enabled else None
         paired = paired_difference(res.records, base_records)
+        speed = paired_speedup(res.records, base_records) or {}
         row.update(
+            speedup_paired_median=speed.get("median"), speedup_paired_p25=speed.get("p25"),
+            speedup_paired_p75=speed.get("p75"), speedup_of_medians=speed.get("ratio_of_medians"),
             model=cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
             paired_ci_high=paired["ci_high"], mcnemar_p=paired["p"],
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
@@ -646,6 +675,12 @@ def _acc_ci(r: dict[str, Any]) -> str:
     return fmt_pct(r["accuracy"]) + ci
 
 
+def _speedup(r: dict[str, Any]) -> str:
+    if r.get("speedup_paired_median") is None:
+        return "-"
+    return f"{r['speedup_paired_median']:.2f}× ({r['speedup_paired_p25']:.2f}-{r['speedup_paired_p75']:.2f})"
+
+
 def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTable:
     """The sweep's console table, fitted to the terminal; summary.csv has every column."""
     from prunevid_bench.harness.inputs import model_text
@@ -659,6 +694,8 @@ def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTa
         Column("acc (CI)", _acc_ci, rank=0, note="acc: accuracy with its 95% CI in %"),
         Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1, note="tokens: visual tokens kept (median)"),
         Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1, note="TTFT: median"),
+        Column("speed-up", _speedup, rank=3, note="speed-up: median over questions of TTFT(baseline) / TTFT(cell), "
+               "with p25-p75 (--interleave measures each pair under the same load)"),
         Column("front", _front, rank=2, note=f"front: on the Pareto front of {metric} against kept tokens / TTFT"),
         Column("Δacc (p)", lambda r: paired_short(r.get("paired_difference"), r.get("mcnemar_p")), rank=3,
                note="Δacc: paired difference from the baseline cell in points, p: exact McNemar"),
