@@ -62,11 +62,3 @@ register_method(Method(
     budget_knob=fraction_knob,  # Stage 2 keeps round(B * original) in total (fewer if Stage 1 left fewer)
 ))
 
-
-def apply_prunevid(model, stage1, stage2: Stage2Config):
-    """PruneVid's stages (Stage 1, Stages 2+3) on a loaded model; returns the handle
-    (``prunevid_bench.patch.apply_methods`` with only these two sections set)."""
-    from prunevid_bench.config import RunConfig
-    from prunevid_bench.patch import apply_methods
-
-    return apply_methods(model, RunConfig(stage1=stage1, stage2=stage2))

@@ -36,9 +36,9 @@ __all__ = ["EXTRA_CHANNELS", "BeforeMerger", "HandleReport", "MethodReport", "Re
            "apply_methods", "apply_prunevid"]
 
 
-def __getattr__(name: str):
-    if name == "apply_prunevid":  # PruneVid's own entry point lives with its method (an alias here)
-        from prunevid_bench.methods.prunevid_stage2 import apply_prunevid
+def apply_prunevid(model, stage1, stage2):
+    """PruneVid's two sections on a loaded model (the entry point of earlier releases, kept as an
+    alias): ``apply_methods`` with only those sections set."""
+    from prunevid_bench.config import RunConfig
 
-        return apply_prunevid
-    raise AttributeError(name)
+    return apply_methods(model, RunConfig(stage1=stage1, stage2=stage2))
