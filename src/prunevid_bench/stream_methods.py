@@ -79,7 +79,7 @@ def _probe(method, section) -> None:
         out = method.reduce(tokens, section)
     except PruneVidError:
         return  # the real chunks will tell, with the method's own message
-    if getattr(out, "size", None) is not None:
+    if getattr(out, "proportional_attention", False):
         raise PruneVidError(f"{method.name} asks for proportional attention (token sizes on the keys), which a "
                             "stream's cache cannot carry yet: turn that option off")
     if getattr(out, "positions_after", None) is not None:
@@ -92,16 +92,15 @@ def reduce_chunk(visual: list[tuple[Any, Any]], features: torch.Tensor, t: int, 
     """The visual-token methods, in the order they run offline, on one chunk's features
     ``[t * n, C]`` (t-major); ``previous`` [n, C]: the stream's step before the chunk (None for
     the first chunk). Without methods every token stays and each temporal step is a group."""
-    from prunevid_bench.methods import VideoTokens
+    from prunevid_bench.tokens import VideoTokens, apply_reduction
 
-    index = torch.arange(t * n, device=features.device)
-    embeds, groups = features, index // n
+    tokens = VideoTokens.full_grid(features, t, n, w)
     names, stats = [], {}
     for method, section in visual:
-        tokens = VideoTokens(embeds=embeds, index=index, group=groups, t=t, n=n, w=w, previous=previous)
+        tokens.previous = previous
         out = method.reduce(tokens, section)
-        index, embeds, groups = index[out.keep], out.embeds.to(features.dtype), out.group.to(features.device)
+        tokens = apply_reduction(tokens, out, method.name)
         names.append(method.name)
         for key, value in out.stats.items():
             stats[key] = stats.get(key, 0) + int(value)
-    return ChunkReduction(embeds, index, groups, names, stats)
+    return ChunkReduction(tokens.embeds.to(features.dtype), tokens.index, tokens.group.to(features.device), names, stats)
