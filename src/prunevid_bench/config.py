@@ -53,6 +53,7 @@ class VideoConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 16
+    save_kept: bool = False  # the record holds each method's kept tokens as grid coordinates (--save-kept)
 
 
 @dataclass
