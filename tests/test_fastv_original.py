@@ -85,3 +85,19 @@ def test_layer_zero_is_refused_and_a_shallow_relative_depth_is_layer_one(pipes):
     with pytest.raises(PruneVidError, match=r"fastv.pruning_layer must be >= 1: fastv scores with layer K-1"):
         pipe.run(prepared, **fastv(0))
     assert pipe.run(prepared, **fastv("2/28")).pruning_layer == 1  # 2/28 of 4 layers rounds to 0
+
+
+def test_flops_count_layers_0_to_k_minus_1_on_every_token(pipes):
+    """The analytic prefill FLOPs run layers 0..K-1 on the whole prompt and K.. on the kept rows,
+    plus the one scored row at layer K-1."""
+    from prunevid_bench.families import family_of
+    from prunevid_bench.flops import TextShape, llm_prefill_flops, prunevid_scoring_flops, tokens_per_layer, vision_encoder_flops
+
+    pipe, prepared = pipes["sdpa"]
+    r = pipe.run(prepared, **fastv(2), **{"generation.max_new_tokens": 1})
+    shape = TextShape.from_config(pipe.model.config)
+    kept_len = r.prompt_tokens - (r.tokens_before - r.tokens_after)
+    llm = llm_prefill_flops(shape, tokens_per_layer(N_LAYERS, r.prompt_tokens, 1, kept_len),
+                            scoring=prunevid_scoring_flops(shape, 1, r.prompt_tokens))
+    vision = vision_encoder_flops(family_of(pipe.model).vision_shape(pipe.model.config), r.video_grid_thw)
+    assert r.prefill_flops == (llm + vision).total

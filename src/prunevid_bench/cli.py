@@ -169,6 +169,8 @@ def run(
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Discarded warm-up runs: of the video in timing mode (default 0), or the first N questions of --dataset, run untimed and unlogged first (default 1).", rich_help_panel="Timing", show_default=False)] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Keep this fraction (0, 1] of the original visual tokens: the enabled method's own knob is set to reach it (PruneVid: Stage 2's total).", rich_help_panel="Config")] = None,
+    save_kept: Annotated[bool, typer.Option("--save-kept", help="The record holds, per method, the (t, h, w) grid coordinates of the tokens it kept and what each merged token stands for.", rich_help_panel="Output")] = False,
+    show_kept: Annotated[bool, typer.Option("--show-kept", help="One video: draw kept.png in the run folder, the sampled frames with each method's kept patches outlined and merged groups shaded alike (implies --save-kept).", rich_help_panel="Output")] = False,
 ) -> None:
     """Run one video and question, or a whole dataset with --dataset."""
     given = [name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")]
@@ -181,7 +183,11 @@ def run(
     from prunevid_bench.config import with_budget
 
     cfg = with_budget(flags.build(), budget)
+    if save_kept or show_kept:
+        cfg.runtime.save_kept = True
     if dataset is not None:
+        if show_kept:
+            raise PruneVidError("--show-kept draws one video; use --save-kept with --dataset")
         if video is not None or messages_file is not None:
             raise PruneVidError("give either VIDEO QUESTION (or --messages) or --dataset, not both")
         if repeats != 1:
@@ -218,7 +224,7 @@ def run(
 
     run_dir = run_single(
         cfg, video, question, options=options or [], answer=answer, preset=preset, results_dir=evaluation.results_dir, label=label,
-        repeats=repeats, warmup=warmup or 0, console=human, messages=messages,
+        repeats=repeats, warmup=warmup or 0, console=human, messages=messages, show_kept=show_kept,
     )
     record = json.loads((run_dir / "result.json").read_text())
     if json_out:

@@ -60,8 +60,9 @@ class GenerationConfig:
 @dataclass
 class RuntimeConfig:
     # torch intra-op threads; null = torch's default (one per core). Under load, fewer threads than
-    # cores can be much faster (no contention); recorded per run, never part of a run's identity.
+    # cores can be much faster (no contention); recorded per run. Nothing here is part of a run's identity.
     threads: int | None = None
+    save_kept: bool = False  # the record holds each method's kept tokens as grid coordinates (--save-kept)
 
 
 # Keys renamed, still read under their old name (for one release): section -> {old: new}.

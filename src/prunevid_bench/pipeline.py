@@ -211,6 +211,10 @@ class Pipeline:
         reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
         method_fields = _method_fields(handle, stages)
         method_fields.update(self._budget_fields(cfg, prepared, tokens_after))
+        if handle is not None and cfg.runtime.save_kept:
+            from prunevid_bench.kept import kept_record
+
+            method_fields["kept"] = kept_record(handle)
         flops, flops_base = self._flops(prepared, out.prompt_tokens, llm_prefill_tokens, handle, tokens_before - tokens_after,
                                         stages.get("scored_rows", 0), stages.get("merger_rows_skipped", 0))
         grid = prepared.inputs.get("video_grid_thw")

@@ -167,6 +167,7 @@ def run_single(
     repeats: int = 1,
     warmup: int = 0,
     console: Console | None = None,
+    show_kept: bool = False,
 ) -> Path:
     from prunevid_bench.errors import PruneVidError
     from prunevid_bench.pipeline import Pipeline
@@ -188,6 +189,8 @@ def run_single(
             raise PruneVidError("--answer is the letter of the right --option: give the options too")
         if answer not in LETTERS[:len(options)]:
             raise PruneVidError(f"--answer must be one of {', '.join(LETTERS[:len(options)])} (the --option letters), got '{answer}'")
+    if show_kept and not cfg.enabled_methods:
+        raise PruneVidError("--show-kept needs a method that reduces the visual tokens; none is enabled")
     prompt_question = format_mc_prompt(question, options) if options else question
     # Before any model time: a video the processor would refuse, a folder that cannot be written.
     for path in [video] if messages is None else _message_video_paths(messages):
@@ -238,6 +241,10 @@ def run_single(
     note = timing_note(record)
     if note:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if show_kept:
+        from prunevid_bench.kept import draw_kept
+
+        console.print(f"kept tokens: {draw_kept(record['kept'], prepared.clip.frames, run_dir / 'kept.png')}")
     console.print(f"run folder: {run_dir}")
     return run_dir
 

@@ -1,6 +1,7 @@
 """A control for merges inside the LLM: after layer K keep what PruneVid's Stage 2 keeps
 (``stage2``'s official score, a share of each group) and average each other visual token into
-its most similar kept token (cosine of layer K's output hidden states) instead of dropping it.
+the most similar kept token of its group (cosine of layer K's output hidden states) instead of
+dropping it (a group that keeps nothing is dropped).
 The patch applies the merge to the hidden states and to the KV cache of layers 0..K alike (a
 merged row keeps its kept token's position), so the path HoliTom-style methods need is proven
 against a cache-free reference (``tests/test_merge_nearest.py``)."""
@@ -31,7 +32,10 @@ def select(ctx: LayerContext, cfg: MergeNearestConfig) -> LayerReduction:
     into = torch.full((ctx.visual.numel(),), -1, dtype=torch.long, device=ctx.visual.device)
     if keep.numel():
         unit = F.normalize(ctx.hidden[ctx.visual].float(), dim=-1)
-        into = (unit @ unit[keep].T).argmax(dim=1)  # ties: the first kept token
+        similarity = unit @ unit[keep].T  # [V, V']; only a kept token of the token's own group is a neighbour
+        same = ctx.groups.view(-1, 1) == ctx.groups[keep].view(1, -1)
+        best, into = similarity.masked_fill(~same, float("-inf")).max(dim=1)  # ties: the first kept token
+        into[torch.isinf(best)] = -1  # a group that keeps nothing: its tokens are dropped
         into[keep] = torch.arange(keep.numel(), device=keep.device)
     return LayerReduction(keep=keep, merge_into=into)
 
@@ -40,7 +44,7 @@ register_method(Method(
     name="merge_nearest",
     acts="llm_layer",
     config=MergeNearestConfig,
-    summary="control: after layer K keep Stage 2's share, average every other token into its most similar kept one",
+    summary="control: after layer K keep Stage 2's share, average every other token into its group's most similar kept one",
     ranges={"keep_ratio": UNIT},
     record_fields=("pruning_layer",),
     select=select,

@@ -88,5 +88,6 @@ class EncoderSide:
         st.method_stats.update(encoded.record.method_stats)
         st.method_tokens.update(encoded.record.method_tokens)
         st.method_marks.update(encoded.record.method_marks)
+        st.kept_by_method.update(encoded.record.kept_by_method)
         st.merger_rows_skipped = encoded.rows_skipped
         return encoded

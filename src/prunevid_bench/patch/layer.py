@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from prunevid_bench import splice
+from prunevid_bench.kept import layer_origins
 from prunevid_bench.measure import cache_bytes
 from prunevid_bench.methods import LayerContext, LayerReduction, call_method, check_indices
 from prunevid_bench.tokens import weighted_rows
@@ -76,6 +77,7 @@ class LayerMethod:
                     layer.values = merge_along(layer.values, dest, st.row_sizes, keep_index.numel(), -2)
         st.scores, st.scored_rows = ctx.scores, ctx.scored_rows
         st.kept_visual, st.keep_index, st.merged_into = kept, keep_index, red.merge_into
+        st.kept_by_method[method.name] = layer_origins(st.videos, kept, red.merge_into)
         st.tokens_after = int(kept.numel())
         st.method_tokens[method.name] = [st.tokens_before, st.tokens_after]
         st.captured.clear()

@@ -40,6 +40,7 @@ class LLMInput:
             counts = st.method_tokens.setdefault(method.name, [0, 0])
             counts[0] += int(tokens.index.numel())
             tokens = apply_reduction(tokens, red, method.name)
+            st.kept_by_method.setdefault(method.name, []).append((tokens.index, tokens.origin))
             counts[1] += int(tokens.index.numel())
             for key, value in red.stats.items():
                 st.method_stats[key] = st.method_stats.get(key, 0) + int(value)

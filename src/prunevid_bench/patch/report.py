@@ -42,9 +42,6 @@ class HandleReport:
     def __getitem__(self, key: str) -> Any:
         return self.get(key)
 
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
 
 class Reporting:
     """The handle's report (mixed into ``ReductionHandle``)."""
