@@ -36,6 +36,7 @@ from prunevid_bench.video import (
     VideoRequest,
     clip_from_frames,
     load_clip,
+    resize_frames,
     smart_resize,
 )
 
@@ -53,6 +54,40 @@ class Media:
     template_messages: list[dict[str, Any]]  # the messages as the chat template reads them
     clips: list[Clip]
     images: list[Any]  # PIL images
+    # Each video's and image's own (min_pixels, max_pixels) from its element (None: not set)
+    clip_bounds: list[tuple[int | None, int | None]] = dataclasses.field(default_factory=list)
+    image_bounds: list[tuple[int | None, int | None]] = dataclasses.field(default_factory=list)
+
+    def size_for_processor(self, video_size: tuple[int, int], image_size: tuple[int, int], factor: int) -> bool:
+        """Under the processor policy, an element's own ``min_pixels``/``max_pixels`` apply as
+        well: when any element sets them, every video and image of the prompt is sized here by
+        Qwen's ``smart_resize`` within its element's bounds, else the processor's (``video_size``,
+        ``image_size``: (min, max) pixels), and the processor must not resize (one switch covers
+        the whole prompt). Returns whether it did so."""
+        if not any(b != (None, None) for b in self.clip_bounds + self.image_bounds):
+            return False
+        from PIL import Image
+
+        for i, (clip, own) in enumerate(zip(self.clips, self.clip_bounds)):
+            h, w = smart_resize(clip.frame_size[0], clip.frame_size[1], factor, *_within(own, video_size))
+            self.clips[i] = dataclasses.replace(clip, frames=resize_frames(clip.frames, h, w), resized=True,
+                                                decoded_size=clip.decoded_size or clip.frame_size)
+        for i, (image, own) in enumerate(zip(self.images, self.image_bounds)):
+            h, w = smart_resize(image.height, image.width, factor, *_within(own, image_size))
+            self.images[i] = image.resize((w, h), Image.Resampling.BICUBIC)
+        return True
+
+
+def _within(own: tuple[int | None, int | None], default: tuple[int, int]) -> tuple[int, int]:
+    """An element's (min, max) pixels, the default filling what it leaves out (and giving way to
+    what it sets: a min above the default max raises the max, a max below the default min
+    lowers the min)."""
+    low, high = own
+    if low is None:
+        low = default[0] if high is None else min(default[0], high)
+    if high is None:
+        high = max(default[1], low)
+    return low, high
 
 
 def single_video_messages(video: Any, question: str) -> list[dict[str, Any]]:
@@ -207,6 +242,7 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
     template: list[dict[str, Any]] = []
     clips: list[Clip] = []
     images: list[Any] = []
+    bounds: dict[str, list] = {"video": [], "image": []}
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise PruneVidError(f"{_where(i)}: expected a mapping with 'role' and 'content'")
@@ -238,12 +274,15 @@ def prepare_media(messages: Any, base: VideoRequest, system_prompt: str | None =
                 _check_keys(part, IMAGE_KEYS, where)
                 images.append(_load_image(part, base.policy, base.factor, where))
                 parts.append({"type": "image"})
+            if kind != "text":
+                bounds[kind].append(tuple(_number(part, k, int, where) if k in part else None
+                                          for k in ("min_pixels", "max_pixels")))
         template.append({"role": message["role"], "content": parts})
     if not clips:
         raise PruneVidError("messages hold no video: prunevid-bench measures video token reduction")
     if system_prompt and template[0]["role"] != "system":
         template.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    return Media(template, clips, images)
+    return Media(template, clips, images, bounds["video"], bounds["image"])
 
 
 def confine_media(messages: Any, folder: Path) -> None:

@@ -111,6 +111,12 @@ class Pipeline:
         media = prepare_media(messages, request, lmms_system_prompt(request.policy), name_elements=given)
         prompt = self._template(media.template_messages)
         kwargs = processor_size_kwargs(self.processor.video_processor, cfg.video, request.resizes)
+        if not request.resizes:  # an element's own pixel bounds apply under this policy too (messages.Media)
+            edges = [dict(getattr(p, "size", None) or {}) for p in (self.processor.video_processor,
+                                                                    getattr(self.processor, "image_processor", None))]
+            edges[0] = kwargs.get("size", edges[0])
+            if media.size_for_processor(*[(e.get("shortest_edge"), e.get("longest_edge")) for e in edges], request.factor):
+                kwargs = {"do_resize": False}
         metadata = [
             {"total_num_frames": clip.num_frames, "fps": clip.sampled_fps, "frames_indices": list(range(clip.num_frames))}
             for clip in media.clips
@@ -220,6 +226,7 @@ class Pipeline:
         grid = prepared.inputs.get("video_grid_thw")
         seconds = prepared.inputs.get("second_per_grid_ts")
         clip = prepared.clip
+        fed = _fed_sizes(grid, self.model) if grid is not None and len(grid) == len(prepared.clips) else []
         return RunResult(
             generated_text=text.strip(),
             generated_tokens=len(out.token_ids),
@@ -231,9 +238,10 @@ class Pipeline:
             video_backend=clip.backend,
             video_policy=prepared.policy,
             frame_indices=list(clip.indices),
-            frame_size=clip.frame_size,
+            frame_size=fed[0] if fed else clip.frame_size,
+            decoded_size=clip.decoded_size or clip.frame_size,
             second_per_grid_ts=[round(float(x), 6) for x in _as_list(seconds)],
-            videos=[_video_entry(c) for c in prepared.clips] if len(prepared.clips) > 1 else None,
+            videos=[_video_entry(c, s) for c, s in zip(prepared.clips, fed)] if len(prepared.clips) > 1 else None,
             ttft_s=out.ttft_s,
             vision_encoder_s=out.vision_encoder_s,
             prefill_s=out.prefill_s,
@@ -356,10 +364,19 @@ def _as_list(value) -> list:
     return value.flatten().tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
-def _video_entry(clip: Clip) -> dict[str, Any]:
+def _fed_sizes(grid: torch.Tensor, model) -> list[list[int]]:
+    """``[h, w]`` of each video as the model was fed it (after the processor's resize): its grid's
+    rows and columns of patches times the patch size."""
+    from prunevid_bench.families import family_of
+
+    patch = family_of(model).geometry(model.config).patch
+    return [[int(h) * patch, int(w) * patch] for _, h, w in grid.tolist()]
+
+
+def _video_entry(clip: Clip, fed: list[int]) -> dict[str, Any]:
     """One video of a several-video prompt, for the record."""
-    return {"path": clip.path, "frame_indices": list(clip.indices), "frame_size": clip.frame_size,
-            "num_frames": clip.num_frames, "sampled_fps": round(clip.sampled_fps, 6), "backend": clip.backend}
+    return {"path": clip.path, "frame_indices": list(clip.indices), "frame_size": fed,
+            "decoded_size": clip.decoded_size or clip.frame_size, "num_frames": clip.num_frames, "sampled_fps": round(clip.sampled_fps, 6), "backend": clip.backend}
 
 
 def processor_size_kwargs(video_processor, video, presized: bool) -> dict[str, Any]:

@@ -83,7 +83,8 @@ class RunResult:
     llm_prefill_tokens: int  # sequence length the LLM's first layer saw
     video_policy: str = "processor"  # how the frames were chosen and sized (video.policy, resolved)
     frame_indices: list[int] = field(default_factory=list)  # source frame of each sampled frame (first video)
-    frame_size: list[int] = field(default_factory=list)  # [h, w] given to the processor (first video)
+    frame_size: list[int] = field(default_factory=list)  # [h, w] fed to the model, after any resize (first video)
+    decoded_size: list[int] = field(default_factory=list)  # [h, w] as decoded, before any resize (first video)
     second_per_grid_ts: list[float] = field(default_factory=list)  # seconds per temporal grid step, per video
     videos: list[dict[str, Any]] | None = None  # per video, when the prompt has several
     visual_tokens_kept: int | None = None  # after the LLM-layer method (every method); 0 when every visual token was pruned

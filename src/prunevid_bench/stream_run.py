@@ -23,7 +23,7 @@ from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
 
 QUESTIONS_FILE = "questions.jsonl"
-CHUNKS_FILE = "chunks.jsonl"  # every appended chunk of this invocation: append time, tokens, KV bytes
+CHUNKS_FILE = "chunks.jsonl"  # every appended chunk, written as it is appended: append time, tokens, KV bytes
 STREAM_FILES = (QUESTIONS_FILE, "summary.json", CHUNKS_FILE, "kv.png", "config.json")  # what --force moves aside
 NO_FRAME_CAP = 10**9  # a stream samples at its rate for the whole video: --max-frames caps it
 
@@ -59,6 +59,7 @@ def read_stream_dataset(path: Path, allow_outside_root: bool = False) -> dict[st
     if not path.is_file():
         raise PruneVidError(f"dataset not found: {path}")
     videos: dict[str, list[TimedQuestion]] = {}
+    line_of: dict[str, int] = {}  # id -> the line that gave it
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -89,6 +90,9 @@ def read_stream_dataset(path: Path, allow_outside_root: bool = False) -> dict[st
         video = str((path.parent / str(row["video"])).resolve()) if not Path(str(row["video"])).is_absolute() else str(row["video"])
         check_inside(video, path.parent, where, row["video"], allow_outside_root)
         qid = str(row.get("id", f"{Path(video).stem}-{number}"))
+        if qid in line_of:
+            raise PruneVidError(f"{where}: id '{qid}' repeats line {line_of[qid]}; give every question its own id")
+        line_of[qid] = number
         videos.setdefault(video, []).append(TimedQuestion(qid, time_s, str(row["question"]), options, answer))
     if not videos:
         raise PruneVidError(f"{path}: no rows")
@@ -293,7 +297,8 @@ def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], r
     pipe = Pipeline.from_config(cfg)
     write_run_header(run_dir, cfg, pipe, meta)
     records = dict(done)
-    chunk_log: list[dict[str, Any]] = []
+    replayed = {video for video, questions in videos.items() if any(q.id not in done for q in questions)}
+    chunk_log = ChunkLog(run_dir / CHUNKS_FILE, replayed)
     with SampleLog(run_dir / QUESTIONS_FILE) as log:
         for video, questions in videos.items():
             for record in play_video(pipe, cfg, video, questions, chunk_frames=chunk_frames, cache_tokens=cache_tokens,
@@ -309,21 +314,51 @@ def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], r
                               f"(TTFT {record['ttft_s'] * 1000:.1f} ms, {record['visual_tokens']} visual tokens)", highlight=False)
     summary = stream_summary(list(records.values()))
     write_json(run_dir / "summary.json", summary)
-    if chunk_log:
-        _write_chunks(run_dir, chunk_log)
+    _draw_kv(run_dir)
     console.print(f"run folder: {run_dir}")
     return run_dir, summary
 
 
-def _write_chunks(run_dir: Path, chunk_log: list[dict[str, Any]]) -> None:
-    """``chunks.jsonl`` and ``kv.png`` (KV bytes over each video's stream, up to its last question)."""
+class ChunkLog(list):
+    """``chunks.jsonl`` as it happens: a chunk's row is appended (and flushed) when the chunk is,
+    so a killed stream keeps what it appended. Opening it drops the rows of the videos this run
+    plays again (``replayed``: their chunks are appended anew) and keeps the others'."""
+
+    def __init__(self, path: Path, replayed: set[str]):
+        super().__init__()
+        self.path = path
+        kept = [c for c in read_chunks(path) if c["video"] not in replayed]
+        path.write_text("".join(json.dumps(c) + "\n" for c in kept), encoding="utf-8")
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_chunks(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``chunks.jsonl`` (none when absent; a line torn by a kill is left out)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and {"video", "ready_s", "kv_bytes"} <= row.keys():
+            rows.append(row)
+    return rows
+
+
+def _draw_kv(run_dir: Path) -> None:
+    """``kv.png``: KV bytes over each video's stream, up to its last question, from every row of
+    ``chunks.jsonl`` (a resumed run draws the videos of earlier runs too)."""
     from prunevid_bench.stream_plot import plot_kv_over_stream
 
-    (run_dir / CHUNKS_FILE).write_text("".join(json.dumps(c) + "\n" for c in chunk_log), encoding="utf-8")
     series: dict[str, list[tuple[float, int]]] = {}
-    for c in chunk_log:
+    for c in read_chunks(run_dir / CHUNKS_FILE):
         series.setdefault(Path(c["video"]).name, []).append((c["ready_s"], c["kv_bytes"]))
-    plot_kv_over_stream(dict(list(series.items())[:10]), run_dir / "kv.png")
+    if series:
+        plot_kv_over_stream(dict(list(series.items())[:10]), run_dir / "kv.png")
 
 
 def stream_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -108,6 +108,7 @@ class Clip:
     notes: list[str] = field(default_factory=list)
     policy: str = "processor"
     resized: bool = False  # frames are already at the model's input size: the processor must not resize
+    decoded_size: list[int] | None = None  # [h, w] as decoded (or given), before any resize
 
     @property
     def num_frames(self) -> int:
@@ -434,9 +435,10 @@ def load_clip(
         if frames.ndim != 4 or frames.shape[0] == 0:
             failures.append(f"{name}: decoded no frames")
             continue
+        decoded = [int(frames.shape[1]), int(frames.shape[2])]
         frames, resized = _fit(frames.astype(np.uint8), request)
         return Clip(frames, list(map(int, indices)), native_fps if native_fps > 0 else 1.0, total,
-                    planned["sampled_fps"], name, str(path), list(failures), request.policy, resized)
+                    planned["sampled_fps"], name, str(path), list(failures), request.policy, resized, decoded)
     raise PruneVidError(f"cannot decode video {path} ({'; '.join(failures)})")
 
 
@@ -458,14 +460,15 @@ def clip_from_frames(frames, request: VideoRequest, fps: float | None = None) ->
             raise PruneVidError(f"video frames must be uint8 pixel values (0..255), got {array.dtype}")
         array = array.astype(np.uint8)
     rate = float(fps) if fps is not None else QWEN_DEFAULT_FPS
-    if rate <= 0:
+    if not 0 < rate < float("inf"):  # NaN too
         raise PruneVidError(f"a video's fps must be > 0, got {fps}")
     indices = list(range(len(array)))
     if pad := -len(array) % TEMPORAL_PATCH:
         array = np.concatenate([array, np.repeat(array[-1:], pad, axis=0)])
         indices += [indices[-1]] * pad
+    decoded = [int(array.shape[1]), int(array.shape[2])]
     array, resized = _fit(array, request)
-    return Clip(array, indices, rate, len(array), rate, "frames", "", [], request.policy, resized)
+    return Clip(array, indices, rate, len(array), rate, "frames", "", [], request.policy, resized, decoded)
 
 
 def _rgb(frame):
