@@ -102,9 +102,28 @@ def _app_options(
     """Benchmark PruneVid's visual-token reduction on Qwen2.5-VL: tokens, TTFT, memory, accuracy."""
 
 
+def quiet_libraries() -> None:
+    """-q: transformers' and the Hub's progress bars ("Loading weights") and info messages too."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when imported
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    import sys
+
+    if "transformers" in sys.modules:  # already imported (in-process callers): switch them off now
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging
+
+        disable_progress_bars()
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+
+
 def human_console(json_out: bool, quiet: bool) -> Console:
     """Where a command's text for people goes: stdout, stderr when stdout carries --json, or nowhere."""
     if quiet:
+        quiet_libraries()
         return Console(quiet=True)
     return Console(stderr=True) if json_out else console
 
@@ -516,7 +535,11 @@ def export_toy(
     """Write the built-in toy model as a standard checkpoint folder (weights, config, tokenizer, processor)."""
     from prunevid_bench.toy.export import export_toy as write
 
-    console.print(f"wrote the toy checkpoint to {write(out)}", soft_wrap=True, highlight=False)
+    path = write(out)
+    console.print(f"wrote the toy checkpoint to {path}; prunevid loads it with the toy's own video policy "
+                  f"(processor: the frames the toy was trained on), as {path}/prunevid.json says; another tool "
+                  "must sample the frames that way too, not Qwen's (which gives ~9x the tokens and random answers)",
+                  soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":
