@@ -149,4 +149,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prunevid_bench.measure import wall_and_cpu_at_exit
+
+    wall_and_cpu_at_exit("its ratios use wall-clock medians (CPU time per cell is printed beside)")
     main()

@@ -88,4 +88,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prunevid_bench.measure import wall_and_cpu_at_exit
+
+    wall_and_cpu_at_exit("its times are wall-clock medians")
     main()

@@ -87,7 +87,7 @@ def measure(mode: str, clip: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", mode, str(clip)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
 
 
 def main() -> None:
@@ -128,4 +128,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prunevid_bench.measure import wall_and_cpu_at_exit
+
+    wall_and_cpu_at_exit("its ratio is of peak memory, its times wall-clock")
     main()

@@ -62,4 +62,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prunevid_bench.measure import wall_and_cpu_at_exit
+
+    wall_and_cpu_at_exit("it reports token counts, no ratios of time")
     main()

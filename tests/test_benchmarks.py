@@ -114,3 +114,4 @@ def test_demo_alternates_both_settings_in_one_process_and_says_correct_or_wrong(
     assert out.count("A correct") == 2 and "128→128" in out and "128→16" in out
     assert "median of the 2 paired ratios" in out and "ratio of the medians" in out
     assert "TTFT ms median" in out and "(p25-p75)" in out and "2 alternating repeats after 1 warm-ups" in out
+    assert "s, CPU " in out and "(process time, torch threads: 1); its speed-ups use wall-clock TTFTs" in out

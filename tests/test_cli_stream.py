@@ -71,10 +71,26 @@ def test_stream_dataset_scores_and_resumes(clip16, tmp_path):
     summary = json.loads(res.stdout)
     done = records(tmp_path / "d")
     assert summary["scored"] == 2 and summary["correct"] == sum(r["correct"] for r in done)
+    shown = invoke(*[a for a in args if a not in ("--json", "--quiet")])  # resumed: the summary line again
+    assert f"accuracy {100 * summary['accuracy']:.1f}%" in shown.output and "offline agreement 100.0%" in shown.output
     for r in done:  # generate mode: the reply's letter is parsed, offline's the same way
         assert r["parse_status"] != "logits" and r["offline_agrees"] and r["offline_reply"] == r["text"]
     again = invoke(*args)
     assert again.exit_code == 0 and len(records(tmp_path / "d")) == 2  # nothing redone
+    read = invoke("summarize", tmp_path / "d")  # a stream folder is a run like any other
+    assert read.exit_code == 0 and f"accuracy {100 * summary['accuracy']:.1f}%" in read.output
+    other_folder = invoke("stream", "--dataset", data, "--chunk-frames", "4", *TINY, "--results-dir", tmp_path,
+                          "--label", "d2", "--max-new-tokens", "4", "--quiet")
+    assert other_folder.exit_code == 0, other_folder.output
+    compared = invoke("compare", tmp_path / "d", tmp_path / "d2", "--out", tmp_path / "cmp")
+    assert compared.exit_code == 0, compared.output
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert [float(r["accuracy"]) for r in rows] == [summary["accuracy"]] * 2 and rows[1]["agreement"] == "1.0"
+    import statistics
+
+    assert float(rows[0]["tokens_in"]) == statistics.median(r["visual_tokens"] for r in done)
     other = invoke(*args[:4], "2", *args[5:])
     assert other.exit_code == 2 and "other settings" in other.output
 
@@ -99,6 +115,16 @@ def test_stream_force_keeps_the_earlier_results_and_a_held_folder_is_refused(cli
     assert held.exit_code == 2 and "is in use by" in held.output and len(held.output.strip().splitlines()) == 1
 
 
+def test_a_question_before_the_first_chunk_is_skipped_with_its_reason(clip16, tmp_path):
+    res = invoke("stream", clip16, "--ask", "0.2:Too early?", "--ask", "2:What now?", *TINY, "--results-dir", tmp_path,
+                 "--label", "e")
+    assert res.exit_code == 3, res.output  # finished, one row skipped
+    assert "skipped q0: asked at 0.2 s, before the first chunk is complete" in " ".join(res.output.split())
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["questions"] == 1 and summary["skipped"][0]["id"] == "q0"
+    assert "1 questions answered" in res.output and "1 skipped" in res.output
+
+
 def test_stream_with_stage1_and_stage2_records_the_kept_tokens(clip16, tmp_path):
     res = invoke("stream", clip16, "--ask", "3.9:What now?", "--set", "stage1.enabled=true", "--set", "stage2.enabled=true",
                  "--set", "stage2.pruning_layer=1", "--compare-offline", "--max-new-tokens", "3", *TINY,
@@ -112,7 +138,6 @@ def test_stream_with_stage1_and_stage2_records_the_kept_tokens(clip16, tmp_path)
 @pytest.mark.parametrize("extra, message", [
     (("--chunk-frames", "3"), "multiple of 2"),
     (("--ask", "soon:What?"), "SECONDS:QUESTION"),
-    (("--ask", "0.2:What?"), "before the first chunk"),
     (("--set", "stage2.enabled=true", "--set", "stage2.score=random"), "stage2.score=prunevid only"),
     (("--budget", "40"), "stream --budget is now --cache-tokens N"),
     (("--set", "fastv.enabled=true"), "fastv cannot run in a stream yet"),

@@ -42,6 +42,13 @@ def test_mcnemar_p_equals_scipy_and_the_hand_sum_on_a_built_example():
     assert paired_text(paired).startswith("-25.0 pt [") and paired_text(paired).endswith("p=0.18")
 
 
+def test_mcnemar_p_equals_scipys_binomtest_for_every_small_table():
+    for n in range(1, 30):
+        for gained in range(n + 1):
+            paired = paired_difference(records("1" * gained + "0" * (n - gained)), records("0" * gained + "1" * (n - gained)))
+            assert paired["p"] == pytest.approx(binomtest(gained, n, 0.5).pvalue, abs=1e-12), (gained, n)
+
+
 def test_errors_count_wrong_only_shared_questions_pair_and_no_discordance_gives_p_1():
     run = records("1e1") + records("1", prefix="only-run")
     base = records("111")

@@ -103,9 +103,28 @@ def _app_options(
     """Benchmark PruneVid's visual-token reduction on Qwen2.5-VL: tokens, TTFT, memory, accuracy."""
 
 
+def quiet_libraries() -> None:
+    """-q: transformers' and the Hub's progress bars ("Loading weights") and info messages too."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when imported
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    import sys
+
+    if "transformers" in sys.modules:  # already imported (in-process callers): switch them off now
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging
+
+        disable_progress_bars()
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+
+
 def human_console(json_out: bool, quiet: bool) -> Console:
     """Where a command's text for people goes: stdout, stderr when stdout carries --json, or nowhere."""
     if quiet:
+        quiet_libraries()
         return Console(quiet=True)
     return Console(stderr=True) if json_out else console
 
@@ -301,7 +320,7 @@ def sweep(
 @app.command(epilog=EXIT_HELP)
 @guarded
 def summarize(
-    run_dir: Annotated[Path, typer.Argument(help="A dataset run folder (or a sweep cell).", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="A dataset run folder (or a sweep cell, or a stream folder).", show_default=False)],
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -310,6 +329,16 @@ def summarize(
     from prunevid_bench.harness.runs import shortfall
 
     human = human_console(json_out, quiet)
+    if (run_dir / "questions.jsonl").is_file():  # a stream folder (prunevid stream)
+        from prunevid_bench.harness.runs import read_samples
+        from prunevid_bench.stream_run import stream_summary
+
+        summary = stream_summary(list(read_samples(run_dir / "questions.jsonl").values()))
+        human.print(stream_summary_line(summary), highlight=False, soft_wrap=True)
+        if json_out:
+            emit_json({"run_dir": str(run_dir), **summary})
+        finish([f"{len(summary['skipped'])} skipped"] if summary["skipped"] else [], human)
+        return
     summary, _ = summarize_run(run_dir)
     human.print(summary_table(summary, title=run_dir.name))
     if not summary["complete"]:
@@ -386,8 +415,28 @@ def stream(
     run_dir, summary = run_stream(cfg, videos, chunk_frames=chunk_frames, cache_tokens=cache_tokens, compare_offline=compare_offline,
                                   preset=preset, results_dir=results_dir, label=label or default_label, source=source,
                                   answer_mode=answer_mode, force=force, wait=wait, console=human)
+    human.print(stream_summary_line(summary), highlight=False, soft_wrap=True)
     if json_out:
         emit_json({"run_dir": str(run_dir), **summary})
+    finish([f"{len(summary['skipped'])} skipped"] if summary.get("skipped") else [], human)
+
+
+def stream_summary_line(summary: dict) -> str:
+    """A stream's accuracy and its offline comparison, as its summary.json has them."""
+    from prunevid_bench.harness.answers import wilson_interval
+
+    parts = [f"{summary['questions']} questions answered"]
+    if summary.get("scored"):
+        low, high = wilson_interval(summary["correct"], summary["scored"])
+        parts.append(f"accuracy {100 * summary['accuracy']:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%] "
+                     f"({summary['correct']}/{summary['scored']})")
+    if "offline_agreement" in summary:
+        ratio = summary.get("offline_over_stream_ttft_median")
+        parts.append(f"offline agreement {100 * summary['offline_agreement']:.1f}%"
+                     + (f", offline/stream TTFT median {ratio:.2f}×" if ratio else ""))
+    if summary.get("skipped"):
+        parts.append(f"{len(summary['skipped'])} skipped")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- compare
@@ -498,7 +547,11 @@ def export_toy(
     """Write the built-in toy model as a standard checkpoint folder (weights, config, tokenizer, processor)."""
     from prunevid_bench.toy.export import export_toy as write
 
-    console.print(f"wrote the toy checkpoint to {write(out)}", soft_wrap=True, highlight=False)
+    path = write(out)
+    console.print(f"wrote the toy checkpoint to {path}; prunevid loads it with the toy's own video policy "
+                  f"(processor: the frames the toy was trained on), as {path}/prunevid.json says; another tool "
+                  "must sample the frames that way too, not Qwen's (which gives ~9x the tokens and random answers)",
+                  soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,17 @@ class Clock:
         return end - start
 
 
+def wall_and_cpu_at_exit(ratios: str) -> None:
+    """Have a benchmark script print, when it ends, its wall time beside its CPU time (process
+    time, every thread) and which of the two its ratios use: under load the wall time grows while
+    the CPU time stays put, so a reader can tell a slow run from a busy machine."""
+    import atexit
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    atexit.register(lambda: print(f"\nwall {time.perf_counter() - wall:.1f} s, CPU {time.process_time() - cpu:.1f} s "
+                                  f"(process time, torch threads: {torch.get_num_threads()}); {ratios}", flush=True))
+
+
 def apply_threads(threads: int | None) -> int:
     """Set torch's intra-op threads (``runtime.threads``; None leaves torch's default, one per
     core) and return the count in effect, which every record carries."""

@@ -164,10 +164,13 @@ def play_video(pipe, cfg: RunConfig, video: str | Path, questions: list[TimedQue
     times = [i / clip.native_fps for i in clip.indices]
     chunks = [(s, min(s + chunk_frames, clip.num_frames)) for s in range(0, clip.num_frames, chunk_frames)]
     ready = [times[end - 1] for _, end in chunks]  # a chunk is appended once its last frame arrived
-    for q in pending:
-        if q.time_s < ready[0]:
-            raise PruneVidError(f"question '{q.id}' at {q.time_s:g} s comes before the first chunk of {video} is complete "
-                                f"({ready[0]:.2f} s): ask later or use a smaller --chunk-frames")
+    for q in (q for q in pending if q.time_s < ready[0]):  # nothing cached yet: this row is skipped, not the run
+        yield {"id": q.id, "video": str(video), "time_s": q.time_s, "question": q.question,
+               "skipped": f"asked at {q.time_s:g} s, before the first chunk is complete ({ready[0]:.2f} s): "
+                          "ask later or use a smaller --chunk-frames"}
+    pending = [q for q in pending if q.time_s >= ready[0]]
+    if not pending:
+        return
     session = StreamSession(pipe, video_fps=clip.sampled_fps, chunk_frames=chunk_frames, config=cfg,
                             cache_tokens=cache_tokens, presized=clip.resized)
     pixels = pixel_note(clip, request)
@@ -306,6 +309,10 @@ def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], r
                                      done=set(done), chunk_log=chunk_log, answer_mode=answer_mode):
                 log.write(record)
                 records[record["id"]] = record
+                if record.get("skipped"):
+                    console.print(f"[yellow]skipped[/] {escape(record['id'])}: {escape(record['skipped'])}",
+                                  highlight=False, soft_wrap=True)
+                    continue
                 if "options" in record:
                     shown = record["prediction"] or f"no letter in '{record['text']}'"
                 else:
@@ -364,9 +371,11 @@ def _draw_kv(run_dir: Path) -> None:
 def stream_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     import statistics
 
+    skipped = [{"id": r["id"], "reason": r["skipped"]} for r in records if r.get("skipped")]
+    records = [r for r in records if not r.get("skipped")]
     scored = [r for r in records if "correct" in r]
     compared = [r for r in records if "offline_agrees" in r]
-    out: dict[str, Any] = {"questions": len(records)}
+    out: dict[str, Any] = {"questions": len(records), "skipped": skipped}
     if records:
         out["ttft_s_median"] = statistics.median(r["ttft_s"] for r in records)
         out["kv_bytes_max"] = max(r["kv_bytes"] for r in records)

@@ -113,10 +113,12 @@ def paired_difference(records: Iterable[Mapping[str, Any]], base_records: Iterab
     the 95% interval is Newcombe's (1998, Stat Med 17:2635, method 10: Wilson intervals of the two
     marginal accuracies combined with the phi correlation of the pairs, its numerator corrected as
     there), which stays inside [-1, 1] and keeps a width when nothing differs; ``p`` is the exact McNemar test: a
-    two-sided binomial test of ``gained`` among the discordant pairs at 1/2 (scipy's binomtest).
+    two-sided binomial test of ``gained`` among the discordant pairs at 1/2: twice scipy's binomial
+    CDF at the smaller count, capped at 1 (equal to ``scipy.stats.binomtest`` at 1/2, which is
+    symmetric; scipy.special loads in a fraction of scipy.stats' time).
     An errored row counts as wrong, as in the accuracy. ``significant``: the interval leaves out 0.
     """
-    from scipy.stats import binomtest
+    from scipy.special import bdtr
 
     a, b = _by_id(records, "A"), _by_id(base_records, "B")
     shared = [i for i in a if i in b]
@@ -141,7 +143,7 @@ def paired_difference(records: Iterable[Mapping[str, Any]], base_records: Iterab
     below = math.sqrt(max(0.0, (p_run - l1) ** 2 - 2 * phi * (p_run - l1) * (u2 - p_base) + (u2 - p_base) ** 2))
     above = math.sqrt(max(0.0, (u1 - p_run) ** 2 - 2 * phi * (u1 - p_run) * (p_base - l2) + (p_base - l2) ** 2))
     low, high = max(-1.0, theta - below), min(1.0, theta + above)
-    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    p = min(1.0, 2.0 * float(bdtr(min(gained, lost), gained + lost, 0.5))) if gained + lost else 1.0
     out.update(difference=theta, ci_low=low, ci_high=high, p=float(p), significant=not low <= 0.0 <= high)
     return out
 

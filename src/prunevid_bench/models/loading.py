@@ -109,7 +109,25 @@ def _load_pretrained(name: str, dtype: torch.dtype, attn_implementation: str) ->
         processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise PruneVidError(_load_error(name, exc)) from None
-    return LoadedModel(model.eval(), processor, name)
+    return LoadedModel(model.eval(), processor, name, video_policy=_saved_video_policy(path))
+
+
+# A checkpoint folder may say which video policy it was trained with (``prunevid export-toy``
+# writes it): ``{"video_policy": "processor"}``. Without it a checkpoint gets Qwen's own.
+POLICY_FILE = "prunevid.json"
+
+
+def _saved_video_policy(path: Path) -> str:
+    import json
+
+    file = path / POLICY_FILE
+    if not file.is_file():
+        return "qwen"
+    try:
+        policy = json.loads(file.read_text()).get("video_policy", "qwen")
+    except (ValueError, AttributeError):
+        raise PruneVidError(f"{file} is damaged (not a JSON object with video_policy); fix or delete it") from None
+    return policy
 
 
 def _load_error(name: str, exc: BaseException) -> str:

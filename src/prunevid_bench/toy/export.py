@@ -7,6 +7,11 @@ with ``from_pretrained`` / ``AutoProcessor`` like any Qwen2.5-VL checkpoint, so 
 A plain ``save_pretrained`` is not enough: on loading, transformers rebuilds a tokenizer whose
 class is ``Qwen2Tokenizer`` from the vocabulary and merges as Qwen's BPE would, which splits the
 toy words into bytes. Naming the generic fast tokenizer keeps ``tokenizer.json`` as saved.
+
+The toy saw its videos through the processor's own sampling: ``prunevid.json`` in the folder says
+so (``video_policy: processor``), and ``prunevid`` loads the folder with that policy. Other tools
+read no such file: give them the same frames (the processor's defaults), or pass
+``--set video.policy=processor`` where they take our config.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 from pathlib import Path
 
 from prunevid_bench.errors import PruneVidError, describe_os_error
+from prunevid_bench.models.loading import BUILTIN_VIDEO_POLICY, POLICY_FILE
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
@@ -37,6 +43,9 @@ def export_toy(out_dir: Path) -> Path:
         config = json.loads(config_path.read_text())
         config["tokenizer_class"] = TOKENIZER_CLASS
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+        # The toy was trained on the processor's own frame sampling (128 visual tokens per clip);
+        # under Qwen's policy, a checkpoint's default, it would see 1,120 and answer at random.
+        (out_dir / POLICY_FILE).write_text(json.dumps({"video_policy": BUILTIN_VIDEO_POLICY, "model": "toy"}) + "\n")
     except OSError as exc:
         raise PruneVidError(f"cannot write {out_dir}: {describe_os_error(exc) or exc.strerror or exc}") from None
     return out_dir
