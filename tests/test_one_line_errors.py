@@ -85,7 +85,7 @@ def test_feature_cache_gb_nan(tmp_path):
 @dataclass
 class FailingConfig:
     enabled: bool = False
-    mode: int = 0  # 0 raises RuntimeError, 1 returns a keep index out of range, 2 raises OSError, 3 is fine
+    mode: int = 0  # 0 raises RuntimeError, 1 sends tokens to output rows out of range, 2 raises OSError, 3 is fine
 
 
 def failing_reduce(tokens, cfg):
@@ -95,9 +95,9 @@ def failing_reduce(tokens, cfg):
     if cfg.mode == 2:
         raise OSError(5, "Input/output error")
     keep = torch.arange(0, n, 2)
-    if cfg.mode == 1:
-        keep = keep + n  # past the end
-    return VisualReduction(keep=keep, embeds=tokens.embeds[keep.clamp(max=n - 1)], group=torch.zeros_like(keep))
+    if cfg.mode == 1:  # every token sent past the last output row
+        return VisualReduction(dest=torch.arange(n) + n, group=torch.zeros(n // 2, dtype=torch.long))
+    return VisualReduction.keep(keep, n, torch.zeros_like(keep))
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def failing_method():
 
 @pytest.mark.parametrize("mode, fragment", [
     (0, "method failing failed in reduce: RuntimeError: the plug-in's own bug"),
-    (1, "method failing returned keep indices outside [0, 63] (min 64, max 126)"),
+    (1, "method failing returned output rows outside [-1, 31] (min 64, max 127)"),
     (2, "method failing failed in reduce: OSError: [Errno 5] Input/output error"),
 ])
 def test_a_plugin_method_that_fails_in_a_single_run(failing_method, tmp_path, clip8, mode, fragment):

@@ -49,7 +49,7 @@ def test_threads_are_set_and_every_record_carries_them_and_the_load(run_dirs):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["runtime"]["torch_threads"] == [2] and summary["runtime"]["load_max"] >= 0
         config = json.loads((run_dir / "config.json").read_text())["config"]
-        assert config["runtime"] == {"threads": 2}
+        assert config["runtime"] == {"threads": 2, "save_kept": False}
 
 
 def test_threads_are_no_part_of_a_runs_identity(run_dirs, toy, tmp_path):

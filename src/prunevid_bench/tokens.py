@@ -14,10 +14,10 @@ Shapes: V input tokens, M output rows, C channels, T * N the video's full grid.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a tensor is made: `prunevid methods` lists methods without it
+    from torch import Tensor
 
 from prunevid_bench.errors import PruneVidError
 
@@ -57,6 +57,8 @@ class VideoTokens:
     @classmethod
     def full_grid(cls, embeds: Tensor, t: int, n: int, w: int, positions=None, extras=None) -> VideoTokens:
         """A video as the encoder gives it: every grid token, one group per temporal step, size 1."""
+        import torch
+
         full = torch.arange(t * n, device=embeds.device)
         return cls(embeds, full, full // n, t, n, w, positions=positions,
                    sizes=torch.ones(t * n, device=embeds.device), extras=dict(extras or {}), origin=full)
@@ -93,6 +95,8 @@ class VisualReduction:
     @classmethod
     def keep(cls, keep: Tensor, n_in: int, group: Tensor, **kwargs) -> VisualReduction:
         """A drop: the input tokens ``keep`` [M] (ascending) stay, the others go."""
+        import torch
+
         dest = torch.full((n_in,), -1, dtype=torch.long, device=keep.device)
         dest[keep] = torch.arange(keep.numel(), device=keep.device)
         return cls(dest=dest, group=group, representative=keep, **kwargs)
@@ -104,6 +108,8 @@ class VisualReduction:
 
 def members_first(dest: Tensor, n_out: int) -> Tensor:
     """[M] the lowest input index that went into each output row."""
+    import torch
+
     first = torch.full((n_out,), dest.numel(), dtype=torch.long, device=dest.device)
     went = dest >= 0
     return first.scatter_reduce(0, dest[went], torch.nonzero(went).flatten(), "amin")
@@ -112,6 +118,8 @@ def members_first(dest: Tensor, n_out: int) -> Tensor:
 def weighted_rows(x: Tensor, dest: Tensor, weight: Tensor, n_out: int) -> Tensor:
     """x [V, ...] -> [M, ...]: row m is the ``weight``-weighted mean of the inputs sent to it
     (float32 maths, cast back); a row with one member is that member, exactly (a gather)."""
+    import torch
+
     went = dest >= 0
     count = torch.zeros(n_out, device=dest.device, dtype=torch.long).index_add_(0, dest[went], torch.ones_like(dest[went]))
     first = members_first(dest, n_out)
@@ -131,6 +139,8 @@ def check_reduction(red: VisualReduction, n_in: int, name: str) -> Tensor:
     """The reduction's representatives [M], after checking that it is an operator on ``n_in``
     tokens: every output row has members, each representative is one of its row's members, the
     rows are in ascending order of their representatives."""
+    import torch
+
     dest, m = red.dest, red.n_out
     if dest.numel() != n_in or (m and (int(dest.max()) >= m or int(dest.min()) < -1)):
         raise PruneVidError(f"{name} returned a reduction that is not an operator on its {n_in} tokens "
@@ -149,6 +159,8 @@ def apply_reduction(tokens: VideoTokens, red: VisualReduction, name: str = "a me
     """The one operator ``red`` applied to everything ``tokens`` carries: embeddings (the
     method's own rows when it gave them), sizes (summed), positions and grid index (the
     representative's), every extra (size-weighted mean; a drop gathers) and the origin map."""
+    import torch
+
     dest = red.dest.to(tokens.index.device)
     rep = check_reduction(replace(red, dest=dest), tokens.index.numel(), name)
     m = red.n_out

@@ -307,6 +307,10 @@ def check_reduction(method: Method, red: Any, n: int) -> None:
     if not isinstance(dest, torch.Tensor) or dest.dim() != 1 or dest.is_floating_point() or dest.dtype == torch.bool \
             or dest.numel() != n:
         raise PruneVidError(f"method {method.name} returned a dest that is not a 1-D integer tensor of {n} entries")
+    m = int(red.group.numel()) if isinstance(red.group, torch.Tensor) else -1
+    if n and (int(dest.min()) < -1 or int(dest.max()) >= m):
+        raise PruneVidError(f"method {method.name} returned output rows outside [-1, {m - 1}] "
+                            f"(min {int(dest.min())}, max {int(dest.max())})")
 
 
 @dataclass
