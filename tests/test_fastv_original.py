@@ -101,3 +101,28 @@ def test_flops_count_layers_0_to_k_minus_1_on_every_token(pipes):
                             scoring=prunevid_scoring_flops(shape, 1, r.prompt_tokens))
     vision = vision_encoder_flops(family_of(pipe.model).vision_shape(pipe.model.config), r.video_grid_thw)
     assert r.prefill_flops == (llm + vision).total
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_generate_with_the_early_layers_whole_equals_the_engine(pipes, models, impl):
+    """``model.generate`` decodes over a cache whose layers 0..K-1 hold the whole prompt and
+    K.. the kept rows (the mask of the shorter layers is cut to them), as our engine does."""
+    from prunevid_bench.config import RunConfig
+    from prunevid_bench.methods.fastv import FastVConfig
+    from prunevid_bench.patch import apply_methods
+
+    pipe, prepared = pipes[impl]
+    engine = run_traced(pipe, prepared, **fastv(2))
+    model, inputs = models[impl], prepared.inputs
+    handle = apply_methods(model, RunConfig(methods={"fastv": FastVConfig(enabled=True, pruning_layer=2)}))
+    try:
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=len(engine.logits), do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert gen.sequences[0, inputs["input_ids"].shape[1] :].tolist() == engine.result.generated_token_ids
+    torch.testing.assert_close(torch.cat(gen.logits).float(), engine.logits, rtol=0, atol=1e-5)
+    prompt, kept = inputs["input_ids"].shape[1], handle.state.keep_index.numel()
+    steps = len(engine.logits) - 1
+    assert cache_lengths(gen.past_key_values) == [prompt + steps] * 2 + [kept + steps] * (N_LAYERS - 2)
