@@ -199,7 +199,7 @@ def run(
             raise PruneVidError(f"{', '.join(refused)} only apply to --dataset; drop them for a single video")
     json_out, preset = output.json_out, flags.preset
     human = human_console(json_out, output.quiet)
-    from prunevid_bench.config import with_budget
+    from prunevid_bench.budget import with_budget
 
     cfg = with_budget(flags.build(), budget)
     if save_kept or show_kept:
@@ -294,7 +294,7 @@ def sweep(
     if dataset is None:
         raise PruneVidError("a sweep needs --dataset PATH")
     human = human_console(output.json_out, output.quiet)
-    from prunevid_bench.config import with_budget
+    from prunevid_bench.budget import with_budget
     from prunevid_bench.harness.sweep import SweepGrid, parse_method_grid, run_sweep
 
     if budget is not None and methods is not None:

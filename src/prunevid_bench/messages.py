@@ -305,3 +305,18 @@ def lmms_system_prompt(policy: str) -> str | None:
     """The system prompt a policy adds when the messages have none."""
     return LMMS_SYSTEM_PROMPT if policy == "lmms-eval" else None
 
+
+def processor_size_kwargs(video_processor, video, presized: bool) -> dict[str, Any]:
+    """What the processor is told about frame sizes, offline and in streams alike: nothing to
+    resize when the policy sized the frames already (qwen, lmms-eval), else the processor's own
+    per-frame rule with ``video.max_pixels`` / ``min_pixels`` as its bounds."""
+    if presized:
+        return {"do_resize": False}
+    if not (video.max_pixels or video.min_pixels):
+        return {}
+    size = dict(video_processor.size)
+    if video.max_pixels:
+        size["longest_edge"] = video.max_pixels
+    if video.min_pixels:
+        size["shortest_edge"] = video.min_pixels
+    return {"size": size}

@@ -35,7 +35,7 @@ from torch import Tensor
 from prunevid_bench.config import MROPE_MODES
 from prunevid_bench.overrides import overriding
 
-__all__ = ["MROPE_MODES", "integer_second_time_ids", "numbering", "qwen_numbering"]
+__all__ = ["MROPE_MODES", "integer_second_time_ids", "integer_seconds_wanted", "numbering", "qwen_numbering"]
 
 
 def integer_second_time_ids(position_ids: Tensor, mm_token_type_ids: Tensor, video_grid_thw: Tensor, seconds: Tensor,
@@ -96,6 +96,14 @@ def _deltas(position_ids: Tensor, mm_token_type_ids: Tensor, attention_mask: Ten
     valid = torch.ones_like(mm_token_type_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     deltas = [int(position_ids[:, row, valid[row]].max()) + 1 - int(valid[row].sum()) for row in range(valid.shape[0])]
     return torch.tensor(deltas, device=position_ids.device).unsqueeze(1)
+
+
+def integer_seconds_wanted(cfg) -> bool:
+    """Whether an enabled method numbers video time ids with integer seconds per step (vLLM's EVS)."""
+    from prunevid_bench.methods import get_method
+
+    methods = [get_method(name) for name in cfg.enabled_methods]
+    return any(m.integer_seconds(cfg.section(m.section)) for m in methods if m.integer_seconds is not None)
 
 
 @contextlib.contextmanager

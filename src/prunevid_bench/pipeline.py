@@ -20,9 +20,9 @@ import torch
 from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.mrope import numbering
+from prunevid_bench.mrope import integer_seconds_wanted, numbering
 from prunevid_bench.report import RECORD_ALIASES, Reduction, RunResult
-from prunevid_bench.messages import lmms_system_prompt, prepare_media, single_video_messages
+from prunevid_bench.messages import lmms_system_prompt, prepare_media, processor_size_kwargs, single_video_messages
 from prunevid_bench.video import Clip, VideoRequest
 
 
@@ -197,7 +197,7 @@ class Pipeline:
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
         handle = self._apply_stages(cfg)
-        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope, _integer_seconds(cfg)):
+        with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope, integer_seconds_wanted(cfg)):
             out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
         out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -279,7 +279,7 @@ class Pipeline:
         """A run with a budget: the asked fraction, the method whose knob it set, the visual
         tokens that knob promised (``Method.budget_knob``) beside those kept (``visual_tokens_kept``),
         and a note when the two differ."""
-        from prunevid_bench.config import budget_method
+        from prunevid_bench.budget import budget_method
         from prunevid_bench.families import family_of
 
         method = budget_method(cfg)
@@ -377,30 +377,6 @@ def _video_entry(clip: Clip, fed: list[int]) -> dict[str, Any]:
     """One video of a several-video prompt, for the record."""
     return {"path": clip.path, "frame_indices": list(clip.indices), "frame_size": fed,
             "decoded_size": clip.decoded_size or clip.frame_size, "num_frames": clip.num_frames, "sampled_fps": round(clip.sampled_fps, 6), "backend": clip.backend}
-
-
-def processor_size_kwargs(video_processor, video, presized: bool) -> dict[str, Any]:
-    """What the processor is told about frame sizes, offline and in streams alike: nothing to
-    resize when the policy sized the frames already (qwen, lmms-eval), else the processor's own
-    per-frame rule with ``video.max_pixels`` / ``min_pixels`` as its bounds."""
-    if presized:
-        return {"do_resize": False}
-    if not (video.max_pixels or video.min_pixels):
-        return {}
-    size = dict(video_processor.size)
-    if video.max_pixels:
-        size["longest_edge"] = video.max_pixels
-    if video.min_pixels:
-        size["shortest_edge"] = video.min_pixels
-    return {"size": size}
-
-
-def _integer_seconds(cfg: RunConfig) -> bool:
-    """Whether an enabled method numbers video time ids with integer seconds per step (vLLM's EVS)."""
-    from prunevid_bench.methods import get_method
-
-    methods = [get_method(name) for name in cfg.enabled_methods]
-    return any(m.integer_seconds(cfg.section(m.section)) for m in methods if m.integer_seconds is not None)
 
 
 def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

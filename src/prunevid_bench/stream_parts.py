@@ -18,10 +18,10 @@ VIDEO_MARK = "<|video_pad|>"  # the chat template's single video placeholder, sp
 # ============================================================ the model, through its family
 def encode_chunk(pipe, frames: np.ndarray, fps: float, presized: bool = False) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Vision features ``[t * n, C]`` (t-major) and the grid ``(t, h, w)`` of one chunk of frames,
-    resized as offline (``pipeline.processor_size_kwargs``: not at all when ``presized``, the
+    resized as offline (``messages.processor_size_kwargs``: not at all when ``presized``, the
     policy having sized the frames; else the processor's per-frame rule, never by the chunk's
     length)."""
-    from prunevid_bench.pipeline import processor_size_kwargs
+    from prunevid_bench.messages import processor_size_kwargs
 
     vp = pipe.processor.video_processor
     kwargs = processor_size_kwargs(vp, pipe.config.video, presized)

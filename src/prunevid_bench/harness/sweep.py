@@ -78,7 +78,7 @@ class SweepGrid:
     dry_run: bool = False  # list the cells and their status; run nothing
     status: bool = False  # the same list, with each cell's job: what a running sweep has done so far
     methods: tuple[str, ...] = ()  # matched budgets: prunevid or registered method names ...
-    budgets: tuple[float, ...] = ()  # ... each run at every kept fraction B (its own knob set by config.budget_overrides)
+    budgets: tuple[float, ...] = ()  # ... each run at every kept fraction B (its own knob set by budget.budget_overrides)
 
 
 @dataclass
@@ -266,8 +266,8 @@ def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float
     """Matched budgets: the baseline (every method off) and one cell per method and budget, with
     only that method on (``prunevid``: Stages 1 and 2, Stage 1 with the base's settings;
     ``prunevid-vision``: the same with Stage 1 in the vision encoder's space) and its knob set to
-    keep the fraction B (``config.budget_overrides``)."""
-    from prunevid_bench.config import budget_overrides
+    keep the fraction B (``budget.budget_overrides``)."""
+    from prunevid_bench.budget import budget_overrides
     from prunevid_bench.methods import all_methods, get_method
 
     if not budgets:
