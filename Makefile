@@ -52,6 +52,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_methods.py
 	$(BIN)/python benchmarks/bench_video_memory.py
 	$(BIN)/python benchmarks/bench_feature_cache.py
+	$(BIN)/python benchmarks/bench_content_hash.py
 
 clean:
 	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info src/*.egg-info .pytest_cache

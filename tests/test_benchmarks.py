@@ -85,6 +85,13 @@ def test_bench_feature_cache_smoke():
 
 
 @pytest.mark.slow
+def test_bench_content_hash_smoke():
+    out = run_script("bench_content_hash.py", "--mb", "4")
+    for start in ("long video, 4 MiB: first hash", "  later keys of the same file", "checkpoint folder (",
+                  "built-in 'tiny' state dict"):
+        assert any(line.startswith(start) for line in out.splitlines()), (start, out)
+
+
 def test_video_policies_smoke():
     out = run_script("video_policies.py", "--frames", "32")  # lmms-eval asks for 32 by default
     assert out.count("| qwen |") == 1 and "| processor |" in out

@@ -191,3 +191,59 @@ def test_local_workers_write_and_reuse_the_disk_feature_cache(toy, tmp_path):
         assert [r["vision_cached"] for r in records.values()] == [True, True], cell
         assert {i: {k: r[k] for k in RECORD_KEYS} for i, r in records.items()} == cell_records(cells.parent, cell)
     assert sorted(features.glob("*")) == entries  # no temporary file left behind
+
+
+def die_by_signal_9(tasks):
+    """A job function whose process is killed as the kernel's out-of-memory killer (or a user's
+    kill -9) kills it, after a progress line."""
+    import signal
+
+    print("cell baseline: 3/4 done", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_with_code_3(tasks):
+    os._exit(3)
+
+
+def test_a_killed_local_job_is_reported_as_killed(tmp_path):
+    """The local launcher's job (run_watched) on submitit's local executor, its cells' work killed
+    by signal 9: both cells say so, not the last progress line."""
+    submitit = pytest.importorskip("submitit")
+    tasks = [launch.CellTask(name, {}, None, tmp_path / name, None, {}) for name in ("baseline", "tau=0.7")]
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    job = executor.submit(launch.run_watched, die_by_signal_9, tasks)
+    outcomes = launch.wait_for([(["baseline", "tau=0.7"], job)])
+    assert outcomes == {"baseline": "killed (signal 9, SIGKILL)", "tau=0.7": "killed (signal 9, SIGKILL)"}
+    assert launch.run_watched(exit_with_code_3, tasks[:1]) == {"baseline": "its worker exited with code 3"}
+
+
+def test_failure_reasons_name_memory_and_slurm_states():
+    class FakeJob:
+        def __init__(self, state):
+            self.state = state
+
+    log = "Job 7 has not produced any output (state: FAILED)\nError stream produced:\ncell a: 2/4 done"
+    assert launch.failure_reason(FakeJob("FAILED"), RuntimeError(log)) == "cell a: 2/4 done"
+    assert launch.failure_reason(FakeJob("OUT_OF_MEMORY"), RuntimeError(log)) == "out of memory"
+    assert launch.failure_reason(FakeJob("FAILED"), RuntimeError(log + "\ntorch.OutOfMemoryError: CUDA")) == "out of memory"
+    assert launch.failure_reason(FakeJob("TIMEOUT"), RuntimeError(log)) == "the time limit was reached (--slurm-time)"
+    assert launch.failure_reason(FakeJob("CANCELLED by 0"), RuntimeError(log)) == "cancelled (SLURM)"
+
+
+def test_a_finished_cell_sheds_a_stale_error_file(toy, tmp_path, tiny_pipe):
+    from rich.console import Console
+
+    from prunevid_bench.config import build_config
+    from prunevid_bench.harness.evaluate import evaluate_dataset
+    from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
+    from prunevid_bench.harness.sweep import cell_status
+
+    cfg = build_config(None, None, {"model.name": "tiny", "video.num_frames": 4, "generation.max_new_tokens": 1})
+    result = evaluate_dataset(cfg, DatasetSpec(toy, limit=1), EvalOptions(results_dir=tmp_path), pipeline=tiny_pipe,
+                              console=Console(quiet=True))
+    from prunevid_bench.harness.evaluate import plan_dataset
+
+    (result.run_dir / launch.ERROR_FILE).write_text(json.dumps({"error": "job 12 failed: its controller died"}) + "\n")
+    assert cell_status(result.run_dir, plan_dataset(DatasetSpec(toy, limit=1))) == "done"
+    assert not (result.run_dir / launch.ERROR_FILE).exists()

@@ -10,7 +10,8 @@ model's weights *are*, not where they sit.
   spread over its data (a retrained checkpoint keeps its header byte for byte; its values change
   everywhere, so the sampled blocks change too, even when the mtime was kept).
 - A built-in model (``tiny``, ``toy``...) is the package version and the sha256 of its loaded
-  state dict (they are small: the ``toy`` weights hash in milliseconds).
+  state dict (they are small: the ``toy`` weights hash in milliseconds); so is a model whose
+  folder cannot be found (built in code).
 """
 
 from __future__ import annotations
@@ -96,15 +97,18 @@ def tensors_digest(tensors) -> str:
 
 def _checkpoint_identity(model, name: str) -> dict[str, Any]:
     """Every weight file of the checkpoint's folder (a local folder, or the Hub snapshot the
-    model came from); ``revision`` alone when the folder cannot be found."""
+    model came from); a model with no folder to find (built in code, or its folder gone) is
+    hashed whole, as a built-in one."""
     folder = checkpoint_folder(getattr(model.config, "_name_or_path", None) or name)
     if folder is None:
-        return {"folder": None, "revision": getattr(model.config, "_commit_hash", None)}
+        return _builtin_identity(model)
     files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     return {"folder": str(folder), "files": [weight_file_identity(p) for p in files]}
 
 
 def checkpoint_folder(name: str) -> Path | None:
+    if not name:
+        return None
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()

@@ -128,6 +128,43 @@ def run_cells(tasks: list[CellTask]) -> dict[str, str]:
     return outcomes
 
 
+def run_watched(job_function, tasks: list) -> dict[str, str]:
+    """The local job: ``job_function(tasks)`` (``run_cells``) in a child process, so that a death
+    by a signal (kill -9, the kernel's out-of-memory killer) is seen and named. submitit's local
+    controller does not keep its task's exit status: without the child, a killed job could only
+    be told by its last log line. Returns the child's outcomes; each cell it left without one gets
+    ``killed (signal N, NAME)`` or ``its worker exited with code N``."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: safe with CUDA
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_send_outcomes, args=(job_function, tasks, send))
+    child.start()
+    send.close()
+    try:
+        outcomes = receive.recv()
+    except EOFError:  # it died before it could answer
+        outcomes = {}
+    child.join()
+    code = child.exitcode or 0
+    why = signal_reason(-code) if code < 0 else f"its worker exited with code {code}"
+    return {t.name: outcomes.get(t.name, why) for t in tasks}
+
+
+def _send_outcomes(job_function, tasks: list, send) -> None:
+    send.send(job_function(tasks))
+    send.close()
+
+
+def signal_reason(number: int) -> str:
+    import signal
+
+    try:
+        return f"killed (signal {number}, {signal.Signals(number).name})"
+    except ValueError:
+        return f"killed (signal {number})"
+
+
 def _submitit():
     try:
         import submitit
@@ -151,7 +188,7 @@ def submit(launch: Launch, tasks: list[CellTask], folder: Path) -> list[tuple[li
             mine = tasks[w::launch.workers]
             executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=1 if gpus else 0,
                                        visible_gpus=(w,) if gpus else ())
-            jobs.append(([t.name for t in mine], executor.submit(run_cells, mine)))
+            jobs.append(([t.name for t in mine], executor.submit(run_watched, run_cells, mine)))
         return jobs
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster=SLURM_CLUSTER)
@@ -194,6 +231,12 @@ def still_queued(sweep_dir: Path, cell: str) -> bool:
         return False
 
 
+def clear_stale_error(run_dir: Path) -> None:
+    """A cell found finished keeps no ``error.json`` (its job's controller may have died, and
+    been reported, while the cell itself finished)."""
+    (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)
+
+
 def cell_error(run_dir: Path) -> str | None:
     path = Path(run_dir) / ERROR_FILE
     if not path.is_file():
@@ -211,6 +254,31 @@ def wait_for(jobs: list[tuple[list[str], Any]]) -> dict[str, str]:
         try:
             outcomes.update(job.result())
         except Exception as exc:  # noqa: BLE001 - the job itself died (killed, out of memory, timed out)
-            text = str(exc).strip().splitlines()
-            outcomes.update({name: f"job {job.job_id} failed: {text[-1] if text else type(exc).__name__}" for name in names})
+            outcomes.update({name: f"job {job.job_id} failed: {failure_reason(job, exc)}" for name in names})
     return outcomes
+
+
+MEMORY_WORDS = ("OutOfMemoryError", "out of memory", "MemoryError", "oom-kill", "oom_kill", "OUT_OF_MEMORY")
+
+
+def failure_reason(job, exc: BaseException) -> str:
+    """Why a job ended without a result, in words: ``out of memory``, ``killed (signal 9,
+    SIGKILL)``, SLURM's time limit or cancellation; else the last line submitit reported. (A
+    local job names its own deaths: ``run_watched``.)"""
+    text = str(exc)
+    process = getattr(job, "_process", None)  # a local job's worker process
+    code = process.poll() if process is not None else None
+    try:
+        state = str(job.state).split()[0] if process is None else ""  # SLURM's word (sacct)
+    except Exception:  # noqa: BLE001 - no sacct here
+        state = ""
+    if state == "OUT_OF_MEMORY" or any(word in text for word in MEMORY_WORDS):
+        return "out of memory" + (f" (signal {-code})" if code is not None and code < 0 else "")
+    if code is not None and code < 0:
+        return signal_reason(-code)
+    if state == "TIMEOUT":
+        return "the time limit was reached (--slurm-time)"
+    if state in ("CANCELLED", "NODE_FAIL", "PREEMPTED"):
+        return f"{state.lower().replace('_', ' ')} (SLURM)"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

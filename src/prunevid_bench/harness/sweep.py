@@ -528,7 +528,7 @@ def write_sweep_json(sweep_dir: Path, base: RunConfig, spec, controls, metric, c
 def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
     """``new``, ``running`` (its lock is held), ``k/n done``, ``done``, or ``failed: <error>``
     (a launched cell whose job recorded an error and that has not finished since)."""
-    from prunevid_bench.harness.launch import cell_error
+    from prunevid_bench.harness.launch import cell_error, clear_stale_error
 
     if run_dir.is_dir() and LOCK_FILE in held_locks(run_dir, own=""):
         return "running"
@@ -537,6 +537,7 @@ def cell_status(run_dir: Path, plan: DatasetPlan) -> str:
         done = read_run_samples(run_dir)
         finished = sum(1 for s in plan.runnable if s.id in done and not needs_retry(done[s.id]))
         if finished == len(plan.runnable):
+            clear_stale_error(run_dir)
             return "done"
     error = cell_error(run_dir)
     if error is not None:
