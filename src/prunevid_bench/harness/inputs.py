@@ -2,8 +2,8 @@
 are set side by side.
 
 Two runs are comparable only when the same model (name and weights), family, dtype, device,
-attention implementation, video policy, pixel budgets, frame sampling, prompt template and
-transformers version produced them; otherwise a difference in accuracy or time may come from the
+attention implementation, video policy, pixel budgets, frame sampling, decoder, prompt template
+and transformers version produced them; otherwise a difference in accuracy or time may come from the
 inputs, not from the method. ``compare``, ``summarize`` (against its baseline), the sweep table
 and the lmms-eval records read the same fields; a mismatch is refused with the fields named
 unless the user passes ``--allow-mixed``, and then the differing fields are shown as columns.
@@ -129,6 +129,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "policy": lambda run: _first_record(run).get("video_policy") or run.environment.get("video_policy"),
     "pixels": lambda run: _video(run, PIXEL_KEYS),
     "frames": lambda run: _video(run, FRAME_KEYS),
+    "decoder": lambda run: _first_record(run).get("video_backend"),
     "prompt": lambda run: run.environment.get("prompt_template"),
     "transformers": lambda run: run.environment.get("transformers"),
 }

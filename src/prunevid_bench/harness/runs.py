@@ -76,8 +76,15 @@ NOT_IDENTITY = ("runtime",)
 
 
 def identity_config(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A config dict without NOT_IDENTITY sections: what a run folder's fingerprint covers."""
-    return None if cfg is None else {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+    """A config dict without NOT_IDENTITY sections: what a run folder's fingerprint covers.
+    ``video.decoder: auto`` is left out too (folders from before the key keep their names; the
+    decoder a sample used is in its record, ``video_backend``, and compared by ``compare``)."""
+    if cfg is None:
+        return None
+    out = {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+    if isinstance(out.get("video"), Mapping) and out["video"].get("decoder") == "auto":
+        out["video"] = {k: v for k, v in out["video"].items() if k != "decoder"}
+    return out
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
