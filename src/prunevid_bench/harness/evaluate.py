@@ -78,9 +78,11 @@ class DatasetPlan:
     selected: list[QASample]  # after --limit, in file order
     runnable: list[QASample]  # selected and passed preflight
     skipped: list[dict[str, str]]  # {"id", "reason", "stage": "dataset" | "preflight"}
-    limit: int | None
+    limit: int | float | None
     seed: int
     n_usable: int | None = None  # rows of the file that parsed into questions (None: all selected)
+    sample: str = "random"  # how --limit chose: random (seeded) | first
+    offset: int = 0
 
     def counts(self) -> dict[str, int]:
         """How the rows divide, so that every figure shown adds up: rows = usable + unusable,
@@ -96,8 +98,11 @@ class DatasetPlan:
             [s.id, s.question, list(s.options), s.answer_index, s.video.name, s.start, s.end] for s in self.selected
         ]
         digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
-        return {"name": self.name, "format": self.format, "limit": self.limit, "seed": self.seed,
-                "n_selected": len(self.selected), "questions_sha256": digest}
+        ident = {"name": self.name, "format": self.format, "limit": self.limit, "seed": self.seed,
+                 "n_selected": len(self.selected), "questions_sha256": digest}
+        if (self.sample, self.offset) != ("random", 0):  # named only when used: earlier folders keep their names
+            ident.update(sample=self.sample, offset=self.offset)
+        return ident
 
 
 @dataclass
@@ -120,11 +125,12 @@ def plan_dataset(
     console = console or Console()
     ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format)
     limit, seed = dataset.limit, dataset.seed
-    selected = sample_rows(ds.samples, limit, seed)
+    selected = sample_rows(ds.samples, limit, seed, dataset.sample, dataset.offset)
     runnable, problems = preflight(selected, check or check_video)
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
     skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
-    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, n_usable=len(ds))
+    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, n_usable=len(ds),
+                       sample=dataset.sample, offset=dataset.offset)
     console.print(f"dataset {escape(ds.name)} ({ds.format}): {counts_line(plan)}", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
         console.print(f"  [yellow]skipped[/] {shown(item['id'])} ({item['stage']}): {shown(item['reason'])}",
@@ -140,7 +146,11 @@ def counts_line(plan: DatasetPlan) -> str:
     """``5 rows, 1 unusable; 4 selected; preflight: 2 ready, 2 skipped``."""
     c = plan.counts()
     rows = f"{c['rows']} rows" + (f", {c['unusable']} unusable" if c["unusable"] else "")
-    sampled = f" (seeded sample, seed {plan.seed})" if c["selected"] < c["rows"] - c["unusable"] else ""
+    start = f" from row {plan.offset}" if plan.offset else ""
+    if c["selected"] < c["rows"] - c["unusable"]:
+        sampled = f" (the first{start})" if plan.sample == "first" else f" (seeded sample{start}, seed {plan.seed})"
+    else:
+        sampled = ""
     skipped = f", {c['skipped_preflight']} skipped" if c["skipped_preflight"] else ""
     return f"{rows}; {c['selected']} selected{sampled}; preflight: {c['ready']} ready{skipped}"
 
