@@ -239,3 +239,30 @@ def test_another_method_is_named_and_never_taken_for_the_baseline(runs, tiny_pip
     assert float(base_row["ideal_speedup"]) == 1
     (row,) = csv.DictReader(open(fastv / "summary.csv"))
     assert row["methods"] == "fastv" and row["stage1"] == row["stage2"] == "False"
+
+
+def test_lmms_eval_records_compare_and_are_checked_like_any_run(tiny_pipe, tmp_path):
+    """The folder the lmms-eval plugin writes beside lmms-eval's output records the same inputs;
+    `compare` reads it (medians, no accuracy: lmms-eval scores) and refuses a mismatch."""
+    from prunevid_bench.lmms.records import RunRecords
+    from tests.conftest import write_clip
+
+    clip = write_clip(tmp_path / "c.mp4", 4)
+    folders = []
+    for name, preset in (("base", None), ("pruned", "default")):
+        cfg = build_config(preset, None, {**FAST, "stage2.pruning_layer": 1})
+        records = RunRecords(tmp_path / name, cfg, tiny_pipe, {"preset": preset})
+        for doc in range(2):
+            records.add("toy_task", doc, "test", "What?", "x", tiny_pipe.run(clip, "What?", config=cfg))
+        records.write_summary()
+        folders.append(tmp_path / name)
+    res = invoke("compare", *folders, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    base, pruned = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
+    assert base["is_baseline"] == "True" and base["model"] == pruned["model"] == "tiny"
+    assert float(pruned["tokens_after_stage2"]) < float(base["tokens_after_stage2"]) and pruned["agreement"] == ""
+    env = json.loads((folders[1] / "environment.json").read_text())
+    env["dtype"] = "bfloat16"
+    (folders[1] / "environment.json").write_text(json.dumps(env))
+    res = invoke("compare", *folders)
+    assert res.exit_code == 2 and "differ in dtype (dtype bfloat16 vs float32)" in res.output

@@ -389,6 +389,8 @@ def load_run(path: Path) -> SavedRun:
     records: dict[str, dict[str, Any]] = {}
     if meta.get("scenario") == "stream":
         summary, records = stream_as_run(path)
+    elif meta.get("scenario") == "lmms-eval":
+        summary, records = lmms_as_run(path)
     elif (path / SUMMARY_FILE).is_file():
         summary = read_json(path / SUMMARY_FILE, rerun, ("accuracy", "metrics"))
         records = read_run_samples(path)
@@ -429,3 +431,18 @@ def stream_as_run(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
         "metrics": {k: v for k in STREAM_METRICS if (v := spread(r.get(k) for r in records.values())) is not None},
     }
     return summary, records
+
+
+def lmms_as_run(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Our records beside an lmms-eval run (``prunevid_bench.lmms.records``) read as a run: the
+    requests of every rank by ``task:doc_id``, the measured medians; lmms-eval scores the answers."""
+    from prunevid_bench.report import read_json
+
+    summary = read_json(path / SUMMARY_FILE, "rerun lmms-eval, or leave this folder out", ("metrics",))
+    records: dict[str, dict[str, Any]] = {}
+    for log in sorted(path.glob("samples*.jsonl")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                records[f"{row['task']}:{row['doc_id']}"] = {**row, "id": f"{row['task']}:{row['doc_id']}"}
+    return {"accuracy": None, "metrics": summary["metrics"]}, records
