@@ -336,8 +336,15 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
     if not (run_dir / PLAN_FILE).is_file():
         raise PruneVidError(f"{run_dir} has no {PLAN_FILE} (written by an older version, or not a dataset run); {again}")
     plan = read_json(run_dir / PLAN_FILE, again, ("runnable", "skipped", "counts", "n_selected"))
-    if baseline_records is None and meta.get("baseline"):
-        baseline_records = load_baseline(Path(meta["baseline"]))
+    mismatch = None
+    if meta.get("baseline"):  # --baseline: no agreement with a run that saw other inputs
+        from prunevid_bench.harness.inputs import baseline_mismatch
+
+        mismatch = baseline_mismatch(run_dir, Path(meta["baseline"]))
+        if mismatch:
+            baseline_records = None
+        elif baseline_records is None:
+            baseline_records = load_baseline(Path(meta["baseline"]))
     elif baseline_records is None and meta.get("scenario") == "sweep-cell" and meta.get("kind") != "baseline":
         sibling = run_dir.parent / "baseline"  # sweep.cell_folder("baseline")
         baseline_records = load_baseline(sibling) if sample_logs(sibling) else None
@@ -355,6 +362,8 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
         ranks = rank_summary(records)
         if ranks:
             summary["ranks"] = ranks
+        if mismatch:
+            summary["baseline_mismatch"] = mismatch
         write_json(run_dir / SUMMARY_FILE, summary)
         write_csv_row(run_dir / "summary.csv", flat_row(meta, summary, meta["config"]))
     return summary, records
@@ -558,6 +567,8 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     if "agreement" in summary:
         ag = summary["agreement"]
         row("agreement with baseline", f"{fmt_pct(ag['agreement'])} [{fmt_pct(ag['ci_low'])}, {fmt_pct(ag['ci_high'])}] on {ag['n']}")
+    if summary.get("baseline_mismatch"):
+        row("agreement with baseline", f"not computed: {summary['baseline_mismatch']}")
     if summary.get("paired"):
         from prunevid_bench.harness.answers import paired_text
 

@@ -167,6 +167,28 @@ def check_same_inputs(runs: list, reference, allow_mixed: bool = False, what: st
     return fields
 
 
+def folder_inputs(path: Path):
+    """A run folder's recorded inputs, finished or not (its config, environment and logs), as an
+    object ``identity`` reads."""
+    from prunevid_bench.harness.runs import SavedRun, read_run_samples
+    from prunevid_bench.report import read_json
+
+    meta = read_json(path / "config.json", "restore it, or rerun with --force", ("config",))
+    env_path = path / "environment.json"
+    env = read_json(env_path, "restore it, or rerun with --force") if env_path.is_file() else {}
+    config = meta.pop("config")
+    return SavedRun(Path(path), meta, config, {}, None, read_run_samples(path), env)
+
+
+def baseline_mismatch(run_dir: Path, baseline: Path) -> str | None:
+    """Why ``baseline`` cannot be agreed with (the fields in which its inputs differ), or None."""
+    try:
+        check_same_inputs([folder_inputs(Path(run_dir))], folder_inputs(Path(baseline)), what="compare with --baseline")
+    except PruneVidError as exc:
+        return str(exc).removesuffix("; pass --allow-mixed to compare anyway")
+    return None
+
+
 def model_text(name: str | None) -> str:
     """A model's name for a table column: a path or Hub id by its last part."""
     return "-" if not name else Path(str(name).rstrip("/")).name or str(name)
