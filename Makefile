@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch + torchvision first: these pins come from the machine's local package files (CUDA builds that also run on the CPU)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test]'
+	# decord is an optional decoder (no aarch64 / macOS-arm64 wheel): tested where it installs
+	$(BIN)/pip install --quiet -e '.[test,decord]' || $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -147,11 +147,12 @@ def test_refuses_another_model_or_video_policy_and_allow_mixed_marks_them(runs, 
     assert "differ in model, weights (model toy vs tiny)" in res.output and "--allow-mixed" in res.output
 
     toy = generate_dataset(tmp_path / "toy", 6, seed=3)
-    cfg = build_config(None, None, {**FAST, "video.policy": "qwen", "video.max_pixels": 112 * 112})
+    cfg = build_config(None, None, {**FAST, "video.policy": "qwen"})
     qwen = evaluate_dataset(cfg, DatasetSpec(toy, limit=4), EvalOptions(results_dir=tmp_path / "q", label="qwen"),
                             pipeline=tiny_pipe, console=Console(quiet=True)).run_dir
     res = invoke("compare", runs["base"], qwen)
-    assert res.exit_code == 2 and "differ in policy, pixels (policy qwen vs processor)" in res.output
+    assert not any(r.get("error") for r in (json.loads(x) for x in (qwen / "samples.jsonl").read_text().splitlines()))
+    assert res.exit_code == 2 and "differ in policy (policy qwen vs processor)" in res.output
 
     res = invoke("compare", runs["base"], qwen, other, "--allow-mixed", "--out", tmp_path / "o")
     assert res.exit_code == 0, res.output
@@ -159,9 +160,9 @@ def test_refuses_another_model_or_video_policy_and_allow_mixed_marks_them(runs, 
     rows = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
     assert [r["policy"] for r in rows] == ["processor", "qwen", "processor"]
     assert [r["model"] for r in rows] == ["tiny", "tiny", "toy"]
-    assert rows[0]["differs_in"] == "model;weights;policy;pixels"
+    assert rows[0]["differs_in"] == "model;weights;policy"
     header = (tmp_path / "o" / "compare.md").read_text().splitlines()[0]
-    assert header.startswith("| run | stages | model | model≠ | weights≠ | policy≠ | pixels≠ |")
+    assert header.startswith("| run | stages | model | model≠ | weights≠ | policy≠ | n |")
 
 
 def test_single_video_runs_compare_too(tmp_path):
@@ -239,3 +240,47 @@ def test_another_method_is_named_and_never_taken_for_the_baseline(runs, tiny_pip
     assert float(base_row["ideal_speedup"]) == 1
     (row,) = csv.DictReader(open(fastv / "summary.csv"))
     assert row["methods"] == "fastv" and row["stage1"] == row["stage2"] == "False"
+
+
+def test_lmms_eval_records_compare_and_are_checked_like_any_run(tiny_pipe, tmp_path):
+    """The folder the lmms-eval plugin writes beside lmms-eval's output records the same inputs;
+    `compare` reads it (medians, no accuracy: lmms-eval scores) and refuses a mismatch."""
+    from prunevid_bench.lmms.records import RunRecords
+    from tests.conftest import write_clip
+
+    clip = write_clip(tmp_path / "c.mp4", 4)
+    folders = []
+    for name, preset in (("base", None), ("pruned", "default")):
+        cfg = build_config(preset, None, {**FAST, "stage2.pruning_layer": 1})
+        records = RunRecords(tmp_path / name, cfg, tiny_pipe, {"preset": preset})
+        for doc in range(2):
+            records.add("toy_task", doc, "test", "What?", "x", tiny_pipe.run(clip, "What?", config=cfg))
+        records.write_summary()
+        folders.append(tmp_path / name)
+    res = invoke("compare", *folders, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    base, pruned = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
+    assert base["is_baseline"] == "True" and base["model"] == pruned["model"] == "tiny"
+    assert float(pruned["tokens_after_stage2"]) < float(base["tokens_after_stage2"]) and pruned["agreement"] == ""
+    env = json.loads((folders[1] / "environment.json").read_text())
+    env["dtype"] = "bfloat16"
+    (folders[1] / "environment.json").write_text(json.dumps(env))
+    res = invoke("compare", *folders)
+    assert res.exit_code == 2 and "differ in dtype (dtype bfloat16 vs float32)" in res.output
+
+
+def test_a_baseline_with_other_inputs_gets_no_agreement(runs, tiny_pipe, tmp_path):
+    """`run --dataset --baseline B` (and `summarize`) over a baseline that saw other inputs (here
+    another video policy) reports no agreement or paired test, and says why."""
+    toy = generate_dataset(tmp_path / "toy", 6, seed=3)
+    options = dict(results_dir=tmp_path / "r", label="vs-base", baseline=runs["base"])
+    same = evaluate_dataset(build_config(None, None, FAST), DatasetSpec(toy, limit=4), EvalOptions(**options),
+                            pipeline=tiny_pipe, console=Console(quiet=True))
+    assert "agreement" in same.summary and "paired" in same.summary and "baseline_mismatch" not in same.summary
+    cfg = build_config(None, None, {**FAST, "video.policy": "qwen"})
+    other = evaluate_dataset(cfg, DatasetSpec(toy, limit=4), EvalOptions(**{**options, "label": "qwen-vs-base"}),
+                             pipeline=tiny_pipe, console=Console(quiet=True))
+    assert "agreement" not in other.summary and "paired" not in other.summary
+    assert other.summary["complete"] and "differ in policy (policy qwen vs processor)" in other.summary["baseline_mismatch"]
+    res = invoke("summarize", other.run_dir)
+    assert "not computed: cannot compare with --baseline" in " ".join(res.output.split())

@@ -278,8 +278,47 @@ def test_sample_rows_limits():
     assert sample_rows(samples, 5) == samples
     assert sample_rows(samples, 50) == samples
     assert sample_rows(samples, None) == samples
-    with pytest.raises(PruneVidError, match="positive"):
+    with pytest.raises(PruneVidError, match=r"a number of questions \(>= 1\) or a fraction in \(0, 1\)"):
         sample_rows(samples, 0)
+    with pytest.raises(PruneVidError, match="or a fraction"):
+        sample_rows(samples, 2.5)
+
+
+def test_lmms_eval_conventions_fraction_first_and_offset():
+    """--limit 0.1 is a tenth of the rows rounded up, --sample first the first ones, --offset
+    skips rows first: what lmms-eval's --limit and --offset do."""
+    import math
+
+    samples = make_samples(23)
+    assert sample_rows(samples, 0.1, how="first") == samples[:3]  # ceil(2.3)
+    assert len(sample_rows(samples, 0.1)) == math.ceil(23 * 0.1) and sample_rows(samples, 0.1) != samples[:3]
+    assert sample_rows(samples, 4, how="first", offset=5) == samples[5:9]
+    assert sample_rows(samples, None, offset=20) == samples[20:]
+    picked = sample_rows(samples, 4, seed=3, offset=5)
+    assert len(picked) == 4 and all(s in samples[5:] for s in picked)
+    with pytest.raises(PruneVidError, match="--sample must be random or first"):
+        sample_rows(samples, 4, how="last")
+
+
+def test_cli_limit_fraction_first_and_offset_select_those_rows(tmp_path, tiny_pipe, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+    from prunevid_bench.pipeline import Pipeline
+    from prunevid_bench.toy.world import generate_dataset
+
+    monkeypatch.setattr(Pipeline, "from_config", classmethod(lambda cls, cfg: tiny_pipe))
+    data = generate_dataset(tmp_path / "toy", 10, seed=4)
+    ids = [json.loads(line)["id"] for line in data.read_text().splitlines()]
+    res = CliRunner().invoke(app, ["run", "--dataset", str(data), "--limit", "0.25", "--sample", "first", "--offset", "2",
+                                   "--model", "tiny", "--num-frames", "4", "--max-new-tokens", "1", "--warmup", "0",
+                                   "--results-dir", str(tmp_path / "r")], env={"COLUMNS": "200"})
+    assert res.exit_code in (0, 3), res.output
+    assert "2 selected (the first from row 2)" in res.output
+    (run_dir,) = (tmp_path / "r").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["sample_ids"] == ids[2:4]  # ceil(0.25 * 8) = 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,3 +47,20 @@ def test_wheel_install_lists_presets_and_finds_sweep_files(tmp_path):
     by_name = _run([sys.executable, "-c", "from prunevid_bench.harness.sweep import load_sweep_file; "
                     "print(sorted(load_sweep_file('stage2')))"], tmp_path, env)
     assert by_name.strip() == "['stage2.keep_ratio', 'stage2.pruning_layer']"
+
+
+def test_decord_is_an_extra_and_the_package_decodes_without_it(tmp_path):
+    """`pip install .` needs no decord (no wheel for aarch64 or macOS-arm64): it is an extra, and
+    with it absent every video decodes with PyAV."""
+    import tomllib
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    assert "decord" not in core and "torchcodec" not in core and "av>=" in core
+    assert project["optional-dependencies"]["decord"] == ["decord>=0.6"]
+    code = ("import sys; sys.modules['decord'] = None\n"
+            "from prunevid_bench.video import check_video, load_clip\n"
+            f"check_video({str(PROJECT_ROOT / 'examples' / 'toy_sample.mp4')!r})\n"
+            f"print(load_clip({str(PROJECT_ROOT / 'examples' / 'toy_sample.mp4')!r}, num_frames=4).backend)")
+    out = _run([sys.executable, "-c", code], tmp_path, {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
+    assert out.strip() == "pyav"

@@ -115,3 +115,24 @@ def test_an_interleaved_sweep_resumes_cell_by_cell(tiny_pipe, toy, tmp_path):
     assert again.sweep_dir == first.sweep_dir
     ran = {row["cell"]: row["n"] for row in again.rows}
     assert ran == {"baseline": 4, "keep_ratio=0.3": 4, "keep_ratio=0.6": 4}
+
+
+def test_a_resumed_sweep_whose_cells_ran_differently_is_refused_unless_allowed(tiny_pipe, toy, tmp_path):
+    """A cell finished under another transformers version (a sweep resumed after an upgrade) is
+    not tabulated beside the others, unless --allow-mixed."""
+    import json
+
+    from prunevid_bench.errors import PruneVidError
+
+    first = sweep(tiny_pipe, toy, tmp_path, 0, keep=("0.3",))
+    env_path = first.sweep_dir / "cells" / "keep_ratio=0.3" / "environment.json"
+    env = json.loads(env_path.read_text())
+    env["transformers"] = "4.0.0"
+    env_path.write_text(json.dumps(env))
+    with pytest.raises(PruneVidError, match=r"cannot tabulate this sweep: .* differ in transformers \(transformers 4.0.0 vs"):
+        sweep(tiny_pipe, toy, tmp_path, 0, keep=("0.3",))
+    cfg = build_config("default", None, FAST)
+    grid = SweepGrid(("keep_ratio",), ("keep_ratio=0.3",))
+    options = EvalOptions(results_dir=tmp_path, warmup=0, allow_mixed=True)
+    again = run_sweep(cfg, DatasetSpec(toy), grid, options, pipeline=tiny_pipe, console=Console(quiet=True))
+    assert [r["cell"] for r in again.rows] == ["baseline", "keep_ratio=0.3"]

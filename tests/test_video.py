@@ -1,15 +1,28 @@
-"""Video loading through both backends, frame sampling and bad input."""
+"""Video loading through every decoder installed, frame sampling and bad input."""
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 
+from prunevid_bench import decoders
+from prunevid_bench.config import PROJECT_ROOT
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.video import load_clip, sample_indices
 from tests.conftest import write_clip
 
 
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def installed(name):
+    """A decoder's param, skipped where its optional package is not installed."""
+    return pytest.param(name, marks=pytest.mark.skipif(not decoders.installed(name), reason=f"{name} not installed"))
+
+
+DECODERS = [installed(name) for name in ("pyav", "decord", "torchcodec")]
+
+
+@pytest.mark.parametrize("backend", DECODERS)
 def test_known_frame_count(clip_dir, backend):
     path = write_clip(clip_dir / "c12.mp4", 12, size=(56, 84), fps=6)
     clip = load_clip(path, num_frames=None, fps=6, max_frames=100, backend=backend)
@@ -23,11 +36,45 @@ def test_known_frame_count(clip_dir, backend):
     assert sampled.sampled_fps == pytest.approx(2.0)  # every third frame of a 6 fps video
 
 
-def test_backends_decode_same_frames(clip_dir):
+@pytest.mark.parametrize("backend", DECODERS[1:])
+def test_every_decoder_gives_pyavs_pixels_on_our_clips(clip_dir, backend):
+    """The bundled toy clip and the toy world's clips (what the README's table runs on) decode to
+    the same pixels, the same frames at the same rate, whichever decoder reads them; the noise
+    clips of the tests (libx264 at crf 18) within a few levels."""
+    from prunevid_bench.toy.world import generate_dataset
+
+    toy = generate_dataset(clip_dir / "toy-decoders", 2, seed=1).parent / "videos"
+    for path in [PROJECT_ROOT / "examples" / "toy_sample.mp4", *sorted(toy.glob("*.mp4"))]:
+        a, b = load_clip(path, num_frames=16, backend="pyav"), load_clip(path, num_frames=16, backend=backend)
+        assert (a.indices, a.native_fps, a.total_frames) == (b.indices, b.native_fps, b.total_frames)
+        assert np.array_equal(a.frames, b.frames), path
     path = write_clip(clip_dir / "c6.mp4", 6)
-    a = load_clip(path, num_frames=6, backend="decord").frames.astype(int)
+    a = load_clip(path, num_frames=6, backend=backend).frames.astype(int)
     b = load_clip(path, num_frames=6, backend="pyav").frames.astype(int)
     assert abs(a - b).mean() < 3
+
+
+def test_pyav_is_the_default_and_a_missing_decoder_is_one_line(clip_dir, monkeypatch):
+    path = write_clip(clip_dir / "c4.mp4", 4)
+    assert load_clip(path, num_frames=4).backend == "pyav"
+    assert decoders.order("auto")[0] == "pyav"
+    monkeypatch.setitem(sys.modules, "decord", None)  # as when decord is not installed
+    assert "decord" not in decoders.order("auto") and load_clip(path, num_frames=4).backend == "pyav"
+    with pytest.raises(PruneVidError, match=r"video.decoder=decord needs the decord package \(pip install 'prunevid-bench\[decord\]'\)"):
+        load_clip(path, num_frames=4, backend="decord")
+    with pytest.raises(PruneVidError, match="unknown video decoder 'opencv'"):
+        decoders.order("opencv")
+
+
+def test_the_configured_decoder_reaches_the_record(clip_dir, tiny_pipe):
+    from prunevid_bench.config import build_config
+
+    path = write_clip(clip_dir / "c8d.mp4", 8)
+    for decoder in ["pyav"] + [d for d in ("decord", "torchcodec") if decoders.installed(d)]:
+        cfg = build_config(None, None, {"video.decoder": decoder, "video.num_frames": 4, "generation.max_new_tokens": 1})
+        assert tiny_pipe.run(path, "What?", config=cfg).video_backend == decoder
+    with pytest.raises(PruneVidError, match="video.decoder must be one of auto, pyav, decord, torchcodec"):
+        build_config(None, None, {"video.decoder": "decrod"})
 
 
 def test_sampling_rules():

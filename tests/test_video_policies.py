@@ -13,7 +13,13 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.video import VideoRequest, clip_from_frames, load_clip, smart_resize
 from tests.conftest import write_clip
 
-os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")  # the backend we decode with too
+from prunevid_bench.decoders import installed  # noqa: E402
+
+# qwen-vl-utils decodes with decord or torchcodec (an optional extra here): the test needs one.
+READER = next((name for name in ("decord", "torchcodec") if installed(name)), None)
+if READER is None:
+    pytest.skip("qwen-vl-utils needs decord or torchcodec to read videos", allow_module_level=True)
+os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", READER)
 vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
 
 BOUNDS_7B = (3136, 12845056)  # Qwen2.5-VL-7B-Instruct's processor: min / max pixels

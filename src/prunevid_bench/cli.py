@@ -65,8 +65,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 # `run` options that only mean something with --dataset: refused for one video rather than ignored.
-DATASET_ONLY = ("limit", "seed", "answer_mode", "baseline", "force", "wait", "video_root", "answers", "dataset_format",
-                "feature_cache", "feature_cache_gb", "feature_cache_shared")
+DATASET_ONLY = ("limit", "seed", "sample", "offset", "answer_mode", "baseline", "force", "wait", "video_root", "answers",
+                "dataset_format", "feature_cache", "feature_cache_gb", "feature_cache_shared")
 
 
 def fail(message: str, code: int = 2) -> None:

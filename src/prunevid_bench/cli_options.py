@@ -37,7 +37,9 @@ VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder 
 AllowOutsideRoot = Annotated[bool, typer.Option("--allow-outside-root", help="Read videos that resolve outside --video-root (a dataset, a stream dataset) or outside a --messages file's folder; refused by default.", rich_help_panel="Dataset")]
 AnswersFile = Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")]
 DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="Evaluate a seeded random sample of N rows.", rich_help_panel="Dataset")]
+Limit = Annotated[Optional[float], typer.Option("--limit", help="Evaluate N rows, or a fraction of them when below 1 (0.1: a tenth, rounded up, as lmms-eval); which ones: --sample.", rich_help_panel="Dataset", show_default=False)]
+Sample = Annotated[str, typer.Option("--sample", help="How --limit chooses: random (a seeded sample, in file order) | first (the first N, as lmms-eval).", rich_help_panel="Dataset")]
+Offset = Annotated[int, typer.Option("--offset", help="Skip this many rows before --limit applies (as lmms-eval's --offset).", rich_help_panel="Dataset")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit sampling.", rich_help_panel="Dataset")]
 AnswerMode = Annotated[str, typer.Option("--answer-mode", help="generate (parse the letter) | logits (best option letter's first-token logit).", rich_help_panel="Dataset")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of stopping.", rich_help_panel="Dataset")]
@@ -128,12 +130,15 @@ class DatasetFlags:
     dataset_format: DatasetFormat = None
     limit: Limit = None
     seed: Seed = 0
+    sample: Sample = "random"
+    offset: Offset = 0
     allow_outside_root: AllowOutsideRoot = False
 
     def spec(self, path: Path):
         from prunevid_bench.harness.specs import DatasetSpec
 
-        return DatasetSpec(path, self.video_root, self.answers, self.dataset_format, self.limit, self.seed,
+        limit = int(self.limit) if self.limit is not None and self.limit >= 1 and float(self.limit).is_integer() else self.limit
+        return DatasetSpec(path, self.video_root, self.answers, self.dataset_format, limit, self.seed, self.sample, self.offset,
                            self.allow_outside_root)
 
 

@@ -50,6 +50,7 @@ class VideoConfig:
     max_pixels: int | None = None  # pixels per frame after resizing; null = the policy's bound
     min_pixels: int | None = None
     total_pixels: int | None = None  # qwen / lmms-eval: pixel budget of the whole video; null = 90% of 128k tokens
+    decoder: str = "auto"  # auto (PyAV, then decord or torchcodec if installed) | pyav | decord | torchcodec
 
 
 @dataclass
@@ -260,6 +261,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PruneVidError(f"one LLM-layer method per run: {' and '.join(layer_methods)} are both enabled; disable all but one")
     if v.policy not in VIDEO_POLICIES:
         raise PruneVidError(f"video.policy must be one of {', '.join(VIDEO_POLICIES)}, got '{v.policy}'{_suggest(v.policy, list(VIDEO_POLICIES))}")
+    from prunevid_bench.decoders import DECODERS
+
+    if v.decoder not in DECODERS:
+        raise PruneVidError(f"video.decoder must be one of {', '.join(DECODERS)}, got '{v.decoder}'{_suggest(v.decoder, list(DECODERS))}")
     if v.num_frames is not None and v.num_frames < 1:
         raise PruneVidError(f"video.num_frames must be >= 1, got {v.num_frames}")
     if v.fps is not None and v.fps <= 0:

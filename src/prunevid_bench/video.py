@@ -1,4 +1,5 @@
-"""Video decoding, frame sampling and resizing: decord first, PyAV as the fallback.
+"""Video sampling and resizing; decoding by ``prunevid_bench.decoders`` (PyAV by default,
+decord or torchcodec when installed and chosen with ``video.decoder``).
 
 Three sampling policies (``video.policy``) decide which frames are taken and at what size:
 
@@ -22,15 +23,13 @@ documented behaviour; the tests compare them with the tools themselves.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from prunevid_bench import decoders
 from prunevid_bench.errors import PruneVidError
 
 TEMPORAL_PATCH = 2  # Qwen2.5-VL packs 2 frames into one temporal grid step
@@ -69,6 +68,7 @@ class VideoRequest:
     max_pixels: int | None = None
     total_pixels: int | None = None
     factor: int = PATCH_FACTOR
+    decoder: str = "auto"  # video.decoder: auto | pyav | decord | torchcodec (prunevid_bench.decoders)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -86,6 +86,7 @@ class VideoRequest:
             max_pixels=video.max_pixels,
             total_pixels=video.total_pixels,
             factor=factor,
+            decoder=getattr(video, "decoder", "auto"),
         )
 
     @property
@@ -294,90 +295,6 @@ def _check_path(path: Path) -> None:
         raise PruneVidError(f"video file is empty: {path}")
 
 
-def _decode_decord(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int]:
-    import decord
-
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    total = len(reader)
-    native_fps = float(reader.get_avg_fps() or 0.0)
-    indices, _ = sampler(total, native_fps)
-    frames = reader.get_batch(indices).asnumpy()
-    return frames, indices, native_fps, total
-
-
-def _decode_pyav(path: Path, sampler) -> tuple[np.ndarray, list[int], float, int]:
-    """Count the frames without decoding, sample, then decode once keeping only the sampled
-    frames: memory holds the sample, never the whole video."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = _video_stream(container, path)
-        rate = stream.average_rate or stream.guessed_rate
-        native_fps = float(rate) if rate else 0.0
-    total = _count_packets(path)
-    indices, _ = sampler(total, native_fps)
-    kept, decoded = _decode_frames_at(path, set(indices))
-    if decoded != total:  # a packet held more or fewer than one frame: sample the true count
-        total = decoded
-        indices, _ = sampler(total, native_fps)
-        kept, _ = _decode_frames_at(path, set(indices))
-    return np.stack([kept[i] for i in indices]), indices, native_fps, total
-
-
-def _video_stream(container, path: Path):
-    if not container.streams.video:
-        raise PruneVidError(f"no video stream in {path}")
-    return container.streams.video[0]
-
-
-def _count_packets(path: Path) -> int:
-    """Frames counted without decoding: header counts are unreliable, while the usual containers
-    hold one frame per packet, and demuxing reads no pixels."""
-    import av
-
-    with av.open(str(path)) as container:
-        return sum(1 for packet in container.demux(_video_stream(container, path)) if packet.size)
-
-
-def _decode_frames_at(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the whole stream, converting only the frames at ``wanted`` (0-based, presentation
-    order) to RGB arrays; returns those arrays and how many frames were decoded."""
-    import av
-
-    kept: dict[int, np.ndarray] = {}
-    count = 0
-    with av.open(str(path)) as container:
-        for frame in container.decode(_video_stream(container, path)):
-            if count in wanted:
-                kept[count] = frame.to_ndarray(format="rgb24")
-            count += 1
-    return kept, count
-
-
-BACKENDS = {"decord": _decode_decord, "pyav": _decode_pyav}
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """decord and FFmpeg print their own complaints straight to file descriptor 2; a bad file
-    should end in our one-line error only, so silence the descriptor while decoding."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a test runner)
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _fit(frames: np.ndarray, request: VideoRequest) -> tuple[np.ndarray, bool]:
     """Resize sampled frames as the policy does; returns (frames, resized by us)."""
     if not request.resizes:
@@ -398,16 +315,14 @@ def load_clip(
     request: VideoRequest | None = None,
 ) -> Clip:
     """Decode, sample and (for the qwen-style policies) resize a video. ``backend="auto"``
-    tries decord, then PyAV. ``start``/``end`` (seconds) restrict sampling to a window, as
+    takes the request's ``decoder`` (``auto``: PyAV, then decord or torchcodec when installed). ``start``/``end`` (seconds) restrict sampling to a window, as
     MVBench's clip bounds do. ``request`` carries the policy and its knobs; without it the
     ``processor`` policy runs with ``num_frames`` / ``fps`` / ``max_frames``."""
     if request is None:
         request = VideoRequest("processor", num_frames=num_frames, fps=fps, max_frames=max_frames)
     path = Path(path)
     _check_path(path)
-    order = ["decord", "pyav"] if backend == "auto" else [backend]
-    if any(name not in BACKENDS for name in order):
-        raise PruneVidError(f"unknown video backend '{backend}' (use auto, decord or pyav)")
+    order = decoders.order(request.decoder if backend == "auto" else backend)
     planned: dict = {}
 
     def sampler(total: int, native_fps: float) -> tuple[list[int], float]:
@@ -422,8 +337,8 @@ def load_clip(
     failures = []
     for name in order:
         try:
-            with _quiet_native_stderr():
-                frames, indices, native_fps, total = BACKENDS[name](path, sampler)
+            with decoders.quiet_native_stderr():
+                frames, indices, native_fps, total = decoders.BACKENDS[name](path, sampler)
         except PruneVidError as exc:
             if planned.get("refused") is exc:
                 raise
@@ -481,38 +396,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _probe_decord(path: Path) -> tuple[int, int]:
-    import decord
-
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)  # reads the index only
-    if len(reader) < 1:
-        raise PruneVidError("the video has no frames")
-    height, width = reader[0].shape[:2]  # one decoded frame proves the stream decodes
-    return int(height), int(width)
-
-
-def _probe_pyav(path: Path) -> tuple[int, int]:
-    import av
-
-    with av.open(str(path)) as container:
-        for frame in container.decode(_video_stream(container, path)):
-            return frame.height, frame.width
-    raise PruneVidError("the video has no frames")
-
-
-PROBES = {"decord": _probe_decord, "pyav": _probe_pyav}
-
-
-def check_video(path: str | Path) -> None:
+def check_video(path: str | Path, decoder: str = "auto") -> None:
     """Cheap preflight, decoding one frame: raise PruneVidError when the file is missing, cannot
     be decoded, or has frames of a shape the processor refuses."""
     path = Path(path)
     _check_path(path)
     failures = []
-    for name, probe in PROBES.items():
+    for name in decoders.order(decoder):
         try:
-            with _quiet_native_stderr():
-                height, width = probe(path)
+            with decoders.quiet_native_stderr():
+                height, width = decoders.PROBES[name](path)
             break
         except PruneVidError as exc:
             failures.append(f"{name}: {exc}")

@@ -160,7 +160,7 @@ def _deltas(run: SavedRun, reference: SavedRun | None, row: dict[str, Any]) -> d
     if row["kv_cache_bytes"] and ref_kv:
         out["kv_ratio"] = row["kv_cache_bytes"] / ref_kv
     mine, theirs = answered(run), answered(reference)
-    if mine and theirs:
+    if mine and theirs and all("prediction" in r for r in mine + theirs):  # lmms-eval records: it scores them
         out["agreement"] = agreement(mine, theirs)["agreement"]
         if all("correct" in r for r in mine + theirs):  # scored: the paired test over the shared questions
             paired = paired_difference(mine, theirs)

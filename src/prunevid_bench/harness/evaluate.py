@@ -78,9 +78,11 @@ class DatasetPlan:
     selected: list[QASample]  # after --limit, in file order
     runnable: list[QASample]  # selected and passed preflight
     skipped: list[dict[str, str]]  # {"id", "reason", "stage": "dataset" | "preflight"}
-    limit: int | None
+    limit: int | float | None
     seed: int
     n_usable: int | None = None  # rows of the file that parsed into questions (None: all selected)
+    sample: str = "random"  # how --limit chose: random (seeded) | first
+    offset: int = 0
 
     def counts(self) -> dict[str, int]:
         """How the rows divide, so that every figure shown adds up: rows = usable + unusable,
@@ -96,8 +98,11 @@ class DatasetPlan:
             [s.id, s.question, list(s.options), s.answer_index, s.video.name, s.start, s.end] for s in self.selected
         ]
         digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
-        return {"name": self.name, "format": self.format, "limit": self.limit, "seed": self.seed,
-                "n_selected": len(self.selected), "questions_sha256": digest}
+        ident = {"name": self.name, "format": self.format, "limit": self.limit, "seed": self.seed,
+                 "n_selected": len(self.selected), "questions_sha256": digest}
+        if (self.sample, self.offset) != ("random", 0):  # named only when used: earlier folders keep their names
+            ident.update(sample=self.sample, offset=self.offset)
+        return ident
 
 
 @dataclass
@@ -121,11 +126,12 @@ def plan_dataset(
     ds = load_dataset(dataset.path, video_root=dataset.video_root, answers=dataset.answers, format=dataset.format,
                       allow_outside_root=dataset.allow_outside_root)
     limit, seed = dataset.limit, dataset.seed
-    selected = sample_rows(ds.samples, limit, seed)
+    selected = sample_rows(ds.samples, limit, seed, dataset.sample, dataset.offset)
     runnable, problems = preflight(selected, check or check_video)
     skipped = [{"id": i, "reason": r, "stage": "dataset"} for i, r in ds.skipped]
     skipped += [{"id": i, "reason": r, "stage": "preflight"} for i, r in problems]
-    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, n_usable=len(ds))
+    plan = DatasetPlan(ds.name, ds.format, ds.path, selected, runnable, skipped, limit, seed, n_usable=len(ds),
+                       sample=dataset.sample, offset=dataset.offset)
     console.print(f"dataset {escape(ds.name)} ({ds.format}): {counts_line(plan)}", highlight=False, soft_wrap=True)
     for item in skipped[:10]:
         console.print(f"  [yellow]skipped[/] {shown(item['id'])} ({item['stage']}): {shown(item['reason'])}",
@@ -141,7 +147,11 @@ def counts_line(plan: DatasetPlan) -> str:
     """``5 rows, 1 unusable; 4 selected; preflight: 2 ready, 2 skipped``."""
     c = plan.counts()
     rows = f"{c['rows']} rows" + (f", {c['unusable']} unusable" if c["unusable"] else "")
-    sampled = f" (seeded sample, seed {plan.seed})" if c["selected"] < c["rows"] - c["unusable"] else ""
+    start = f" from row {plan.offset}" if plan.offset else ""
+    if c["selected"] < c["rows"] - c["unusable"]:
+        sampled = f" (the first{start})" if plan.sample == "first" else f" (seeded sample{start}, seed {plan.seed})"
+    else:
+        sampled = ""
     skipped = f", {c['skipped_preflight']} skipped" if c["skipped_preflight"] else ""
     return f"{rows}; {c['selected']} selected{sampled}; preflight: {c['ready']} ready{skipped}"
 
@@ -331,8 +341,15 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
     wrong = [key for key, kind in kinds.items() if not isinstance(plan[key], kind) or isinstance(plan[key], bool)]
     if wrong or not all(isinstance(i, str) for i in plan["runnable"]):
         raise PruneVidError(f"{run_dir / PLAN_FILE}: {(wrong or ['runnable'])[0]} has the wrong type; {again}")
-    if baseline_records is None and meta.get("baseline"):
-        baseline_records = load_baseline(Path(meta["baseline"]))
+    mismatch = None
+    if meta.get("baseline"):  # --baseline: no agreement with a run that saw other inputs
+        from prunevid_bench.harness.inputs import baseline_mismatch
+
+        mismatch = baseline_mismatch(run_dir, Path(meta["baseline"]))
+        if mismatch:
+            baseline_records = None
+        elif baseline_records is None:
+            baseline_records = load_baseline(Path(meta["baseline"]))
     elif baseline_records is None and meta.get("scenario") == "sweep-cell" and meta.get("kind") != "baseline":
         sibling = run_dir.parent / "baseline"  # sweep.cell_folder("baseline")
         baseline_records = load_baseline(sibling) if sample_logs(sibling) else None
@@ -351,6 +368,8 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
         if ranks:
             summary["ranks"] = ranks
         summary.update(missing_samples(run_dir, plan["runnable"], done))
+        if mismatch:
+            summary["baseline_mismatch"] = mismatch
         write_json(run_dir / SUMMARY_FILE, summary)
         write_csv_row(run_dir / "summary.csv", flat_row(meta, summary, meta["config"]))
     return summary, records
@@ -556,6 +575,8 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
     if "agreement" in summary:
         ag = summary["agreement"]
         row("agreement with baseline", f"{fmt_pct(ag['agreement'])} [{fmt_pct(ag['ci_low'])}, {fmt_pct(ag['ci_high'])}] on {ag['n']}")
+    if summary.get("baseline_mismatch"):
+        row("agreement with baseline", f"not computed: {summary['baseline_mismatch']}")
     if summary.get("paired"):
         from prunevid_bench.harness.answers import paired_text
 

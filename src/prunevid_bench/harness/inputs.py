@@ -2,8 +2,8 @@
 are set side by side.
 
 Two runs are comparable only when the same model (name and weights), family, dtype, device,
-attention implementation, video policy, pixel budgets, frame sampling, prompt template and
-transformers version produced them; otherwise a difference in accuracy or time may come from the
+attention implementation, video policy, pixel budgets, frame sampling, decoder, prompt template
+and transformers version produced them; otherwise a difference in accuracy or time may come from the
 inputs, not from the method. ``compare``, ``summarize`` (against its baseline), the sweep table
 and the lmms-eval records read the same fields; a mismatch is refused with the fields named
 unless the user passes ``--allow-mixed``, and then the differing fields are shown as columns.
@@ -129,6 +129,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "policy": lambda run: _first_record(run).get("video_policy") or run.environment.get("video_policy"),
     "pixels": lambda run: _video(run, PIXEL_KEYS),
     "frames": lambda run: _video(run, FRAME_KEYS),
+    "decoder": lambda run: _first_record(run).get("video_backend"),
     "prompt": lambda run: run.environment.get("prompt_template"),
     "transformers": lambda run: run.environment.get("transformers"),
 }
@@ -164,6 +165,28 @@ def check_same_inputs(runs: list, reference, allow_mixed: bool = False, what: st
             f"({first} {identity(other)[first]} vs {ref[first]}): the model saw different inputs or ran "
             "differently; pass --allow-mixed to compare anyway")
     return fields
+
+
+def folder_inputs(path: Path):
+    """A run folder's recorded inputs, finished or not (its config, environment and logs), as an
+    object ``identity`` reads."""
+    from prunevid_bench.harness.runs import SavedRun, read_run_samples
+    from prunevid_bench.report import read_json
+
+    meta = read_json(path / "config.json", "restore it, or rerun with --force", ("config",))
+    env_path = path / "environment.json"
+    env = read_json(env_path, "restore it, or rerun with --force") if env_path.is_file() else {}
+    config = meta.pop("config")
+    return SavedRun(Path(path), meta, config, {}, None, read_run_samples(path), env)
+
+
+def baseline_mismatch(run_dir: Path, baseline: Path) -> str | None:
+    """Why ``baseline`` cannot be agreed with (the fields in which its inputs differ), or None."""
+    try:
+        check_same_inputs([folder_inputs(Path(run_dir))], folder_inputs(Path(baseline)), what="compare with --baseline")
+    except PruneVidError as exc:
+        return str(exc).removesuffix("; pass --allow-mixed to compare anyway")
+    return None
 
 
 def model_text(name: str | None) -> str:

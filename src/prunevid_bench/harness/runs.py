@@ -71,13 +71,16 @@ def enabled_sections(cfg: Mapping[str, Any]) -> list[str]:
             if name not in ("model", "video", "generation") and isinstance(values, Mapping) and values.get("enabled")]
 
 
-# Config sections that change how fast a run goes, never what it computes: left out of its identity.
-NOT_IDENTITY = ("runtime",)
+NOT_IDENTITY = ("runtime",)  # config sections that change how fast a run goes, never what it computes
 
 
 def identity_config(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A config dict without NOT_IDENTITY sections: what a run folder's fingerprint covers."""
-    return None if cfg is None else {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+    """What a run folder's fingerprint covers: the config without NOT_IDENTITY sections, nor
+    ``video.decoder: auto`` (older folders keep their names; each record names its decoder)."""
+    out = None if cfg is None else {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+    if out and isinstance(out.get("video"), Mapping) and out["video"].get("decoder") == "auto":
+        out["video"] = {k: v for k, v in out["video"].items() if k != "decoder"}
+    return out
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
@@ -417,8 +420,10 @@ def load_run(path: Path) -> SavedRun:
     config = meta.pop("config")
     summary = result = None
     records: dict[str, dict[str, Any]] = {}
-    if meta.get("scenario") == "stream":
-        summary, records = stream_as_run(path)
+    if meta.get("scenario") in ("stream", "lmms-eval"):  # folders other scenarios write
+        from prunevid_bench.harness.other_runs import lmms_as_run, stream_as_run
+
+        summary, records = (stream_as_run if meta["scenario"] == "stream" else lmms_as_run)(path)
     elif (path / SUMMARY_FILE).is_file():
         summary = read_json(path / SUMMARY_FILE, rerun, ("accuracy", "metrics"))
         records = read_run_samples(path)
@@ -430,32 +435,3 @@ def load_run(path: Path) -> SavedRun:
     env = read_json(env_path, "restore it, or leave this folder out") if env_path.is_file() else {}
     return SavedRun(path, meta, config, summary, result, records, env)
 
-
-STREAM_METRICS = ("ttft_s", "kv_cache_bytes", "tokens_before_stage1", "tokens_after")
-
-
-def _as_dataset_record(r: dict[str, Any]) -> dict[str, Any]:
-    """A stream record with a dataset record's names: the visual tokens cached (in), those the
-    answer kept after question-time eviction (out; all of them without eviction), the KV bytes."""
-    kept = r.get("visual_tokens_kept")
-    return {**r, "kv_cache_bytes": r.get("kv_bytes"), "tokens_before_stage1": r.get("visual_tokens"),
-            "tokens_after": r.get("visual_tokens") if kept is None else kept}
-
-
-def stream_as_run(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """A stream folder (``prunevid stream``) read as a dataset run: its answered questions as
-    the records, accuracy over the scored ones, medians of TTFT, KV bytes and visual tokens."""
-    from prunevid_bench.harness.answers import accuracy_summary
-
-    log = path / "questions.jsonl"
-    if not log.is_file():
-        raise PruneVidError(f"{path} is a stream folder without questions.jsonl: the run has not finished; rerun its command")
-    rows = read_samples(log)
-    records = {i: _as_dataset_record(r) for i, r in rows.items() if not r.get("skipped")}
-    scored = [r for r in records.values() if "correct" in r]
-    summary = {
-        "accuracy": accuracy_summary(scored) if scored else None,
-        "skipped": [{"id": i, "reason": r["skipped"]} for i, r in rows.items() if r.get("skipped")],
-        "metrics": {k: v for k in STREAM_METRICS if (v := spread(r.get(k) for r in records.values())) is not None},
-    }
-    return summary, records

@@ -26,8 +26,10 @@ class DatasetSpec:
     video_root: Path | None = None  # the folder the rows' videos are relative to (default: the file's)
     answers: Path | None = None  # EgoSchema's separate answers file
     format: str | None = None  # a registered row format; None: recognised from the rows
-    limit: int | None = None  # a seeded random sample of this many questions; None: all
+    limit: int | float | None = None  # this many questions (a fraction when below 1); None: all
     seed: int = 0
+    sample: str = "random"  # random: a seeded sample of them | first: the first ones (lmms-eval's --limit)
+    offset: int = 0  # rows skipped before sampling (lmms-eval's --offset)
     allow_outside_root: bool = False  # read rows whose videos resolve outside the video root
 
 

@@ -4,6 +4,7 @@ then the seeded ``--limit`` sample and the video preflight."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -80,18 +81,31 @@ def load_dataset(
     return Dataset(name=path.stem, format=fmt.name, path=path.resolve(), samples=samples, skipped=skipped)
 
 
-def sample_rows(samples: list[QASample], limit: int | None, seed: int = 0) -> list[QASample]:
-    """A seeded random subset of ``limit`` samples, kept in file order.
+SAMPLING = ("random", "first")
 
-    Not the first N rows: files are often sorted by video or task, so a prefix is biased.
-    ``limit`` None or >= len(samples) returns them all.
-    """
-    if limit is None or limit >= len(samples):
-        return list(samples)
-    if limit < 1:
-        raise PruneVidError(f"limit must be a positive number of questions, got {limit}")
-    chosen = sorted(random.Random(seed).sample(range(len(samples)), limit))
-    return [samples[i] for i in chosen]
+
+def sample_rows(samples: list[QASample], limit: int | float | None, seed: int = 0, how: str = "random",
+                offset: int = 0) -> list[QASample]:
+    """The questions a run asks, kept in file order: the rows from ``offset`` on, then ``limit``
+    of them: a seeded random subset (``how="random"``; files are often sorted by video or task, so
+    a prefix is biased) or the first ones (``how="first"``, as lmms-eval's ``--limit`` takes them).
+    A ``limit`` below 1 is a fraction of those rows, rounded up (as lmms-eval); None or more than
+    there are takes them all."""
+    if how not in SAMPLING:
+        raise PruneVidError(f"--sample must be random or first, got '{how}'")
+    if offset < 0:
+        raise PruneVidError(f"--offset must be >= 0, got {offset}")
+    rows = list(samples)[offset:]
+    if limit is not None:
+        if limit <= 0 or (limit > 1 and not float(limit).is_integer()):
+            raise PruneVidError(f"--limit must be a number of questions (>= 1) or a fraction in (0, 1), got {limit}")
+        limit = math.ceil(len(rows) * limit) if limit < 1 else int(limit)
+    if limit is None or limit >= len(rows):
+        return rows
+    if how == "first":
+        return rows[:limit]
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in chosen]
 
 
 def _exists(path: Path) -> None:
