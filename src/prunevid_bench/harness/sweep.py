@@ -29,19 +29,15 @@ every finished cell back and makes the same table; ``--status`` shows each cell'
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
+from prunevid_bench.config import RunConfig
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.answers import agreement, paired_difference, paired_short
-from prunevid_bench.harness.interleave import paired_speedup
 from prunevid_bench.harness.evaluate import (
     DatasetPlan,
     EvalResult,
@@ -56,12 +52,18 @@ from prunevid_bench.harness.launch import Launch
 from prunevid_bench.harness.runlock import LOCK_FILE, RunLock, held_locks
 from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, identity_config, read_run_samples
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
+from prunevid_bench.harness.sweep_grid import (
+    Cell, expand_cells, frames_controls, grid_spec, method_budget_cells, short_name, value_text,
+)
+from prunevid_bench.harness.sweep_grid import (  # noqa: F401 (read from here by the CLI and older callers)
+    load_sweep_file, parse_method_grid, parse_values, shipped_values,
+)
+from prunevid_bench.harness.sweep_report import (  # noqa: F401 (pareto_front: read from here by older callers)
+    mark_pareto, pareto_front, sweep_rows, sweep_table, sweep_title, write_csv,
+)
 from prunevid_bench.harness.tables import Column, FittedTable
 from prunevid_bench.report import slug, write_json
 
-SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"  # package data, like the presets (config.PRESET_DIR)
-
-CONTROLS = ("random", "frames")
 SWEEP_FEATURE_CACHE_GB = 4.0  # memory for the cells' shared vision features (--feature-cache-gb)
 METRIC_CHOICES = ("accuracy", "agreement")
 
@@ -82,17 +84,6 @@ class SweepGrid:
 
 
 @dataclass
-class Cell:
-    name: str
-    kind: str  # baseline | grid | control_random | control_frames
-    overrides: dict[str, Any]  # dotted keys applied to the base config
-    config: RunConfig
-    matches: list[str] = field(default_factory=list)  # frames control: the cells whose budget it matches
-    method: str | None = None  # matched-budget cells: the method and the asked budget
-    budget: float | None = None
-
-
-@dataclass
 class SweepResult:
     sweep_dir: Path
     cells: list[Cell]
@@ -100,233 +91,6 @@ class SweepResult:
     plot: Path | None
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell name -> its summary.json
     failed: dict[str, str] = field(default_factory=dict)  # cell name -> its error or state (launched cells)
-
-
-# ---------------------------------------------------------------------------------------------
-# The grid
-
-
-def short_name(key: str) -> str:
-    """``stage1.tau`` -> ``tau`` when the short name is unambiguous, else the dotted key."""
-    short = key.split(".", 1)[1]
-    try:
-        return short if resolve_key(short) == key else key
-    except PruneVidError:
-        return key
-
-
-def parse_values(specs: list[str]) -> dict[str, list[Any]]:
-    """``["tau=0.7,0.8", "stage2.score=prunevid,random"]`` -> {dotted key: [values]} (YAML-typed)."""
-    out: dict[str, list[Any]] = {}
-    for spec in specs:
-        if "=" not in spec:
-            raise PruneVidError(f"--values expects name=v1,v2,..., got '{spec}'")
-        name, raw = spec.split("=", 1)
-        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
-        if not values:
-            raise PruneVidError(f"--values {name}: no values given")
-        out[resolve_key(name.strip())] = values
-    return out
-
-
-def load_sweep_file(path: Path) -> dict[str, list[Any]]:
-    """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description.
-
-    A name that is not a file but names a shipped sweep (``stage1``) reads that one, so a wheel
-    install, which has no ``sweeps/`` folder to point at, can use them too."""
-    shipped = SWEEP_DIR / f"{path}.yaml"
-    if not Path(path).is_file() and Path(path).name == str(path) and shipped.is_file():
-        path = shipped
-    data = load_yaml(Path(path))
-    grid = data.get("grid") if isinstance(data, dict) else None
-    if not isinstance(grid, dict) or not grid:
-        raise PruneVidError(f"{path}: expected a 'grid' mapping of parameter: [values]")
-    out = {}
-    for name, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise PruneVidError(f"{path}: grid.{name} must be a non-empty list of values")
-        out[resolve_key(str(name))] = values
-    return out
-
-
-def shipped_values(key: str) -> list[Any] | None:
-    """Values for ``key`` from the sweep files shipped in ``sweeps/`` (alphabetical order), so
-    ``prunevid sweep tau cluster_ratio`` works without ``--values``."""
-    for path in sorted(SWEEP_DIR.glob("*.yaml")):
-        grid = load_sweep_file(path)
-        if key in grid:
-            return grid[key]
-    return None
-
-
-def dedupe_values(key: str, values: list[Any], notes: list[str] | None = None) -> list[Any]:
-    """``values`` without repeats, in order (two equal values would share one cell folder). Each
-    repeat dropped is said in ``notes``. ``True`` and ``1`` are different values here."""
-    kept: list[Any] = []
-    for value in values:
-        if any(isinstance(v, bool) == isinstance(value, bool) and v == value for v in kept):
-            if notes is not None:
-                notes.append(f"{short_name(key)}={_value_text(value)} is given more than once; it runs once")
-            continue
-        kept.append(value)
-    return kept
-
-
-def grid_spec(params: list[str], values: list[str] | None, sweep_file: Path | None,
-              notes: list[str] | None = None) -> dict[str, list[Any]]:
-    """The swept keys and their values: a sweep file overlaid by ``--values``, restricted to
-    PARAMS when given. Repeated values are dropped, with a line in ``notes``."""
-    spec = load_sweep_file(sweep_file) if sweep_file else {}
-    given = parse_values(values or [])
-    spec.update(given)
-    if params:
-        keys = [resolve_key(p) for p in params]
-        extra = [k for k in given if k not in keys]
-        if extra:
-            raise PruneVidError(f"--values given for {', '.join(extra)}, which is not among the swept PARAMs")
-        missing = [k for k in keys if k not in spec]
-        for key in missing[:]:  # no values given: take them from the first shipped sweep file listing the key
-            shipped = shipped_values(key)
-            if shipped is not None:
-                spec[key] = shipped
-                missing.remove(key)
-        if missing:
-            raise PruneVidError(f"no values for {missing[0]}: give --values {short_name(missing[0])}=v1,v2 or a --sweep-file that lists it")
-        spec = {k: spec[k] for k in keys}
-    if not spec:
-        raise PruneVidError("nothing to sweep: name PARAMs with --values name=v1,v2, or give --sweep-file")
-    for key in spec:
-        if key.startswith("model."):
-            raise PruneVidError(f"{key} cannot be swept: a sweep loads one model; run one sweep per model")
-        if key.startswith("runtime."):
-            raise PruneVidError(f"{key} cannot be swept: it is set once per process (--threads)")
-    return {key: dedupe_values(key, vals, notes) for key, vals in spec.items()}
-
-
-def with_overrides(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    return from_dict(merge_into(base.to_dict(), overrides_to_layer(overrides), "sweep"))
-
-
-def _value_text(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def methods_off(base: RunConfig) -> dict[str, bool]:
-    """The overrides that switch off every method the base config has on: the baseline cell and
-    every frames control start from these, so no method (ToMe, EVS, ...) stays on in them."""
-    from prunevid_bench.methods import method_sections
-
-    return {f"{s}.enabled": False for s in method_sections() if base.section(s).enabled}
-
-
-def expand_cells(base: RunConfig, spec: dict[str, list[Any]], controls: list[str] | None = None) -> list[Cell]:
-    """The baseline, every grid cell and the random controls (frames controls come later)."""
-    controls = list(dict.fromkeys(controls or []))  # a control named twice runs once
-    for control in controls:
-        if control not in CONTROLS:
-            raise PruneVidError(f"unknown control '{control}'; use {' or '.join(CONTROLS)}")
-    from prunevid_bench.methods import method_sections
-
-    sections = method_sections()
-    off = methods_off(base)
-    cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
-    switch_on = {f"{k.split('.')[0]}.enabled": True for k in spec
-                 if k.split(".")[0] in sections and not k.endswith(".enabled")}
-    for combo in itertools.product(*spec.values()):
-        chosen = dict(zip(spec, combo))
-        overrides = {**switch_on, **chosen}  # an explicitly swept .enabled wins
-        name = ",".join(f"{short_name(k)}={_value_text(v)}" for k, v in chosen.items())
-        cells.append(Cell(name, "grid", overrides, with_overrides(base, overrides)))
-    if "random" in (controls or []):
-        for cell in [c for c in cells if c.kind == "grid"]:
-            key = _score_key(cell.config)
-            if key is not None:
-                overrides = {**cell.overrides, key: "random"}
-                cells.append(Cell(f"{cell.name}+random", "control_random", overrides, with_overrides(base, overrides)))
-    return cells
-
-
-def _score_key(cfg: RunConfig) -> str | None:
-    """The dotted ``score`` key of the cell's LLM-layer method when it scores (and not by chance
-    already): its random control keeps the same tokens' count, chosen by chance."""
-    from prunevid_bench.methods import get_method
-
-    for method in (get_method(name) for name in cfg.enabled_methods):
-        section = cfg.section(method.section)
-        if method.where(section) == "llm_layer" and "random" in method.choices.get("score", ()) and section.score != "random":
-            return f"{method.section}.score"
-    return None
-
-
-# PruneVid's lines in a matched-budget sweep: Stages 1 and 2 on, with these settings on top.
-PRUNEVID_LINES = {"prunevid": {}, "prunevid-vision": {"stage1.space": "vision"}}
-
-
-def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float]) -> list[Cell]:
-    """Matched budgets: the baseline (every method off) and one cell per method and budget, with
-    only that method on (``prunevid``: Stages 1 and 2, Stage 1 with the base's settings;
-    ``prunevid-vision``: the same with Stage 1 in the vision encoder's space) and its knob set to
-    keep the fraction B (``budget.budget_overrides``)."""
-    from prunevid_bench.budget import budget_overrides
-    from prunevid_bench.methods import all_methods, get_method
-
-    if not budgets:
-        raise PruneVidError("--methods needs --budgets B1,B2,... (kept fractions in (0, 1])")
-    off = {f"{m.section}.enabled": False for m in all_methods()}
-    cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
-    for name in dict.fromkeys(methods):
-        sections = ["stage1", "stage2"] if name in PRUNEVID_LINES else [get_method(name).section]
-        on = {**off, **{f"{s}.enabled": True for s in sections}, **PRUNEVID_LINES.get(name, {})}
-        for budget in dict.fromkeys(budgets):
-            overrides = {**on, **budget_overrides(with_overrides(base, on), float(budget))}
-            cells.append(Cell(f"{name},budget={_value_text(budget)}", "method", overrides, with_overrides(base, overrides),
-                              method=name, budget=float(budget)))
-    return cells
-
-
-def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """``--methods a,b --budgets 0.1,0.5`` -> (names, fractions), each checked."""
-    if methods is None:
-        if budgets is not None:
-            raise PruneVidError("--budgets needs --methods (e.g. --methods prunevid,tome)")
-        return (), ()
-    from prunevid_bench.methods import get_method
-
-    names = tuple(n.strip() for n in methods.split(",") if n.strip())
-    for name in names:
-        if name not in PRUNEVID_LINES:
-            get_method(name)  # unknown names: did you mean
-    try:
-        values = tuple(float(b) for b in (budgets or "").split(",") if b.strip())
-    except ValueError:
-        raise PruneVidError(f"--budgets expects fractions like 0.1,0.25,0.5, got '{budgets}'") from None
-    from prunevid_bench.methods import check_budget
-
-    for value in values:
-        check_budget(value, "--budgets values")
-    return names, values
-
-
-def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, EvalResult]) -> list[Cell]:
-    """Baseline runs with fewer frames, one per distinct count matching a grid cell's kept tokens."""
-    baseline = results["baseline"].summary["metrics"]
-    if "tokens_before_stage1" not in baseline or "num_frames" not in baseline:
-        return []
-    frames_now = baseline["num_frames"]["median"]
-    per_step = baseline["tokens_before_stage1"]["median"] / max(1.0, frames_now / 2)  # tokens per 2 frames
-    wanted: dict[int, list[str]] = {}
-    for cell in cells:
-        metrics = results[cell.name].summary["metrics"] if cell.name in results else {}
-        if cell.kind != "grid" or "tokens_after" not in metrics:
-            continue
-        frames = 2 * max(1, round(metrics["tokens_after"]["median"] / per_step))
-        if frames < frames_now:
-            wanted.setdefault(frames, []).append(cell.name)
-    out = []
-    for frames in sorted(wanted):
-        overrides = {**methods_off(base), "video.num_frames": frames, "video.fps": None}
-        out.append(Cell(f"frames={frames}", "control_frames", overrides, with_overrides(base, overrides), wanted[frames]))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +317,7 @@ def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls)
         return "-" if recorded is None else f"{recorded['launcher']} {recorded['job_id']}"
 
     rows = [{"#": str(i), "cell": cell.name, "kind": cell.kind,
-             "overrides": " ".join(f"{short_name(k)}={_value_text(v)}" for k, v in cell.overrides.items()),
+             "overrides": " ".join(f"{short_name(k)}={value_text(v)}" for k, v in cell.overrides.items()),
              "status": cell_status(sweep_dir / "cells" / cell_folder(cell.name), plan), "job": job(cell)}
             for i, cell in enumerate(cells, start=1)]
     if "frames" in (controls or []):
@@ -567,144 +331,3 @@ def cells_table(cells: list[Cell], sweep_dir: Path, plan: DatasetPlan, controls)
     if any(r["job"] != "-" for r in rows):  # a launched sweep: which job ran each cell
         columns.append(Column("job", lambda r: r["job"], rank=2, justify="left"))
     return FittedTable(columns, rows, title=f"Sweep cells ({len(plan.runnable)} questions each)")
-
-
-# ---------------------------------------------------------------------------------------------
-# The table and the Pareto front
-
-
-def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    base_records = results["baseline"].records
-    base_ttft = results["baseline"].summary["metrics"].get("ttft_s", {}).get("median")
-    rows = []
-    for cell in cells:
-        res = results[cell.name]
-        acc, m = res.summary["accuracy"], res.summary["metrics"]
-        ag = agreement(res.records, base_records)
-
-        def med(name):
-            return m[name]["median"] if name in m else None
-
-        row = {"cell": cell.name, "kind": cell.kind}
-        if cell.kind in ("method", "baseline") and "method" in spec:  # matched budgets: no config keys swept
-            row.update(method=cell.method, budget=cell.budget)
-        for key in (k for k in spec if "." in k):
-            section, name = key.split(".")
-            stage_off = section not in ("model", "video", "generation") and not cell.config.section(section).enabled
-            # A stage's parameters mean nothing in a cell where it is off: left blank, not the base's value.
-            row[short_name(key)] = None if stage_off and name != "enabled" else getattr(cell.config.section(section), name)
-        for key in (k for k in spec if k.endswith(".pruning_layer")):  # the layer the model resolved, beside the value as swept
-            section = cell.config.section(key.split(".")[0])
-            row[short_name(key)] = res.summary.get("pruning_layer") if section.enabled else None
-            row["pruning_layer_spec"] = section.pruning_layer if section.enabled else None
-        paired = paired_difference(res.records, base_records)
-        speed = paired_speedup(res.records, base_records) or {}
-        row.update(
-            speedup_paired_median=speed.get("median"), speedup_paired_p25=speed.get("p25"),
-            speedup_paired_p75=speed.get("p75"), speedup_of_medians=speed.get("ratio_of_medians"),
-            model=cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
-            paired_ci_high=paired["ci_high"], mcnemar_p=paired["p"],
-            n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
-            unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
-            agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"],
-            num_frames=med("num_frames"), tokens_in=med("tokens_before_stage1"),
-            tokens_after_stage1=med("tokens_after_stage1"), kept_tokens=med("tokens_after"),
-            retention=med("total_compression_ratio"), ttft_s=med("ttft_s"), ideal_speedup=med("ideal_speedup"),
-            ttft_ideal_s=base_ttft / med("ideal_speedup") if base_ttft and med("ideal_speedup") else None,
-            decode_tokens_per_s=med("decode_tokens_per_s"), peak_memory_bytes=med("peak_memory_bytes"),
-            kv_cache_bytes=med("kv_cache_bytes"), matches=";".join(cell.matches), run_dir=str(res.run_dir),
-        )
-        rows.append(row)
-    return rows
-
-
-def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool]:
-    """For each (cost, quality) point: is it on the front (lower cost, higher quality)?
-
-    A point is off the front when another has cost <= and quality >= with one of them strict.
-    Points with a missing value are never on it.
-    """
-    flags = []
-    for i, (x, y) in enumerate(points):
-        if x is None or y is None or x != x or y != y:
-            flags.append(False)
-            continue
-        dominated = any(
-            j != i and ox is not None and oy is not None and ox <= x and oy >= y and (ox < x or oy > y)
-            for j, (ox, oy) in enumerate(points)
-        )
-        flags.append(not dominated)
-    return flags
-
-
-def mark_pareto(rows: list[dict[str, Any]], metric: str) -> None:
-    for cost in ("kept_tokens", "ttft_s"):
-        flags = pareto_front([(r[cost], r[metric]) for r in rows])
-        for row, flag in zip(rows, flags):
-            row[f"pareto_{cost}"] = flag
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def sweep_title(spec: dict[str, list[Any]], controls, plan: DatasetPlan, base: RunConfig, preset: str | None) -> str:
-    """What was swept, over what: the plot's and the table's title."""
-    grid = " × ".join(f"{short_name(k) if '.' in k else k} {{{', '.join(_value_text(v) for v in values)}}}" for k, values in spec.items())
-    extra = f" with {' and '.join(controls)} controls" if controls else ""
-    return (f"Sweep of {grid}{extra} on {plan.name} ({len(plan.runnable)} questions), "
-            f"from preset {preset or '(none)'}, model {base.model.name}")
-
-
-def _count(x: float | None, digits: int = 0) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _front(r: dict[str, Any]) -> str:
-    return "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
-
-
-def _acc_ci(r: dict[str, Any]) -> str:
-    ci = "" if r["ci_low"] is None else f" ({100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f})"
-    return fmt_pct(r["accuracy"]) + ci
-
-
-def _speedup(r: dict[str, Any]) -> str:
-    if r.get("speedup_paired_median") is None:
-        return "-"
-    return f"{r['speedup_paired_median']:.2f}× ({r['speedup_paired_p25']:.2f}-{r['speedup_paired_p75']:.2f})"
-
-
-def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTable:
-    """The sweep's console table, fitted to the terminal; summary.csv has every column."""
-    from prunevid_bench.harness.inputs import model_text
-    from prunevid_bench.single import fmt_seconds, human_bytes
-
-    columns = [
-        # a space after each comma: a long name wraps between its values
-        Column("cell", lambda r: r["cell"].replace(",", ", "), rank=0, fold=True, justify="left"),
-        # one model per sweep, named in the title too: at 80 columns the Pareto front goes first
-        Column("model", lambda r: model_text(r.get("model")), rank=3, fold=True, justify="left", word_cap=10),
-        Column("acc (CI)", _acc_ci, rank=0, note="acc: accuracy with its 95% CI in %"),
-        Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1, note="tokens: visual tokens kept (median)"),
-        Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1, note="TTFT: median"),
-        Column("speed-up", _speedup, rank=3, note="speed-up: median over questions of TTFT(baseline) / TTFT(cell), "
-               "with p25-p75 (--interleave measures each pair under the same load)"),
-        Column("front", _front, rank=2, note=f"front: on the Pareto front of {metric} against kept tokens / TTFT"),
-        Column("Δacc (p)", lambda r: paired_short(r.get("paired_difference"), r.get("mcnemar_p")), rank=3,
-               note="Δacc: paired difference from the baseline cell in points, p: exact McNemar"),
-        Column("agree", lambda r: fmt_pct(r["agreement"]), rank=3, note="agree: with the baseline cell"),
-        Column("kept", lambda r: fmt_pct(r["retention"]), rank=4, note="kept: of the visual tokens in"),
-        Column("n", lambda r: str(r["n"]), rank=5),
-        Column("KV", lambda r: human_bytes(r["kv_cache_bytes"]), rank=6),
-        Column("dec tok/s", lambda r: _count(r["decode_tokens_per_s"], 1), rank=7),
-        Column("peak mem", lambda r: human_bytes(r["peak_memory_bytes"]), rank=8),
-    ]
-    return FittedTable(columns, rows, title=title, full_table="every column: summary.csv")
