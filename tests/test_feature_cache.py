@@ -52,7 +52,7 @@ def counted(monkeypatch, tiny_pipe):
 def sweep(toy, out, *extra):
     args = ["sweep", "tau", "keep_ratio", "--values", "tau=0.7,0.95", "--values", "keep_ratio=0.3,0.6",
             "--dataset", toy, "--model", "tiny", "--max-new-tokens", "4", "--num-frames", "4", "--preset", "default",
-            "--set", "stage2.pruning_layer=1", "--warmup", "0", "--results-dir", out, *extra]  # no warm-up: counts per sample
+            "--set", "stage2.pruning_layer=1", "--results-dir", out, "--warmup", "0", *extra]  # counts calls
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code in (0, 3), res.output  # 3: some replies unparsed (random weights)
     (sweep_dir,) = Path(out).iterdir()
@@ -123,7 +123,7 @@ def test_disk_entries_are_reused_and_corrupt_or_changed_ones_recomputed(tiny_pip
 def test_dataset_run_reuses_the_disk_cache(toy, tmp_path, counted):
     base = ["run", "--dataset", toy, "--model", "tiny", "--max-new-tokens", "3", "--num-frames", "4",
             "--preset", "default", "--set", "stage2.pruning_layer=1", "--results-dir", tmp_path / "runs",
-            "--feature-cache", tmp_path / "features", "--warmup", "0"]  # the warm-up would fill the cache
+            "--feature-cache", tmp_path / "features", "--warmup", "0"]  # counts calls
     logs = []
     for label in ("first", "second"):
         res = runner.invoke(app, [str(a) for a in base + ["--label", label]])

@@ -43,3 +43,13 @@ def test_the_readmes_new_sweep_moves_both_keys(toy, tmp_path):
 def test_values_that_resolve_to_one_layer_are_named(toy, tmp_path):
     out = sweep(toy, tmp_path, "pruning_layer", "--values", "pruning_layer=10/28,1")
     assert "pruning_layer had no effect: the values resolve to the same layer of this model (1)" in out
+
+
+def test_a_sweep_of_a_video_key_is_no_input_mismatch(toy, tmp_path):
+    """Sweeping video.num_frames changes the frames on purpose: the cells are tabulated (and
+    compared) without --allow-mixed."""
+    out = sweep(toy, tmp_path, "num_frames", "--values", "num_frames=4,8")
+    assert "cannot tabulate" not in out and "num_frames=4" in out
+    (folder,) = tmp_path.iterdir()
+    res = runner.invoke(app, ["compare", str(folder), "--markdown"])
+    assert res.exit_code == 0, res.output

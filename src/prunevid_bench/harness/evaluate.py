@@ -447,9 +447,14 @@ def say_if_busy(console: Console, when: str) -> None:
 def warm_up(pipe, cfg: RunConfig, samples: list[QASample], answer_mode: str, letter_ids: list[int] | None) -> None:
     """Run ``samples`` once, untimed and unlogged, so the first logged one does not pay the cold
     start (allocator, kernels, caches: about 2x on the CPU). Greedy decoding is deterministic, so
-    the logged answers and token counts are the same with or without it."""
-    for sample in samples:
-        run_sample(pipe, cfg, sample, answer_mode, letter_ids)
+    the logged answers and token counts are the same with or without it. The feature cache is
+    off meanwhile: a cached cold vision time would otherwise reach the first logged TTFT."""
+    cache, pipe.feature_cache = getattr(pipe, "feature_cache", None), None
+    try:
+        for sample in samples:
+            run_sample(pipe, cfg, sample, answer_mode, letter_ids)
+    finally:
+        pipe.feature_cache = cache
 
 
 def _run_samples(pipe, cfg, todo, done, log_path, answer_mode, letter_ids, console, total, where, warmup=0) -> None:

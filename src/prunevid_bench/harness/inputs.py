@@ -133,8 +133,15 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": lambda run: run.environment.get("prompt_template"),
     "transformers": lambda run: run.environment.get("transformers"),
 }
-# A sweep's frames control samples fewer frames on purpose.
+# A sweep's frames control samples fewer frames on purpose, and a sweep cell changes the keys it
+# sweeps on purpose (its "overrides"): those fields are not held against it.
 EXEMPT = {"control_frames": ("frames",)}
+KEY_FIELDS = {**{f"video.{k}": "frames" for k in FRAME_KEYS}, **{f"video.{k}": "pixels" for k in PIXEL_KEYS},
+              "video.policy": "policy", "video.decoder": "decoder"}
+
+
+def _exempt(run) -> set[str]:
+    return {*EXEMPT.get(run.meta.get("kind"), ()), *(KEY_FIELDS[k] for k in run.meta.get("overrides") or {} if k in KEY_FIELDS)}
 
 
 def identity(run) -> dict[str, Any]:
@@ -147,7 +154,7 @@ def differing(runs: list, reference) -> list[str]:
     ref = identity(reference)
     out: set[str] = set()
     for run in runs:
-        mine, exempt = identity(run), EXEMPT.get(run.meta.get("kind"), ())
+        mine, exempt = identity(run), _exempt(run) | _exempt(reference)
         out |= {label for label in FIELDS if label not in exempt and None not in (mine[label], ref[label])
                 and mine[label] != ref[label]}
     return [label for label in FIELDS if label in out]  # in FIELDS order
