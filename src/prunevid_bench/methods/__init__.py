@@ -11,14 +11,18 @@ methods of a run in ``ACTS`` order, and within one place in registration order:
   sizes and every extra per-token tensor alike.
 - ``llm_layer``: after decoder layer K (or, with ``prunes_before``, before it: after layer K-1),
   with the question visible; ``select(ctx: LayerContext, cfg) -> kept`` (indices into the visual
-  positions) or a :class:`LayerReduction`. The patch drops the others from the hidden states,
-  the later layers' inputs and (unless the reduction says otherwise) the KV cache of the layers
-  that ran on all tokens. One such method per run.
+  positions) or a :class:`LayerReduction` (a drop, or a merge into the kept rows). The patch
+  applies it to the hidden states, the later layers' inputs and (unless the reduction says
+  otherwise) the KV cache of the layers that ran on all tokens. One such method per run.
 - ``vision_encoder``: inside the vision tower, on each video's patch features before the patch
   merger: ``reduce(tokens: VideoTokens, cfg) -> VisualReduction`` as for ``visual_tokens``, but
   each token's ``embeds`` row is the merger's input for that LLM token (its merge x merge patch
-  features side by side, [V, merge^2 * C_vision]) and the reduction returns rows in that space;
-  the patch projects only those through the merger, then drops the other tokens before the LLM.
+  features side by side, [V, merge^2 * C_vision]) and the operator acts in that space; the
+  patch projects only its output rows through the merger, then drops the others before the LLM.
+
+A method may also carry per-token tensors of its own (``extras``: ``(VideoTokens, cfg) ->
+{name: [V, ...]}``): they are added where the video object is made, before any reduction, so
+every operator applies to them.
 
 A method whose place depends on its config (PruneVid Stage 1's ``space``) says so with
 ``placement``: ``cfg -> one of ACTS``; ``Method.where(cfg)`` is the place of one run.
