@@ -63,6 +63,18 @@ def main() -> None:
     print(f"built-in 'tiny' state dict ({params / 1e6:.2f} M parameters): {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU "
           "(once per loaded model)")
 
+    from prunevid_bench.feature_cache import sample_key
+    from prunevid_bench.pipeline import load_pipeline
+    from prunevid_bench.toy.world import generate_dataset
+
+    pipe = load_pipeline("tiny", device="cpu", dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        video = next(generate_dataset(Path(tmp), 1, seed=0).parent.glob("**/*.mp4"))
+        first, _, _ = timed(lambda: sample_key(pipe, str(video), "Q", pipe.config, None))
+        wall, cpu, _ = timed(lambda: sample_key(pipe, str(video), "Q", pipe.config, None), repeat=50)
+    print(f"one sample key (tiny, a toy video): first {first * 1e3:.1f} ms (hashes the weights and the file), "
+          f"then {wall * 1e3:.2f} ms wall, {cpu * 1e3:.2f} ms CPU per key")
+
 
 if __name__ == "__main__":
     main()

@@ -118,6 +118,8 @@ class FeatureCache:
         if entry is None:
             self.stats["misses"] += 1
             prepared = pipe._prepare(video, question, cfg, messages)
+            if sample_key(pipe, video, question, cfg, messages)[0] != key:  # a file changed while it was read:
+                return prepared  # use what was read, keep nothing under a key it may not match
             self._put(key, Entry(
                 inputs={k: v.detach().cpu() for k, v in prepared.inputs.items() if isinstance(v, torch.Tensor)},
                 clips=[_clip_fields(c) for c in prepared.clips], prompt=prepared.prompt, policy=prepared.policy,

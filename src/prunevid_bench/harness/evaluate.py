@@ -60,7 +60,14 @@ from prunevid_bench.harness.runs import (
     sample_logs,
     summarise,
 )
-from prunevid_bench.harness.shard import Shard, rank_summary, record_rank_environment, wait_for_other_ranks, world_of_lock
+from prunevid_bench.harness.shard import (
+    Shard,
+    missing_samples,
+    rank_summary,
+    record_rank_environment,
+    wait_for_other_ranks,
+    world_of_lock,
+)
 from prunevid_bench.harness.specs import DatasetSpec, EvalOptions
 from prunevid_bench.report import read_json, slug, write_csv_row, write_json
 from prunevid_bench.terminal import printable
@@ -373,25 +380,6 @@ def summarize_run(run_dir: Path, baseline_records: list[dict[str, Any]] | None =
         write_json(run_dir / SUMMARY_FILE, summary)
         write_csv_row(run_dir / "summary.csv", flat_row(meta, summary, meta["config"]))
     return summary, records
-
-
-def missing_samples(run_dir: Path, runnable: list[str], done) -> dict[str, Any]:
-    """The runnable ids not logged yet (``missing``) and, for a split launch, the ranks that were
-    to run them (``missing_ranks``: rank r of n takes every n-th runnable question from r)."""
-    missing = [i for i in runnable if i not in done]
-    if not missing:
-        return {}
-    env_path = run_dir / "environment.json"
-    try:
-        world = int(json.loads(env_path.read_text())["shards"]["world_size"]) if env_path.is_file() else 1
-    except (ValueError, KeyError, TypeError):
-        world = 1
-    out: dict[str, Any] = {"missing": missing}
-    if world > 1:
-        position = {sample_id: n for n, sample_id in enumerate(runnable)}
-        out["missing_ranks"] = sorted({position[i] % world for i in missing})
-        out["world_size"] = world
-    return out
 
 
 def model_of(run_dir: Path, meta: dict[str, Any]) -> str | None:

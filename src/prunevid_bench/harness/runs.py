@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.harness.record_check import record_problem
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -136,31 +137,6 @@ def read_run_samples(run_dir: Path, own: Path | None = None) -> dict[str, dict[s
     return records
 
 
-# The fields summaries compute with are numbers (or null) in every record we write; a record
-# edited by hand or by another tool is refused on reading, naming the line, not deep in a mean.
-_COUNTS = ("num_frames", "n_options", "rank", "world_size")
-
-
-def _numeric_field(key: str) -> bool:
-    return (key in _COUNTS or key.endswith(("_s", "_fps", "ratio", "speedup")) or "tokens" in key
-            or "bytes" in key or "flops" in key)
-
-
-def record_problem(record: Mapping[str, Any]) -> str | None:
-    """Why a log line cannot be a sample record, or None."""
-    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-        return f"id must be text, got {record['id']!r}"
-    for key, value in record.items():
-        if value is not None and _numeric_field(key) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"{key} must be a number, got {value!r}"
-    for key, kind, name in (("correct", bool, "true or false"), ("error", str, "text"), ("parse_status", str, "text")):
-        if record.get(key) is not None and not isinstance(record[key], kind):
-            return f"{key} must be {name}, got {record[key]!r}"
-    if "rank" in record and not isinstance(record.get("world_size"), int):
-        return "a record with a rank needs its world_size"
-    return None
-
-
 def read_samples(path: Path, repair: bool = False, check: bool = False) -> dict[str, dict[str, Any]]:
     """Records by id (last line wins). A torn last line — the process was killed mid-write —
     is ignored, and with ``repair`` cut off so the next append starts on a clean line. With
@@ -185,7 +161,7 @@ def read_samples(path: Path, repair: bool = False, check: bool = False) -> dict[
             if last:
                 break  # torn final line: that sample is simply redone
             raise PruneVidError(f"{path}: line {number} is not a sample record; fix or delete that line") from None
-        problem = record_problem(record) if check else None
+        problem = record_problem(record) if check else None  # harness.record_check
         if problem:
             raise PruneVidError(f"{path}: line {number}: {problem}; fix or delete that line")
         records[str(record["id"])] = record

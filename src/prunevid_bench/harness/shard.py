@@ -22,6 +22,7 @@ See docs/scale-out.md.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -154,3 +155,22 @@ def wait_for_other_ranks(run_dir: Path, shard: Shard, console: Console) -> None:
         console.print(f"waiting for the other ranks ({len(others())} still running)", soft_wrap=True)
     while others():
         time.sleep(0.5)
+
+
+def missing_samples(run_dir: Path, runnable: list[str], done) -> dict[str, Any]:
+    """The runnable ids not logged yet (``missing``) and, for a split launch, the ranks that were
+    to run them (``missing_ranks``: rank r of n takes every n-th runnable question from r)."""
+    missing = [i for i in runnable if i not in done]
+    if not missing:
+        return {}
+    env_path = run_dir / "environment.json"
+    try:
+        world = int(json.loads(env_path.read_text())["shards"]["world_size"]) if env_path.is_file() else 1
+    except (ValueError, KeyError, TypeError):
+        world = 1
+    out: dict[str, Any] = {"missing": missing}
+    if world > 1:
+        position = {sample_id: n for n, sample_id in enumerate(runnable)}
+        out["missing_ranks"] = sorted({position[i] % world for i in missing})
+        out["world_size"] = world
+    return out
