@@ -40,7 +40,6 @@ from rich.markup import escape
 from prunevid_bench.config import RunConfig, from_dict, load_yaml, merge_into, overrides_to_layer, resolve_key
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.answers import agreement, paired_difference, paired_short
-from prunevid_bench.harness.interleave import paired_speedup
 from prunevid_bench.harness.evaluate import (
     DatasetPlan,
     EvalResult,
@@ -51,6 +50,7 @@ from prunevid_bench.harness.evaluate import (
     plan_dataset,
     with_feature_cache,
 )
+from prunevid_bench.harness.interleave import paired_speedup
 from prunevid_bench.harness.launch import Launch
 from prunevid_bench.harness.runlock import LOCK_FILE, RunLock, held_locks
 from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, identity_config, read_run_samples
@@ -579,7 +579,7 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         row.update(
             speedup_paired_median=speed.get("median"), speedup_paired_p25=speed.get("p25"),
             speedup_paired_p75=speed.get("p75"), speedup_of_medians=speed.get("ratio_of_medians"),
-            model=cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
+            model=res.summary.get("model") or cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
             paired_ci_high=paired["ci_high"], mcnemar_p=paired["p"],
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
