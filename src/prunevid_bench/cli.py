@@ -34,6 +34,7 @@ from prunevid_bench.cli_options import (
     Quiet,
     ResultsDir,
     Sets,
+    Threads,
     collect_overrides,
     with_groups,
 )
@@ -375,6 +376,7 @@ def stream(
     max_frames: MaxFrames = None,
     max_pixels: MaxPixels = None,
     max_new_tokens: MaxNew = None,
+    threads: Threads = None,
     results_dir: ResultsDir = Path("results"),
     label: Annotated[Optional[str], typer.Option("--label", help="Name for the run folder; rerun with the same one to resume.", rich_help_panel="Output")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start the run folder over (earlier results move to backup-N/).", rich_help_panel="Output")] = False,
@@ -395,7 +397,8 @@ def stream(
                             "--budget means a kept fraction in run and sweep")
     if fps is None and num_frames is None:
         fps = 2.0
-    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens)
+    overrides = collect_overrides(sets, model, dtype, device, attn_implementation, num_frames, fps, max_frames, max_pixels, max_new_tokens,
+                                  threads)
     cfg = build_config(preset, config, overrides)
     if dataset is not None:
         if video is not None or asks or options:

@@ -166,7 +166,7 @@ def check_same_inputs(runs: list, reference, allow_mixed: bool = False, what: st
     if fields and not allow_mixed:
         ref = identity(reference)
         other = next(r for r in runs if any(identity(r)[f] not in (None, ref[f]) for f in fields))
-        first = fields[0]
+        first = next(f for f in fields if identity(other)[f] not in (None, ref[f]))  # one it differs in
         raise PruneVidError(
             f"cannot {what}: {other.name} and {reference.name} differ in {', '.join(fields)} "
             f"({first} {identity(other)[first]} vs {ref[first]}): the model saw different inputs or ran "

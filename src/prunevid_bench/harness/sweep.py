@@ -48,6 +48,7 @@ from prunevid_bench.harness.evaluate import (
     plan_dataset,
     with_feature_cache,
 )
+from prunevid_bench.harness.interleave import paired_speedup
 from prunevid_bench.harness.launch import Launch
 from prunevid_bench.harness.runlock import LOCK_FILE, RunLock, held_locks
 from prunevid_bench.harness.runs import CONFIG_FILE, back_up, fingerprint_hash, identity_config, read_run_samples

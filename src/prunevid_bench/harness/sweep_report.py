@@ -44,7 +44,7 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
         row.update(
             speedup_paired_median=speed.get("median"), speedup_paired_p25=speed.get("p25"),
             speedup_paired_p75=speed.get("p75"), speedup_of_medians=speed.get("ratio_of_medians"),
-            model=cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
+            model=res.summary.get("model") or cell.config.model.name, paired_difference=paired["difference"], paired_ci_low=paired["ci_low"],
             paired_ci_high=paired["ci_high"], mcnemar_p=paired["p"],
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
