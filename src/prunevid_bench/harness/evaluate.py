@@ -207,8 +207,11 @@ def evaluate_dataset(
     pipeline = with_feature_cache(pipeline, options, default_gb=0)
     meta = {"scenario": "dataset", "label": options.label, "preset": options.preset,
             "baseline": str(options.baseline) if options.baseline else None}
-    return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
-                         console=console, shard=shard)
+    try:
+        return evaluate_plan(cfg, plan, pipeline, run_dir, options, meta=meta, baseline_records=baseline_records,
+                             console=console, shard=shard)
+    finally:
+        pipeline.detach()  # the caller's pipeline does not keep this run's cache
 
 
 def pipeline_loader(cfg: RunConfig) -> Callable[[], Any]:
@@ -235,11 +238,22 @@ def with_feature_cache(pipe, options: EvalOptions, default_gb: float) -> Callabl
     cache = FeatureCache.from_options(gigabytes, options.feature_cache, options.feature_cache_shared)
     get_pipe = pipe if callable(pipe) else (lambda: pipe)
 
+    attached = []
+
     def get():
         loaded = get_pipe()
         loaded.feature_cache = cache
+        attached.append(loaded)
         return loaded
 
+    def detach() -> None:
+        """Take this cache off every pipeline it was attached to (a caller's pipeline outlives the run)."""
+        for loaded in attached:
+            if loaded.feature_cache is cache:
+                loaded.feature_cache = None
+        attached.clear()
+
+    get.detach = detach
     return get
 
 

@@ -167,12 +167,19 @@ def run_sweep(
 
 def _run_cells_here(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, pipeline, console) -> SweepResult:
     """The cells one after another in this process, then the sweep's table and plot."""
-    force = options.force
     if pipeline is None:
         get_pipe = pipeline_loader(base)
     else:
         get_pipe = pipeline if callable(pipeline) else (lambda: pipeline)
     get_pipe = with_feature_cache(get_pipe, options, default_gb=SWEEP_FEATURE_CACHE_GB)
+    try:
+        return _run_cells(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, get_pipe, console)
+    finally:
+        get_pipe.detach()  # the caller's pipeline does not keep this sweep's cache
+
+
+def _run_cells(base, cells, plan, sweep_dir, spec, controls, metric, options, meta, get_pipe, console) -> SweepResult:
+    force = options.force
     if force or any(cell_status(sweep_dir / "cells" / cell_folder(c.name), plan) != "done" for c in cells):
         check_cells_fit(cells, get_pipe())  # before any cell runs: not after the baseline
     (sweep_dir / "cells").mkdir(parents=True, exist_ok=True)
