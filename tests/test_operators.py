@@ -5,6 +5,7 @@ runs (one per video, or one per temporal step with text between them) place ever
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -81,8 +82,10 @@ def grid_coordinates(tokens: VideoTokens, cfg) -> dict:
     return {"coords": torch.stack([t, rest // tokens.w, rest % tokens.w], dim=1).float()}
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def tagger():
+    """The plug-in registered for one block (after the pipeline exists: a session pipeline built
+    meanwhile would keep its section once it is gone)."""
     seen = []
 
     def reduce(tokens, cfg):  # acts on nothing; only reads what reached it
@@ -93,14 +96,21 @@ def tagger():
     all_methods()  # the built-in methods first: the plug-in then runs after them
     register_method(Method(name="tagger", acts="visual_tokens", config=TagConfig, summary="a plug-in with an extra tensor",
                            reduce=reduce, extras=grid_coordinates))
-    yield seen
-    unregister_method("tagger")
+    try:
+        yield seen
+    finally:
+        unregister_method("tagger")
 
 
 @pytest.mark.parametrize("pipe_fixture", ["tiny_pipe", "tiny_qwen2vl_pipe"])
-def test_a_plugins_extra_tensor_follows_a_tome_merge_and_an_evs_drop(request, pipe_fixture, tagger, frames8):
+def test_a_plugins_extra_tensor_follows_a_tome_merge_and_an_evs_drop(request, pipe_fixture, frames8):
     pipe = request.getfixturevalue(pipe_fixture)
     prepared = pipe.prepare(frames8, "What happens?")
+    with tagger() as seen:
+        check_tagged_runs(pipe, prepared, seen)
+
+
+def check_tagged_runs(pipe, prepared, seen):
     full = torch.arange(T * N)
     coords = torch.stack([full // N, full % N // W, full % W], dim=1).float()
     one = {"generation.max_new_tokens": 1, "tagger.enabled": True}
@@ -113,7 +123,7 @@ def test_a_plugins_extra_tensor_follows_a_tome_merge_and_an_evs_drop(request, pi
     torch.testing.assert_close(video.extras["coords"], expected, rtol=0, atol=1e-6)
     assert torch.equal(video.sizes, torch.bincount(merged, minlength=32).float())
     assert (video.sizes > 1).any()  # a real merge happened
-    assert torch.equal(tagger[-1].extras["coords"], video.extras["coords"])  # what the plug-in itself saw
+    assert torch.equal(seen[-1].extras["coords"], video.extras["coords"])  # what the plug-in itself saw
 
     pipe.run(prepared, **one, **{"evs.enabled": True, "evs.video_pruning_rate": 0.75})
     (video,) = pipe._handle.state.videos
@@ -121,3 +131,43 @@ def test_a_plugins_extra_tensor_follows_a_tome_merge_and_an_evs_drop(request, pi
     assert 0 < kept.numel() < T * N and torch.equal(video.index, kept)
     assert torch.equal(video.extras["coords"], coords[kept])  # a drop gathers, exactly
     assert bool((video.sizes == 1).all())
+
+
+# ----------------------------------------------------------------------------- a family's own extra tensor
+@pytest.mark.parametrize("over", [
+    {"tome.enabled": True, "tome.budget": 0.5},  # a merge before the LLM
+    {"evs.enabled": True},  # a drop
+    {"stage1.enabled": True, "stage1.space": "vision", "cluster_ratio": 0.5, "tau": 0.8},  # inside the encoder
+], ids=["tome", "evs", "stage1-vision"])
+def test_a_familys_extra_tensor_follows_every_reduction(tiny_pipe, frames8, monkeypatch, over):
+    """A family that hands the LLM a per-token tensor beside the embeddings (as Qwen3-VL's
+    DeepStack levels) gets it back reduced by the same operators: each row the mean of the grid
+    tokens it stands for (the record's origin map), at the rows the video takes in the LLM."""
+    import dataclasses
+
+    from prunevid_bench.patch import handle as handle_module
+
+    family = handle_module.family_of(tiny_pipe.model)
+    given = {}
+
+    class Tagged(type(family)):
+        def visual_extras(self, model, kwargs, runs):
+            return [{"level": splice.run_positions(r).float().view(-1, 1).repeat(1, 2)} for r in runs]  # its prompt place
+
+        def put_visual_extras(self, model, kwargs, videos, rows):
+            given.update(videos=videos, rows=rows, length=kwargs["inputs_embeds"].shape[1])
+
+    tagged = Tagged(**{f.name: getattr(family, f.name) for f in dataclasses.fields(family)})
+    monkeypatch.setattr(handle_module, "family_of", lambda model: tagged)
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    tiny_pipe.remove_stages()
+    tiny_pipe.run(prepared, **{"generation.max_new_tokens": 1, **over})
+    tiny_pipe.remove_stages()
+    (video,), (rows,) = given["videos"], given["rows"]
+    start = int(torch.nonzero(prepared.inputs["input_ids"][0] == tiny_pipe.model.config.video_token_id)[0])
+    place = (start + torch.arange(T * N)).float()
+    went = video.origin >= 0
+    m = video.index.numel()
+    mean = torch.zeros(m).index_add_(0, video.origin[went], place[went]) / torch.bincount(video.origin[went], minlength=m)
+    torch.testing.assert_close(video.extras["level"], mean.view(-1, 1).repeat(1, 2), rtol=0, atol=1e-4)
+    assert m < T * N and rows.numel() == m and int(rows.max()) < given["length"]

@@ -85,6 +85,17 @@ class Family:
         runs = splice.runs(input_ids == self.video_token_id(model))
         return splice.assign_runs(runs, sizes, per_step=self.video_layout == "step")
 
+    def visual_extras(self, model, kwargs: dict, runs: list) -> list[dict]:
+        """Per video, the per-token tensors other than the embeddings that the language model's
+        input carries for its visual tokens (e.g. Qwen3-VL's DeepStack levels, read off the
+        language model's ``kwargs``), as ``{name: [t * n, ...]}`` in grid order; ``runs`` are the
+        videos' placeholder runs. Every reduction applies to them. None in this family."""
+        return [{} for _ in runs]
+
+    def put_visual_extras(self, model, kwargs: dict, videos: list, rows: list) -> None:
+        """Hand the reduced extras back to the language model's input: ``videos`` each video's
+        ``VideoTokens`` as it enters the LLM, ``rows`` its rows in the LLM input. Nothing here."""
+
     def geometry(self, config) -> PatchGeometry:
         vision = config.vision_config
         return PatchGeometry(int(vision.patch_size), int(vision.temporal_patch_size), int(vision.spatial_merge_size))

@@ -12,7 +12,7 @@ from prunevid_bench import splice
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import call_method, check_reduction
 from prunevid_bench.patch.state import SampleState
-from prunevid_bench.tokens import VideoTokens, apply_reduction
+from prunevid_bench.tokens import VideoTokens, apply_reduction, weighted_rows
 
 
 class LLMInput:
@@ -63,13 +63,17 @@ class LLMInput:
         unpruned = kwargs.get("position_ids")
         mrope = unpruned[-3:, 0] if unpruned is not None else None
         videos, n_groups, proportional, shifts = [], [], False, []
+        family_extras = self.family.visual_extras(self.model, kwargs, runs)
         for i, (video_runs, (t, h, w)) in enumerate(zip(runs, grids)):
             place = splice.run_positions(video_runs, device)  # prompt position of each grid token
             if encoded is not None:  # the encoder methods chose these tokens; the merger projected only them
                 tokens, groups = encoded.videos[i]
-                tokens = dataclasses.replace(tokens, embeds=embeds[0, place[tokens.index]])
+                extras = {key: weighted_rows(value, tokens.origin.to(value.device), torch.ones(place.numel()),
+                                             tokens.index.numel()) for key, value in family_extras[i].items()}
+                tokens = dataclasses.replace(tokens, embeds=embeds[0, place[tokens.index]], extras={**tokens.extras, **extras})
             else:
-                tokens = self._with_extras(VideoTokens.full_grid(embeds[0, place], t, place.numel() // t, w // self.merge))
+                tokens = self._with_extras(VideoTokens.full_grid(embeds[0, place], t, place.numel() // t, w // self.merge,
+                                                                 extras=family_extras[i]))
                 groups = t
             if mrope is not None:
                 tokens.positions = mrope[:, place[tokens.index]]
@@ -95,6 +99,7 @@ class LLMInput:
             splice.select_llm_inputs(kwargs, source, new_embeds)
             for r, (_, tokens) in zip(rows, videos):  # the operators' positions (the representatives' ids)
                 kwargs["position_ids"][-3:, 0, r] = tokens.positions.to(kwargs["position_ids"].dtype)
+        self.family.put_visual_extras(self.model, kwargs, st.videos, rows)
         if shifts:
             self._renumber_after_videos(kwargs, [(int(torch.searchsorted(source, end)), start, end, after)
                                                  for start, end, after in shifts], unpruned)
