@@ -71,7 +71,8 @@ def test_quiet_silences_transformers_progress_bars(checkpoint, tmp_path):
 
     from prunevid_bench.config import PROJECT_ROOT
 
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    quieting = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")  # an in-process -q set them
+    env = {**{k: v for k, v in os.environ.items() if k not in quieting}, "PYTHONPATH": str(PROJECT_ROOT / "src")}
     for flag in ([], ["-q"]):
         done = subprocess.run([sys.executable, "-m", "prunevid_bench", "run", str(EXAMPLE), "Where?", "--model", str(checkpoint),
                                "--max-new-tokens", "1", "--results-dir", str(tmp_path), *flag],
