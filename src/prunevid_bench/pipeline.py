@@ -160,7 +160,7 @@ class Pipeline:
         from prunevid_bench.methods import all_methods
         from prunevid_bench.patch import apply_methods
 
-        key = tuple((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods())
+        key = (cfg.model.deepstack, *((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods()))
         if self._handle_key == key:
             return self._handle
         if self._handle is not None:

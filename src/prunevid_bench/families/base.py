@@ -52,6 +52,16 @@ class Family:
         """The attention module of a decoder layer (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``)."""
         return layer.self_attn
 
+    def query_key(self, attention):
+        """The modules whose outputs are a layer's q and k right before rotary (a scorer captures
+        them): the projections here; a family with QK-norm (Qwen3) names its norms."""
+        return attention.q_proj, attention.k_proj
+
+    def deepstack_levels(self, model) -> int:
+        """How many DeepStack levels the tower hands the LLM (level i added after decoder layer i;
+        the patch then owns the add, ``patch.deepstack``). None here."""
+        return 0
+
     def vision_encoder(self, model):
         return model.model.visual
 

@@ -1,0 +1,266 @@
+"""Qwen3-VL (dense and MoE) on its tiny models: per-step placeholder runs, q/k after QK-norm,
+and DeepStack owned by the patch so that it follows every reduction.
+
+Each method's run is checked against a cache-free, layer-by-layer reference that adds the
+DeepStack levels by hand (taken from the tower itself, averaged over each merged row's members),
+at K = 0, D-1, D and later (D = 2 DeepStack levels on 4 layers); the same reference without
+DeepStack must differ, so the check can fail. All float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prunevid_bench import splice
+from prunevid_bench.engine import prefill_position_ids
+from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_of
+from prunevid_bench.models.tiny import VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+from prunevid_bench.pipeline import _with_overrides, load_pipeline
+from tests.test_stage2 import Traced, additive_mask
+
+MODELS = ("tiny-qwen3vl", "tiny-qwen3vl-moe")
+QUESTION = "What is happening in this video?"
+MAX_NEW = 4
+LEVELS, N_LAYERS = 2, 4
+
+
+def frames() -> np.ndarray:
+    out = np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8)
+    out[:, :32] = out[0, :32]  # a static strip: Stage 1 and EVS find static tokens
+    return out
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def pipes(request):
+    out = {}
+    for impl in ("sdpa", "eager"):
+        pipe = load_pipeline(request.param, device="cpu", dtype="float32", attn_implementation=impl,
+                             overrides={"generation.max_new_tokens": MAX_NEW})
+        out[impl] = (pipe, pipe.prepare(frames(), QUESTION))
+    yield out
+    for pipe, _ in out.values():
+        pipe.remove_stages()
+
+
+def run_traced(pipe, prepared, **overrides) -> Traced:
+    """``pipe.run`` with the language model's input (after the patch's pre-hook) and every
+    step's logits recorded."""
+    cfg = _with_overrides(pipe.config.to_dict(), overrides)
+    handle = pipe._apply_stages(cfg)
+    seen, logits = {}, []
+
+    def on_llm_input(module, args, kwargs):
+        if kwargs["inputs_embeds"].shape[1] > 1:
+            seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+            seen["position_ids"] = kwargs["position_ids"].clone()
+
+    lm = pipe.model.model.language_model
+    hooks = [lm.register_forward_pre_hook(on_llm_input, with_kwargs=True),
+             pipe.model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1].detach().clone()))]
+    try:
+        result = pipe.run(prepared, config=cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    return Traced(result, handle.state if handle is not None else None, torch.stack(logits).float(),
+                  seen["embeds"], seen["position_ids"])
+
+
+@torch.no_grad()
+def tower_levels(pipe, prepared) -> list[torch.Tensor]:
+    """The DeepStack levels [T*N, C] of the video's grid tokens, straight from the tower."""
+    inputs = prepared.inputs
+    out = pipe.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    return [level[0] for level in out.deepstack_features]
+
+
+def deepstack_rows(pipe, prepared, st, merge: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(LLM-input rows of the video's tokens, each level there): a row's level is the mean of
+    its members' own levels (``merge``) or its representative's."""
+    full = tower_levels(pipe, prepared)
+    ids = prepared.inputs["input_ids"][0]
+    runs = family_of(pipe.model).video_runs(pipe.model, ids, prepared.inputs["video_grid_thw"].tolist())
+    place = splice.run_positions(runs[0])
+    video = st.videos[0]
+    rows = torch.searchsorted(st.source_index, place[video.index])
+    levels = []
+    for level in full:
+        if merge:
+            members = torch.nn.functional.one_hot(video.origin.clamp(min=0), video.index.numel()).float()
+            members[video.origin < 0] = 0
+            levels.append((members.T @ level) / members.sum(0)[:, None])
+        else:
+            levels.append(level[video.index])
+    return rows, levels
+
+
+@torch.no_grad()
+def reference(model, traced: Traced, prepared, rows, levels, k: int, keep_index, decode_sees_dropped=False,
+              deepstack=True) -> torch.Tensor:
+    """Logits behind the generated tokens, each recomputed with no cache: layers 0..k on the LLM
+    input (level i added after layer i at ``rows``), then only ``keep_index`` and the generated
+    tokens through the later layers (the levels still due added at the kept rows' new places)."""
+    lm = model.model.language_model
+    embeds, mrope = traced.embeds, traced.position_ids[1:]
+    n_prompt = embeds.shape[1]
+    first = prefill_position_ids(model, prepared.inputs)[1:, :, -1:] + 1
+    dropped = torch.ones(n_prompt, dtype=torch.bool)
+    dropped[keep_index] = False
+    new_place = torch.full((n_prompt,), -1, dtype=torch.long)
+    new_place[keep_index] = torch.arange(keep_index.numel())
+    later_rows, went = new_place[rows], new_place[rows] >= 0
+    tokens, out = traced.result.generated_token_ids, []
+    for t in range(len(tokens)):
+        x = torch.cat([embeds, lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long)).unsqueeze(0)], dim=1)
+        pos = torch.cat([mrope, first + torch.arange(t).view(1, 1, -1)], dim=-1)
+        n = n_prompt + t
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        if not decode_sees_dropped:
+            allowed[n_prompt:, :n_prompt] &= ~dropped
+        mask, rotary = additive_mask(allowed), lm.rotary_emb(x, pos)
+        for i, layer in enumerate(lm.layers[: k + 1]):
+            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None).clone()
+            if deepstack and i < len(levels):
+                x[0, rows] += levels[i]
+        keep = torch.cat([keep_index, torch.arange(n_prompt, n)])
+        x, pos = x[:, keep], pos[..., keep]
+        mask, rotary = additive_mask(torch.ones(len(keep), len(keep), dtype=torch.bool).tril()), lm.rotary_emb(x, pos)
+        for i, layer in enumerate(lm.layers[k + 1 :], start=k + 1):
+            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None).clone()
+            if deepstack and i < len(levels):
+                x[0, later_rows[went]] += levels[i][went]
+        out.append(model.lm_head(lm.norm(x[:, -1]))[0].float())
+    return torch.stack(out)
+
+
+CASES = [  # (overrides, K of the reference or None: no LLM-layer method)
+    ({"stage2.enabled": True, "stage2.pruning_layer": 0, "stage2.keep_ratio": 0.4}, 0),
+    ({"stage2.enabled": True, "stage2.pruning_layer": LEVELS - 1, "stage2.keep_ratio": 0.4}, LEVELS - 1),
+    ({"stage2.enabled": True, "stage2.pruning_layer": LEVELS, "stage2.keep_ratio": 0.4}, LEVELS),
+    ({"stage2.enabled": True, "stage2.pruning_layer": 3, "stage2.keep_ratio": 0.4, "stage2.score": "attention"}, 3),
+    ({"fastv.enabled": True, "fastv.pruning_layer": 1, "fastv.keep_ratio": 0.5}, 0),
+    ({"fastv.enabled": True, "fastv.pruning_layer": 2, "fastv.keep_ratio": 0.5}, 1),
+    ({"random.enabled": True, "random.pruning_layer": 1, "random.keep_ratio": 0.5}, 1),
+    ({"stage1.enabled": True, "stage1.cluster_ratio": 0.5, "stage1.tau": 0.8, "stage1.min_cluster_tokens": 4}, None),
+    ({"stage1.enabled": True, "stage1.cluster_ratio": 0.5, "stage1.tau": 0.8, "stage1.min_cluster_tokens": 4,
+      "stage2.enabled": True, "stage2.pruning_layer": 0, "stage2.keep_ratio": 0.5}, 0),
+    ({"tome.enabled": True, "tome.budget": 0.5}, None),
+    ({"evs.enabled": True, "evs.video_pruning_rate": 0.5, "evs.positions": "original"}, None),
+    ({"vidcom2.enabled": True, "vidcom2.retention_ratio": 0.3}, None),
+]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("overrides,k", CASES)
+def test_every_method_equals_the_reference_with_deepstack(pipes, impl, overrides, k):
+    pipe, prepared = pipes[impl]
+    traced = run_traced(pipe, prepared, **overrides)
+    st = traced.state
+    rows, levels = deepstack_rows(pipe, prepared, st)
+    keep = st.keep_index if k is not None else torch.arange(traced.embeds.shape[1])
+    k_ref = k if k is not None else N_LAYERS - 1
+    sees = k is not None and not st.compacted
+    ref = reference(pipe.model, traced, prepared, rows, levels, k_ref, keep, decode_sees_dropped=sees)
+    assert min(st.tokens_after, st.tokens_after_visual) < st.tokens_in_prompt  # something was removed
+    torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
+    without = reference(pipe.model, traced, prepared, rows, levels, k_ref, keep, decode_sees_dropped=sees, deepstack=False)
+    assert (without - traced.logits).abs().max() > 1e-3  # the check is sensitive to DeepStack
+
+
+def test_representative_mode_takes_the_representatives_levels(pipes):
+    pipe, prepared = pipes["sdpa"]
+    over = {"tome.enabled": True, "tome.budget": 0.5}
+    merged = run_traced(pipe, prepared, **over)
+    rep = run_traced(pipe, prepared, **over, **{"model.deepstack": "representative"})
+    rows, levels = deepstack_rows(pipe, prepared, rep.state, merge=False)
+    keep = torch.arange(rep.embeds.shape[1])
+    ref = reference(pipe.model, rep, prepared, rows, levels, N_LAYERS - 1, keep)
+    torch.testing.assert_close(rep.logits, ref, rtol=0, atol=1e-4)
+    assert (rep.logits - merged.logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_methods_off_and_keep_all_equal_vanilla_generate(pipes, impl):
+    pipe, prepared = pipes[impl]
+    base = run_traced(pipe, prepared)
+    with torch.no_grad():
+        ids = pipe.model.generate(**prepared.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert base.result.generated_token_ids == ids[0, prepared.inputs["input_ids"].shape[1]:].tolist()
+    keep_all = run_traced(pipe, prepared, **{"stage2.enabled": True, "stage2.pruning_layer": 0, "stage2.keep_ratio": 1.0})
+    assert keep_all.state.deepstack is not None  # the patch added DeepStack itself
+    torch.testing.assert_close(keep_all.logits, base.logits, rtol=0, atol=1e-5)
+    assert keep_all.result.generated_token_ids == base.result.generated_token_ids
+
+
+@pytest.mark.parametrize("mode", ["attention", "last_token"])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_stage2_scores_equal_eager_attention_weights(pipes, k, mode):
+    """Scores from q/k after QK-norm are rows of layer K's own (rotary, causal) attention:
+    ``attention`` max over heads then over the question rows, ``last_token`` the last row
+    averaged over heads."""
+    pipe, prepared = pipes["eager"]
+    traced = run_traced(pipe, prepared, **{"stage2.enabled": True, "stage2.pruning_layer": k, "stage2.keep_ratio": 0.5,
+                                          "stage2.score": mode})
+    st = traced.state
+    pipe.remove_stages()
+    weights = {}
+    layer = pipe.model.model.language_model.layers[k].self_attn
+    hook = layer.register_forward_hook(lambda m, a, out: weights.update(w=out[1]))
+    try:
+        with torch.no_grad():
+            pipe.model(**prepared.inputs, output_attentions=True)
+    finally:
+        hook.remove()
+    w = weights["w"][0].float()  # [H, L, L]: vanilla transformers, DeepStack its own
+    visual = st.visual_positions
+    if mode == "attention":
+        expected = w[:, st.query_start :][:, :, visual].amax(dim=0).amax(dim=0)
+    else:
+        expected = w[:, -1, visual].mean(dim=0)
+    torch.testing.assert_close(st.scores.float(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [c for c, _ in CASES[::3]])
+def test_only_video_placeholders_are_removed(pipes, overrides):
+    """Timestamps and markers are text: never removed; a frame emptied of its tokens keeps them."""
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **overrides)
+    st = traced.state
+    ids = prepared.inputs["input_ids"][0]
+    kept = st.source_index if st.keep_index is None else st.source_index[st.keep_index]
+    gone = torch.ones(ids.numel(), dtype=torch.bool)
+    gone[kept] = False
+    assert bool((ids[gone] == VIDEO_PAD_ID).all()) and int(gone.sum()) > 0
+    for marker in (VISION_START_ID, VISION_END_ID):
+        assert int((ids[kept] == marker).sum()) == int((ids == marker).sum()) == 4
+
+
+def test_an_emptied_frame_keeps_its_timestamp_and_markers(pipes):
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **{"vidcom2.enabled": True, "vidcom2.retention_ratio": 0.02})
+    st = traced.state
+    ids = prepared.inputs["input_ids"][0]
+    text = ids[st.source_index][ids[st.source_index] != VIDEO_PAD_ID]
+    assert torch.equal(text, ids[ids != VIDEO_PAD_ID])  # every timestamp and marker is still there
+
+
+def test_a_wrong_layout_is_refused(pipes):
+    pipe, prepared = pipes["sdpa"]
+    ids = prepared.inputs["input_ids"][0].clone()
+    first_end = int(torch.nonzero(ids == VISION_END_ID)[0])
+    ids[first_end] = VIDEO_PAD_ID  # two steps' runs no longer split as the grid says
+    with pytest.raises(PruneVidError, match="placeholder runs"):
+        family_of(pipe.model).video_runs(pipe.model, ids, prepared.inputs["video_grid_thw"].tolist())
+
+
+def test_vision_space_and_vllm_positions_are_refused_in_one_line(pipes):
+    pipe, prepared = pipes["sdpa"]
+    for over in ({"stage1.enabled": True, "stage1.space": "vision"},
+                 {"evs.enabled": True, "evs.positions": "vllm"}):
+        with pytest.raises(PruneVidError) as err:
+            run_traced(pipe, prepared, **over)
+        assert "\n" not in str(err.value)
+    pipe.remove_stages()
