@@ -264,3 +264,50 @@ def test_vision_space_and_vllm_positions_are_refused_in_one_line(pipes):
             run_traced(pipe, prepared, **over)
         assert "\n" not in str(err.value)
     pipe.remove_stages()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["merge", "representative"])
+def test_a_layer_merge_below_the_last_deepstack_layer_merges_the_levels(pipes, mode):
+    """merge_nearest at K = 0 < D-1: after layer 0 every merged row is the mean of its members
+    (hidden states), and level 1 is added at the merged rows as the mean of their members'
+    levels (``representative``: the kept row's own). Prefill logits against a by-hand forward."""
+    pipe, prepared = pipes["sdpa"]
+    traced = run_traced(pipe, prepared, **{"merge_nearest.enabled": True, "merge_nearest.pruning_layer": 0,
+                                          "merge_nearest.keep_ratio": 0.4, "model.deepstack": mode})
+    st = traced.state
+    lm, x = pipe.model.model.language_model, traced.embeds
+    n = x.shape[1]
+    dest = torch.full((n,), -1, dtype=torch.long)
+    dest[st.keep_index] = torch.arange(st.keep_index.numel())
+    kept_rows = st.visual_positions[st.kept_visual]
+    into = st.merged_into
+    dest[st.visual_positions[into >= 0]] = dest[kept_rows[into[into >= 0]]]
+    assert int((dest >= 0).sum()) > st.keep_index.numel()  # rows were merged, not only dropped
+    members = torch.nn.functional.one_hot(dest.clamp(min=0), st.keep_index.numel()).float()
+    members[dest < 0] = 0
+    rows, levels = deepstack_rows(pipe, prepared, st)
+    outs = []
+    for deepstack in (True, False):
+        pos = traced.position_ids[1:]
+        h = lm.layers[0](x, attention_mask=None, position_embeddings=lm.rotary_emb(x, pos), position_ids=None).clone()
+        if deepstack:
+            h[0, rows] += levels[0]
+        h = ((members.T @ h[0]) / members.sum(0)[:, None])[None]
+        pos = pos[..., st.keep_index]
+        level = torch.zeros(n, levels[1].shape[-1])
+        level[rows] = levels[1]
+        if mode == "merge":
+            is_ds = torch.zeros(n, dtype=torch.bool)
+            is_ds[rows] = True
+            weight = members * is_ds[:, None]
+            later = (weight.T @ level) / weight.sum(0).clamp(min=1)[:, None]
+        else:
+            later = level[st.keep_index]
+        for i, layer in enumerate(lm.layers[1:], start=1):
+            h = layer(h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos), position_ids=None).clone()
+            if deepstack and i == 1:
+                h[0] += later
+        outs.append(pipe.model.lm_head(lm.norm(h[:, -1]))[0].float())
+    torch.testing.assert_close(traced.logits[0], outs[0], rtol=0, atol=1e-4)
+    assert (traced.logits[0] - outs[1]).abs().max() > 1e-3
