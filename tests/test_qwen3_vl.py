@@ -311,3 +311,27 @@ def test_a_layer_merge_below_the_last_deepstack_layer_merges_the_levels(pipes, m
         outs.append(pipe.model.lm_head(lm.norm(h[:, -1]))[0].float())
     torch.testing.assert_close(traced.logits[0], outs[0], rtol=0, atol=1e-4)
     assert (traced.logits[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_cli_runs_a_saved_qwen3vl_checkpoint_with_the_default_preset(clip8, tmp_path):
+    """``prunevid run clip.mp4 "q" --model <dir> --preset default`` on a Qwen3-VL saved with
+    ``save_pretrained``: the model, its processor and the record's DeepStack mode."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+    from prunevid_bench.models.tiny_qwen3vl import build_qwen3vl_processor, build_tiny_qwen3vl_model
+
+    folder = tmp_path / "qwen3vl"
+    build_tiny_qwen3vl_model().save_pretrained(folder)
+    build_qwen3vl_processor().save_pretrained(folder)
+    args = ["run", clip8, "What moves?", "--model", folder, "--preset", "default", "--num-frames", "8",
+            "--max-new-tokens", "3", "--device", "cpu", "--results-dir", tmp_path / "out"]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "out").iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["model_family"] == "qwen3_vl"
+    assert result["visual_tokens"] > result["tokens_after_visual_methods"] > result["visual_tokens_kept"] > 0
+    assert json.loads((run_dir / "config.json").read_text())["config"]["model"]["deepstack"] == "merge"
