@@ -335,3 +335,15 @@ def test_cli_runs_a_saved_qwen3vl_checkpoint_with_the_default_preset(clip8, tmp_
     assert result["model_family"] == "qwen3_vl"
     assert result["visual_tokens"] > result["tokens_after_visual_methods"] > result["visual_tokens_kept"] > 0
     assert json.loads((run_dir / "config.json").read_text())["config"]["model"]["deepstack"] == "merge"
+
+
+def test_a_stream_on_qwen3vl_is_refused_in_one_line(clip8, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+
+    args = ["stream", clip8, "--model", "tiny-qwen3vl", "--chunk-frames", "4", "--ask", "1.9:What moves?",
+            "--device", "cpu", "--results-dir", tmp_path]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, res.output
+    assert "streams are not supported on qwen3_vl" in res.output and "Traceback" not in res.output
