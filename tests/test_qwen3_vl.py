@@ -347,3 +347,28 @@ def test_a_stream_on_qwen3vl_is_refused_in_one_line(clip8, tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 2, res.output
     assert "streams are not supported on qwen3_vl" in res.output and "Traceback" not in res.output
+
+
+def test_a_feature_cache_hit_equals_a_miss_with_the_deepstack_levels_stored(pipes, clip8, tmp_path):
+    from prunevid_bench.feature_cache import FeatureCache
+
+    pipe, _ = pipes["sdpa"]
+    settings = {"stage1.enabled": True, "stage1.min_cluster_tokens": 4, "stage2.enabled": True,
+                "stage2.pruning_layer": 0, "stage2.keep_ratio": 0.5, "video.num_frames": 8}
+    pipe.feature_cache = None
+    expected = pipe.run(str(clip8), QUESTION, **settings)
+    tower = []
+    hook = pipe.model.model.visual.register_forward_hook(lambda *_: tower.append(1))
+    try:
+        results = []
+        for _ in range(2):
+            pipe.feature_cache = FeatureCache(0, tmp_path / "features")  # disk only: a new process
+            results.append((pipe.run(str(clip8), QUESTION, **settings), dict(pipe.feature_cache.stats)))
+    finally:
+        hook.remove()
+        pipe.feature_cache = None
+    (miss, miss_stats), (hit, hit_stats) = results
+    assert (miss_stats["misses"], hit_stats["disk_hits"], len(tower), hit.vision_cached) == (1, 1, 1, True)
+    for result in (miss, hit):
+        assert result.generated_token_ids == expected.generated_token_ids
+        torch.testing.assert_close(result.first_token_logits, expected.first_token_logits, rtol=0, atol=0)

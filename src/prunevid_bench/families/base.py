@@ -62,6 +62,13 @@ class Family:
         the patch then owns the add, ``patch.deepstack``). None here."""
         return 0
 
+    def vision_output(self, pooler: tuple, deepstack: list | None):
+        """The tower's output type rebuilt from cached per-video features (the feature cache);
+        ``deepstack``: per video its levels, for a family that has them."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=pooler)
+
     def vision_encoder(self, model):
         return model.model.visual
 

@@ -59,6 +59,14 @@ class Qwen3VLFamily(Family):
     def deepstack_levels(self, model) -> int:
         return len(model.config.vision_config.deepstack_visual_indexes)
 
+    def vision_output(self, pooler: tuple, deepstack: list | None):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        if deepstack is None:
+            raise PruneVidError(f"cached {self.model_type} features lack their DeepStack levels; clear the feature cache")
+        levels = [tuple(video[j] for video in deepstack) for j in range(len(deepstack[0]))]
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=pooler, deepstack_features=levels)
+
     def vision_shape(self, config):
         """Qwen3-VL's tower: full attention within each temporal step in every block, a 2-matmul
         GELU MLP, the main merger and one DeepStack merger per level on every token."""
