@@ -372,3 +372,19 @@ def test_a_feature_cache_hit_equals_a_miss_with_the_deepstack_levels_stored(pipe
     for result in (miss, hit):
         assert result.generated_token_ids == expected.generated_token_ids
         torch.testing.assert_close(result.first_token_logits, expected.first_token_logits, rtol=0, atol=0)
+
+
+def test_timestamps_are_the_steps_true_times_in_the_file(pipes, tmp_path):
+    """The processor gets the source's fps and the sampled frames' source indices: 8 of 16 frames
+    at 4 fps are frames 1, 3, ..., 15, so step i reads the mean of its two frames' times."""
+    import re
+
+    from tests.conftest import write_clip
+
+    pipe, _ = pipes["sdpa"]
+    clip = write_clip(tmp_path / "clip16.mp4", 16, fps=4, seed=2)
+    prepared = pipe._prepare(str(clip), QUESTION, _with_overrides(pipe.config.to_dict(), {"video.num_frames": 8}), None)
+    indices = prepared.clips[0].indices
+    expected = [f"<{(a + b) / 2 / 4:.1f} seconds>" for a, b in zip(indices[0::2], indices[1::2])]
+    text = pipe.processor.tokenizer.decode(prepared.inputs["input_ids"][0])
+    assert indices[0] > 0 and re.findall(r"<[0-9.]+ seconds>", text) == expected

@@ -124,6 +124,11 @@ class Family:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
         return torch.cat([text, mrope.to(input_ids.device)], dim=0)
 
+    def video_metadata(self, clip) -> dict:
+        """What the processor is told about a sampled clip (``video.Clip``). Here the sampled
+        frames at the sampled rate: Qwen2/2.5-VL's time ids read seconds per grid step from it."""
+        return {"total_num_frames": clip.num_frames, "fps": clip.sampled_fps, "frames_indices": list(range(clip.num_frames))}
+
     def rotate(self, q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply a layer's (already M-RoPE-merged) rotary cos/sin [1, L, d] to q [H, L, d], k [H_kv, L, d]."""
         cos, sin = position_embeddings

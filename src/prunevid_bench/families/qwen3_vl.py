@@ -53,6 +53,11 @@ class Qwen3VLFamily(Family):
                                 "videos' grids; pass video_grid_thw with the inputs")
         return out
 
+    def video_metadata(self, clip) -> dict:
+        """The source's frame rate and the sampled frames' source indices, so each step's
+        ``<t seconds>`` is its true time in the file (a clip that starts late reads so)."""
+        return {"total_num_frames": clip.total_frames, "fps": clip.native_fps, "frames_indices": list(clip.indices)}
+
     def query_key(self, attention):
         return attention.q_norm, attention.k_norm
 

@@ -16,9 +16,8 @@ from prunevid_bench.models.tiny import (
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
 DEEPSTACK_LEVELS = 2  # DeepStack features from vision blocks 0 and 1, added after LLM layers 0 and 1
-# the bare placeholder: the processor adds each step's timestamp and markers itself
-CHAT_TEMPLATE_QWEN3 = (CHAT_TEMPLATE.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
-                       .replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"))
+# a bare video placeholder: the processor adds each step's timestamp and markers itself (images keep theirs)
+CHAT_TEMPLATE_QWEN3 = CHAT_TEMPLATE.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
 
 
 def build_qwen3vl_config(sizes: TinySizes = TinySizes(), attn_implementation: str = "sdpa", moe: bool = False):
