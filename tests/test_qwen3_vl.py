@@ -17,7 +17,7 @@ from prunevid_bench import splice
 from prunevid_bench.engine import prefill_position_ids
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
-from prunevid_bench.models.tiny import VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+from prunevid_bench.models.tiny import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 from prunevid_bench.pipeline import _with_overrides, load_pipeline
 from tests.test_stage2 import Traced, additive_mask
 
@@ -388,3 +388,60 @@ def test_timestamps_are_the_steps_true_times_in_the_file(pipes, tmp_path):
     expected = [f"<{(a + b) / 2 / 4:.1f} seconds>" for a, b in zip(indices[0::2], indices[1::2])]
     text = pipe.processor.tokenizer.decode(prepared.inputs["input_ids"][0])
     assert indices[0] > 0 and re.findall(r"<[0-9.]+ seconds>", text) == expected
+
+
+@torch.no_grad()
+def all_levels(pipe, prepared, st) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(LLM-input rows, levels) of every video's tokens (each row the mean of its members' levels)
+    and every image's tokens (untouched), from the towers themselves."""
+    inputs, base = prepared.inputs, pipe.model.model
+    ids = inputs["input_ids"][0]
+    videos = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).deepstack_features
+    runs = family_of(pipe.model).video_runs(pipe.model, ids, inputs["video_grid_thw"].tolist())
+    rows, levels = [], [[] for _ in range(LEVELS)]
+    for i, (video_runs, tokens) in enumerate(zip(runs, st.videos)):
+        place = splice.run_positions(video_runs)
+        rows.append(torch.searchsorted(st.source_index, place[tokens.index]))
+        members = torch.nn.functional.one_hot(tokens.origin.clamp(min=0), tokens.index.numel()).float()
+        members[tokens.origin < 0] = 0
+        for j in range(LEVELS):
+            levels[j].append((members.T @ videos[j][i]) / members.sum(0)[:, None])
+    if "pixel_values" in inputs:
+        images = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+        rows.append(torch.searchsorted(st.source_index, torch.nonzero(ids == IMAGE_PAD_ID).flatten()))
+        for j in range(LEVELS):
+            levels[j].append(torch.cat(images[j]))
+    return torch.cat(rows), [torch.cat(level) for level in levels]
+
+
+@pytest.fixture(scope="module")
+def two_videos_and_an_image(pipes):
+    pipe, _ = pipes["sdpa"]
+    rng = np.random.default_rng(3)
+    messages = [{"role": "user", "content": [
+        {"type": "video", "video": frames(), "fps": 2},
+        {"type": "image", "image": rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)},
+        {"type": "video", "video": rng.integers(0, 256, (4, 96, 128, 3), dtype=np.uint8), "fps": 2},
+        {"type": "text", "text": QUESTION}]}]
+    return pipe, pipe.prepare(messages=messages)
+
+
+@pytest.mark.parametrize("overrides,k", [*CASES, ({}, None)])
+def test_two_videos_and_an_image_through_every_method(two_videos_and_an_image, overrides, k):
+    """Each video reduced on its own, the image's tokens and DeepStack levels untouched: every
+    method (and none, the patch still adding DeepStack) ≡ the by-hand reference."""
+    pipe, prepared = two_videos_and_an_image
+    over = overrides or {"stage2.enabled": True, "stage2.pruning_layer": 0, "stage2.keep_ratio": 1.0}
+    traced = run_traced(pipe, prepared, **over)
+    st = traced.state
+    assert len(st.videos) == 2 and int((prepared.inputs["input_ids"] == IMAGE_PAD_ID).sum()) > 0
+    rows, levels = all_levels(pipe, prepared, st)
+    keep = st.keep_index if k is not None else torch.arange(traced.embeds.shape[1])
+    ref = reference(pipe.model, traced, prepared, rows, levels, k if k is not None else N_LAYERS - 1, keep,
+                    decode_sees_dropped=k is not None and not st.compacted)
+    torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
+    kept = st.source_index if st.keep_index is None else st.source_index[st.keep_index]
+    ids = prepared.inputs["input_ids"][0]
+    gone = torch.ones(ids.numel(), dtype=torch.bool)
+    gone[kept] = False
+    assert bool((ids[gone] == VIDEO_PAD_ID).all()) and (int(gone.sum()) > 0) == bool(overrides)
