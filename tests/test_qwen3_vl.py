@@ -445,3 +445,27 @@ def test_two_videos_and_an_image_through_every_method(two_videos_and_an_image, o
     gone = torch.ones(ids.numel(), dtype=torch.bool)
     gone[kept] = False
     assert bool((ids[gone] == VIDEO_PAD_ID).all()) and (int(gone.sum()) > 0) == bool(overrides)
+
+
+@pytest.mark.parametrize("element", [{"nframes": 8}, {"nframes": 16}, {"fps": 2.0}], ids=str)
+def test_qwen_policy_equals_qwen_vl_utils_for_qwen3(pipes, tmp_path, element):
+    """The ``qwen`` policy on a Qwen3-VL: frame indices, sizes and pixels as qwen-vl-utils 0.0.14's
+    ``fetch_video(image_patch_size=16)``, and the prompt ids (timestamps included) and pixels as
+    its output through the processor with its own metadata."""
+    vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
+    from tests.conftest import write_clip
+
+    pipe, _ = pipes["sdpa"]
+    clip = write_clip(tmp_path / "wide.mp4", 48, size=(360, 640), fps=8, seed=3)
+    cfg = _with_overrides(pipe.config.to_dict(), {"video.policy": "qwen", "video.num_frames": element.get("nframes"),
+                                                 "video.fps": element.get("fps")})
+    ours = pipe._prepare(str(clip), QUESTION, cfg, None)
+    (video, meta), _ = vision_process.fetch_video({"video": str(clip), **element}, image_patch_size=16,
+                                                  return_video_sample_fps=True, return_video_metadata=True)
+    assert ours.clips[0].indices == list(meta["frames_indices"])
+    assert torch.equal(torch.from_numpy(ours.clips[0].frames).permute(0, 3, 1, 2).float(), video)
+    meta = {k: meta[k] for k in ("fps", "frames_indices", "total_num_frames")}
+    theirs = pipe.processor(text=[ours.prompt], videos=[video], video_metadata=[meta], do_resize=False,
+                            do_sample_frames=False, return_tensors="pt")
+    assert torch.equal(ours.inputs["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours.inputs["pixel_values_videos"], theirs["pixel_values_videos"])
