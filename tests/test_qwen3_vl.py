@@ -469,3 +469,23 @@ def test_qwen_policy_equals_qwen_vl_utils_for_qwen3(pipes, tmp_path, element):
                             do_sample_frames=False, return_tensors="pt")
     assert torch.equal(ours.inputs["input_ids"], theirs["input_ids"])
     assert torch.equal(ours.inputs["pixel_values_videos"], theirs["pixel_values_videos"])
+
+
+def test_vision_flops_are_the_towers_own_count_with_its_deepstack_mergers():
+    """The analytic FLOPs of Qwen3-VL's tower (per-step full attention, a 2-matmul MLP, 1 + D
+    mergers per token) equal torch's count of the tower's own forward (eager)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prunevid_bench.flops import TextShape, vision_encoder_flops
+    from prunevid_bench.models.tiny_qwen3vl import build_tiny_qwen3vl_model
+
+    model = build_tiny_qwen3vl_model(attn_implementation="eager")
+    grid = torch.tensor([[4, 8, 12], [2, 4, 4]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 16 * 16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.visual(pixels, grid_thw=grid)
+    shape = family_of(model).vision_shape(model.config)
+    assert shape.mergers == 1 + LEVELS
+    assert vision_encoder_flops(shape, grid.tolist()).vision == counter.get_total_flops()
+    moe = build_tiny_qwen3vl_model(moe=True).config.get_text_config()
+    assert TextShape.from_config(moe).intermediate_size == moe.num_experts_per_tok * moe.moe_intermediate_size
