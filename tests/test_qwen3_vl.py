@@ -489,3 +489,13 @@ def test_vision_flops_are_the_towers_own_count_with_its_deepstack_mergers():
     assert vision_encoder_flops(shape, grid.tolist()).vision == counter.get_total_flops()
     moe = build_tiny_qwen3vl_model(moe=True).config.get_text_config()
     assert TextShape.from_config(moe).intermediate_size == moe.num_experts_per_tok * moe.moe_intermediate_size
+
+
+def test_qwen_numbering_is_transformers_own_on_qwen3(pipes):
+    """Each temporal step is its own segment whose text after it starts at its largest id + 1, in
+    transformers already: ``model.mrope: qwen`` changes nothing on this family."""
+    pipe, prepared = pipes["sdpa"]
+    base = run_traced(pipe, prepared)
+    qwen = run_traced(pipe, prepared, **{"model.mrope": "qwen"})
+    assert torch.equal(qwen.position_ids, base.position_ids)
+    assert qwen.result.generated_token_ids == base.result.generated_token_ids
