@@ -499,3 +499,14 @@ def test_qwen_numbering_is_transformers_own_on_qwen3(pipes):
     qwen = run_traced(pipe, prepared, **{"model.mrope": "qwen"})
     assert torch.equal(qwen.position_ids, base.position_ids)
     assert qwen.result.generated_token_ids == base.result.generated_token_ids
+
+
+def test_a_bad_deepstack_mode_is_a_one_line_error(clip8, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+
+    args = ["run", clip8, "Q", "--model", "tiny-qwen3vl", "--set", "model.deepstack=mean", "--results-dir", tmp_path]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2 and "model.deepstack must be merge or representative" in res.output
+    assert "Traceback" not in res.output

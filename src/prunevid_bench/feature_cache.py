@@ -71,8 +71,7 @@ class Entry:
     deepstack: list[list[torch.Tensor]] | None = None  # per video its DeepStack levels (Qwen3-VL), else None
 
     def nbytes(self) -> int:
-        tensors = list(self.inputs.values()) + list(self.video_features or [])
-        tensors += [t for levels in self.deepstack or [] for t in levels]
+        tensors = list(self.inputs.values()) + list(self.video_features or []) + [t for v in self.deepstack or [] for t in v]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -187,8 +186,7 @@ class FeatureCache:
 
         tensors = {f"input.{k}": v.contiguous() for k, v in entry.inputs.items()}
         tensors.update({f"video.{i}": t.contiguous() for i, t in enumerate(entry.video_features)})
-        tensors.update({f"video.{i}.deepstack.{j}": t.contiguous() for i, levels in enumerate(entry.deepstack or [])
-                        for j, t in enumerate(levels)})
+        tensors.update({f"video.{i}.deepstack.{j}": t.contiguous() for i, lv in enumerate(entry.deepstack or []) for j, t in enumerate(lv)})
         meta = {"format": str(FORMAT), "key": key, "clips": json.dumps(entry.clips), "prompt": entry.prompt,
                 "policy": entry.policy, "vision_s": repr(entry.vision_s), "n_videos": str(len(entry.video_features)),
                 "deepstack_levels": str(len(entry.deepstack[0]) if entry.deepstack else 0),
@@ -231,10 +229,8 @@ class FeatureCache:
             entry = Entry({n[len("input."):]: t for n, t in tensors.items() if n.startswith("input.")},
                           json.loads(meta["clips"]), meta["prompt"], meta["policy"], meta["request"],
                           [tensors[f"video.{i}"] for i in range(int(meta["n_videos"]))], float(meta["vision_s"]))
-            n_levels = int(meta["deepstack_levels"])
-            if n_levels:
-                entry.deepstack = [[tensors[f"video.{i}.deepstack.{j}"] for j in range(n_levels)]
-                                   for i in range(len(entry.video_features))]
+            n = int(meta["deepstack_levels"])  # per video its levels (Qwen3-VL), or None
+            entry.deepstack = [[tensors[f"video.{i}.deepstack.{j}"] for j in range(n)] for i in range(len(entry.video_features))] if n else None
         except (KeyError, ValueError, TypeError):
             return self._reject(path, "its metadata is incomplete; recomputed")
         checks = (("key", meta.get("key") == key), ("request", entry.request == request),
@@ -287,7 +283,7 @@ class Served:
         if self.captured:
             features, levels = self.captured[0]
             self.entry.video_features = [t.detach().cpu() for t in features]
-            self.entry.deepstack = None if levels is None else [[t.detach().cpu() for t in v] for v in levels]
+            self.entry.deepstack = levels and [[t.detach().cpu() for t in video] for video in levels]
             self.entry.vision_s = out.vision_encoder_s
             self.cache._put(self.key, self.entry, to_disk=True)
         return out
@@ -298,8 +294,8 @@ def video_features_patch(model, cached: list[torch.Tensor] | None, captured: lis
     """For the duration of one call (a ``with`` block), wrap the instance's
     ``get_video_features`` (on the family's base model). With ``cached`` it returns them as the
     tower's output (``pooler_output``: one tensor per video) without running the tower; without,
-    it runs the tower and appends its per-video output to ``captured`` (with, per video, its
-    DeepStack levels or None). ``levels``: the cached DeepStack levels per video, when the family has them. Wraps whatever is bound
+    it runs the tower and appends its per-video output to ``captured`` (and its DeepStack levels
+    per video, or None; ``levels``: the cached ones, given back with ``cached``). Wraps whatever is bound
     on the instance now (e.g. the PruneVid patch's own wrapper) and restores it afterwards."""
     from prunevid_bench.families import family_of
     from prunevid_bench.overrides import overriding
