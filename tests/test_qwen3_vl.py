@@ -236,6 +236,14 @@ def test_only_video_placeholders_are_removed(pipes, overrides):
     assert bool((ids[gone] == VIDEO_PAD_ID).all()) and int(gone.sum()) > 0
     for marker in (VISION_START_ID, VISION_END_ID):
         assert int((ids[kept] == marker).sum()) == int((ids == marker).sum()) == 4
+    # the record's kept tokens per frame (--save-kept) are the pads each step's run still holds
+    from prunevid_bench.kept import kept_record
+
+    (video,) = list(kept_record(pipe._handle).values())[-1]
+    recorded = [sum(1 for t, _, _ in video["kept"] if t == step) for step in range(4)]
+    runs = family_of(pipe.model).video_runs(pipe.model, ids, prepared.inputs["video_grid_thw"].tolist())[0]
+    in_prompt = [int(((kept >= s) & (kept < e)).sum()) for s, e in runs]
+    assert recorded == in_prompt and sum(recorded) == min(st.tokens_after, st.tokens_after_visual)
 
 
 def test_an_emptied_frame_keeps_its_timestamp_and_markers(pipes):
