@@ -55,21 +55,13 @@ class DeepStack:
         positions, levels = taken
         other = st.input_ids[positions] != self.video_token_id  # images: untouched by every method
         all_rows = [torch.searchsorted(source, positions[other]), *rows]
-        per_level = []
-        for i, level in enumerate(levels):
-            parts = [level[other]]
-            for place, tokens in videos:
-                if self.deepstack_mode == "representative":
-                    parts.append(self._levels_at(taken, place)[i])
-                else:
-                    parts.append(tokens.extras[EXTRA.format(i)])
-            per_level.append(torch.cat(parts))
+        # merge: the operators' means, carried as extras; representative: each row's own token's levels
+        own = [tokens.extras if self.deepstack_mode == "merge" else self._video_levels(taken, place)
+               for place, tokens in videos]
+        per_level = [torch.cat([level[other], *(extras[EXTRA.format(i)] for extras in own)])
+                     for i, level in enumerate(levels)]
         order = torch.argsort(torch.cat(all_rows))
         st.deepstack = (torch.cat(all_rows)[order], [lv[order] for lv in per_level], source.numel())
-
-    def _levels_at(self, taken, place: torch.Tensor) -> list:
-        extras = self._video_levels(taken, place)
-        return [extras[EXTRA.format(i)] for i in range(len(extras))]
 
     def _add_level(self, i: int, output):
         st = self.state
