@@ -518,3 +518,19 @@ def test_a_bad_deepstack_mode_is_a_one_line_error(clip8, tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 2 and "model.deepstack must be merge or representative" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("overrides", [
+    {"tome.enabled": True, "tome.budget": 1.0},
+    {"evs.enabled": True, "evs.video_pruning_rate": 0.0, "evs.positions": "original"},
+    {"stage1.enabled": True, "stage1.tau": 1.0, "stage1.cluster_ratio": 1.0},
+    {"random.enabled": True, "random.pruning_layer": 0, "random.keep_ratio": 1.0},
+], ids=lambda o: next(iter(o)).split(".")[0])
+def test_keep_everything_equals_vanilla_with_every_kind_of_method(pipes, overrides):
+    """With nothing removed, the levels carried as extras (or followed after layer K) and added by
+    the patch give vanilla's logits: the takeover changes no arithmetic."""
+    pipe, prepared = pipes["eager"]
+    base = run_traced(pipe, prepared)
+    kept = run_traced(pipe, prepared, **overrides)
+    assert kept.state.deepstack is not None and kept.embeds.shape == base.embeds.shape
+    torch.testing.assert_close(kept.logits, base.logits, rtol=0, atol=1e-5)
