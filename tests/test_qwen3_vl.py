@@ -534,3 +534,31 @@ def test_keep_everything_equals_vanilla_with_every_kind_of_method(pipes, overrid
     kept = run_traced(pipe, prepared, **overrides)
     assert kept.state.deepstack is not None and kept.embeds.shape == base.embeds.shape
     torch.testing.assert_close(kept.logits, base.logits, rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_template_with_an_outer_wrapper_is_found_step_by_step():
+    """Real Qwen3-VL templates write ``<|vision_start|><|video_pad|><|vision_end|>``; transformers
+    5.24 keeps that outer wrapper around the expanded steps (5.25 drops it). The steps' runs are
+    found all the same, and Stage 2 at K = 0 still removes pads only and equals the reference."""
+    from prunevid_bench.config import build_config
+    from prunevid_bench.models.loading import LoadedModel
+    from prunevid_bench.models.tiny import CHAT_TEMPLATE
+    from prunevid_bench.models.tiny_qwen3vl import build_qwen3vl_processor, build_tiny_qwen3vl_model
+    from prunevid_bench.pipeline import Pipeline
+
+    processor = build_qwen3vl_processor()
+    processor.chat_template = CHAT_TEMPLATE
+    pipe = Pipeline(LoadedModel(build_tiny_qwen3vl_model(), processor, "wrapped"),
+                    build_config(overrides={"generation.max_new_tokens": MAX_NEW}))
+    prepared = pipe.prepare(frames(), QUESTION)
+    ids = prepared.inputs["input_ids"][0]
+    assert int((ids == VISION_START_ID).sum()) in (4, 5)  # 5 on transformers 5.24
+    traced = run_traced(pipe, prepared, **CASES[0][0])
+    st = traced.state
+    rows, levels = deepstack_rows(pipe, prepared, st)
+    ref = reference(pipe.model, traced, prepared, rows, levels, 0, st.keep_index)
+    torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
+    gone = torch.ones(ids.numel(), dtype=torch.bool)
+    gone[st.source_index[st.keep_index]] = False
+    assert bool((ids[gone] == VIDEO_PAD_ID).all()) and int(gone.sum()) > 0
+    pipe.remove_stages()
