@@ -59,6 +59,16 @@ def main() -> None:
             c = prepared.clip
             label = policy if frames else f"{policy} (default frames)"
             print(f"| {label} | {c.num_frames} | {c.indices[:6]} | {c.frame_size[0]} x {c.frame_size[1]} | {h * w // 4} | {t * h * w // 4} |")
+        # Qwen3-VL: the same qwen policy with its 32-pixel factor (qwen-vl-utils' image_patch_size=16)
+        from prunevid_bench.models.tiny_qwen3vl import build_qwen3vl_processor, build_tiny_qwen3vl_model
+
+        model3 = build_tiny_qwen3vl_model()
+        model3.config.get_text_config().max_position_embeddings = 128000
+        pipe3 = Pipeline(LoadedModel(model3, build_qwen3vl_processor(), "Qwen3-VL"), build_config())
+        prepared = pipe3.prepare(clip, "Q", build_config(overrides={"video.policy": "qwen", "video.num_frames": 16}))
+        t, h, w = prepared.inputs["video_grid_thw"][0].tolist()
+        c = prepared.clip
+        print(f"| qwen (Qwen3-VL) | {c.num_frames} | {c.indices[:6]} | {c.frame_size[0]} x {c.frame_size[1]} | {h * w // 4} | {t * h * w // 4} |")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,26 @@ def tiny_qwen2vl_pipe():
     pipe.remove_stages()
 
 
+def _pipe(name: str):
+    from prunevid_bench.pipeline import load_pipeline
+
+    pipe = load_pipeline(name, device="cpu", dtype="float32")
+    yield pipe
+    pipe.remove_stages()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_pipe():
+    """The Qwen3-VL family's tiny model (DeepStack on two layers), like ``tiny_pipe``."""
+    yield from _pipe("tiny-qwen3vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_moe_pipe():
+    """The Qwen3-VL-MoE family's tiny model, like ``tiny_pipe``."""
+    yield from _pipe("tiny-qwen3vl-moe")
+
+
 @pytest.fixture
 def frames8() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (8, 112, 112, 3), dtype=np.uint8)

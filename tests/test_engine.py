@@ -9,7 +9,8 @@ from prunevid_bench.engine import prefill_position_ids, run_greedy
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("pipe_fixture", ["tiny_pipe", "tiny_qwen2vl_pipe"])
+@pytest.mark.parametrize("pipe_fixture", ["tiny_pipe", "tiny_qwen2vl_pipe", "tiny_qwen3vl_pipe",
+                                         "tiny_qwen3vl_moe_pipe"])
 def test_engine_equals_generate(request, pipe_fixture, seed):
     """Methods off, the engine is vanilla ``generate`` token for token, on both families."""
     import numpy as np

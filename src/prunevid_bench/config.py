@@ -35,9 +35,11 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     mrope: str = "transformers"  # M-RoPE numbering: transformers (as installed) | qwen (Qwen's own; prunevid_bench.mrope)
+    deepstack: str = "merge"  # Qwen3-VL's DeepStack levels of a merged token: merge (the same mean) | representative
 
 
 MROPE_MODES = ("transformers", "qwen")  # model.mrope (prunevid_bench.mrope)
+DEEPSTACK_MODES = ("merge", "representative")  # model.deepstack (prunevid_bench.patch.deepstack)
 VIDEO_POLICIES = ("auto", "qwen", "lmms-eval", "processor")
 
 
@@ -283,6 +285,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PruneVidError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     if cfg.model.mrope not in MROPE_MODES:
         raise PruneVidError(f"model.mrope must be transformers or qwen, got '{cfg.model.mrope}'")
+    if cfg.model.deepstack not in DEEPSTACK_MODES:
+        raise PruneVidError(f"model.deepstack must be merge or representative, got '{cfg.model.deepstack}'")
     if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
         raise PruneVidError(
             f"model.attn_implementation must be sdpa, eager or flash_attention_2, got '{cfg.model.attn_implementation}'"

@@ -47,7 +47,7 @@ import torch
 from prunevid_bench.content_id import file_digest, tensors_digest, weights_identity
 from prunevid_bench.errors import PruneVidError
 
-FORMAT = 2  # bump when an entry's layout changes: older files then miss instead of misreading
+FORMAT = 3  # bump when an entry's layout changes: older files then miss instead of misreading
 SHARED_RISK = ("anyone who can write to it can change the features, and so the answers, of this run "
                "(entries are still checked against their digests, which catches damage, not a forgery)")
 
@@ -68,9 +68,10 @@ class Entry:
     request: str  # sha256 of what was asked: the inputs' contents, the question or messages
     video_features: list[torch.Tensor] | None = None  # the tower's output, one [N_i, D] per video
     vision_s: float = 0.0  # the vision time measured when video_features were computed
+    deepstack: list[list[torch.Tensor]] | None = None  # per video its DeepStack levels (Qwen3-VL), else None
 
     def nbytes(self) -> int:
-        tensors = list(self.inputs.values()) + list(self.video_features or [])
+        tensors = list(self.inputs.values()) + list(self.video_features or []) + [t for v in self.deepstack or [] for t in v]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -142,7 +143,8 @@ class FeatureCache:
             return
         device = prepared.inputs["input_ids"].device
         cached = None if entry.video_features is None else [t.to(device) for t in entry.video_features]
-        with video_features_patch(model, cached, served.captured):
+        levels = None if entry.deepstack is None else [[t.to(device) for t in video] for video in entry.deepstack]
+        with video_features_patch(model, cached, served.captured, levels):
             yield served
 
     # ----------------------------------------------------------- storage
@@ -184,8 +186,10 @@ class FeatureCache:
 
         tensors = {f"input.{k}": v.contiguous() for k, v in entry.inputs.items()}
         tensors.update({f"video.{i}": t.contiguous() for i, t in enumerate(entry.video_features)})
+        tensors.update({f"video.{i}.deepstack.{j}": t.contiguous() for i, lv in enumerate(entry.deepstack or []) for j, t in enumerate(lv)})
         meta = {"format": str(FORMAT), "key": key, "clips": json.dumps(entry.clips), "prompt": entry.prompt,
                 "policy": entry.policy, "vision_s": repr(entry.vision_s), "n_videos": str(len(entry.video_features)),
+                "deepstack_levels": str(len(entry.deepstack[0]) if entry.deepstack else 0),
                 "request": entry.request, "prompt_sha256": _text_digest(entry.prompt),
                 "tensors_sha256": tensors_digest(tensors)}
         tmp = None
@@ -225,6 +229,8 @@ class FeatureCache:
             entry = Entry({n[len("input."):]: t for n, t in tensors.items() if n.startswith("input.")},
                           json.loads(meta["clips"]), meta["prompt"], meta["policy"], meta["request"],
                           [tensors[f"video.{i}"] for i in range(int(meta["n_videos"]))], float(meta["vision_s"]))
+            n = int(meta["deepstack_levels"])  # per video its levels (Qwen3-VL), or None
+            entry.deepstack = [[tensors[f"video.{i}.deepstack.{j}"] for j in range(n)] for i in range(len(entry.video_features))] if n else None
         except (KeyError, ValueError, TypeError):
             return self._reject(path, "its metadata is incomplete; recomputed")
         checks = (("key", meta.get("key") == key), ("request", entry.request == request),
@@ -275,21 +281,22 @@ class Served:
             vision = self.entry.vision_s
             return dataclasses.replace(out, ttft_s=vision + out.ttft_s, vision_encoder_s=vision, prefill_s=out.ttft_s)
         if self.captured:
-            self.entry.video_features = [t.detach().cpu() for t in self.captured[0]]
+            features, levels = self.captured[0]
+            self.entry.video_features = [t.detach().cpu() for t in features]
+            self.entry.deepstack = levels and [[t.detach().cpu() for t in video] for video in levels]
             self.entry.vision_s = out.vision_encoder_s
             self.cache._put(self.key, self.entry, to_disk=True)
         return out
 
 
 # ----------------------------------------------------------------------------- model-specific
-def video_features_patch(model, cached: list[torch.Tensor] | None, captured: list):
+def video_features_patch(model, cached: list[torch.Tensor] | None, captured: list, levels: list | None = None):
     """For the duration of one call (a ``with`` block), wrap the instance's
     ``get_video_features`` (on the family's base model). With ``cached`` it returns them as the
     tower's output (``pooler_output``: one tensor per video) without running the tower; without,
-    it runs the tower and appends its per-video output to ``captured``. Wraps whatever is bound
+    it runs the tower and appends its per-video output to ``captured`` (and its DeepStack levels
+    per video, or None; ``levels``: the cached ones, given back with ``cached``). Wraps whatever is bound
     on the instance now (e.g. the PruneVid patch's own wrapper) and restores it afterwards."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     from prunevid_bench.families import family_of
     from prunevid_bench.overrides import overriding
 
@@ -302,9 +309,10 @@ def video_features_patch(model, cached: list[torch.Tensor] | None, captured: lis
             sizes = (video_grid_thw.prod(-1) // merge**2).tolist()
             if sizes != [int(t.shape[0]) for t in cached]:
                 raise RuntimeError("cached video features do not match the prompt's video grids")
-            return BaseModelOutputWithPooling(pooler_output=tuple(cached))
+            return family.vision_output(tuple(cached), levels)
         out = previous(pixel_values_videos, video_grid_thw, **kwargs)
-        captured.append(tuple(out.pooler_output))
+        stacked = getattr(out, "deepstack_features", None)  # per level, per video
+        captured.append((tuple(out.pooler_output), None if stacked is None else [list(v) for v in zip(*stacked)]))
         return out
 
     return overriding(base, "get_video_features", get_video_features)

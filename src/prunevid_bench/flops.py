@@ -42,9 +42,10 @@ class TextShape:
     def from_config(cls, config) -> TextShape:
         """From a transformers Qwen2.5-VL config (or its text config)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        experts = getattr(text, "num_experts_per_tok", None)  # MoE: the active experts' MLPs
         return cls(
             hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
+            intermediate_size=experts * text.moe_intermediate_size if experts else text.intermediate_size,
             num_heads=text.num_attention_heads,
             num_kv_heads=text.num_key_value_heads,
             num_layers=text.num_hidden_layers,
@@ -69,6 +70,7 @@ class VisionShape:
     window_size: int = 112  # pixels
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     mlp_matmuls: int = 3  # SwiGLU (Qwen2.5-VL); 2 for Qwen2-VL's fc1/GELU/fc2
+    mergers: int = 1  # patch mergers each token goes through (Qwen3-VL: 1 + its DeepStack levels)
     @classmethod
     def from_config(cls, config) -> VisionShape:
         vision = getattr(config, "vision_config", config)
@@ -204,7 +206,7 @@ def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> 
 def merger_flops(shape: VisionShape, rows: int) -> int:
     """The patch merger's MLP on ``rows`` LLM tokens (each merge x merge patch features wide)."""
     wide = shape.hidden_size * shape.spatial_merge_size**2
-    return 2 * rows * wide * wide + 2 * rows * wide * shape.out_hidden_size
+    return shape.mergers * (2 * rows * wide * wide + 2 * rows * wide * shape.out_hidden_size)
 
 
 def ideal_speedup(baseline: Flops, pruned: Flops) -> float:

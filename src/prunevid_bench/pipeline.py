@@ -117,10 +117,9 @@ class Pipeline:
             edges[0] = kwargs.get("size", edges[0])
             if media.size_for_processor(*[(e.get("shortest_edge"), e.get("longest_edge")) for e in edges], request.factor):
                 kwargs = {"do_resize": False}
-        metadata = [
-            {"total_num_frames": clip.num_frames, "fps": clip.sampled_fps, "frames_indices": list(range(clip.num_frames))}
-            for clip in media.clips
-        ]
+        from prunevid_bench.families import family_of
+
+        metadata = [family_of(self.model).video_metadata(clip) for clip in media.clips]
         try:
             inputs = self.processor(
                 text=[prompt],
@@ -160,7 +159,7 @@ class Pipeline:
         from prunevid_bench.methods import all_methods
         from prunevid_bench.patch import apply_methods
 
-        key = tuple((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods())
+        key = (cfg.model.deepstack, *((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods()))
         if self._handle_key == key:
             return self._handle
         if self._handle is not None:

@@ -30,6 +30,7 @@ import torch
 
 from prunevid_bench.engine import cache_keyword, eos_ids, greedy_decode
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
 from prunevid_bench.stream_parts import (  # noqa: F401 (encode_chunk: part of this module's API)
     VIDEO_MARK, ChunkRecord, StreamAnswer, _Layers, cache_length, crop_cache, encode_chunk, merge_size,
@@ -60,6 +61,10 @@ class StreamSession:
 
         if video_fps <= 0:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
+        family = family_of(pipe.model)
+        if family.video_layout != "video" or family.deepstack_levels(pipe.model):
+            raise PruneVidError(f"streams are not supported on {family.model_type} yet (per-step timestamps and "
+                                "DeepStack); run the video offline with prunevid run")
         self.pipe = pipe
         self.fps = float(video_fps)
         self.step = temporal_patch(pipe)

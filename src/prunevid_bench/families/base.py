@@ -52,6 +52,23 @@ class Family:
         """The attention module of a decoder layer (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``)."""
         return layer.self_attn
 
+    def query_key(self, attention):
+        """The modules whose outputs are a layer's q and k right before rotary (a scorer captures
+        them): the projections here; a family with QK-norm (Qwen3) names its norms."""
+        return attention.q_proj, attention.k_proj
+
+    def deepstack_levels(self, model) -> int:
+        """How many DeepStack levels the tower hands the LLM (level i added after decoder layer i;
+        the patch then owns the add, ``patch.deepstack``). None here."""
+        return 0
+
+    def vision_output(self, pooler: tuple, deepstack: list | None):
+        """The tower's output type rebuilt from cached per-video features (the feature cache);
+        ``deepstack``: per video its levels, for a family that has them."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=pooler)
+
     def vision_encoder(self, model):
         return model.model.visual
 
@@ -117,6 +134,11 @@ class Family:
         base.rope_deltas = deltas
         text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
         return torch.cat([text, mrope.to(input_ids.device)], dim=0)
+
+    def video_metadata(self, clip) -> dict:
+        """What the processor is told about a sampled clip (``video.Clip``). Here the sampled
+        frames at the sampled rate: Qwen2/2.5-VL's time ids read seconds per grid step from it."""
+        return {"total_num_frames": clip.num_frames, "fps": clip.sampled_fps, "frames_indices": list(range(clip.num_frames))}
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply a layer's (already M-RoPE-merged) rotary cos/sin [1, L, d] to q [H, L, d], k [H_kv, L, d]."""

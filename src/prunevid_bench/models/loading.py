@@ -34,6 +34,8 @@ class LoadedModel:
 BUILTIN: dict[str, str] = {
     "tiny": "prunevid_bench.models.tiny:build_tiny",
     "tiny-qwen2vl": "prunevid_bench.models.tiny_qwen2vl:build_tiny_qwen2vl",
+    "tiny-qwen3vl": "prunevid_bench.models.tiny_qwen3vl:build_tiny_qwen3vl",
+    "tiny-qwen3vl-moe": "prunevid_bench.models.tiny_qwen3vl:build_tiny_qwen3vl_moe",
     "toy": "prunevid_bench.toy.model:load_toy_model",
 }
 BUILTIN_VIDEO_POLICY = "processor"

@@ -15,6 +15,7 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock
 from prunevid_bench.methods import all_methods
+from prunevid_bench.patch.deepstack import DeepStack
 from prunevid_bench.patch.encoder import EncoderSide
 from prunevid_bench.patch.key_bias import KeyBias
 from prunevid_bench.patch.layer import LayerMethod
@@ -37,7 +38,7 @@ def _layers(method, spec, num_layers: int) -> tuple[int, int]:
     return k, k - 1
 
 
-class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting):
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack):
     def __init__(self, model, config: RunConfig):
         self.model = model
         self.family = family_of(model)
@@ -57,6 +58,10 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting):
         self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
         self._encoding_videos = False  # inside get_video_features: the merger is projecting video tokens
         self._before_merger: BeforeMerger | None = None  # what the encoder methods did in the last video pass
+        self.deepstack_mode = config.model.deepstack  # a merged token's DeepStack levels (patch.deepstack)
+        if self.encoder_methods and self.family.deepstack_levels(model):
+            raise PruneVidError(f"{self.encoder_methods[0][0].name} inside the vision encoder is not supported on "
+                                f"{self.family.model_type} (DeepStack); reduce the visual tokens instead (stage1.space: llm)")
         layer = [(m, c) for m, c in enabled if m.where(c) == "llm_layer"]
         if len(layer) > 1:
             raise PruneVidError("one LLM-layer method per run; disable all but one")
@@ -90,13 +95,16 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting):
         if self.layer_method is not None:
             layers = fam.decoder_layers(model)
             k = self.score_layer
-            attn = fam.attention(layers[k])
-            add(attn.q_proj.register_forward_hook(self._capture("q")))
-            add(attn.k_proj.register_forward_hook(self._capture("k")))
+            q_at, k_at = fam.query_key(fam.attention(layers[k]))
+            add(q_at.register_forward_hook(self._capture("q")))
+            add(k_at.register_forward_hook(self._capture("k")))
             add(layers[k].register_forward_pre_hook(self._capture_layer_inputs, with_kwargs=True))
             add(layers[k].register_forward_hook(self._reduce_at_layer, with_kwargs=True))
             for i, later in enumerate(layers[k + 1 :], start=k + 1):
                 add(later.register_forward_pre_hook(functools.partial(self._slice_layer_inputs, i), with_kwargs=True))
+
+        if fam.deepstack_levels(model):
+            self._install_deepstack(fam.decoder_layers(model), add)
 
     def remove(self) -> None:
         for h in self._hooks:

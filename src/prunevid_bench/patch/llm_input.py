@@ -60,6 +60,7 @@ class LLMInput:
         runs = self.family.video_runs(self.model, ids, grids)
         st.tokens_in_prompt = int((ids == self.video_token_id).sum())
         encoded = self._take_before_merger(len(grids))
+        deepstack = self._take_deepstack(kwargs)  # DeepStack's levels: added by the patch (patch.deepstack)
         unpruned = kwargs.get("position_ids")
         mrope = unpruned[-3:, 0] if unpruned is not None else None
         videos, n_groups, proportional, shifts = [], [], False, []
@@ -72,14 +73,18 @@ class LLMInput:
                                              tokens.index.numel()) for key, value in family_extras[i].items()}
                 tokens = dataclasses.replace(tokens, embeds=embeds[0, place[tokens.index]], extras={**tokens.extras, **extras})
             else:
+                levels = self._video_levels(deepstack, place) if self.deepstack_mode == "merge" else {}
                 tokens = self._with_extras(VideoTokens.full_grid(embeds[0, place], t, place.numel() // t, w // self.merge,
-                                                                 extras=family_extras[i]))
+                                                                 extras={**family_extras[i], **levels}))
                 groups = t
             if mrope is not None:
                 tokens.positions = mrope[:, place[tokens.index]]
             if self.visual_methods:
                 tokens, groups, asked, after = self._reduce_video(tokens, groups, self.visual_methods, st)
                 proportional = proportional or asked
+                if after is not None and self.family.video_layout == "step":
+                    raise PruneVidError(f"positions_after (EVS's positions: vllm) is not supported on "
+                                        f"{self.family.model_type} yet; use positions: original")
                 if after is not None:  # the video's first and end prompt positions, what it adds for the next token
                     shifts.append((video_runs[0][0], video_runs[-1][1], after))
             videos.append((place[tokens.index], tokens))
@@ -104,6 +109,7 @@ class LLMInput:
             self._renumber_after_videos(kwargs, [(int(torch.searchsorted(source, end)), start, end, after)
                                                  for start, end, after in shifts], unpruned)
         st.source_index = source
+        self._set_deepstack(deepstack, source, videos, rows)
         st.row_sizes = torch.ones(source.numel(), device=device)
         for r, (_, tokens) in zip(rows, videos):
             st.row_sizes[r] = tokens.sizes.to(device).float()

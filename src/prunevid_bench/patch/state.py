@@ -41,6 +41,7 @@ class SampleState:
     key_bias_mask: tuple | None = None  # (the layer's own mask, shape, the mask built from it): proportional attention, per forward
     prompt_max_id: int | None = None  # largest M-RoPE id of the prompt, when a reduction renumbered it (positions_after)
     decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
+    deepstack: tuple | None = None  # (LLM-input rows [R], levels [D] of [R, C], rows they were made for): DeepStack's adds
     captured: dict = field(default_factory=dict)
 
     # the names these counts had while PruneVid's stages were the only methods (one release)
