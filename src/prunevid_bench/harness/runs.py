@@ -1,4 +1,5 @@
-"""Dataset run folders: the per-sample log, the summary statistics, and reading a folder back.
+"""Dataset run folders: the per-sample log, the summary statistics (computed by
+``harness.run_stats``), and reading a folder back.
 
 A dataset run folder holds::
 
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,14 @@ from typing import Any
 
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.record_check import record_problem
+from prunevid_bench.harness.run_stats import (  # noqa: F401 - importable from here too
+    METRICS,
+    enabled_sections,
+    flat_row,
+    shortfall,
+    spread,
+    summarise,
+)
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -39,37 +46,6 @@ PLAN_FILE = "plan.json"
 # What a forced rerun moves into a fresh backup folder: the logs and every file derived from
 # them, the config last (a folder without one is new: an interrupted move leaves no log behind).
 RUN_FILES = (SAMPLES_FILE, SUMMARY_FILE, "summary.csv", PLAN_FILE, CONFIG_FILE, "environment.json")
-
-# Per-sample fields summarised with median and spread (errors excluded).
-METRICS = (
-    "num_frames",
-    "tokens_before_stage1",
-    "tokens_after_stage1",
-    "tokens_after",
-    "total_compression_ratio",
-    "visual_tokens_kept_ratio",
-    "prefill_flops",
-    "ideal_speedup",
-    "prompt_tokens",
-    "llm_prefill_tokens",
-    "generated_tokens",
-    "ttft_s",
-    "vision_encoder_s",
-    "stage1_s",
-    "stage2_s",
-    "prefill_s",
-    "decode_tokens_per_s",
-    "peak_memory_bytes",
-    "kv_cache_bytes",
-    "kv_cache_bytes_uncompressed",
-    "prepare_s",
-)
-
-
-def enabled_sections(cfg: Mapping[str, Any]) -> list[str]:
-    """The config sections of the token-reduction methods a run had on, in config order."""
-    return [name for name, values in cfg.items()
-            if name not in ("model", "video", "generation") and isinstance(values, Mapping) and values.get("enabled")]
 
 
 NOT_IDENTITY = ("runtime",)  # config sections that change how fast a run goes, never what it computes
@@ -222,120 +198,6 @@ def back_up(folder: Path, names: Iterable[str]) -> Path | None:
     for name in present:
         (folder / name).replace(target / name)
     return target
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def spread(values: Iterable[float | int | None]) -> dict[str, float] | None:
-    """Median, quartiles, p90, min, max and mean of the non-missing values (None if none)."""
-    xs = sorted(float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v)))
-    if not xs:
-        return None
-
-    def pct(q: float) -> float:  # nearest-rank on the sorted values, as timing_summary does
-        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-    return {
-        "n": len(xs),
-        "median": statistics.median(xs),
-        "p25": pct(0.25),
-        "p75": pct(0.75),
-        "p90": pct(0.9),
-        "min": xs[0],
-        "max": xs[-1],
-        "mean": statistics.fmean(xs),
-    }
-
-
-def summarise(
-    records: list[Mapping[str, Any]],
-    skipped: list[Mapping[str, str]],
-    baseline_records: list[Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Accuracy (95% Wilson CI, per category), agreement with a baseline, metric medians."""
-    from prunevid_bench.harness.answers import accuracy_summary, agreement, paired_difference
-
-    ok = [r for r in records if not r.get("error")]
-    summary: dict[str, Any] = {
-        "n": len(records),
-        "accuracy": accuracy_summary(records),
-        "skipped": list(skipped),
-        # The absolute layer Stage 2 pruned after, as the model resolved it (one config, one value).
-        "pruning_layer": next((r["pruning_layer"] for r in ok if r.get("pruning_layer") is not None), None),
-        "metrics": {name: spread(r.get(name) for r in ok) for name in METRICS},
-    }
-    summary["metrics"] = {k: v for k, v in summary["metrics"].items() if v is not None}
-    loads = [r["load_average"][0] for r in ok if r.get("load_average")]
-    if loads:  # how busy the machine was: timings under a load above the cores measure the queue
-        summary["runtime"] = {"torch_threads": sorted({r["torch_threads"] for r in ok if "torch_threads" in r}),
-                              "load_first": loads[0], "load_last": loads[-1], "load_max": max(loads),
-                              "cpu_count": os.cpu_count()}
-    if baseline_records is not None:
-        summary["agreement"] = agreement(records, baseline_records)
-        summary["paired"] = paired_difference(records, baseline_records)  # accuracy vs the baseline, paired test
-    return summary
-
-
-def shortfall(summary: Mapping[str, Any]) -> list[str]:
-    """Why a finished dataset run did not answer every selected question, e.g.
-    ``["2 skipped", "1 errored", "3 unparsed"]``, led by the questions not evaluated (with the
-    ranks that were to run them); empty when every one got a parsed answer."""
-    acc = summary["accuracy"]
-    counts = {"skipped": len(summary.get("skipped", [])), "errored": acc["errors"], "unparsed": acc["unparsed"]}
-    problems = [f"{n} {what}" for what, n in counts.items() if n]
-    missing = summary.get("missing") or []
-    if missing:  # an unfinished run (a rank died, or it was stopped): never a clean exit
-        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
-        ranks = summary.get("missing_ranks")
-        who = (f"; rank {', '.join(map(str, ranks))} of {summary.get('world_size')} did not finish" if ranks else "")
-        problems.insert(0, f"{len(missing)} not evaluated ({shown}{who})")
-    return problems
-
-
-def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """One CSV row: identity, stage settings, accuracy, agreement, metric median/p25/p75/p90."""
-    acc = summary["accuracy"]
-    row: dict[str, Any] = {
-        "run": meta.get("run"),
-        "label": meta.get("label"),
-        "preset": meta.get("preset"),
-        "model": cfg["model"]["name"],
-        "dataset": meta.get("dataset", {}).get("name"),
-        "answer_mode": meta.get("answer_mode"),
-        "num_frames": cfg["video"]["num_frames"],
-        "fps": cfg["video"]["fps"],
-        "stage1": cfg["stage1"]["enabled"],
-        "tau": cfg["stage1"]["tau"],
-        "cluster_ratio": cfg["stage1"]["cluster_ratio"],
-        "temporal_segment_ratio": cfg["stage1"]["temporal_segment_ratio"],
-        "stage2": cfg["stage2"]["enabled"],
-        "methods": "+".join(enabled_sections(cfg)),  # every method section on, stage1/stage2 included
-        "pruning_layer": summary.get("pruning_layer"),  # resolved; None when Stage 2 is off
-        "pruning_layer_spec": cfg["stage2"]["pruning_layer"],  # as configured, e.g. "10/28"
-        "keep_ratio": cfg["stage2"]["keep_ratio"],
-        "score": cfg["stage2"]["score"],
-        "n": acc["n"],
-        "correct": acc["correct"],
-        "accuracy": acc["accuracy"],
-        "ci_low": acc["ci_low"],
-        "ci_high": acc["ci_high"],
-        "unparsed": acc["unparsed"],
-        "errors": acc["errors"],
-        "skipped": len(summary.get("skipped", [])),
-    }
-    if "agreement" in summary:
-        ag = summary["agreement"]
-        row.update(agreement=ag["agreement"], agreement_n=ag["n"], agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"])
-    if "paired" in summary:
-        pd = summary["paired"]
-        row.update(paired_difference=pd["difference"], paired_ci_low=pd["ci_low"], paired_ci_high=pd["ci_high"],
-                   mcnemar_p=pd["p"])
-    for name, stats in summary["metrics"].items():
-        for key in ("median", "p25", "p75", "p90"):
-            row[f"{name}_{key}"] = stats[key]
-    return row
 
 
 # ---------------------------------------------------------------------------------------------
