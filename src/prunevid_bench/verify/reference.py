@@ -117,15 +117,29 @@ def _layer(layer, x, mask, rotary):
 def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
     """The cache-free logits of a traced run: its LLM input, the LLM-layer method's kept rows and
     layer (if one ran), its proportional attention (if any), decode ids continuing the unpruned
-    numbering (shifted when a reduction renumbered the prompt)."""
+    numbering (shifted when a reduction renumbered the prompt). An LLM-layer merge goes to
+    ``merged.merged_reference`` (``merged=False``: the same rows kept, nothing averaged)."""
     model = pipe.model
     full = family_of(model).prefill_position_ids(model, prepared.inputs)  # unpruned ids, as generate builds them
     st, handle = traced.state, traced.handle
     first_decode_pos = full[1:, :, -1:] + 1 + (st.decode_position_shift if st is not None else 0)
     keep_index, k = None, None
     if st is not None and st.keep_index is not None:
-        keep_index, k = st.keep_index, handle.score_layer
+        # the kept rows, from the method's kept visual tokens alone (not the patch's own index)
+        keep = torch.ones(traced.embeds.shape[1], dtype=torch.bool)
+        gone = torch.ones(st.visual_positions.numel(), dtype=torch.bool)
+        gone[st.kept_visual.cpu()] = False
+        keep[st.visual_positions.cpu()[gone]] = False
+        keep_index, k = torch.nonzero(keep).flatten(), handle.score_layer
         kwargs.setdefault("decode_sees_dropped", not st.compacted)
     key_log_size = st.key_log_size if st is not None else None
+    if st is not None and st.merged_into is not None:  # an LLM-layer merge
+        from prunevid_bench.verify.merged import merge_dest, merged_reference
+
+        merged = kwargs.pop("merged", True)
+        n = traced.embeds.shape[1]
+        sizes = st.row_sizes.float() if st.row_sizes is not None else torch.ones(n)
+        return merged_reference(model, traced.embeds, traced.position_ids[1:], merge_dest(st, n, keep_index, merged),
+                                sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos)
     return cache_free_logits(model, traced.embeds, traced.position_ids[1:], keep_index, k,
                              traced.result.generated_token_ids, first_decode_pos, key_log_size=key_log_size, **kwargs)
