@@ -113,7 +113,7 @@ def commands(args, out: Path) -> list[tuple[str, list[str], float]]:
         cache = [py, "benchmarks/bench_feature_cache.py", "--device", dev, "--questions", "20", "--rounds", "2"]
         stream = [py, "benchmarks/bench_streaming.py", "--device", dev, "--chunks", "4", "8", "16", "--repeats", "3",
                   "--plot", str(out / "stream_kv.png")]
-        n_questions, limits = 10, (200, 90, 60, 90)
+        n_questions, limits = 10, (180, 60, 45, 60)
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "prunevid_bench",
                 "run", "--dataset", str(data / "data.jsonl"), "--model", "toy", "--device", dev,
                 "--results-dir", str(out / "runs"), "--limit", str(n_questions)]

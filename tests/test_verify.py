@@ -95,6 +95,16 @@ def test_the_table_names_the_failing_check_within_80_columns(monkeypatch):
     assert all(len(line) <= 80 for line in lines if line.startswith(("┃", "│", "┏", "└")))
 
 
+def test_verify_on_a_video_of_ones_own(tmp_path):
+    from tests.conftest import write_clip
+
+    clip = write_clip(tmp_path / "clip16.mp4", 16)  # the default video policy samples 16 frames
+    result, (rep,) = verify("--model", "tiny-qwen2vl", "--video", str(clip), "--methods", "fastv", "--tokens", "3")
+    assert result.exit_code == 0, result.output
+    assert [c["check"] for c in rep["checks"]] == ["vanilla", "reference", "nothing", "reference", "scores"]
+    assert all(c["passed"] for c in rep["checks"])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--methods", "fastvv"], "did you mean 'fastv'"),
     (["--model", "tinyy"], "tiny"),
