@@ -132,3 +132,21 @@ def test_bf16_from_a_saved_checkpoint_with_its_stated_tolerances(tmp_path):
     # bf16 really rounds the cached run and the reference differently: the tolerance is not idle
     assert max(c["diff"] for c in rows(rep, "reference")) > 0
     assert logit_tolerance("bfloat16", torch.tensor([4.0])) == absolute + 4 * relative
+
+
+def test_a_plugin_method_is_verified_without_editing_verify():
+    """A method registered from outside the package gets the checks it can: its reduced run
+    against the reference; "nothing" says in one line why it cannot run (no knob declared)."""
+    import importlib
+
+    from prunevid_bench.methods import unregister_method
+
+    importlib.reload(importlib.import_module("tests.every_other_method"))  # registers "every_other"
+    try:
+        result, (rep,) = verify("--model", "tiny", "--methods", "every_other")
+    finally:
+        unregister_method("every_other")
+    assert result.exit_code == 0, result.output
+    by_check = {c["check"]: c for c in rep["checks"] if c["method"] == "every_other"}
+    assert by_check["reference"]["passed"] and by_check["reference"]["note"] == "64 -> 32 tokens"
+    assert by_check["nothing"]["passed"] is None and "no budget_knob or keeps_everything" in by_check["nothing"]["note"]
