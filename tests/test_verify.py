@@ -34,12 +34,15 @@ def test_verify_passes_on_every_builtin_model(model):
     assert result.exit_code == 0, result.output
     (rep,) = reports
     assert rep["passed"] and rep["dtype"] == "float32" and rep["device"] == "cpu"
-    assert not rows(rep, passed=False) and not rows(rep, passed=None)  # every check ran, and passed
+    assert not rows(rep, passed=False)
+    # every check ran, but the inputs one: it needs --video and the qwen policy (built-ins use the processor's)
+    assert [(c["check"], c["note"]) for c in rows(rep, passed=None)] == [
+        ("inputs", "needs --video: qwen-vl-utils reads a file")]
     checked = {c["method"].split("[")[0] for c in rows(rep, "reference")}
     assert checked == {"none"} | {m.name for m in all_methods()}  # every registered method
     assert {c["method"] for c in rows(rep, "scores")} >= {"fastv", "prunevid_stage2[score=attention]"}
     assert "prunevid_stage1[space=vision]" in {c["method"] for c in rows(rep, "nothing")}  # every place
-    for c in rows(rep):
+    for c in rows(rep, passed=True):
         assert c["diff"] <= c["tol"]
 
 
@@ -101,8 +104,30 @@ def test_verify_on_a_video_of_ones_own(tmp_path):
     clip = write_clip(tmp_path / "clip16.mp4", 16)  # the default video policy samples 16 frames
     result, (rep,) = verify("--model", "tiny-qwen2vl", "--video", str(clip), "--methods", "fastv", "--tokens", "3")
     assert result.exit_code == 0, result.output
-    assert [c["check"] for c in rep["checks"]] == ["vanilla", "reference", "nothing", "reference", "scores"]
-    assert all(c["passed"] for c in rep["checks"])
+    assert [c["check"] for c in rep["checks"]] == ["vanilla", "reference", "inputs", "nothing", "reference", "scores"]
+    assert all(c["passed"] for c in rep["checks"] if c["check"] != "inputs")
+    assert "'processor'" in rep["checks"][2]["note"]  # the built-ins' policy is not qwen-vl-utils'
+
+
+def test_inputs_equal_qwen_vl_utils_under_the_qwen_policy(tmp_path):
+    """The inputs check on a qwen-policy pipeline: our frames, ids, grid and M-RoPE ids equal
+    qwen-vl-utils' through the processor; another clip's inputs fail it."""
+    import importlib.util
+
+    from prunevid_bench.pipeline import load_pipeline
+    from prunevid_bench.verify import QUESTION
+    from prunevid_bench.verify.inputs import inputs_check
+    from tests.conftest import write_clip
+
+    pytest.importorskip("qwen_vl_utils")
+    if not any(importlib.util.find_spec(name) for name in ("decord", "torchcodec")):
+        pytest.skip("qwen-vl-utils needs decord or torchcodec to read videos")
+    pipe = load_pipeline("tiny", device="cpu", dtype="float32", overrides={"video.policy": "qwen"})
+    clip, other = write_clip(tmp_path / "a.mp4", 32, seed=1), write_clip(tmp_path / "b.mp4", 32, seed=2)
+    check = inputs_check(pipe, pipe.prepare(str(clip), QUESTION), str(clip))
+    assert check.passed and check.diff <= check.tol and "nframes=16" in check.note, check
+    wrong = inputs_check(pipe, pipe.prepare(str(other), QUESTION), str(clip))
+    assert wrong.passed is False and wrong.diff > wrong.tol
 
 
 @pytest.mark.parametrize("args,message", [

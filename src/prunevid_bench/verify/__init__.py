@@ -62,6 +62,7 @@ def verify(models: list[str] | None = None, device: str = "cpu", dtype: str = "f
     from prunevid_bench.methods import all_methods, get_method
     from prunevid_bench.pipeline import load_pipeline
     from prunevid_bench.verify.checks import Verifier
+    from prunevid_bench.verify.inputs import inputs_check
 
     if n_tokens < 1:
         raise PruneVidError(f"--tokens must be >= 1, got {n_tokens}")
@@ -75,6 +76,7 @@ def verify(models: list[str] | None = None, device: str = "cpu", dtype: str = "f
         prepared = pipe.prepare(synthetic_clip() if video is None else video, QUESTION)
         verifier = Verifier(pipe, prepared, model_dtype, n_tokens)
         report.checks += verifier.baseline()
+        report.checks.append(inputs_check(pipe, prepared, video))
         for method in chosen:
             if progress:
                 progress(f"{name}: {method.name}")

@@ -9,6 +9,7 @@ everything is), so a new method or family is verified without editing this file.
   declares in ``keeps_everything``) reduces nothing and gives the vanilla tokens and logits;
 - ``reference``: each method's reduced run equals the cache-free reference on the same LLM input
   (its kept rows, layer, proportional attention and decode ids, all read off the patch's state);
+- ``inputs`` (``inputs.py``): a video file's model inputs equal qwen-vl-utils' (qwen policy);
 - ``scores``: an LLM-layer method whose scores are attention weights (``Method.attention_scores``)
   leaves the scored layer's eager attention weights, read by the rule it names.
 """
