@@ -185,7 +185,7 @@ class Verifier:
 
     def _reference(self, method, label: str, over: dict) -> Check:
         run = self.run(method, **over)
-        st, r = run.state, run.result
+        r = run.result
         kept = r.visual_tokens_kept if r.visual_tokens_kept is not None else r.tokens_after_visual_methods
         if kept == r.visual_tokens:
             return Check("reference", label, None, None, None, "its default settings reduced nothing on this clip")
