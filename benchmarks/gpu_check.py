@@ -6,7 +6,8 @@ versions are recorded; nothing is installed).
     PYTHONPATH=src python benchmarks/gpu_check.py --device cpu --quick                   # the CI smoke (< 3 min)
 
 Steps (each with its own time limit; a step that would pass the overall budget is skipped and
-says so; a failing step does not stop the others):
+says so; a failing step does not stop the others), run in the order 1, 3, 4, 5, 2: the paths that
+never ran on a GPU first, the longest measurement last:
 
 1. ``verify``: ``prunevid verify`` on every built-in tiny family (one per family, whatever families
    are registered) in float32 and bfloat16, sdpa and eager, and flash_attention_2 in bfloat16
@@ -14,8 +15,8 @@ says so; a failing step does not stop the others):
    the device: vision-space Stage 1 (the merger hook), ToMe's proportional attention through the
    SDPA wrapper (and the mask path under eager), FastV, the merge control, EVS, VidCom2.
 2. ``methods``: ``bench_methods.py`` on Qwen2.5-VL-7B's LLM shape (28 x 3584, 28/4 heads, MLP
-   18944) at 8k and 16k visual tokens, every method: TTFT against ideal, each method's own share,
-   peak memory per phase, KV bytes (``--quick``: its ``--smoke``).
+   18944) at 8k and 16k visual tokens, every method, 2 timed rounds: TTFT against ideal, each
+   method's own share, peak memory per phase, KV bytes (``--quick``: its ``--smoke``).
 3. ``feature_cache``: ``bench_feature_cache.py`` on the device: a 1 + 6 cell sweep with and
    without the vision-feature cache (the wall-time ratio).
 4. ``stream``: ``bench_streaming.py``: a stream's ask TTFT against offline re-prefill.
@@ -109,16 +110,17 @@ def commands(args, out: Path) -> list[tuple[str, list[str], float]]:
         n_questions, limits = 4, (90, 90, 90, 120)
     else:
         methods = [py, "benchmarks/bench_methods.py", "--device", dev, "--dtype", "bfloat16", *QWEN25_7B,
-                   "--tokens", "8192", "16384", "--repeats", "3", "--warmup", "1"]
+                   "--tokens", "8192", "16384", "--repeats", "2", "--warmup", "1"]
         cache = [py, "benchmarks/bench_feature_cache.py", "--device", dev, "--questions", "20", "--rounds", "2"]
         stream = [py, "benchmarks/bench_streaming.py", "--device", dev, "--chunks", "4", "8", "16", "--repeats", "3",
                   "--plot", str(out / "stream_kv.png")]
-        n_questions, limits = 10, (180, 60, 45, 60)
+        n_questions, limits = 10, (210, 60, 45, 45)
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "prunevid_bench",
                 "run", "--dataset", str(data / "data.jsonl"), "--model", "toy", "--device", dev,
                 "--results-dir", str(out / "runs"), "--limit", str(n_questions)]
-    return [("methods", methods, limits[0]), ("feature_cache", cache, limits[1]), ("stream", stream, limits[2]),
-            ("torchrun", torchrun, limits[3])]
+    # the paths never run on a GPU first; the 7B-shape measurement (the longest) last
+    return [("feature_cache", cache, limits[1]), ("stream", stream, limits[2]), ("torchrun", torchrun, limits[3]),
+            ("methods", methods, limits[0])]
 
 
 def markdown(report: dict) -> str:
