@@ -27,7 +27,7 @@ from prunevid_bench.models.tiny import (
 from prunevid_bench.pipeline import _with_overrides, load_pipeline
 from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
-from prunevid_bench.verify.reference import Traced, cache_free_logits, reference_for, trace
+from prunevid_bench.verify.reference import Traced, additive_mask, cache_free_logits, reference_for, trace  # noqa: F401 (Traced, additive_mask: other test modules import them from here)
 
 QUESTION = "What is happening in this video?"
 MAX_NEW = 5

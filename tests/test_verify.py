@@ -175,3 +175,33 @@ def test_a_plugin_method_is_verified_without_editing_verify():
     by_check = {c["check"]: c for c in rep["checks"] if c["method"] == "every_other"}
     assert by_check["reference"]["passed"] and by_check["reference"]["note"] == "64 -> 32 tokens"
     assert by_check["nothing"]["passed"] is None and "no budget_knob or keeps_everything" in by_check["nothing"]["note"]
+
+
+def test_a_refused_run_is_not_run_with_the_refusal_as_its_reason():
+    """A method (or a family) that refuses a run, in one line, makes that check "not run"
+    with the refusal as its reason; the other checks still run."""
+    from dataclasses import dataclass
+
+    import prunevid_bench
+    from prunevid_bench.errors import PruneVidError
+    from prunevid_bench.methods import unregister_method
+
+    @dataclass
+    class RefuserConfig:
+        enabled: bool = False
+
+    def reduce(tokens, cfg):
+        raise PruneVidError("refuser does not run on this family")
+
+    prunevid_bench.register_method(prunevid_bench.Method(
+        name="refuser", acts="visual_tokens", config=RefuserConfig, summary="refuses", reduce=reduce,
+        keeps_everything={}))
+    try:
+        result, (rep,) = verify("--model", "tiny", "--methods", "refuser")
+    finally:
+        unregister_method("refuser")
+    assert result.exit_code == 0, result.output
+    mine = [c for c in rep["checks"] if c["method"] == "refuser"]
+    assert [(c["check"], c["passed"]) for c in mine] == [("nothing", None), ("reference", None)]
+    assert all(c["note"] == "refused: refuser does not run on this family" for c in mine)
+    assert rows(rep, "vanilla")[0]["passed"]

@@ -19,10 +19,10 @@ from prunevid_bench.families import family_of
 class Traced:
     result: object  # RunResult
     state: object  # the patch's SampleState (None when no method ran)
-    handle: object  # the ReductionHandle (None when no method ran)
     logits: torch.Tensor  # [steps, vocab] float32: the logits behind every generated token
     embeds: torch.Tensor  # [1, L1, D] what entered the LLM (after the visual-token methods)
     position_ids: torch.Tensor  # (4, 1, L1) ditto
+    handle: object = None  # the ReductionHandle (None when no method ran)
 
 
 def trace(pipe, prepared, cfg) -> Traced:
@@ -47,7 +47,7 @@ def trace(pipe, prepared, cfg) -> Traced:
         for h in hooks:
             h.remove()
     state = handle.state if handle is not None else None
-    return Traced(result, state, handle, torch.stack(logits), seen["embeds"], seen["position_ids"])
+    return Traced(result, state, torch.stack(logits), seen["embeds"], seen["position_ids"], handle)
 
 
 def additive_mask(allowed: torch.Tensor, dtype=torch.float32, key_bias: torch.Tensor | None = None) -> torch.Tensor:
