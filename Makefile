@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-lmms test-fast toy-model benchmarks clean
+.PHONY: install demo test test-lmms test-fast toy-model benchmarks gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_video_memory.py
 	$(BIN)/python benchmarks/bench_feature_cache.py
 	$(BIN)/python benchmarks/bench_content_hash.py
+
+# One GPU check for a borrowed, offline GPU machine (at most 8 minutes on one H100): it runs on the
+# python, torch and transformers the machine has (GPU_PYTHON), from this tree, and writes
+# gpu_check_report/report.md and report.json (docs/verify.md). On the CPU: --device cpu --quick.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py --device cuda --out gpu_check_report
 
 clean:
 	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info src/*.egg-info .pytest_cache

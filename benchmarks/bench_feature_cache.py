@@ -65,10 +65,10 @@ def build_pipeline(args) -> Pipeline:
         vision_depth=args.vision_depth, vision_hidden_size=args.vision_hidden,
         vision_intermediate_size=4 * args.vision_hidden, vision_heads=args.vision_hidden // 64,
     )
-    model = build_tiny_model(seed=0, sizes=sizes)
+    model = build_tiny_model(seed=0, sizes=sizes).to(args.device)
     model.generation_config.eos_token_id = IM_END_ID
     processor = build_processor(max_pixels=args.size * args.size, min_pixels=56 * 56)
-    cfg = build_config("default", None, {"model.name": "tiny", "model.device": "cpu", "model.dtype": "float32",
+    cfg = build_config("default", None, {"model.name": "tiny", "model.device": args.device, "model.dtype": "float32",
                                          "video.num_frames": args.frames, "generation.max_new_tokens": args.new_tokens})
     return Pipeline(LoadedModel(model, processor, "scaled", video_policy="processor"), cfg), cfg
 
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="(without, with) pairs, alternated")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (float32 either way)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +120,7 @@ def main() -> None:
 
     print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} | cpu float32")
+    print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} | {args.device} float32")
     pipe, cfg = build_pipeline(args)
     tokens = args.frames // 2 * (args.size // 28) ** 2
     print(f"model: LLM {args.layers} x {args.hidden} ({args.heads}/{args.kv_heads} heads, MLP {args.intermediate}), "

@@ -9,8 +9,6 @@ frame, so that Stage 1 finds static as well as dynamic tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -29,6 +27,7 @@ from prunevid_bench.models.tiny import (
 from prunevid_bench.pipeline import _with_overrides, load_pipeline
 from prunevid_bench.patch import apply_prunevid
 from prunevid_bench.stages import stage2 as s2
+from prunevid_bench.verify.reference import Traced, additive_mask, cache_free_logits, reference_for, trace  # noqa: F401 (Traced, additive_mask: other test modules import them from here)
 
 QUESTION = "What is happening in this video?"
 MAX_NEW = 5
@@ -71,39 +70,11 @@ def pipes(tiny_name):
         pipe.remove_stages()
 
 
-@dataclass
-class Traced:
-    result: object  # RunResult
-    state: object  # the patch's SampleState (None for the baseline)
-    logits: torch.Tensor  # [steps, vocab]: the logits behind every generated token
-    embeds: torch.Tensor  # [1, L1, D] what entered the LLM (after Stage 1)
-    position_ids: torch.Tensor  # (4, 1, L1) ditto
-
-
 def run_traced(pipe, prepared, **overrides) -> Traced:
-    """``pipe.run`` with two listeners: the language model's input (registered AFTER the patch,
-    so it sees the Stage-1 output) and the lm_head output of every step."""
-    cfg = _with_overrides(pipe.config.to_dict(), overrides)
-    handle = pipe._apply_stages(cfg)  # install the patch first: our pre-hook must run after it
-    seen, logits = {}, []
-
-    def on_llm_input(module, args, kwargs):
-        if kwargs["inputs_embeds"].shape[1] > 1:
-            seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-            seen["position_ids"] = kwargs["position_ids"].clone()
-
-    hooks = [
-        pipe.model.model.language_model.register_forward_pre_hook(on_llm_input, with_kwargs=True),
-        pipe.model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1].detach().clone())),
-    ]
-    try:
-        result = pipe.run(prepared, config=cfg)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(logits) == result.generated_tokens
-    state = handle.state if handle is not None else None
-    return Traced(result, state, torch.stack(logits).float(), seen["embeds"], seen["position_ids"])
+    """``pipe.run`` traced: what entered the LLM and the logits of every step (the package's tracer)."""
+    traced = trace(pipe, prepared, _with_overrides(pipe.config.to_dict(), overrides))
+    assert len(traced.logits) == traced.result.generated_tokens
+    return traced
 
 
 _BASELINES: dict = {}
@@ -126,54 +97,7 @@ def layout(input_ids: torch.Tensor) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- the cache-free reference
-def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """bool [q, k] (True = may attend) -> 4D additive float mask [1, 1, q, k]."""
-    mask = torch.zeros(allowed.shape, dtype=torch.float32)
-    return mask.masked_fill(~allowed, torch.finfo(torch.float32).min).view(1, 1, *allowed.shape)
-
-
-@torch.no_grad()
-def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_pos, decode_sees_dropped=False):
-    """Logits behind ``tokens`` [T], each recomputed from scratch, layer by layer, with no cache.
-
-    embeds [1, L, D] and mrope (3, 1, L): the LLM input after Stage 1. keep_index [L']: the
-    positions that survive Stage 2. Step t runs prompt + tokens[:t] through layers 0..k with a
-    causal mask in which the generated tokens cannot see the dropped tokens (the prompt sees
-    everything before it); then keeps the kept prompt tokens and the generated ones and runs
-    layers k+1.. on them; final norm + lm_head on the last row. Generated token i sits at
-    position ``first_decode_pos + i`` (3, 1, 1) on every M-RoPE row.
-    """
-    lm = model.model.language_model
-    n_prompt = embeds.shape[1]
-    dropped = torch.ones(n_prompt, dtype=torch.bool)
-    dropped[keep_index] = False
-    out = []
-    for t in range(len(tokens)):
-        x = torch.cat([embeds, lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long)).unsqueeze(0)], dim=1)
-        pos = torch.cat([mrope, first_decode_pos + torch.arange(t).view(1, 1, -1)], dim=-1)
-        n = n_prompt + t
-        allowed = torch.ones(n, n, dtype=torch.bool).tril()
-        if not decode_sees_dropped:
-            allowed[n_prompt:, :n_prompt] &= ~dropped
-        mask, rotary = additive_mask(allowed), lm.rotary_emb(x, pos)
-        for layer in lm.layers[: k + 1]:
-            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None, past_key_values=None)
-        rows = torch.cat([keep_index, torch.arange(n_prompt, n)])
-        x, pos = x[:, rows], pos[..., rows]
-        mask, rotary = additive_mask(torch.ones(len(rows), len(rows), dtype=torch.bool).tril()), lm.rotary_emb(x, pos)
-        for layer in lm.layers[k + 1 :]:
-            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None, past_key_values=None)
-        out.append(model.lm_head(lm.norm(x[:, -1]))[0].float())
-    return torch.stack(out)
-
-
-def reference_for(pipe, prepared, traced: Traced, k: int, **kwargs) -> torch.Tensor:
-    full = prefill_position_ids(pipe.model, prepared.inputs)  # unpruned ids, as generate builds them
-    first_decode_pos = full[1:, :, -1:] + 1
-    return cache_free_logits(
-        pipe.model, traced.embeds, traced.position_ids[1:], traced.state.keep_index, k,
-        traced.result.generated_token_ids, first_decode_pos, **kwargs,
-    )
+# prunevid_bench.verify.reference: cache_free_logits, reference_for (one reference, shared with `prunevid verify`)
 
 
 REFERENCE_CASES = [
@@ -202,7 +126,7 @@ def test_pruned_run_matches_cache_free_reference(pipes, impl, with_stage1, k, sc
     else:
         assert torch.equal(traced.position_ids, full)
     assert 0 < st.tokens_after < st.tokens_before
-    ref = reference_for(pipe, prepared, traced, k)
+    ref = reference_for(pipe, prepared, traced)
     torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(traced.result.first_token_logits, ref[0], rtol=0, atol=1e-4)
     # pruning changed the computation, so agreement above is not agreement with the baseline
@@ -223,7 +147,7 @@ def test_reference_detects_wrong_decode_semantics(pipes):
         pipe.model, traced.embeds, traced.position_ids[1:], traced.state.keep_index, 1,
         traced.result.generated_token_ids, full[1:, :, -1:] + 1 - n_dropped,
     )
-    sees_dropped = reference_for(pipe, prepared, traced, 1, decode_sees_dropped=True)
+    sees_dropped = reference_for(pipe, prepared, traced, decode_sees_dropped=True)
     for wrong in (renumbered, sees_dropped):
         torch.testing.assert_close(wrong[0], traced.logits[0], rtol=0, atol=1e-4)  # prefill is unaffected
         assert (wrong[1:] - traced.logits[1:]).abs().max() > 1e-3

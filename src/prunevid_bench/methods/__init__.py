@@ -128,6 +128,11 @@ class Method:
     placement: Callable[[Any], str] | None = None  # cfg -> where it acts, when that depends on the config
     integer_seconds: Callable[[Any], bool] | None = None  # cfg -> number video time ids with int(seconds per step) (prunevid_bench.mrope)
     budget_knob: Callable[[Any, float], BudgetKnob] | None = None  # (cfg, kept fraction) -> its settings and promised count
+    # llm_layer: cfg -> how its scores read off the scored layer's attention weights (``prunevid verify``):
+    # "last_row" (the last prompt row, mean over heads), "query_rows" (max over heads, then over the rows
+    # from query_start), or None (this config's scores are not attention weights)
+    attention_scores: Callable[[Any], str | None] | None = None
+    keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

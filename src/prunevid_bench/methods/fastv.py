@@ -56,4 +56,5 @@ register_method(Method(
     pruning_layer=lambda cfg: cfg.pruning_layer,
     prunes_before=True,
     budget_knob=fraction_knob,  # FastV's kept count itself: exact
+    attention_scores=lambda cfg: "last_row",
 ))

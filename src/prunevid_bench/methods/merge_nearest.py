@@ -49,4 +49,5 @@ register_method(Method(
     record_fields=("pruning_layer",),
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,
+    keeps_everything={"keep_ratio": 1.0},
 ))

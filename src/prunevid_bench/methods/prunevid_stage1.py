@@ -60,6 +60,7 @@ register_method(Method(
     summary="PruneVid Stage 1: merge static tokens over time, then cluster (DPC-KNN) and average similar ones",
     choices={"space": SPACES},
     placement=lambda cfg: "vision_encoder" if cfg.space == "vision" else "visual_tokens",
+    keeps_everything={"tau": 1.0, "cluster_ratio": 1.0},  # nothing static, every token its own cluster
     ranges={"tau": UNIT, "cluster_ratio": UNIT, "temporal_segment_ratio": UNIT,
             "dpc_neighbours": Range(1), "min_cluster_tokens": Range(0)},
     record_fields=("tokens_before_stage1", "tokens_after_stage1", "stage1_segments", "stage1_static_tokens",

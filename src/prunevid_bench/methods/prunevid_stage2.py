@@ -60,5 +60,6 @@ register_method(Method(
     select=select,
     pruning_layer=lambda cfg: cfg.pruning_layer,
     budget_knob=fraction_knob,  # Stage 2 keeps round(B * original) in total (fewer if Stage 1 left fewer)
+    attention_scores=lambda cfg: {"attention": "query_rows", "last_token": "last_row"}.get(cfg.score),
 ))
 

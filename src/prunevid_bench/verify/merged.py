@@ -1,0 +1,95 @@
+"""The cache-free reference of a merge at layer K (the ``merge_nearest`` control, any
+``LayerReduction`` with ``merge_into``), layer by layer: the prompt runs through layers 0..K on
+every row; each merged row is the size-weighted mean of its members in the hidden states and in
+layers 0..K's keys and values (post-rotary, as cached); every generated token recomputes from
+scratch, attending in layers 0..K to the merged prompt keys and values (attention written out)
+and in K+1.. to the merged rows."""
+
+from __future__ import annotations
+
+import torch
+
+from prunevid_bench.families import family_of
+from prunevid_bench.patch.layer import merge_along
+
+
+def project_kv(layer, family, x, rotary):
+    """The keys (after rotary) and values a layer caches for the rows ``x`` [1, n, D]."""
+    attn = family.attention(layer)
+    a = layer.input_layernorm(x)
+    n, d = x.shape[1], attn.head_dim
+    k = attn.k_proj(a).view(1, n, -1, d).transpose(1, 2)
+    v = attn.v_proj(a).view(1, n, -1, d).transpose(1, 2)
+    _, k = family.apply_rotary(k, k, *rotary)
+    return k, v
+
+
+def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
+    """One decoder layer for the rows ``x`` [1, t, D] that see all of ``past_k/v`` and each other
+    causally: attention written out (eager, grouped heads repeated), then the MLP."""
+    attn = family.attention(layer)
+    a = layer.input_layernorm(x)
+    t, d = x.shape[1], attn.head_dim
+    q = attn.q_proj(a).view(1, t, -1, d).transpose(1, 2)
+    k, v = project_kv(layer, family, x, rotary)
+    q, _ = family.apply_rotary(q, q, *rotary)
+    keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+    rep = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    logits = (q @ keys.transpose(-1, -2)).float() * attn.scaling
+    n_past = past_k.shape[2]
+    future = torch.arange(n_past + t, device=x.device).view(1, -1) > (n_past + torch.arange(t, device=x.device)).view(-1, 1)
+    out = torch.softmax(logits.masked_fill(future, float("-inf")), -1).to(values.dtype) @ values
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@torch.no_grad()
+def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos):
+    """Logits [T, vocab] behind ``tokens``: ``dest`` [L] the output row of every LLM-input row
+    (-1 dropped), ``sizes`` [L] their weights, ``keep_index`` [L'] the rows kept (whose ids the
+    merged rows take), ``k`` the last layer on every row."""
+    from prunevid_bench.verify.reference import _layer, additive_mask
+
+    lm, family = family_of(model).language_model(model), family_of(model)
+    layers, device, dtype = list(lm.layers), embeds.device, embeds.dtype
+    dest, sizes, keep_index = dest.to(device), sizes.to(device), keep_index.to(device)
+    mrope, first_decode_pos = mrope.to(device), first_decode_pos.to(device)
+    n_out = keep_index.numel()
+    x, rotary = embeds, lm.rotary_emb(embeds, mrope)
+    mask = additive_mask(torch.ones(embeds.shape[1], embeds.shape[1], dtype=torch.bool, device=device).tril(), dtype)
+    cached = []
+    for layer in layers[: k + 1]:  # the prompt on every token, and its merged keys/values
+        kk, vv = project_kv(layer, family, x, rotary)
+        cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)))
+        x = _layer(layer, x, mask, rotary)
+    prompt = merge_along(x, dest, sizes, n_out, 1)
+    out = []
+    for t in range(len(tokens)):
+        gen = lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long, device=device)).unsqueeze(0).to(dtype)
+        gen_pos = first_decode_pos + torch.arange(t, device=device).view(1, 1, -1)
+        if t:
+            rotary_gen = lm.rotary_emb(gen, gen_pos)
+            for layer, (kk, vv) in zip(layers[: k + 1], cached):
+                gen = layer_on_new_rows(layer, family, gen, rotary_gen, kk, vv)
+        y = torch.cat([prompt, gen], 1)
+        pos = torch.cat([mrope[..., keep_index], gen_pos], -1)
+        rotary_y, n = lm.rotary_emb(y, pos), y.shape[1]
+        mask = additive_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril(), dtype)
+        for layer in layers[k + 1 :]:
+            y = _layer(layer, y, mask, rotary_y)
+        out.append(model.lm_head(lm.norm(y[:, -1]))[0].float().cpu())
+    return torch.stack(out)
+
+
+def merge_dest(state, n: int, keep_index: torch.Tensor, merged: bool = True) -> torch.Tensor:
+    """[n] the output row of every LLM-input row: the kept rows their own, a merged visual token
+    its kept row's (``merged=False``: dropped instead), from the method's ``kept_visual`` and
+    ``merged_into`` alone."""
+    dest = torch.full((n,), -1, dtype=torch.long)
+    dest[keep_index] = torch.arange(keep_index.numel())
+    if merged:
+        into, visual = state.merged_into.cpu(), state.visual_positions.cpu()
+        goes = into >= 0
+        dest[visual[goes]] = dest[visual[state.kept_visual.cpu()][into[goes]]]
+    return dest

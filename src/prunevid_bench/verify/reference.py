@@ -1,0 +1,145 @@
+"""The references the proofs compare with, one implementation for the tests and ``prunevid verify``.
+
+``trace`` runs one prepared sample through a pipeline and records what entered the LLM and the
+logits behind every generated token. ``cache_free_logits`` recomputes those logits from scratch,
+step by step, layer by layer, with no KV cache: the LLM-layer method's drop written as a mask
+and a slice, proportional attention as an additive bias on the keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunevid_bench.families import family_of
+
+
+@dataclass
+class Traced:
+    result: object  # RunResult
+    state: object  # the patch's SampleState (None when no method ran)
+    logits: torch.Tensor  # [steps, vocab] float32: the logits behind every generated token
+    embeds: torch.Tensor  # [1, L1, D] what entered the LLM (after the visual-token methods)
+    position_ids: torch.Tensor  # (4, 1, L1) ditto
+    handle: object = None  # the ReductionHandle (None when no method ran)
+
+
+def trace(pipe, prepared, cfg) -> Traced:
+    """``pipe.run(prepared, config=cfg)`` with two listeners: the language model's input (hooked
+    AFTER the patch, so it sees the reduced input) and the lm_head output of every step."""
+    model = pipe.model
+    handle = pipe._apply_stages(cfg)  # install the patch first: our pre-hook must run after it
+    seen, logits = {}, []
+
+    def on_llm_input(module, args, kwargs):
+        if kwargs["inputs_embeds"].shape[1] > 1:
+            seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+            seen["position_ids"] = kwargs["position_ids"].clone()
+
+    hooks = [
+        family_of(model).language_model(model).register_forward_pre_hook(on_llm_input, with_kwargs=True),
+        model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1].detach().float().cpu())),
+    ]
+    try:
+        result = pipe.run(prepared, config=cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    state = handle.state if handle is not None else None
+    return Traced(result, state, torch.stack(logits), seen["embeds"], seen["position_ids"], handle)
+
+
+def additive_mask(allowed: torch.Tensor, dtype=torch.float32, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [q, k] (True = may attend) -> 4D additive mask [1, 1, q, k] (+ ``key_bias`` [k])."""
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    if key_bias is not None:
+        mask = mask + key_bias.float().to(allowed.device)
+    return mask.masked_fill(~allowed, lowest).clamp(min=lowest).to(dtype).view(1, 1, *allowed.shape)
+
+
+@torch.no_grad()
+def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_pos, decode_sees_dropped=False,
+                      key_log_size=None):
+    """Logits [T, vocab] behind ``tokens`` [T], each recomputed from scratch, with no cache.
+
+    embeds [1, L, D] and mrope (3, 1, L): the LLM input. keep_index [L'] (or None: all): the rows
+    that survive the LLM-layer method, which runs after layer ``k``. Step t runs prompt +
+    tokens[:t] through layers 0..k with a causal mask in which the generated tokens cannot see
+    the dropped rows (unless ``decode_sees_dropped``: the early layers kept their whole cache);
+    then keeps the kept prompt rows and the generated ones and runs layers k+1.. on them; final
+    norm + lm_head on the last row. Generated token i sits at ``first_decode_pos + i`` (3, 1, 1)
+    on every M-RoPE row. ``key_log_size`` [L]: proportional attention, log(size) added to every
+    logit of that prompt key in every layer.
+    """
+    lm = family_of(model).language_model(model)
+    layers = list(lm.layers)
+    device, dtype = embeds.device, embeds.dtype
+    n_prompt = embeds.shape[1]
+    if keep_index is None:
+        keep_index, k = torch.arange(n_prompt, device=device), len(layers) - 1
+    keep_index = keep_index.to(device)
+    dropped = torch.ones(n_prompt, dtype=torch.bool, device=device)
+    dropped[keep_index] = False
+    out = []
+    for t in range(len(tokens)):
+        new = lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long, device=device)).unsqueeze(0)
+        x = torch.cat([embeds, new.to(dtype)], dim=1)
+        pos = torch.cat([mrope.to(device), first_decode_pos.to(device) + torch.arange(t, device=device).view(1, 1, -1)], dim=-1)
+        n = n_prompt + t
+        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        if not decode_sees_dropped:
+            allowed[n_prompt:, :n_prompt] &= ~dropped
+        bias = None
+        if key_log_size is not None:
+            bias = torch.zeros(n, device=device)
+            bias[:n_prompt] = key_log_size.to(device).float()
+        mask, rotary = additive_mask(allowed, dtype, bias), lm.rotary_emb(x, pos)
+        for layer in layers[: k + 1]:
+            x = _layer(layer, x, mask, rotary)
+        rows = torch.cat([keep_index, torch.arange(n_prompt, n, device=device)])
+        x, pos = x[:, rows], pos[..., rows]
+        bias = None if bias is None else bias[rows]
+        allowed = torch.ones(len(rows), len(rows), dtype=torch.bool, device=device).tril()
+        mask, rotary = additive_mask(allowed, dtype, bias), lm.rotary_emb(x, pos)
+        for layer in layers[k + 1 :]:
+            x = _layer(layer, x, mask, rotary)
+        out.append(model.lm_head(lm.norm(x[:, -1]))[0].float().cpu())
+    return torch.stack(out)
+
+
+def _layer(layer, x, mask, rotary):
+    out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
+    """The cache-free logits of a traced run: its LLM input, the LLM-layer method's kept rows and
+    layer (if one ran), its proportional attention (if any), decode ids continuing the unpruned
+    numbering (shifted when a reduction renumbered the prompt). An LLM-layer merge goes to
+    ``merged.merged_reference`` (``merged=False``: the same rows kept, nothing averaged)."""
+    model = pipe.model
+    full = family_of(model).prefill_position_ids(model, prepared.inputs)  # unpruned ids, as generate builds them
+    st, handle = traced.state, traced.handle
+    first_decode_pos = full[1:, :, -1:] + 1 + (st.decode_position_shift if st is not None else 0)
+    keep_index, k = None, None
+    if st is not None and st.keep_index is not None:
+        # the kept rows, from the method's kept visual tokens alone (not the patch's own index)
+        keep = torch.ones(traced.embeds.shape[1], dtype=torch.bool)
+        gone = torch.ones(st.visual_positions.numel(), dtype=torch.bool)
+        gone[st.kept_visual.cpu()] = False
+        keep[st.visual_positions.cpu()[gone]] = False
+        keep_index, k = torch.nonzero(keep).flatten(), handle.score_layer
+        kwargs.setdefault("decode_sees_dropped", not st.compacted)
+    key_log_size = st.key_log_size if st is not None else None
+    if st is not None and st.merged_into is not None:  # an LLM-layer merge
+        from prunevid_bench.verify.merged import merge_dest, merged_reference
+
+        merged = kwargs.pop("merged", True)
+        n = traced.embeds.shape[1]
+        sizes = st.row_sizes.float() if st.row_sizes is not None else torch.ones(n)
+        return merged_reference(model, traced.embeds, traced.position_ids[1:], merge_dest(st, n, keep_index, merged),
+                                sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos)
+    return cache_free_logits(model, traced.embeds, traced.position_ids[1:], keep_index, k,
+                             traced.result.generated_token_ids, first_decode_pos, key_log_size=key_log_size, **kwargs)
