@@ -114,6 +114,7 @@ def test_same_inputs_as_lmms_evals_own_qwen_model(task, tmp_path):
     bounds, its system prompt) and ours with pruning off give the same replies."""
     checkpoint = tmp_path / "toy-ckpt"
     assert CliRunner().invoke(app, ["export-toy", str(checkpoint)]).exit_code == 0
+    (checkpoint / "prunevid.json").unlink()  # the toy's own policy note: without it, a checkpoint like any other
     theirs, ours = tmp_path / "theirs", tmp_path / "ours"
     lmms_eval(task, theirs, f"pretrained={checkpoint},device_map=cpu", model="qwen2_5_vl")
     lmms_eval(task, ours, f"pretrained={checkpoint},preset=baseline,dtype=bfloat16")
