@@ -53,9 +53,10 @@ def test_run_matches_cache_free_reference(pipes, impl, k, kv_cache):
     pipe, prepared = pipes[impl]
     traced = run_traced(pipe, prepared, **fastv(k, kv_cache=kv_cache))
     original = kv_cache == "original"
-    ref = reference_for(pipe, prepared, traced, k - 1, decode_sees_dropped=original)
+    assert traced.handle.score_layer == k - 1  # layers 0..K-1 on every token: the reference drops after K-1
+    ref = reference_for(pipe, prepared, traced, decode_sees_dropped=original)
     torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
-    other = reference_for(pipe, prepared, traced, k - 1, decode_sees_dropped=not original)
+    other = reference_for(pipe, prepared, traced, decode_sees_dropped=not original)
     assert (other[1:] - traced.logits[1:]).abs().max() > 1e-3  # the cache rule is seen
     base = baseline(pipes, impl).result
     prompt, kept = prepared.inputs["input_ids"].shape[1], traced.state.keep_index.numel()

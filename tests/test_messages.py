@@ -95,7 +95,7 @@ def test_two_videos_an_image_and_a_system_prompt_equal_the_per_video_reference(p
     assert 0 < st.tokens_after < st.tokens_before == st.tokens_after_stage1
 
     # ... and the whole run equals the cache-free layer-by-layer reference.
-    ref = reference_for(pipe, prepared, traced, 1)
+    ref = reference_for(pipe, prepared, traced)  # Stage 2 after layer 1 (the handle's score layer)
     torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
     record = traced.result
     assert record.videos is not None and [v["num_frames"] for v in record.videos] == [8, 4]
@@ -114,7 +114,7 @@ def test_query_rows_start_after_the_last_video_not_after_an_image(pipe):
     video_end = int(torch.nonzero(ids == VISION_END_ID)[0])
     image_end = int(torch.nonzero(ids == VISION_END_ID)[1])
     assert traced.state.query_start == video_end < image_end  # the video's <|vision_end|> row on
-    ref = reference_for(pipe, prepared, traced, 1)
+    ref = reference_for(pipe, prepared, traced)  # Stage 2 after layer 1 (the handle's score layer)
     torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
 
 
