@@ -86,5 +86,6 @@ def test_throughput_sums_time_and_tokens_and_averages_fields():
     out = throughput(rows)
     assert (out["total_gen_tokens"], out["total_elapsed_time"], out["avg_speed"]) == (10, 4.0, 2.5)
     assert out["additional_metrics"]["prunevid_tokens_after"] == 20
+    assert out["additional_metrics"]["total_requests"] == 2  # lmms-eval 0.7.3 derives its avg_latency from it
     assert out["additional_metrics"]["prunevid_kv_cache_bytes"] == 100
     assert "prunevid_peak_memory_bytes" not in out["additional_metrics"]

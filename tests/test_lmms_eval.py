@@ -102,6 +102,9 @@ def test_same_answers_as_our_own_harness(task, tmp_path, preset):
     mean_kept = sum(r["tokens_after"] for r in records) / N
     assert results["throughput"]["avg_prunevid_tokens_after"] == pytest.approx(mean_kept)
     assert results["throughput"]["avg_prunevid_ttft_s"] > 0
+    elapsed = sum(r["ttft_s"] + r["decode_s"] for r in records)  # lmms-eval's own latency field, from our count
+    assert results["throughput"]["avg_latency"] == pytest.approx(elapsed / N)
+    assert "avg_total_requests" not in results["throughput"]
     config = json.loads((folder / "config.json").read_text())
     assert config["config"]["stage2"]["enabled"] is (preset == "default")
     summary = json.loads((folder / "summary.json").read_text())

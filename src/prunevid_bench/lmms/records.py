@@ -110,5 +110,7 @@ def throughput(records: list[Mapping[str, Any]]) -> dict[str, Any]:
         values = [float(r[name]) for r in records if r.get(name) is not None]
         if values:
             means[f"prunevid_{name}"] = sum(values) / len(values)
+    # total_requests: lmms-eval 0.7.3's summary divides the elapsed time by it into its avg_latency
     return {"total_gen_tokens": tokens, "total_elapsed_time": elapsed,
-            "avg_speed": tokens / elapsed if elapsed > 0 else 0.0, "additional_metrics": means}
+            "avg_speed": tokens / elapsed if elapsed > 0 else 0.0,
+            "additional_metrics": {"total_requests": len(records), **means}}
