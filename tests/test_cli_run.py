@@ -63,6 +63,7 @@ def test_the_record_and_tables_name_places_and_methods_not_prunevid_stages(clip8
     assert res.exit_code == 0, res.output
     assert "entering the LLM (tome)" in res.output and "after the LLM layer (fastv)" in res.output
     assert "Stage" not in res.output
+    assert "model (family)" in res.output and "tiny (qwen2_5_vl)" in res.output  # which model ran, in the table
     (run_dir,) = tmp_path.iterdir()
     r = json.loads((run_dir / "result.json").read_text())
     assert (r["visual_tokens"], r["tokens_after_visual_methods"], r["visual_tokens_kept"]) == (64, 32, 16)

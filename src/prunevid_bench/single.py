@@ -56,6 +56,7 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
         (f"peak memory ({result['memory_kind']})", human_bytes(result["peak_memory_bytes"])),
         ("KV cache after prefill", human_bytes(result["kv_cache_bytes"])),
         ("KV cache before compaction", human_bytes(result["kv_cache_bytes_uncompressed"])),
+        ("model (family)", f"{result.get('model') or '-'} ({result.get('model_family') or '-'})"),
         ("video grid (t, h, w)", str(result["video_grid_thw"])),
         ("video policy / frame size", f"{result.get('video_policy', '-')} / {'x'.join(map(str, result.get('frame_size') or [])) or '-'}"),
         ("frames / sampled fps / backend", f"{result['num_frames']} / {result['sampled_fps']:.3g} / {result['video_backend']}"),
