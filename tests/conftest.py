@@ -10,6 +10,10 @@ import torch
 
 torch.set_num_threads(1)  # the tiny models are latency-bound; more threads only contend
 
+# The checkout the tests run from (benchmarks/, examples/, docs/): the package itself may be
+# installed elsewhere (`pip install .`), where prunevid_bench.config.PROJECT_ROOT is not the checkout.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 
 def write_clip(path: Path, n_frames: int, size: tuple[int, int] = (112, 112), fps: int = 4, seed: int = 0) -> Path:
     """An mp4 with exactly ``n_frames`` frames of seeded noise blocks (PyAV, libx264 or mpeg4)."""

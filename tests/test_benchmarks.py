@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from prunevid_bench.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 BENCHMARKS = PROJECT_ROOT / "benchmarks"
 TINY_LLM = ["--device", "cpu", "--threads", "1", "--frames", "8", "--layers", "2", "--hidden", "64", "--heads", "4"]

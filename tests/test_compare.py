@@ -185,7 +185,7 @@ def test_single_video_runs_compare_too(tmp_path):
 def test_single_video_runs_with_an_answer_are_scored(tmp_path):
     """`make demo`'s shape: the bundled clip's question (answer (A) left) to the toy model, timed
     over repeats, marked right or wrong, then compared."""
-    from prunevid_bench.config import PROJECT_ROOT
+    from tests.conftest import PROJECT_ROOT
 
     args = ["run", PROJECT_ROOT / "examples" / "toy_sample.mp4", "In which direction does the green circle move?",
             "-o", "left", "-o", "down", "-o", "up", "-o", "right", "--warmup", "1", "--repeats", "2"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prunevid_bench.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 SOURCES = [*sorted((PROJECT_ROOT / "src").rglob("*.py")), *sorted((PROJECT_ROOT / "benchmarks").rglob("*.py")),
            *sorted((PROJECT_ROOT / "tests").rglob("*.py"))]

@@ -69,7 +69,7 @@ def test_quiet_silences_transformers_progress_bars(checkpoint, tmp_path):
     import subprocess
     import sys
 
-    from prunevid_bench.config import PROJECT_ROOT
+    from tests.conftest import PROJECT_ROOT
 
     quieting = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")  # an in-process -q set them
     env = {**{k: v for k, v in os.environ.items() if k not in quieting}, "PYTHONPATH": str(PROJECT_ROOT / "src")}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prunevid_bench.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prunevid_bench.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 
 def _run(args, cwd, env=None) -> str:

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from prunevid_bench.cli import EXIT_INCOMPLETE as INCOMPLETE
 from prunevid_bench.cli import app
 from prunevid_bench.methods import get_method
-from prunevid_bench.config import PROJECT_ROOT, build_config
+from prunevid_bench.config import build_config
+from tests.conftest import PROJECT_ROOT
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.sweep import (
     expand_cells,

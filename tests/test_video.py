@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prunevid_bench import decoders
-from prunevid_bench.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.video import load_clip, sample_indices
 from tests.conftest import write_clip
