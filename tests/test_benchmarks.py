@@ -98,6 +98,7 @@ def test_video_policies_smoke():
 
 
 def test_bench_video_memory_smoke():
+    pytest.importorskip("decord", reason="the benchmark compares PyAV with decord (an optional extra)")
     out = run_script("bench_video_memory.py", "--frames", "40", "--width", "64", "--height", "48")  # a frame no wider than the square once crashed
     assert "pyav / decord peak RSS" in out
 
