@@ -11,6 +11,8 @@ position embeddings, 1 + D patch mergers per token.
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
 from prunevid_bench import splice
@@ -95,12 +97,7 @@ QWEN3_VL = register_family(Qwen3VLFamily(
     build_tiny=_tiny,
     video_layout="step",
 ))
-QWEN3_VL_MOE = register_family(Qwen3VLFamily(
-    model_type="qwen3_vl_moe",
-    model_class="Qwen3VLMoeForConditionalGeneration",
-    processor_class="Qwen3VLProcessor",
-    rope_inputs=("video_grid_thw", "image_grid_thw"),
-    apply_rotary=apply_rotary_pos_emb,
-    build_tiny=_tiny_moe,
-    video_layout="step",
+# The MoE variant: the same family, with its own model class and tiny model.
+QWEN3_VL_MOE = register_family(dataclasses.replace(
+    QWEN3_VL, model_type="qwen3_vl_moe", model_class="Qwen3VLMoeForConditionalGeneration", build_tiny=_tiny_moe,
 ))
