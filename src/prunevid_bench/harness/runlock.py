@@ -37,7 +37,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> int | None:
+def lock_holder(path: Path) -> int | None:
+    """The process id written in a lock file (None: none, or unreadable)."""
     try:
         text = path.read_text().split()
         return int(text[0]) if text else None
@@ -67,7 +68,7 @@ class RunLock:
                 os.close(fd)
                 raise
             os.close(fd)  # the holder deleted this file as we waited for it: lock the new one
-        previous = _holder(self.path)
+        previous = lock_holder(self.path)
         if previous is not None and previous != os.getpid() and not pid_alive(previous):
             self.note(f"{self.path.parent}: taking over a stale lock left by process {previous} (no longer running)")
         os.ftruncate(fd, 0)
@@ -88,7 +89,7 @@ class RunLock:
             return
         except BlockingIOError:
             pass
-        holder = _holder(self.path)
+        holder = lock_holder(self.path)
         who = f"process {holder}" if holder is not None else "another process"
         if not self.wait:
             raise PruneVidError(

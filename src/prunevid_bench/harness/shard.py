@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.harness.runlock import LOCK_FILE, held_locks, meta_lock
+from prunevid_bench.harness.runlock import LOCK_FILE, held_locks, lock_holder, meta_lock, pid_alive
 
 T = TypeVar("T")
 
@@ -146,15 +146,27 @@ def record_rank_environment(run_dir: Path, shard: Shard, pipe) -> None:
         write_json(path, {**env, "shards": shards})
 
 
-def wait_for_other_ranks(run_dir: Path, shard: Shard, console: Console) -> None:
-    """Rank 0 summarises the whole launch: it waits while another rank of it holds its lock."""
+def wait_for_other_ranks(run_dir: Path, shard: Shard, console: Console, exit_wait_s: float = 30.0) -> None:
+    """Rank 0 summarises the whole launch: it waits while another rank of it holds its lock, and
+    then, when every rank runs on this host, until those processes have exited too (at most
+    ``exit_wait_s``): torchrun stops the launch as soon as rank 0 exits with a non-zero code
+    (3, incomplete), and would kill a rank that had released its lock but not yet exited."""
+    holders: set[int] = set()
+
     def others() -> list[str]:
-        return [n for n in held_locks(run_dir, shard.lock_name) if world_of_lock(n) == shard.world_size]
+        names = [n for n in held_locks(run_dir, shard.lock_name) if world_of_lock(n) == shard.world_size]
+        holders.update(pid for pid in (lock_holder(Path(run_dir) / n) for n in names) if pid is not None)
+        return names
 
     if others():
         console.print(f"waiting for the other ranks ({len(others())} still running)", soft_wrap=True)
     while others():
         time.sleep(0.5)
+    if os.environ.get("LOCAL_WORLD_SIZE") != str(shard.world_size):
+        return  # ranks on other hosts: their process ids mean nothing here
+    deadline = time.monotonic() + exit_wait_s
+    while any(pid_alive(pid) for pid in holders) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def missing_samples(run_dir: Path, runnable: list[str], done) -> dict[str, Any]:
