@@ -98,3 +98,21 @@ def test_vision_encoder_output_before_and_after_the_merger(request, pipe_fixture
     assert (geometry.patch, geometry.temporal, geometry.merge) == (14, 2, 2)
     assert seen["before"][0] == t * h * w and seen["after"] == (t * h * w // geometry.merge**2, pipe.model.config.get_text_config().hidden_size)
     assert seen["after"][0] == result.visual_tokens
+
+
+def test_methods_show_says_where_each_builtin_departs_from_its_original():
+    """Every built-in method states in `prunevid methods show` where it departs from its
+    original's code (or that it has none); a plug-in that says nothing is marked as such."""
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+    from prunevid_bench.methods import all_methods
+
+    for method in all_methods():
+        if not (method.reduce or method.select).__module__.startswith("prunevid_bench."):
+            continue  # a test's own plug-in
+        shown = CliRunner().invoke(app, ["methods", "show", method.name])
+        assert shown.exit_code == 0, shown.output
+        line = next(ln for ln in shown.output.splitlines() if ln.startswith("departs from the original: "))
+        assert method.departs and method.departs in " ".join(shown.output.split()), method.name
+        assert "not stated" not in line

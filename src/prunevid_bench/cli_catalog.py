@@ -69,6 +69,8 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name (see `pru
 
     m = get_method(name)
     console.print(f"{m.name} ({'|'.join(m.places())}): {m.summary}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"departs from the original: {m.departs or 'not stated by the method'}", highlight=False, markup=False,
+                  soft_wrap=True)
     console.print(f"section: {m.section} (e.g. --set {m.section}.enabled=true)", highlight=False, markup=False)
     for key, kind, default, allowed in m.keys():
         extra = f"  {allowed}" if allowed else ""

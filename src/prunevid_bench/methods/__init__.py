@@ -133,6 +133,7 @@ class Method:
     # from query_start), or None (this config's scores are not attention weights)
     attention_scores: Callable[[Any], str | None] | None = None
     keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
+    departs: str = ""  # where it departs from its original's code, one line (`prunevid methods show`); details in docs
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

@@ -57,6 +57,7 @@ register_method(Method(
     name="evs",
     acts="visual_tokens",
     config=EVSConfig,
+    departs="selection as vLLM's EVS; positions: original (our default) keeps each kept token's unpruned M-RoPE id, vllm renumbers as vLLM does; a stream compares a chunk's first step with the previous chunk's last (docs/methods.md)",
     summary="vLLM's EVS: drop the tokens least changed since the previous temporal step (global top-k); "
             "positions=vllm numbers the positions as vLLM does",
     ranges={"video_pruning_rate": Range(0, 1, hi_open=True), "budget": UNIT},

@@ -48,6 +48,7 @@ register_method(Method(
     name="fastv",
     acts="llm_layer",
     config=FastVConfig,
+    departs="ties broken by index; layer K-1's attention row recomputed for the last query (no eager pass); kv_cache: compact is ours (the original keeps layers 0..K-1 whole); K=0 refused (docs/methods.md)",
     summary="control: layer K-1's last-token attention keeps the visual tokens that layers K.. see",
     ranges={"keep_ratio": UNIT, "budget": UNIT},
     choices={"kv_cache": KV_CACHE_MODES},

@@ -44,6 +44,7 @@ register_method(Method(
     name="merge_nearest",
     acts="llm_layer",
     config=MergeNearestConfig,
+    departs='ours, no original: a control for merging inside the LLM (docs/methods.md)',
     summary="control: after layer K keep Stage 2's share, average every other token into its group's most similar kept one",
     ranges={"keep_ratio": UNIT},
     record_fields=("pruning_layer",),

@@ -57,6 +57,7 @@ register_method(Method(
     section="stage1",
     acts="visual_tokens",
     config=Stage1Config,
+    departs="no density noise (ties by index); a merged token keeps its representative's M-RoPE id and tokens stay in position order; space: vision is ours (docs/algorithm.md, docs/methods.md)",
     summary="PruneVid Stage 1: merge static tokens over time, then cluster (DPC-KNN) and average similar ones",
     choices={"space": SPACES},
     placement=lambda cfg: "vision_encoder" if cfg.space == "vision" else "visual_tokens",

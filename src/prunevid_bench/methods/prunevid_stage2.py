@@ -53,6 +53,7 @@ register_method(Method(
     section="stage2",
     acts="llm_layer",
     config=Stage2Config,
+    departs="on Qwen's M-RoPE layers instead of PLLaVA's; budget (a total share) and the scores other than prunevid are ours; layers keep SDPA/FlashAttention (docs/algorithm.md)",
     summary="PruneVid Stages 2+3: after layer K keep a share of each group by the question's attention; compact the KV cache",
     ranges={"keep_ratio": UNIT, "budget": UNIT},
     choices={"score": SCORE_MODES},

@@ -31,6 +31,7 @@ register_method(Method(
     name="random",
     acts="llm_layer",
     config=RandomConfig,
+    departs='ours, no original: a control keeping the same counts by chance',
     summary="control: after layer K keep a random share of each group (seeded)",
     ranges={"keep_ratio": UNIT, "budget": UNIT},
     record_fields=("pruning_layer",),

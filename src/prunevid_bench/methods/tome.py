@@ -59,6 +59,7 @@ register_method(Method(
     name="tome",
     acts="visual_tokens",
     config=ToMeConfig,
+    departs='once on the visual tokens before the LLM, not in every ViT block; merged tokens in position order; the order of later rounds is our choice (docs/methods.md)',
     summary="ToMe: bipartite soft matching, size-weighted merges within frames then across neighbouring frames",
     ranges={"intra_ratio": BELOW_ONE, "inter_ratio": BELOW_ONE, "clip_frames": Range(1),
             "budget": UNIT, "inter_share": Range(0, 1)},

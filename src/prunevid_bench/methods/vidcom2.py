@@ -41,6 +41,7 @@ register_method(Method(
     name="vidcom2",
     acts="visual_tokens",
     config=VidCom2Config,
+    departs="scores in float32; ties by index; exact_count adds vLLM's reconcile step (docs/methods.md)",
     summary="VidCom2: per-frame budgets from frame uniqueness, then each frame's most distinct tokens",
     ranges={"retention_ratio": Range(0, lo_open=True), "budget": UNIT},
     record_fields=("vidcom2_dropped_tokens",),
