@@ -374,7 +374,7 @@ def test_preflight_does_not_hide_checker_bugs():
 def test_unknown_format_suggests_the_closest(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"id": "a", "video": "v.mp4", "question": "Q?", "options": ["x", "y"], "answer": "A"}) + "\n")
-    with pytest.raises(PruneVidError, match=r"unknown dataset format 'mvbenc' \(did you mean 'mvbench'\?\); use one of egoschema, mvbench, videomme, jsonl"):
+    with pytest.raises(PruneVidError, match=r"unknown dataset format 'mvbenc' \(did you mean 'mvbench'\?\); use one of egoschema, longvideobench, mlvu, mvbench, videomme, jsonl"):
         load_dataset(path, format="mvbenc")
 
 
