@@ -403,7 +403,7 @@ def test_a_format_registered_from_one_module_is_detected_and_forced(tmp_path, mo
     assert data.format == "clipqa" and [s.answer_letter for s in data.samples] == ["B"]
     assert dict(data.skipped) == {"row 2": "answer index 5 is outside the 3 options", "row 3": "no right choice"}
     assert format_names()[-1] == "clipqa" and get_format("clipqa").title == "ClipQA"
-    with pytest.raises(PruneVidError, match="use one of egoschema, mvbench, videomme, jsonl, clipqa"):
+    with pytest.raises(PruneVidError, match="use one of egoschema, longvideobench, mlvu, mvbench, videomme, jsonl, clipqa"):
         load_dataset(path, format="clip")
     with pytest.raises(ValueError, match="registered twice"):
         register_format("clipqa", title="again", detect=lambda keys: False)(open_clipqa)
@@ -412,6 +412,6 @@ def test_a_format_registered_from_one_module_is_detected_and_forced(tmp_path, mo
 def test_each_builtin_format_is_its_own_module():
     from prunevid_bench.harness.datasets import format_names, get_format
 
-    assert format_names() == ["egoschema", "mvbench", "videomme", "jsonl"]
+    assert format_names() == ["egoschema", "longvideobench", "mlvu", "mvbench", "videomme", "jsonl"]
     assert {name: get_format(name).open.__module__ for name in format_names()} == {
         name: f"prunevid_bench.harness.datasets.{name}" for name in format_names()}
