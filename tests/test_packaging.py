@@ -47,6 +47,8 @@ def test_wheel_install_lists_presets_and_finds_sweep_files(tmp_path):
     by_name = _run([sys.executable, "-c", "from prunevid_bench.harness.sweep import load_sweep_file; "
                     "print(sorted(load_sweep_file('stage2')))"], tmp_path, env)
     assert by_name.strip() == "['stage2.keep_ratio', 'stage2.pruning_layer']"
+    tables = _run([site / "bin" / "prunevid", "reproduce", "--list", "--json"], tmp_path, env)
+    assert "vidcom2-qwen3vl8b" in tables  # the published tables and benchmarks.yaml travel with the wheel
 
 
 def test_decord_is_an_extra_and_the_package_decodes_without_it(tmp_path):

@@ -269,6 +269,10 @@ def compare(
 from prunevid_bench.cli_catalog import export_toy, methods, methods_show, presets, presets_show, toy_data  # noqa: E402,F401
 
 
+# ---------------------------------------------------------------- reproduce (cli_reproduce.py)
+from prunevid_bench.cli_reproduce import reproduce  # noqa: E402,F401
+
+
 # ---------------------------------------------------------------- verify (prunevid_bench.verify.command)
 from prunevid_bench.verify.command import register as _register_verify  # noqa: E402
 
