@@ -36,7 +36,7 @@ ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folde
 VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
 AllowOutsideRoot = Annotated[bool, typer.Option("--allow-outside-root", help="Read videos that resolve outside --video-root (a dataset, a stream dataset) or outside a --messages file's folder; refused by default.", rich_help_panel="Dataset")]
 AnswersFile = Annotated[Optional[Path], typer.Option("--answers", help="EgoSchema answers file.", rich_help_panel="Dataset")]
-DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
+DatasetFormat = Annotated[Optional[str], typer.Option("--format", help="egoschema | longvideobench | mlvu | mvbench | videomme | jsonl (auto-detected).", rich_help_panel="Dataset")]
 Limit = Annotated[Optional[float], typer.Option("--limit", help="Evaluate N rows, or a fraction of them when below 1 (0.1: a tenth, rounded up, as lmms-eval); which ones: --sample.", rich_help_panel="Dataset", show_default=False)]
 Sample = Annotated[str, typer.Option("--sample", help="How --limit chooses: random (a seeded sample, in file order) | first (the first N, as lmms-eval).", rich_help_panel="Dataset")]
 Offset = Annotated[int, typer.Option("--offset", help="Skip this many rows before --limit applies (as lmms-eval's --offset).", rich_help_panel="Dataset")]
