@@ -111,6 +111,7 @@ def test_cli_errors_are_one_line(data_root, tmp_path):
                           (["vidcom2-qwen3vl8b"], "needs --data-root"),
                           (["vidcom2-qwen3vl8b", "--data-root", tmp_path / "none"], "data root not found"),
                           (["vidcom2-qwen3vl8b", "--data-root", tmp_path], "data missing: "),
+                          ([TOY_TABLE, "--data-root", data_root, "--limit", "nan"], "--limit must be"),
                           ([], "name a published table")]:
         res = cli("reproduce", *args)
         assert res.exit_code == 2, res.output

@@ -93,7 +93,7 @@ def run_reproduction(plan: Plan, options, *, limit: int | float | None = None, c
     from prunevid_bench.harness.sweep import SweepGrid, run_sweep
 
     console = console or Console()
-    check_runnable(plan)
+    check_runnable(plan, limit)
     get_pipe = pipeline if pipeline is not None else pipeline_loader(plan.config)  # one model for every sweep
     grid = SweepGrid(methods=plan.methods, budgets=plan.budgets)
     tallies: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -108,8 +108,11 @@ def run_reproduction(plan: Plan, options, *, limit: int | float | None = None, c
     return side_by_side(plan, tallies)
 
 
-def check_runnable(plan: Plan) -> None:
-    """Something to run, and every data file there: else one line, before anything runs."""
+def check_runnable(plan: Plan, limit: int | float | None = None) -> None:
+    """Something to run, every data file there and a usable --limit: else one line, before anything runs."""
+    from prunevid_bench.harness.datasets import sample_rows
+
+    sample_rows([], limit)  # the --limit rule, checked on no rows
     if not plan.methods:
         raise PruneVidError(f"none of the methods of {plan.table.name} is in this version "
                             f"({', '.join(r.method for r in plan.unavailable)}); nothing to set beside the table")
@@ -195,7 +198,7 @@ def reproduce(name: str, data_root: Path, options, *, overrides: dict[str, Any] 
     """The whole command: the plan, the unavailable rows in one line each, the runs, the table."""
     console = console or Console()
     plan = make_plan(name, data_root, overrides)
-    check_runnable(plan)
+    check_runnable(plan, limit)
     for line in unavailable_lines(plan):
         console.print(f"[yellow]skipped:[/] {escape(line)}", highlight=False, soft_wrap=True)
     rows = run_reproduction(plan, options, limit=limit, console=console, pipeline=pipeline)

@@ -97,7 +97,7 @@ def sample_rows(samples: list[QASample], limit: int | float | None, seed: int = 
         raise PruneVidError(f"--offset must be >= 0, got {offset}")
     rows = list(samples)[offset:]
     if limit is not None:
-        if limit <= 0 or (limit > 1 and not float(limit).is_integer()):
+        if not limit > 0 or (limit > 1 and not float(limit).is_integer()):  # NaN too
             raise PruneVidError(f"--limit must be a number of questions (>= 1) or a fraction in (0, 1), got {limit}")
         limit = math.ceil(len(rows) * limit) if limit < 1 else int(limit)
     if limit is None or limit >= len(rows):
