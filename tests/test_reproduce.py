@@ -34,11 +34,17 @@ def write_layouts(root: Path, toy_jsonl: Path) -> None:
     (root / "longvideobench" / "videos").mkdir(parents=True)
     (root / "mlvu" / "mlvu").mkdir(parents=True)
     (root / "mlvu" / "toy").mkdir()
-    lvb, mlvu = [], []
-    for row in rows:
+    (root / "videomme" / "videomme").mkdir(parents=True)
+    (root / "videomme" / "data").mkdir()
+    lvb, mlvu, videomme = [], [], []
+    for i, row in enumerate(rows):
         video = toy_jsonl.parent / row["video"]
-        shutil.copy(video, root / "longvideobench" / "videos" / video.name)
-        shutil.copy(video, root / "mlvu" / "toy" / video.name)
+        for folder in ("longvideobench/videos", "mlvu/toy", "videomme/data"):
+            shutil.copy(video, root / folder / video.name)
+        videomme.append({"video_id": f"{i:03d}", "duration": ("short", "medium")[i % 2], "domain": "Toy",
+                         "videoID": video.stem, "question_id": row["id"], "task_type": row["category"],
+                         "question": row["question"], "options": [f"{LETTERS[j]}. {o}" for j, o in enumerate(row["options"])],
+                         "answer": row["answer"]})
         options = row["options"] + ["N/A"] * (5 - len(row["options"]))
         lvb.append({"id": row["id"], "video_id": video.stem, "video_path": video.name, "question": row["question"],
                     **{f"option{i}": o for i, o in enumerate(options)}, "correct_choice": LETTERS.index(row["answer"]),
@@ -49,6 +55,7 @@ def write_layouts(root: Path, toy_jsonl: Path) -> None:
                      "question_id": row["id"]})
     pd.DataFrame(lvb).to_parquet(root / "longvideobench" / "validation-00000-of-00001.parquet")
     pd.DataFrame(mlvu).to_parquet(root / "mlvu" / "mlvu" / "test-00000-of-00001.parquet")
+    pd.DataFrame(videomme).to_parquet(root / "videomme" / "videomme" / "test-00000-of-00001.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +70,11 @@ def test_shipped_tables_hold_only_sourced_numbers():
     assert {"vidcom2-qwen3vl8b", "fastvid-qwen25vl7b"} <= set(table_names())
     table = load_table("vidcom2-qwen3vl8b")
     assert table.model == "Qwen/Qwen3-VL-8B-Instruct" and table.input["video.num_frames"] == 32
-    assert [b.name for b in table.benchmarks] == ["mvbench", "longvideobench", "mlvu", "videomme"]
+    assert [b.name for b in table.benchmarks] == ["mvbench", "longvideobench", "mlvu", "videomme", "videomme_short",
+                                                  "videomme_medium", "videomme_long"]
     by = {r.label: r.scores for r in table.rows}
-    assert by["full"] == {"mvbench": 68.6, "longvideobench": 60.3, "mlvu": 63.5, "videomme": 64.5}  # the issue's table
+    assert by["full"] == {"mvbench": 68.6, "longvideobench": 60.3, "mlvu": 63.5, "videomme": 64.5,  # the issue's table
+                          "videomme_short": 76.0, "videomme_medium": 60.4, "videomme_long": 57.0}
     assert by["vidcom2 B=0.25"]["videomme"] == 62.4 and by["visionzip B=0.25"]["mvbench"] == 62.2
     assert load_table("fastvid-qwen25vl7b").rows[1].scores == {"videomme": 62.89}
     assert len(load_benchmarks()["mvbench"].files) == 20
@@ -136,7 +145,7 @@ def test_toy_reproduction_end_to_end(data_root, tmp_path):
     dry = cli("reproduce", TOY_TABLE, "--dry-run", "--data-root", data_root, "--json")
     assert dry.exit_code == 0, dry.output
     plan = json.loads(dry.output[dry.output.index("{"):])
-    assert plan["questions_found"] == 8 and plan["cells"] == ["full", "vidcom2 B=0.5", "tome B=0.5"]
+    assert plan["questions_found"] == 12 and plan["cells"] == ["full", "vidcom2 B=0.5", "tome B=0.5"]
     assert plan["unavailable"][0].startswith("futuremethod B=0.5: method not available in this version")
 
     res = cli("reproduce", TOY_TABLE, "--data-root", data_root, "--results-dir", tmp_path)
@@ -146,17 +155,20 @@ def test_toy_reproduction_end_to_end(data_root, tmp_path):
     assert max(len(line) for line in lines if "│" in line or "┃" in line) <= 80
     saved = json.loads((tmp_path / "reproduce-toy-lvb-mlvu.json").read_text())
     rows = {(r["method"], r["benchmark"]): r for r in saved["rows"]}
-    assert set(rows) == {(m, b) for m in ("full", "vidcom2", "tome") for b in ("longvideobench", "mlvu")}
+    benchmarks = ("longvideobench", "mlvu", "videomme", "videomme_short")
+    assert set(rows) == {(m, b) for m in ("full", "vidcom2", "tome") for b in benchmarks}
     for row in saved["rows"]:
-        assert row["n"] == 4 and row["ci_low"] <= row["ours"] <= row["ci_high"]
+        assert row["n"] == (2 if row["benchmark"] == "videomme_short" else 4)
+        assert row["ci_low"] <= row["ours"] <= row["ci_high"]
         if row["published"] is None:
             assert row["delta"] is None and row["inside"] is None
         else:
             assert row["delta"] == pytest.approx(row["ours"] - row["published"], abs=0.01)
             assert row["inside"] == (row["ci_low"] <= row["published"] <= row["ci_high"])
     # Each benchmark's rows come from its own sweep folder, one run per cell (resumable).
+    # Video-MME and its short subset are one sweep: the subset is scored on the short videos' records.
     sweeps = sorted(p.name for p in tmp_path.glob("sweep-reproduce-toy-lvb-mlvu-*"))
-    assert len(sweeps) == 2 and all((tmp_path / s / "cells" / "baseline").is_dir() for s in sweeps)
+    assert len(sweeps) == 3 and all((tmp_path / s / "cells" / "baseline").is_dir() for s in sweeps)
     # MLVU's score is the mean over its task types of the cell's own records.
     from prunevid_bench.harness.runs import read_run_samples
 
@@ -166,6 +178,10 @@ def test_toy_reproduction_end_to_end(data_root, tmp_path):
     by_task = [sum(bool(r["correct"]) for r in records if r["category"] == t) / sum(r["category"] == t for r in records)
                for t in tasks]
     assert rows["full", "mlvu"]["ours"] == pytest.approx(100 * sum(by_task) / len(tasks), abs=0.01)
+    videomme = next(tmp_path / s for s in sweeps if "-videomme-" in s)
+    records = read_run_samples(videomme / "cells" / "tome,budget=0.5")
+    short = [records[f"toy-s5-0000{i}"]["correct"] for i in (0, 2)]  # the even rows were written as short
+    assert rows["tome", "videomme_short"]["ours"] == pytest.approx(100 * sum(short) / 2, abs=0.01)
     again = cli("reproduce", TOY_TABLE, "--data-root", data_root, "--results-dir", tmp_path, "--json")
     assert again.exit_code == 0 and "0 samples run now" in again.output  # resumed: nothing reruns
     assert json.loads(again.stdout[again.stdout.index("{"):])["rows"] == saved["rows"]

@@ -32,6 +32,7 @@ class Benchmark:
     metric: str  # accuracy | task_mean
     files: tuple[tuple[str, str], ...]  # (question file, video folder), relative to --data-root
     release: str = ""
+    subset: tuple[tuple[str, str], ...] = ()  # only the questions with these labels (QASample.meta)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,12 @@ def load_benchmarks(path: Path = PUBLISHED_DIR / "benchmarks.yaml") -> dict[str,
         files = _need(spec, "files", dict, where)
         if not files:
             raise PruneVidError(f"{where}: 'files' names no question file")
+        subset = spec.get("subset") or {}
+        if not isinstance(subset, dict):
+            raise PruneVidError(f"{where}: 'subset' must map a question label to its value (e.g. duration: short)")
         out[str(name)] = Benchmark(str(name), str(spec.get("title", name)), str(spec.get("short", name)), fmt, metric,
-                                   tuple((str(f), str(v)) for f, v in files.items()), str(spec.get("release", "")))
+                                   tuple((str(f), str(v)) for f, v in files.items()), str(spec.get("release", "")),
+                                   tuple((str(k), str(v)) for k, v in subset.items()))
     return out
 
 

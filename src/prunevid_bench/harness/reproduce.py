@@ -97,15 +97,35 @@ def run_reproduction(plan: Plan, options, *, limit: int | float | None = None, c
     get_pipe = pipeline if pipeline is not None else pipeline_loader(plan.config)  # one model for every sweep
     grid = SweepGrid(methods=plan.methods, budgets=plan.budgets)
     tallies: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    files: dict[tuple[Path, Path, str], list[Benchmark]] = {}  # a file is swept once, whichever benchmarks read it
     for bench in plan.table.benchmarks:
         for path, videos in plan.files(bench):
-            console.print(f"[bold]{escape(bench.title)}[/]: {escape(path.name)}", highlight=False, soft_wrap=True)
-            spec = DatasetSpec(path, videos, None, bench.format, limit, 0, "first")
-            sweep_options = _with_label(options, f"reproduce-{plan.table.name}-{bench.name}")
-            result = run_sweep(plan.config, spec, grid, sweep_options, console=console, pipeline=get_pipe)
+            files.setdefault((path, videos, bench.format), []).append(bench)
+    for (path, videos, fmt), benches in files.items():
+        console.print(f"[bold]{escape(benches[0].title)}[/]: {escape(path.name)}", highlight=False, soft_wrap=True)
+        spec = DatasetSpec(path, videos, None, fmt, limit, 0, "first")
+        sweep_options = _with_label(options, f"reproduce-{plan.table.name}-{fmt}")
+        result = run_sweep(plan.config, spec, grid, sweep_options, console=console, pipeline=get_pipe)
+        for bench in benches:
             for cell, summary in result.summaries.items():
-                tallies.setdefault((bench.name, cell), []).append(summary["accuracy"])
+                tally = summary["accuracy"] if not bench.subset else subset_tally(result.sweep_dir, cell, spec, bench)
+                tallies.setdefault((bench.name, cell), []).append(tally)
     return side_by_side(plan, tallies)
+
+
+def subset_tally(sweep_dir: Path, cell: str, spec, bench: Benchmark) -> dict[str, Any]:
+    """The accuracy tally of a cell over the questions whose labels match ``bench.subset`` (Video-MME
+    by duration): the run's records of the questions the sweep asked, filtered by the file's rows."""
+    from prunevid_bench.harness.answers import accuracy_summary
+    from prunevid_bench.harness.datasets import load_dataset, sample_rows
+    from prunevid_bench.harness.runs import read_run_samples
+    from prunevid_bench.harness.sweep import cell_folder
+
+    asked = sample_rows(load_dataset(spec.path, video_root=spec.video_root, format=spec.format).samples,
+                        spec.limit, how=spec.sample)
+    wanted = [s.id for s in asked if all(s.meta.get(k) == v for k, v in bench.subset)]
+    records = read_run_samples(sweep_dir / "cells" / cell_folder(cell))
+    return accuracy_summary([records[i] for i in wanted if i in records])
 
 
 def check_runnable(plan: Plan, limit: int | float | None = None) -> None:
@@ -116,7 +136,7 @@ def check_runnable(plan: Plan, limit: int | float | None = None) -> None:
     if not plan.methods:
         raise PruneVidError(f"none of the methods of {plan.table.name} is in this version "
                             f"({', '.join(r.method for r in plan.unavailable)}); nothing to set beside the table")
-    missing = [str(f) for b in plan.table.benchmarks for f, _ in plan.files(b) if not f.is_file()]
+    missing = list(dict.fromkeys(str(f) for b in plan.table.benchmarks for f, _ in plan.files(b) if not f.is_file()))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise PruneVidError(f"data missing: {missing[0]}{more}; `prunevid reproduce {plan.table.name} --dry-run "

@@ -125,12 +125,17 @@ def dry_run(plan: Plan, console: Console) -> dict[str, Any]:
     say(f"cells per benchmark file: {', '.join(cells)}")
     for line in unavailable_lines(plan):
         say(f"[yellow]skipped:[/] {escape(line)}")
-    questions, missing = 0, []
+    questions, missing, seen = 0, [], set()
     for bench in table.benchmarks:
+        if bench.subset:  # scored on another benchmark's runs: nothing more to run or fetch
+            labels = " ".join(f"{k}={v}" for k, v in bench.subset)
+            say(f"data {escape(bench.title)}: the questions with {escape(labels)} of the same files")
+            continue
         found = [(f, v) for f, v in plan.files(bench) if f.is_file()]
-        missing += [f for f, _ in plan.files(bench) if not f.is_file()]
+        missing += [f for f, _ in plan.files(bench) if not f.is_file() and f not in seen]
         counted = sum(count_questions(bench, f, v) for f, v in found)
-        questions += counted
+        questions += sum(count_questions(bench, f, v) for f, v in found if f not in seen)
+        seen.update(f for f, _ in plan.files(bench))
         state = (f"{len(found)} of {len(bench.files)} files, {counted} questions" if found
                  else f"missing ({len(bench.files)} file{'s' * (len(bench.files) > 1)})")
         say(f"data {escape(bench.title)}: {state}; from {escape(bench.release)}")
