@@ -11,8 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from prunevid_bench.cli_base import app, emit_json, guarded, human_console
-from prunevid_bench.cli_options import Attn, Device, Dtype, JsonOut, Limit, Model, Quiet, ResultsDir, Threads
+from prunevid_bench.cli_options import Attn, Device, Dtype, JsonOut, Quiet, ResultsDir, Threads
 from prunevid_bench.errors import PruneVidError
+
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Another checkpoint than the table's (a Hugging Face id, a local folder, or a built-in name such as toy).", rich_help_panel="Model")]
+Limit = Annotated[Optional[float], typer.Option("--limit", help="The first N questions of each benchmark file (a fraction when below 1): a smoke test; the published numbers are over every question.", show_default=False)]
 
 
 @app.command()
