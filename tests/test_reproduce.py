@@ -91,6 +91,10 @@ def test_shipped_tables_hold_only_sourced_numbers():
      "not a percent"),
     ("source: {cite: x}\nmodel: m\ninput: {}\nbenchmarks: [mlvu]\nrows: [{method: full, scores: {videomme: 50}}]",
      "does not list"),
+    ("source: {cite: x}\nmodel: m\ninput: {}\nbenchmarks: [mlvu]\nrows: [{method: tome, budgte: 0.5}]",
+     "unknown key 'budgte'"),
+    ("source: {cite: x}\nmodel: m\ninput: {}\nbenchmarks: [mlvu]\nrows: [{method: tome, budget: 1.5}]", "budget"),
+    ("title: [unclosed", "cannot read"),
 ])
 def test_a_bad_table_fails_in_one_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

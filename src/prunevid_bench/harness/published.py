@@ -164,6 +164,9 @@ def _row(raw: Any, index: int, benchmarks: list[str], where: str) -> PublishedRo
 
     where = f"{where}: row {index}"
     method = str(_need(raw, "method", str, where))
+    unknown = sorted(set(raw) - {"method", "budget", "scores"})
+    if unknown:
+        raise PruneVidError(f"{where}: unknown key '{unknown[0]}'; a row has method, budget and scores")
     budget = raw.get("budget")
     if method == FULL:
         if budget is not None:
