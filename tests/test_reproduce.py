@@ -139,7 +139,7 @@ def test_dry_run_says_what_it_would_run_and_needs(tmp_path):
     assert cells.startswith("cells per benchmark file: full, vidcom2 B=0.25")
     for method in ("fastvid", "holitom", "visionzip"):  # in the grid once its branch is in, named as missing until then
         assert f"{method} B=0.25" in cells or f"{method} B=0.25: method not available in this version" in out
-    assert "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct" in out
+    assert "huggingface-cli download Qwen/Qwen3-VL-8B-Instruct" in out and "note: The `qwen` branch README" in out
     assert "data MVBench: missing (20 files)" in out and "TFLOP/s (an H100 at 40%" in out
     assert "11520 visual tokens (32 frames, lmms-eval policy" in out  # 16 steps x 20 x 36 merged patches
     assert max(len(line) for line in out.splitlines()[:1]) <= 80

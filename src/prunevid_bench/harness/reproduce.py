@@ -224,10 +224,13 @@ def reproduce(name: str, data_root: Path, options, *, overrides: dict[str, Any] 
     rows = run_reproduction(plan, options, limit=limit, console=console, pipeline=pipeline)
     console.print(side_by_side_table(rows, f"{plan.table.title} ({plan.config.model.name})"))
     console.print(f"source: {escape(plan.table.source['cite'])}", highlight=False, soft_wrap=True)
+    for note in plan.table.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     from prunevid_bench.report import write_json
 
     out = Path(options.results_dir) / f"reproduce-{plan.table.name}.json"
     write_json(out, {"table": plan.table.name, "source": plan.table.source, "model": plan.config.model.name,
-                     "input": plan.table.input, "unavailable": unavailable_lines(plan), "rows": rows})
+                     "input": plan.table.input, "notes": list(plan.table.notes), "unavailable": unavailable_lines(plan),
+                     "rows": rows})
     console.print(f"side by side: {out}", highlight=False, soft_wrap=True)
     return rows

@@ -125,6 +125,8 @@ def dry_run(plan: Plan, console: Console) -> dict[str, Any]:
     say(f"cells per benchmark file: {', '.join(cells)}")
     for line in unavailable_lines(plan):
         say(f"[yellow]skipped:[/] {escape(line)}")
+    for note in table.notes:
+        say(f"note: {escape(note)}")
     questions, missing, seen = 0, [], set()
     for bench in table.benchmarks:
         if bench.subset:  # scored on another benchmark's runs: nothing more to run or fetch
