@@ -55,6 +55,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.vidcom2",
     "prunevid_bench.methods.merge_nearest",
     "prunevid_bench.methods.visionzip",
+    "prunevid_bench.methods.fastvid",
 )
 
 
