@@ -56,6 +56,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.merge_nearest",
     "prunevid_bench.methods.visionzip",
     "prunevid_bench.methods.fastvid",
+    "prunevid_bench.methods.flashvid",
 )
 
 
