@@ -75,6 +75,12 @@ class VisionAttention:
                                (start, self.clock.mark()))
         return None
 
+    def supply_vision_scores(self, scores: dict, sizes: list[tuple[int, int]], marks: tuple) -> None:
+        """Hand the next prefill the tower scores computed elsewhere, for a caller that skips the
+        tower (benchmarks/bench_methods.py): {``vision_<rule>``: [sum t * n]} in raster order, each
+        video's (t, n), the clock marks around their computation (counted as the methods' time)."""
+        self._vision_scores = (scores, sizes, marks)
+
     def _take_vision_scores(self, n_videos: int) -> list[dict]:
         """Per video of this prefill, {``vision_<rule>``: [t * n]} from the last tower call."""
         if not self.vision_rules or n_videos == 0:
