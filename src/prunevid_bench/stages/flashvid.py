@@ -72,7 +72,7 @@ def adts(x: Tensor, attention: Tensor, k: int) -> Tensor:
     unit = x.float() / x.float().norm(dim=-1, keepdim=True)
     dist = (1.0 - unit @ unit.transpose(1, 2)) * (attention.float() * 1e6)[:, None, :]  # [L, N, N]
     picks = torch.zeros(length, k, dtype=torch.long, device=x.device)
-    picks[:, 0] = torch.sort(dist, dim=1).values[:, 1, :].argmax(dim=-1)
+    picks[:, 0] = torch.topk(dist, 2, dim=1, largest=False).values[:, 1, :].argmax(dim=-1)
     for i in range(1, k):
         chosen = torch.gather(dist, 1, picks[:, :i, None].expand(-1, -1, n)).min(dim=1).values
         chosen.scatter_(1, picks[:, :i], -1.0)
@@ -175,25 +175,37 @@ def flashvid(x: Tensor, attention: Tensor, retention_ratio: float = 0.25, expans
             if total == 0:
                 raise PruneVidError("FlashVID's TSTM left no token to merge (temporal_threshold >= 1?)")
             ratio = n_tstm * length / total
+            centre_of = torch.full((length * n,), -1, dtype=torch.long, device=x.device)  # member -> its centre
             means = {}
             for m in members:
                 clusters = math.ceil(m.numel() * ratio)
                 if clusters > 0 and ratio < 1:
                     labels, centres = _cluster(feats[m], clusters)
-                    for c in range(clusters):
-                        part = m[labels == c]
-                        means[int(m[centres[c]])] = (part, feats[part].mean(dim=0))
+                    centre_of[m] = m[centres[labels]]
+                    sums = torch.zeros(clusters, feats.shape[-1], dtype=feats.dtype, device=x.device).index_add_(0, labels, feats[m])
+                    rows_m = sums / torch.bincount(labels, minlength=clusters)[:, None].to(feats.dtype)
+                    means.update(zip(m[centres].tolist(), rows_m))
                 else:
-                    means.update({int(i): (i.view(1), feats[i]) for i in m})
-            for centre, (part, row) in means.items():
-                tokens = torch.nonzero(torch.isin(root, part)).flatten()  # every token whose tree root is in the cluster
-                tokens = tokens[~torch.isin(tokens, flat_picked)]
-                if tokens.numel() == 0:
+                    centre_of[m] = m
+                    means.update(zip(m.tolist(), feats[m]))
+            # every token whose tree root is in a cluster goes with it; ADTS tokens keep their own rows
+            token_centre = centre_of[root]
+            token_centre[flat_picked] = -1
+            went = torch.nonzero(token_centre >= 0).flatten()
+            first = torch.full((length * n,), length * n, dtype=torch.long, device=x.device)
+            first.scatter_reduce_(0, token_centre[went], went, "amin")
+            at_of = torch.arange(length * n, device=x.device)
+            is_picked = torch.zeros(length * n, dtype=torch.bool, device=x.device)
+            is_picked[flat_picked] = True
+            at_of[is_picked] = first[is_picked]  # a centre that is an ADTS token: its lowest other member
+            for centre, row in means.items():
+                at = int(at_of[centre])
+                if at == length * n:
                     folded += 1  # an ADTS token alone: the original's duplicate row has no position of its own
                     continue
-                at = centre if not bool(torch.isin(torch.tensor([centre], device=x.device), flat_picked)) else int(tokens.min())
                 moved += at != centre
-                owner[base + tokens], rows[base + at], is_adts[base + at] = base + at, row, False
+                rows[base + at], is_adts[base + at] = row, False
+            owner[base + went] = base + at_of[token_centre[went]]
         start += length
     representative = torch.tensor(sorted(rows), dtype=torch.long, device=x.device)
     position = torch.full((n_frames * n,), -1, dtype=torch.long, device=x.device)
