@@ -70,3 +70,14 @@ def test_features_given_precomputed_are_refused_in_one_line(tiny_pipe, overrides
             run_greedy(model, {**inputs, "mm_encoder_outputs": {"video": features}}, 1)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("overrides", [{"fastvid.enabled": True}, {"flashvid.enabled": True},
+                                       {"visionzip.enabled": True, "visionzip.score": "attention"}])
+def test_a_stream_refuses_them_in_one_line(overrides):
+    from prunevid_bench.config import build_config
+    from prunevid_bench.stream_methods import check_stream_methods
+
+    with pytest.raises(PruneVidError, match="reads the vision tower's attention, which a stream does not capture"):
+        check_stream_methods(build_config(overrides=overrides))
+    check_stream_methods(build_config(overrides={"visionzip.enabled": True}))  # the port's norm score needs no tower
