@@ -36,11 +36,13 @@ class FlashVIDResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def frame_budget(n: int, ratio: float, expansion: float, alpha: float) -> tuple[int, int]:
-    """(ADTS, TSTM) tokens per frame: ``budget = ceil(N r expansion)``, ``ceil(budget alpha)`` ADTS."""
-    budget = math.ceil(n * ratio * expansion)
+def frame_budget(n: int, ratio: float, expansion: float, alpha: float, frame_tokens: int | None = None
+                 ) -> tuple[int, int, int]:
+    """(budget, ADTS, TSTM) tokens per frame: ``budget = ceil(N r expansion)`` (or ``frame_tokens``),
+    ``ceil(budget alpha)`` of them by ADTS, the rest by TSTM."""
+    budget = math.ceil(n * ratio * expansion) if frame_tokens is None else frame_tokens
     adts = math.ceil(budget * alpha)
-    return adts, budget - adts
+    return budget, adts, budget - adts
 
 
 def flashvid_segments(x: Tensor, threshold: float, min_segments: int, complementary: bool = True) -> list[int]:
@@ -139,13 +141,11 @@ def flashvid(x: Tensor, attention: Tensor, retention_ratio: float = 0.25, expans
     features stay the original's), and one with no other member is folded away; both are
     counted in ``stats``. ``exclude_adts`` clusters only the other tokens."""
     n_frames, n, _ = x.shape
-    budget = math.ceil(n * retention_ratio * expansion) if frame_tokens is None else frame_tokens
+    budget, n_adts, n_tstm = frame_budget(n, retention_ratio, expansion, alpha, frame_tokens)
     if budget >= n:
         full = torch.arange(n_frames * n, device=x.device)
         return FlashVIDResult(full, full, x.reshape(n_frames * n, -1), torch.ones_like(full, dtype=torch.bool),
                               [n_frames], {"flashvid_duplicate_rows": 0})
-    n_adts = math.ceil(budget * alpha)
-    n_tstm = budget - n_adts
     segments = flashvid_segments(x, segment_threshold, min_segments, complementary) if do_segment else [n_frames]
     owner = torch.full((n_frames * n,), -1, dtype=torch.long, device=x.device)  # flat index of each token's row
     rows: dict[int, Tensor] = {}  # row position -> features
