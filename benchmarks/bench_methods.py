@@ -51,6 +51,10 @@ VARIANTS: list[tuple[str, dict]] = [
     ("evs", {"evs.enabled": True, "evs.budget": BUDGET}),
     ("vidcom2", {"vidcom2.enabled": True, "vidcom2.budget": BUDGET}),
     ("random", {"random.enabled": True, "random.keep_ratio": BUDGET}),
+    ("visionzip", {"visionzip.enabled": True, "visionzip.budget": BUDGET}),  # the port's norm score
+    ("fastvid", {"fastvid.enabled": True, "fastvid.budget": BUDGET}),  # tower attention: the stand-in below
+    ("flashvid", {"flashvid.enabled": True, "flashvid.budget": BUDGET}),
+    ("flashvid+L", {"flashvid.enabled": True, "flashvid.budget": BUDGET, "flashvid_llm.enabled": True}),
 ]
 
 
@@ -73,10 +77,39 @@ def variant_config(overrides: dict, budget: float):
     return build_config(overrides={k: budget if v is BUDGET else v for k, v in overrides.items()})
 
 
+def tower_attention_stand_in(handle, model, inputs: dict, args):
+    """These inputs skip the vision tower, so the methods that read its last block's attention
+    (FastVID, FlashVID) get it computed here, at the start of the prefill (inside the TTFT, on the
+    handle's clock, so in "own ms"), by the same rule (``stages.vision_attention``) on random q/k
+    of a tower scaled like this LLM (its heads and head size; 4 patches per token). Returns the
+    hook (``remove()``), or None when no method reads the tower."""
+    import torch
+
+    from prunevid_bench.families import family_of
+    from prunevid_bench.stages.vision_attention import step_scores
+
+    if handle is None or not handle.vision_rules:
+        return None
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    gen = torch.Generator().manual_seed(1)
+    qk = [torch.randn(args.heads, t * h * w, args.hidden // args.heads, generator=gen).to(inputs["input_ids"].device)
+          for _ in range(2)]
+
+    def hook(module, hook_args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            start = handle.clock.mark()
+            scores = {f"vision_{rule}": step_scores(*qk, [h * w] * t, 4, rule) for rule in handle.vision_rules}
+            handle.supply_vision_scores(scores, [(t, h * w // 4)], (start, handle.clock.mark()))
+
+    return family_of(model).base(model).register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = None):
     """One prefill + decode with ``cfg``'s methods installed (removed after): the engine's output,
     each method's seconds, the handle's report and its layer K (None without an LLM-layer method)."""
     handle = apply_methods(model, cfg) if cfg.enabled_methods else None
+    stand_in = tower_attention_stand_in(handle, model, inputs, args)
     try:
         if memory:
             memory.start()
@@ -88,6 +121,8 @@ def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = 
     finally:
         if handle:
             handle.remove()
+        if stand_in:
+            stand_in.remove()
     return out, seconds, report, layer, peak
 
 
@@ -179,6 +214,8 @@ def main() -> None:
     print("  from that score, nor is tome+prop's bias (extra q/k channels); the vision encoder is skipped by every variant.")
     print("own ms = the methods' own time (handle clock marks around reduce/select, incl. KV compaction for")
     print(f"  LLM-layer methods); own/base = own ms / the baseline's median TTFT at that token count; goal <= {GOAL:.0%}.")
+    print("fastvid, flashvid read the tower's last-block attention: the tower is skipped, so it is computed by their rule")
+    print("  at the prefill's start on random q/k of a tower scaled like this LLM (in TTFT and own ms).")
 
     for tokens in args.tokens:
         grid = grid_for(tokens, args.frames)

@@ -150,6 +150,10 @@ CASES = [  # (overrides, K of the reference or None: no LLM-layer method)
     ({"tome.enabled": True, "tome.budget": 0.5}, None),
     ({"evs.enabled": True, "evs.video_pruning_rate": 0.5, "evs.positions": "original"}, None),
     ({"vidcom2.enabled": True, "vidcom2.retention_ratio": 0.3}, None),
+    ({"visionzip.enabled": True, "visionzip.score": "attention"}, None),
+    ({"fastvid.enabled": True, "fastvid.dyseg_c": 2}, None),
+    ({"flashvid.enabled": True}, None),
+    ({"flashvid.enabled": True, "flashvid_llm.enabled": True, "flashvid_llm.pruning_layer": 2}, 1),
 ]
 
 

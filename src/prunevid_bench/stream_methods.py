@@ -63,6 +63,9 @@ def check_stream_methods(cfg, cache_tokens: int | None = None) -> None:
         raise PruneVidError(f"--cache-tokens and a visual-token method per chunk ({visual[0][0].name}) cannot be combined "
                             "yet; choose one")
     for method, section in visual:
+        if method.vision_attention is not None and method.vision_attention(section) is not None:
+            raise PruneVidError(f"{method.name} reads the vision tower's attention, which a stream does not capture "
+                                "yet: turn it off")
         _probe(method, section)
 
 

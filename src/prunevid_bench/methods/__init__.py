@@ -54,6 +54,9 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.evs",
     "prunevid_bench.methods.vidcom2",
     "prunevid_bench.methods.merge_nearest",
+    "prunevid_bench.methods.visionzip",
+    "prunevid_bench.methods.fastvid",
+    "prunevid_bench.methods.flashvid",
 )
 
 
@@ -134,6 +137,10 @@ class Method:
     attention_scores: Callable[[Any], str | None] | None = None
     keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
     departs: str = ""  # where it departs from its original's code, one line (`prunevid methods show`); details in docs
+    # cfg -> the vision tower attention rule it reads ("received", "pseudo_cls": stages.vision_attention) or None;
+    # the patch captures the last vision block's q/k under any attention kernel and hands each video the
+    # per-token extra "vision_<rule>" (patch.vision_attention)
+    vision_attention: Callable[[Any], str | None] | None = None
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

@@ -22,6 +22,7 @@ from prunevid_bench.patch.layer import LayerMethod
 from prunevid_bench.patch.llm_input import LLMInput
 from prunevid_bench.patch.report import Reporting
 from prunevid_bench.patch.state import BeforeMerger, SampleState
+from prunevid_bench.patch.vision_attention import VisionAttention
 
 
 def _layers(method, spec, num_layers: int) -> tuple[int, int]:
@@ -38,7 +39,7 @@ def _layers(method, spec, num_layers: int) -> tuple[int, int]:
     return k, k - 1
 
 
-class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack):
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention):
     def __init__(self, model, config: RunConfig):
         self.model = model
         self.family = family_of(model)
@@ -56,6 +57,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
         self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder"]
         self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
+        self.vision_rules = self._vision_rules(enabled)  # the tower attention the methods read (patch.vision_attention)
+        self._vision_scores = None
         self._encoding_videos = False  # inside get_video_features: the merger is projecting video tokens
         self._before_merger: BeforeMerger | None = None  # what the encoder methods did in the last video pass
         self.deepstack_mode = config.model.deepstack  # a merged token's DeepStack levels (patch.deepstack)
@@ -86,6 +89,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         add(self._remember_video_grids(base))
         if self.encoder_methods:
             add(self._wrap_merger(fam.vision_merger(model)))
+        if self.vision_rules:
+            self._install_vision_attention(add)
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.visual_methods:  # proportional attention, when a method's reduction asks for it

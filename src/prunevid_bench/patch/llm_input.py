@@ -65,6 +65,8 @@ class LLMInput:
         mrope = unpruned[-3:, 0] if unpruned is not None else None
         videos, n_groups, proportional, shifts = [], [], False, []
         family_extras = self.family.visual_extras(self.model, kwargs, runs)
+        for extras, scores in zip(family_extras, self._take_vision_scores(len(grids))):
+            extras.update(scores)  # the tower's attention, for the methods that read it
         for i, (video_runs, (t, h, w)) in enumerate(zip(runs, grids)):
             place = splice.run_positions(video_runs, device)  # prompt position of each grid token
             if encoded is not None:  # the encoder methods chose these tokens; the merger projected only them
