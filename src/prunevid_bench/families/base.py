@@ -57,6 +57,11 @@ class Family:
         them): the projections here; a family with QK-norm (Qwen3) names its norms."""
         return attention.q_proj, attention.k_proj
 
+    def attention_layers(self, config) -> list[int]:
+        """The decoder layers with softmax attention and a KV cache (an LLM-layer method can score
+        only there): every layer here; a hybrid family (Qwen3.5) names its full-attention ones."""
+        return list(range(config.get_text_config().num_hidden_layers))
+
     def deepstack_levels(self, model) -> int:
         """How many DeepStack levels the tower hands the LLM (level i added after decoder layer i;
         the patch then owns the add, ``patch.deepstack``). None here."""
