@@ -241,3 +241,32 @@ def test_methods_show_says_how_the_layer_resolves_on_hybrid_models():
         assert res.exit_code == 0 and "on hybrid models (Qwen3.5)" in res.output
         assert "nearest full-attention layer at or below it" in " ".join(res.output.split())
     assert "on hybrid models" not in CliRunner().invoke(app, ["methods", "show", "tome"]).output
+
+
+@pytest.mark.parametrize("n", [100, 128])
+def test_hybrid_layer_flops_are_the_layers_own_count(n):
+    """The analytic FLOPs of each layer (Gated DeltaNet: projections, the short conv, the chunked
+    delta rule on the padded length; gated full attention) equal torch's count of the layer's own
+    forward (eager, no mask: the full n x n product), less the two unit-triangular solves, which
+    torch's counter does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prunevid_bench.flops import TextShape, decoder_layer_flops
+    from prunevid_bench.models.tiny_qwen3_5 import build_tiny_qwen3_5_model
+
+    model = build_tiny_qwen3_5_model(attn_implementation="eager")
+    lm = model.model.language_model
+    shape = TextShape.from_config(model.config)
+    assert shape.layer_types[3] == "full_attention" and shape.gated_attention and shape.linear_value_heads == 4
+    x = torch.randn(1, n, shape.hidden_size)
+    rotary = lm.rotary_emb(x, torch.arange(n).view(1, 1, -1).expand(3, 1, n))
+    c, chunks = shape.chunk_size, -(-n // shape.chunk_size)
+    solves = shape.linear_value_heads * chunks * c * (c - 1) * (shape.linear_key_dim + shape.linear_value_dim)
+    for i, layer in enumerate(lm.layers):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            layer(x, position_embeddings=rotary, attention_mask=None)
+        expected = decoder_layer_flops(shape, n, causal=False, layer=i).total
+        assert expected - (solves if i not in FULL else 0) == counter.get_total_flops(), i
+    moe = TextShape.from_config(build_tiny_qwen3_5_model(moe=True).config)
+    text = build_tiny_qwen3_5_model(moe=True).config.get_text_config()
+    assert moe.intermediate_size == text.num_experts_per_tok * text.moe_intermediate_size + text.shared_expert_intermediate_size
