@@ -270,3 +270,85 @@ def test_hybrid_layer_flops_are_the_layers_own_count(n):
     moe = TextShape.from_config(build_tiny_qwen3_5_model(moe=True).config)
     text = build_tiny_qwen3_5_model(moe=True).config.get_text_config()
     assert moe.intermediate_size == text.num_experts_per_tok * text.moe_intermediate_size + text.shared_expert_intermediate_size
+
+
+class _PastKV:
+    """A stand-in cache for one full-attention layer: the merged prompt's keys and values, to
+    which ``update`` appends a step's own (what the patch's compacted cache holds)."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def update(self, keys, values, layer_idx, **kwargs):
+        return torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2)
+
+
+@torch.no_grad()
+def merged_hybrid_reference(pipe, prepared, traced, merged: bool = True) -> torch.Tensor:
+    """Logits of a merge at K, from scratch: the prompt through layers 0..K on every row (the
+    full-attention layers' keys/values, after QK-norm and rotary, then merged size-weighted like
+    the hidden states); every generated token runs through the full-attention layers 0..K
+    against those merged keys/values, through the linear layers 0..K after the whole prompt
+    (their state holds every row), and through K+1.. with the merged prompt."""
+    from prunevid_bench.families import family_of
+    from prunevid_bench.patch.layer import merge_along
+    from prunevid_bench.verify.merged import merge_dest
+    from prunevid_bench.verify.reference import additive_mask
+
+    model, st, k = pipe.model, traced.state, traced.handle.score_layer
+    family, lm = family_of(model), model.model.language_model
+    full = set(family.attention_layers(model.config))
+    x, mrope = traced.embeds, traced.position_ids[1:]
+    n = x.shape[1]
+    keep = st.keep_index.cpu()
+    dest = merge_dest(st, n, keep, merged)
+    sizes = st.row_sizes.float() if st.row_sizes is not None else torch.ones(n)
+    n_out = keep.numel()
+
+    def causal(q, kv):  # q new rows after kv - q earlier ones
+        return additive_mask(torch.ones(q, kv, dtype=torch.bool).tril(kv - q))
+
+    rotary, inputs, cached = lm.rotary_emb(x, mrope), [], {}
+    for i, layer in enumerate(lm.layers[: k + 1]):
+        inputs.append(x)
+        if i in full:
+            attn, a = layer.self_attn, layer.input_layernorm(x)
+            kk = attn.k_norm(attn.k_proj(a).view(1, n, -1, attn.head_dim)).transpose(1, 2)
+            vv = attn.v_proj(a).view(1, n, -1, attn.head_dim).transpose(1, 2)
+            _, kk = family.apply_rotary(kk, kk, *rotary)
+            cached[i] = (merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2))
+        x = layer(x, attention_mask=causal(n, n) if i in full else None, position_embeddings=rotary)
+    prompt, first = merge_along(x, dest, sizes, n_out, 1), family.prefill_position_ids(model, prepared.inputs)[1:, :, -1:] + 1
+    out = []
+    for t in range(len(traced.result.generated_token_ids)):
+        gen = lm.embed_tokens(torch.tensor(traced.result.generated_token_ids[:t], dtype=torch.long)).unsqueeze(0)
+        gen_pos = first + torch.arange(t).view(1, 1, -1)
+        if t:
+            rot = lm.rotary_emb(gen, gen_pos)
+            for i, layer in enumerate(lm.layers[: k + 1]):
+                if i in full:
+                    gen = layer(gen, attention_mask=causal(t, n_out + t), position_embeddings=rot, cache=_PastKV(*cached[i]))
+                else:
+                    whole = torch.cat([inputs[i], gen], 1)
+                    gen = layer(whole, attention_mask=None, position_embeddings=lm.rotary_emb(whole, mrope))[:, -t:]
+        y = torch.cat([prompt, gen], 1)
+        rot, m = lm.rotary_emb(y, torch.cat([mrope[..., keep], gen_pos], -1)), y.shape[1]
+        for i, layer in enumerate(lm.layers[k + 1 :], start=k + 1):
+            y = layer(y, attention_mask=causal(m, m) if i in full else None, position_embeddings=rot)
+        out.append(model.lm_head(lm.norm(y[:, -1]))[0].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("impl,k", [("sdpa", 3), ("eager", 3), ("sdpa", 7)])
+def test_a_merge_at_layer_k_equals_the_hybrid_reference(pipes, impl, k):
+    """merge_nearest: the merge applies to the hidden states and the full-attention layers 0..K's
+    keys and values; the linear layers 0..K keep every row in their states."""
+    pipe, prepared = pipes[impl]
+    traced = run_traced(pipe, prepared, **{"merge_nearest.enabled": True, "merge_nearest.pruning_layer": k,
+                                          "merge_nearest.keep_ratio": 0.4})
+    st = traced.state
+    assert 0 < st.tokens_after < st.tokens_before and torch.bincount(st.merged_into[st.merged_into >= 0]).max() > 1
+    ref = merged_hybrid_reference(pipe, prepared, traced)
+    torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
+    dropped = merged_hybrid_reference(pipe, prepared, traced, merged=False)  # the same rows kept, nothing averaged
+    assert (dropped - traced.logits).abs().max() > 1e-3

@@ -48,6 +48,9 @@ def _layers(method, spec, num_layers: int, attention: list[int]) -> tuple[int, i
                                 f"layer: {' or '.join(map(str, sorted(nearest)))}")
         below = [a for a in attention if a <= k - shift]
         k = (below[-1] if below else attention[0]) + shift
+        if k >= num_layers:  # FastV on a model whose only full-attention layer is its last
+            raise PruneVidError(f"{key} = {spec}: {method.name} prunes after the layer it scores, and this hybrid "
+                                "model has no full-attention layer before its last")
     return k, k - shift, requested
 
 
