@@ -272,73 +272,6 @@ def test_hybrid_layer_flops_are_the_layers_own_count(n):
     assert moe.intermediate_size == text.num_experts_per_tok * text.moe_intermediate_size + text.shared_expert_intermediate_size
 
 
-class _PastKV:
-    """A stand-in cache for one full-attention layer: the merged prompt's keys and values, to
-    which ``update`` appends a step's own (what the patch's compacted cache holds)."""
-
-    def __init__(self, keys, values):
-        self.keys, self.values = keys, values
-
-    def update(self, keys, values, layer_idx, **kwargs):
-        return torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2)
-
-
-@torch.no_grad()
-def merged_hybrid_reference(pipe, prepared, traced, merged: bool = True) -> torch.Tensor:
-    """Logits of a merge at K, from scratch: the prompt through layers 0..K on every row (the
-    full-attention layers' keys/values, after QK-norm and rotary, then merged size-weighted like
-    the hidden states); every generated token runs through the full-attention layers 0..K
-    against those merged keys/values, through the linear layers 0..K after the whole prompt
-    (their state holds every row), and through K+1.. with the merged prompt."""
-    from prunevid_bench.families import family_of
-    from prunevid_bench.patch.layer import merge_along
-    from prunevid_bench.verify.merged import merge_dest
-    from prunevid_bench.verify.reference import additive_mask
-
-    model, st, k = pipe.model, traced.state, traced.handle.score_layer
-    family, lm = family_of(model), model.model.language_model
-    full = set(family.attention_layers(model.config))
-    x, mrope = traced.embeds, traced.position_ids[1:]
-    n = x.shape[1]
-    keep = st.keep_index.cpu()
-    dest = merge_dest(st, n, keep, merged)
-    sizes = st.row_sizes.float() if st.row_sizes is not None else torch.ones(n)
-    n_out = keep.numel()
-
-    def causal(q, kv):  # q new rows after kv - q earlier ones
-        return additive_mask(torch.ones(q, kv, dtype=torch.bool).tril(kv - q))
-
-    rotary, inputs, cached = lm.rotary_emb(x, mrope), [], {}
-    for i, layer in enumerate(lm.layers[: k + 1]):
-        inputs.append(x)
-        if i in full:
-            attn, a = layer.self_attn, layer.input_layernorm(x)
-            kk = attn.k_norm(attn.k_proj(a).view(1, n, -1, attn.head_dim)).transpose(1, 2)
-            vv = attn.v_proj(a).view(1, n, -1, attn.head_dim).transpose(1, 2)
-            _, kk = family.apply_rotary(kk, kk, *rotary)
-            cached[i] = (merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2))
-        x = layer(x, attention_mask=causal(n, n) if i in full else None, position_embeddings=rotary)
-    prompt, first = merge_along(x, dest, sizes, n_out, 1), family.prefill_position_ids(model, prepared.inputs)[1:, :, -1:] + 1
-    out = []
-    for t in range(len(traced.result.generated_token_ids)):
-        gen = lm.embed_tokens(torch.tensor(traced.result.generated_token_ids[:t], dtype=torch.long)).unsqueeze(0)
-        gen_pos = first + torch.arange(t).view(1, 1, -1)
-        if t:
-            rot = lm.rotary_emb(gen, gen_pos)
-            for i, layer in enumerate(lm.layers[: k + 1]):
-                if i in full:
-                    gen = layer(gen, attention_mask=causal(t, n_out + t), position_embeddings=rot, cache=_PastKV(*cached[i]))
-                else:
-                    whole = torch.cat([inputs[i], gen], 1)
-                    gen = layer(whole, attention_mask=None, position_embeddings=lm.rotary_emb(whole, mrope))[:, -t:]
-        y = torch.cat([prompt, gen], 1)
-        rot, m = lm.rotary_emb(y, torch.cat([mrope[..., keep], gen_pos], -1)), y.shape[1]
-        for i, layer in enumerate(lm.layers[k + 1 :], start=k + 1):
-            y = layer(y, attention_mask=causal(m, m) if i in full else None, position_embeddings=rot)
-        out.append(model.lm_head(lm.norm(y[:, -1]))[0].float())
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("impl,k", [("sdpa", 3), ("eager", 3), ("sdpa", 7)])
 def test_a_merge_at_layer_k_equals_the_hybrid_reference(pipes, impl, k):
     """merge_nearest: the merge applies to the hidden states and the full-attention layers 0..K's
@@ -348,7 +281,38 @@ def test_a_merge_at_layer_k_equals_the_hybrid_reference(pipes, impl, k):
                                           "merge_nearest.keep_ratio": 0.4})
     st = traced.state
     assert 0 < st.tokens_after < st.tokens_before and torch.bincount(st.merged_into[st.merged_into >= 0]).max() > 1
-    ref = merged_hybrid_reference(pipe, prepared, traced)
+    ref = reference_for(pipe, prepared, traced)  # verify.merged.hybrid_merged_reference
     torch.testing.assert_close(traced.logits, ref, rtol=0, atol=1e-4)
-    dropped = merged_hybrid_reference(pipe, prepared, traced, merged=False)  # the same rows kept, nothing averaged
+    dropped = reference_for(pipe, prepared, traced, merged=False)  # the same rows kept, nothing averaged
     assert (dropped - traced.logits).abs().max() > 1e-3
+
+
+def test_lmms_eval_policy_equals_what_lmms_evals_qwen3_5_asks_of_qwen_vl_utils(tmp_path, monkeypatch):
+    """lmms-eval 0.7.3's ``qwen3_5`` chat model passes qwen-vl-utils ``min_pixels`` 64*32*32,
+    ``max_frames`` 768 and ``total_pixels`` 224*1024*32*32 (no frame count: its default 2 fps),
+    with ``image_patch_size=16``; the ``lmms-eval`` policy on a Qwen3.5 gives the same frames."""
+    from prunevid_bench.decoders import installed
+    from prunevid_bench.video import load_clip
+    from tests.conftest import write_clip
+
+    reader = next((name for name in ("decord", "torchcodec") if installed(name)), None)
+    if reader is None:
+        pytest.skip("qwen-vl-utils needs decord or torchcodec to read videos (optional extras here)")
+    monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", reader)
+    vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
+    pipe = load_pipeline("tiny-qwen3_5", device="cpu", dtype="float32", overrides={"video.policy": "lmms-eval"})
+    request = pipe.video_request()
+    assert (request.fps, request.max_frames, request.min_pixels, request.factor) == (2.0, 768, 65536, 32)
+    counted = pipe.video_request(_with_overrides(pipe.config.to_dict(), {"video.num_frames": 8}))
+    assert counted.fps is None and counted.num_frames == 8  # a count the run sets wins over the rate
+    for size, frames in (((360, 640), 48), ((48, 64), 13)):
+        clip_path = write_clip(tmp_path / f"c{frames}.mp4", frames, size=size, fps=8, seed=3)
+        ours = load_clip(clip_path, request=request)
+        element = {"video": str(clip_path), "min_pixels": 64 * 32 * 32, "max_frames": 768,
+                   "total_pixels": 224 * 1024 * 32 * 32}
+        (video, meta), fps = vision_process.fetch_video(element, image_patch_size=16, return_video_sample_fps=True,
+                                                        return_video_metadata=True)
+        assert ours.indices == list(meta["frames_indices"]) and ours.sampled_fps == pytest.approx(fps, rel=1e-12)
+        assert torch.equal(torch.from_numpy(ours.frames).permute(0, 3, 1, 2).float(), video)
+    tiny = load_pipeline("tiny-qwen3vl", device="cpu", dtype="float32", overrides={"video.policy": "lmms-eval"})
+    assert tiny.video_request().fps is None  # Qwen3-VL keeps qwen2_5_vl's defaults (32 frames)

@@ -47,6 +47,12 @@ class Qwen3_5Family(Qwen3VLFamily):
     def deepstack_levels(self, model) -> int:
         return 0
 
+    def lmms_video(self) -> dict:
+        """lmms-eval 0.7.3's ``qwen3_5`` model: a total pixel budget instead of a frame count, so
+        qwen-vl-utils samples at its default 2 fps up to 768 frames, with frames of at least
+        64 merged tokens (``models/simple/qwen3_5.py`` defaults, ``_build_video_kwargs``)."""
+        return {"fps": 2.0, "max_frames": 768, "min_pixels": 64 * 32 * 32, "total_pixels": 224 * 1024 * 32 * 32}
+
     def vision_output(self, pooler: tuple, deepstack: list | None):
         return Family.vision_output(self, pooler, deepstack)
 
