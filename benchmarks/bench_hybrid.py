@@ -124,7 +124,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before them")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run per variant: checks the script works")
+    parser.add_argument("--ideal-only", action="store_true", help="only the full-scale ideal speed-ups (arithmetic)")
     args = parser.parse_args()
+    if args.ideal_only:
+        return ideal_at_full_scale(args.tokens or [4096, 8192, 16384], args.budget)
     if args.smoke:
         args.frames, args.layers, args.scale, args.repeats, args.warmup, args.new_tokens = 4, 8, 16, 1, 0, 1
         args.threads = args.threads or 1
@@ -147,9 +150,38 @@ def main() -> None:
               f"{inputs['input_ids'].shape[1]} tokens, load average {os.getloadavg()[0]:.2f} at the start")
         print_table(measure(variants, model, inputs, args, device))
         print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    ideal_at_full_scale(args.tokens, args.budget)
     cache = _states_after_prefill(model, inputs)
     print(f"recurrent + conv states of the {sum(k == 'linear_attention' for k in model.config.get_text_config().layer_types)}"
           f" linear layers: {mib(state_bytes(cache))} MiB, whatever the prompt's length")
+
+
+def ideal_at_full_scale(token_counts: list[int], budget: float) -> None:
+    """The analytic ideal speed-up of each kind of method on the real Qwen3.5-9B language model
+    (32 layers, full attention at 3, 7, .., 31) and on the same model made dense (every layer full
+    attention), with ``budget`` of the visual tokens kept: before the LLM, or after K = 11 (PruneVid's
+    "10/28", a full-attention layer) or after K - 1 = 3 (FastV's "2/28" -> 2 scores layer 1,
+    linear: moved to 3). Arithmetic only (flops.py), nothing run."""
+    import dataclasses
+
+    from transformers import Qwen3_5TextConfig
+
+    from prunevid_bench import flops as fl
+
+    hybrid = fl.TextShape.from_config(Qwen3_5TextConfig())
+    dense = dataclasses.replace(hybrid, layer_types=())
+    text_rows = 200
+    print(f"\nideal prefill speed-up at full scale (Qwen3.5-9B LLM, {text_rows} text tokens, keep {budget:.0%} "
+          "of the visual tokens; the vision tower left out)")
+    print(f"{'visual':>7} {'model':<7} {'before LLM':>10} {'after K=11':>10} {'after K-1=3':>11}")
+    for n in token_counts:
+        prompt, kept = n + text_rows, round(budget * n) + text_rows
+        for name, shape in (("hybrid", hybrid), ("dense", dense)):
+            base = fl.llm_prefill_flops(shape, [prompt] * shape.num_layers)
+            cells = [fl.llm_prefill_flops(shape, [kept] * shape.num_layers)]
+            for k in (11, 3):
+                cells.append(fl.llm_prefill_flops(shape, fl.tokens_per_layer(shape.num_layers, prompt, k, kept)))
+            print(f"{n:>7} {name:<7} " + " ".join(f"{fl.ideal_speedup(base, c):>{w}.2f}x" for c, w in zip(cells, (9, 9, 10))))
 
 
 @torch.inference_mode()
