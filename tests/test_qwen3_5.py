@@ -229,6 +229,7 @@ def test_a_stream_on_qwen3_5_is_refused_in_one_line(clip8, tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 2, res.output
     assert "streams are not supported on qwen3_5" in res.output and "Traceback" not in res.output
+    assert "a recurrent state an ask must restore" in " ".join(res.output.split())
 
 
 def test_methods_show_says_how_the_layer_resolves_on_hybrid_models():
@@ -316,3 +317,22 @@ def test_lmms_eval_policy_equals_what_lmms_evals_qwen3_5_asks_of_qwen_vl_utils(t
         assert torch.equal(torch.from_numpy(ours.frames).permute(0, 3, 1, 2).float(), video)
     tiny = load_pipeline("tiny-qwen3vl", device="cpu", dtype="float32", overrides={"video.policy": "lmms-eval"})
     assert tiny.video_request().fps is None  # Qwen3-VL keeps qwen2_5_vl's defaults (32 frames)
+
+
+@pytest.mark.parametrize("overrides", [LAYER_CASES[0][0], LAYER_CASES[4][0], VISUAL_CASES[1]], ids=["stage2", "fastv-original", "tome"])
+def test_generate_with_the_patch_equals_the_engine(pipes, overrides):
+    """``model.generate`` (its own position bookkeeping from the hybrid cache's first full-attention
+    layer) gives the engine's tokens and logits."""
+    from prunevid_bench.patch import apply_methods
+
+    pipe, prepared = pipes["sdpa"]
+    engine = run_traced(pipe, prepared, **overrides)
+    handle = apply_methods(pipe.model, _with_overrides(pipe.config.to_dict(), overrides))
+    try:
+        with torch.no_grad():
+            gen = pipe.model.generate(**prepared.inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert gen.sequences[0, prepared.inputs["input_ids"].shape[1]:].tolist() == engine.result.generated_token_ids
+    torch.testing.assert_close(torch.cat(gen.logits).float(), engine.logits, rtol=0, atol=1e-5)
