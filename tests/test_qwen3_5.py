@@ -336,3 +336,21 @@ def test_generate_with_the_patch_equals_the_engine(pipes, overrides):
         handle.remove()
     assert gen.sequences[0, prepared.inputs["input_ids"].shape[1]:].tolist() == engine.result.generated_token_ids
     torch.testing.assert_close(torch.cat(gen.logits).float(), engine.logits, rtol=0, atol=1e-5)
+
+
+def test_vision_flops_are_the_towers_own_count():
+    """Qwen3.5's tower (Qwen3-VL's, without DeepStack mergers): the analytic FLOPs equal torch's
+    count of its forward (eager)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prunevid_bench.families import family_of
+    from prunevid_bench.flops import vision_encoder_flops
+    from prunevid_bench.models.tiny_qwen3_5 import build_tiny_qwen3_5_model
+
+    model = build_tiny_qwen3_5_model(attn_implementation="eager")
+    grid = torch.tensor([[4, 8, 12], [2, 4, 4]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 16 * 16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.visual(pixels, grid_thw=grid)
+    shape = family_of(model).vision_shape(model.config)
+    assert shape.mergers == 1 and vision_encoder_flops(shape, grid.tolist()).vision == counter.get_total_flops()
