@@ -117,7 +117,7 @@ def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = 
         peak = memory.stop(out) if memory else 0
         seconds = {n: handle.seconds(n) for n in cfg.enabled_methods}
         report = handle.report() if handle else None
-        layer = handle.pruning_layer if handle and handle.layer_method else None
+        layer = handle.score_layer if handle and handle.layer_method else None  # the last layer on every token
     finally:
         if handle:
             handle.remove()

@@ -123,3 +123,14 @@ def test_demo_alternates_both_settings_in_one_process_and_says_correct_or_wrong(
     assert "median of the 2 paired ratios" in out and "ratio of the medians" in out
     assert "TTFT ms median" in out and "(p25-p75)" in out and "2 alternating repeats after 1 warm-ups" in out
     assert "s, CPU " in out and "(process time, torch threads: 1); its speed-ups use wall-clock TTFTs" in out
+
+
+def test_bench_hybrid_smoke_prints_every_variant_on_a_qwen3_5_shaped_model():
+    out = run_script("bench_hybrid.py", "--smoke", "--variants", "prunevid", "fastv", "evs")
+    assert "random Qwen3.5-9B-shaped LLM" in out and "full attention at [3, 7]" in out
+    rows = table_rows(out)
+    assert list(rows) == ["baseline", "prunevid", "fastv", "evs"]
+    for label in ("prunevid", "fastv", "evs"):
+        kept, total = map(int, rows[label][1].split("/"))
+        assert 0 < kept < total, label
+    assert "ideal prefill speed-up at full scale" in out and "recurrent + conv states" in out

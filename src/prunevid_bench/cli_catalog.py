@@ -60,6 +60,13 @@ def methods(ctx: typer.Context) -> None:
         console.print(f"{m.name} [{'|'.join(m.places())}] {m.section}: {keys} - {m.summary}", highlight=False, markup=False, soft_wrap=True)
 
 
+# How an LLM-layer method's layer resolves on a hybrid model (docs/methods.md, "Hybrid models").
+HYBRID_LAYER = ("on hybrid models (Qwen3.5): K scores at a full-attention layer; a relative K ('10/28') moves down "
+                "to the nearest full-attention layer at or below it (the shallowest if none), an absolute K on a "
+                "linear-attention layer is refused naming the nearest; KV compaction shrinks the full-attention "
+                "layers 0..K only, the linear layers 0..K keep the dropped tokens in their states; the record keeps "
+                "the layer asked for (pruning_layer_requested) and the one used (pruning_layer)")
+
 
 @methods_app.command("show")
 @guarded
@@ -75,6 +82,8 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name (see `pru
     for key, kind, default, allowed in m.keys():
         extra = f"  {allowed}" if allowed else ""
         console.print(f"  {m.section}.{key}: {kind} = {default!r}{extra}", highlight=False, markup=False, soft_wrap=True)
+    if "llm_layer" in m.places():
+        console.print(HYBRID_LAYER, highlight=False, markup=False, soft_wrap=True)
     if m.record_fields:
         console.print(f"record fields: {', '.join(m.record_fields)}", highlight=False, markup=False, soft_wrap=True)
 

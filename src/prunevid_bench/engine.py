@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from prunevid_bench.families import family_of
-from prunevid_bench.measure import Clock, PeakMemory, cache_bytes
+from prunevid_bench.measure import Clock, PeakMemory, cache_bytes, state_bytes
 
 
 @dataclass
@@ -32,6 +32,7 @@ class EngineOutput:
     kv_cache_bytes: int  # after prefill, after any compression
     prompt_tokens: int
     visual_tokens: int
+    state_bytes: int = 0  # a hybrid model's linear layers' conv and recurrent states after prefill
 
 
 def prefill_position_ids(model, inputs: dict) -> torch.Tensor:
@@ -106,7 +107,7 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         first = clock.mark()
         ttft_s = clock.elapsed(start, first)
         prefill_peak = memory.read()
-        kv_bytes = cache_bytes(cache)
+        kv_bytes, held_states = cache_bytes(cache), state_bytes(cache)
     finally:
         for h in hooks:
             h.remove()
@@ -140,4 +141,5 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         kv_cache_bytes=kv_bytes,
         prompt_tokens=int(input_ids.shape[1]),
         visual_tokens=int((input_ids == family.video_token_id(model)).sum()),
+        state_bytes=held_states,
     )

@@ -12,6 +12,15 @@ of size d, MLP width I:
     attention    2 * 2 H d P  [q k^T and attn v], P = n (n + 1) / 2 query-key pairs when
                  causal (what a causal kernel needs), n^2 when the full matrix is computed
     mlp          3 * 2 n D I  [gate, up, down: SwiGLU]
+A hybrid model (Qwen3.5) names each layer's kind (``TextShape.layer_types``). Its full-attention
+layers are gated (``q_proj`` emits query and gate: twice the query width). Its Gated DeltaNet
+layers, with Hk key heads of size dk, Hv value heads of size dv, conv width w, chunk C:
+    projections  2 n D (2 Hk dk + 2 Hv dv + 2 Hv)  [qkv, z, b, a]  +  2 n (Hv dv) D  [out]
+    conv         2 (n + w - 1) (2 Hk dk + Hv dv) w  [depthwise, as transformers pads it]
+    delta rule   per value head and chunk of the padded length: 2 C^2 dk [k_beta k^T] + 2 C^2 dk
+                 [q k^T] + C (C - 1) (dv + dk) [the two unit-triangular solves] + 2 C^2 dv
+                 [intra-chunk attn v] + 3 * 2 C dk dv [the state's read twice and its update]
+    (``gated_deltanet_flops``: linear in n, the chunked rule transformers runs).
 PruneVid runs layers 0..K on all tokens and K+1.. on the kept ones (``tokens_per_layer``); the
 Stage 2 score adds ``2 H d R L`` for R query rows against L keys (``prunevid_scoring_flops``).
 """
@@ -33,6 +42,15 @@ class TextShape:
     num_layers: int
     vocab_size: int
     head_dim: int | None = None  # None: hidden_size // num_heads (Qwen2.5-VL)
+    # a hybrid model (Qwen3.5): each layer's kind; empty: every layer full attention
+    layer_types: tuple[str, ...] = ()
+    gated_attention: bool = False  # q_proj emits query and gate (Qwen3.5's full attention)
+    linear_key_heads: int = 0  # Gated DeltaNet's shape
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    conv_kernel: int = 0
+    chunk_size: int = 64  # the chunked delta rule's chunk (transformers' default)
 
     @property
     def d(self) -> int:
@@ -43,9 +61,18 @@ class TextShape:
         """From a transformers Qwen2.5-VL config (or its text config)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         experts = getattr(text, "num_experts_per_tok", None)  # MoE: the active experts' MLPs
+        shared = getattr(text, "shared_expert_intermediate_size", 0) or 0  # and a shared expert (Qwen3.5-MoE)
+        types = tuple(getattr(text, "layer_types", None) or ())
+        hybrid = "linear_attention" in types
+        linear = dict(
+            layer_types=types, gated_attention=True, linear_key_heads=text.linear_num_key_heads,
+            linear_value_heads=text.linear_num_value_heads, linear_key_dim=text.linear_key_head_dim,
+            linear_value_dim=text.linear_value_head_dim, conv_kernel=text.linear_conv_kernel_dim,
+        ) if hybrid else {}
         return cls(
+            **linear,
             hidden_size=text.hidden_size,
-            intermediate_size=experts * text.moe_intermediate_size if experts else text.intermediate_size,
+            intermediate_size=experts * text.moe_intermediate_size + shared if experts else text.intermediate_size,
             num_heads=text.num_attention_heads,
             num_kv_heads=text.num_key_value_heads,
             num_layers=text.num_hidden_layers,
@@ -122,14 +149,32 @@ def attention_pairs(n_tokens: int, causal: bool = True) -> int:
     return n_tokens * (n_tokens + 1) // 2 if causal else n_tokens * n_tokens
 
 
-def decoder_layer_flops(shape: TextShape, n_tokens: int, causal: bool = True) -> Flops:
-    """One decoder layer's prefill over n tokens (no cache)."""
+def decoder_layer_flops(shape: TextShape, n_tokens: int, causal: bool = True, layer: int = 0) -> Flops:
+    """Decoder layer ``layer``'s prefill over n tokens (no cache)."""
     n, dim, d = n_tokens, shape.hidden_size, shape.d
-    q_width, kv_width = shape.num_heads * d, shape.num_kv_heads * d
-    projections = 2 * n * dim * q_width + 2 * 2 * n * dim * kv_width + 2 * n * q_width * dim
-    attention = 2 * 2 * shape.num_heads * d * attention_pairs(n, causal)
     mlp = 3 * 2 * n * dim * shape.intermediate_size
+    if shape.layer_types and shape.layer_types[layer] == "linear_attention":
+        return gated_deltanet_flops(shape, n) + Flops(mlp=mlp)
+    q_width, kv_width = shape.num_heads * d, shape.num_kv_heads * d
+    q_out = 2 * q_width if shape.gated_attention else q_width
+    projections = 2 * n * dim * q_out + 2 * 2 * n * dim * kv_width + 2 * n * q_width * dim
+    attention = 2 * 2 * shape.num_heads * d * attention_pairs(n, causal)
     return Flops(projections=projections, attention=attention, mlp=mlp)
+
+
+def gated_deltanet_flops(shape: TextShape, n_tokens: int) -> Flops:
+    """A Gated DeltaNet layer's token mixing over n tokens (empty state): projections, the short
+    conv and the chunked delta rule (counted as ``attention``), as transformers runs them."""
+    n, dim = n_tokens, shape.hidden_size
+    dk, dv, hv = shape.linear_key_dim, shape.linear_value_dim, shape.linear_value_heads
+    key_width, value_width = shape.linear_key_heads * dk, hv * dv
+    conv_dim = 2 * key_width + value_width
+    projections = 2 * n * dim * (conv_dim + value_width + 2 * hv) + 2 * n * value_width * dim
+    conv = 2 * (n + shape.conv_kernel - 1) * conv_dim * shape.conv_kernel
+    c = shape.chunk_size
+    chunks = -(-n // c)  # the sequence is padded to whole chunks
+    per_chunk = 4 * c * c * dk + 2 * c * c * dv + c * (c - 1) * (dk + dv) + 6 * c * dk * dv
+    return Flops(projections=projections + conv, attention=hv * chunks * per_chunk)
 
 
 def tokens_per_layer(
@@ -166,8 +211,8 @@ def llm_prefill_flops(
     if len(tokens) != shape.num_layers:
         raise ValueError(f"need one token count per layer ({shape.num_layers}), got {len(tokens)}")
     total = Flops()
-    for n in tokens:
-        total = total + decoder_layer_flops(shape, n, causal)
+    for layer, n in enumerate(tokens):
+        total = total + decoder_layer_flops(shape, n, causal, layer)
     return total + Flops(lm_head=2 * lm_head_tokens * shape.hidden_size * shape.vocab_size, scoring=scoring)
 
 

@@ -122,6 +122,18 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def state_bytes(cache) -> int:
+    """Bytes held by a hybrid cache's linear-attention layers (their conv and recurrent states,
+    fixed-size whatever the prompt's length), read off the tensors; 0 for a cache without them."""
+    total = 0
+    for layer in getattr(cache, "layers", []) if cache is not None else []:
+        for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+            for tensor in (states or {}).values():
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def cache_lengths(cache) -> list[int]:
     """Sequence length held by each layer of the cache."""
     return [int(layer.keys.shape[-2]) for layer in cache.layers if getattr(layer, "keys", None) is not None]

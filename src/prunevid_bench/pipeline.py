@@ -21,7 +21,7 @@ from prunevid_bench.config import RunConfig, build_config, from_dict
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.mrope import integer_seconds_wanted, numbering
-from prunevid_bench.pipeline_records import _as_list, _as_rows, _fed_sizes, _method_fields, _reductions, _seconds, _video_entry
+from prunevid_bench.pipeline_records import _hybrid_fields, _as_list, _as_rows, _fed_sizes, _method_fields, _reductions, _seconds, _video_entry
 from prunevid_bench.report import RunResult
 from prunevid_bench.messages import lmms_system_prompt, prepare_media, processor_size_kwargs, single_video_messages
 from prunevid_bench.video import Clip, VideoRequest
@@ -76,7 +76,9 @@ class Pipeline:
         policy = self.video_policy(cfg)
         if policy == "processor" and cfg.video.total_pixels is not None:
             raise PruneVidError("video.total_pixels applies to the qwen and lmms-eval policies (the processor policy has no total budget)")
-        return VideoRequest.from_config(cfg.video, policy, factor=family_of(self.model).geometry(self.model.config).factor)
+        family = family_of(self.model)
+        request = VideoRequest.from_config(cfg.video, policy, factor=family.geometry(self.model.config).factor)
+        return request.with_lmms_defaults(family.lmms_video()) if policy == "lmms-eval" else request
 
     def build_prompt(self, question: str) -> str:
         return self._template(single_video_messages(None, question))
@@ -211,8 +213,9 @@ class Pipeline:
         layer_method = handle.layer_method if handle else None
         if layer_method and stages.get("kv_bytes_layers_0_to_k"):
             # The layers that ran on all tokens were read just before pruning; each held the prompt.
-            n_layers = self.model.config.get_text_config().num_hidden_layers
-            kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * n_layers // (handle.score_layer + 1)
+            attention = handle.attention_layers  # the layers with a KV cache (a hybrid model's full-attention ones)
+            through_k = sum(1 for i in attention if i <= handle.score_layer)
+            kv_uncompressed = stages["kv_bytes_layers_0_to_k"] * len(attention) // through_k
         llm_prefill_tokens = stages.get("llm_prefill_tokens") or out.prompt_tokens
         reductions = _reductions(handle, stages, out.prompt_tokens, llm_prefill_tokens, out.kv_cache_bytes, kv_uncompressed)
         method_fields = _method_fields(handle, stages)
@@ -263,6 +266,7 @@ class Pipeline:
             llm_prefill_tokens=llm_prefill_tokens,
             pruning_layer=handle.pruning_layer if layer_method else None,
             pruning_layer_spec=handle.pruning_layer_spec if layer_method else None,
+            **_hybrid_fields(self.model, handle, out.state_bytes, tokens_before - tokens_after, llm_prefill_tokens),
             model_family=self.model.config.model_type,
             methods=[m.name for m, _ in handle.methods] if handle else [],
             reductions=reductions,

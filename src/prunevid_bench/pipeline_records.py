@@ -48,6 +48,25 @@ def _method_fields(handle, stages: dict) -> dict[str, Any]:
     return fields
 
 
+def _hybrid_fields(model, handle, state_bytes: int, dropped: int, llm_prefill_tokens: int) -> dict[str, Any]:
+    """A hybrid model's record (none for another): its linear layers' state bytes, and with an
+    LLM-layer method the layer asked for, and the linear layers 0..K with the dropped tokens they
+    absorbed (those stay folded into their recurrent and conv states; docs/methods.md)."""
+    from prunevid_bench.families import family_of
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    attention = family_of(model).attention_layers(model.config)
+    if len(attention) == n_layers:
+        return {}
+    fields: dict[str, Any] = {"recurrent_state_bytes": state_bytes}
+    if handle is not None and handle.layer_method is not None:
+        linear = sum(1 for i in range(handle.score_layer + 1) if i not in attention)
+        fields.update(pruning_layer_requested=handle.requested_layer, linear_layers_0_to_k=linear,
+                      tokens_absorbed_by_linear_layers=dropped if linear else 0,
+                      absorbed_share=round(dropped / llm_prefill_tokens, 6) if linear and llm_prefill_tokens else 0.0)
+    return fields
+
+
 def _as_rows(value) -> list:
     if value is None:
         return []

@@ -92,6 +92,12 @@ class RunResult:
     layer_method: str | None = None  # the LLM-layer method, if any
     pruning_layer: int | None = None  # the absolute layer K the LLM-layer method pruned at (None when off)
     pruning_layer_spec: int | str | None = None  # K as configured: an index or "K/N" (None when off)
+    # hybrid models (Qwen3.5): kv_cache_bytes counts the full-attention layers' keys and values only
+    pruning_layer_requested: int | None = None  # K as the spec names it, before it moved to a full-attention layer
+    recurrent_state_bytes: int | None = None  # the linear layers' conv + recurrent states after prefill
+    linear_layers_0_to_k: int | None = None  # linear layers that ran on every token (LLM-layer method on)
+    tokens_absorbed_by_linear_layers: int | None = None  # the dropped visual tokens folded into their states
+    absorbed_share: float | None = None  # ... as a share of the rows that entered the LLM
     model_family: str | None = None  # the checkpoint's model_type (qwen2_5_vl, qwen2_vl)
     methods: list[str] = field(default_factory=list)  # the reduction methods applied, in order
     reductions: list[Reduction] = field(default_factory=list)  # one per method, in order

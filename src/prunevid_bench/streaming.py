@@ -62,9 +62,13 @@ class StreamSession:
         if video_fps <= 0:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
         family = family_of(pipe.model)
-        if family.video_layout != "video" or family.deepstack_levels(pipe.model):
-            raise PruneVidError(f"streams are not supported on {family.model_type} yet (per-step timestamps and "
-                                "DeepStack); run the video offline with prunevid run")
+        hybrid = len(family.attention_layers(pipe.model.config)) < len(family.decoder_layers(pipe.model))
+        if family.video_layout != "video" or family.deepstack_levels(pipe.model) or hybrid:
+            why = [w for w, on in (("per-step timestamps", family.video_layout != "video"),
+                                   ("DeepStack", family.deepstack_levels(pipe.model)),
+                                   ("a recurrent state an ask must restore", hybrid)) if on]
+            raise PruneVidError(f"streams are not supported on {family.model_type} yet ({', '.join(why)}); "
+                                "run the video offline with prunevid run")
         self.pipe = pipe
         self.fps = float(video_fps)
         self.step = temporal_patch(pipe)

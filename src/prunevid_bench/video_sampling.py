@@ -87,6 +87,16 @@ class VideoRequest:
             decoder=getattr(video, "decoder", "auto"),
         )
 
+    def with_lmms_defaults(self, defaults: dict) -> "VideoRequest":
+        """The fields a run left unset taken from a family's lmms-eval defaults
+        (``Family.lmms_video``); a frame rate only when neither a count nor a rate was set."""
+        import dataclasses
+
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.num_frames is not None:
+            fill.pop("fps", None)
+        return dataclasses.replace(self, **fill)
+
     @property
     def resizes(self) -> bool:
         """Whether this policy resizes the frames itself (the processor must then not)."""

@@ -18,7 +18,8 @@ from prunevid_bench.families.base import Family, PatchGeometry
 __all__ = ["Family", "PatchGeometry", "family_for_type", "family_of", "register_family", "supported_model_types"]
 
 # The family modules shipped with the package, imported on first use (they import transformers).
-_MODULES = ("prunevid_bench.families.qwen2_5_vl", "prunevid_bench.families.qwen2_vl", "prunevid_bench.families.qwen3_vl")
+_MODULES = ("prunevid_bench.families.qwen2_5_vl", "prunevid_bench.families.qwen2_vl", "prunevid_bench.families.qwen3_vl",
+            "prunevid_bench.families.qwen3_5")
 _FAMILIES: dict[str, Family] = {}
 _loaded = False
 

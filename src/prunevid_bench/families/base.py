@@ -57,6 +57,11 @@ class Family:
         them): the projections here; a family with QK-norm (Qwen3) names its norms."""
         return attention.q_proj, attention.k_proj
 
+    def attention_layers(self, config) -> list[int]:
+        """The decoder layers with softmax attention and a KV cache (an LLM-layer method can score
+        only there): every layer here; a hybrid family (Qwen3.5) names its full-attention ones."""
+        return list(range(config.get_text_config().num_hidden_layers))
+
     def deepstack_levels(self, model) -> int:
         """How many DeepStack levels the tower hands the LLM (level i added after decoder layer i;
         the patch then owns the add, ``patch.deepstack``). None here."""
@@ -134,6 +139,12 @@ class Family:
         base.rope_deltas = deltas
         text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
         return torch.cat([text, mrope.to(input_ids.device)], dim=0)
+
+    def lmms_video(self) -> dict:
+        """What lmms-eval's model of this family asks of qwen-vl-utils by default, as
+        ``VideoRequest`` fields (the ``lmms-eval`` policy fills the ones a run leaves unset);
+        empty: its ``qwen2_5_vl`` model's, which ``video_sampling`` holds (Qwen3-VL's are the same)."""
+        return {}
 
     def video_metadata(self, clip) -> dict:
         """What the processor is told about a sampled clip (``video.Clip``). Here the sampled

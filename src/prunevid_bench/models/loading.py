@@ -37,6 +37,8 @@ BUILTIN: dict[str, str] = {
     "tiny-qwen3vl": "prunevid_bench.models.tiny_qwen3vl:build_tiny_qwen3vl",
     "tiny-qwen3vl-moe": "prunevid_bench.models.tiny_qwen3vl:build_tiny_qwen3vl_moe",
     "toy": "prunevid_bench.toy.model:load_toy_model",
+    "tiny-qwen3_5": "prunevid_bench.models.tiny_qwen3_5:build_tiny_qwen3_5",
+    "tiny-qwen3_5-moe": "prunevid_bench.models.tiny_qwen3_5:build_tiny_qwen3_5_moe",
 }
 BUILTIN_VIDEO_POLICY = "processor"
 

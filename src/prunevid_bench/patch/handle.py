@@ -25,18 +25,34 @@ from prunevid_bench.patch.state import BeforeMerger, SampleState
 from prunevid_bench.patch.vision_attention import VisionAttention
 
 
-def _layers(method, spec, num_layers: int) -> tuple[int, int]:
-    """(K as the method means it, the last layer that runs on every token: the one scored)."""
+def _layers(method, spec, num_layers: int, attention: list[int]) -> tuple[int, int, int]:
+    """(K as the method means it, the last layer that runs on every token: the one scored, K as
+    the spec names it). On a hybrid model the scored layer must be a full-attention layer
+    (``attention``): a relative depth moves down to the nearest one (the shallowest when none is
+    at or below it); an absolute K that would score a linear layer is refused."""
     key = f"{method.section}.pruning_layer"
     k = resolve_layer(spec, num_layers, key)
-    if not method.prunes_before:
-        return k, k
-    if isinstance(spec, str) and "/" in spec:
-        k = max(1, k)  # a relative depth too shallow for this model: the shallowest K there is
-    if k < 1:
-        raise PruneVidError(f"{key} must be >= 1: {method.name} scores with layer K-1's attention and prunes "
-                            f"before layer K, got {spec}")
-    return k, k - 1
+    requested, shift = k, int(method.prunes_before)
+    if method.prunes_before:
+        if isinstance(spec, str) and "/" in spec:
+            k = max(1, k)  # a relative depth too shallow for this model: the shallowest K there is
+        if k < 1:
+            raise PruneVidError(f"{key} must be >= 1: {method.name} scores with layer K-1's attention and prunes "
+                                f"before layer K, got {spec}")
+    if k - shift not in attention:
+        if not (isinstance(spec, str) and "/" in spec):
+            valid = [a + shift for a in attention if a + shift < num_layers]
+            nearest = sorted(valid, key=lambda a: (abs(a - k), a))[:2]
+            scored = f"layer K-1 = {k - 1}" if shift else f"layer {k}"
+            raise PruneVidError(f"{key} = {spec}: {method.name} would score at {scored}, a linear-attention layer of "
+                                f"this hybrid model (no attention to score); the nearest K that scores a full-attention "
+                                f"layer: {' or '.join(map(str, sorted(nearest)))}")
+        below = [a for a in attention if a <= k - shift]
+        k = (below[-1] if below else attention[0]) + shift
+        if k >= num_layers:  # FastV on a model whose only full-attention layer is its last
+            raise PruneVidError(f"{key} = {spec}: {method.name} prunes after the layer it scores, and this hybrid "
+                                "model has no full-attention layer before its last")
+    return k, k - shift, requested
 
 
 class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention):
@@ -72,9 +88,12 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads
         # this, and score_layer: the last layer on every token (K, or K-1 for a method pruning before K).
         self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None
-        self.pruning_layer = self.score_layer = None
+        self.pruning_layer = self.score_layer = self.requested_layer = None
+        # the layers with softmax attention and a KV cache: all, or a hybrid model's full-attention ones
+        self.attention_layers = self.family.attention_layers(model.config)
         if layer:
-            self.pruning_layer, self.score_layer = _layers(layer[0][0], self.pruning_layer_spec, self.num_layers)
+            self.pruning_layer, self.score_layer, self.requested_layer = _layers(
+                layer[0][0], self.pruning_layer_spec, self.num_layers, self.attention_layers)
 
     @property
     def methods(self) -> list:
@@ -94,9 +113,10 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.visual_methods:  # proportional attention, when a method's reduction asks for it
-            for i, layer in enumerate(fam.decoder_layers(model)):
+            attending = [(i, fam.decoder_layers(model)[i]) for i in self.attention_layers]  # a linear layer has no logits
+            for i, layer in attending:
                 add(layer.register_forward_pre_hook(functools.partial(self._add_key_bias, i), with_kwargs=True))
-            add(self._wrap_sdpa({id(fam.attention(layer)) for layer in fam.decoder_layers(model)}))
+            add(self._wrap_sdpa({id(fam.attention(layer)) for _, layer in attending}))
         if self.layer_method is not None:
             layers = fam.decoder_layers(model)
             k = self.score_layer

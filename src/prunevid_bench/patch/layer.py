@@ -68,7 +68,9 @@ class LayerMethod:
         st.compacted = red.compact_cache
         dest = self._row_operator(seq_len, keep_index, kept, red.merge_into)
         if cache is not None and red.compact_cache:  # the tensors really get shorter (new, smaller ones)
-            for layer in cache.layers[: self.score_layer + 1]:
+            # the full-attention layers 0..K: a hybrid model's linear layers hold a recurrent and a
+            # conv state instead, which keep the dropped tokens folded in (docs/methods.md)
+            for layer in (cache.layers[i] for i in self.attention_layers if i <= self.score_layer):
                 if dest is None:
                     layer.keys = layer.keys.index_select(-2, keep_index)
                     layer.values = layer.values.index_select(-2, keep_index)

@@ -239,7 +239,10 @@ class Verifier:
         st = handle.state
         if st.scores is None or out.attentions is None:
             return Check("scores", label, None, None, False, "the method left no scores, or the model no weights")
-        weights = out.attentions[handle.score_layer][0].float()
+        # one entry per softmax-attention layer (a hybrid model records its full-attention ones only)
+        attending = family_of(model).attention_layers(model.config)
+        weights = out.attentions[attending.index(handle.score_layer) if len(out.attentions) < len(
+            family_of(model).decoder_layers(model)) else handle.score_layer][0].float()
         want = score_rule(rule, weights, st.visual_positions.to(weights.device), int(st.query_start))
         diff = float((st.scores.float() - want).abs().max())
         tol = SCORE_TOLERANCES.get(self.dtype, SCORE_TOLERANCES["bfloat16"])

@@ -18,7 +18,9 @@ def project_kv(layer, family, x, rotary):
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     n, d = x.shape[1], attn.head_dim
-    k = attn.k_proj(a).view(1, n, -1, d).transpose(1, 2)
+    k = attn.k_proj(a).view(1, n, -1, d)
+    _, k_at = family.query_key(attn)
+    k = (k if k_at is attn.k_proj else k_at(k)).transpose(1, 2)  # a family with QK-norm normalises k first
     v = attn.v_proj(a).view(1, n, -1, d).transpose(1, 2)
     _, k = family.apply_rotary(k, k, *rotary)
     return k, v
@@ -51,6 +53,9 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
     merged rows take), ``k`` the last layer on every row."""
     from prunevid_bench.verify.reference import _layer, additive_mask
 
+    if len(family_of(model).attention_layers(model.config)) < len(family_of(model).decoder_layers(model)):
+        return hybrid_merged_reference(model, embeds, mrope, dest.to(embeds.device), sizes.to(embeds.device),
+                                       keep_index.to(embeds.device), k, tokens, first_decode_pos.to(embeds.device))
     lm, family = family_of(model).language_model(model), family_of(model)
     layers, device, dtype = list(lm.layers), embeds.device, embeds.dtype
     dest, sizes, keep_index = dest.to(device), sizes.to(device), keep_index.to(device)
@@ -93,3 +98,57 @@ def merge_dest(state, n: int, keep_index: torch.Tensor, merged: bool = True) -> 
         goes = into >= 0
         dest[visual[goes]] = dest[visual[state.kept_visual.cpu()][into[goes]]]
     return dest
+
+
+class _PastKV:
+    """A stand-in cache for one full-attention layer: the merged prompt's keys and values, to
+    which ``update`` appends a step's own (what the patch's compacted cache holds)."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def update(self, keys, values, layer_idx, **kwargs):
+        return torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2)
+
+
+@torch.no_grad()
+def hybrid_merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos):
+    """``merged_reference`` on a hybrid model (Qwen3.5), from scratch: the prompt through layers
+    0..K on every row (the full-attention layers' keys/values, after QK-norm and rotary, then
+    merged size-weighted like the hidden states); every generated token runs through the full-attention layers 0..K
+    against those merged keys/values, through the linear layers 0..K after the whole prompt
+    (their state holds every row), and through K+1.. with the merged prompt."""
+    from prunevid_bench.verify.reference import additive_mask
+
+    family = family_of(model)
+    lm, full = family.language_model(model), set(family.attention_layers(model.config))
+    x, n, n_out = embeds, embeds.shape[1], keep_index.numel()
+
+    def causal(q, kv):  # q new rows after kv - q earlier ones
+        return additive_mask(torch.ones(q, kv, dtype=torch.bool, device=x.device).tril(kv - q), x.dtype)
+
+    rotary, inputs, cached = lm.rotary_emb(x, mrope), [], {}
+    for i, layer in enumerate(lm.layers[: k + 1]):
+        inputs.append(x)
+        if i in full:
+            kk, vv = project_kv(layer, family, x, rotary)
+            cached[i] = (merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2))
+        x = layer(x, attention_mask=causal(n, n) if i in full else None, position_embeddings=rotary)
+    prompt, out = merge_along(x, dest, sizes, n_out, 1), []
+    for t in range(len(tokens)):
+        gen = lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long, device=x.device)).unsqueeze(0).to(x.dtype)
+        gen_pos = first_decode_pos + torch.arange(t, device=x.device).view(1, 1, -1)
+        if t:
+            rot = lm.rotary_emb(gen, gen_pos)
+            for i, layer in enumerate(lm.layers[: k + 1]):
+                if i in full:
+                    gen = layer(gen, attention_mask=causal(t, n_out + t), position_embeddings=rot, cache=_PastKV(*cached[i]))
+                else:
+                    whole = torch.cat([inputs[i], gen], 1)  # a linear layer reads no rotary
+                    gen = layer(whole, attention_mask=None, position_embeddings=rotary)[:, -t:]
+        y = torch.cat([prompt, gen], 1)
+        rot, m = lm.rotary_emb(y, torch.cat([mrope[..., keep_index], gen_pos], -1)), y.shape[1]
+        for i, layer in enumerate(lm.layers[k + 1 :], start=k + 1):
+            y = layer(y, attention_mask=causal(m, m) if i in full else None, position_embeddings=rot)
+        out.append(model.lm_head(lm.norm(y[:, -1]))[0].float().cpu())
+    return torch.stack(out)

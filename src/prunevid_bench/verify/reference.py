@@ -61,7 +61,7 @@ def additive_mask(allowed: torch.Tensor, dtype=torch.float32, key_bias: torch.Te
 
 @torch.no_grad()
 def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_pos, decode_sees_dropped=False,
-                      key_log_size=None):
+                      key_log_size=None, drop_from_linear=False):
     """Logits [T, vocab] behind ``tokens`` [T], each recomputed from scratch, with no cache.
 
     embeds [1, L, D] and mrope (3, 1, L): the LLM input. keep_index [L'] (or None: all): the rows
@@ -72,9 +72,16 @@ def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_
     norm + lm_head on the last row. Generated token i sits at ``first_decode_pos + i`` (3, 1, 1)
     on every M-RoPE row. ``key_log_size`` [L]: proportional attention, log(size) added to every
     logit of that prompt key in every layer.
+
+    A hybrid model's linear-attention layers (Qwen3.5) take no mask: causal by construction, and
+    blind to a drop, as the model is -- a linear layer 0..k folded every prompt row into the
+    recurrent state the generated tokens continue from. ``drop_from_linear`` (a wrong reference,
+    to show the check can fail): their generated rows are computed without the dropped rows.
     """
-    lm = family_of(model).language_model(model)
+    family = family_of(model)
+    lm = family.language_model(model)
     layers = list(lm.layers)
+    attends = set(family.attention_layers(model.config))
     device, dtype = embeds.device, embeds.dtype
     n_prompt = embeds.shape[1]
     if keep_index is None:
@@ -96,15 +103,20 @@ def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_
             bias = torch.zeros(n, device=device)
             bias[:n_prompt] = key_log_size.to(device).float()
         mask, rotary = additive_mask(allowed, dtype, bias), lm.rotary_emb(x, pos)
-        for layer in layers[: k + 1]:
-            x = _layer(layer, x, mask, rotary)
         rows = torch.cat([keep_index, torch.arange(n_prompt, n, device=device)])
+        for i, layer in enumerate(layers[: k + 1]):
+            if i in attends:
+                x = _layer(layer, x, mask, rotary)
+            elif drop_from_linear and t > 0:
+                x = torch.cat([_layer(layer, x, None, rotary)[:, :n_prompt], _layer(layer, x[:, rows], None, rotary)[:, -t:]], 1)
+            else:
+                x = _layer(layer, x, None, rotary)
         x, pos = x[:, rows], pos[..., rows]
         bias = None if bias is None else bias[rows]
         allowed = torch.ones(len(rows), len(rows), dtype=torch.bool, device=device).tril()
         mask, rotary = additive_mask(allowed, dtype, bias), lm.rotary_emb(x, pos)
-        for layer in layers[k + 1 :]:
-            x = _layer(layer, x, mask, rotary)
+        for i, layer in enumerate(layers[k + 1 :], start=k + 1):
+            x = _layer(layer, x, mask if i in attends else None, rotary)
         out.append(model.lm_head(lm.norm(x[:, -1]))[0].float().cpu())
     return torch.stack(out)
 
