@@ -10,14 +10,16 @@ import torch
 from prunevid_bench.config import build_config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_for_type, family_of
-from prunevid_bench.methods import all_methods, get_method
+from prunevid_bench.methods import ACTS, all_methods, get_method
 
 ONE_TOKEN = {"generation.max_new_tokens": 3}
 
 
 def test_builtin_methods_in_run_order():
     names = [m.name for m in all_methods()]
-    assert names[:5] == ["prunevid_stage1", "tome", "evs", "vidcom2", "prunevid_stage2"]  # visual tokens, then LLM layer
+    assert names[:4] == ["prunevid_stage1", "tome", "evs", "vidcom2"]  # visual tokens, then LLM layer
+    assert [ACTS.index(m.acts) for m in all_methods()] == sorted(ACTS.index(m.acts) for m in all_methods())
+    assert names.index("holitom") < names.index("prunevid_stage2")
     assert {"random", "fastv"} <= set(names[5:])
     assert build_config("default").enabled_methods == ["prunevid_stage1", "prunevid_stage2"]
     assert build_config("stage2_only").enabled_methods == ["prunevid_stage2"]

@@ -150,6 +150,7 @@ CASES = [  # (overrides, K of the reference or None: no LLM-layer method)
     ({"tome.enabled": True, "tome.budget": 0.5}, None),
     ({"evs.enabled": True, "evs.video_pruning_rate": 0.5, "evs.positions": "original"}, None),
     ({"vidcom2.enabled": True, "vidcom2.retention_ratio": 0.3}, None),
+    ({"holitom.enabled": True, "holitom.retain_ratio": 0.3}, None),
 ]
 
 

@@ -26,10 +26,11 @@ def _reductions(handle, stages: dict, prompt_tokens: int, llm_prefill_tokens: in
     final_len = llm_prefill_tokens - dropped_in_llm
     per_token = kv_after // final_len if final_len else 0
     out, length = [], prompt_tokens
-    for method, cfg in handle.methods:
-        info = stages.get("methods", {}).get(method.name, {"tokens": [0, 0], "seconds": 0.0})
+    from prunevid_bench.methods import place_key
+
+    for method, cfg, acts in handle.placed:
+        info = stages.get("methods", {}).get(place_key(method, acts, cfg), {"tokens": [0, 0], "seconds": 0.0})
         tokens_in, tokens_out = info["tokens"]
-        acts = method.where(cfg)
         if acts == "llm_layer":
             before, after = kv_uncompressed, kv_after
         else:

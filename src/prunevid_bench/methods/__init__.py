@@ -27,6 +27,15 @@ every operator applies to them.
 A method whose place depends on its config (PruneVid Stage 1's ``space``) says so with
 ``placement``: ``cfg -> one of ACTS``; ``Method.where(cfg)`` is the place of one run.
 
+A method may act at further places in the same run (``also``: ``{place: cfg -> on}``; HoliTom
+merges before the LLM and, with its inner merge on, at layer K; DyCoke prunes before the LLM and
+the KV cache while decoding); ``Method.acts_at(cfg)`` lists them all. Its record entries at a
+further place are keyed ``name@place`` (``place_key``).
+
+- ``decode``: while decoding, after the layer ``decode_layer(cfg) - 1`` has run on the new token:
+  ``decode(ctx: DecodeContext, cfg) -> kept`` (cache positions the layers from ``decode_layer``
+  on attend to at this step, ascending; None: all of them). The cache itself is never shortened.
+
 Built-in methods live in this package, one file each; others register with
 :func:`register_method` or through the entry point group ``prunevid_bench.methods`` (the entry
 point names a module or a callable; loading it registers the method).
@@ -43,7 +52,7 @@ from typing import Any, Callable
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.tokens import VideoTokens, VisualReduction  # noqa: F401  (what visual-token methods see and return)
 
-ACTS = ("vision_encoder", "visual_tokens", "llm_layer")
+ACTS = ("vision_encoder", "visual_tokens", "llm_layer", "decode")
 ENTRY_POINT_GROUP = "prunevid_bench.methods"
 _BUILTIN_MODULES = (
     "prunevid_bench.methods.prunevid_stage1",
@@ -54,6 +63,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.evs",
     "prunevid_bench.methods.vidcom2",
     "prunevid_bench.methods.merge_nearest",
+    "prunevid_bench.methods.holitom",
 )
 
 
@@ -134,6 +144,9 @@ class Method:
     attention_scores: Callable[[Any], str | None] | None = None
     keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
     departs: str = ""  # where it departs from its original's code, one line (`prunevid methods show`); details in docs
+    also: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # further places: place -> cfg -> acts there
+    decode: Callable | None = None  # decode: (DecodeContext, cfg) -> kept cache positions (or None: all)
+    decode_layer: Callable[[Any], Any] | None = None  # decode: cfg -> the first layer that attends to the kept positions
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""
@@ -142,14 +155,18 @@ class Method:
             raise ValueError(f"method {self.name}: placement must give one of {ACTS}, got {place!r}")
         return place
 
+    def acts_at(self, cfg: Any) -> list[str]:
+        """Every place the method acts in a run with ``cfg``: its place, then those of ``also`` it turns on."""
+        return [self.where(cfg)] + [place for place, on in self.also.items() if on(cfg)]
+
     def places(self) -> list[str]:
-        """Every place the method can act (the places its config's choices lead to), in ACTS order."""
+        """Every place the method can act (the places its config's choices lead to, and ``also``), in ACTS order."""
         if self.placement is None:
-            return [self.acts]
+            return [place for place in ACTS if place == self.acts or place in self.also]
         default = self.config()
         found = {self.where(default)} | {self.where(dataclasses.replace(default, **{key: value}))
                                          for key, values in self.choices.items() for value in values}
-        return [place for place in ACTS if place in found]
+        return [place for place in ACTS if place in found or place in self.also]
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -158,9 +175,12 @@ class Method:
             raise ValueError(f"method {self.name}: acts must be one of {ACTS}, got {self.acts!r}")
         if not dataclasses.is_dataclass(self.config) or "enabled" not in {f.name for f in dataclasses.fields(self.config)}:
             raise ValueError(f"method {self.name}: config must be a dataclass with an 'enabled' field")
-        needed = {"vision_encoder": "reduce", "visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
-        if needed and getattr(self, needed) is None:
-            raise ValueError(f"method {self.name} acts on {self.acts} and needs a {needed} function")
+        for place in (self.acts, *self.also):
+            if place not in ACTS:
+                raise ValueError(f"method {self.name}: also must name places of {ACTS}, got {place!r}")
+            needed = {"vision_encoder": "reduce", "visual_tokens": "reduce", "llm_layer": "select", "decode": "decode"}[place]
+            if getattr(self, needed) is None:
+                raise ValueError(f"method {self.name} acts on {place} and needs a {needed} function")
 
     def validate(self, cfg: Any) -> None:
         """Range and choice checks of one config of this method (names ``section.key``)."""
@@ -185,6 +205,12 @@ class Method:
                 allowed = "a 0-based layer index or 'K/N' (the same relative depth)"
             out.append((f.name, str(f.type), getattr(default, f.name), allowed))
         return out
+
+
+def place_key(method: Method, place: str, cfg: Any) -> str:
+    """The name a method's record entries take at ``place``: its name at its own place,
+    ``name@place`` at a further one (``Method.also``)."""
+    return method.name if place == method.where(cfg) else f"{method.name}@{place}"
 
 
 _METHODS: dict[str, Method] = {}
@@ -263,11 +289,13 @@ class LayerReduction:
     sees the dropped tokens there), True drops them there too (PruneVid's Stage 3).
     ``merge_into`` (optional) makes it a merge: each kept row becomes the size-weighted mean of
     itself and the tokens sent to it, in the hidden states and in the KV cache of those layers
-    alike (the row keeps the kept token's position); a kept token must be sent to itself."""
+    alike (the row keeps the kept token's position); a kept token must be sent to itself.
+    ``merge_weights`` replaces the sizes as the weights of that mean (HoliTom's sequential halving)."""
 
     keep: Any
     compact_cache: bool = True
     merge_into: Any = None  # [V]: the kept token (index into keep) each visual token is averaged into, -1 dropped
+    merge_weights: Any = None  # [V] (optional): each visual token's weight in its row's mean, instead of its size
 
 
 

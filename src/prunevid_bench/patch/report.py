@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from prunevid_bench.methods import place_key
+
 
 @dataclass
 class MethodReport:
@@ -62,6 +64,6 @@ class Reporting:
             scored_rows=st.scored_rows,
             merger_rows_skipped=st.merger_rows_skipped,
             method_stats=dict(st.method_stats),
-            methods={m.name: MethodReport(list(st.method_tokens.get(m.name, [0, 0])), self.seconds(m.name))
-                     for m, _ in self.methods},
+            methods={key: MethodReport(list(st.method_tokens.get(key, [0, 0])), self.seconds(key))
+                     for key in (place_key(m, place, c) for m, c, place in self.placed)},
         )

@@ -24,6 +24,7 @@ class SampleState:
     kept_by_method: dict = field(default_factory=dict)  # method name -> per video (grid index [M], origin [T*N]) after it
     source_index: torch.Tensor | None = None  # [L1] prompt index of each LLM-input row
     row_sizes: torch.Tensor | None = None  # [L1] how many prompt tokens each LLM-input row stands for
+    merge_weights: torch.Tensor | None = None  # [L1] the weights of an LLM-layer merge's means (row_sizes unless the method gave its own)
     visual_positions: torch.Tensor | None = None  # [V] LLM-input rows of the visual tokens
     visual_groups: torch.Tensor | None = None  # [V] group of each visual token (an LLM-layer method keeps shares)
     query_start: int | None = None  # first LLM-input row after the last video's last visual token: its <|vision_end|>

@@ -1,9 +1,10 @@
 """The cache-free reference of a merge at layer K (the ``merge_nearest`` control, any
 ``LayerReduction`` with ``merge_into``), layer by layer: the prompt runs through layers 0..K on
-every row; each merged row is the size-weighted mean of its members in the hidden states and in
-layers 0..K's keys and values (post-rotary, as cached); every generated token recomputes from
-scratch, attending in layers 0..K to the merged prompt keys and values (attention written out)
-and in K+1.. to the merged rows."""
+every row; each merged row is the size-weighted mean of its members (or the mean with the
+method's own weights, HoliTom's halving) in the hidden states and in layers 0..K's keys and values
+(post-rotary, as cached; or, when the method leaves that cache whole, their own keys and values);
+every generated token recomputes from scratch, attending in layers 0..K to those prompt keys and
+values (attention written out) and in K+1.. to the merged rows."""
 
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
 
 
 @torch.no_grad()
-def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos):
+def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos, compact=True):
     """Logits [T, vocab] behind ``tokens``: ``dest`` [L] the output row of every LLM-input row
     (-1 dropped), ``sizes`` [L] their weights, ``keep_index`` [L'] the rows kept (whose ids the
-    merged rows take), ``k`` the last layer on every row."""
+    merged rows take), ``k`` the last layer on every row. ``compact=False``: layers 0..k keep
+    every prompt row's own keys and values (the merge is in the hidden states only)."""
     from prunevid_bench.verify.reference import _layer, additive_mask
 
     lm, family = family_of(model).language_model(model), family_of(model)
@@ -61,7 +63,8 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
     cached = []
     for layer in layers[: k + 1]:  # the prompt on every token, and its merged keys/values
         kk, vv = project_kv(layer, family, x, rotary)
-        cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)))
+        cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)) if compact
+                      else (kk, vv))
         x = _layer(layer, x, mask, rotary)
     prompt = merge_along(x, dest, sizes, n_out, 1)
     out = []

@@ -138,8 +138,10 @@ def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
 
         merged = kwargs.pop("merged", True)
         n = traced.embeds.shape[1]
-        sizes = st.row_sizes.float() if st.row_sizes is not None else torch.ones(n)
+        weights = st.merge_weights if st.merge_weights is not None else st.row_sizes
+        sizes = kwargs.pop("weights", weights.float() if weights is not None else torch.ones(n))
         return merged_reference(model, traced.embeds, traced.position_ids[1:], merge_dest(st, n, keep_index, merged),
-                                sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos)
+                                sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos,
+                                compact=st.compacted)
     return cache_free_logits(model, traced.embeds, traced.position_ids[1:], keep_index, k,
                              traced.result.generated_token_ids, first_decode_pos, key_log_size=key_log_size, **kwargs)
