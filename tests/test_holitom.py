@@ -245,3 +245,24 @@ def test_preset_is_the_published_setting_and_the_knob_promises_the_fraction(case
     assert (section.retain_ratio, section.tau, section.inner_merge) == (0.25, 0.8, False)
     knob = get_method("holitom").budget_knob(section, 0.25)
     assert knob.settings == {"budget": 0.25} and knob.promise([(4, 16), (2, 10)]) == 21
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3vl", "tiny-qwen3vl-moe"])
+def test_qwen3_vl_inner_merge_matches_the_reference_with_deepstack(model):
+    """K - 1 >= D - 1: every DeepStack level is added before the merge (levels: the mean of each
+    outer row's members, as the operator carries them)."""
+    from prunevid_bench.pipeline import load_pipeline
+    from tests.test_qwen3_vl import deepstack_rows, frames
+
+    pipe = load_pipeline(model, device="cpu", dtype="float32", overrides={"generation.max_new_tokens": 4})
+    prepared = pipe.prepare(frames(), QUESTION)
+    out = run_traced(pipe, prepared, **{"holitom.enabled": True, "holitom.retain_ratio": 0.5, "holitom.inner_merge": True,
+                                        "holitom.pruning_layer": 2})
+    st = out.state
+    assert st.tokens_after < st.tokens_before < st.tokens_in_prompt
+    rows, levels = deepstack_rows(pipe, prepared, st)
+    ref = reference_for(pipe, prepared, out, deepstack=(rows, levels))
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
+    without = reference_for(pipe, prepared, out)
+    assert (without - out.logits).abs().max() > 1e-3  # the check sees DeepStack
+    pipe.remove_stages()

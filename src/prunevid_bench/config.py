@@ -221,6 +221,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             parse_layer(f"{method.section}.pruning_layer", method.pruning_layer(section))
             if section.enabled and "llm_layer" in method.acts_at(section):
                 layer_methods.append(method.section)
+        if method.decode_layer is not None:
+            parse_layer(f"{method.section}.decode_layer", method.decode_layer(section))
     if len(layer_methods) > 1:
         raise PruneVidError(f"one LLM-layer method per run: {' and '.join(layer_methods)} are both enabled; disable all but one")
     if v.policy not in VIDEO_POLICIES:

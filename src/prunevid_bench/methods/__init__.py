@@ -64,6 +64,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.vidcom2",
     "prunevid_bench.methods.merge_nearest",
     "prunevid_bench.methods.holitom",
+    "prunevid_bench.methods.dycoke",
 )
 
 
@@ -373,3 +374,19 @@ class LayerContext:
     scored_rows: int = 0  # query rows scored against all keys (analytic FLOPs)
     original_visual: int = 0  # visual tokens before any method (what a budget is a fraction of)
     hidden: Any = None  # [L, D] the layer's output hidden states (before any reduction)
+
+
+@dataclass
+class DecodeContext:
+    """What a ``decode`` method sees at one decoding step (batch size 1), after layer l - 1 ran on
+    the new token: ``q`` [H, 1, d] its query and ``k`` [H_kv, S, d] every cached key of that layer
+    (rotary applied; the new token's last); ``visual`` [V] the cache positions of the visual
+    tokens; ``step`` (0: the first forward after the prefill); ``memory``: a dict kept for the
+    sample's later steps (reset at each prefill)."""
+
+    q: Any
+    k: Any
+    visual: Any
+    scaling: float
+    step: int
+    memory: dict

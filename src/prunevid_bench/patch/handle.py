@@ -15,6 +15,7 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock
 from prunevid_bench.methods import all_methods, place_key
+from prunevid_bench.patch.decode import DecodeMethod
 from prunevid_bench.patch.deepstack import DeepStack
 from prunevid_bench.patch.encoder import EncoderSide
 from prunevid_bench.patch.key_bias import KeyBias
@@ -38,7 +39,7 @@ def _layers(method, spec, num_layers: int) -> tuple[int, int]:
     return k, k - 1
 
 
-class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack):
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, DecodeMethod):
     def __init__(self, model, config: RunConfig):
         self.model = model
         self.family = family_of(model)
@@ -67,6 +68,12 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
             raise PruneVidError("one LLM-layer method per run; disable all but one")
         self.layer_method = layer[0] if layer else None
         self.layer_key = place_key(layer[0][0], "llm_layer", layer[0][1]) if layer else None  # its record entries' name
+        decode = [(m, c) for m, c in enabled if "decode" in m.acts_at(c)]
+        if len(decode) > 1:
+            raise PruneVidError("one decode method per run; disable all but one")
+        self.decode_method = decode[0] if decode else None
+        self.decode_key = place_key(decode[0][0], "decode", decode[0][1]) if decode else None
+        self.decode_at = None  # l: the first layer that attends to a decode method's kept positions
         # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads
         # this, and score_layer: the last layer on every token (K, or K-1 for a method pruning before K).
         self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None
@@ -87,7 +94,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
     def placed(self) -> list:
         """(method, config, place) of each place an enabled method acts at, in the order they run."""
         return ([(m, c, "vision_encoder") for m, c in self.encoder_methods] + [(m, c, "visual_tokens") for m, c in self.visual_methods]
-                + ([(*self.layer_method, "llm_layer")] if self.layer_method else []))
+                + ([(*self.layer_method, "llm_layer")] if self.layer_method else [])
+                + ([(*self.decode_method, "decode")] if self.decode_method else []))
 
     def _install(self) -> None:
         fam, model = self.family, self.model
@@ -114,6 +122,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
             for i, later in enumerate(layers[k + 1 :], start=k + 1):
                 add(later.register_forward_pre_hook(functools.partial(self._slice_layer_inputs, i), with_kwargs=True))
 
+        if self.decode_method is not None:
+            self._install_decode(fam.decoder_layers(model), add)
         if fam.deepstack_levels(model):
             self._install_deepstack(fam.decoder_layers(model), add)
 

@@ -14,12 +14,18 @@ from prunevid_bench.families import family_of
 from prunevid_bench.patch.layer import merge_along
 
 
+def _norm(attn, name: str, x):
+    """Qwen3's per-head RMSNorm of q or k before rotary (``q_norm``/``k_norm``), where the layer has one."""
+    norm = getattr(attn, name, None)
+    return norm(x) if norm is not None else x
+
+
 def project_kv(layer, family, x, rotary):
     """The keys (after rotary) and values a layer caches for the rows ``x`` [1, n, D]."""
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     n, d = x.shape[1], attn.head_dim
-    k = attn.k_proj(a).view(1, n, -1, d).transpose(1, 2)
+    k = _norm(attn, "k_norm", attn.k_proj(a).view(1, n, -1, d)).transpose(1, 2)
     v = attn.v_proj(a).view(1, n, -1, d).transpose(1, 2)
     _, k = family.apply_rotary(k, k, *rotary)
     return k, v
@@ -31,7 +37,7 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     t, d = x.shape[1], attn.head_dim
-    q = attn.q_proj(a).view(1, t, -1, d).transpose(1, 2)
+    q = _norm(attn, "q_norm", attn.q_proj(a).view(1, t, -1, d)).transpose(1, 2)
     k, v = project_kv(layer, family, x, rotary)
     q, _ = family.apply_rotary(q, q, *rotary)
     keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
@@ -46,11 +52,13 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
 
 
 @torch.no_grad()
-def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos, compact=True):
+def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos, compact=True,
+                     deepstack=None):
     """Logits [T, vocab] behind ``tokens``: ``dest`` [L] the output row of every LLM-input row
     (-1 dropped), ``sizes`` [L] their weights, ``keep_index`` [L'] the rows kept (whose ids the
     merged rows take), ``k`` the last layer on every row. ``compact=False``: layers 0..k keep
-    every prompt row's own keys and values (the merge is in the hidden states only)."""
+    every prompt row's own keys and values (the merge is in the hidden states only). ``deepstack``
+    (Qwen3-VL, every level due by layer k): (rows [R], levels), level i added there after layer i."""
     from prunevid_bench.verify.reference import _layer, additive_mask
 
     lm, family = family_of(model).language_model(model), family_of(model)
@@ -66,6 +74,9 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
         cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)) if compact
                       else (kk, vv))
         x = _layer(layer, x, mask, rotary)
+        if deepstack is not None and len(cached) <= len(deepstack[1]):
+            x = x.clone()
+            x[0, deepstack[0]] += deepstack[1][len(cached) - 1]
     prompt = merge_along(x, dest, sizes, n_out, 1)
     out = []
     for t in range(len(tokens)):
