@@ -159,11 +159,11 @@ def test_run_counts_and_the_cache_free_decode_reference(case, over):
     assert r.tokens_after_visual_methods == d.ttm_count(4, 16, 4) == 40  # exact count
     fields = r.method_fields
     steps = len(r.generated_token_ids) - 1
-    assert len(fields["decode_tokens_attended"]) == len(fields["decode_tokens_cached"]) == steps
+    assert len(fields["decode_attended_per_step"]) == len(fields["decode_cached_per_step"]) == steps
     pruned = [kept is not None for kept in st.decode_kept_steps]
     assert fields["decode_steps_pruned"] == sum(pruned) >= 1
     span = 39  # the last visual token stays outside the span
-    for kept, attended, cached in zip(st.decode_kept_steps, fields["decode_tokens_attended"], fields["decode_tokens_cached"]):
+    for kept, attended, cached in zip(st.decode_kept_steps, fields["decode_attended_per_step"], fields["decode_cached_per_step"]):
         hidden = span - d.kv_keep_count(span, get_method("dycoke").config(**{k.split(".")[1]: v for k, v in over.items()}).prune_ratio)
         assert attended == (cached if kept is None else cached - hidden)
     assert fields["decode_kv_bytes_attended"] < fields["decode_kv_bytes_full"]
@@ -200,7 +200,7 @@ def test_preset_runs_from_the_cli_and_records_the_decode_cost(clip8, tmp_path):
     assert res.exit_code == 0, res.output
     record = json.loads(res.stdout)
     assert record["tokens_after_visual_methods"] == d.ttm_count(4, 16, 4)
-    assert len(record["decode_tokens_attended"]) == record["generated_tokens"] - 1
+    assert len(record["decode_attended_per_step"]) == record["generated_tokens"] - 1
     assert [r["acts"] for r in record["reductions"]] == ["visual_tokens", "decode"]
     listed = CliRunner().invoke(app, ["methods"])
     assert any(line.startswith("dycoke [visual_tokens|decode]") for line in listed.output.splitlines())
@@ -223,3 +223,37 @@ def test_qwen3_vl_run_matches_the_decode_reference_with_deepstack(model):
     without = reference_for(pipe, prepared, out, deepstack=(rows, levels), prune=False)
     assert (without - out.logits).abs().max() > 1e-3
     pipe.remove_stages()
+
+
+def test_generate_runs_the_decoding_stage_as_the_engine_does(case):
+    """transformers' ``generate`` passes its own cache through the same hooks: the same logits."""
+    pipe, prepared, base = case
+    out = run_traced(pipe, prepared, **{"dycoke.enabled": True, "dycoke.threshold": 1.0, "dycoke.decode_layer": 1})
+    with torch.no_grad():
+        gen = pipe.model.generate(**prepared.inputs, max_new_tokens=len(out.logits), do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    torch.testing.assert_close(torch.cat(gen.logits).float(), out.logits, rtol=0, atol=1e-5)
+    assert sum(k is not None for k in pipe._handle.state.decode_kept_steps) >= 1  # generate's own steps pruned
+    assert (out.logits - base.logits[: len(out.logits)]).abs().max() > 1e-3
+
+
+def test_a_matched_budget_sweep_runs_holitom_and_dycoke(tmp_path):
+    """Both are lines of ``--methods``: at B = 1 nothing is reduced (DyCoke's knob also turns its
+    decoding stage off), at B = 0.5 each keeps what its knob promised (DyCoke exactly)."""
+    import csv
+
+    from prunevid_bench.cli import EXIT_INCOMPLETE, app
+    from prunevid_bench.toy.world import generate_dataset
+
+    toy = generate_dataset(tmp_path / "toy", 1, seed=3)
+    res = CliRunner().invoke(app, ["sweep", "--methods", "holitom,dycoke", "--budgets", "0.5,1", "--dataset", str(toy),
+                                   "--limit", "1", "--model", "tiny", "--max-new-tokens", "3", "--num-frames", "8",
+                                   "--results-dir", str(tmp_path / "runs")])
+    assert res.exit_code in (0, EXIT_INCOMPLETE), res.output
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert float(rows["holitom,budget=1.0"]["kept_tokens"]) == float(rows["dycoke,budget=1.0"]["kept_tokens"]) == 64
+    assert float(rows["dycoke,budget=0.5"]["kept_tokens"]) == d.ttm_count(4, 16, d.ttm_budget(4, 16, 0.5)) == 32
+    assert float(rows["holitom,budget=0.5"]["kept_tokens"]) < 64
+    cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
+    assert next(c for c in cells if c["name"] == "dycoke,budget=1.0")["overrides"]["dycoke.kv_prune"] is False

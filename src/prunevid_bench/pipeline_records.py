@@ -32,7 +32,7 @@ def _reductions(handle, stages: dict, prompt_tokens: int, llm_prefill_tokens: in
         info = stages.get("methods", {}).get(place_key(method, acts, cfg), {"tokens": [0, 0], "seconds": 0.0})
         tokens_in, tokens_out = info["tokens"]
         if acts == "decode":  # the key/value bytes read while decoding; visual tokens: in the cache -> attended per step
-            attended, cached = stages.get("decode_tokens_attended") or [], stages.get("decode_tokens_cached") or []
+            attended, cached = stages.get("decode_attended_per_step") or [], stages.get("decode_cached_per_step") or []
             hidden = sum(c - a for a, c in zip(attended, cached)) / len(cached) if cached else 0
             tokens_in, tokens_out = stages.get("tokens_after", 0), round(stages.get("tokens_after", 0) - hidden)
             out.append(Reduction(method.name, acts, tokens_in, tokens_out, info["seconds"],

@@ -46,12 +46,15 @@ def decode_layer(method, cfg, num_layers: int) -> int:
 class DecodeMethod:
     """Mixed into ``ReductionHandle``."""
 
-    def _install_decode(self, layers, add) -> None:
+    def _check_decode(self) -> None:
+        """Refusals and l, before any hook is installed (a refusal then leaves the model as it was)."""
         method, cfg = self.decode_method
         if self.layer_method is not None:
             raise PruneVidError(f"{method.name}'s decoding stage cannot run with an LLM-layer method ({self.layer_method[0].name}) "
                                 "yet: the layers' caches differ in length; turn one off")
-        self.decode_at = decode_layer(method, cfg, len(layers))
+        self.decode_at = decode_layer(method, cfg, self.num_layers)
+
+    def _install_decode(self, layers, add) -> None:
         scored = layers[self.decode_at - 1]
         q_at, _ = self.family.query_key(self.family.attention(scored))
         add(q_at.register_forward_hook(self._decode_capture_q))

@@ -74,6 +74,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         self.decode_method = decode[0] if decode else None
         self.decode_key = place_key(decode[0][0], "decode", decode[0][1]) if decode else None
         self.decode_at = None  # l: the first layer that attends to a decode method's kept positions
+        if self.decode_method is not None:
+            self._check_decode()
         # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads
         # this, and score_layer: the last layer on every token (K, or K-1 for a method pruning before K).
         self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None

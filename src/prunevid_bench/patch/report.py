@@ -58,7 +58,10 @@ class Reporting:
         st = self.state
         if getattr(self, "decode_method", None) is None:
             return {}
-        return {"decode_tokens_attended": list(st.decode_attended), "decode_tokens_cached": list(st.decode_cached),
+        steps = len(st.decode_cached)
+        return {"decode_attended_per_step": list(st.decode_attended), "decode_cached_per_step": list(st.decode_cached),
+                "decode_tokens_attended_mean": sum(st.decode_attended) / steps if steps else None,
+                "decode_tokens_cached_mean": sum(st.decode_cached) / steps if steps else None,
                 "decode_steps_pruned": sum(k is not None for k in st.decode_kept_steps),
                 "decode_kv_bytes_attended": st.decode_kv_bytes_attended, "decode_kv_bytes_full": st.decode_kv_bytes_full}
 
