@@ -222,6 +222,9 @@ def test_qwen3_vl_run_matches_the_decode_reference_with_deepstack(model):
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
     without = reference_for(pipe, prepared, out, deepstack=(rows, levels), prune=False)
     assert (without - out.logits).abs().max() > 1e-3
+    base, same = run_traced(pipe, prepared), run_traced(pipe, prepared, **knob(1.0))  # nothing to reduce
+    assert same.result.generated_token_ids == base.result.generated_token_ids
+    torch.testing.assert_close(same.logits, base.logits, rtol=0, atol=1e-5)
     pipe.remove_stages()
 
 

@@ -265,4 +265,8 @@ def test_qwen3_vl_inner_merge_matches_the_reference_with_deepstack(model):
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
     without = reference_for(pipe, prepared, out)
     assert (without - out.logits).abs().max() > 1e-3  # the check sees DeepStack
+    base, same = run_traced(pipe, prepared), run_traced(pipe, prepared, **{"holitom.enabled": True, "holitom.budget": 1.0})
+    assert same.result.tokens_after_visual_methods == same.result.visual_tokens  # nothing to reduce
+    assert same.result.generated_token_ids == base.result.generated_token_ids
+    torch.testing.assert_close(same.logits, base.logits, rtol=0, atol=1e-5)
     pipe.remove_stages()

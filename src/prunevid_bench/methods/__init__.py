@@ -27,14 +27,12 @@ every operator applies to them.
 A method whose place depends on its config (PruneVid Stage 1's ``space``) says so with
 ``placement``: ``cfg -> one of ACTS``; ``Method.where(cfg)`` is the place of one run.
 
-A method may act at further places in the same run (``also``: ``{place: cfg -> on}``; HoliTom
-merges before the LLM and, with its inner merge on, at layer K; DyCoke prunes before the LLM and
-the KV cache while decoding); ``Method.acts_at(cfg)`` lists them all. Its record entries at a
-further place are keyed ``name@place`` (``place_key``).
-
-- ``decode``: while decoding, after the layer ``decode_layer(cfg) - 1`` has run on the new token:
-  ``decode(ctx: DecodeContext, cfg) -> kept`` (cache positions the layers from ``decode_layer``
-  on attend to at this step, ascending; None: all of them). The cache itself is never shortened.
+A method may also act at further places of one run (``also``: ``{place: cfg -> on}``; HoliTom's
+inner merge at layer K, DyCoke's ``decode`` stage), listed by ``acts_at(cfg)``; its record
+entries there are keyed ``name@place`` (``place_key``). ``decode``: at each decoding step, after
+layer ``decode_layer(cfg) - 1`` ran on the new token, ``decode(ctx: DecodeContext, cfg) -> kept``
+(visual tokens, indices into ``ctx.visual``, that the later layers attend to beside every text
+and generated position; None: all); the cache itself is never shortened.
 
 Built-in methods live in this package, one file each; others register with
 :func:`register_method` or through the entry point group ``prunevid_bench.methods`` (the entry
@@ -146,7 +144,7 @@ class Method:
     keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
     departs: str = ""  # where it departs from its original's code, one line (`prunevid methods show`); details in docs
     also: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # further places: place -> cfg -> acts there
-    decode: Callable | None = None  # decode: (DecodeContext, cfg) -> kept cache positions (or None: all)
+    decode: Callable | None = None  # decode: (DecodeContext, cfg) -> kept visual tokens (indices into ctx.visual; None: all)
     decode_layer: Callable[[Any], Any] | None = None  # decode: cfg -> the first layer that attends to the kept positions
 
     def where(self, cfg: Any) -> str:
@@ -378,11 +376,10 @@ class LayerContext:
 
 @dataclass
 class DecodeContext:
-    """What a ``decode`` method sees at one decoding step (batch size 1), after layer l - 1 ran on
-    the new token: ``q`` [H, 1, d] its query and ``k`` [H_kv, S, d] every cached key of that layer
-    (rotary applied; the new token's last); ``visual`` [V] the cache positions of the visual
-    tokens; ``step`` (0: the first forward after the prefill); ``memory``: a dict kept for the
-    sample's later steps (reset at each prefill)."""
+    """A ``decode`` method's view of one step, after layer l - 1 ran on the new token: ``q`` [H, 1, d]
+    its query, ``k`` [H_kv, S, d] that layer's cached keys (rotary applied; the new token's last),
+    ``visual`` [V] the visual tokens' cache positions, ``step`` (0: the first after the prefill),
+    ``memory`` a dict kept across the sample's steps (reset at each prefill)."""
 
     q: Any
     k: Any

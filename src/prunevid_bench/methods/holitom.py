@@ -81,7 +81,7 @@ def select(ctx: LayerContext, cfg: HoliTomConfig) -> LayerReduction:
     slot[torch.sort(ranked).indices] = torch.arange(n_keep, device=ranked.device)  # topk order -> place in keep
     into = slot[nearest]
     into[keep] = torch.arange(n_keep, device=keep.device)
-    weights = holitom.inner_merge_weights(keep, into.clone())
+    weights = holitom.inner_merge_weights(keep, into)
     return LayerReduction(keep=keep, compact_cache=cfg.kv_cache == "compact", merge_into=into, merge_weights=weights)
 
 
