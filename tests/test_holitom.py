@@ -270,3 +270,14 @@ def test_qwen3_vl_inner_merge_matches_the_reference_with_deepstack(model):
     assert same.result.generated_token_ids == base.result.generated_token_ids
     torch.testing.assert_close(same.logits, base.logits, rtol=0, atol=1e-5)
     pipe.remove_stages()
+
+
+def test_a_still_video_is_one_window_a_moving_token_never_static_and_one_step_is_dynamic_only():
+    g = torch.Generator().manual_seed(0)
+    still = torch.randn(1, 16, 8, generator=g).repeat(5, 1, 1)
+    still[:, 7] = torch.randn(5, 8, generator=g)  # one token moves in every step
+    res = h.holitom_outer(still, 0.1, 0.8)
+    assert res.windows == [(0, 4)] and res.ratio == min(0.1 / ((80 - 60) / 80), 1)
+    assert bool((res.dest[7::16] >= 0).all()) and len(set(res.dest[7::16].tolist())) == 5  # its own row in each step
+    one = h.holitom_outer(still[:1], 0.25, 0.8)
+    assert one.windows == [(0, 0)] and one.representative.numel() == 4  # ceil(16 * 0.25) by norm
