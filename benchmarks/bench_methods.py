@@ -33,6 +33,7 @@ from prunevid_bench import flops as fl
 from prunevid_bench.config import build_config
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.measure import Clock
+from prunevid_bench.methods import place_key
 from prunevid_bench.patch import apply_methods
 
 BUDGET = object()  # stands for --budget in VARIANTS
@@ -55,6 +56,9 @@ VARIANTS: list[tuple[str, dict]] = [
     ("fastvid", {"fastvid.enabled": True, "fastvid.budget": BUDGET}),  # tower attention: the stand-in below
     ("flashvid", {"flashvid.enabled": True, "flashvid.budget": BUDGET}),
     ("flashvid+L", {"flashvid.enabled": True, "flashvid.budget": BUDGET, "flashvid_llm.enabled": True}),
+    ("holitom", {"holitom.enabled": True, "holitom.budget": BUDGET}),
+    ("holitom+M", {"holitom.enabled": True, "holitom.budget": BUDGET, "holitom.inner_merge": True}),  # + the merge at 18/28
+    ("dycoke", {"dycoke.enabled": True, "dycoke.budget": BUDGET}),  # TTM; its KV pruning acts while decoding, after TTFT
 ]
 
 
@@ -115,7 +119,9 @@ def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = 
             memory.start()
         out = run_greedy(model, inputs, args.new_tokens, clock=handle.clock if handle else Clock(device))
         peak = memory.stop(out) if memory else 0
-        seconds = {n: handle.seconds(n) for n in cfg.enabled_methods}
+        # each place a method acts at before the first token (a decode stage's time is not TTFT's)
+        seconds = {place_key(m, p, c): handle.seconds(place_key(m, p, c)) for m, c, p in handle.placed if p != "decode"} \
+            if handle else {}
         report = handle.report() if handle else None
         layer = handle.score_layer if handle and handle.layer_method else None  # the last layer on every token
     finally:
@@ -131,14 +137,14 @@ def measure(variants: list[tuple[str, dict]], model, inputs: dict, args, device)
     of the shared machine's load falls on all variants alike; then one memory run each."""
     configs = [(label, variant_config(overrides, args.budget)) for label, overrides in variants]
     ttft = {label: [] for label, _ in configs}
-    per_method = {label: {n: [] for n in cfg.enabled_methods} for label, cfg in configs}
+    per_method = {label: {} for label, _ in configs}
     for i in range(args.warmup + args.repeats):
         for label, cfg in configs:
             out, seconds, *_ = one_run(model, cfg, inputs, args, device)
             if i >= args.warmup:
                 ttft[label].append(out.ttft_s)
                 for n, s in seconds.items():
-                    per_method[label][n].append(s)
+                    per_method[label].setdefault(n, []).append(s)
     prompt_len = inputs["input_ids"].shape[1]
     results = []
     for label, cfg in configs:
@@ -172,7 +178,7 @@ def print_table(results: list[Result]) -> None:
             own = f"{'-':>8} {'-':>8} {'-':>4}"
         print(f"{r.label:<11} {kept:>17} {spread(r.ttft, 1e3):>22} {ideal * 1e3:>9.0f} "
               f"{statistics.median(r.ttft) / ideal:>6.2f} {own} {mib(r.kv_bytes):>6} {mib(r.peak_bytes):>8}")
-    several = [r for r in results if len(r.methods) > 1]
+    several = [r for r in results if len(r.per_method_s) > 1]
     for r in several:
         parts = ", ".join(f"{n} {statistics.median(v) * 1e3:.1f} ms" for n, v in r.per_method_s.items())
         print(f"  {r.label}: {parts}")

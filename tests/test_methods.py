@@ -20,6 +20,7 @@ def test_builtin_methods_in_run_order():
     first = ["prunevid_stage1", "tome", "evs", "vidcom2", "prunevid_stage2"]  # visual tokens, then LLM layer
     assert [n for n in names if n in first] == first
     assert [m.acts for m in all_methods()] == sorted((m.acts for m in all_methods()), key=ACTS.index)
+    assert names.index("holitom") < names.index("prunevid_stage2")
     assert {"random", "fastv"} <= set(names[5:])
     assert build_config("default").enabled_methods == ["prunevid_stage1", "prunevid_stage2"]
     assert build_config("stage2_only").enabled_methods == ["prunevid_stage2"]

@@ -154,6 +154,7 @@ CASES = [  # (overrides, K of the reference or None: no LLM-layer method)
     ({"fastvid.enabled": True, "fastvid.dyseg_c": 2}, None),
     ({"flashvid.enabled": True}, None),
     ({"flashvid.enabled": True, "flashvid_llm.enabled": True, "flashvid_llm.pruning_layer": 2}, 1),
+    ({"holitom.enabled": True, "holitom.retain_ratio": 0.3}, None),
 ]
 
 

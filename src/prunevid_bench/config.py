@@ -219,8 +219,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         method.validate(section)
         if method.pruning_layer is not None:
             parse_layer(f"{method.section}.pruning_layer", method.pruning_layer(section))
-            if section.enabled:
+            if section.enabled and "llm_layer" in method.acts_at(section):
                 layer_methods.append(method.section)
+        if method.decode_layer is not None:
+            parse_layer(f"{method.section}.decode_layer", method.decode_layer(section))
     if len(layer_methods) > 1:
         raise PruneVidError(f"one LLM-layer method per run: {' and '.join(layer_methods)} are both enabled; disable all but one")
     if v.policy not in VIDEO_POLICIES:

@@ -26,10 +26,18 @@ def _reductions(handle, stages: dict, prompt_tokens: int, llm_prefill_tokens: in
     final_len = llm_prefill_tokens - dropped_in_llm
     per_token = kv_after // final_len if final_len else 0
     out, length = [], prompt_tokens
-    for method, cfg in handle.methods:
-        info = stages.get("methods", {}).get(method.name, {"tokens": [0, 0], "seconds": 0.0})
+    from prunevid_bench.methods import place_key
+
+    for method, cfg, acts in handle.placed:
+        info = stages.get("methods", {}).get(place_key(method, acts, cfg), {"tokens": [0, 0], "seconds": 0.0})
         tokens_in, tokens_out = info["tokens"]
-        acts = method.where(cfg)
+        if acts == "decode":  # the key/value bytes read while decoding; visual tokens: in the cache -> attended per step
+            attended, cached = stages.get("decode_attended_per_step") or [], stages.get("decode_cached_per_step") or []
+            hidden = sum(c - a for a, c in zip(attended, cached)) / len(cached) if cached else 0
+            tokens_in, tokens_out = stages.get("tokens_after", 0), round(stages.get("tokens_after", 0) - hidden)
+            out.append(Reduction(method.name, acts, tokens_in, tokens_out, info["seconds"],
+                                 stages.get("decode_kv_bytes_full", 0), stages.get("decode_kv_bytes_attended", 0)))
+            continue
         if acts == "llm_layer":
             before, after = kv_uncompressed, kv_after
         else:

@@ -29,7 +29,8 @@ class Reduction:
     left the method (measured for an LLM-layer method, per-token bytes times length otherwise)."""
 
     method: str
-    acts: str  # vision_encoder | visual_tokens | llm_layer
+    acts: str  # vision_encoder | visual_tokens | llm_layer | decode (tokens: in the cache -> attended per step, mean;
+    # KV bytes: read by every layer over the decoding steps, without -> with the method)
     tokens_in: int
     tokens_out: int
     seconds: float

@@ -51,6 +51,10 @@ def check_stream_methods(cfg, cache_tokens: int | None = None) -> None:
     from prunevid_bench.stream_stage2 import STREAM_LAYER_METHODS
 
     visual, layer, encoder = enabled_methods(cfg)
+    for method, section in visual + layer:
+        if len(method.acts_at(section)) > 1:
+            raise PruneVidError(f"{method.name} acts at {' and '.join(method.acts_at(section))} with this config; a stream "
+                                f"runs it at {method.where(section)} only: turn its other place off")
     for method, _ in encoder:
         raise PruneVidError(f"a stream runs visual-token methods on each chunk's LLM tokens; {method.name} acts "
                             f"inside the vision encoder with this config: place it on the LLM's tokens or turn it off")

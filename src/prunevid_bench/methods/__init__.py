@@ -27,6 +27,13 @@ every operator applies to them.
 A method whose place depends on its config (PruneVid Stage 1's ``space``) says so with
 ``placement``: ``cfg -> one of ACTS``; ``Method.where(cfg)`` is the place of one run.
 
+A method may also act at further places of one run (``also``: ``{place: cfg -> on}``; HoliTom's
+inner merge at layer K, DyCoke's ``decode`` stage), listed by ``acts_at(cfg)``; its record
+entries there are keyed ``name@place`` (``place_key``). ``decode``: at each decoding step, after
+layer ``decode_layer(cfg) - 1`` ran on the new token, ``decode(ctx: DecodeContext, cfg) -> kept``
+(visual tokens, indices into ``ctx.visual``, that the later layers attend to beside every text
+and generated position; None: all); the cache itself is never shortened.
+
 Built-in methods live in this package, one file each; others register with
 :func:`register_method` or through the entry point group ``prunevid_bench.methods`` (the entry
 point names a module or a callable; loading it registers the method).
@@ -43,7 +50,7 @@ from typing import Any, Callable
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.tokens import VideoTokens, VisualReduction  # noqa: F401  (what visual-token methods see and return)
 
-ACTS = ("vision_encoder", "visual_tokens", "llm_layer")
+ACTS = ("vision_encoder", "visual_tokens", "llm_layer", "decode")
 ENTRY_POINT_GROUP = "prunevid_bench.methods"
 _BUILTIN_MODULES = (
     "prunevid_bench.methods.prunevid_stage1",
@@ -57,6 +64,8 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.visionzip",
     "prunevid_bench.methods.fastvid",
     "prunevid_bench.methods.flashvid",
+    "prunevid_bench.methods.holitom",
+    "prunevid_bench.methods.dycoke",
 )
 
 
@@ -141,6 +150,9 @@ class Method:
     # the patch captures the last vision block's q/k under any attention kernel and hands each video the
     # per-token extra "vision_<rule>" (patch.vision_attention)
     vision_attention: Callable[[Any], str | None] | None = None
+    also: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # further places: place -> cfg -> acts there
+    decode: Callable | None = None  # decode: (DecodeContext, cfg) -> kept visual tokens (indices into ctx.visual; None: all)
+    decode_layer: Callable[[Any], Any] | None = None  # decode: cfg -> the first layer that attends to the kept positions
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""
@@ -149,14 +161,18 @@ class Method:
             raise ValueError(f"method {self.name}: placement must give one of {ACTS}, got {place!r}")
         return place
 
+    def acts_at(self, cfg: Any) -> list[str]:
+        """Every place the method acts in a run with ``cfg``: its place, then those of ``also`` it turns on."""
+        return [self.where(cfg)] + [place for place, on in self.also.items() if on(cfg)]
+
     def places(self) -> list[str]:
-        """Every place the method can act (the places its config's choices lead to), in ACTS order."""
+        """Every place the method can act (the places its config's choices lead to, and ``also``), in ACTS order."""
         if self.placement is None:
-            return [self.acts]
+            return [place for place in ACTS if place == self.acts or place in self.also]
         default = self.config()
         found = {self.where(default)} | {self.where(dataclasses.replace(default, **{key: value}))
                                          for key, values in self.choices.items() for value in values}
-        return [place for place in ACTS if place in found]
+        return [place for place in ACTS if place in found or place in self.also]
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -165,9 +181,12 @@ class Method:
             raise ValueError(f"method {self.name}: acts must be one of {ACTS}, got {self.acts!r}")
         if not dataclasses.is_dataclass(self.config) or "enabled" not in {f.name for f in dataclasses.fields(self.config)}:
             raise ValueError(f"method {self.name}: config must be a dataclass with an 'enabled' field")
-        needed = {"vision_encoder": "reduce", "visual_tokens": "reduce", "llm_layer": "select"}.get(self.acts)
-        if needed and getattr(self, needed) is None:
-            raise ValueError(f"method {self.name} acts on {self.acts} and needs a {needed} function")
+        for place in (self.acts, *self.also):
+            if place not in ACTS:
+                raise ValueError(f"method {self.name}: also must name places of {ACTS}, got {place!r}")
+            needed = {"vision_encoder": "reduce", "visual_tokens": "reduce", "llm_layer": "select", "decode": "decode"}[place]
+            if getattr(self, needed) is None:
+                raise ValueError(f"method {self.name} acts on {place} and needs a {needed} function")
 
     def validate(self, cfg: Any) -> None:
         """Range and choice checks of one config of this method (names ``section.key``)."""
@@ -192,6 +211,12 @@ class Method:
                 allowed = "a 0-based layer index or 'K/N' (the same relative depth)"
             out.append((f.name, str(f.type), getattr(default, f.name), allowed))
         return out
+
+
+def place_key(method: Method, place: str, cfg: Any) -> str:
+    """The name a method's record entries take at ``place``: its name at its own place,
+    ``name@place`` at a further one (``Method.also``)."""
+    return method.name if place == method.where(cfg) else f"{method.name}@{place}"
 
 
 _METHODS: dict[str, Method] = {}
@@ -270,11 +295,13 @@ class LayerReduction:
     sees the dropped tokens there), True drops them there too (PruneVid's Stage 3).
     ``merge_into`` (optional) makes it a merge: each kept row becomes the size-weighted mean of
     itself and the tokens sent to it, in the hidden states and in the KV cache of those layers
-    alike (the row keeps the kept token's position); a kept token must be sent to itself."""
+    alike (the row keeps the kept token's position); a kept token must be sent to itself.
+    ``merge_weights`` replaces the sizes as the weights of that mean (HoliTom's sequential halving)."""
 
     keep: Any
     compact_cache: bool = True
     merge_into: Any = None  # [V]: the kept token (index into keep) each visual token is averaged into, -1 dropped
+    merge_weights: Any = None  # [V] (optional): each visual token's weight in its row's mean, instead of its size
 
 
 
@@ -352,3 +379,18 @@ class LayerContext:
     scored_rows: int = 0  # query rows scored against all keys (analytic FLOPs)
     original_visual: int = 0  # visual tokens before any method (what a budget is a fraction of)
     hidden: Any = None  # [L, D] the layer's output hidden states (before any reduction)
+
+
+@dataclass
+class DecodeContext:
+    """A ``decode`` method's view of one step, after layer l - 1 ran on the new token: ``q`` [H, 1, d]
+    its query, ``k`` [H_kv, S, d] that layer's cached keys (rotary applied; the new token's last),
+    ``visual`` [V] the visual tokens' cache positions, ``step`` (0: the first after the prefill),
+    ``memory`` a dict kept across the sample's steps (reset at each prefill)."""
+
+    q: Any
+    k: Any
+    visual: Any
+    scaling: float
+    step: int
+    memory: dict

@@ -14,7 +14,8 @@ from prunevid_bench.config import RunConfig, resolve_layer
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock
-from prunevid_bench.methods import all_methods
+from prunevid_bench.methods import all_methods, place_key
+from prunevid_bench.patch.decode import DecodeMethod
 from prunevid_bench.patch.deepstack import DeepStack
 from prunevid_bench.patch.encoder import EncoderSide
 from prunevid_bench.patch.key_bias import KeyBias
@@ -55,7 +56,7 @@ def _layers(method, spec, num_layers: int, attention: list[int]) -> tuple[int, i
     return k, k - shift, requested
 
 
-class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention):
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention, DecodeMethod):
     def __init__(self, model, config: RunConfig):
         self.model = model
         self.family = family_of(model)
@@ -81,10 +82,19 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         if self.encoder_methods and self.family.deepstack_levels(model):
             raise PruneVidError(f"{self.encoder_methods[0][0].name} inside the vision encoder is not supported on "
                                 f"{self.family.model_type} (DeepStack); reduce the visual tokens instead (stage1.space: llm)")
-        layer = [(m, c) for m, c in enabled if m.where(c) == "llm_layer"]
+        layer = [(m, c) for m, c in enabled if "llm_layer" in m.acts_at(c)]
         if len(layer) > 1:
             raise PruneVidError("one LLM-layer method per run; disable all but one")
         self.layer_method = layer[0] if layer else None
+        self.layer_key = place_key(layer[0][0], "llm_layer", layer[0][1]) if layer else None  # its record entries' name
+        decode = [(m, c) for m, c in enabled if "decode" in m.acts_at(c)]
+        if len(decode) > 1:
+            raise PruneVidError("one decode method per run; disable all but one")
+        self.decode_method = decode[0] if decode else None
+        self.decode_key = place_key(decode[0][0], "decode", decode[0][1]) if decode else None
+        self.decode_at = None  # l: the first layer that attends to a decode method's kept positions
+        if self.decode_method is not None:
+            self._check_decode()
         # The absolute layer K, resolved here once (an index or "K/N"); everything downstream reads
         # this, and score_layer: the last layer on every token (K, or K-1 for a method pruning before K).
         self.pruning_layer_spec = self.layer_method[0].pruning_layer(self.layer_method[1]) if layer else None
@@ -97,8 +107,19 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
 
     @property
     def methods(self) -> list:
-        """(method, config) of each enabled method, in the order they run."""
-        return self.encoder_methods + self.visual_methods + ([self.layer_method] if self.layer_method else [])
+        """(method, config) of each enabled method, in the order they run (once each)."""
+        out = []
+        for method, cfg, _ in self.placed:
+            if all(m is not method for m, _ in out):
+                out.append((method, cfg))
+        return out
+
+    @property
+    def placed(self) -> list:
+        """(method, config, place) of each place an enabled method acts at, in the order they run."""
+        return ([(m, c, "vision_encoder") for m, c in self.encoder_methods] + [(m, c, "visual_tokens") for m, c in self.visual_methods]
+                + ([(*self.layer_method, "llm_layer")] if self.layer_method else [])
+                + ([(*self.decode_method, "decode")] if self.decode_method else []))
 
     def _install(self) -> None:
         fam, model = self.family, self.model
@@ -128,6 +149,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
             for i, later in enumerate(layers[k + 1 :], start=k + 1):
                 add(later.register_forward_pre_hook(functools.partial(self._slice_layer_inputs, i), with_kwargs=True))
 
+        if self.decode_method is not None:
+            self._install_decode(fam.decoder_layers(model), add)
         if fam.deepstack_levels(model):
             self._install_deepstack(fam.decoder_layers(model), add)
 

@@ -67,6 +67,10 @@ class LayerMethod:
         st.kv_bytes_layers_0_to_k = cache_bytes(cache) if cache is not None else 0
         st.compacted = red.compact_cache
         dest = self._row_operator(seq_len, keep_index, kept, red.merge_into)
+        st.merge_weights = st.row_sizes
+        if red.merge_weights is not None:  # the method's own weights at the visual rows (HoliTom's halving)
+            st.merge_weights = st.row_sizes.clone()
+            st.merge_weights[st.visual_positions] = red.merge_weights.to(st.row_sizes)
         if cache is not None and red.compact_cache:  # the tensors really get shorter (new, smaller ones)
             # the full-attention layers 0..K: a hybrid model's linear layers hold a recurrent and a
             # conv state instead, which keep the dropped tokens folded in (docs/methods.md)
@@ -75,16 +79,16 @@ class LayerMethod:
                     layer.keys = layer.keys.index_select(-2, keep_index)
                     layer.values = layer.values.index_select(-2, keep_index)
                 else:
-                    layer.keys = merge_along(layer.keys, dest, st.row_sizes, keep_index.numel(), -2)
-                    layer.values = merge_along(layer.values, dest, st.row_sizes, keep_index.numel(), -2)
+                    layer.keys = merge_along(layer.keys, dest, st.merge_weights, keep_index.numel(), -2)
+                    layer.values = merge_along(layer.values, dest, st.merge_weights, keep_index.numel(), -2)
         st.scores, st.scored_rows = ctx.scores, ctx.scored_rows
         st.kept_visual, st.keep_index, st.merged_into = kept, keep_index, red.merge_into
-        st.kept_by_method[method.name] = layer_origins(st.videos, kept, red.merge_into)
+        st.kept_by_method[self.layer_key] = layer_origins(st.videos, kept, red.merge_into)
         st.tokens_after = int(kept.numel())
-        st.method_tokens[method.name] = [st.tokens_before, st.tokens_after]
+        st.method_tokens[self.layer_key] = [st.tokens_before, st.tokens_after]
         st.captured.clear()
-        hidden = hidden[:, keep_index] if dest is None else merge_along(hidden, dest, st.row_sizes, keep_index.numel(), 1)
-        st.method_marks[method.name] = [(start, self.clock.mark())]
+        hidden = hidden[:, keep_index] if dest is None else merge_along(hidden, dest, st.merge_weights, keep_index.numel(), 1)
+        st.method_marks[self.layer_key] = [(start, self.clock.mark())]
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
     def _row_operator(self, seq_len: int, keep_index: torch.Tensor, kept: torch.Tensor, merge_into) -> torch.Tensor | None:

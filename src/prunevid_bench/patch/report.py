@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from prunevid_bench.methods import place_key
+
 
 @dataclass
 class MethodReport:
@@ -50,6 +52,19 @@ class Reporting:
         """Seconds the method ``name`` took in the last prefill (all videos)."""
         return sum(self.clock.elapsed(a, b) for a, b in self.state.method_marks.get(name, []))
 
+    def _decode_stats(self) -> dict[str, Any]:
+        """A decode method's cost: positions the layers from l attended and positions cached, per
+        step; the steps it pruned; the key/value bytes all layers read, and would have read."""
+        st = self.state
+        if getattr(self, "decode_method", None) is None:
+            return {}
+        steps = len(st.decode_cached)
+        return {"decode_attended_per_step": list(st.decode_attended), "decode_cached_per_step": list(st.decode_cached),
+                "decode_tokens_attended_mean": sum(st.decode_attended) / steps if steps else None,
+                "decode_tokens_cached_mean": sum(st.decode_cached) / steps if steps else None,
+                "decode_steps_pruned": sum(k is not None for k in st.decode_kept_steps),
+                "decode_kv_bytes_attended": st.decode_kv_bytes_attended, "decode_kv_bytes_full": st.decode_kv_bytes_full}
+
     def report(self) -> HandleReport:
         st = self.state
         return HandleReport(
@@ -61,7 +76,7 @@ class Reporting:
             kv_bytes_layers_0_to_k=st.kv_bytes_layers_0_to_k,
             scored_rows=st.scored_rows,
             merger_rows_skipped=st.merger_rows_skipped,
-            method_stats=dict(st.method_stats),
-            methods={m.name: MethodReport(list(st.method_tokens.get(m.name, [0, 0])), self.seconds(m.name))
-                     for m, _ in self.methods},
+            method_stats={**st.method_stats, **self._decode_stats()},
+            methods={key: MethodReport(list(st.method_tokens.get(key, [0, 0])), self.seconds(key))
+                     for key in (place_key(m, place, c) for m, c, place in self.placed)},
         )

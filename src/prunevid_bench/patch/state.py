@@ -24,6 +24,7 @@ class SampleState:
     kept_by_method: dict = field(default_factory=dict)  # method name -> per video (grid index [M], origin [T*N]) after it
     source_index: torch.Tensor | None = None  # [L1] prompt index of each LLM-input row
     row_sizes: torch.Tensor | None = None  # [L1] how many prompt tokens each LLM-input row stands for
+    merge_weights: torch.Tensor | None = None  # [L1] the weights of an LLM-layer merge's means (row_sizes unless the method gave its own)
     visual_positions: torch.Tensor | None = None  # [V] LLM-input rows of the visual tokens
     visual_groups: torch.Tensor | None = None  # [V] group of each visual token (an LLM-layer method keeps shares)
     query_start: int | None = None  # first LLM-input row after the last video's last visual token: its <|vision_end|>
@@ -42,6 +43,13 @@ class SampleState:
     prompt_max_id: int | None = None  # largest M-RoPE id of the prompt, when a reduction renumbered it (positions_after)
     decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
     deepstack: tuple | None = None  # (LLM-input rows [R], levels [D] of [R, C], rows they were made for): DeepStack's adds
+    decode_kept: torch.Tensor | None = None  # [S'] cache positions the layers from l attend to at this decoding step (None: all)
+    decode_kept_steps: list = field(default_factory=list)  # ... at every decoding step (the reference replays them)
+    decode_attended: list = field(default_factory=list)  # positions those layers attended, per decoding step
+    decode_cached: list = field(default_factory=list)  # positions cached, per decoding step
+    decode_kv_bytes_attended: int = 0  # key/value bytes every layer read over the decoding steps
+    decode_kv_bytes_full: int = 0  # ... had every layer attended to the whole cache
+    decode_memory: dict = field(default_factory=dict)  # a decode method's own memory across this sample's steps
     captured: dict = field(default_factory=dict)
 
     # the names these counts had while PruneVid's stages were the only methods (one release)

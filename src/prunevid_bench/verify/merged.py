@@ -1,9 +1,10 @@
 """The cache-free reference of a merge at layer K (the ``merge_nearest`` control, any
 ``LayerReduction`` with ``merge_into``), layer by layer: the prompt runs through layers 0..K on
-every row; each merged row is the size-weighted mean of its members in the hidden states and in
-layers 0..K's keys and values (post-rotary, as cached); every generated token recomputes from
-scratch, attending in layers 0..K to the merged prompt keys and values (attention written out)
-and in K+1.. to the merged rows."""
+every row; each merged row is the size-weighted mean of its members (or the mean with the
+method's own weights, HoliTom's halving) in the hidden states and in layers 0..K's keys and values
+(post-rotary, as cached; or, when the method leaves that cache whole, their own keys and values);
+every generated token recomputes from scratch, attending in layers 0..K to those prompt keys and
+values (attention written out) and in K+1.. to the merged rows."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ from prunevid_bench.families import family_of
 from prunevid_bench.patch.layer import merge_along
 
 
+def _norm(attn, name: str, x):
+    """Qwen3's per-head RMSNorm of q or k before rotary (``q_norm``/``k_norm``), where the layer has one."""
+    norm = getattr(attn, name, None)
+    return norm(x) if norm is not None else x
+
+
 def project_kv(layer, family, x, rotary):
     """The keys (after rotary) and values a layer caches for the rows ``x`` [1, n, D]."""
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     n, d = x.shape[1], attn.head_dim
-    k = attn.k_proj(a).view(1, n, -1, d)
-    _, k_at = family.query_key(attn)
-    k = (k if k_at is attn.k_proj else k_at(k)).transpose(1, 2)  # a family with QK-norm normalises k first
+    k = _norm(attn, "k_norm", attn.k_proj(a).view(1, n, -1, d)).transpose(1, 2)
     v = attn.v_proj(a).view(1, n, -1, d).transpose(1, 2)
     _, k = family.apply_rotary(k, k, *rotary)
     return k, v
@@ -32,7 +37,7 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     t, d = x.shape[1], attn.head_dim
-    q = attn.q_proj(a).view(1, t, -1, d).transpose(1, 2)
+    q = _norm(attn, "q_norm", attn.q_proj(a).view(1, t, -1, d)).transpose(1, 2)
     k, v = project_kv(layer, family, x, rotary)
     q, _ = family.apply_rotary(q, q, *rotary)
     keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
@@ -47,10 +52,13 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
 
 
 @torch.no_grad()
-def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos):
+def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos, compact=True,
+                     deepstack=None):
     """Logits [T, vocab] behind ``tokens``: ``dest`` [L] the output row of every LLM-input row
     (-1 dropped), ``sizes`` [L] their weights, ``keep_index`` [L'] the rows kept (whose ids the
-    merged rows take), ``k`` the last layer on every row."""
+    merged rows take), ``k`` the last layer on every row. ``compact=False``: layers 0..k keep
+    every prompt row's own keys and values (the merge is in the hidden states only). ``deepstack``
+    (Qwen3-VL, every level due by layer k): (rows [R], levels), level i added there after layer i."""
     from prunevid_bench.verify.reference import _layer, additive_mask
 
     if len(family_of(model).attention_layers(model.config)) < len(family_of(model).decoder_layers(model)):
@@ -66,8 +74,12 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
     cached = []
     for layer in layers[: k + 1]:  # the prompt on every token, and its merged keys/values
         kk, vv = project_kv(layer, family, x, rotary)
-        cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)))
+        cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)) if compact
+                      else (kk, vv))
         x = _layer(layer, x, mask, rotary)
+        if deepstack is not None and len(cached) <= len(deepstack[1]):
+            x = x.clone()
+            x[0, deepstack[0]] += deepstack[1][len(cached) - 1]
     prompt = merge_along(x, dest, sizes, n_out, 1)
     out = []
     for t in range(len(tokens)):

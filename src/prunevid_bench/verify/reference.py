@@ -130,7 +130,9 @@ def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
     """The cache-free logits of a traced run: its LLM input, the LLM-layer method's kept rows and
     layer (if one ran), its proportional attention (if any), decode ids continuing the unpruned
     numbering (shifted when a reduction renumbered the prompt). An LLM-layer merge goes to
-    ``merged.merged_reference`` (``merged=False``: the same rows kept, nothing averaged)."""
+    ``merged.merged_reference`` (``merged=False``: the same rows kept, nothing averaged), a decode
+    method to ``decode.decode_reference`` (``prune=False``: every step attends to everything); both
+    take ``deepstack=(rows, levels)`` to add Qwen3-VL's levels (tests/test_qwen3_vl.py builds them)."""
     model = pipe.model
     full = family_of(model).prefill_position_ids(model, prepared.inputs)  # unpruned ids, as generate builds them
     st, handle = traced.state, traced.handle
@@ -145,13 +147,21 @@ def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
         keep_index, k = torch.nonzero(keep).flatten(), handle.score_layer
         kwargs.setdefault("decode_sees_dropped", not st.compacted)
     key_log_size = st.key_log_size if st is not None else None
+    if handle is not None and handle.decode_method is not None:  # a decode method's kept positions, step by step
+        from prunevid_bench.verify.decode import decode_reference
+
+        return decode_reference(model, traced.embeds, traced.position_ids[1:], st.decode_kept_steps, handle.decode_at,
+                                traced.result.generated_token_ids, first_decode_pos, prune=kwargs.pop("prune", True),
+                                deepstack=kwargs.pop("deepstack", None))
     if st is not None and st.merged_into is not None:  # an LLM-layer merge
         from prunevid_bench.verify.merged import merge_dest, merged_reference
 
         merged = kwargs.pop("merged", True)
         n = traced.embeds.shape[1]
-        sizes = st.row_sizes.float() if st.row_sizes is not None else torch.ones(n)
+        weights = st.merge_weights if st.merge_weights is not None else st.row_sizes
+        sizes = kwargs.pop("weights", weights.float() if weights is not None else torch.ones(n))
         return merged_reference(model, traced.embeds, traced.position_ids[1:], merge_dest(st, n, keep_index, merged),
-                                sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos)
+                                sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos,
+                                compact=st.compacted, deepstack=kwargs.pop("deepstack", None))
     return cache_free_logits(model, traced.embeds, traced.position_ids[1:], keep_index, k,
                              traced.result.generated_token_ids, first_decode_pos, key_log_size=key_log_size, **kwargs)
