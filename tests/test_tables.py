@@ -14,7 +14,7 @@ from prunevid_bench.harness.tables import Column, FittedTable
 def compare_row(name, stages, tokens, acc, ttft, baseline=False):
     """A row as compare_rows makes it, with the README's kind of values (long names and stages)."""
     return {"run": name, "path": "", "stages": stages, "model": "toy", "n": 200, "tokens_in": tokens[0],
-            "tokens_after_stage1": tokens[1], "tokens_after_stage2": tokens[2], "compression": tokens[2] / tokens[0],
+            "tokens_after_visual_methods": tokens[1], "visual_tokens_kept": tokens[2], "compression": tokens[2] / tokens[0],
             "llm_prefill_tokens": None, "ttft_s": ttft, "decode_tokens_per_s": 245.8, "peak_memory_bytes": 857_499_648,
             "kv_cache_bytes": 166_912, "accuracy": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.03, "unparsed": 0,
             "is_baseline": baseline, "delta_accuracy": acc - 0.94, "ttft_speedup": 0.0908 / ttft, "kv_ratio": 0.427,

@@ -153,14 +153,14 @@ def _flag(ctx: typer.Context, name: str) -> str:
 @guarded
 @with_groups(data=DatasetFlags, evaluation=EvalFlags, output=OutputFlags, flags=ConfigFlags, launching=LaunchFlags)
 def sweep(
-    params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (stage1.tau); default: all given values.", show_default=False)] = None,
+    params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (tome.budget); default: all given values.", show_default=False)] = None,
     values: Annotated[Optional[list[str]], typer.Option("--values", "-v", help="name=v1,v2,... (repeatable), e.g. tau=0.7,0.8,0.9.", rich_help_panel="Sweep")] = None,
-    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, or a shipped one by name: stage1, stage2 (sweeps/*.yaml; --values win over it).", rich_help_panel="Sweep")] = None,
+    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, or a shipped one by name (sweeps/*.yaml; see the README; --values win over it).", rich_help_panel="Sweep")] = None,
     controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     status: Annotated[bool, typer.Option("--status", help="Show each cell's state (new, running, k/n done, done, failed) and job; run nothing.", rich_help_panel="Sweep")] = False,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets); prunevid-vision is PruneVid with stage1.space=vision.", rich_help_panel="Sweep")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets); prunevid-vision is PruneVid merging in the vision encoder's space.", rich_help_panel="Sweep")] = None,
     budgets: Annotated[Optional[str], typer.Option("--budgets", help="Kept fractions of the visual tokens for --methods, e.g. 0.1,0.25,0.5.", rich_help_panel="Sweep")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Every cell keeps this fraction (0, 1] of the visual tokens (as run --budget).", rich_help_panel="Sweep")] = None,
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,

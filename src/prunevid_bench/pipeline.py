@@ -188,7 +188,7 @@ class Pipeline:
     ) -> RunResult:
         """Run one sample: a video and a question, Qwen chat ``messages`` (several videos,
         images, a system prompt), or a ``Prepared`` input. ``overrides`` are dotted or short
-        config keys, e.g. ``keep_ratio=0.3`` or ``{"stage1.enabled": True}`` passed as ``**{...}``."""
+        config keys, e.g. ``keep_ratio=0.3`` or ``{"tome.enabled": True}`` passed as ``**{...}``."""
         cfg = config or self.config
         if overrides:
             cfg = _with_overrides(cfg.to_dict(), overrides)
@@ -203,8 +203,8 @@ class Pipeline:
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         stages = handle.report() if handle else {}
         visual = out.visual_tokens
-        before1 = stages.get("tokens_before_stage1", visual)
-        after1 = stages.get("tokens_after_stage1", visual)
+        before1 = stages.get("tokens_in_prompt", visual)
+        after1 = stages.get("tokens_after_visual", visual)
         tokens_before = stages.get("tokens_before", after1)
         tokens_after = stages.get("tokens_after", after1)
         kv_uncompressed = out.kv_cache_bytes

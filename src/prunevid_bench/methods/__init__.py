@@ -134,6 +134,19 @@ class Method:
     attention_scores: Callable[[Any], str | None] | None = None
     keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
     departs: str = ""  # where it departs from its original's code, one line (`prunevid methods show`); details in docs
+    # (its section's settings as a dict, the layer text) -> how a table names this run's settings, e.g.
+    # "tome r=0.5"; None: the section name and its keys (``describe``). The layer text is the
+    # resolved layer with the configured depth beside it ("1 (10/28)"), for a method with a layer.
+    label: Callable[[dict, str], str] | None = None
+    short_keys_first: bool = False  # its keys win short-name lookups (``tau``) over methods registered later
+    renamed_keys: dict[str, str] = field(default_factory=dict)  # old key -> new key, still read (one release)
+    # (key, its section's config) -> why sweeping that key changed nothing, when the method can tell
+    no_effect: Callable[[str, Any], str | None] | None = None
+    stream_eviction: Callable[[], type] | None = None  # llm_layer: () -> its question-time eviction in a stream
+
+    def describe(self, values: dict, layer: str = "") -> str:
+        """This run's settings of the method in a few words (``compare``'s and the summary's line)."""
+        return self.label(values, layer) if self.label is not None else describe_settings(self.section, values, layer)
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""
@@ -185,6 +198,13 @@ class Method:
                 allowed = "a 0-based layer index or 'K/N' (the same relative depth)"
             out.append((f.name, str(f.type), getattr(default, f.name), allowed))
         return out
+
+
+def describe_settings(section: str, values: dict, layer: str = "") -> str:
+    """A method section's settings in a few words: its name and keys, ``tome budget=0.5 L=...``."""
+    keys = [f"L={layer}" if k == "pruning_layer" else f"{k}={v}"
+            for k, v in values.items() if k != "enabled" and v is not None]  # unset optional keys (budget) say nothing
+    return " ".join([section, *keys])
 
 
 _METHODS: dict[str, Method] = {}
@@ -247,6 +267,36 @@ def get_method(name: str) -> Method:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise PruneVidError(f"unknown method '{name}'{hint}; see `prunevid methods`")
     return _METHODS[name]
+
+
+def method_for_section(section: str) -> Method | None:
+    """The registered method whose config section is ``section`` (None: none, e.g. a plug-in
+    that a saved run used and this install lacks)."""
+    return next((m for m in all_methods() if m.section == section), None)
+
+
+# Lines of a method grid (``sweep --methods``) that are not one method: name -> (the methods on,
+# settings on top). A method registers its own (PruneVid: its stages together).
+_LINES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
+
+
+def register_line(name: str, methods: tuple[str, ...], settings: dict[str, Any] | None = None) -> None:
+    """A named line of a method grid: these registered methods on together, with ``settings``
+    (dotted keys) on top; the budget drives the last of them that has a knob."""
+    _LINES[name] = (tuple(methods), dict(settings or {}))
+
+
+def method_line(name: str) -> tuple[tuple[Method, ...], dict[str, Any]]:
+    """The methods and settings of one line of a method grid: a registered line, or one method."""
+    _load()
+    if name in _LINES:
+        methods, settings = _LINES[name]
+        return tuple(get_method(m) for m in methods), settings
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, [*_METHODS, *_LINES], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise PruneVidError(f"unknown method '{name}'{hint}; see `prunevid methods`")
+    return (get_method(name),), {}
 
 
 def method_sections() -> dict[str, type]:
