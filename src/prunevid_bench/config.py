@@ -69,6 +69,17 @@ class RuntimeConfig:
     save_kept: bool = False  # the record holds each method's kept tokens as grid coordinates (--save-kept)
 
 
+MATCHES = ("tokens", "flops")
+
+
+@dataclass
+class BudgetConfig:
+    # What a budget B (--budget, a sweep's --budgets) matches: "tokens", the knob keeps the fraction B
+    # of the visual tokens; "flops", the knob is solved per sample so the prefill FLOPs (vision
+    # encoder + LLM, flops.py) are the fraction B of the unreduced run's (budget.match_flops).
+    match: str = "tokens"
+
+
 def renamed_keys() -> dict[str, dict[str, str]]:
     """Keys renamed, still read under their old name (for one release): section -> {old: new},
     as each method declares (``Method.renamed_keys``)."""
@@ -85,15 +96,18 @@ class RunConfig:
     video: VideoConfig
     generation: GenerationConfig
     runtime: RuntimeConfig
+    budget: BudgetConfig
     methods: dict[str, Any]
 
     def __init__(self, model: ModelConfig | None = None, video: VideoConfig | None = None,
                  generation: GenerationConfig | None = None,
-                 runtime: RuntimeConfig | None = None, methods: dict[str, Any] | None = None, **sections: Any):
+                 runtime: RuntimeConfig | None = None, budget: BudgetConfig | None = None,
+                 methods: dict[str, Any] | None = None, **sections: Any):
         self.model = model if model is not None else ModelConfig()
         self.video = video if video is not None else VideoConfig()
         self.generation = generation if generation is not None else GenerationConfig()
         self.runtime = runtime if runtime is not None else RuntimeConfig()
+        self.budget = budget if budget is not None else BudgetConfig()
         types = method_sections()
         unknown = [name for name in sections if name not in types]
         if unknown:
@@ -134,6 +148,7 @@ _BASE_SECTIONS = {
     "video": VideoConfig,
     "generation": GenerationConfig,
     "runtime": RuntimeConfig,
+    "budget": BudgetConfig,
 }
 
 
@@ -244,6 +259,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise PruneVidError(f"runtime.threads must be >= 1 (or null for torch's default), got {cfg.runtime.threads}")
+    if cfg.budget.match not in MATCHES:
+        raise PruneVidError(f"budget.match must be tokens or flops, got '{cfg.budget.match}'")
     if cfg.generation.max_new_tokens < 1:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -117,6 +117,8 @@ class RunResult:
     prefill_flops: int | None = None  # analytic (flops.py): vision encoder + LLM prefill of this run
     prefill_flops_baseline: int | None = None  # the same input with no reduction
     ideal_speedup: float | None = None  # prefill_flops_baseline / prefill_flops: if time followed FLOPs
+    prefill_flops_fraction: float | None = None  # prefill_flops / prefill_flops_baseline: what the run paid
+    visual_tokens_per_layer: float | None = None  # visual tokens each LLM layer's prefill saw, mean over layers
     generated_token_ids: list[int] = field(default_factory=list)
     # the vision tower's output came from a feature cache: vision_encoder_s is the time measured
     # when it was computed, and ttft_s = that time + this run's measured post-vision time

@@ -124,6 +124,8 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
             "tokens_after_visual_methods": run.metric("tokens_after_visual_methods"),
             "visual_tokens_kept": kept,
             "compression": (kept / tokens_in) if kept is not None and tokens_in else None,
+            "flops_fraction": run.metric("prefill_flops_fraction") or _fraction(run.metric("ideal_speedup")),
+            "tokens_per_layer": run.metric("visual_tokens_per_layer"),
             "llm_prefill_tokens": run.metric("llm_prefill_tokens"),
             "ttft_s": run.metric("ttft_s"),
             "ideal_speedup": run.metric("ideal_speedup"),  # analytic (FLOPs), beside the measured ttft_speedup
@@ -198,6 +200,9 @@ COLUMNS = (  # header, formatter of a row
     ("TTFT speed-up", lambda r: "-" if r["ttft_speedup"] is None else f"{r['ttft_speedup']:.2f}×"),
     ("KV vs base", lambda r: fmt_pct(r["kv_ratio"])),
     ("agreement", lambda r: fmt_pct(r["agreement"])),
+    # what the run paid (analytic): last, so the tables written before keep their columns
+    ("prefill FLOPs vs base", lambda r: fmt_pct(r.get("flops_fraction"))),
+    ("visual tokens per layer", lambda r: _num(r.get("tokens_per_layer"), 1)),
 )
 
 
@@ -205,6 +210,11 @@ def _num(x: float | None, digits: int = 0) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}f}" if digits or not float(x).is_integer() else f"{x:.0f}"
+
+
+def _fraction(speedup: float | None) -> float | None:
+    """A run folder from before the FLOPs fraction was recorded: the inverse of its ideal speed-up."""
+    return 1 / speedup if speedup else None
 
 
 def _ci_text(r: dict[str, Any]) -> str:
@@ -222,10 +232,13 @@ CONSOLE_COLUMNS = (
     Column("model", FORMAT["model"], rank=0, fold=True, justify="left", word_cap=12),
     Column("acc % (CI)", _ci_text, rank=0, note="acc: accuracy, 95% CI"),
     Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after every method"),
+    Column("FLOPs", FORMAT["prefill FLOPs vs base"], rank=1,
+           note="FLOPs: prefill FLOPs (vision encoder + LLM, analytic) over the unreduced run's: what it paid"),
+    Column("tok/L", FORMAT["visual tokens per layer"], rank=3, note="tok/L: visual tokens per LLM layer (mean)"),
     Column("TTFT", FORMAT["TTFT (median)"], rank=2, note="TTFT: median"),
     Column("Δacc (p)", _paired_short, rank=1,
            note="Δacc: paired accuracy difference in points on the shared questions, p: exact McNemar"),
-    Column("speed-up", FORMAT["TTFT speed-up"], rank=1, note="Δ and speed-up: against the base run (TTFT medians)"),
+    Column("speed-up", FORMAT["TTFT speed-up"], rank=2, note="Δ and speed-up: against the base run (TTFT medians)"),
     Column("in→LLM→kept", lambda r: "→".join(_num(r[k]) for k in TOKEN_PLACES), rank=4),
     Column("agree", FORMAT["agreement"], rank=5, note="agree: same choice as the base run"),
     Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),

@@ -22,6 +22,8 @@ METRICS = (
     "visual_tokens_kept_ratio",
     "prefill_flops",
     "ideal_speedup",
+    "prefill_flops_fraction",  # what the run paid: its prefill FLOPs over the unreduced run's
+    "visual_tokens_per_layer",  # visual tokens in each LLM layer's prefill, mean over layers
     "prompt_tokens",
     "llm_prefill_tokens",
     "generated_tokens",

@@ -189,10 +189,11 @@ def _score_key(cfg: RunConfig) -> str | None:
 
 def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float]) -> list[Cell]:
     """Matched budgets: the baseline (every method off) and one cell per method and budget, with
-    only that method on (or a line's methods, ``methods.register_line``: e.g. ``prunevid``, its
+    only that method on (or a line's methods, ``methods.lines.register_line``: e.g. ``prunevid``, its
     stages together) and its knob set to keep the fraction B (``budget.budget_overrides``)."""
     from prunevid_bench.budget import budget_overrides
-    from prunevid_bench.methods import all_methods, method_line
+    from prunevid_bench.methods import all_methods
+    from prunevid_bench.methods.lines import method_line
 
     if not budgets:
         raise PruneVidError("--methods needs --budgets B1,B2,... (kept fractions in (0, 1])")
@@ -214,7 +215,7 @@ def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[s
         if budgets is not None:
             raise PruneVidError("--budgets needs --methods (e.g. --methods prunevid,tome)")
         return (), ()
-    from prunevid_bench.methods import method_line
+    from prunevid_bench.methods.lines import method_line
 
     names = tuple(n.strip() for n in methods.split(",") if n.strip())
     for name in names:

@@ -275,30 +275,6 @@ def method_for_section(section: str) -> Method | None:
     return next((m for m in all_methods() if m.section == section), None)
 
 
-# Lines of a method grid (``sweep --methods``) that are not one method: name -> (the methods on,
-# settings on top). A method registers its own (PruneVid: its stages together).
-_LINES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
-
-
-def register_line(name: str, methods: tuple[str, ...], settings: dict[str, Any] | None = None) -> None:
-    """A named line of a method grid: these registered methods on together, with ``settings``
-    (dotted keys) on top; the budget drives the last of them that has a knob."""
-    _LINES[name] = (tuple(methods), dict(settings or {}))
-
-
-def method_line(name: str) -> tuple[tuple[Method, ...], dict[str, Any]]:
-    """The methods and settings of one line of a method grid: a registered line, or one method."""
-    _load()
-    if name in _LINES:
-        methods, settings = _LINES[name]
-        return tuple(get_method(m) for m in methods), settings
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, [*_METHODS, *_LINES], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PruneVidError(f"unknown method '{name}'{hint}; see `prunevid methods`")
-    return (get_method(name),), {}
-
-
 def method_sections() -> dict[str, type]:
     """Config section -> config dataclass of every registered method."""
     return {m.section: m.config for m in all_methods()}

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_line, register_method
+from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+from prunevid_bench.methods.lines import register_line
 
 
 SPACES = ("llm", "vision")
