@@ -50,7 +50,7 @@ def test_the_solved_knob_costs_b_of_the_baseline_for_every_builtin_method_with_a
         result = pipe.run(prepared, config=line(method.name, B, "flops"))
         fields = result.method_fields
         assert abs(result.prefill_flops_fraction - B) <= 2 * FLOPS_TOLERANCE, (method.name, result.prefill_flops_fraction)
-        assert fields["match"] == "flops" and fields["flops_target"] == B and "flops_note" not in fields
+        assert fields["match"] == "flops" and fields["flops_target"] == B and "match_note" not in fields
         assert result.prefill_flops_fraction == pytest.approx(result.prefill_flops / result.prefill_flops_baseline, abs=1e-6)
         solved.append(method.name)
     assert {"tome", "evs", "vidcom2", "fastv", "random", "prunevid_stage2"} <= set(solved)
@@ -80,7 +80,7 @@ def test_a_pre_llm_method_at_matched_tokens_is_already_near_its_matched_flops(to
 def test_an_unreachable_target_runs_at_the_cheapest_and_says_so(toy):
     pipe, prepared = toy
     r = pipe.run(prepared, config=line("fastv", 0.1, "flops"))
-    assert r.prefill_flops_fraction > 0.5 and "cannot cost as little as 0.1" in r.method_fields["flops_note"]
+    assert r.prefill_flops_fraction > 0.5 and "cannot cost as little as 0.1" in r.method_fields["match_note"]
 
 
 def test_matching_by_tokens_keeps_the_run_folder_names():
@@ -127,3 +127,19 @@ def test_the_plot_has_a_flops_panel_when_the_rows_have_it():
     fig = pareto_figure(rows, "accuracy", "t")
     assert [ax.get_xlabel() for ax in fig.axes[:3]] == [
         "kept visual tokens (median)", "prefill FLOPs, % of the baseline's (median)", "TTFT, median (ms)"]
+
+
+def test_a_dataset_run_at_matched_flops_writes_records_that_read_back(tmp_path):
+    """The solver's fields (the target, the runs, a note when the target is out of reach) are
+    valid record fields: the run folder summarizes and compares like any other."""
+    from prunevid_bench.harness.runs import load_run
+    from prunevid_bench.toy.world import generate_dataset
+
+    data = generate_dataset(tmp_path / "toy", 2, seed=3)
+    res = CliRunner().invoke(app, ["run", "--dataset", str(data), "--model", "toy", "--preset", "fastv", "--budget", "0.1",
+                                   "--match", "flops", "--max-new-tokens", "2", "--results-dir", str(tmp_path / "r")])
+    assert res.exit_code in (0, 3), res.output
+    (run_dir,) = (tmp_path / "r").iterdir()
+    run = load_run(run_dir)
+    assert all("cannot cost as little as 0.1" in r["match_note"] for r in run.records.values())
+    assert run.metric("prefill_flops_fraction") > 0.5 and run.metric("visual_tokens_per_layer") > 0

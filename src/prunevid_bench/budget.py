@@ -64,7 +64,7 @@ def match_flops(pipe, prepared, cfg: RunConfig):
     at the solved knob is measured; if its FLOPs miss B by more than FLOPS_TOLERANCE (a promise
     the method did not keep exactly), the solve is repeated from that run (FLOPS_RUNS runs at
     most). A method that cannot cost as little as B runs at its smallest budget and says so
-    (``flops_note``). The record holds the FLOPs fraction reached (``prefill_flops_fraction``)
+    (``match_note``). The record holds the FLOPs fraction reached (``prefill_flops_fraction``)
     beside the token fraction (``visual_tokens_kept_ratio``), the target and the solved knob."""
     method = budget_method(cfg)
     base = from_dict(merge_into(cfg.to_dict(), overrides_to_layer({"budget.match": "tokens"}), "--match"))
@@ -90,10 +90,10 @@ def match_flops(pipe, prepared, cfg: RunConfig):
     best = min(tried.values(), key=lambda run: abs(run.prefill_flops_fraction - target))
     best.method_fields.update(match="flops", flops_target=target, flops_solve_runs=len(tried))
     if best.prefill_flops_fraction - target > FLOPS_TOLERANCE:
-        best.method_fields["flops_note"] = (f"{method.name} cannot cost as little as {target:g} of the baseline's prefill "
+        best.method_fields["match_note"] = (f"{method.name} cannot cost as little as {target:g} of the baseline's prefill "
                                             f"FLOPs here: {best.prefill_flops_fraction:.3f} at best")
     elif target - best.prefill_flops_fraction > FLOPS_TOLERANCE:
-        best.method_fields["flops_note"] = (f"{method.name} reached {best.prefill_flops_fraction:.3f} of the baseline's "
+        best.method_fields["match_note"] = (f"{method.name} reached {best.prefill_flops_fraction:.3f} of the baseline's "
                                             f"prefill FLOPs, not {target:g} (its knob moves in steps)")
     return best
 
