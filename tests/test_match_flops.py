@@ -20,8 +20,8 @@ from prunevid_bench.harness.sweep_grid import method_budget_cells
 from prunevid_bench.methods import all_methods
 from prunevid_bench.pipeline import load_pipeline
 
-# On the toy model the vision encoder alone is about 60% of the prefill FLOPs: a FLOPs fraction
-# below that cannot be reached by removing visual tokens from the LLM. 0.85 is within every
+# On the toy model the vision encoder and the text cost more than half the prefill FLOPs: a
+# FLOPs fraction below that cannot be reached by removing visual tokens from the LLM. 0.85 is within every
 # built-in method's reach (EVS keeps at least one temporal step, FastV its first layers whole).
 B = 0.85
 FAST = {"generation.max_new_tokens": 2}
@@ -47,7 +47,11 @@ def test_the_solved_knob_costs_b_of_the_baseline_for_every_builtin_method_with_a
     for method in all_methods():
         if method.budget_knob is None or not method.config.__module__.startswith("prunevid_bench."):
             continue  # no knob, or not built in
-        result = pipe.run(prepared, config=line(method.name, B, "flops"))
+        try:
+            result = pipe.run(prepared, config=line(method.name, B, "flops"))
+        except PruneVidError as exc:  # a place whose prefill FLOPs are not modelled: refused in one line
+            assert "whose prefill FLOPs are not modelled" in str(exc)
+            continue
         fields = result.method_fields
         assert abs(result.prefill_flops_fraction - B) <= 2 * FLOPS_TOLERANCE, (method.name, result.prefill_flops_fraction)
         assert fields["match"] == "flops" and fields["flops_target"] == B and "match_note" not in fields
