@@ -159,7 +159,7 @@ def sweep(
     params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (tome.budget); default: all given values.", show_default=False)] = None,
     values: Annotated[Optional[list[str]], typer.Option("--values", "-v", help="name=v1,v2,... (repeatable), e.g. tau=0.7,0.8,0.9.", rich_help_panel="Sweep")] = None,
     sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, or a shipped one by name (sweeps/*.yaml; see the README; --values win over it).", rich_help_panel="Sweep")] = None,
-    controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
+    controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (cells whose LLM-layer method scores, rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     status: Annotated[bool, typer.Option("--status", help="Show each cell's state (new, running, k/n done, done, failed) and job; run nothing.", rich_help_panel="Sweep")] = False,
