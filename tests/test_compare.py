@@ -62,9 +62,9 @@ def test_table_values_and_deltas(runs, tmp_path):
     base_row, pruned_row = list(csv.DictReader(open(tmp_path / "compare.csv")))
     assert base_row["is_baseline"] == "True" and pruned_row["is_baseline"] == "False"
     b, p = summary(runs["base"]), summary(runs["pruned"])
-    assert float(pruned_row["tokens_in"]) == b["metrics"]["tokens_before_stage1"]["median"] == 32
-    kept = p["metrics"]["tokens_after"]["median"]
-    assert float(pruned_row["tokens_after_stage2"]) == kept < float(pruned_row["tokens_after_stage1"]) < 32
+    assert float(pruned_row["tokens_in"]) == b["metrics"]["visual_tokens"]["median"] == 32
+    kept = p["metrics"]["visual_tokens_kept"]["median"]
+    assert float(pruned_row["visual_tokens_kept"]) == kept < float(pruned_row["tokens_after_visual_methods"]) < 32
     assert float(pruned_row["compression"]) == pytest.approx(kept / 32)
     assert float(pruned_row["ttft_s"]) == p["metrics"]["ttft_s"]["median"]
     assert float(pruned_row["ttft_speedup"]) == pytest.approx(b["metrics"]["ttft_s"]["median"] / p["metrics"]["ttft_s"]["median"])
@@ -77,7 +77,7 @@ def test_table_values_and_deltas(runs, tmp_path):
     assert pruned_row["stages"] == "S1 tau=0.8 c=0.5 seg=0.25 + S2 keep=0.4 L=1 prunevid" and base_row["stages"] == "off"
     (base_csv,), (pruned_csv,) = (csv.DictReader(open(runs[k] / "summary.csv")) for k in ("base", "pruned"))
     assert (pruned_csv["pruning_layer"], pruned_csv["pruning_layer_spec"]) == ("1", "1")
-    assert (base_csv["pruning_layer"], base_csv["pruning_layer_spec"]) == ("", "10/28")  # Stage 2 off: no layer pruned
+    assert (base_csv["pruning_layer"], base_csv["pruning_layer_spec"]) == ("", "")  # no LLM-layer method: no layer
     md = (tmp_path / "compare.md").read_text().splitlines()
     assert md[0].startswith("| run | stages | model |") and len(md) == 4 and md[3].startswith(f"| {runs['pruned'].name} |")
 
@@ -239,7 +239,7 @@ def test_another_method_is_named_and_never_taken_for_the_baseline(runs, tiny_pip
     assert float(fastv_row["ideal_speedup"]) == summary(fastv)["metrics"]["ideal_speedup"]["median"] > 1
     assert float(base_row["ideal_speedup"]) == 1
     (row,) = csv.DictReader(open(fastv / "summary.csv"))
-    assert row["methods"] == "fastv" and row["stage1"] == row["stage2"] == "False"
+    assert row["methods"] == "fastv" and row["fastv.keep_ratio"] == "0.5" and "stage1.tau" not in row
 
 
 def test_lmms_eval_records_compare_and_are_checked_like_any_run(tiny_pipe, tmp_path):
@@ -261,7 +261,7 @@ def test_lmms_eval_records_compare_and_are_checked_like_any_run(tiny_pipe, tmp_p
     assert res.exit_code == 0, res.output
     base, pruned = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))
     assert base["is_baseline"] == "True" and base["model"] == pruned["model"] == "tiny"
-    assert float(pruned["tokens_after_stage2"]) < float(base["tokens_after_stage2"]) and pruned["agreement"] == ""
+    assert float(pruned["visual_tokens_kept"]) < float(base["visual_tokens_kept"]) and pruned["agreement"] == ""
     env = json.loads((folders[1] / "environment.json").read_text())
     env["dtype"] = "bfloat16"
     (folders[1] / "environment.json").write_text(json.dumps(env))
@@ -284,3 +284,35 @@ def test_a_baseline_with_other_inputs_gets_no_agreement(runs, tiny_pipe, tmp_pat
     assert other.summary["complete"] and "differ in policy (policy qwen vs processor)" in other.summary["baseline_mismatch"]
     res = invoke("summarize", other.run_dir)
     assert "not computed: cannot compare with --baseline" in " ".join(res.output.split())
+
+
+def test_a_folder_written_with_the_old_stage_names_compares_and_summarizes_the_same(runs, tmp_path):
+    """A run folder from before the record named places (only ``tokens_before_stage1`` & co. in
+    its records and summary): ``compare`` and ``summarize`` read it through the old names
+    (``report.RECORD_ALIASES``) and give the same tokens as the folder they were made from."""
+    import shutil
+
+    from prunevid_bench.report import RECORD_ALIASES
+
+    old = tmp_path / "old-run"
+    shutil.copytree(runs["pruned"], old)
+    new_names = set(RECORD_ALIASES.values())
+    stage_names = [k for k in RECORD_ALIASES if "stage" in k]
+    lines = [json.loads(line) for line in (old / "samples.jsonl").read_text().splitlines()]
+    (old / "samples.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in new_names}) + "\n"
+                                               for r in lines))
+    s = summary(old)
+    s["metrics"] = {("tokens_before_stage1" if k == "visual_tokens" else "tokens_after_stage1"
+                     if k == "tokens_after_visual_methods" else "tokens_after" if k == "visual_tokens_kept" else k): v
+                    for k, v in s["metrics"].items()}
+    (old / "summary.json").write_text(json.dumps(s))
+    assert all(k in lines[0] for k in stage_names)  # the copy holds the old names only
+    res = invoke("compare", runs["base"], runs["pruned"], old, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    _, want, got = list(csv.DictReader(open(tmp_path / "o" / "compare.csv")))  # in the order given
+    for key in ("tokens_in", "tokens_after_visual_methods", "visual_tokens_kept", "stages"):
+        assert got[key] == want[key] and got[key] not in ("", "None"), key
+    res = invoke("summarize", old)
+    assert res.exit_code in (0, 3), res.output  # recomputed from the old records (3: the tiny model leaves answers unparsed)
+    metrics = summary(old)["metrics"]
+    assert metrics["visual_tokens_kept"] == summary(runs["pruned"])["metrics"]["visual_tokens_kept"]

@@ -117,7 +117,7 @@ def test_run_folder_contents(base_run, toy):
     assert set(acc["by_category"]) == {r["category"] for r in rows}
     ttfts = sorted(r["ttft_s"] for r in rows)
     assert summary["metrics"]["ttft_s"]["median"] == pytest.approx((ttfts[2] + ttfts[3]) / 2)
-    assert summary["metrics"]["tokens_after"]["median"] == 32
+    assert summary["metrics"]["visual_tokens_kept"]["median"] == 32
     (row,) = list(csv.DictReader(open(run_dir / "summary.csv")))
     assert int(row["n"]) == 6 and float(row["ttft_s_median"]) == pytest.approx(summary["metrics"]["ttft_s"]["median"])
     assert "accuracy" in output and "run folder" in output

@@ -27,7 +27,7 @@ runner = CliRunner()
 FAST = ["--model", "tiny", "--max-new-tokens", "2", "--num-frames", "4"]
 # What a cell's row must show whichever way it ran (timings differ from run to run).
 ROW_KEYS = ("cell", "kind", "n", "accuracy", "unparsed", "errors", "agreement", "num_frames", "tokens_in",
-            "tokens_after_stage1", "kept_tokens", "retention")
+            "tokens_after_visual_methods", "kept_tokens", "retention")
 RECORD_KEYS = ("prediction", "generated_text", "tokens_after_stage1", "tokens_after", "prompt_tokens", "generated_tokens")
 
 

@@ -109,7 +109,7 @@ def test_same_answers_as_our_own_harness(task, tmp_path, preset):
     assert config["config"]["stage2"]["enabled"] is (preset == "default")
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["by_task"]["prunevid_toy"]["n"] == N
-    assert summary["metrics"]["tokens_after"]["mean"] == pytest.approx(mean_kept)
+    assert summary["metrics"]["visual_tokens_kept"]["mean"] == pytest.approx(mean_kept)
 
 
 def test_same_inputs_as_lmms_evals_own_qwen_model(task, tmp_path):

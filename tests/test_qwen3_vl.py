@@ -1,8 +1,8 @@
 """Qwen3-VL (dense and MoE) on its tiny models: per-step placeholder runs, q/k after QK-norm,
 and DeepStack owned by the patch so that it follows every reduction.
 
-Each method's run is checked against a cache-free, layer-by-layer reference that adds the
-DeepStack levels by hand (taken from the tower itself, averaged over each merged row's members),
+Each method's run is checked against the package's cache-free, layer-by-layer reference
+(``verify.reference``, the one ``prunevid verify`` uses) that adds the DeepStack levels by hand (taken from the tower itself, averaged over each merged row's members),
 at K = 0, D-1, D and later (D = 2 DeepStack levels on 4 layers); the same reference without
 DeepStack must differ, so the check can fail. All float32 on the CPU.
 """
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from prunevid_bench import splice
 from prunevid_bench.engine import prefill_position_ids
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.models.tiny import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 from prunevid_bench.pipeline import _with_overrides, load_pipeline
-from tests.test_stage2 import Traced, additive_mask
+from prunevid_bench.verify.reference import cache_free_logits, deepstack_inputs
+from tests.test_stage2 import Traced
 
 MODELS = ("tiny-qwen3vl", "tiny-qwen3vl-moe")
 QUESTION = "What is happening in this video?"
@@ -69,71 +69,23 @@ def run_traced(pipe, prepared, **overrides) -> Traced:
                   seen["embeds"], seen["position_ids"])
 
 
-@torch.no_grad()
-def tower_levels(pipe, prepared) -> list[torch.Tensor]:
-    """The DeepStack levels [T*N, C] of the video's grid tokens, straight from the tower."""
-    inputs = prepared.inputs
-    out = pipe.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    return [level[0] for level in out.deepstack_features]
-
-
 def deepstack_rows(pipe, prepared, st, merge: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(LLM-input rows of the video's tokens, each level there): a row's level is the mean of
-    its members' own levels (``merge``) or its representative's."""
-    full = tower_levels(pipe, prepared)
-    ids = prepared.inputs["input_ids"][0]
-    runs = family_of(pipe.model).video_runs(pipe.model, ids, prepared.inputs["video_grid_thw"].tolist())
-    place = splice.run_positions(runs[0])
-    video = st.videos[0]
-    rows = torch.searchsorted(st.source_index, place[video.index])
-    levels = []
-    for level in full:
-        if merge:
-            members = torch.nn.functional.one_hot(video.origin.clamp(min=0), video.index.numel()).float()
-            members[video.origin < 0] = 0
-            levels.append((members.T @ level) / members.sum(0)[:, None])
-        else:
-            levels.append(level[video.index])
-    return rows, levels
+    """(LLM-input rows of the visual tokens, each level there), from the towers themselves: a
+    row's level is the mean of its members' own levels (``merge``) or its representative's
+    (the package's reference, ``verify.reference.deepstack_inputs``)."""
+    return deepstack_inputs(pipe, prepared, st, "merge" if merge else "representative")
 
 
-@torch.no_grad()
 def reference(model, traced: Traced, prepared, rows, levels, k: int, keep_index, decode_sees_dropped=False,
               deepstack=True) -> torch.Tensor:
-    """Logits behind the generated tokens, each recomputed with no cache: layers 0..k on the LLM
-    input (level i added after layer i at ``rows``), then only ``keep_index`` and the generated
-    tokens through the later layers (the levels still due added at the kept rows' new places)."""
-    lm = model.model.language_model
-    embeds, mrope = traced.embeds, traced.position_ids[1:]
-    n_prompt = embeds.shape[1]
+    """Logits behind the generated tokens, each recomputed with no cache by the package's
+    reference (``verify.reference.cache_free_logits``): layers 0..k on the LLM input (level i
+    added after layer i at ``rows``), then only ``keep_index`` and the generated tokens through
+    the later layers (the levels still due added at the kept rows' new places)."""
     first = prefill_position_ids(model, prepared.inputs)[1:, :, -1:] + 1
-    dropped = torch.ones(n_prompt, dtype=torch.bool)
-    dropped[keep_index] = False
-    new_place = torch.full((n_prompt,), -1, dtype=torch.long)
-    new_place[keep_index] = torch.arange(keep_index.numel())
-    later_rows, went = new_place[rows], new_place[rows] >= 0
-    tokens, out = traced.result.generated_token_ids, []
-    for t in range(len(tokens)):
-        x = torch.cat([embeds, lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long)).unsqueeze(0)], dim=1)
-        pos = torch.cat([mrope, first + torch.arange(t).view(1, 1, -1)], dim=-1)
-        n = n_prompt + t
-        allowed = torch.ones(n, n, dtype=torch.bool).tril()
-        if not decode_sees_dropped:
-            allowed[n_prompt:, :n_prompt] &= ~dropped
-        mask, rotary = additive_mask(allowed), lm.rotary_emb(x, pos)
-        for i, layer in enumerate(lm.layers[: k + 1]):
-            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None).clone()
-            if deepstack and i < len(levels):
-                x[0, rows] += levels[i]
-        keep = torch.cat([keep_index, torch.arange(n_prompt, n)])
-        x, pos = x[:, keep], pos[..., keep]
-        mask, rotary = additive_mask(torch.ones(len(keep), len(keep), dtype=torch.bool).tril()), lm.rotary_emb(x, pos)
-        for i, layer in enumerate(lm.layers[k + 1 :], start=k + 1):
-            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None).clone()
-            if deepstack and i < len(levels):
-                x[0, later_rows[went]] += levels[i][went]
-        out.append(model.lm_head(lm.norm(x[:, -1]))[0].float())
-    return torch.stack(out)
+    return cache_free_logits(model, traced.embeds, traced.position_ids[1:], keep_index, k,
+                             traced.result.generated_token_ids, first, decode_sees_dropped=decode_sees_dropped,
+                             deepstack=(rows, levels) if deepstack else None)
 
 
 CASES = [  # (overrides, K of the reference or None: no LLM-layer method)
@@ -403,28 +355,10 @@ def test_timestamps_are_the_steps_true_times_in_the_file(pipes, tmp_path):
     assert indices[0] > 0 and re.findall(r"<[0-9.]+ seconds>", text) == expected
 
 
-@torch.no_grad()
 def all_levels(pipe, prepared, st) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(LLM-input rows, levels) of every video's tokens (each row the mean of its members' levels)
     and every image's tokens (untouched), from the towers themselves."""
-    inputs, base = prepared.inputs, pipe.model.model
-    ids = inputs["input_ids"][0]
-    videos = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).deepstack_features
-    runs = family_of(pipe.model).video_runs(pipe.model, ids, inputs["video_grid_thw"].tolist())
-    rows, levels = [], [[] for _ in range(LEVELS)]
-    for i, (video_runs, tokens) in enumerate(zip(runs, st.videos)):
-        place = splice.run_positions(video_runs)
-        rows.append(torch.searchsorted(st.source_index, place[tokens.index]))
-        members = torch.nn.functional.one_hot(tokens.origin.clamp(min=0), tokens.index.numel()).float()
-        members[tokens.origin < 0] = 0
-        for j in range(LEVELS):
-            levels[j].append((members.T @ videos[j][i]) / members.sum(0)[:, None])
-    if "pixel_values" in inputs:
-        images = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
-        rows.append(torch.searchsorted(st.source_index, torch.nonzero(ids == IMAGE_PAD_ID).flatten()))
-        for j in range(LEVELS):
-            levels[j].append(torch.cat(images[j]))
-    return torch.cat(rows), [torch.cat(level) for level in levels]
+    return deepstack_inputs(pipe, prepared, st, "merge")
 
 
 @pytest.fixture(scope="module")

@@ -125,8 +125,8 @@ def test_torchrun_on_two_cpu_processes_equals_one_process(toy, tmp_path):
 
     merged, alone = (json.loads((d / "summary.json").read_text()) for d in (split_dir, single_dir))
     assert merged["complete"] and merged["accuracy"] == alone["accuracy"]
-    assert {k: merged["metrics"][k] for k in ("tokens_after", "prompt_tokens")} == \
-           {k: alone["metrics"][k] for k in ("tokens_after", "prompt_tokens")}
+    assert {k: merged["metrics"][k] for k in ("visual_tokens_kept", "prompt_tokens")} == \
+           {k: alone["metrics"][k] for k in ("visual_tokens_kept", "prompt_tokens")}
     assert merged["ranks"] == [{"world_size": 2, "rank": r, "device": "cpu", "n": 10} for r in (0, 1)]
     assert "ranks" not in alone
     shards = json.loads((split_dir / "environment.json").read_text())["shards"]

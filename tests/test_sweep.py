@@ -143,9 +143,9 @@ def test_frames_control_matches_the_kept_tokens():
     base = build_config(None, None, {"video.num_frames": 16})
     cells = expand_cells(base, parse_values(["keep_ratio=0.25,0.5,0.9"]))
     # 16 frames = 8 temporal steps of 16 tokens: 32 kept tokens ~ 2 steps = 4 frames.
-    results = {"baseline": result(num_frames=16, tokens_before_stage1=128, tokens_after=128),
-               cells[1].name: result(tokens_after=32), cells[2].name: result(tokens_after=64),
-               cells[3].name: result(tokens_after=120)}
+    results = {"baseline": result(num_frames=16, visual_tokens=128, visual_tokens_kept=128),
+               cells[1].name: result(visual_tokens_kept=32), cells[2].name: result(visual_tokens_kept=64),
+               cells[3].name: result(visual_tokens_kept=120)}
     controls = frames_controls(base, cells, results)
     assert [(c.name, c.matches) for c in controls] == [("frames=4", [cells[1].name]), ("frames=8", [cells[2].name])]
     assert all(c.config.video.num_frames == int(c.name[7:]) and not c.config.stage1.enabled and not c.config.stage2.enabled
@@ -173,8 +173,8 @@ def test_frames_controls_and_the_baseline_switch_off_every_method(preset, method
     base = build_config(preset, None, {"video.num_frames": 16})
     assert method in base.enabled_methods
     cells = expand_cells(base, parse_values(["keep_ratio=0.25"]))
-    results = {"baseline": result(num_frames=16, tokens_before_stage1=128, tokens_after=128),
-               cells[1].name: result(tokens_after=32)}
+    results = {"baseline": result(num_frames=16, visual_tokens=128, visual_tokens_kept=128),
+               cells[1].name: result(visual_tokens_kept=32)}
     controls = frames_controls(base, cells, results)
     assert [c.name for c in controls] == ["frames=4"]
     for cell in (cells[0], *controls):

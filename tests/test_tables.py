@@ -14,7 +14,7 @@ from prunevid_bench.harness.tables import Column, FittedTable
 def compare_row(name, stages, tokens, acc, ttft, baseline=False):
     """A row as compare_rows makes it, with the README's kind of values (long names and stages)."""
     return {"run": name, "path": "", "stages": stages, "model": "toy", "n": 200, "tokens_in": tokens[0],
-            "tokens_after_stage1": tokens[1], "tokens_after_stage2": tokens[2], "compression": tokens[2] / tokens[0],
+            "tokens_after_visual_methods": tokens[1], "visual_tokens_kept": tokens[2], "compression": tokens[2] / tokens[0],
             "llm_prefill_tokens": None, "ttft_s": ttft, "decode_tokens_per_s": 245.8, "peak_memory_bytes": 857_499_648,
             "kv_cache_bytes": 166_912, "accuracy": acc, "ci_low": acc - 0.05, "ci_high": acc + 0.03, "unparsed": 0,
             "is_baseline": baseline, "delta_accuracy": acc - 0.94, "ttft_speedup": 0.0908 / ttft, "kv_ratio": 0.427,
@@ -78,12 +78,12 @@ def test_compare_table_fits_and_keeps_header_words_whole(width):
 
 def test_compare_table_at_80_columns_keeps_the_headline_columns():
     shown = headers_as_shown(render(rich_table(COMPARE_ROWS), 80))
-    assert shown == ["run", "model", "acc % (CI)", "kept", "Δacc (p)", "speed-up"]
-    assert [h for h in headers_as_shown(render(rich_table(COMPARE_ROWS), 250))] == [c.header for c in CONSOLE_COLUMNS]
+    assert shown == ["run", "model", "acc % (CI)", "kept", "FLOPs", "Δacc (p)"]  # what each line paid beside its kept share
+    assert [h for h in headers_as_shown(render(rich_table(COMPARE_ROWS), 300))] == [c.header for c in CONSOLE_COLUMNS]
 
 
 def test_a_wide_console_shows_every_column_and_no_note():
-    lines = render(rich_table(COMPARE_ROWS), 250)
+    lines = render(rich_table(COMPARE_ROWS), 300)
     text = "\n".join(lines)
     assert "not shown" not in text and "89.0 (84-92)" in text and "128→54→19" in text
     assert "S1 tau=0.8 c=0.5 seg=0.25 + S2 keep=0.4 L=1 (10/28) prunevid" in text  # stages on one line
@@ -103,7 +103,7 @@ def test_sweep_table_fits_and_keeps_header_words_whole(width):
     assert max(map(len, lines)) <= width
     shown = headers_as_shown(lines)
     assert {"cell", "acc (CI)"} <= set(shown) and (width < 140 or "model" in shown) and (width < 80 or {"tokens", "TTFT", "front"} <= set(shown))
-    assert all(h in ("cell", "model", "acc (CI)", "tokens", "TTFT", "speed-up", "Δacc (p)", "agree", "front", "kept", "n", "KV",
+    assert all(h in ("cell", "model", "acc (CI)", "tokens", "FLOPs", "tok/L", "TTFT", "speed-up", "Δacc (p)", "agree", "front", "kept", "n", "KV",
                      "dec tok/s", "peak mem")
                for h in shown), shown
     text = "\n".join(lines)

@@ -205,3 +205,32 @@ def test_a_refused_run_is_not_run_with_the_refusal_as_its_reason():
     assert [(c["check"], c["passed"]) for c in mine] == [("nothing", None), ("reference", None)]
     assert all(c["note"] == "refused: refuser does not run on this family" for c in mine)
     assert rows(rep, "vanilla")[0]["passed"]
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3vl", "tiny-qwen3vl-moe"])
+def test_verify_runs_the_reference_checks_on_qwen3vl_with_deepstack(model):
+    """The package's reference adds Qwen3-VL's DeepStack levels, so every reference check runs
+    and passes there; only what the family refuses (methods inside the vision encoder) and the
+    inputs check (no --video) are not run."""
+    result, reports = verify("--model", model)
+    assert result.exit_code == 0, result.output
+    (rep,) = reports
+    assert rep["passed"] and not rows(rep, passed=False)
+    checked = {c["method"] for c in rows(rep, "reference", passed=True)}
+    assert checked == {"none"} | {m.name for m in all_methods()}  # every registered method, at its default place
+    for c in rows(rep, passed=None):
+        assert c["check"] == "inputs" or "inside the vision encoder is not supported" in c["note"], c
+
+
+def test_a_patch_that_skips_deepstack_fails_the_reference_check(monkeypatch):
+    """The patch's DeepStack add left out after layer 0 (levels 1.. still added): the run no
+    longer equals the reference, which adds every level from the towers itself."""
+    from prunevid_bench.patch.deepstack import DeepStack
+
+    original = DeepStack._add_level
+    monkeypatch.setattr(DeepStack, "_add_level", lambda self, i, output: None if i == 0 else original(self, i, output))
+    result, (rep,) = verify("--model", "tiny-qwen3vl", "--methods", "tome")
+    assert result.exit_code == 1
+    failed = {(c["check"], c["method"]) for c in rows(rep, passed=False)}
+    assert failed == {("reference", "tome"), ("nothing", "tome")}  # the unpatched vanilla run still passes
+    assert next(c for c in rows(rep, "reference") if c["method"] == "none")["passed"]

@@ -37,8 +37,116 @@ def budget_method(cfg: RunConfig):
     return takes[-1] if takes else None
 
 
-def with_budget(cfg: RunConfig, budget: float | None) -> RunConfig:
-    """``cfg`` with ``budget_overrides`` applied (unchanged for None)."""
+def with_budget(cfg: RunConfig, budget: float | None, match: str | None = None) -> RunConfig:
+    """``cfg`` with ``budget_overrides`` applied (unchanged for None), and ``budget.match`` set
+    when ``match`` is given (``flops``: the knob is solved per sample, ``match_flops``)."""
+    if match is not None:
+        cfg = from_dict(merge_into(cfg.to_dict(), overrides_to_layer({"budget.match": match}), "--match"))
     if budget is None:
         return cfg
     return from_dict(merge_into(cfg.to_dict(), overrides_to_layer(budget_overrides(cfg, budget)), "--budget"))
+
+
+# --match flops: how close to the asked FLOPs fraction a solved run must come before the solver
+# stops (a fraction of the baseline's prefill FLOPs), and how many runs of a sample it may make.
+FLOPS_TOLERANCE = 0.005
+FLOPS_RUNS = 3
+
+
+def match_flops(pipe, prepared, cfg: RunConfig):
+    """One sample at matched cost (``budget.match: flops``): the knob of the budget's method
+    (``Method.budget_knob``) is solved so this run's analytic prefill FLOPs (vision encoder + LLM,
+    ``flops.run_flops``) are the fraction B of the unreduced run's, B being the budget asked.
+
+    A run at the token-matched knob shows how this input flows (the tokens entering the LLM, the
+    layer K the LLM-layer method prunes at); the FLOPs at any other knob value follow from the
+    count the knob promises at the method's place, and bisection over the knob finds B. The run
+    at the solved knob is measured; if its FLOPs miss B by more than FLOPS_TOLERANCE (a promise
+    the method did not keep exactly), the solve is repeated from that run (FLOPS_RUNS runs at
+    most). A method that cannot cost as little as B runs at its smallest budget and says so
+    (``match_note``). The record holds the FLOPs fraction reached (``prefill_flops_fraction``)
+    beside the token fraction (``visual_tokens_kept_ratio``), the target and the solved knob."""
+    method = budget_method(cfg)
+    base = from_dict(merge_into(cfg.to_dict(), overrides_to_layer({"budget.match": "tokens"}), "--match"))
+    if method is None:  # nothing to match (e.g. a sweep's baseline cell): the run as it is
+        return pipe.run(prepared, config=base)
+    target = cfg.section(method.section).budget
+    place = method.where(cfg.section(method.section))
+    if place not in ("vision_encoder", "visual_tokens", "llm_layer"):
+        raise PruneVidError(f"--match flops: {method.name} acts at {place}, whose prefill FLOPs are not modelled; "
+                            "match it by tokens")
+    tried: dict[float, Any] = {}
+    fraction = target
+    for _ in range(FLOPS_RUNS):
+        run = pipe.run(prepared, config=with_budget(base, fraction))
+        tried[fraction] = run
+        if abs(run.prefill_flops_fraction - target) <= FLOPS_TOLERANCE:
+            break
+        layer = pipe._apply_stages(with_budget(base, fraction))
+        fraction = _solve(pipe, prepared, base, method, place, run, fraction, target,
+                          layer.score_layer if layer is not None and layer.layer_method else None)
+        if fraction in tried:
+            break
+    best = min(tried.values(), key=lambda run: abs(run.prefill_flops_fraction - target))
+    best.method_fields.update(match="flops", flops_target=target, flops_solve_runs=len(tried))
+    if best.prefill_flops_fraction - target > FLOPS_TOLERANCE:
+        best.method_fields["match_note"] = (f"{method.name} cannot cost as little as {target:g} of the baseline's prefill "
+                                            f"FLOPs here: {best.prefill_flops_fraction:.3f} at best")
+    elif target - best.prefill_flops_fraction > FLOPS_TOLERANCE:
+        best.method_fields["match_note"] = (f"{method.name} reached {best.prefill_flops_fraction:.3f} of the baseline's "
+                                            f"prefill FLOPs, not {target:g} (its knob moves in steps)")
+    return best
+
+
+def _lowest(visual_tokens: int) -> float:
+    """The smallest knob fraction tried: one visual token's share (a budget is a fraction in (0, 1])."""
+    return 1.0 / max(1, visual_tokens)
+
+
+def _solve(pipe, prepared, base: RunConfig, method, place: str, run, fraction: float, target: float,
+           layer: int | None) -> float:
+    """The knob fraction whose predicted FLOPs are nearest ``target`` of the baseline's: the
+    measured FLOPs of ``run`` (made at ``fraction``) plus the analytic change when the method
+    keeps the count its knob promises at another fraction, by bisection (the FLOPs rise with the
+    fraction)."""
+    from prunevid_bench.families import family_of
+    from prunevid_bench.flops import run_flops
+
+    model = pipe.model
+    family = family_of(model)
+    inputs = prepared.inputs
+    grids = [list(map(int, g)) for key in ("video_grid_thw", "image_grid_thw")
+             for g in (inputs.get(key).tolist() if inputs.get(key) is not None else [])]
+    merge = family.geometry(model.config).merge
+    video_grids = [(t, (h // merge) * (w // merge)) for t, h, w in
+                   (inputs["video_grid_thw"].tolist() if inputs.get("video_grid_thw") is not None else [])]
+    vision = family.vision_shape(model.config)
+    entered, kept = run.tokens_after_visual_methods, run.visual_tokens_kept
+    kept = entered if kept is None else kept
+
+    def analytic(f: float) -> int:
+        section = base.section(method.section)
+        n = method.budget_knob(section, f).promise(video_grids)
+        if place == "llm_layer":  # layers 0..K see what entered, the later ones what it keeps
+            prefill, dropped, skipped = run.llm_prefill_tokens, entered - min(n, entered), 0
+        else:  # every LLM layer sees the count it keeps (and the merger projects no more)
+            prefill = run.llm_prefill_tokens - entered + n
+            dropped = round((entered - kept) * n / entered) if entered else 0
+            skipped = run.visual_tokens - n if place == "vision_encoder" else 0
+        return run_flops(model.config, vision, grids, run.prompt_tokens, prefill, layer, dropped if layer is not None else 0,
+                         0, skipped)[0].total
+
+    anchor, goal = analytic(fraction), target * run.prefill_flops_baseline
+
+    def predicted(f: float) -> float:
+        return run.prefill_flops + analytic(f) - anchor
+
+    lo, hi = _lowest(run.visual_tokens), 1.0
+    if predicted(lo) >= goal:
+        return lo
+    if predicted(hi) <= goal:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicted(mid) < goal else (lo, mid)
+    return min((lo, hi), key=lambda f: abs(predicted(f) - goal))

@@ -79,6 +79,7 @@ def run(
     repeats: Annotated[int, typer.Option("--repeats", help="Timing mode: measure one video N times.", rich_help_panel="Timing")] = 1,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Discarded warm-up runs: of the video in timing mode (default 0), or the first N questions of --dataset, run untimed and unlogged first (default 1).", rich_help_panel="Timing", show_default=False)] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Keep this fraction (0, 1] of the original visual tokens: the enabled method's own knob is set to reach it (PruneVid: Stage 2's total).", rich_help_panel="Config")] = None,
+    match: Annotated[str, typer.Option("--match", help="What --budget matches: tokens (the kept fraction of the visual tokens) | flops (the knob is solved per sample so the prefill FLOPs, vision encoder + LLM, are that fraction of the unreduced run's).", rich_help_panel="Config")] = "tokens",
     save_kept: Annotated[bool, typer.Option("--save-kept", help="The record holds, per method, the (t, h, w) grid coordinates of the tokens it kept and what each merged token stands for.", rich_help_panel="Output")] = False,
     show_kept: Annotated[bool, typer.Option("--show-kept", help="One video: draw kept.png in the run folder, the sampled frames with each method's kept patches outlined and merged groups shaded alike (implies --save-kept).", rich_help_panel="Output")] = False,
 ) -> None:
@@ -92,7 +93,9 @@ def run(
     human = human_console(json_out, output.quiet)
     from prunevid_bench.budget import with_budget
 
-    cfg = with_budget(flags.build(), budget)
+    if match == "flops" and budget is None:
+        raise PruneVidError("--match flops needs --budget B (the fraction of the baseline's prefill FLOPs)")
+    cfg = with_budget(flags.build(), budget, match)
     if save_kept or show_kept:
         cfg.runtime.save_kept = True
     if dataset is not None:
@@ -153,16 +156,17 @@ def _flag(ctx: typer.Context, name: str) -> str:
 @guarded
 @with_groups(data=DatasetFlags, evaluation=EvalFlags, output=OutputFlags, flags=ConfigFlags, launching=LaunchFlags)
 def sweep(
-    params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (stage1.tau); default: all given values.", show_default=False)] = None,
+    params: Annotated[Optional[list[str]], typer.Argument(help="Parameters to sweep, short (tau) or dotted (tome.budget); default: all given values.", show_default=False)] = None,
     values: Annotated[Optional[list[str]], typer.Option("--values", "-v", help="name=v1,v2,... (repeatable), e.g. tau=0.7,0.8,0.9.", rich_help_panel="Sweep")] = None,
-    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, or a shipped one by name: stage1, stage2 (sweeps/*.yaml; --values win over it).", rich_help_panel="Sweep")] = None,
-    controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (Stage-2 cells rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
+    sweep_file: Annotated[Optional[Path], typer.Option("--sweep-file", help="A grid YAML, or a shipped one by name (sweeps/*.yaml; see the README; --values win over it).", rich_help_panel="Sweep")] = None,
+    controls: Annotated[Optional[list[str]], typer.Option("--controls", help="random (cells whose LLM-layer method scores, rerun with random scores) | frames (baseline with fewer frames at each cell's kept tokens); repeatable.", rich_help_panel="Sweep")] = None,
     metric: Annotated[str, typer.Option("--metric", help="Plot and Pareto front on: accuracy | agreement (with the baseline cell).", rich_help_panel="Sweep")] = "accuracy",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their status; run nothing.", rich_help_panel="Sweep")] = False,
     status: Annotated[bool, typer.Option("--status", help="Show each cell's state (new, running, k/n done, done, failed) and job; run nothing.", rich_help_panel="Sweep")] = False,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets); prunevid-vision is PruneVid with stage1.space=vision.", rich_help_panel="Sweep")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Matched budgets: methods to compare, e.g. prunevid,tome,evs,vidcom2,fastv (with --budgets); prunevid-vision is PruneVid merging in the vision encoder's space.", rich_help_panel="Sweep")] = None,
     budgets: Annotated[Optional[str], typer.Option("--budgets", help="Kept fractions of the visual tokens for --methods, e.g. 0.1,0.25,0.5.", rich_help_panel="Sweep")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", help="Every cell keeps this fraction (0, 1] of the visual tokens (as run --budget).", rich_help_panel="Sweep")] = None,
+    match: Annotated[str, typer.Option("--match", help="What --budget/--budgets match: tokens (kept fraction) | flops (each cell's knob solved per sample so its prefill FLOPs are that fraction of the baseline's).", rich_help_panel="Sweep")] = "tokens",
     dataset: Annotated[Optional[Path], typer.Option("--dataset", help="The dataset every cell evaluates.", rich_help_panel="Dataset")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cells already finished (earlier results move to backup-N/).", rich_help_panel="Dataset")] = False,
     warmup: Annotated[int, typer.Option("--warmup", help="Each cell first runs this many questions untimed and unlogged (the cold start is nobody's).", rich_help_panel="Sweep")] = 1,
@@ -178,7 +182,7 @@ def sweep(
 ) -> None:
     """Sweep parameters over a dataset: a baseline cell plus a grid, each a resumable run.
 
-    Sweeping a Stage-1 parameter switches Stage 1 on in the grid cells (a Stage-2 parameter, Stage 2).
+    Sweeping a method's parameter switches that method on in the grid cells.
 
     Ends with one table (summary.csv) and pareto.png. Restart the same command to resume.
     """
@@ -190,7 +194,9 @@ def sweep(
 
     if budget is not None and methods is not None:
         raise PruneVidError("--budget fixes one budget; with --methods give --budgets instead")
-    cfg = with_budget(flags.build(), budget)
+    if match == "flops" and budget is None and budgets is None:
+        raise PruneVidError("--match flops needs --budget B, or --methods with --budgets")
+    cfg = with_budget(flags.build(), budget, match)
     method_names, budget_values = parse_method_grid(methods, budgets)
     grid = SweepGrid(tuple(params or ()), tuple(values or ()), sweep_file, tuple(controls or ()), metric, dry_run,
                      status=status, methods=method_names, budgets=budget_values)

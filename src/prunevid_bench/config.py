@@ -69,29 +69,45 @@ class RuntimeConfig:
     save_kept: bool = False  # the record holds each method's kept tokens as grid coordinates (--save-kept)
 
 
-# Keys renamed, still read under their old name (for one release): section -> {old: new}.
-RENAMED_KEYS = {"stage1": {"k": "dpc_neighbours"}}  # `k` read like the pruning layer K
+MATCHES = ("tokens", "flops")
+
+
+@dataclass
+class BudgetConfig:
+    # What a budget B (--budget, a sweep's --budgets) matches: "tokens", the knob keeps the fraction B
+    # of the visual tokens; "flops", the knob is solved per sample so the prefill FLOPs (vision
+    # encoder + LLM, flops.py) are the fraction B of the unreduced run's (budget.match_flops).
+    match: str = "tokens"
+
+
+def renamed_keys() -> dict[str, dict[str, str]]:
+    """Keys renamed, still read under their old name (for one release): section -> {old: new},
+    as each method declares (``Method.renamed_keys``)."""
+    return {m.section: m.renamed_keys for m in all_methods() if m.renamed_keys}
 
 
 @dataclass(init=False)
 class RunConfig:
     """model, video, generation, runtime, and one section per registered method (``methods``, by section
-    name: ``stage1``, ``stage2``, ``tome``, ...), each read as an attribute too (``cfg.tome``).
+    name: ``tome``, ``evs``, ...), each read as an attribute too (``cfg.tome``).
     ``RunConfig(tome=ToMeConfig(enabled=True))`` sets a method's section by keyword."""
 
     model: ModelConfig
     video: VideoConfig
     generation: GenerationConfig
     runtime: RuntimeConfig
+    budget: BudgetConfig
     methods: dict[str, Any]
 
     def __init__(self, model: ModelConfig | None = None, video: VideoConfig | None = None,
                  generation: GenerationConfig | None = None,
-                 runtime: RuntimeConfig | None = None, methods: dict[str, Any] | None = None, **sections: Any):
+                 runtime: RuntimeConfig | None = None, budget: BudgetConfig | None = None,
+                 methods: dict[str, Any] | None = None, **sections: Any):
         self.model = model if model is not None else ModelConfig()
         self.video = video if video is not None else VideoConfig()
         self.generation = generation if generation is not None else GenerationConfig()
         self.runtime = runtime if runtime is not None else RuntimeConfig()
+        self.budget = budget if budget is not None else BudgetConfig()
         types = method_sections()
         unknown = [name for name in sections if name not in types]
         if unknown:
@@ -101,7 +117,7 @@ class RunConfig:
         self.methods.update(sections)
 
     def __getattr__(self, name: str) -> Any:
-        """A method's section as an attribute (``cfg.stage1``); only called for names not found."""
+        """A method's section as an attribute (``cfg.tome``); only called for names not found."""
         methods = self.__dict__.get("methods")
         if methods is not None and name in methods:
             return methods[name]
@@ -132,13 +148,15 @@ _BASE_SECTIONS = {
     "video": VideoConfig,
     "generation": GenerationConfig,
     "runtime": RuntimeConfig,
+    "budget": BudgetConfig,
 }
 
 
-# Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
-# registered later with a key of the same name does not make today's short names ambiguous
-# (PruneVid's two sections: the short names of the presets and sweeps written before the registry).
-_CORE_SECTIONS = ("model", "video", "generation", "runtime", "stage1", "stage2")
+def _core_sections() -> tuple[str, ...]:
+    """Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
+    registered later with a key of the same name does not make today's short names ambiguous:
+    the base sections and those of the methods that ask for it (``Method.short_keys_first``)."""
+    return (*_BASE_SECTIONS, *(m.section for m in all_methods() if m.short_keys_first))
 
 
 def section_types() -> dict[str, type]:
@@ -148,7 +166,7 @@ def section_types() -> dict[str, type]:
 
 
 def all_keys() -> list[str]:
-    """Every dotted key, e.g. ``stage1.tau``."""
+    """Every dotted key, e.g. ``tome.budget``."""
     return [f"{s}.{f.name}" for s, cls in section_types().items() for f in dataclasses.fields(cls)]
 
 
@@ -158,16 +176,16 @@ def _suggest(word: str, candidates: list[str]) -> str:
 
 
 def resolve_key(name: str) -> str:
-    """Turn a short (``tau``) or dotted (``stage1.tau``) name into a dotted key, or raise."""
+    """Turn a short (``tau``) or dotted (``video.fps``) name into a dotted key, or raise."""
     keys = all_keys()
     section, _, key = name.rpartition(".")
-    for old_section, renames in RENAMED_KEYS.items():  # an old name, dotted or short
+    for old_section, renames in renamed_keys().items():  # an old name, dotted or short
         if key in renames and section in ("", old_section):
             return f"{old_section}.{renames[key]}"
     if name in keys:
         return name
     short = [k for k in keys if k.split(".", 1)[1] == name]
-    core = [k for k in short if k.split(".", 1)[0] in _CORE_SECTIONS]
+    core = [k for k in short if k.split(".", 1)[0] in _core_sections()]
     short = core or short
     if len(short) == 1:
         return short[0]
@@ -243,6 +261,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise PruneVidError(f"runtime.threads must be >= 1 (or null for torch's default), got {cfg.runtime.threads}")
+    if cfg.budget.match not in MATCHES:
+        raise PruneVidError(f"budget.match must be tokens or flops, got '{cfg.budget.match}'")
     if cfg.generation.max_new_tokens < 1:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -261,7 +281,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 def merge_into(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict[str, Any]:
     """Overlay one nested config dict on another, refusing unknown sections and keys."""
     if not isinstance(layer, dict):
-        raise PruneVidError(f"{source}: expected a mapping of sections (model, video, stage1, ...)")
+        raise PruneVidError(f"{source}: expected a mapping of sections (model, video, tome, ...)")
     out = {s: dict(v) for s, v in base.items()}
     for section, values in layer.items():
         if section in ("name", "description"):
@@ -272,7 +292,7 @@ def merge_into(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict
             raise PruneVidError(f"{source}: section '{section}' must be a mapping")
         names = [f.name for f in dataclasses.fields(section_types()[section])]
         for key, value in values.items():
-            key = RENAMED_KEYS.get(section, {}).get(key, key)
+            key = renamed_keys().get(section, {}).get(key, key)
             if key not in names:
                 raise PruneVidError(f"{source}: unknown key '{section}.{key}'{_suggest(str(key), names)}")
             out.setdefault(section, {})[key] = value
@@ -280,7 +300,7 @@ def merge_into(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``stage2.keep_ratio=0.3`` -> ("stage2.keep_ratio", 0.3); the value is parsed as YAML."""
+    """``video.fps=2`` -> ("video.fps", 2); the value is parsed as YAML."""
     if "=" not in text:
         raise PruneVidError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
@@ -342,14 +362,14 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def __getattr__(name: str) -> Any:
-    """PruneVid's config classes under their old home (``config.Stage1Config``), for one release:
-    they live in the method files now (``methods.prunevid_stage1``, ``methods.prunevid_stage2``)."""
-    if name == "Stage1Config":
-        from prunevid_bench.methods.prunevid_stage1 import Stage1Config
+    """A method's config class (and its module's constants) under its old home, ``config.<Name>``,
+    for one release: the method files own them now."""
+    import sys
 
-        return Stage1Config
-    if name in ("Stage2Config", "SCORE_MODES"):
-        from prunevid_bench.methods import prunevid_stage2
-
-        return getattr(prunevid_stage2, name)
+    for method in all_methods():
+        if method.config.__name__ == name:
+            return method.config
+        module = sys.modules[method.config.__module__]
+        if name.isupper() and hasattr(module, name):
+            return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ def parse_layer(key: str, value: Any) -> int | str:
     raise PruneVidError(f"{key} must be {LAYER_FORMS}, got {value!r}")
 
 
-def resolve_layer(spec: int | str, num_layers: int, key: str = "stage2.pruning_layer") -> int:
+def resolve_layer(spec: int | str, num_layers: int, key: str = "pruning_layer") -> int:
     """The absolute 0-based layer that ``spec`` names in a model of ``num_layers`` layers.
 
     An int is taken as is and must exist in the model. ``"K/N"`` is the layer at the same relative

@@ -190,7 +190,7 @@ class Pipeline:
     ) -> RunResult:
         """Run one sample: a video and a question, Qwen chat ``messages`` (several videos,
         images, a system prompt), or a ``Prepared`` input. ``overrides`` are dotted or short
-        config keys, e.g. ``keep_ratio=0.3`` or ``{"stage1.enabled": True}`` passed as ``**{...}``."""
+        config keys, e.g. ``keep_ratio=0.3`` or ``{"tome.enabled": True}`` passed as ``**{...}``."""
         cfg = config or self.config
         if overrides:
             cfg = _with_overrides(cfg.to_dict(), overrides)
@@ -198,6 +198,10 @@ class Pipeline:
             prepared = video
         else:
             prepared = self.prepare(video, question, cfg, messages=messages)
+        if cfg.budget.match == "flops":  # the knob solved for this sample's FLOPs (runs it at the solution)
+            from prunevid_bench.budget import match_flops
+
+            return match_flops(self, prepared, cfg)
         handle = self._apply_stages(cfg)
         with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope, integer_seconds_wanted(cfg)):
             out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
@@ -205,8 +209,8 @@ class Pipeline:
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         stages = handle.report() if handle else {}
         visual = out.visual_tokens
-        before1 = stages.get("tokens_before_stage1", visual)
-        after1 = stages.get("tokens_after_stage1", visual)
+        before1 = stages.get("tokens_in_prompt", visual)
+        after1 = stages.get("tokens_after_visual", visual)
         tokens_before = stages.get("tokens_before", after1)
         tokens_after = stages.get("tokens_after", after1)
         kv_uncompressed = out.kv_cache_bytes
@@ -274,6 +278,8 @@ class Pipeline:
             prefill_flops=flops.total,
             prefill_flops_baseline=flops_base.total,
             ideal_speedup=round(flops_base.total / flops.total, 6) if flops.total else None,
+            prefill_flops_fraction=round(flops.total / flops_base.total, 6) if flops_base.total else None,
+            visual_tokens_per_layer=self._visual_per_layer(handle, after1, tokens_after),
             generated_token_ids=out.token_ids,
             first_token_logits=out.first_logits,
             vision_cached=bool(served and served.hit),
@@ -297,6 +303,13 @@ class Pipeline:
         if promised != kept:
             out["budget_note"] = f"{method.name} kept {kept} visual tokens, not the {promised} its budget promised"
         return out
+
+    def _visual_per_layer(self, handle, entered: int, kept: int) -> float:
+        """Visual tokens in each LLM layer's prefill, mean over layers: ``entered`` up to the last
+        layer on every token, ``kept`` after it (the cost a kept fraction alone does not show)."""
+        n = self.model.config.get_text_config().num_hidden_layers
+        k = handle.score_layer if handle is not None and handle.layer_method else n - 1
+        return round(((k + 1) * entered + (n - k - 1) * kept) / n, 3)
 
     def _served_features(self, prepared: Prepared, handle):
         """The feature cache's tower output for this run, unless a method changes the tower's

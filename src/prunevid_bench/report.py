@@ -40,7 +40,8 @@ class Reduction:
 
 # Old record names, kept beside the new ones for one release: old -> new. The record names
 # places, not PruneVid's stages: the prompt, before the LLM (after the visual-token methods),
-# after the LLM-layer method.
+# after the LLM-layer method. The old names are written beside the new ones for this release,
+# and read (``record_get``, ``with_place_names``) only where an old run folder lacks the new ones.
 RECORD_ALIASES = {
     "tokens_before": "tokens_after_visual_methods",
     "tokens_after": "visual_tokens_kept",
@@ -52,6 +53,23 @@ RECORD_ALIASES = {
     "stage1_s": "visual_methods_s",
     "stage2_s": "layer_method_s",
 }
+
+
+def record_get(record: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A record's field by its place name; a record of an old run folder may hold it only under
+    an old name (``RECORD_ALIASES``)."""
+    if name in record:
+        return record[name]
+    return next((record[old] for old, new in RECORD_ALIASES.items() if new == name and old in record), default)
+
+
+def with_place_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A summary's metrics, with those an old run folder wrote under old names also under the new."""
+    out = dict(metrics)
+    for old, new in RECORD_ALIASES.items():
+        if old in metrics and new not in out:
+            out[new] = metrics[old]
+    return out
 
 
 @dataclass
@@ -106,6 +124,8 @@ class RunResult:
     prefill_flops: int | None = None  # analytic (flops.py): vision encoder + LLM prefill of this run
     prefill_flops_baseline: int | None = None  # the same input with no reduction
     ideal_speedup: float | None = None  # prefill_flops_baseline / prefill_flops: if time followed FLOPs
+    prefill_flops_fraction: float | None = None  # prefill_flops / prefill_flops_baseline: what the run paid
+    visual_tokens_per_layer: float | None = None  # visual tokens each LLM layer's prefill saw, mean over layers
     generated_token_ids: list[int] = field(default_factory=list)
     # the vision tower's output came from a feature cache: vision_encoder_s is the time measured
     # when it was computed, and ttft_s = that time + this run's measured post-vision time

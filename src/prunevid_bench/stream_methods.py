@@ -4,7 +4,7 @@ A stream runs every enabled ``visual_tokens`` method on each chunk's tokens as i
 (PruneVid Stage 1, ToMe, EVS, VidCom2, a plug-in: each sees the chunk's frames as a video of
 ``t`` temporal steps; EVS also sees the previous chunk's last step, ``VideoTokens.previous``, so
 a chunk's first step is compared with it) and the LLM-layer method it has a question-time
-implementation for (``stream_stage2.STREAM_LAYER_METHODS``). Anything else is refused in one
+implementation for (``Method.stream_eviction``). Anything else is refused in one
 line before any work (``check_stream_methods``): a method placed inside the vision encoder, an
 LLM-layer method without a stream implementation, and a reduction the stream cannot carry into
 its cache (token sizes for proportional attention, positions renumbered after the video), found
@@ -48,7 +48,7 @@ def enabled_methods(cfg) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]], 
 
 def check_stream_methods(cfg, cache_tokens: int | None = None) -> None:
     """Refuse, in one line and before any work, what a stream cannot run as it says."""
-    from prunevid_bench.stream_stage2 import STREAM_LAYER_METHODS
+    from prunevid_bench.methods import all_methods
 
     visual, layer, encoder = enabled_methods(cfg)
     for method, section in visual + layer:
@@ -59,10 +59,11 @@ def check_stream_methods(cfg, cache_tokens: int | None = None) -> None:
         raise PruneVidError(f"a stream runs visual-token methods on each chunk's LLM tokens; {method.name} acts "
                             f"inside the vision encoder with this config: place it on the LLM's tokens or turn it off")
     for method, section in layer:
-        if method.name not in STREAM_LAYER_METHODS:
+        if method.stream_eviction is None:
+            able = ", ".join(m.name for m in all_methods() if m.stream_eviction is not None)
             raise PruneVidError(f"{method.name} cannot run in a stream yet (question-time eviction there is "
-                                f"{', '.join(STREAM_LAYER_METHODS)}'s): turn it off")
-        STREAM_LAYER_METHODS[method.name].check(section)
+                                f"{able}'s): turn it off")
+        method.stream_eviction().check(section)
     if cache_tokens is not None and visual:
         raise PruneVidError(f"--cache-tokens and a visual-token method per chunk ({visual[0][0].name}) cannot be combined "
                             "yet; choose one")

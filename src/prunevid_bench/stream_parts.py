@@ -103,14 +103,12 @@ class ChunkRecord:
     methods: list[str] = field(default_factory=list)  # the visual-token methods that acted on it
     method_stats: dict[str, int] = field(default_factory=dict)  # their record fields, for this chunk
 
-    @property
-    def tokens_before_stage1(self) -> int:
-        """The old name of ``tokens_in`` (kept for one release)."""
-        return self.tokens_in
-
     def record(self) -> dict[str, Any]:
-        """As written to ``chunks.jsonl``: the fields, and ``tokens_before_stage1`` (alias of ``tokens_in``)."""
-        return {**asdict(self), "tokens_before_stage1": self.tokens_in}
+        """As written to ``chunks.jsonl``: the fields, and ``tokens_in`` under the record's old
+        names of the visual tokens before any method (``report.RECORD_ALIASES``, one release)."""
+        from prunevid_bench.report import RECORD_ALIASES
+
+        return {**asdict(self), **{old: self.tokens_in for old, new in RECORD_ALIASES.items() if new == "visual_tokens"}}
 
 
 @dataclass

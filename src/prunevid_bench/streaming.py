@@ -47,7 +47,7 @@ class StreamSession:
     every enabled visual-token method on each chunk as it arrives (question-agnostic; PruneVid
     Stage 1's segments, ToMe's merges, VidCom2's frame budgets never cross a chunk, EVS compares
     a chunk's first step with the previous chunk's last), and the LLM-layer method at each ask
-    (question-time eviction, ``prunevid_bench.stream_stage2``). What a stream cannot run is refused.
+    (question-time eviction, the method's ``stream_eviction``). What a stream cannot run is refused.
     ``cache_tokens``: at most this many visual tokens stay cached; beyond it, the tokens most
     similar to the same slot of the previous temporal step are evicted (EVS-style, question-agnostic).
     ``presized``: the frames come at the model's input size (a qwen-style policy sized them), so the
@@ -57,7 +57,6 @@ class StreamSession:
     def __init__(self, pipe, video_fps: float, chunk_frames: int | None = None, *, config=None,
                  cache_tokens: int | None = None, presized: bool = False):
         from prunevid_bench.stream_methods import check_stream_methods, enabled_methods
-        from prunevid_bench.stream_stage2 import STREAM_LAYER_METHODS
 
         if video_fps <= 0:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
@@ -85,7 +84,7 @@ class StreamSession:
         self.eviction = None
         if layer:
             method, section = layer[0]
-            self.eviction = STREAM_LAYER_METHODS[method.name](pipe.model, section)
+            self.eviction = method.stream_eviction()(pipe.model, section)
         self._answering = False
         self.clock = Clock(pipe.device)
         self._cache_kw = cache_keyword(pipe.model)

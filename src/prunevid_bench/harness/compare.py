@@ -51,26 +51,22 @@ def expand(paths: list[Path]) -> list[SavedRun]:
 
 
 def stages_text(cfg: dict[str, Any], pruning_layer: int | str | None = None) -> str:
-    """The stage settings in a few words. ``L`` is the layer the run actually pruned after
-    (``pruning_layer``), with the configured relative depth beside it when it was one: ``L=1 (10/28)``."""
-    s1, s2 = cfg["stage1"], cfg["stage2"]
+    """The methods' settings in a few words, in config order, each as its method names them
+    (``Method.describe``). The layer is the one the run actually pruned at (``pruning_layer``),
+    with the configured relative depth beside it when it was one: ``L=1 (10/28)``."""
+    from prunevid_bench.methods import describe_settings, method_for_section
+
     parts = []
-    if s1["enabled"]:
-        space = f" space={s1['space']}" if s1.get("space", "llm") != "llm" else ""  # the official space says nothing
-        parts.append(f"S1 tau={s1['tau']} c={s1['cluster_ratio']} seg={s1['temporal_segment_ratio']}{space}")
-    if s2["enabled"]:
-        kept = f"keep={s2['keep_ratio']}" if s2.get("budget") is None else f"budget={s2['budget']}"
-        parts.append(f"S2 {kept} L={layer_text(pruning_layer, s2['pruning_layer'])} {s2['score']}")
-    for section, values in cfg.items():  # the other methods present, by their section name
+    for section, values in cfg.items():
         if section in NOT_METHODS or not isinstance(values, dict) or not values.get("enabled"):
             continue
-        keys = [f"L={layer_text(pruning_layer, v)}" if k == "pruning_layer" else f"{k}={v}"
-                for k, v in values.items() if k != "enabled" and v is not None]  # unset optional keys (budget) say nothing
-        parts.append(" ".join([section, *keys]))
+        layer = layer_text(pruning_layer, values["pruning_layer"]) if "pruning_layer" in values else ""
+        method = method_for_section(section)  # None: a plug-in this install lacks, named by its section
+        parts.append(method.describe(values, layer) if method else describe_settings(section, values, layer))
     return " + ".join(parts) or "off"
 
 
-NOT_METHODS = ("model", "video", "generation", "stage1", "stage2")
+NOT_METHODS = ("model", "video", "generation")
 
 
 def question_set(run: SavedRun) -> frozenset[str]:
@@ -116,8 +112,8 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
     rows = []
     for run in runs:
         acc = run_accuracy(run)
-        tokens_in = run.metric("tokens_before_stage1")
-        kept = run.metric("tokens_after")
+        tokens_in = run.metric("visual_tokens")
+        kept = run.metric("visual_tokens_kept")
         row: dict[str, Any] = {
             "run": run.name,
             "path": str(run.path),
@@ -125,9 +121,11 @@ def compare_rows(runs: list[SavedRun], reference: SavedRun | None) -> list[dict[
             "stages": stages_text(run.config, run.pruning_layer),
             "n": acc["n"] if acc else 1,
             "tokens_in": tokens_in,
-            "tokens_after_stage1": run.metric("tokens_after_stage1"),
-            "tokens_after_stage2": kept,
+            "tokens_after_visual_methods": run.metric("tokens_after_visual_methods"),
+            "visual_tokens_kept": kept,
             "compression": (kept / tokens_in) if kept is not None and tokens_in else None,
+            "flops_fraction": run.metric("prefill_flops_fraction") or _fraction(run.metric("ideal_speedup")),
+            "tokens_per_layer": run.metric("visual_tokens_per_layer"),
             "llm_prefill_tokens": run.metric("llm_prefill_tokens"),
             "ttft_s": run.metric("ttft_s"),
             "ideal_speedup": run.metric("ideal_speedup"),  # analytic (FLOPs), beside the measured ttft_speedup
@@ -184,12 +182,13 @@ def _paired_short(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Output
 
+TOKEN_PLACES = ("tokens_in", "tokens_after_visual_methods", "visual_tokens_kept")  # in the prompt, entering the LLM, kept
 COLUMNS = (  # header, formatter of a row
     ("run", lambda r: r["run"] + (" (base)" if r["is_baseline"] and r["run"] != "baseline" else "")),
     ("stages", lambda r: r["stages"]),
     ("model", lambda r: model_text(r["model"])),
     ("n", lambda r: str(r["n"])),
-    ("tokens in → LLM → kept", lambda r: " → ".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2"))),
+    ("tokens in → LLM → kept", lambda r: " → ".join(_num(r[k]) for k in TOKEN_PLACES)),
     ("kept", lambda r: fmt_pct(r["compression"])),
     ("TTFT (median)", lambda r: fmt_seconds(r["ttft_s"])),
     ("decode tok/s", lambda r: _num(r["decode_tokens_per_s"], 1)),
@@ -201,6 +200,9 @@ COLUMNS = (  # header, formatter of a row
     ("TTFT speed-up", lambda r: "-" if r["ttft_speedup"] is None else f"{r['ttft_speedup']:.2f}×"),
     ("KV vs base", lambda r: fmt_pct(r["kv_ratio"])),
     ("agreement", lambda r: fmt_pct(r["agreement"])),
+    # what the run paid (analytic): last, so the tables written before keep their columns
+    ("prefill FLOPs vs base", lambda r: fmt_pct(r.get("flops_fraction"))),
+    ("visual tokens per layer", lambda r: _num(r.get("tokens_per_layer"), 1)),
 )
 
 
@@ -208,6 +210,11 @@ def _num(x: float | None, digits: int = 0) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}f}" if digits or not float(x).is_integer() else f"{x:.0f}"
+
+
+def _fraction(speedup: float | None) -> float | None:
+    """A run folder from before the FLOPs fraction was recorded: the inverse of its ideal speed-up."""
+    return 1 / speedup if speedup else None
 
 
 def _ci_text(r: dict[str, Any]) -> str:
@@ -225,11 +232,14 @@ CONSOLE_COLUMNS = (
     Column("model", FORMAT["model"], rank=0, fold=True, justify="left", word_cap=12),
     Column("acc % (CI)", _ci_text, rank=0, note="acc: accuracy, 95% CI"),
     Column("kept", FORMAT["kept"], rank=1, note="kept: visual tokens left after every method"),
+    Column("FLOPs", FORMAT["prefill FLOPs vs base"], rank=1,
+           note="FLOPs: prefill FLOPs (vision encoder + LLM, analytic) over the unreduced run's: what it paid"),
+    Column("tok/L", FORMAT["visual tokens per layer"], rank=3, note="tok/L: visual tokens per LLM layer (mean)"),
     Column("TTFT", FORMAT["TTFT (median)"], rank=2, note="TTFT: median"),
     Column("Δacc (p)", _paired_short, rank=1,
            note="Δacc: paired accuracy difference in points on the shared questions, p: exact McNemar"),
-    Column("speed-up", FORMAT["TTFT speed-up"], rank=1, note="Δ and speed-up: against the base run (TTFT medians)"),
-    Column("in→LLM→kept", lambda r: "→".join(_num(r[k]) for k in ("tokens_in", "tokens_after_stage1", "tokens_after_stage2")), rank=4),
+    Column("speed-up", FORMAT["TTFT speed-up"], rank=2, note="Δ and speed-up: against the base run (TTFT medians)"),
+    Column("in→LLM→kept", lambda r: "→".join(_num(r[k]) for k in TOKEN_PLACES), rank=4),
     Column("agree", FORMAT["agreement"], rank=5, note="agree: same choice as the base run"),
     Column("stages", FORMAT["stages"], rank=6, fold=True, justify="left"),
     Column("KV/base", FORMAT["KV vs base"], rank=7),

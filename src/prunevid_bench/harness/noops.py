@@ -5,10 +5,9 @@ at every stage and the answer. When such a group of cells agrees on every questi
 no effect there (at those values of the other keys, or everywhere), and the sweep says so rather
 than printing identical rows as if they were findings. The reason, where it can be told from the config and the records:
 
-- ``stage1.cluster_ratio`` (and ``dpc_neighbours``): a set is clustered only when it holds more
-  than ``stage1.min_cluster_tokens`` tokens (14 in the official code). Two cluster ratios keep
-  different numbers of any larger set, so equal counts mean no set was larger.
-- ``stage2.pruning_layer``: the values resolved to the same layer of this model.
+- a method's own reason, when it can tell one (``Method.no_effect``; e.g. PruneVid's cluster
+  ratio, which clusters only sets larger than its minimum);
+- a ``pruning_layer``: the values resolved to the same layer of this model.
 - identical effective configurations (values that mean the same thing).
 """
 
@@ -16,23 +15,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunevid_bench.report import record_get
+
 # What a question's outcome is, for "no effect": token counts per stage and the answer.
-OUTCOME = ("tokens_before_stage1", "tokens_after_stage1", "tokens_after", "llm_prefill_tokens", "prediction",
+OUTCOME = ("visual_tokens", "tokens_after_visual_methods", "visual_tokens_kept", "llm_prefill_tokens", "prediction",
            "generated_text")
 
 
 def _outcomes(records: list[dict[str, Any]]) -> dict[str, tuple]:
-    return {str(r["id"]): tuple(r.get(k) for k in OUTCOME) for r in records if not r.get("error")}
+    return {str(r["id"]): tuple(record_get(r, k) for k in OUTCOME) for r in records if not r.get("error")}
 
 
 def _reason(key: str, cells: list, summaries: dict[str, dict[str, Any]]) -> str:
     from prunevid_bench.harness.sweep import short_name
 
-    config = cells[0].config
-    if key in ("stage1.cluster_ratio", "stage1.dpc_neighbours"):
-        return (f"every token set is at most stage1.min_cluster_tokens={config.stage1.min_cluster_tokens}, so no set "
-                "was clustered (lower min_cluster_tokens, or give more tokens per frame)")
-    if key == "stage2.pruning_layer":
+    from prunevid_bench.methods import method_for_section
+
+    section, _, name = key.partition(".")
+    method = method_for_section(section)
+    if method is not None and method.no_effect is not None:  # the method can tell why its key did nothing
+        reason = method.no_effect(name, cells[0].config.section(section))
+        if reason:
+            return reason
+    if name == "pruning_layer":
         layers = {summaries[c.name].get("pruning_layer") for c in cells}
         if len(layers) == 1:
             return f"the values resolve to the same layer of this model ({layers.pop()})"

@@ -9,15 +9,14 @@ from typing import Any
 
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.harness.runs import SUMMARY_FILE, read_samples, spread
-STREAM_METRICS = ("ttft_s", "kv_cache_bytes", "tokens_before_stage1", "tokens_after")
+STREAM_METRICS = ("ttft_s", "kv_cache_bytes", "visual_tokens", "visual_tokens_kept")
 
 
 def _as_dataset_record(r: dict[str, Any]) -> dict[str, Any]:
     """A stream record with a dataset record's names: the visual tokens cached (in), those the
     answer kept after question-time eviction (out; all of them without eviction), the KV bytes."""
     kept = r.get("visual_tokens_kept")
-    return {**r, "kv_cache_bytes": r.get("kv_bytes"), "tokens_before_stage1": r.get("visual_tokens"),
-            "tokens_after": r.get("visual_tokens") if kept is None else kept}
+    return {**r, "kv_cache_bytes": r.get("kv_bytes"), "visual_tokens_kept": r.get("visual_tokens") if kept is None else kept}
 
 
 def stream_as_run(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

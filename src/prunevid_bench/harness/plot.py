@@ -1,6 +1,7 @@
-"""The sweep plot: accuracy (or agreement with the baseline) against kept tokens and TTFT.
+"""The sweep plot: accuracy (or agreement with the baseline) against kept tokens, prefill FLOPs
+(analytic, a fraction of the baseline's: what each line paid; when the rows have it) and TTFT.
 
-Two panels share the y axis. Every cell is a point (marker by kind: grid, baseline, random and
+The panels share the y axis. Every cell is a point (marker by kind: grid, baseline, random and
 frames controls) with its 95% Wilson interval as an error bar; the Pareto front (lower cost,
 higher quality) is drawn as a step line through its points and circled. Points carry numbers,
 not names: the key beside the panels maps each number to its cell, cells drawn at the same spot
@@ -24,7 +25,9 @@ STYLE = {  # kind -> (marker, colour, legend label)
     "method": ("o", "0.35", "method at a budget"),
 }
 METHOD_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # not the front's red
-PANELS = (("kept_tokens", "kept visual tokens (median)", 1.0), ("ttft_s", "TTFT, median (ms)", 1000.0))
+PANELS = (("kept_tokens", "kept visual tokens (median)", 1.0),
+          ("flops_fraction", "prefill FLOPs, % of the baseline's (median)", 100.0),
+          ("ttft_s", "TTFT, median (ms)", 1000.0))
 KEY_LINES = 30  # cells per column of the numbered key
 KEY_FONT = 7  # points; a monospace character is about 0.6 of that wide
 PANEL_WIDTH = 5.0  # inches per panel
@@ -41,7 +44,7 @@ def _ci(row: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
 
 def _usable(rows: list[dict[str, Any]], cost: str, metric: str) -> list[tuple[int, dict[str, Any]]]:
     return [(i, r) for i, r in enumerate(rows, start=1)
-            if r[cost] is not None and r[metric] is not None and r[metric] == r[metric]]
+            if r.get(cost) is not None and r[metric] is not None and r[metric] == r[metric]]
 
 
 def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
@@ -51,13 +54,14 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [p for p in PANELS if p[0] != "flops_fraction" or any(r.get(p[0]) is not None for r in rows)]
     key_columns = max(1, math.ceil(len(rows) / KEY_LINES))
     key_width = key_columns * (max(map(len, _key_lines(rows)), default=0) * 0.6 * KEY_FONT + 14) / 72  # inches
-    fig = plt.figure(figsize=(2 * PANEL_WIDTH + 1 + key_width, 5.2))
-    grid = fig.add_gridspec(1, 3, width_ratios=(PANEL_WIDTH, PANEL_WIDTH, key_width))
+    fig = plt.figure(figsize=(len(panels) * PANEL_WIDTH + 1 + key_width, 5.2))
+    grid = fig.add_gridspec(1, len(panels) + 1, width_ratios=(*(PANEL_WIDTH,) * len(panels), key_width))
     axes = [fig.add_subplot(grid[0, 0])]
-    axes.append(fig.add_subplot(grid[0, 1], sharey=axes[0]))
-    for ax, (cost, xlabel, scale) in zip(axes, PANELS):
+    axes += [fig.add_subplot(grid[0, j], sharey=axes[0]) for j in range(1, len(panels))]
+    for ax, (cost, xlabel, scale) in zip(axes, panels):
         usable = _usable(rows, cost, metric)
         for kind, (marker, colour, label) in STYLE.items():
             pts = [r for _, r in usable if r["kind"] == kind]
@@ -86,16 +90,19 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
         ax.grid(alpha=0.3)
         ax.margins(0.12)
     axes[0].set_ylabel("agreement with baseline (%)" if metric == "agreement" else "accuracy (%)")
-    plt.setp(axes[1].get_yticklabels(), visible=False)
     handles, labels = axes[0].get_legend_handles_labels()
-    more = [(h, lab) for h, lab in zip(*axes[1].get_legend_handles_labels()) if lab not in labels]
-    fig.legend(handles + [h for h, _ in more], labels + [lab for _, lab in more], loc="lower center",
-               ncol=5, fontsize=7, frameon=False)
-    _draw_key(fig.add_subplot(grid[0, 2]), rows, key_columns)
+    for ax in axes[1:]:
+        plt.setp(ax.get_yticklabels(), visible=False)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
+    _draw_key(fig.add_subplot(grid[0, len(panels)]), rows, key_columns)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 130)), fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    for ax, (cost, _, scale) in zip(axes, PANELS):
+    for ax, (cost, _, scale) in zip(axes, panels):
         _place_labels(fig, ax, [(i, r[cost] * scale, 100 * r[metric]) for i, r in _usable(rows, cost, metric)])
     return fig
 

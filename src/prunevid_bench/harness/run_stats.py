@@ -16,20 +16,21 @@ from typing import Any
 # Per-sample fields summarised with median and spread (errors excluded).
 METRICS = (
     "num_frames",
-    "tokens_before_stage1",
-    "tokens_after_stage1",
-    "tokens_after",
-    "total_compression_ratio",
+    "visual_tokens",  # in the prompt
+    "tokens_after_visual_methods",  # entering the LLM
+    "visual_tokens_kept",  # after the LLM-layer method
     "visual_tokens_kept_ratio",
     "prefill_flops",
     "ideal_speedup",
+    "prefill_flops_fraction",  # what the run paid: its prefill FLOPs over the unreduced run's
+    "visual_tokens_per_layer",  # visual tokens in each LLM layer's prefill, mean over layers
     "prompt_tokens",
     "llm_prefill_tokens",
     "generated_tokens",
     "ttft_s",
     "vision_encoder_s",
-    "stage1_s",
-    "stage2_s",
+    "visual_methods_s",
+    "layer_method_s",
     "prefill_s",
     "decode_tokens_per_s",
     "peak_memory_bytes",
@@ -43,6 +44,11 @@ def enabled_sections(cfg: Mapping[str, Any]) -> list[str]:
     """The config sections of the token-reduction methods a run had on, in config order."""
     return [name for name, values in cfg.items()
             if name not in ("model", "video", "generation") and isinstance(values, Mapping) and values.get("enabled")]
+
+
+def layer_spec(cfg: Mapping[str, Any]) -> int | str | None:
+    """The layer the run's LLM-layer method was configured at (an index or "K/N"), None without one."""
+    return next((cfg[s]["pruning_layer"] for s in enabled_sections(cfg) if "pruning_layer" in cfg[s]), None)
 
 
 def spread(values: Iterable[float | int | None]) -> dict[str, float] | None:
@@ -73,15 +79,16 @@ def summarise(
 ) -> dict[str, Any]:
     """Accuracy (95% Wilson CI, per category), agreement with a baseline, metric medians."""
     from prunevid_bench.harness.answers import accuracy_summary, agreement, paired_difference
+    from prunevid_bench.report import record_get
 
     ok = [r for r in records if not r.get("error")]
     summary: dict[str, Any] = {
         "n": len(records),
         "accuracy": accuracy_summary(records),
         "skipped": list(skipped),
-        # The absolute layer Stage 2 pruned after, as the model resolved it (one config, one value).
+        # The absolute layer the LLM-layer method pruned at, as the model resolved it (one config, one value).
         "pruning_layer": next((r["pruning_layer"] for r in ok if r.get("pruning_layer") is not None), None),
-        "metrics": {name: spread(r.get(name) for r in ok) for name in METRICS},
+        "metrics": {name: spread(record_get(r, name) for r in ok) for name in METRICS},  # old folders: old names
     }
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if v is not None}
     loads = [r["load_average"][0] for r in ok if r.get("load_average")]
@@ -112,7 +119,7 @@ def shortfall(summary: Mapping[str, Any]) -> list[str]:
 
 
 def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """One CSV row: identity, stage settings, accuracy, agreement, metric median/p25/p75/p90."""
+    """One CSV row: identity, the methods and their settings, accuracy, agreement, metric median/p25/p75/p90."""
     acc = summary["accuracy"]
     row: dict[str, Any] = {
         "run": meta.get("run"),
@@ -123,16 +130,11 @@ def flat_row(meta: Mapping[str, Any], summary: Mapping[str, Any], cfg: Mapping[s
         "answer_mode": meta.get("answer_mode"),
         "num_frames": cfg["video"]["num_frames"],
         "fps": cfg["video"]["fps"],
-        "stage1": cfg["stage1"]["enabled"],
-        "tau": cfg["stage1"]["tau"],
-        "cluster_ratio": cfg["stage1"]["cluster_ratio"],
-        "temporal_segment_ratio": cfg["stage1"]["temporal_segment_ratio"],
-        "stage2": cfg["stage2"]["enabled"],
-        "methods": "+".join(enabled_sections(cfg)),  # every method section on, stage1/stage2 included
-        "pruning_layer": summary.get("pruning_layer"),  # resolved; None when Stage 2 is off
-        "pruning_layer_spec": cfg["stage2"]["pruning_layer"],  # as configured, e.g. "10/28"
-        "keep_ratio": cfg["stage2"]["keep_ratio"],
-        "score": cfg["stage2"]["score"],
+        "methods": "+".join(enabled_sections(cfg)),  # every method section on
+        **{f"{section}.{key}": value for section in enabled_sections(cfg)  # their settings, by dotted key
+           for key, value in cfg[section].items() if key != "enabled"},
+        "pruning_layer": summary.get("pruning_layer"),  # resolved; None without an LLM-layer method
+        "pruning_layer_spec": layer_spec(cfg),  # as configured, e.g. "10/28"
         "n": acc["n"],
         "correct": acc["correct"],
         "accuracy": acc["accuracy"],

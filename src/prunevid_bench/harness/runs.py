@@ -34,6 +34,7 @@ from prunevid_bench.harness.run_stats import (  # noqa: F401 - importable from h
     METRICS,
     enabled_sections,
     flat_row,
+    layer_spec,
     shortfall,
     spread,
     summarise,
@@ -53,8 +54,11 @@ NOT_IDENTITY = ("runtime",)  # config sections that change how fast a run goes, 
 
 def identity_config(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """What a run folder's fingerprint covers: the config without NOT_IDENTITY sections, nor
-    ``video.decoder: auto`` (older folders keep their names; each record names its decoder)."""
+    ``video.decoder: auto`` (older folders keep their names; each record names its decoder), nor
+    ``budget`` when it matches tokens (the default: folders from before it keep their names)."""
     out = None if cfg is None else {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
+    if out and isinstance(out.get("budget"), Mapping) and out["budget"].get("match", "tokens") == "tokens":
+        out.pop("budget")
     if out and isinstance(out.get("video"), Mapping) and out["video"].get("decoder") == "auto":
         out["video"] = {k: v for k, v in out["video"].items() if k != "decoder"}
     return out
@@ -67,7 +71,7 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
 
 
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two nested dicts differ, e.g. ``config.stage2.keep_ratio``."""
+    """Dotted paths where two nested dicts differ, e.g. ``config.tome.budget``."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out = []
         for key in sorted(set(old) | set(new), key=str):
@@ -228,15 +232,15 @@ class SavedRun:
 
     @property
     def stages_off(self) -> bool:
-        """No token-reduction method on (stage1, stage2, or any other method's section)."""
+        """No token-reduction method on (no method's section enabled)."""
         return not enabled_sections(self.config)
 
     @property
     def pruning_layer(self) -> int | str | None:
-        """The absolute layer Stage 2 pruned after, as recorded by the run; folders written
+        """The absolute layer the LLM-layer method pruned at, as recorded by the run; folders written
         before it was recorded fall back to the config's value (then always an index)."""
         recorded = self.result if self.result is not None else self.summary or {}
-        return recorded["pruning_layer"] if "pruning_layer" in recorded else self.config["stage2"]["pruning_layer"]
+        return recorded["pruning_layer"] if "pruning_layer" in recorded else layer_spec(self.config)
 
     def metric(self, name: str) -> float | None:
         """Median over samples for a dataset run; the value (or repeat median) for a single run."""
@@ -247,7 +251,7 @@ class SavedRun:
 
 
 def load_run(path: Path) -> SavedRun:
-    from prunevid_bench.report import read_json
+    from prunevid_bench.report import read_json, with_place_names
 
     path = Path(path)
     config_path = path / CONFIG_FILE
@@ -264,6 +268,7 @@ def load_run(path: Path) -> SavedRun:
         summary, records = (stream_as_run if meta["scenario"] == "stream" else lmms_as_run)(path)
     elif (path / SUMMARY_FILE).is_file():
         summary = read_json(path / SUMMARY_FILE, rerun, ("accuracy", "metrics"))
+        summary["metrics"] = with_place_names(summary["metrics"])  # an old folder's metrics under the new names too
         records = read_run_samples(path)
     elif (path / "result.json").is_file():
         result = read_json(path / "result.json", "rerun the command, or leave this folder out")

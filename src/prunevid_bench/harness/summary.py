@@ -137,7 +137,7 @@ def summary_table(summary: dict[str, Any], title: str = "Summary") -> Table:
         return fmt(m[name]["median"]) if name in m else "-"
 
     row("visual tokens: prompt → LLM → kept (median)",
-                  f"{med('tokens_before_stage1', _int)} → {med('tokens_after_stage1', _int)} → {med('tokens_after', _int)}")
+                  f"{med('visual_tokens', _int)} → {med('tokens_after_visual_methods', _int)} → {med('visual_tokens_kept', _int)}")
     if "ttft_s" in m:
         t = m["ttft_s"]
         row("TTFT median [p25, p75]", f"{fmt_seconds(t['median'])} [{fmt_seconds(t['p25'])}, {fmt_seconds(t['p75'])}]")

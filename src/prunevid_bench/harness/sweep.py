@@ -4,11 +4,10 @@ Cells, in the order they run:
 - ``baseline``: the base config with every method off. Always included: agreement and deltas
   are measured against it.
 - grid cells: the Cartesian product of the swept values over the base config (``--preset``,
-  ``--config``, ``--set``). Sweeping a Stage-1 key (``stage1.*`` other than ``enabled``) switches
-  Stage 1 on in every grid cell, and a Stage-2 key switches Stage 2 on, so ``prunevid sweep tau``
-  measures merging even from a preset that has it off. Sweep ``stage1.enabled`` itself to
-  override that.
-- ``--controls random``: each grid cell whose LLM-layer method scores (PruneVid Stage 2), again
+  ``--config``, ``--set``). Sweeping a method's key (other than ``enabled``) switches that method
+  on in every grid cell, so ``prunevid sweep tau`` measures merging even from a preset that has
+  it off. Sweep the method's ``enabled`` itself to override that.
+- ``--controls random``: each grid cell whose LLM-layer method scores (e.g. PruneVid's), again
   with its ``score=random`` (the same number of tokens kept, chosen at random; every other method
   as in the cell, so the same tokens reach that layer). Cells without one get none.
 - ``--controls frames``: the baseline (every method off) with fewer frames, so that its visual tokens match a grid
@@ -198,7 +197,7 @@ def _run_cells(base, cells, plan, sweep_dir, spec, controls, metric, options, me
             meta=cell_meta(meta, cell), baseline_records=baseline_records, console=console, quiet=True,
         )
         res = results[cell.name]
-        kept = res.summary["metrics"].get("tokens_after", {}).get("median")
+        kept = res.summary["metrics"].get("visual_tokens_kept", {}).get("median")
         console.print(f"  accuracy {fmt_pct(res.summary['accuracy']['accuracy'])}, kept tokens "
                       f"{'-' if kept is None else f'{kept:.0f}'}; {res.ran} samples run now", highlight=False,
                       soft_wrap=True)

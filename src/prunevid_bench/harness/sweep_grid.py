@@ -36,7 +36,7 @@ class Cell:
 
 
 def short_name(key: str) -> str:
-    """``stage1.tau`` -> ``tau`` when the short name is unambiguous, else the dotted key."""
+    """``tome.budget`` -> ``budget`` when the short name is unambiguous, else the dotted key."""
     short = key.split(".", 1)[1]
     try:
         return short if resolve_key(short) == key else key
@@ -45,7 +45,7 @@ def short_name(key: str) -> str:
 
 
 def parse_values(specs: list[str]) -> dict[str, list[Any]]:
-    """``["tau=0.7,0.8", "stage2.score=prunevid,random"]`` -> {dotted key: [values]} (YAML-typed)."""
+    """``["tau=0.7,0.8", "tome.budget=0.25,0.5"]`` -> {dotted key: [values]} (YAML-typed)."""
     out: dict[str, list[Any]] = {}
     for spec in specs:
         if "=" not in spec:
@@ -61,7 +61,7 @@ def parse_values(specs: list[str]) -> dict[str, list[Any]]:
 def load_sweep_file(path: Path) -> dict[str, list[Any]]:
     """A sweep file: ``grid: {name: [values], ...}`` (short or dotted names), plus a description.
 
-    A name that is not a file but names a shipped sweep (``stage1``) reads that one, so a wheel
+    A name that is not a file but names a shipped sweep (``sweeps/<name>.yaml``) reads that one, so a wheel
     install, which has no ``sweeps/`` folder to point at, can use them too."""
     shipped = SWEEP_DIR / f"{path}.yaml"
     if not Path(path).is_file() and Path(path).name == str(path) and shipped.is_file():
@@ -187,25 +187,21 @@ def _score_key(cfg: RunConfig) -> str | None:
     return None
 
 
-# PruneVid's lines in a matched-budget sweep: Stages 1 and 2 on, with these settings on top.
-PRUNEVID_LINES = {"prunevid": {}, "prunevid-vision": {"stage1.space": "vision"}}
-
-
 def method_budget_cells(base: RunConfig, methods: list[str], budgets: list[float]) -> list[Cell]:
     """Matched budgets: the baseline (every method off) and one cell per method and budget, with
-    only that method on (``prunevid``: Stages 1 and 2, Stage 1 with the base's settings;
-    ``prunevid-vision``: the same with Stage 1 in the vision encoder's space) and its knob set to
-    keep the fraction B (``budget.budget_overrides``)."""
+    only that method on (or a line's methods, ``methods.lines.register_line``: e.g. ``prunevid``, its
+    stages together) and its knob set to keep the fraction B (``budget.budget_overrides``)."""
     from prunevid_bench.budget import budget_overrides
-    from prunevid_bench.methods import all_methods, get_method
+    from prunevid_bench.methods import all_methods
+    from prunevid_bench.methods.lines import method_line
 
     if not budgets:
         raise PruneVidError("--methods needs --budgets B1,B2,... (kept fractions in (0, 1])")
     off = {f"{m.section}.enabled": False for m in all_methods()}
     cells = [Cell("baseline", "baseline", off, with_overrides(base, off))]
     for name in dict.fromkeys(methods):
-        sections = ["stage1", "stage2"] if name in PRUNEVID_LINES else [get_method(name).section]
-        on = {**off, **{f"{s}.enabled": True for s in sections}, **PRUNEVID_LINES.get(name, {})}
+        line, settings = method_line(name)
+        on = {**off, **{f"{m.section}.enabled": True for m in line}, **settings}
         for budget in dict.fromkeys(budgets):
             overrides = {**on, **budget_overrides(with_overrides(base, on), float(budget))}
             cells.append(Cell(f"{name},budget={value_text(budget)}", "method", overrides, with_overrides(base, overrides),
@@ -219,12 +215,11 @@ def parse_method_grid(methods: str | None, budgets: str | None) -> tuple[tuple[s
         if budgets is not None:
             raise PruneVidError("--budgets needs --methods (e.g. --methods prunevid,tome)")
         return (), ()
-    from prunevid_bench.methods import get_method
+    from prunevid_bench.methods.lines import method_line
 
     names = tuple(n.strip() for n in methods.split(",") if n.strip())
     for name in names:
-        if name not in PRUNEVID_LINES:
-            get_method(name)  # unknown names: did you mean
+        method_line(name)  # unknown names: did you mean
     try:
         values = tuple(float(b) for b in (budgets or "").split(",") if b.strip())
     except ValueError:
@@ -240,16 +235,16 @@ def frames_controls(base: RunConfig, cells: list[Cell], results: dict[str, Any])
     """Baseline runs with fewer frames, one per distinct count matching a grid cell's kept tokens
     (``results``: each cell's ``EvalResult`` by name)."""
     baseline = results["baseline"].summary["metrics"]
-    if "tokens_before_stage1" not in baseline or "num_frames" not in baseline:
+    if "visual_tokens" not in baseline or "num_frames" not in baseline:
         return []
     frames_now = baseline["num_frames"]["median"]
-    per_step = baseline["tokens_before_stage1"]["median"] / max(1.0, frames_now / 2)  # tokens per 2 frames
+    per_step = baseline["visual_tokens"]["median"] / max(1.0, frames_now / 2)  # tokens per 2 frames
     wanted: dict[int, list[str]] = {}
     for cell in cells:
         metrics = results[cell.name].summary["metrics"] if cell.name in results else {}
-        if cell.kind != "grid" or "tokens_after" not in metrics:
+        if cell.kind != "grid" or "visual_tokens_kept" not in metrics:
             continue
-        frames = 2 * max(1, round(metrics["tokens_after"]["median"] / per_step))
+        frames = 2 * max(1, round(metrics["visual_tokens_kept"]["median"] / per_step))
         if frames < frames_now:
             wanted.setdefault(frames, []).append(cell.name)
     out = []

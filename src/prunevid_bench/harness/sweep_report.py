@@ -49,9 +49,10 @@ def sweep_rows(cells: list[Cell], results: dict[str, EvalResult], spec: dict[str
             n=acc["n"], accuracy=acc["accuracy"], ci_low=acc["ci_low"], ci_high=acc["ci_high"],
             unparsed=acc["unparsed"], errors=acc["errors"], agreement=ag["agreement"],
             agreement_ci_low=ag["ci_low"], agreement_ci_high=ag["ci_high"],
-            num_frames=med("num_frames"), tokens_in=med("tokens_before_stage1"),
-            tokens_after_stage1=med("tokens_after_stage1"), kept_tokens=med("tokens_after"),
-            retention=med("total_compression_ratio"), ttft_s=med("ttft_s"), ideal_speedup=med("ideal_speedup"),
+            num_frames=med("num_frames"), tokens_in=med("visual_tokens"),
+            tokens_after_visual_methods=med("tokens_after_visual_methods"), kept_tokens=med("visual_tokens_kept"),
+            retention=med("visual_tokens_kept_ratio"), flops_fraction=med("prefill_flops_fraction"),
+            tokens_per_layer=med("visual_tokens_per_layer"), ttft_s=med("ttft_s"), ideal_speedup=med("ideal_speedup"),
             ttft_ideal_s=base_ttft / med("ideal_speedup") if base_ttft and med("ideal_speedup") else None,
             decode_tokens_per_s=med("decode_tokens_per_s"), peak_memory_bytes=med("peak_memory_bytes"),
             kv_cache_bytes=med("kv_cache_bytes"), matches=";".join(cell.matches), run_dir=str(res.run_dir),
@@ -80,8 +81,8 @@ def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool]:
 
 
 def mark_pareto(rows: list[dict[str, Any]], metric: str) -> None:
-    for cost in ("kept_tokens", "ttft_s"):
-        flags = pareto_front([(r[cost], r[metric]) for r in rows])
+    for cost in ("kept_tokens", "flops_fraction", "ttft_s"):
+        flags = pareto_front([(r.get(cost), r[metric]) for r in rows])
         for row, flag in zip(rows, flags):
             row[f"pareto_{cost}"] = flag
 
@@ -110,7 +111,8 @@ def _count(x: float | None, digits: int = 0) -> str:
 
 
 def _front(r: dict[str, Any]) -> str:
-    return "/".join(name for name, key in (("tok", "pareto_kept_tokens"), ("ttft", "pareto_ttft_s")) if r[key])
+    return "".join(name for name, key in (("k", "pareto_kept_tokens"), ("f", "pareto_flops_fraction"),
+                                          ("t", "pareto_ttft_s")) if r.get(key))
 
 
 def _acc_ci(r: dict[str, Any]) -> str:
@@ -136,14 +138,18 @@ def sweep_table(rows: list[dict[str, Any]], metric: str, title: str) -> FittedTa
         Column("model", lambda r: model_text(r.get("model")), rank=3, fold=True, justify="left", word_cap=10),
         Column("acc (CI)", _acc_ci, rank=0, note="acc: accuracy with its 95% CI in %"),
         Column("tokens", lambda r: _count(r["kept_tokens"]), rank=1, note="tokens: visual tokens kept (median)"),
+        Column("kept", lambda r: fmt_pct(r["retention"]), rank=2, note="kept: of the visual tokens in"),
+        Column("FLOPs", lambda r: fmt_pct(r.get("flops_fraction")), rank=1,
+               note="FLOPs: prefill FLOPs (vision encoder + LLM, analytic) over the baseline's: what the line paid"),
+        Column("tok/L", lambda r: _count(r.get("tokens_per_layer"), 1), rank=2,
+               note="tok/L: visual tokens in each LLM layer's prefill, mean over layers (median)"),
         Column("TTFT", lambda r: fmt_seconds(r["ttft_s"]), rank=1, note="TTFT: median"),
         Column("speed-up", _speedup, rank=3, note="speed-up: median over questions of TTFT(baseline) / TTFT(cell), "
                "with p25-p75 (--interleave measures each pair under the same load)"),
-        Column("front", _front, rank=2, note=f"front: on the Pareto front of {metric} against kept tokens / TTFT"),
+        Column("front", _front, rank=1, note=f"front: on the Pareto front of {metric} against k: kept tokens, f: FLOPs, t: TTFT"),
         Column("Δacc (p)", lambda r: paired_short(r.get("paired_difference"), r.get("mcnemar_p")), rank=3,
                note="Δacc: paired difference from the baseline cell in points, p: exact McNemar"),
         Column("agree", lambda r: fmt_pct(r["agreement"]), rank=3, note="agree: with the baseline cell"),
-        Column("kept", lambda r: fmt_pct(r["retention"]), rank=4, note="kept: of the visual tokens in"),
         Column("n", lambda r: str(r["n"]), rank=5),
         Column("KV", lambda r: human_bytes(r["kv_cache_bytes"]), rank=6),
         Column("dec tok/s", lambda r: _count(r["decode_tokens_per_s"], 1), rank=7),

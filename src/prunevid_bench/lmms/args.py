@@ -15,7 +15,7 @@ Keys:
 - ``system_prompt``: a system prompt (or a file holding one) replacing the task's, as lmms-eval's
   own models take it;
 - ``max_num_frames``: lmms-eval's ``qwen2_5_vl`` name for ``video.num_frames``;
-- any config key, dotted (``stage2.keep_ratio=0.3``) or short (``keep_ratio=0.3``).
+- any config key, dotted (``tome.budget=0.5``) or short (``keep_ratio=0.3``).
 
 ``batch_size`` and ``max_batch_size`` come from lmms-eval's own flags: anything but one sample
 per forward is refused (DESIGN section 2), as is ``batch_size=auto``.

@@ -33,7 +33,7 @@ RESULT_EXCLUDE = {"generated_token_ids", "first_token_logits"}
 # What lmms-eval's results.json gets (as means) and each logged sample (as values).
 THROUGHPUT_FIELDS = (
     "ttft_s", "vision_encoder_s", "prefill_s", "decode_tokens_per_s", "prompt_tokens", "llm_prefill_tokens",
-    "tokens_before_stage1", "tokens_after_stage1", "tokens_after", "total_compression_ratio",
+    "visual_tokens", "tokens_after_visual_methods", "tokens_after", "total_compression_ratio",
     "peak_memory_bytes", "kv_cache_bytes", "kv_cache_bytes_uncompressed",
 )
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.methods.knobs import BUDGET, UNIT, BudgetKnob, Range, check_budget, fraction_knob  # noqa: F401
 from prunevid_bench.tokens import VideoTokens, VisualReduction  # noqa: F401  (what visual-token methods see and return)
 
 ACTS = ("vision_encoder", "visual_tokens", "llm_layer", "decode")
@@ -67,57 +68,6 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.holitom",
     "prunevid_bench.methods.dycoke",
 )
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric key may take: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def __str__(self) -> str:
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo}"
-        if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi}"
-        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
-
-    def contains(self, value: float) -> bool:
-        """Written as "is inside" so that NaN is outside every range."""
-        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
-        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
-        return above and below
-
-    def check(self, key: str, value: float) -> None:
-        if not self.contains(value):
-            raise PruneVidError(f"{key} must be {self}, got {value}")
-
-
-UNIT = Range(0, 1, lo_open=True)  # (0, 1]: ratios
-BUDGET = UNIT  # a kept fraction of the original visual tokens (--budget, --budgets, a method's `budget` key)
-
-
-def check_budget(fraction: float, name: str = "--budget") -> None:
-    """The one range check of a kept fraction, wherever it enters."""
-    BUDGET.check(name, fraction)
-
-
-@dataclass(frozen=True)
-class BudgetKnob:
-    """What ``Method.budget_knob(cfg, fraction)`` returns: ``settings``, the method's own keys
-    that keep the fraction (e.g. ``{"budget": 0.25}``), and ``promise(grids)``, the visual tokens
-    it promises to keep for videos of these ``(t, n)`` grids (temporal steps, tokens per step)."""
-
-    settings: dict[str, Any]
-    promise: Callable[[list[tuple[int, int]]], int]
-
-
-def fraction_knob(cfg: Any, fraction: float) -> BudgetKnob:
-    """The knob of a method whose ``budget`` key keeps ``round(fraction * all visual tokens)``."""
-    return BudgetKnob({"budget": fraction}, lambda grids: round(fraction * sum(t * n for t, n in grids)))
 
 
 @dataclass(frozen=True)
@@ -153,6 +103,19 @@ class Method:
     also: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # further places: place -> cfg -> acts there
     decode: Callable | None = None  # decode: (DecodeContext, cfg) -> kept visual tokens (indices into ctx.visual; None: all)
     decode_layer: Callable[[Any], Any] | None = None  # decode: cfg -> the first layer that attends to the kept positions
+    # (its section's settings as a dict, the layer text) -> how a table names this run's settings, e.g.
+    # "tome r=0.5"; None: the section name and its keys (``describe``). The layer text is the
+    # resolved layer with the configured depth beside it ("1 (10/28)"), for a method with a layer.
+    label: Callable[[dict, str], str] | None = None
+    short_keys_first: bool = False  # its keys win short-name lookups (``tau``) over methods registered later
+    renamed_keys: dict[str, str] = field(default_factory=dict)  # old key -> new key, still read (one release)
+    # (key, its section's config) -> why sweeping that key changed nothing, when the method can tell
+    no_effect: Callable[[str, Any], str | None] | None = None
+    stream_eviction: Callable[[], type] | None = None  # llm_layer: () -> its question-time eviction in a stream
+
+    def describe(self, values: dict, layer: str = "") -> str:
+        """This run's settings of the method in a few words (``compare``'s and the summary's line)."""
+        return self.label(values, layer) if self.label is not None else describe_settings(self.section, values, layer)
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""
@@ -219,6 +182,13 @@ def place_key(method: Method, place: str, cfg: Any) -> str:
     return method.name if place == method.where(cfg) else f"{method.name}@{place}"
 
 
+def describe_settings(section: str, values: dict, layer: str = "") -> str:
+    """A method section's settings in a few words: its name and keys, ``tome budget=0.5 L=...``."""
+    keys = [f"L={layer}" if k == "pruning_layer" else f"{k}={v}"
+            for k, v in values.items() if k != "enabled" and v is not None]  # unset optional keys (budget) say nothing
+    return " ".join([section, *keys])
+
+
 _METHODS: dict[str, Method] = {}
 _BROKEN: dict[str, str] = {}  # entry point name -> why its plug-in failed to load (left out)
 _loaded = False
@@ -279,6 +249,12 @@ def get_method(name: str) -> Method:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise PruneVidError(f"unknown method '{name}'{hint}; see `prunevid methods`")
     return _METHODS[name]
+
+
+def method_for_section(section: str) -> Method | None:
+    """The registered method whose config section is ``section`` (None: none, e.g. a plug-in
+    that a saved run used and this install lacks)."""
+    return next((m for m in all_methods() if m.section == section), None)
 
 
 def method_sections() -> dict[str, type]:

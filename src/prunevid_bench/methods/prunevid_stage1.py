@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import UNIT, Method, Range, VideoTokens, VisualReduction, register_method
+from prunevid_bench.methods.lines import register_line
 
 
 SPACES = ("llm", "vision")
@@ -52,6 +53,16 @@ def reduce(tokens: VideoTokens, cfg: Stage1Config) -> VisualReduction:
     )
 
 
+def _no_effect(key: str, cfg: Stage1Config) -> str | None:
+    """Why sweeping ``key`` changed nothing: a set is clustered only when it holds more than
+    min_cluster_tokens (14 in the official code), so two cluster ratios that keep the same
+    counts never clustered a set."""
+    if key in ("cluster_ratio", "dpc_neighbours"):
+        return (f"every token set is at most stage1.min_cluster_tokens={cfg.min_cluster_tokens}, so no set "
+                "was clustered (lower min_cluster_tokens, or give more tokens per frame)")
+    return None
+
+
 register_method(Method(
     name="prunevid_stage1",
     section="stage1",
@@ -67,4 +78,13 @@ register_method(Method(
     record_fields=("tokens_before_stage1", "tokens_after_stage1", "stage1_segments", "stage1_static_tokens",
                    "stage1_dynamic_tokens", "stage1_s"),
     reduce=reduce,
+    label=lambda v, layer: (f"S1 tau={v['tau']} c={v['cluster_ratio']} seg={v['temporal_segment_ratio']}"
+                            + (f" space={v['space']}" if v.get("space", "llm") != "llm" else "")),  # the official space says nothing
+    short_keys_first=True,  # the short names of the presets and sweeps written before the registry
+    renamed_keys={"k": "dpc_neighbours"},  # `k` read like the pruning layer K
+    no_effect=_no_effect,
 ))
+# PruneVid as one line of a method grid: both stages (Stage 1 with the base's settings, the budget
+# drives Stage 2), and the same with Stage 1 in the vision encoder's space.
+register_line("prunevid", ("prunevid_stage1", "prunevid_stage2"))
+register_line("prunevid-vision", ("prunevid_stage1", "prunevid_stage2"), {"stage1.space": "vision"})

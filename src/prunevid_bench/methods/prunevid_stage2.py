@@ -4,6 +4,7 @@ states and the KV cache. Config section ``stage2`` (:class:`Stage2Config`); scor
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from prunevid_bench.methods import UNIT, LayerContext, Method, fraction_knob, register_method
@@ -62,5 +63,9 @@ register_method(Method(
     pruning_layer=lambda cfg: cfg.pruning_layer,
     budget_knob=fraction_knob,  # Stage 2 keeps round(B * original) in total (fewer if Stage 1 left fewer)
     attention_scores=lambda cfg: {"attention": "query_rows", "last_token": "last_row"}.get(cfg.score),
+    label=lambda v, layer: (f"S2 {'keep=' + str(v['keep_ratio']) if v.get('budget') is None else 'budget=' + str(v['budget'])}"
+                            f" L={layer} {v['score']}"),
+    short_keys_first=True,  # the short names of the presets and sweeps written before the registry
+    stream_eviction=lambda: importlib.import_module("prunevid_bench.methods.prunevid_stream").QuestionEviction,
 ))
 

@@ -36,9 +36,11 @@ __all__ = ["EXTRA_CHANNELS", "BeforeMerger", "HandleReport", "MethodReport", "Re
            "apply_methods", "apply_prunevid"]
 
 
-def apply_prunevid(model, stage1, stage2):
-    """PruneVid's two sections on a loaded model (the entry point of earlier releases, kept as an
-    alias): ``apply_methods`` with only those sections set."""
+def apply_prunevid(model, *configs):
+    """Methods' configs on a loaded model, each in its own section (the entry point of earlier
+    releases, kept as an alias, called with PruneVid's two): ``apply_methods`` with only those set."""
     from prunevid_bench.config import RunConfig
+    from prunevid_bench.methods import method_sections
 
-    return apply_methods(model, RunConfig(stage1=stage1, stage2=stage2))
+    section_of = {cls: section for section, cls in method_sections().items()}
+    return apply_methods(model, RunConfig(methods={section_of[type(c)]: c for c in configs}))

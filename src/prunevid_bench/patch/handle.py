@@ -81,7 +81,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         self.deepstack_mode = config.model.deepstack  # a merged token's DeepStack levels (patch.deepstack)
         if self.encoder_methods and self.family.deepstack_levels(model):
             raise PruneVidError(f"{self.encoder_methods[0][0].name} inside the vision encoder is not supported on "
-                                f"{self.family.model_type} (DeepStack); reduce the visual tokens instead (stage1.space: llm)")
+                                f"{self.family.model_type} (DeepStack); place it on the LLM's visual tokens instead")
         layer = [(m, c) for m, c in enabled if "llm_layer" in m.acts_at(c)]
         if len(layer) > 1:
             raise PruneVidError("one LLM-layer method per run; disable all but one")

@@ -29,12 +29,9 @@ class HandleReport:
     method_stats: dict[str, int] = field(default_factory=dict)  # record fields the methods reported
     methods: dict[str, MethodReport] = field(default_factory=dict)
 
-    ALIASES = {"tokens_before_stage1": "tokens_in_prompt", "tokens_after_stage1": "tokens_after_visual"}
-
     def get(self, key: str, default: Any = None) -> Any:
-        """A field, an alias or a method's record field by name (the record reads its fields so;
-        ``methods`` as plain dicts)."""
-        key = self.ALIASES.get(key, key)
+        """A field or a method's record field by name (the record reads its fields so; ``methods``
+        as plain dicts)."""
         if key == "methods":
             return {name: dataclasses.asdict(m) for name, m in self.methods.items()}
         if key in self.method_stats:

@@ -52,14 +52,14 @@ class SampleState:
     decode_memory: dict = field(default_factory=dict)  # a decode method's own memory across this sample's steps
     captured: dict = field(default_factory=dict)
 
-    # the names these counts had while PruneVid's stages were the only methods (one release)
-    @property
-    def tokens_before_stage1(self) -> int:
-        return self.tokens_in_prompt
+    def __getattr__(self, name: str):
+        """The old names of the counts (one release), as the record's (``report.RECORD_ALIASES``)."""
+        from prunevid_bench.report import RECORD_ALIASES
 
-    @property
-    def tokens_after_stage1(self) -> int:
-        return self.tokens_after_visual
+        own = {"visual_tokens": "tokens_in_prompt", "tokens_after_visual_methods": "tokens_after_visual"}
+        if own.get(RECORD_ALIASES.get(name)):
+            return getattr(self, own[RECORD_ALIASES[name]])
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
 
 
 @dataclass

@@ -14,10 +14,11 @@ from prunevid_bench.families import family_of
 from prunevid_bench.patch.layer import merge_along
 
 
-def _norm(attn, name: str, x):
-    """Qwen3's per-head RMSNorm of q or k before rotary (``q_norm``/``k_norm``), where the layer has one."""
-    norm = getattr(attn, name, None)
-    return norm(x) if norm is not None else x
+def _normed(family, attn, which: int, x):
+    """``x`` [1, n, heads, d] through the family's QK-norm (Qwen3: ``q_norm``/``k_norm`` per head,
+    before rotary) when it has one (``Family.query_key`` names the norms instead of the projections)."""
+    module = family.query_key(attn)[which]
+    return x if module is (attn.q_proj, attn.k_proj)[which] else module(x)
 
 
 def project_kv(layer, family, x, rotary):
@@ -25,7 +26,7 @@ def project_kv(layer, family, x, rotary):
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     n, d = x.shape[1], attn.head_dim
-    k = _norm(attn, "k_norm", attn.k_proj(a).view(1, n, -1, d)).transpose(1, 2)
+    k = _normed(family, attn, 1, attn.k_proj(a).view(1, n, -1, d)).transpose(1, 2)
     v = attn.v_proj(a).view(1, n, -1, d).transpose(1, 2)
     _, k = family.apply_rotary(k, k, *rotary)
     return k, v
@@ -37,7 +38,7 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
     attn = family.attention(layer)
     a = layer.input_layernorm(x)
     t, d = x.shape[1], attn.head_dim
-    q = _norm(attn, "q_norm", attn.q_proj(a).view(1, t, -1, d)).transpose(1, 2)
+    q = _normed(family, attn, 0, attn.q_proj(a).view(1, t, -1, d)).transpose(1, 2)
     k, v = project_kv(layer, family, x, rotary)
     q, _ = family.apply_rotary(q, q, *rotary)
     keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
@@ -52,14 +53,16 @@ def layer_on_new_rows(layer, family, x, rotary, past_k, past_v):
 
 
 @torch.no_grad()
-def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos, compact=True,
-                     deepstack=None):
+def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, first_decode_pos, deepstack=None,
+                     mode: str = "merge", compact: bool = True):
     """Logits [T, vocab] behind ``tokens``: ``dest`` [L] the output row of every LLM-input row
     (-1 dropped), ``sizes`` [L] their weights, ``keep_index`` [L'] the rows kept (whose ids the
-    merged rows take), ``k`` the last layer on every row. ``compact=False``: layers 0..k keep
-    every prompt row's own keys and values (the merge is in the hidden states only). ``deepstack``
-    (Qwen3-VL, every level due by layer k): (rows [R], levels), level i added there after layer i."""
-    from prunevid_bench.verify.reference import _layer, additive_mask
+    merged rows take), ``k`` the last layer on every row. ``deepstack`` (rows [R], levels [D] of
+    [R, C]): level i added after layer i at those rows; after K at the merged rows, each the
+    size-weighted mean of its DeepStack members' levels (``mode`` representative: the kept row's own).
+    ``compact=False``: layers 0..k keep every prompt row's own keys and values (the merge is in the
+    hidden states only)."""
+    from prunevid_bench.verify.reference import _add_level, _layer, additive_mask
 
     if len(family_of(model).attention_layers(model.config)) < len(family_of(model).decoder_layers(model)):
         return hybrid_merged_reference(model, embeds, mrope, dest.to(embeds.device), sizes.to(embeds.device),
@@ -71,16 +74,28 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
     n_out = keep_index.numel()
     x, rotary = embeds, lm.rotary_emb(embeds, mrope)
     mask = additive_mask(torch.ones(embeds.shape[1], embeds.shape[1], dtype=torch.bool, device=device).tril(), dtype)
+    rows, levels = deepstack if deepstack is not None else (torch.zeros(0, dtype=torch.long), [])
+    rows, levels = rows.to(device), [level.to(device, dtype) for level in levels]
     cached = []
-    for layer in layers[: k + 1]:  # the prompt on every token, and its merged keys/values
+    for i, layer in enumerate(layers[: k + 1]):  # the prompt on every token, and its merged keys/values
         kk, vv = project_kv(layer, family, x, rotary)
         cached.append((merge_along(kk, dest, sizes, n_out, -2), merge_along(vv, dest, sizes, n_out, -2)) if compact
                       else (kk, vv))
-        x = _layer(layer, x, mask, rotary)
-        if deepstack is not None and len(cached) <= len(deepstack[1]):
-            x = x.clone()
-            x[0, deepstack[0]] += deepstack[1][len(cached) - 1]
+        x = _add_level(_layer(layer, x, mask, rotary), i, rows, levels)
     prompt = merge_along(x, dest, sizes, n_out, 1)
+    later = []  # the levels still due after K, on the merged rows
+    for level in levels[k + 1:]:
+        full = torch.zeros(embeds.shape[1], level.shape[-1], device=device, dtype=torch.float32)
+        full[rows] = level.float()
+        if mode == "merge":  # the size-weighted mean over the merged row's members that carry levels
+            weight = torch.zeros(embeds.shape[1], device=device)
+            weight[rows] = sizes[rows].float()
+            went = dest >= 0
+            num = torch.zeros(n_out, level.shape[-1], device=device).index_add_(0, dest[went], full[went] * weight[went, None])
+            den = torch.zeros(n_out, device=device).index_add_(0, dest[went], weight[went])
+            later.append((num / den.clamp(min=1e-12)[:, None]).to(dtype))
+        else:
+            later.append(full[keep_index].to(dtype))
     out = []
     for t in range(len(tokens)):
         gen = lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long, device=device)).unsqueeze(0).to(dtype)
@@ -93,8 +108,8 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
         pos = torch.cat([mrope[..., keep_index], gen_pos], -1)
         rotary_y, n = lm.rotary_emb(y, pos), y.shape[1]
         mask = additive_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril(), dtype)
-        for layer in layers[k + 1 :]:
-            y = _layer(layer, y, mask, rotary_y)
+        for i, layer in enumerate(layers[k + 1 :]):
+            y = _add_level(_layer(layer, y, mask, rotary_y), i, torch.arange(n_out, device=device), later)
         out.append(model.lm_head(lm.norm(y[:, -1]))[0].float().cpu())
     return torch.stack(out)
 

@@ -3,7 +3,9 @@
 ``trace`` runs one prepared sample through a pipeline and records what entered the LLM and the
 logits behind every generated token. ``cache_free_logits`` recomputes those logits from scratch,
 step by step, layer by layer, with no KV cache: the LLM-layer method's drop written as a mask
-and a slice, proportional attention as an additive bias on the keys.
+and a slice, proportional attention as an additive bias on the keys, and a family's DeepStack
+levels (Qwen3-VL) added by hand after layers 0..D-1 (``deepstack_inputs``: taken from the towers
+themselves and averaged over each merged row's members, never from the patch).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def additive_mask(allowed: torch.Tensor, dtype=torch.float32, key_bias: torch.Te
 
 @torch.no_grad()
 def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_pos, decode_sees_dropped=False,
-                      key_log_size=None, drop_from_linear=False):
+                      key_log_size=None, drop_from_linear=False, deepstack=None):
     """Logits [T, vocab] behind ``tokens`` [T], each recomputed from scratch, with no cache.
 
     embeds [1, L, D] and mrope (3, 1, L): the LLM input. keep_index [L'] (or None: all): the rows
@@ -71,7 +73,8 @@ def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_
     then keeps the kept prompt rows and the generated ones and runs layers k+1.. on them; final
     norm + lm_head on the last row. Generated token i sits at ``first_decode_pos + i`` (3, 1, 1)
     on every M-RoPE row. ``key_log_size`` [L]: proportional attention, log(size) added to every
-    logit of that prompt key in every layer.
+    logit of that prompt key in every layer. ``deepstack`` (rows [R], levels [D] of [R, C]): level i
+    is added after layer i at those LLM-input rows (after K, at the kept rows' new places).
 
     A hybrid model's linear-attention layers (Qwen3.5) take no mask: causal by construction, and
     blind to a drop, as the model is -- a linear layer 0..k folded every prompt row into the
@@ -89,6 +92,11 @@ def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_
     keep_index = keep_index.to(device)
     dropped = torch.ones(n_prompt, dtype=torch.bool, device=device)
     dropped[keep_index] = False
+    rows, levels = deepstack if deepstack is not None else (torch.zeros(0, dtype=torch.long), [])
+    rows, levels = rows.to(device), [level.to(device, dtype) for level in levels]
+    new_place = torch.full((n_prompt,), -1, dtype=torch.long, device=device)
+    new_place[keep_index] = torch.arange(keep_index.numel(), device=device)
+    later_rows = new_place[rows]  # where each level's row is after the LLM-layer method (-1: dropped)
     out = []
     for t in range(len(tokens)):
         new = lm.embed_tokens(torch.tensor(tokens[:t], dtype=torch.long, device=device)).unsqueeze(0)
@@ -103,20 +111,23 @@ def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_
             bias = torch.zeros(n, device=device)
             bias[:n_prompt] = key_log_size.to(device).float()
         mask, rotary = additive_mask(allowed, dtype, bias), lm.rotary_emb(x, pos)
-        rows = torch.cat([keep_index, torch.arange(n_prompt, n, device=device)])
+        kept = torch.cat([keep_index, torch.arange(n_prompt, n, device=device)])
         for i, layer in enumerate(layers[: k + 1]):
             if i in attends:
-                x = _layer(layer, x, mask, rotary)
+                y = _layer(layer, x, mask, rotary)
             elif drop_from_linear and t > 0:
-                x = torch.cat([_layer(layer, x, None, rotary)[:, :n_prompt], _layer(layer, x[:, rows], None, rotary)[:, -t:]], 1)
+                y = torch.cat([_layer(layer, x, None, rotary)[:, :n_prompt], _layer(layer, x[:, kept], None, rotary)[:, -t:]], 1)
             else:
-                x = _layer(layer, x, None, rotary)
-        x, pos = x[:, rows], pos[..., rows]
-        bias = None if bias is None else bias[rows]
-        allowed = torch.ones(len(rows), len(rows), dtype=torch.bool, device=device).tril()
+                y = _layer(layer, x, None, rotary)
+            x = _add_level(y, i, rows, levels)
+        x, pos = x[:, kept], pos[..., kept]
+        bias = None if bias is None else bias[kept]
+        allowed = torch.ones(len(kept), len(kept), dtype=torch.bool, device=device).tril()
         mask, rotary = additive_mask(allowed, dtype, bias), lm.rotary_emb(x, pos)
+        went = later_rows >= 0
         for i, layer in enumerate(layers[k + 1 :], start=k + 1):
-            x = _layer(layer, x, mask if i in attends else None, rotary)
+            y = _layer(layer, x, mask if i in attends else None, rotary)
+            x = _add_level(y, i, later_rows[went], [lv[went] for lv in levels])
         out.append(model.lm_head(lm.norm(x[:, -1]))[0].float().cpu())
     return torch.stack(out)
 
@@ -124,6 +135,61 @@ def cache_free_logits(model, embeds, mrope, keep_index, k, tokens, first_decode_
 def _layer(layer, x, mask, rotary):
     out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=None)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _add_level(x, i: int, rows, levels):
+    """``x`` with DeepStack level ``i`` added at ``rows`` (as transformers does: h + level)."""
+    if i >= len(levels):
+        return x
+    x = x.clone()
+    x[0, rows] = x[0, rows] + levels[i]
+    return x
+
+
+@torch.no_grad()
+def deepstack_inputs(pipe, prepared, state, mode: str = "merge"):
+    """(LLM-input rows [R], levels [D] of [R, C]) of a DeepStack family's visual tokens, straight
+    from the towers; None for a family without DeepStack. Each video's rows are its tokens as they
+    entered the LLM (``state``: the patch's record of the reduction; None: nothing reduced), a
+    merged row's level the mean of its members' (``mode`` merge) or its representative's own
+    (representative); images' rows and levels as the towers gave them."""
+    model = pipe.model
+    family = family_of(model)
+    if not family.deepstack_levels(model):
+        return None
+    from prunevid_bench import splice
+
+    inputs, base = prepared.inputs, model.model
+    ids = inputs["input_ids"][0].cpu()
+    rows, parts = [], []
+    if "pixel_values_videos" in inputs:
+        videos = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).deepstack_features
+        runs = family.video_runs(model, ids, inputs["video_grid_thw"].tolist())
+        for i, video_runs in enumerate(runs):
+            place = splice.run_positions(video_runs)
+            levels = [level[i].float().cpu() for level in videos]
+            if state is None:
+                rows.append(place)
+                parts.append(levels)
+                continue
+            tokens = state.videos[i]
+            index, origin = tokens.index.cpu(), tokens.origin.cpu()
+            rows.append(torch.searchsorted(state.source_index.cpu(), place[index]))
+            if mode == "merge":
+                members = torch.nn.functional.one_hot(origin.clamp(min=0), index.numel()).float()
+                members[origin < 0] = 0
+                parts.append([(members.T @ level) / members.sum(0)[:, None] for level in levels])
+            else:
+                parts.append([level[index] for level in levels])
+    if "pixel_values" in inputs:
+        images = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+        place = torch.nonzero(ids == model.config.image_token_id).flatten()
+        rows.append(place if state is None else torch.searchsorted(state.source_index.cpu(), place))
+        parts.append([torch.cat(level).float().cpu() for level in images])
+    if not rows:
+        return None
+    levels = [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+    return torch.cat(rows), levels
 
 
 def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
@@ -135,6 +201,8 @@ def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
     take ``deepstack=(rows, levels)`` to add Qwen3-VL's levels (tests/test_qwen3_vl.py builds them)."""
     model = pipe.model
     full = family_of(model).prefill_position_ids(model, prepared.inputs)  # unpruned ids, as generate builds them
+    mode = traced.handle.deepstack_mode if traced.handle is not None else "merge"
+    kwargs.setdefault("deepstack", deepstack_inputs(pipe, prepared, traced.state, mode))
     st, handle = traced.state, traced.handle
     first_decode_pos = full[1:, :, -1:] + 1 + (st.decode_position_shift if st is not None else 0)
     keep_index, k = None, None
@@ -162,6 +230,6 @@ def reference_for(pipe, prepared, traced: Traced, **kwargs) -> torch.Tensor:
         sizes = kwargs.pop("weights", weights.float() if weights is not None else torch.ones(n))
         return merged_reference(model, traced.embeds, traced.position_ids[1:], merge_dest(st, n, keep_index, merged),
                                 sizes, keep_index, k, traced.result.generated_token_ids, first_decode_pos,
-                                compact=st.compacted, deepstack=kwargs.pop("deepstack", None))
+                                kwargs.get("deepstack"), mode, compact=st.compacted)
     return cache_free_logits(model, traced.embeds, traced.position_ids[1:], keep_index, k,
                              traced.result.generated_token_ids, first_decode_pos, key_log_size=key_log_size, **kwargs)

@@ -12,7 +12,8 @@ How it relates to offline PruneVid: the scores, and so the kept tokens, are exac
 own KV in layers K+1..: offline they were computed among the kept tokens only; here they were
 computed at append time, before any question, among all tokens (``docs/streaming.md``).
 
-Model-specific pieces (layer access, projections, head size) are in ``layer_parts``.
+Model-specific pieces (layer access, projections, head size) are in ``layer_parts``. The method
+names this class as its ``stream_eviction``; the stream asks the method for it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from prunevid_bench.config import resolve_layer
+from prunevid_bench.config_layers import resolve_layer
 from prunevid_bench.methods.prunevid_stage2 import Stage2Config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.stages import stage2 as s2
@@ -51,7 +52,7 @@ class QuestionEviction:
         self.check(cfg)
         self.model = model
         self.cfg = cfg
-        self.layer = resolve_layer(cfg.pruning_layer, model.config.get_text_config().num_hidden_layers)
+        self.layer = resolve_layer(cfg.pruning_layer, model.config.get_text_config().num_hidden_layers, "stage2.pruning_layer")
         self.layers, self.attn, self.head_dim, self.scaling = layer_parts(model, self.layer)
         self.keys: torch.Tensor | None = None
         self.last: dict = {}  # the last answer's kept count and scores, for its record
@@ -139,6 +140,3 @@ def _pruned_copy(layer, index: torch.Tensor):
     new.values = layer.values.index_select(-2, index.to(layer.values.device))
     return new
 
-
-# The LLM-layer methods a stream can run at question time, by method name.
-STREAM_LAYER_METHODS = {"prunevid_stage2": QuestionEviction}
