@@ -263,7 +263,7 @@ def test_qwen3_vl_inner_merge_matches_the_reference_with_deepstack(model):
     rows, levels = deepstack_rows(pipe, prepared, st)
     ref = reference_for(pipe, prepared, out, deepstack=(rows, levels))
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
-    without = reference_for(pipe, prepared, out)
+    without = reference_for(pipe, prepared, out, deepstack=None)
     assert (without - out.logits).abs().max() > 1e-3  # the check sees DeepStack
     base, same = run_traced(pipe, prepared), run_traced(pipe, prepared, **{"holitom.enabled": True, "holitom.budget": 1.0})
     assert same.result.tokens_after_visual_methods == same.result.visual_tokens  # nothing to reduce

@@ -53,8 +53,12 @@ def test_the_solved_knob_costs_b_of_the_baseline_for_every_builtin_method_with_a
             assert "whose prefill FLOPs are not modelled" in str(exc)
             continue
         fields = result.method_fields
-        assert abs(result.prefill_flops_fraction - B) <= 2 * FLOPS_TOLERANCE, (method.name, result.prefill_flops_fraction)
-        assert fields["match"] == "flops" and fields["flops_target"] == B and "match_note" not in fields
+        if "budget_note" in fields:  # a count that does not follow its knob exactly (FlashVID's per-frame ceil): said so
+            assert abs(result.prefill_flops_fraction - B) <= 0.05 and "did not follow its knob" in fields["match_note"]
+        else:
+            assert abs(result.prefill_flops_fraction - B) <= 2 * FLOPS_TOLERANCE, (method.name, result.prefill_flops_fraction)
+            assert "match_note" not in fields
+        assert fields["match"] == "flops" and fields["flops_target"] == B
         assert result.prefill_flops_fraction == pytest.approx(result.prefill_flops / result.prefill_flops_baseline, abs=1e-6)
         solved.append(method.name)
     assert {"tome", "evs", "vidcom2", "fastv", "random", "prunevid_stage2"} <= set(solved)

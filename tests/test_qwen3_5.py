@@ -58,6 +58,7 @@ LAYER_CASES = [  # (overrides, the layer scored)
     ({"fastv.enabled": True, "fastv.pruning_layer": 4, "fastv.keep_ratio": 0.5, "fastv.kv_cache": "compact"}, 3),
     ({"fastv.enabled": True, "fastv.pruning_layer": 4, "fastv.keep_ratio": 0.5, "fastv.kv_cache": "original"}, 3),
     ({"random.enabled": True, "random.pruning_layer": 3, "random.keep_ratio": 0.5}, 3),
+    ({"flashvid.enabled": True, "flashvid_llm.enabled": True, "flashvid_llm.pruning_layer": 4}, 3),
     ({"stage1.enabled": True, "stage1.cluster_ratio": 0.5, "stage1.tau": 0.8, "stage1.min_cluster_tokens": 4,
       "stage2.enabled": True, "stage2.pruning_layer": 3, "stage2.keep_ratio": 0.5}, 3),
 ]
@@ -67,6 +68,11 @@ VISUAL_CASES = [
     {"tome.enabled": True, "tome.budget": 0.5, "tome.proportional_attention": True},
     {"evs.enabled": True, "evs.video_pruning_rate": 0.5, "evs.positions": "original"},
     {"vidcom2.enabled": True, "vidcom2.retention_ratio": 0.3},
+    {"visionzip.enabled": True, "visionzip.score": "attention"},
+    {"fastvid.enabled": True, "fastvid.dyseg_c": 2},
+    {"flashvid.enabled": True},
+    {"holitom.enabled": True, "holitom.retain_ratio": 0.3},
+    {"dycoke.enabled": True, "dycoke.kv_prune": False},  # its decoding stage is refused on hybrids (below)
 ]
 
 
@@ -354,3 +360,13 @@ def test_vision_flops_are_the_towers_own_count():
         model.model.visual(pixels, grid_thw=grid)
     shape = family_of(model).vision_shape(model.config)
     assert shape.mergers == 1 and vision_encoder_flops(shape, grid.tolist()).vision == counter.get_total_flops()
+
+
+def test_dycokes_decoding_stage_is_refused_on_a_hybrid_in_one_line(pipes):
+    """A linear layer folds every token into its state: a decoding step cannot leave one out."""
+    pipe, prepared = pipes["sdpa"]
+    with pytest.raises(PruneVidError, match="dycoke's decoding stage cannot run on qwen3_5.*dycoke.kv_prune=false"):
+        run_traced(pipe, prepared, **{"dycoke.enabled": True})
+    assert not pipe.model._forward_hooks and all(not m._forward_hooks and not m._forward_pre_hooks
+                                                   for m in pipe.model.modules())  # nothing left installed
+

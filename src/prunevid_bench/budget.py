@@ -91,7 +91,8 @@ def match_flops(pipe, prepared, cfg: RunConfig):
     best.method_fields.update(match="flops", flops_target=target, flops_solve_runs=len(tried))
     if best.prefill_flops_fraction - target > FLOPS_TOLERANCE:
         best.method_fields["match_note"] = (f"{method.name} cannot cost as little as {target:g} of the baseline's prefill "
-                                            f"FLOPs here: {best.prefill_flops_fraction:.3f} at best")
+                                            f"FLOPs here: {best.prefill_flops_fraction:.3f} at the nearest knob tried"
+                                            + (" (its count did not follow its knob)" if "budget_note" in best.method_fields else ""))
     elif target - best.prefill_flops_fraction > FLOPS_TOLERANCE:
         best.method_fields["match_note"] = (f"{method.name} reached {best.prefill_flops_fraction:.3f} of the baseline's "
                                             f"prefill FLOPs, not {target:g} (its knob moves in steps)")
