@@ -69,6 +69,13 @@ class RuntimeConfig:
     save_kept: bool = False  # the record holds each method's kept tokens as grid coordinates (--save-kept)
 
 
+@dataclass
+class PrefillConfig:
+    # Run the prefill's decoder layers in chunks of this many rows, each attending to the cache of
+    # the chunks before it (patch.chunked): the same logits, a lower peak memory. 0 = in one piece.
+    chunk_tokens: int = 0
+
+
 # Keys renamed, still read under their old name (for one release): section -> {old: new}.
 RENAMED_KEYS = {"stage1": {"k": "dpc_neighbours"}}  # `k` read like the pruning layer K
 
@@ -84,14 +91,17 @@ class RunConfig:
     generation: GenerationConfig
     runtime: RuntimeConfig
     methods: dict[str, Any]
+    prefill: PrefillConfig
 
     def __init__(self, model: ModelConfig | None = None, video: VideoConfig | None = None,
                  generation: GenerationConfig | None = None,
-                 runtime: RuntimeConfig | None = None, methods: dict[str, Any] | None = None, **sections: Any):
+                 runtime: RuntimeConfig | None = None, methods: dict[str, Any] | None = None,
+                 prefill: PrefillConfig | None = None, **sections: Any):
         self.model = model if model is not None else ModelConfig()
         self.video = video if video is not None else VideoConfig()
         self.generation = generation if generation is not None else GenerationConfig()
         self.runtime = runtime if runtime is not None else RuntimeConfig()
+        self.prefill = prefill if prefill is not None else PrefillConfig()
         types = method_sections()
         unknown = [name for name in sections if name not in types]
         if unknown:
@@ -132,13 +142,14 @@ _BASE_SECTIONS = {
     "video": VideoConfig,
     "generation": GenerationConfig,
     "runtime": RuntimeConfig,
+    "prefill": PrefillConfig,
 }
 
 
 # Short names (``tau``, ``keep_ratio``) resolve in these sections first, so that a method
 # registered later with a key of the same name does not make today's short names ambiguous
 # (PruneVid's two sections: the short names of the presets and sweeps written before the registry).
-_CORE_SECTIONS = ("model", "video", "generation", "runtime", "stage1", "stage2")
+_CORE_SECTIONS = ("model", "video", "generation", "runtime", "stage1", "stage2", "prefill")
 
 
 def section_types() -> dict[str, type]:
@@ -241,6 +252,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise PruneVidError(f"video.{name} must be at least {28 * 28} (one 28x28 merged patch), got {value}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise PruneVidError(f"runtime.threads must be >= 1 (or null for torch's default), got {cfg.runtime.threads}")
+    if cfg.prefill.chunk_tokens < 0:
+        raise PruneVidError(f"prefill.chunk_tokens must be >= 0 (0: no chunking), got {cfg.prefill.chunk_tokens}")
     if cfg.generation.max_new_tokens < 1:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -13,8 +13,9 @@ from prunevid_bench import splice
 from prunevid_bench.config import RunConfig, resolve_layer
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
-from prunevid_bench.measure import Clock
+from prunevid_bench.measure import Clock, PeakMemory
 from prunevid_bench.methods import all_methods
+from prunevid_bench.patch.chunked import ChunkedPrefill
 from prunevid_bench.patch.deepstack import DeepStack
 from prunevid_bench.patch.encoder import EncoderSide
 from prunevid_bench.patch.key_bias import KeyBias
@@ -38,13 +39,15 @@ def _layers(method, spec, num_layers: int) -> tuple[int, int]:
     return k, k - 1
 
 
-class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack):
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, ChunkedPrefill):
     def __init__(self, model, config: RunConfig):
         self.model = model
         self.family = family_of(model)
         self.state = SampleState()
         self._encoded_video_grid_thw = None  # grids of the last get_video_features call (see _remember_video_grids)
         self.clock = Clock(next(model.parameters()).device)
+        self.memory = PeakMemory(next(model.parameters()).device)  # the engine's, so the prefill's phases are read
+        self.chunk_tokens = config.prefill.chunk_tokens  # 0: the prefill in one piece (patch.chunked)
         self._hooks: list = []
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.video_token_id = self.family.video_token_id(model)
@@ -105,6 +108,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
 
         if fam.deepstack_levels(model):
             self._install_deepstack(fam.decoder_layers(model), add)
+        self._install_chunking(fam.decoder_layers(model), add)
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -132,6 +136,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
 
     def _on_llm_output(self, module, args, output):
         st = self.state
+        self._phase("layers_after_k" if "method" in (self.memory.phases or {}) else "llm_layers")
         if st.prefill and st.source_index is not None:
             # Decode loops that let the model derive positions (position_ids=None) use
             # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta

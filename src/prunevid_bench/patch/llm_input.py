@@ -137,6 +137,7 @@ class LLMInput:
                 raise PruneVidError(
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
+        self._phase("before_llm")
         return args, kwargs
 
     def _renumber_after_videos(self, kwargs, shifts, unpruned) -> None:
