@@ -9,8 +9,10 @@ run on the kept rows, in chunks too when those are longer than N.
 
 Each chunk gets its rows of the rotary cos/sin and of the text position ids; its mask is the
 layer's own 4D mask cut to its rows and the keys so far (eager, or proportional attention's),
-else built here: causal with the queries at the end (bottom-right), the shape SDPA cannot
-infer from ``is_causal`` once a cache holds earlier chunks. Flash attention aligns that way by
+else built here: causal with the queries at the end (bottom-right), which SDPA cannot infer
+from ``is_causal`` once a cache holds earlier chunks (transformers would even cut the keys to
+the queries' count). Its cost: a [N, keys so far] mask per call, and the keys and values
+repeated over the query heads (transformers uses SDPA's grouped-query path only without a mask). Flash attention aligns that way by
 itself (no mask). The per-phase peak memory of a prefill is read here too (``_phase``)."""
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ class ChunkedPrefill:
         n_q, n_kv = end - start, past + end
         if self.state.key_log_size is not None:  # proportional attention under SDPA: causal + log(size)
             return self._key_bias_mask(self.state.key_log_size, None, past + start, n_q, n_kv, hidden)
-        keys = torch.arange(n_kv, device=hidden.device)
-        queries = past + start + torch.arange(n_q, device=hidden.device)
-        return (keys[None, :] <= queries[:, None])[None, None]
+        # additive, in the model's dtype: SDPA turns a bool mask into one like it anyway (a copy)
+        future = torch.full((n_q, n_kv), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
+        return future.triu_(past + start + 1)[None, None]  # key j > query i's position: -inf
 
     def _phase(self, name: str) -> None:
         """Close a phase of the prefill: its peak memory, read and reset (``measure.PeakMemory``;
