@@ -37,7 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from prunevid_bench import flops as fl
-from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench import measure
+# from prunevid_bench import memory_model as mm
+from prunevid_bench.config import PrefillConfig, RunConfig, Stage1Config, Stage2Config
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.measure import Clock
 from prunevid_bench.models.tiny import (
@@ -49,7 +51,7 @@ from prunevid_bench.models.tiny import (
     build_tiny_model,
     build_tokenizer,
 )
-from prunevid_bench.patch import apply_prunevid
+from prunevid_bench.patch import apply_methods
 from prunevid_bench.stages import stage2 as s2
 
 try:
@@ -87,6 +89,7 @@ class PeakMemory:
         )
 
     def start(self) -> None:
+        self.phases: dict[str, int] = {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -99,11 +102,14 @@ class PeakMemory:
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._prof.__enter__()
 
-    def stop(self, engine_out=None) -> int:
+    def stop(self, engine_out=None, marks: list | None = None) -> int:
+        """The peak; ``self.phases``: the peak of each prefill phase the patch closed (CUDA: the
+        engine's readings; CPU: the timeline split at ``marks``, [(phase, its end in ns)])."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             if engine_out is not None:
                 peak = max(engine_out.prefill_peak_memory_bytes, engine_out.decode_peak_memory_bytes)
+                self.phases = {k: v - self._base for k, v in engine_out.prefill_peak_by_phase.items()}
             else:
                 peak = torch.cuda.max_memory_allocated(self.device)
             return int(peak - self._base)
@@ -116,11 +122,40 @@ class PeakMemory:
             if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
                 events.append((node.start_time_ns, node.extra_fields.alloc_size))  # < 0 for a free
             stack.extend(node.children)
-        held = peak = 0
-        for _, size in sorted(events):
+        held = peak = in_phase = 0
+        marks, i = list(marks or []), 0
+        for at, size in sorted(events):
+            while i < len(marks) and at > marks[i][1]:  # a phase ended before this event
+                self.phases[marks[i][0]], in_phase, i = in_phase, held, i + 1
             held += size
-            peak = max(peak, held)
+            peak, in_phase = max(peak, held), max(in_phase, held)
+        for name, _ in marks[i:]:
+            self.phases[name], in_phase = in_phase, held
         return peak
+
+
+class PhaseMarks(measure.PeakMemory):
+    """Given to the patch as its memory reader on the CPU: the prefill's phase boundaries as
+    wall-clock times (the profiler's clock), which ``PeakMemory.stop`` splits its timeline at."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.marks: list[tuple[str, int]] = []
+
+    def reset(self, phases: bool = False) -> None:
+        if phases:
+            self.marks = []
+        super().reset(phases)
+
+    def _reset_device(self) -> None:
+        pass
+
+    def _read_device(self) -> int:
+        return 0
+
+    def phase(self, name: str) -> None:
+        if self.phases is not None:
+            self.marks.append((name, time.time_ns()))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -201,16 +236,24 @@ class Row:
     peak_bytes: int
     kv_bytes: int
     flops: fl.Flops
+    chunk: int = 0
+    phases: dict | None = None  # peak of each prefill phase
+    llm_len: int = 0  # rows entering the LLM
+    kept_len: int = 0  # rows after the LLM-layer method (llm_len without one)
 
 
-def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> Row:
-    handle = apply_prunevid(model, stage1 or Stage1Config(), stage2 or Stage2Config()) if (stage1 or stage2) else None
+def run_variant(name, model, inputs, args, device, stage1=None, stage2=None, chunk: int = 0) -> Row:
+    cfg = RunConfig(stage1=stage1 or Stage1Config(), stage2=stage2 or Stage2Config(), prefill=PrefillConfig(chunk))
+    handle = apply_methods(model, cfg) if (stage1 or stage2 or chunk) else None
     clock = handle.clock if handle else Clock(device)
+    if handle and device.type == "cpu":
+        handle.memory = PhaseMarks(device)
+    reader = handle.memory if handle else None
     memory = PeakMemory(device)
     ttft, tps, s1_times, s2_times = [], [], [], []
     try:
         for i in range(args.warmup + args.repeats):
-            out = run_greedy(model, inputs, args.new_tokens, clock=clock)
+            out = run_greedy(model, inputs, args.new_tokens, clock=clock, memory=reader)
             if i >= args.warmup:
                 ttft.append(out.ttft_s)
                 tps.append(out.decode_tokens_per_s or 0.0)
@@ -220,15 +263,15 @@ def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> 
                     if stage2 and stage2.enabled:
                         s2_times.append(handle.seconds("prunevid_stage2"))
         memory.start()
-        out = run_greedy(model, inputs, args.new_tokens, clock=clock)
-        peak = memory.stop(out)
+        out = run_greedy(model, inputs, args.new_tokens, clock=clock, memory=reader)
+        peak = memory.stop(out, getattr(reader, "marks", None))
     finally:
         if handle:
             handle.remove()
     shape = fl.TextShape.from_config(model.config)
     prompt_len = inputs["input_ids"].shape[1]
     n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
-    if handle is None:
+    if handle is None or handle.state.source_index is None:
         tokens = fl.tokens_per_layer(shape.num_layers, prompt_len)
         after1 = after2 = n_visual
         scoring = 0
@@ -243,7 +286,7 @@ def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> 
             tokens, scoring = fl.tokens_per_layer(shape.num_layers, llm_len), 0
     return Row(
         name, after1, after2, tokens, ttft, tps, s1_times, s2_times, peak, out.kv_cache_bytes,
-        fl.llm_prefill_flops(shape, tokens, scoring=scoring),
+        fl.llm_prefill_flops(shape, tokens, scoring=scoring), chunk, memory.phases, tokens[0], tokens[-1],
     )
 
 

@@ -136,7 +136,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
 
     def _on_llm_output(self, module, args, output):
         st = self.state
-        self._phase("layers_after_k" if "method" in (self.memory.phases or {}) else "llm_layers")
+        self._phase("layers_after_k" if st.keep_index is not None else "llm_layers")
         if st.prefill and st.source_index is not None:
             # Decode loops that let the model derive positions (position_ids=None) use
             # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta
