@@ -38,7 +38,7 @@ import torch
 
 from prunevid_bench import flops as fl
 from prunevid_bench import measure
-# from prunevid_bench import memory_model as mm
+from prunevid_bench import memory_model as mm
 from prunevid_bench.config import PrefillConfig, RunConfig, Stage1Config, Stage2Config
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.measure import Clock

@@ -52,7 +52,8 @@ class LayerMethod:
         attn = self.family.attention(module)
         seq_len = hidden.shape[1]
         hd = attn.head_dim
-        q, k = (parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in (st.captured["q"], st.captured["k"]))
+        # a chunked prefill's parts joined, and let go at once (patch.chunked)
+        q, k = (parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in (st.captured.pop("q"), st.captured.pop("k")))
         q = q[0].view(seq_len, -1, hd).transpose(0, 1)  # [H, L, d], before rotary
         k = k[0].view(seq_len, -1, hd).transpose(0, 1)  # [H_kv, L, d]
         position_embeddings = st.captured.get("position_embeddings")

@@ -110,6 +110,8 @@ class LLMInput:
                                                  for start, end, after in shifts], unpruned)
         st.source_index = source
         self._set_deepstack(deepstack, source, videos, rows)
+        # the videos' working copies are in the LLM input now: the record keeps their indices only
+        st.videos = [dataclasses.replace(v, embeds=None) for v in st.videos]
         st.row_sizes = torch.ones(source.numel(), device=device)
         for r, (_, tokens) in zip(rows, videos):
             st.row_sizes[r] = tokens.sizes.to(device).float()
