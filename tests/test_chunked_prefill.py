@@ -17,7 +17,7 @@ from prunevid_bench.verify.reference import reference_for
 from tests.test_stage2 import MAX_NEW, QUESTION, layout, run_traced, video_frames
 
 STAGE1 = {"stage1.enabled": True, "cluster_ratio": 0.5, "tau": 0.8, "min_cluster_tokens": 4}
-METHODS = {  # every LLM-layer method, and a visual-token method before one
+METHODS = {  # every LLM-layer method, a visual-token method before one, and one alone
     "baseline": {},
     "stage2": {"stage2.enabled": True, "pruning_layer": 1, "keep_ratio": 0.4},
     "stage2-attention-k0": {"stage2.enabled": True, "pruning_layer": 0, "keep_ratio": 0.4, "score": "attention"},
@@ -26,6 +26,8 @@ METHODS = {  # every LLM-layer method, and a visual-token method before one
     "fastv-compact": {"fastv.enabled": True, "fastv.pruning_layer": 1, "fastv.keep_ratio": 0.5, "fastv.kv_cache": "compact"},
     "random": {"random.enabled": True, "random.pruning_layer": 1, "random.keep_ratio": 0.5},
     "merge_nearest": {"merge_nearest.enabled": True, "merge_nearest.pruning_layer": 1, "merge_nearest.keep_ratio": 0.4},
+    # a visual-token method alone, with proportional attention: chunks carry its log-size bias
+    "tome+proportional": {"tome.enabled": True, "tome.budget": 0.5, "tome.proportional_attention": True},
 }
 CHUNKS = (31, 40)  # the 155-token prompt: 31 divides it, 40 does not (see test_the_chunk_sizes_cover_the_cases)
 
@@ -76,10 +78,13 @@ def test_chunked_equals_unchunked_and_the_cache_free_reference(pipes, impl, name
     assert chunked.result.generated_token_ids == whole.result.generated_token_ids
     torch.testing.assert_close(chunked.logits, whole.logits, rtol=0, atol=1e-4)
     if name != "baseline":
+        assert min(chunked.state.tokens_after, chunked.state.tokens_after_visual) < chunked.state.tokens_in_prompt
+    if whole.state is not None and whole.state.kept_visual is not None:
         assert torch.equal(chunked.state.kept_visual, whole.state.kept_visual)
-        assert chunked.state.tokens_after < chunked.state.tokens_in_prompt  # something was pruned
         if chunked.state.merged_into is not None:
             assert torch.equal(chunked.state.merged_into, whole.state.merged_into)
+    if chunked.state is not None and chunked.state.key_log_size is not None:
+        pipe.remove_stages()  # the reference runs the bare layers: the patch's bias must not be added twice
     torch.testing.assert_close(chunked.logits, reference_for(pipe, prepared, chunked), rtol=0, atol=1e-4)
 
 
@@ -125,11 +130,12 @@ def test_no_attention_call_of_the_prefill_sees_more_than_n_queries(pipes, name, 
 
 
 def test_a_top_left_causal_chunk_would_be_caught(pipes, monkeypatch):
-    """Sensitivity: chunks with SDPA's own ``is_causal`` (no mask) give other logits."""
+    """Sensitivity: a chunk's causal mask aligned top-left (as ``is_causal`` would) gives other logits."""
     from prunevid_bench.patch import chunked
 
     pipe, prepared = pipes["sdpa"]
-    monkeypatch.setattr(chunked.ChunkedPrefill, "_chunk_mask", lambda self, mask, *a: mask)
+    top_left = staticmethod(lambda first, n_q, n_kv, like: torch.full((n_q, n_kv), torch.finfo(like.dtype).min).triu_(1))
+    monkeypatch.setattr(chunked.ChunkedPrefill, "_block_mask", top_left)
     wrong = run_traced(pipe, prepared, **{"prefill.chunk_tokens": 40})
     assert (wrong.logits - unchunked(pipes, "sdpa", "baseline").logits).abs().max() > 1e-3
 

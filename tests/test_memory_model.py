@@ -27,11 +27,11 @@ def test_smaller_chunks_lower_the_layers_peak_and_never_the_kv_cache():
 
 
 def test_the_model_predicts_the_measured_peaks():
-    out = run_script("bench_stage2.py", "--device", "cpu", "--threads", "1", "--frames", "8", "--layers", "2",
-                     "--hidden", "256", "--heads", "4", "--tokens", "1024", "--repeats", "1", "--warmup", "0",
-                     "--new-tokens", "1", "--chunk-tokens", "256", "--no-stage1", "--score-tokens",
+    out = run_script("bench_stage2.py", "--device", "cpu", "--threads", "1", "--frames", "8", "--layers", "4",
+                     "--hidden", "256", "--heads", "4", "--tokens", "2048", "--repeats", "1", "--warmup", "0",
+                     "--new-tokens", "1", "--chunk-tokens", "512", "--no-stage1", "--score-tokens",
                      "--scoring-speed-tokens")
-    rows = [line for line in out.splitlines() if re.match(r"(baseline|stage 2\+3) +(0|256) ", line)]
+    rows = [line for line in out.splitlines() if re.match(r"(baseline|stage 2\+3) +(0|512) ", line)]
     assert len(rows) == 4, out
     for line in rows:
         measured, model = map(int, re.search(r"(\d+) \((\d+)\) +\d+\.\d\d ", line).groups())

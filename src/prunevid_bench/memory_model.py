@@ -11,9 +11,8 @@ heads of d channels):
 - layers 0..K on L rows: the layer's input, and chunked the output buffer it fills; the KV cache
   of the layers so far; at layer K the captured queries and keys (when a method scores there);
   and one layer call's working set on m rows after p cached ones: the MLP's three m x I tensors
-  and two m x C, or the attention's q/k/v and rotary copies, the grown cache of the layer, and
-  chunked with a cache (a mask, so transformers repeats the keys and values over the query heads)
-  the m x (p + m) additive mask and those repeats;
+  and two m x C, or the attention's q/k/v and rotary copies and the grown cache of the layer (a
+  chunk after the first: its output buffer and one row block's mask at a time);
 - the method: the captured q/k joined, the compacted cache of layers 0..K;
 - layers K+1.. on the kept rows, the same way.
 """
@@ -21,6 +20,8 @@ heads of d channels):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from prunevid_bench.patch.chunked import MASK_BLOCK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,10 @@ def layer_call(s: MemoryShape, rows: int, past: int, masked: bool) -> int:
     b, kv_row = s.bytes, 2 * s.kv_heads * s.head_dim * s.bytes
     qkv = rows * (s.heads + 2 * s.kv_heads) * s.head_dim * b
     attention = rows * s.hidden * b + 2 * qkv + (past + rows) * kv_row  # normed input, q/k/v + rotary, the grown cache
-    if masked:
-        repeat = 2 * (past + rows) * s.heads * s.head_dim * b if s.kv_heads < s.heads else 0
-        attention += repeat + rows * (past + rows) * b
+    if masked:  # patch.chunked: the output buffer, and one row block's mask and output at a time
+        block = min(rows, max(1, MASK_BLOCK_ELEMENTS // (past + rows)))
+        attention += rows * s.heads * s.head_dim * b + block * ((past + rows) + s.heads * s.head_dim) * b
     mlp = 3 * rows * s.intermediate * b + 2 * rows * s.hidden * b  # act(gate), up, their product; residual, normed
-    if masked:
-        mlp += rows * (past + rows) * b  # the call's mask lives as long as the call
     return max(attention, mlp)
 
 
@@ -93,5 +92,7 @@ def prefill_peaks(s: MemoryShape, prompt: int, visual: int, llm_rows: int, kept_
     compaction = (k + 1) * kept * kv_row * compact + kept * row  # the new cache of layers 0..K, the kept rows
     method = held + early_cache + llm_rows * row + captured + max(scoring, compaction)
     early_after = (k + 1) * (kept if compact else llm_rows) * kv_row
-    later = held + layers_peak(s, kept, s.layers - k - 1, chunk, early_after) if k + 1 < s.layers else held + early_after
+    final_norm = 2 * kept * row  # the last layer's output and its norm, every kept row
+    later = held + (layers_peak(s, kept, s.layers - k - 1, chunk, early_after) if k + 1 < s.layers
+                    else early_after + final_norm)
     return {"before_llm": before, "layers_0_to_k": first, "method": method, "layers_after_k": later}

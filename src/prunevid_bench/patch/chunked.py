@@ -7,30 +7,37 @@ sequence as before; only what runs inside ``forward`` is cut, and layer K's quer
 captured chunk by chunk and joined (``patch.layer``). After an LLM-layer method the later layers
 run on the kept rows, in chunks too when those are longer than N.
 
-Each chunk gets its rows of the rotary cos/sin and of the text position ids; its mask is the
-layer's own 4D mask cut to its rows and the keys so far (eager, or proportional attention's),
-else built here: causal with the queries at the end (bottom-right), which SDPA cannot infer
-from ``is_causal`` once a cache holds earlier chunks (transformers would even cut the keys to
-the queries' count). Its cost: a [N, keys so far] mask per call, and the keys and values
-repeated over the query heads (transformers uses SDPA's grouped-query path only without a mask). Flash attention aligns that way by
-itself (no mask). The per-phase peak memory of a prefill is read here too (``_phase``)."""
+Each chunk gets its rows of the rotary cos/sin and of the text position ids. Its attention is
+causal with the queries at the end (bottom-right), which SDPA cannot infer from ``is_causal`` once
+a cache holds earlier chunks (and transformers would cut the keys to the queries' count): eager
+gets the layer's own 4D mask cut to its rows and the keys so far (a view); under SDPA the
+language model's attention function is wrapped (``_wrap_chunk_sdpa``) so that a chunk's call runs
+in blocks of rows, each with its own small additive mask (and proportional attention's log-sizes)
+and SDPA's grouped-query path, instead of a [N, keys] mask held through the whole layer call and
+the keys repeated over the heads. Flash attention aligns bottom-right by itself. The per-phase
+peak memory of a prefill is read here too (``_phase``)."""
 
 from __future__ import annotations
 
 import torch
 
 from prunevid_bench import splice
-from prunevid_bench.overrides import InstanceOverride
+from prunevid_bench.overrides import InstanceOverride, MappingOverride
+
+MASK_BLOCK_ELEMENTS = 1 << 22  # a chunk's SDPA call runs in row blocks whose mask holds at most this many entries
 
 
 class ChunkedPrefill:
     """Mixed into ``ReductionHandle``."""
 
     def _install_chunking(self, layers, add) -> None:
+        self._chunk_at = None  # the first query's index of the chunk an SDPA call belongs to (None: not a chunk)
         if not self.chunk_tokens:
             return
         for i, layer in enumerate(layers):
             add(InstanceOverride(layer, "forward", self._chunked(i, layer.forward)))
+        if self.attn_implementation == "sdpa":
+            add(self._wrap_chunk_sdpa())
 
     def _chunked(self, layer_idx: int, forward):
         def chunked_forward(hidden_states, *args, **kwargs):
@@ -42,34 +49,65 @@ class ChunkedPrefill:
             cos, sin = kwargs["position_embeddings"]
             mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
             out, rest = None, ()
-            for start in range(0, length, n):
-                end = min(start + n, length)
-                part = dict(kwargs, position_embeddings=(cos[..., start:end, :], sin[..., start:end, :]),
-                            attention_mask=self._chunk_mask(mask, past, start, end, hidden_states))
-                if isinstance(pos, torch.Tensor) and pos.shape[-1] == length:
-                    part["position_ids"] = pos[..., start:end]
-                y = forward(hidden_states[:, start:end], **part)
-                rows, rest = (y[0], tuple(y[1:])) if isinstance(y, tuple) else (y, None)
-                if out is None:  # one buffer for the layer's output, filled chunk by chunk
-                    out = rows.new_empty(rows.shape[0], length, *rows.shape[2:])
-                out[:, start:end] = rows
+            try:
+                for start in range(0, length, n):
+                    end = min(start + n, length)
+                    part = dict(kwargs, position_embeddings=(cos[..., start:end, :], sin[..., start:end, :]))
+                    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+                        part["attention_mask"] = mask[..., start:end, : past + end]
+                    elif self.attn_implementation == "sdpa" and past + start > 0:
+                        self._chunk_at = past + start  # _wrap_chunk_sdpa masks it, block by block
+                    if isinstance(pos, torch.Tensor) and pos.shape[-1] == length:
+                        part["position_ids"] = pos[..., start:end]
+                    y = forward(hidden_states[:, start:end], **part)
+                    rows, rest = (y[0], tuple(y[1:])) if isinstance(y, tuple) else (y, None)
+                    if out is None:  # one buffer for the layer's output, filled chunk by chunk
+                        out = rows.new_empty(rows.shape[0], length, *rows.shape[2:])
+                    out[:, start:end] = rows
+            finally:
+                self._chunk_at = None
             return out if rest is None else (out, *rest)
 
         return chunked_forward
 
-    def _chunk_mask(self, mask, past: int, start: int, end: int, hidden: torch.Tensor):
-        """The mask of the queries ``start:end`` (of a call whose cache held ``past`` rows) over
-        the keys ``0 : past + end``."""
-        if isinstance(mask, torch.Tensor) and mask.ndim == 4:
-            return mask[..., start:end, : past + end]
-        if "flash" in self.attn_implementation or (past == 0 and start == 0):
-            return mask  # flash: bottom-right causal by itself; the first chunk: causal as a whole prompt
-        n_q, n_kv = end - start, past + end
-        if self.state.key_log_size is not None:  # proportional attention under SDPA: causal + log(size)
-            return self._key_bias_mask(self.state.key_log_size, None, past + start, n_q, n_kv, hidden)
-        # additive, in the model's dtype: SDPA turns a bool mask into one like it anyway (a copy)
-        future = torch.full((n_q, n_kv), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
-        return future.triu_(past + start + 1)[None, None]  # key j > query i's position: -inf
+    def _wrap_chunk_sdpa(self):
+        """transformers' ``sdpa`` attention function, answering a chunk's call itself (see the
+        module's docstring); every other call goes through as it was. Returns an object with
+        ``remove()``."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+        def sdpa_in_chunks(module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
+            at = self._chunk_at  # not self._hooks: this handle was removed, but a later one wrapped this function
+            if at is None or attention_mask is not None or not self._hooks:
+                return original(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+            n_q, n_kv = query.shape[-2], key.shape[-2]
+            lowest = torch.finfo(query.dtype).min
+            bias = self.state.key_log_size  # proportional attention: log(size) of every prompt key
+            if bias is not None:
+                key_bias = torch.zeros(n_kv, device=key.device)
+                key_bias[: min(n_kv, bias.numel())] = bias[:n_kv].to(key.device)
+            out = query.new_empty(query.shape[0], n_q, query.shape[1], value.shape[-1])  # [B, q, H, d], as transformers'
+            step = max(1, MASK_BLOCK_ELEMENTS // n_kv)
+            for s in range(0, n_q, step):
+                e = min(n_q, s + step)
+                mask = self._block_mask(at + s, e - s, n_kv, query)
+                if bias is not None:
+                    mask = (mask.float() + key_bias).clamp(min=lowest).to(query.dtype)
+                rows = torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, s:e], key, value, attn_mask=mask[None, None], scale=scaling,
+                    enable_gqa=query.shape[1] != key.shape[1])
+                out[:, s:e] = rows.transpose(1, 2)
+            return out, None
+
+        return MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_in_chunks)
+
+    @staticmethod
+    def _block_mask(first: int, n_q: int, n_kv: int, like: torch.Tensor) -> torch.Tensor:
+        """[n_q, n_kv] additive causal mask of the queries at ``first``.. : key j > query's index is -inf."""
+        lowest = torch.finfo(like.dtype).min
+        return torch.full((n_q, n_kv), lowest, dtype=like.dtype, device=like.device).triu_(first + 1)
 
     def _phase(self, name: str) -> None:
         """Close a phase of the prefill: its peak memory, read and reset (``measure.PeakMemory``;
