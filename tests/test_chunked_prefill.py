@@ -129,15 +129,35 @@ def test_no_attention_call_of_the_prefill_sees_more_than_n_queries(pipes, name, 
     assert sum(1 for c in prefill if c[1] == c[0]) == text.num_hidden_layers  # one unmasked first chunk per layer
 
 
-def test_a_top_left_causal_chunk_would_be_caught(pipes, monkeypatch):
-    """Sensitivity: a chunk's causal mask aligned top-left (as ``is_causal`` would) gives other logits."""
+@pytest.mark.parametrize("name", ["baseline", "stage2", "merge_nearest"])
+def test_the_masked_row_blocks_equal_the_whole_prefill_too(pipes, name, monkeypatch):
+    """Without torch's CPU flash op (or on a GPU) a chunk's SDPA call runs in masked row blocks."""
     from prunevid_bench.patch import chunked
 
     pipe, prepared = pipes["sdpa"]
+    monkeypatch.setattr(chunked, "CPU_FLASH", None)
+    monkeypatch.setattr(chunked, "MASK_BLOCK_ELEMENTS", 2000)  # several blocks per chunk
+    out = run_traced(pipe, prepared, **METHODS[name], **{"prefill.chunk_tokens": 40})
+    whole = unchunked(pipes, "sdpa", name)
+    assert out.result.generated_token_ids == whole.result.generated_token_ids
+    torch.testing.assert_close(out.logits, whole.logits, rtol=0, atol=1e-4)
+
+
+def test_a_chunk_that_loses_its_past_or_aligns_top_left_would_be_caught(pipes, monkeypatch):
+    """Sensitivity: a chunk attending to its own keys only (the split's first half dropped), or
+    with its causal mask aligned top-left (as ``is_causal`` would), gives other logits."""
+    from prunevid_bench.patch import chunked
+
+    pipe, prepared = pipes["sdpa"]
+    whole = unchunked(pipes, "sdpa", "baseline").logits
+    own_only = staticmethod(lambda q, k, v, past, scaling: chunked.CPU_FLASH(
+        q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=scaling)[0].transpose(1, 2).contiguous())
+    monkeypatch.setattr(chunked.ChunkedPrefill, "_split_attention", own_only)
+    assert (run_traced(pipe, prepared, **{"prefill.chunk_tokens": 40}).logits - whole).abs().max() > 1e-3
+    monkeypatch.setattr(chunked, "CPU_FLASH", None)
     top_left = staticmethod(lambda first, n_q, n_kv, like: torch.full((n_q, n_kv), torch.finfo(like.dtype).min).triu_(1))
     monkeypatch.setattr(chunked.ChunkedPrefill, "_block_mask", top_left)
-    wrong = run_traced(pipe, prepared, **{"prefill.chunk_tokens": 40})
-    assert (wrong.logits - unchunked(pipes, "sdpa", "baseline").logits).abs().max() > 1e-3
+    assert (run_traced(pipe, prepared, **{"prefill.chunk_tokens": 40}).logits - whole).abs().max() > 1e-3
 
 
 def test_a_negative_chunk_size_is_a_one_line_error(clip8, tmp_path):

@@ -1,7 +1,7 @@
 """The analytic prefill-memory model (``memory_model``) against itself and against measurement:
 a chunk as long as the prompt is the whole prefill; chunks lower the layers' peak, the more the
 smaller; and ``bench_stage2.py --chunk-tokens`` prints measured peaks (torch's allocator,
-profiler events) that the model predicts within 10% on a small model with real token counts."""
+profiler events) that the model predicts within 15% on a small model with real token counts."""
 
 from __future__ import annotations
 
@@ -35,6 +35,6 @@ def test_the_model_predicts_the_measured_peaks():
     assert len(rows) == 4, out
     for line in rows:
         measured, model = map(int, re.search(r"(\d+) \((\d+)\) +\d+\.\d\d ", line).groups())
-        assert abs(measured - model) <= max(1, 0.1 * measured), line
+        assert abs(measured - model) <= max(1, 0.15 * measured), line
     whole, chunked = (int(re.search(r"(\d+) \(\d+\) +\d+\.\d\d ", r).group(1)) for r in rows[:2])
     assert chunked < whole

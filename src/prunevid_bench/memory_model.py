@@ -12,7 +12,7 @@ heads of d channels):
   of the layers so far; at layer K the captured queries and keys (when a method scores there);
   and one layer call's working set on m rows after p cached ones: the MLP's three m x I tensors
   and two m x C, or the attention's q/k/v and rotary copies and the grown cache of the layer (a
-  chunk after the first: its output buffer and one row block's mask at a time);
+  chunk after the first, on the CPU: its two flash outputs and their float32 join);
 - the method: the captured q/k joined, the compacted cache of layers 0..K;
 - layers K+1.. on the kept rows, the same way.
 """
@@ -20,8 +20,6 @@ heads of d channels):
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from prunevid_bench.patch.chunked import MASK_BLOCK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -48,9 +46,8 @@ def layer_call(s: MemoryShape, rows: int, past: int, masked: bool) -> int:
     b, kv_row = s.bytes, 2 * s.kv_heads * s.head_dim * s.bytes
     qkv = rows * (s.heads + 2 * s.kv_heads) * s.head_dim * b
     attention = rows * s.hidden * b + 2 * qkv + (past + rows) * kv_row  # normed input, q/k/v + rotary, the grown cache
-    if masked:  # patch.chunked: the output buffer, and one row block's mask and output at a time
-        block = min(rows, max(1, MASK_BLOCK_ELEMENTS // (past + rows)))
-        attention += rows * s.heads * s.head_dim * b + block * ((past + rows) + s.heads * s.head_dim) * b
+    if masked:  # patch.chunked on the CPU: the two flash outputs and their float32 join
+        attention += 2 * rows * s.heads * s.head_dim * b + 2 * rows * s.heads * s.head_dim * 4
     mlp = 3 * rows * s.intermediate * b + 2 * rows * s.hidden * b  # act(gate), up, their product; residual, normed
     return max(attention, mlp)
 

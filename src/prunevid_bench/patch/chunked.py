@@ -11,10 +11,11 @@ Each chunk gets its rows of the rotary cos/sin and of the text position ids. Its
 causal with the queries at the end (bottom-right), which SDPA cannot infer from ``is_causal`` once
 a cache holds earlier chunks (and transformers would cut the keys to the queries' count): eager
 gets the layer's own 4D mask cut to its rows and the keys so far (a view); under SDPA the
-language model's attention function is wrapped (``_wrap_chunk_sdpa``) so that a chunk's call runs
-in blocks of rows, each with its own small additive mask (and proportional attention's log-sizes)
-and SDPA's grouped-query path, instead of a [N, keys] mask held through the whole layer call and
-the keys repeated over the heads. Flash attention aligns bottom-right by itself. The per-phase
+language model's attention function is wrapped (``_wrap_chunk_sdpa``) so that a chunk's call
+never holds a [N, keys] mask through the whole layer call nor repeats the keys over the heads: on
+the CPU it is two flash calls joined by their log-sum-exps (``_split_attention``: the past keys
+unmasked, its own causal), elsewhere (or with proportional attention's log-sizes) row blocks, each
+with its own small additive mask, on SDPA's grouped-query path. Flash attention aligns bottom-right by itself. The per-phase
 peak memory of a prefill is read here too (``_phase``)."""
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from prunevid_bench import splice
 from prunevid_bench.overrides import InstanceOverride, MappingOverride
 
 MASK_BLOCK_ELEMENTS = 1 << 22  # a chunk's SDPA call runs in row blocks whose mask holds at most this many entries
+# torch's CPU flash attention, which returns each row's log-sum-exp (grouped-query heads too); a
+# private op (torch >= 2.2): without it every chunk takes the masked row blocks
+CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class ChunkedPrefill:
@@ -85,6 +89,8 @@ class ChunkedPrefill:
             n_q, n_kv = query.shape[-2], key.shape[-2]
             lowest = torch.finfo(query.dtype).min
             bias = self.state.key_log_size  # proportional attention: log(size) of every prompt key
+            if bias is None and query.device.type == "cpu" and CPU_FLASH is not None:
+                return self._split_attention(query, key, value, n_kv - n_q, scaling), None
             if bias is not None:
                 key_bias = torch.zeros(n_kv, device=key.device)
                 key_bias[: min(n_kv, bias.numel())] = bias[:n_kv].to(key.device)
@@ -102,6 +108,19 @@ class ChunkedPrefill:
             return out, None
 
         return MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_in_chunks)
+
+    @staticmethod
+    def _split_attention(query, key, value, past: int, scaling) -> torch.Tensor:
+        """A chunk's causal attention on the CPU as two flash calls, no mask: its queries over the
+        ``past`` keys before it (all visible), and over its own keys (causal, square), joined
+        by their log-sum-exps: exactly the softmax over all of them, at the cost of the whole
+        prefill's causal attention. Returns [B, q, H, d], as transformers' ``sdpa`` function."""
+        out_past, lse_past = CPU_FLASH(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)
+        out_own, lse_own = CPU_FLASH(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scaling)
+        top = torch.maximum(lse_past, lse_own)
+        w_past, w_own = (lse_past - top).exp().unsqueeze(-1), (lse_own - top).exp().unsqueeze(-1)
+        out = (out_past.float() * w_past + out_own.float() * w_own) / (w_past + w_own)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
 
     @staticmethod
     def _block_mask(first: int, n_q: int, n_kv: int, like: torch.Tensor) -> torch.Tensor:
