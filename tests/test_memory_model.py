@@ -38,3 +38,13 @@ def test_the_model_predicts_the_measured_peaks():
         assert abs(measured - model) <= max(1, 0.15 * measured), line
     whole, chunked = (int(re.search(r"(\d+) \(\d+\) +\d+\.\d\d ", r).group(1)) for r in rows[:2])
     assert chunked < whole
+
+
+def test_bench_methods_prints_each_variant_whole_and_chunked():
+    out = run_script("bench_methods.py", "--smoke", "--threads", "1", "--variants", "fastv", "--chunk-tokens", "64")
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("chunked prefill (--chunk-tokens 64)")) + 3
+    rows = {line.split()[0]: line.split() for line in lines[start:start + 2]}
+    assert list(rows) == ["baseline", "fastv"]
+    for cells in rows.values():
+        assert int(cells[-3]) > 0 and int(cells[-2]) > 0 and float(cells[-1]) > 0  # peak MiB whole, chunked, x base
