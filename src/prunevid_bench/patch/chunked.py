@@ -60,7 +60,7 @@ class ChunkedPrefill:
                     if isinstance(mask, torch.Tensor) and mask.ndim == 4:
                         part["attention_mask"] = mask[..., start:end, : past + end]
                     elif self.attn_implementation == "sdpa" and past + start > 0:
-                        self._chunk_at = past + start  # _wrap_chunk_sdpa masks it, block by block
+                        self._chunk_at = past + start  # _wrap_chunk_sdpa answers its attention
                     if isinstance(pos, torch.Tensor) and pos.shape[-1] == length:
                         part["position_ids"] = pos[..., start:end]
                     y = forward(hidden_states[:, start:end], **part)
