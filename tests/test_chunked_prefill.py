@@ -235,3 +235,17 @@ def test_qwen3vl_chunked_equals_unchunked_and_the_reference_with_deepstack(qwen3
     ref = reference(pipe.model, chunked, prepared, rows, levels, k if k is not None else N_LAYERS - 1, keep,
                     decode_sees_dropped=sees)
     torch.testing.assert_close(chunked.logits, ref, rtol=0, atol=1e-4)
+
+
+def test_prunevid_verify_checks_chunking_and_catches_a_broken_chunk(monkeypatch):
+    from prunevid_bench.patch import chunked
+    from tests.test_verify import verify
+
+    result, (rep,) = verify("--model", "tiny", "--methods", "fastv", "--tokens", "3")
+    mine = [c for c in rep["checks"] if c["check"] == "chunked"]
+    assert result.exit_code == 0 and [c["method"] for c in mine] == ["none", "fastv"] and all(c["passed"] for c in mine)
+    own_only = staticmethod(lambda q, k, v, past, scaling: chunked.CPU_FLASH(
+        q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=scaling)[0].transpose(1, 2).contiguous())
+    monkeypatch.setattr(chunked.ChunkedPrefill, "_split_attention", own_only)
+    result, (rep,) = verify("--model", "tiny", "--methods", "fastv", "--tokens", "3")
+    assert result.exit_code != 0 and not any(c["passed"] for c in rep["checks"] if c["check"] == "chunked")
