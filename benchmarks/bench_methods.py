@@ -112,7 +112,7 @@ def tower_attention_stand_in(handle, model, inputs: dict, args):
 def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = None):
     """One prefill + decode with ``cfg``'s methods installed (removed after): the engine's output,
     each method's seconds, the handle's report and its layer K (None without an LLM-layer method)."""
-    handle = apply_methods(model, cfg) if cfg.enabled_methods else None
+    handle = apply_methods(model, cfg) if cfg.enabled_methods or cfg.prefill.chunk_tokens else None
     stand_in = tower_attention_stand_in(handle, model, inputs, args)
     try:
         if memory:
@@ -164,7 +164,7 @@ def measure(variants: list[tuple[str, dict]], model, inputs: dict, args, device)
 
 def print_table(results: list[Result]) -> None:
     base_ttft = statistics.median(results[0].ttft)
-    header = (f"{'variant':<11} {'visual kept':>17} {'TTFT ms':>22} {'ideal ms':>9} {'/ideal':>6} "
+    header = (f"{'variant':<13} {'visual kept':>17} {'TTFT ms':>22} {'ideal ms':>9} {'/ideal':>6} "
               f"{'own ms':>8} {'own/base':>8} {'<=3%':>4} {'KV MiB':>6} {'peak MiB':>8}")
     print(header)
     print("-" * len(header))
@@ -176,12 +176,29 @@ def print_table(results: list[Result]) -> None:
             own = f"{statistics.median(r.own_s) * 1e3:>8.1f} {share:>7.2%} {'pass' if share <= GOAL else 'FAIL':>4}"
         else:
             own = f"{'-':>8} {'-':>8} {'-':>4}"
-        print(f"{r.label:<11} {kept:>17} {spread(r.ttft, 1e3):>22} {ideal * 1e3:>9.0f} "
+        print(f"{r.label:<13} {kept:>17} {spread(r.ttft, 1e3):>22} {ideal * 1e3:>9.0f} "
               f"{statistics.median(r.ttft) / ideal:>6.2f} {own} {mib(r.kv_bytes):>6} {mib(r.peak_bytes):>8}")
     several = [r for r in results if len(r.per_method_s) > 1]
     for r in several:
         parts = ", ".join(f"{n} {statistics.median(v) * 1e3:.1f} ms" for n, v in r.per_method_s.items())
         print(f"  {r.label}: {parts}")
+
+
+def print_chunked(results: list[Result], chunk: int) -> None:
+    """Each variant whole and chunked (``LABEL/c``): TTFT and peak memory side by side."""
+    by_label = {r.label: r for r in results}
+    base_peak = by_label["baseline"].peak_bytes
+    print(f"\nchunked prefill (--chunk-tokens {chunk}) beside whole: peak MiB, and / the baseline's whole peak")
+    header = f"{'variant':<11} {'TTFT ms':>9} {'chunked':>9} {'+%':>6} {'peak MiB':>8} {'chunked':>8} {'x base':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        c = by_label.get(f"{r.label}/c")
+        if c is None:
+            continue
+        whole_ms, chunk_ms = statistics.median(r.ttft) * 1e3, statistics.median(c.ttft) * 1e3
+        print(f"{r.label:<11} {whole_ms:>9.0f} {chunk_ms:>9.0f} {chunk_ms / whole_ms - 1:>+6.1%} "
+              f"{mib(r.peak_bytes):>8} {mib(c.peak_bytes):>8} {c.peak_bytes / base_peak:>6.2f}")
 
 
 def main() -> None:
@@ -195,6 +212,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=2, help="tokens generated per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported); a round runs each variant once")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before them")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="also run every variant with prefill.chunk_tokens N (as LABEL/c): TTFT and peak memory beside whole")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one run per variant: checks the script works, measures nothing")
     args = parser.parse_args()
@@ -205,6 +224,8 @@ def main() -> None:
     args.tokens = args.tokens or ([256] if args.smoke else [4096, 8192])
     chosen = set(args.variants or [label for label, _ in VARIANTS]) | {"baseline"}
     variants = [(label, o) for label, o in VARIANTS if label in chosen]
+    if args.chunk_tokens:
+        variants += [(f"{label}/c", {**o, "prefill.chunk_tokens": args.chunk_tokens}) for label, o in variants]
 
     device, dtype_name, dtype = setup(args)
     model = build_model(args, device, dtype)
@@ -228,7 +249,10 @@ def main() -> None:
         inputs = build_inputs(model, grid, device, dtype)
         print(f"\n{int(inputs['mm_token_type_ids'].bool().sum())} visual tokens (grid {list(grid)}), "
               f"prompt {inputs['input_ids'].shape[1]} tokens, load average {os.getloadavg()[0]:.2f} at the start")
-        print_table(measure(variants, model, inputs, args, device))
+        results = measure(variants, model, inputs, args, device)
+        print_table(results)
+        if args.chunk_tokens:
+            print_chunked(results, args.chunk_tokens)
         print(f"load average {os.getloadavg()[0]:.2f} at the end")
         del inputs
 

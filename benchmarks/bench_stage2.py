@@ -37,7 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from prunevid_bench import flops as fl
-from prunevid_bench.config import Stage1Config, Stage2Config
+from prunevid_bench import measure
+from prunevid_bench import memory_model as mm
+from prunevid_bench.config import PrefillConfig, RunConfig, Stage1Config, Stage2Config
 from prunevid_bench.engine import run_greedy
 from prunevid_bench.measure import Clock
 from prunevid_bench.models.tiny import (
@@ -49,7 +51,7 @@ from prunevid_bench.models.tiny import (
     build_tiny_model,
     build_tokenizer,
 )
-from prunevid_bench.patch import apply_prunevid
+from prunevid_bench.patch import apply_methods
 from prunevid_bench.stages import stage2 as s2
 
 try:
@@ -87,6 +89,7 @@ class PeakMemory:
         )
 
     def start(self) -> None:
+        self.phases: dict[str, int] = {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -99,11 +102,14 @@ class PeakMemory:
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._prof.__enter__()
 
-    def stop(self, engine_out=None) -> int:
+    def stop(self, engine_out=None, marks: list | None = None) -> int:
+        """The peak; ``self.phases``: the peak of each prefill phase the patch closed (CUDA: the
+        engine's readings; CPU: the timeline split at ``marks``, [(phase, its end in ns)])."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             if engine_out is not None:
                 peak = max(engine_out.prefill_peak_memory_bytes, engine_out.decode_peak_memory_bytes)
+                self.phases = {k: v - self._base for k, v in engine_out.prefill_peak_by_phase.items()}
             else:
                 peak = torch.cuda.max_memory_allocated(self.device)
             return int(peak - self._base)
@@ -116,11 +122,40 @@ class PeakMemory:
             if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
                 events.append((node.start_time_ns, node.extra_fields.alloc_size))  # < 0 for a free
             stack.extend(node.children)
-        held = peak = 0
-        for _, size in sorted(events):
+        held = peak = in_phase = 0
+        marks, i = list(marks or []), 0
+        for at, size in sorted(events):
+            while i < len(marks) and at > marks[i][1]:  # a phase ended before this event
+                self.phases[marks[i][0]], in_phase, i = in_phase, held, i + 1
             held += size
-            peak = max(peak, held)
+            peak, in_phase = max(peak, held), max(in_phase, held)
+        for name, _ in marks[i:]:
+            self.phases[name], in_phase = in_phase, held
         return peak
+
+
+class PhaseMarks(measure.PeakMemory):
+    """Given to the patch as its memory reader on the CPU: the prefill's phase boundaries as
+    wall-clock times (the profiler's clock), which ``PeakMemory.stop`` splits its timeline at."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.marks: list[tuple[str, int]] = []
+
+    def reset(self, phases: bool = False) -> None:
+        if phases:
+            self.marks = []
+        super().reset(phases)
+
+    def _reset_device(self) -> None:
+        pass
+
+    def _read_device(self) -> int:
+        return 0
+
+    def phase(self, name: str) -> None:
+        if self.phases is not None:
+            self.marks.append((name, time.time_ns()))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -195,23 +230,34 @@ class Row:
     visual_after_stage2: int
     llm_tokens: list  # tokens per layer
     ttft: list
+    cpu: list  # process time of each timed run (prefill + new_tokens - 1 decode steps): the load-proof cost
     decode_tps: list
     stage1_s: list
     stage2_s: list
     peak_bytes: int
     kv_bytes: int
     flops: fl.Flops
+    chunk: int = 0
+    phases: dict | None = None  # peak of each prefill phase
+    llm_len: int = 0  # rows entering the LLM
+    kept_len: int = 0  # rows after the LLM-layer method (llm_len without one)
 
 
-def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> Row:
-    handle = apply_prunevid(model, stage1 or Stage1Config(), stage2 or Stage2Config()) if (stage1 or stage2) else None
+def run_variant(name, model, inputs, args, device, stage1=None, stage2=None, chunk: int = 0) -> Row:
+    cfg = RunConfig(stage1=stage1 or Stage1Config(), stage2=stage2 or Stage2Config(), prefill=PrefillConfig(chunk))
+    handle = apply_methods(model, cfg) if (stage1 or stage2 or chunk) else None
     clock = handle.clock if handle else Clock(device)
+    if handle and device.type == "cpu":
+        handle.memory = PhaseMarks(device)
+    reader = handle.memory if handle else None
     memory = PeakMemory(device)
-    ttft, tps, s1_times, s2_times = [], [], [], []
+    ttft, cpu, tps, s1_times, s2_times = [], [], [], [], []
     try:
         for i in range(args.warmup + args.repeats):
-            out = run_greedy(model, inputs, args.new_tokens, clock=clock)
+            started = time.process_time()
+            out = run_greedy(model, inputs, args.new_tokens, clock=clock, memory=reader)
             if i >= args.warmup:
+                cpu.append(time.process_time() - started)
                 ttft.append(out.ttft_s)
                 tps.append(out.decode_tokens_per_s or 0.0)
                 if handle:
@@ -220,15 +266,15 @@ def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> 
                     if stage2 and stage2.enabled:
                         s2_times.append(handle.seconds("prunevid_stage2"))
         memory.start()
-        out = run_greedy(model, inputs, args.new_tokens, clock=clock)
-        peak = memory.stop(out)
+        out = run_greedy(model, inputs, args.new_tokens, clock=clock, memory=reader)
+        peak = memory.stop(out, getattr(reader, "marks", None))
     finally:
         if handle:
             handle.remove()
     shape = fl.TextShape.from_config(model.config)
     prompt_len = inputs["input_ids"].shape[1]
     n_visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
-    if handle is None:
+    if handle is None or handle.state.source_index is None:
         tokens = fl.tokens_per_layer(shape.num_layers, prompt_len)
         after1 = after2 = n_visual
         scoring = 0
@@ -242,8 +288,8 @@ def run_variant(name, model, inputs, args, device, stage1=None, stage2=None) -> 
         else:
             tokens, scoring = fl.tokens_per_layer(shape.num_layers, llm_len), 0
     return Row(
-        name, after1, after2, tokens, ttft, tps, s1_times, s2_times, peak, out.kv_cache_bytes,
-        fl.llm_prefill_flops(shape, tokens, scoring=scoring),
+        name, after1, after2, tokens, ttft, cpu, tps, s1_times, s2_times, peak, out.kv_cache_bytes,
+        fl.llm_prefill_flops(shape, tokens, scoring=scoring), chunk, memory.phases, tokens[0], tokens[-1],
     )
 
 
@@ -324,13 +370,17 @@ def scoring_speed(model, args, device, dtype, rows: int) -> list[tuple[int, floa
 
 
 def end_to_end(model, inputs, args, device, k, prompt_len, question_rows, grid) -> None:
-    """TTFT, memory and KV cache of every variant, next to the analytic ideal speed-up."""
+    """TTFT, memory and KV cache of every variant, next to the analytic ideal speed-up; with
+    ``--chunk-tokens``, each variant chunked too (``chunked_table``)."""
     stage2 = Stage2Config(enabled=True, pruning_layer=k, keep_ratio=args.keep_ratio, score="prunevid")
-    rows = [run_variant("baseline", model, inputs, args, device)]
-    rows.append(run_variant("stage 2+3", model, inputs, args, device, stage2=stage2))
-    if HAVE_STAGE1:
-        stage1 = Stage1Config(enabled=True)
-        rows.append(run_variant("stages 1+2+3", model, inputs, args, device, stage1=stage1, stage2=stage2))
+    variants = [("baseline", {}), ("stage 2+3", {"stage2": stage2})]
+    if HAVE_STAGE1 and not args.no_stage1:
+        variants.append(("stages 1+2+3", {"stage1": Stage1Config(enabled=True), "stage2": stage2}))
+    rows = [run_variant(name, model, inputs, args, device, **kw) for name, kw in variants]
+    if args.chunk_tokens:
+        chunked = [run_variant(name, model, inputs, args, device, chunk=args.chunk_tokens, **kw) for name, kw in variants]
+        chunked_table(rows, chunked, model, inputs, args, k, question_rows)
+        print()
 
     base = rows[0]
     header = (f"{'variant':<13} {'visual s1/s2':>13} {'LLM tokens (0..K | K+1..)':>26} {'TTFT ms':>20} "
@@ -369,6 +419,37 @@ def end_to_end(model, inputs, args, device, k, prompt_len, question_rows, grid) 
         end_to_end = fl.ideal_speedup(base7 + vision, f7 + vision)
         print(f"  {r.name:<13} {fl.ideal_speedup(base7, f7):.2f}x / {end_to_end:.2f}x")
 
+
+
+def chunked_table(rows, chunked, model, inputs, args, k, question_rows) -> None:
+    """Each variant whole and chunked: TTFT, the measured peak beside the analytic model's
+    (``memory_model``), the peak against the baseline's whole one, and the peak of each phase."""
+    shape = mm.MemoryShape.from_config(model.config, next(model.parameters()).element_size())
+    prompt = inputs["input_ids"].shape[1]
+    visual = int((inputs["input_ids"] == VIDEO_PAD_ID).sum())
+    base_peak = rows[0].peak_bytes
+    print(f"chunked prefill: --chunk-tokens {args.chunk_tokens} against whole (0); peak MiB measured (model); "
+          f"x base = / the baseline's whole peak;\n  CPU ms: process time of the run (with --new-tokens 1 the prefill "
+          f"alone), which a busy machine does not inflate as it does the wall-clock TTFT")
+    header = (f"{'variant':<13} {'chunk':>5} {'TTFT ms':>20} {'+%':>6} {'CPU ms':>7} {'+%':>6} {'peak MiB (model)':>17} {'x base':>6} "
+              f"{'0..K (model)':>13} {'method (model)':>15} {'K+1.. (model)':>14}")
+    print(header)
+    print("-" * len(header))
+    for whole, r in zip(rows, chunked):
+        for v in (whole, r):
+            method = v.name != "baseline"
+            pred = mm.prefill_peaks(shape, prompt, visual, v.llm_len, v.kept_len, k if method else None, v.chunk,
+                                    query_rows=question_rows)
+            measured = v.phases or {}
+            cost = statistics.median(v.ttft) / statistics.median(whole.ttft) - 1
+            cpu = statistics.median(v.cpu)
+            cpu_cost = cpu / statistics.median(whole.cpu) - 1
+            phase = [f"{mib(measured.get(name, v.peak_bytes if name == 'llm_layers' else 0)):>5} ({mib(pred[name])})"
+                     for name in (("layers_0_to_k", "method", "layers_after_k") if method else ("llm_layers",))]
+            phase = phase if method else [phase[0], "-", "-"]
+            print(f"{v.name:<13} {v.chunk:>5} {spread(v.ttft, 1e3):>20} {cost:>+6.1%} {cpu * 1e3:>7.0f} {cpu_cost:>+6.1%} "
+                  f"{f'{mib(v.peak_bytes)} ({mib(max(pred.values()))})':>17} {v.peak_bytes / base_peak:>6.2f} "
+                  f"{phase[0]:>13} {phase[1]:>15} {phase[2]:>14}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -437,6 +518,9 @@ def main() -> None:
                         help="sequence lengths for the scoring-memory comparison (none: skip it)")
     parser.add_argument("--scoring-speed-tokens", type=int, nargs="*", default=[8192, 16384],
                         help="sequence lengths for the scoring-speed comparison, before/after (none: skip it)")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="also run every variant with prefill.chunk_tokens N: TTFT and peak memory beside the whole prefill")
+    parser.add_argument("--no-stage1", action="store_true", help="skip the stages 1+2+3 variant")
     parser.add_argument("--scoring-only", action="store_true",
                         help="skip the end-to-end variants; only the scoring sections")
     args = parser.parse_args()

@@ -104,7 +104,8 @@ def test_verify_on_a_video_of_ones_own(tmp_path):
     clip = write_clip(tmp_path / "clip16.mp4", 16)  # the default video policy samples 16 frames
     result, (rep,) = verify("--model", "tiny-qwen2vl", "--video", str(clip), "--methods", "fastv", "--tokens", "3")
     assert result.exit_code == 0, result.output
-    assert [c["check"] for c in rep["checks"]] == ["vanilla", "reference", "inputs", "nothing", "reference", "scores"]
+    assert [c["check"] for c in rep["checks"]] == ["vanilla", "reference", "inputs", "nothing", "reference", "scores",
+                                                   "chunked", "chunked"]
     assert all(c["passed"] for c in rep["checks"] if c["check"] != "inputs")
     assert "'processor'" in rep["checks"][2]["note"]  # the built-ins' policy is not qwen-vl-utils'
 

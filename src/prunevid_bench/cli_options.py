@@ -31,6 +31,7 @@ Fps = Annotated[Optional[float], typer.Option("--fps", help="Sample at this rate
 MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Cap on frames when sampling by --fps only (default: qwen 768, processor 64).", rich_help_panel="Video")]
 MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Upper bound on pixels per frame after resizing (default: the policy's).", rich_help_panel="Video")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="torch intra-op threads (runtime.threads; default: torch's own, one per core). On a busy machine fewer threads than cores avoid contention; recorded in every record.", rich_help_panel="Model")]
+ChunkTokens = Annotated[Optional[int], typer.Option("--chunk-tokens", help="Run the prefill's decoder layers in chunks of N tokens (prefill.chunk_tokens; 0, the default: in one piece): the same logits, a lower peak memory; recorded per run.", rich_help_panel="Model")]
 MaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Greedy decode length.", rich_help_panel="Generation")]
 ResultsDir = Annotated[Path, typer.Option("--results-dir", help="Where run folders are written.", rich_help_panel="Output")]
 VideoRoot = Annotated[Optional[Path], typer.Option("--video-root", help="Folder the dataset's videos are relative to.", rich_help_panel="Dataset")]
@@ -62,6 +63,7 @@ def collect_overrides(
     max_pixels: int | None = None,
     max_new_tokens: int | None = None,
     threads: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> dict:
     """Flags and --set pairs as one dotted-key dict; --set wins over the dedicated flags."""
     from prunevid_bench.config import parse_override
@@ -77,6 +79,7 @@ def collect_overrides(
         "video.max_pixels": max_pixels,
         "generation.max_new_tokens": max_new_tokens,
         "runtime.threads": threads,
+        "prefill.chunk_tokens": chunk_tokens,
     }
     out = {k: v for k, v in flags.items() if v is not None}
     if fps is not None and num_frames is None:
@@ -104,6 +107,7 @@ class ConfigFlags:
     max_pixels: MaxPixels = None
     max_new_tokens: MaxNew = None
     threads: Threads = None
+    chunk_tokens: ChunkTokens = None
 
     def target(self):
         """The model flags as a RunTarget (None: as the preset or config file says)."""
@@ -117,7 +121,8 @@ class ConfigFlags:
 
         target = self.target().overrides()
         video = collect_overrides(self.sets, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
-                                  max_pixels=self.max_pixels, max_new_tokens=self.max_new_tokens, threads=self.threads)
+                                  max_pixels=self.max_pixels, max_new_tokens=self.max_new_tokens, threads=self.threads,
+                                  chunk_tokens=self.chunk_tokens)
         return build_config(self.preset, self.config, {**target, **video})  # --set (in video) wins
 
 

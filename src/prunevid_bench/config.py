@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,13 @@ class BudgetConfig:
     match: str = "tokens"
 
 
+@dataclass
+class PrefillConfig:
+    # Run the prefill's decoder layers in chunks of this many rows, each attending to the cache of
+    # the chunks before it (patch.chunked): the same logits, a lower peak memory. 0 = in one piece.
+    chunk_tokens: int = 0
+
+
 def renamed_keys() -> dict[str, dict[str, str]]:
     """Keys renamed, still read under their old name (for one release): section -> {old: new},
     as each method declares (``Method.renamed_keys``)."""
@@ -98,16 +105,18 @@ class RunConfig:
     runtime: RuntimeConfig
     budget: BudgetConfig
     methods: dict[str, Any]
+    prefill: PrefillConfig
 
     def __init__(self, model: ModelConfig | None = None, video: VideoConfig | None = None,
                  generation: GenerationConfig | None = None,
                  runtime: RuntimeConfig | None = None, budget: BudgetConfig | None = None,
-                 methods: dict[str, Any] | None = None, **sections: Any):
+                 methods: dict[str, Any] | None = None, prefill: PrefillConfig | None = None, **sections: Any):
         self.model = model if model is not None else ModelConfig()
         self.video = video if video is not None else VideoConfig()
         self.generation = generation if generation is not None else GenerationConfig()
         self.runtime = runtime if runtime is not None else RuntimeConfig()
         self.budget = budget if budget is not None else BudgetConfig()
+        self.prefill = prefill if prefill is not None else PrefillConfig()
         types = method_sections()
         unknown = [name for name in sections if name not in types]
         if unknown:
@@ -149,6 +158,7 @@ _BASE_SECTIONS = {
     "generation": GenerationConfig,
     "runtime": RuntimeConfig,
     "budget": BudgetConfig,
+    "prefill": PrefillConfig,
 }
 
 
@@ -263,6 +273,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PruneVidError(f"runtime.threads must be >= 1 (or null for torch's default), got {cfg.runtime.threads}")
     if cfg.budget.match not in MATCHES:
         raise PruneVidError(f"budget.match must be tokens or flops, got '{cfg.budget.match}'")
+    if cfg.prefill.chunk_tokens < 0:
+        raise PruneVidError(f"prefill.chunk_tokens must be >= 0 (0: no chunking), got {cfg.prefill.chunk_tokens}")
     if cfg.generation.max_new_tokens < 1:
         raise PruneVidError(f"generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -30,6 +30,7 @@ class EngineOutput:
     decode_peak_memory_bytes: int
     memory_kind: str
     kv_cache_bytes: int  # after prefill, after any compression
+    prefill_peak_by_phase: dict  # peak of each phase of the prefill the patch closed (``PeakMemory.phase``), else {}
     prompt_tokens: int
     visual_tokens: int
     state_bytes: int = 0  # a hybrid model's linear layers' conv and recurrent states after prefill
@@ -69,9 +70,11 @@ def greedy_decode(first: torch.Tensor, step, max_new_tokens: int, stop: set[int]
 
 
 @torch.inference_mode()
-def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = None) -> EngineOutput:
+def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = None,
+               memory: PeakMemory | None = None) -> EngineOutput:
     """Prefill + greedy decode of one sample (batch size 1). ``inputs`` is the processor output,
-    already on the model's device."""
+    already on the model's device. ``memory``: the patch's reader, which closes the prefill's
+    phases (``ReductionHandle.memory``)."""
     from transformers import DynamicCache
 
     input_ids = inputs["input_ids"]
@@ -79,7 +82,7 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         raise ValueError("the engine runs one sample per forward (batch size 1)")
     device = input_ids.device
     clock = clock or Clock(device)
-    memory = PeakMemory(device)
+    memory = memory or PeakMemory(device)
     stop = eos_ids(model)
     marks: dict = {}
 
@@ -99,7 +102,7 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         model_inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
         model_inputs.update(position_ids=position_ids, **with_cache, use_cache=True, logits_to_keep=1)
 
-        memory.reset()
+        memory.reset(phases=True)
         start = clock.start()
         out = model(input_ids=input_ids, **model_inputs)
         first_logits = out.logits[:, -1, :]
@@ -107,6 +110,7 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         first = clock.mark()
         ttft_s = clock.elapsed(start, first)
         prefill_peak = memory.read()
+        phases = memory.take_phases()
         kv_bytes, held_states = cache_bytes(cache), state_bytes(cache)
     finally:
         for h in hooks:
@@ -139,6 +143,7 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         decode_peak_memory_bytes=decode_peak,
         memory_kind=memory.kind,
         kv_cache_bytes=kv_bytes,
+        prefill_peak_by_phase=phases,
         prompt_tokens=int(input_ids.shape[1]),
         visual_tokens=int((input_ids == family.video_token_id(model)).sum()),
         state_bytes=held_states,

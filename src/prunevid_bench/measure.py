@@ -94,15 +94,43 @@ class PeakMemory:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
+        self.phases: dict[str, int] | None = None  # peaks of the phases closed since reset(phases=True)
 
-    def reset(self) -> None:
+    def reset(self, phases: bool = False) -> None:
+        """Start a phase; ``phases``: the phases of a prefill will be closed by ``phase`` (the
+        patch's hooks), and ``read`` still gives the peak since this reset."""
+        self.phases = {} if phases else None
+        self._reset_device()
+
+    def _reset_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif not reset_cpu_peak_rss():
             self.kind = "cpu_peak_rss_lifetime"
 
+    def phase(self, name: str) -> None:
+        """Close the phase ``name`` (its peak since the last phase, or the reset) and start the
+        next one; nothing unless armed by ``reset(phases=True)``."""
+        if self.phases is not None:
+            self.phases[name] = max(self.phases.get(name, 0), self._read_device())
+            self._reset_device()
+
     def read(self) -> int:
+        """The peak since ``reset``, over every phase closed since."""
+        return max([self._read_device(), *(self.phases or {}).values()])
+
+    def take_phases(self) -> dict[str, int]:
+        """The phases closed since ``reset(phases=True)`` (the last one, still open: ``lm_head``,
+        the final norm and the first token's logits);
+        disarms."""
+        phases = self.phases or {}
+        if phases:
+            phases["lm_head"] = self._read_device()
+        self.phases = None
+        return phases
+
+    def _read_device(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))

@@ -162,14 +162,14 @@ class Pipeline:
         from prunevid_bench.methods import all_methods
         from prunevid_bench.patch import apply_methods
 
-        key = (cfg.model.deepstack, *((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods()))
+        key = (cfg.model.deepstack, cfg.prefill.chunk_tokens, *((m.name, dataclasses.astuple(cfg.section(m.section))) for m in all_methods()))
         if self._handle_key == key:
             return self._handle
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         self._handle_key = None
-        if cfg.enabled_methods:
+        if cfg.enabled_methods or cfg.prefill.chunk_tokens:  # a chunked baseline: the handle chunks, no method
             self._handle = apply_methods(self.model, cfg)
         self._handle_key = key
         return self._handle
@@ -204,7 +204,8 @@ class Pipeline:
             return match_flops(self, prepared, cfg)
         handle = self._apply_stages(cfg)
         with self._served_features(prepared, handle) as served, numbering(self.model, cfg.model.mrope, integer_seconds_wanted(cfg)):
-            out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None)
+            out = run_greedy(self.model, prepared.inputs, cfg.generation.max_new_tokens, clock=handle.clock if handle else None,
+                             memory=handle.memory if handle else None)
         out = served.account(out) if served else out  # a cached tower: its recorded time is in ttft_s
         text = self.processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         stages = handle.report() if handle else {}
@@ -260,6 +261,8 @@ class Pipeline:
             memory_kind=out.memory_kind,
             kv_cache_bytes=out.kv_cache_bytes,
             kv_cache_bytes_uncompressed=kv_uncompressed,
+            prefill_chunk_tokens=cfg.prefill.chunk_tokens,
+            prefill_peak_memory_by_phase=out.prefill_peak_by_phase,
             tokens_after_visual_methods=after1,
             visual_methods_s=sum(r.seconds for r in reductions if r.acts in ("vision_encoder", "visual_tokens")),
             layer_method_s=_seconds(stages, handle.layer_key) if layer_method else 0.0,

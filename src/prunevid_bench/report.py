@@ -100,6 +100,10 @@ class RunResult:
     layer_method_s: float  # time of the LLM-layer method (scoring and compaction)
     visual_tokens_kept_ratio: float  # visual tokens kept by all methods / in the prompt
     llm_prefill_tokens: int  # sequence length the LLM's first layer saw
+    prefill_chunk_tokens: int = 0  # prefill.chunk_tokens: the decoder layers ran in chunks of this many rows (0: whole)
+    # peak memory of each prefill phase the patch closed: before_llm (vision encoder, visual-token
+    # methods), layers_0_to_k, method, layers_after_k (or llm_layers without an LLM-layer method), lm_head
+    prefill_peak_memory_by_phase: dict[str, int] = field(default_factory=dict)
     video_policy: str = "processor"  # how the frames were chosen and sized (video.policy, resolved)
     frame_indices: list[int] = field(default_factory=list)  # source frame of each sampled frame (first video)
     frame_size: list[int] = field(default_factory=list)  # [h, w] fed to the model, after any resize (first video)

@@ -68,6 +68,11 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
     for i, red in enumerate(result.get("reductions") or []):
         rows.insert(4 + i, (f"  method {red['method']} ({red['acts']})",
                             f"{red['tokens_in']} → {red['tokens_out']} in {fmt_seconds(red['seconds'])}"))
+    phases = result.get("prefill_peak_memory_by_phase") or {}
+    if phases:  # a method or a chunked prefill: the peak of each phase of the prefill
+        chunk = result.get("prefill_chunk_tokens") or 0
+        rows.append((f"  prefill peak by phase{f' (chunks of {chunk})' if chunk else ''}",
+                     ", ".join(f"{name} {human_bytes(value)}" for name, value in phases.items())))
     if result.get("budget_note"):
         rows.append(("budget", result["budget_note"]))
     if result.get("ideal_speedup") is not None:

@@ -55,10 +55,13 @@ NOT_IDENTITY = ("runtime",)  # config sections that change how fast a run goes, 
 def identity_config(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """What a run folder's fingerprint covers: the config without NOT_IDENTITY sections, nor
     ``video.decoder: auto`` (older folders keep their names; each record names its decoder), nor
-    ``budget`` when it matches tokens (the default: folders from before it keep their names)."""
+    ``budget`` when it matches tokens, nor ``prefill`` when off (the defaults: folders from before
+    they existed keep their names)."""
     out = None if cfg is None else {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
     if out and isinstance(out.get("budget"), Mapping) and out["budget"].get("match", "tokens") == "tokens":
         out.pop("budget")
+    if out and isinstance(out.get("prefill"), Mapping) and not out["prefill"].get("chunk_tokens"):
+        out.pop("prefill")
     if out and isinstance(out.get("video"), Mapping) and out["video"].get("decoder") == "auto":
         out["video"] = {k: v for k, v in out["video"].items() if k != "decoder"}
     return out

@@ -13,9 +13,10 @@ from prunevid_bench import splice
 from prunevid_bench.config import RunConfig, resolve_layer
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
-from prunevid_bench.measure import Clock
+from prunevid_bench.measure import Clock, PeakMemory
 from prunevid_bench.methods import all_methods, place_key
 from prunevid_bench.patch.decode import DecodeMethod
+from prunevid_bench.patch.chunked import ChunkedPrefill
 from prunevid_bench.patch.deepstack import DeepStack
 from prunevid_bench.patch.encoder import EncoderSide
 from prunevid_bench.patch.key_bias import KeyBias
@@ -56,13 +57,16 @@ def _layers(method, spec, num_layers: int, attention: list[int]) -> tuple[int, i
     return k, k - shift, requested
 
 
-class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention, DecodeMethod):
+class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention, DecodeMethod,
+                      ChunkedPrefill):
     def __init__(self, model, config: RunConfig):
         self.model = model
         self.family = family_of(model)
         self.state = SampleState()
         self._encoded_video_grid_thw = None  # grids of the last get_video_features call (see _remember_video_grids)
         self.clock = Clock(next(model.parameters()).device)
+        self.memory = PeakMemory(next(model.parameters()).device)  # the engine's, so the prefill's phases are read
+        self.chunk_tokens = config.prefill.chunk_tokens  # 0: the prefill in one piece (patch.chunked)
         self._hooks: list = []
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.video_token_id = self.family.video_token_id(model)
@@ -153,6 +157,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
             self._install_decode(fam.decoder_layers(model), add)
         if fam.deepstack_levels(model):
             self._install_deepstack(fam.decoder_layers(model), add)
+        self._install_chunking(fam.decoder_layers(model), add)
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -180,6 +185,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
 
     def _on_llm_output(self, module, args, output):
         st = self.state
+        self._phase("layers_after_k" if st.keep_index is not None else "llm_layers")
         if st.prefill and st.source_index is not None:
             # Decode loops that let the model derive positions (position_ids=None) use
             # cache length + rope_deltas; the cache is shorter by the dropped tokens, so the delta

@@ -29,8 +29,9 @@ class LayerMethod:
 
     def _capture(self, name):
         def hook(module, args, output):
-            if self._active(args[0]):
-                self.state.captured[name] = output
+            st = self.state  # no length check: a chunked prefill's last chunk may be one row
+            if st.prefill and st.visual_positions is not None and st.visual_positions.numel() > 0:
+                st.captured.setdefault(name, []).append(output)  # one part per chunk (patch.chunked)
             return None
 
         return hook
@@ -46,12 +47,15 @@ class LayerMethod:
         if not self._active(hidden) or "q" not in st.captured:
             return None
         method, cfg = self.layer_method
+        self._phase("layers_0_to_k")
         start = self.clock.mark()
         attn = self.family.attention(module)
         seq_len = hidden.shape[1]
         hd = attn.head_dim
-        q = st.captured["q"][0].view(seq_len, -1, hd).transpose(0, 1)  # [H, L, d], before rotary
-        k = st.captured["k"][0].view(seq_len, -1, hd).transpose(0, 1)  # [H_kv, L, d]
+        # a chunked prefill's parts joined, and let go at once (patch.chunked)
+        q, k = (parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in (st.captured.pop("q"), st.captured.pop("k")))
+        q = q[0].view(seq_len, -1, hd).transpose(0, 1)  # [H, L, d], before rotary
+        k = k[0].view(seq_len, -1, hd).transpose(0, 1)  # [H_kv, L, d]
         position_embeddings = st.captured.get("position_embeddings")
         ctx = LayerContext(
             q=q, k=k, rotate=lambda q_, k_: self.family.rotate(q_, k_, position_embeddings),
@@ -89,6 +93,7 @@ class LayerMethod:
         st.captured.clear()
         hidden = hidden[:, keep_index] if dest is None else merge_along(hidden, dest, st.merge_weights, keep_index.numel(), 1)
         st.method_marks[self.layer_key] = [(start, self.clock.mark())]
+        self._phase("method")
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
     def _row_operator(self, seq_len: int, keep_index: torch.Tensor, kept: torch.Tensor, merge_into) -> torch.Tensor | None:

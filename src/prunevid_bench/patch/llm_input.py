@@ -112,6 +112,10 @@ class LLMInput:
                                                  for start, end, after in shifts], unpruned)
         st.source_index = source
         self._set_deepstack(deepstack, source, videos, rows)
+        # the videos' working copies are in the LLM input (and DeepStack's levels in st.deepstack)
+        # now: let them go, so the prefill holds no second copy of the video
+        st.videos = [dataclasses.replace(v, embeds=None, extras={k: x for k, x in v.extras.items()
+                                                                 if not k.startswith("deepstack.")}) for v in st.videos]
         st.row_sizes = torch.ones(source.numel(), device=device)
         for r, (_, tokens) in zip(rows, videos):
             st.row_sizes[r] = tokens.sizes.to(device).float()
@@ -139,6 +143,7 @@ class LLMInput:
                 raise PruneVidError(
                     f"{self.layer_method[0].name} needs text after the video (the question); the prompt ends with the video"
                 )
+        self._phase("before_llm")
         return args, kwargs
 
     def _renumber_after_videos(self, kwargs, shifts, unpruned) -> None:

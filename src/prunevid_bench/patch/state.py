@@ -20,7 +20,7 @@ class SampleState:
     method_stats: dict = field(default_factory=dict)  # record fields the visual-token methods reported
     method_tokens: dict = field(default_factory=dict)  # method name -> [tokens in, tokens out]
     method_marks: dict = field(default_factory=dict)  # method name -> [(start mark, end mark), ...]
-    videos: list = field(default_factory=list)  # each video's VideoTokens as they entered the LLM
+    videos: list = field(default_factory=list)  # each video's VideoTokens as they entered the LLM (embeds dropped: spliced)
     kept_by_method: dict = field(default_factory=dict)  # method name -> per video (grid index [M], origin [T*N]) after it
     source_index: torch.Tensor | None = None  # [L1] prompt index of each LLM-input row
     row_sizes: torch.Tensor | None = None  # [L1] how many prompt tokens each LLM-input row stands for

@@ -81,6 +81,7 @@ def verify(models: list[str] | None = None, device: str = "cpu", dtype: str = "f
             if progress:
                 progress(f"{name}: {method.name}")
             report.checks += verifier.method(method)
+        report.checks += verifier.chunked(chosen)
         pipe.remove_stages()
         report.seconds = time.perf_counter() - start
         reports.append(report)

@@ -11,7 +11,9 @@ everything is), so a new method or family is verified without editing this file.
   (its kept rows, layer, proportional attention and decode ids, all read off the patch's state);
 - ``inputs`` (``inputs.py``): a video file's model inputs equal qwen-vl-utils' (qwen policy);
 - ``scores``: an LLM-layer method whose scores are attention weights (``Method.attention_scores``)
-  leaves the scored layer's eager attention weights, read by the rule it names.
+  leaves the scored layer's eager attention weights, read by the rule it names;
+- ``chunked``: the baseline and each LLM-layer method with ``prefill.chunk_tokens`` (chunks of a
+  third of the prompt) give the whole prefill's tokens and logits (on this device's attention).
 """
 
 from __future__ import annotations
@@ -164,6 +166,20 @@ class Verifier:
         for label, over, rule in score_variants(method):
             out.append(self._refusable("scores", label, self._scores, method, label, over, rule))
         return out
+
+    def chunked(self, methods) -> list[Check]:
+        """The baseline and each LLM-layer method among ``methods``, chunked against whole."""
+        n = self.prepared.inputs["input_ids"].shape[1] // 3 + 1  # a boundary inside the video, one after it
+        layer_methods = [m for m in methods if m.pruning_layer is not None]
+        return [self._refusable("chunked", m.name if m else "none", self._chunked, m, n) for m in [None, *layer_methods]]
+
+    def _chunked(self, method, n: int) -> Check:
+        whole = self.run(method)
+        cfg = self.config(method)
+        cfg.prefill.chunk_tokens = n
+        tol = logit_tolerance(self.dtype, whole.logits)
+        return compare("chunked", method.name if method else "none", trace(self.pipe, self.prepared, cfg), whole, tol,
+                       f"chunks of {n} against the whole prefill")
 
     @staticmethod
     def _refusable(name: str, label: str, check, *args) -> Check:
