@@ -370,3 +370,19 @@ def test_dycokes_decoding_stage_is_refused_on_a_hybrid_in_one_line(pipes):
     assert not pipe.model._forward_hooks and all(not m._forward_hooks and not m._forward_pre_hooks
                                                    for m in pipe.model.modules())  # nothing left installed
 
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("overrides", [{}, LAYER_CASES[0][0], LAYER_CASES[3][0]], ids=["baseline", "stage2", "fastv"])
+def test_a_chunked_prefill_equals_the_whole_one_the_linear_layers_running_whole(pipes, impl, overrides):
+    """Only the full-attention layers run in chunks (patch.chunked): same logits, same kept tokens."""
+    pipe, prepared = pipes[impl]
+    whole = run_traced(pipe, prepared, **overrides)
+    n = whole.result.prompt_tokens // 3 + 1  # does not divide the prompt; boundaries in the video
+    chunked = run_traced(pipe, prepared, **overrides, **{"prefill.chunk_tokens": n})
+    assert chunked.result.prefill_chunk_tokens == n
+    assert chunked.result.generated_token_ids == whole.result.generated_token_ids
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=0, atol=1e-4)
+    if overrides:
+        assert torch.equal(chunked.state.kept_visual, whole.state.kept_visual)
+        torch.testing.assert_close(chunked.logits, reference_for(pipe, prepared, chunked), rtol=0, atol=1e-4)

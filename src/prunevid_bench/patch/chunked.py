@@ -16,7 +16,11 @@ never holds a [N, keys] mask through the whole layer call nor repeats the keys o
 the CPU it is two flash calls joined by their log-sum-exps (``_split_attention``: the past keys
 unmasked, its own causal), elsewhere (or with proportional attention's log-sizes) row blocks, each
 with its own small additive mask, on SDPA's grouped-query path. Flash attention aligns bottom-right by itself. The per-phase
-peak memory of a prefill is read here too (``_phase``)."""
+peak memory of a prefill is read here too (``_phase``).
+
+On a hybrid model (Qwen3.5) only the full-attention layers run in chunks; the linear-attention
+layers (Gated DeltaNet: a recurrent state, cost and memory linear in the rows) run on the whole
+sequence, as unchunked."""
 
 from __future__ import annotations
 
@@ -38,8 +42,10 @@ class ChunkedPrefill:
         self._chunk_at = None  # the first query's index of the chunk an SDPA call belongs to (None: not a chunk)
         if not self.chunk_tokens:
             return
+        attends = set(self.family.attention_layers(self.model.config))
         for i, layer in enumerate(layers):
-            add(InstanceOverride(layer, "forward", self._chunked(i, layer.forward)))
+            if i in attends:  # a hybrid's linear-attention layers run whole: linear in the rows already
+                add(InstanceOverride(layer, "forward", self._chunked(i, layer.forward)))
         if self.attn_implementation == "sdpa":
             add(self._wrap_chunk_sdpa())
 
