@@ -12,6 +12,7 @@ import torch
 from prunevid_bench import streaming
 from prunevid_bench.engine import prefill_position_ids
 from prunevid_bench.errors import PruneVidError
+from prunevid_bench.families import family_of
 from prunevid_bench.streaming import StreamSession
 
 FPS = 2.0
@@ -165,24 +166,66 @@ def test_a_hybrid_cache_budget_evicts_from_full_attention_layers_only(frames12):
     assert streamed(pipe, frames12[:4]).ask(QUESTION, 1).eviction_layers is None
 
 
-def test_question_time_eviction_on_a_hybrid_keeps_offline_prunevids_tokens(frames12):
+@pytest.mark.parametrize("name", ["tiny-qwen3vl", "tiny-qwen3_5"])
+def test_question_time_eviction_keeps_offline_prunevids_tokens(name, frames12):
+    """Layer K's scores over the last step's <|vision_end|> (kept from the append) and the
+    question: offline Stage 2's exactly (K inside DeepStack's layers on Qwen3-VL, the first
+    full-attention layer on Qwen3.5)."""
     from prunevid_bench.methods.prunevid_stage2 import Stage2Config
     import dataclasses
 
-    pipe = pipe_of("tiny-qwen3_5")
-    full = [i for i, t in enumerate(pipe.model.config.get_text_config().layer_types) if t == "full_attention"]
-    cfg = dataclasses.replace(pipe.config, stage2=Stage2Config(enabled=True, pruning_layer=full[0], keep_ratio=0.4))
+    pipe = pipe_of(name)
+    full = family_of(pipe.model).attention_layers(pipe.model.config)  # every layer, or the full-attention ones
+    k = full[0] if name == "tiny-qwen3_5" else 1
+    cfg = dataclasses.replace(pipe.config, stage2=Stage2Config(enabled=True, pruning_layer=k, keep_ratio=0.4))
     session = streamed(pipe, frames12[:8], config=cfg)
     plain = streamed(pipe, frames12[:8])
     answer = session.ask(QUESTION, max_new_tokens=4)
     ref = pipe.run(messages=messages(frames12[:8]), max_new_tokens=4, **{
-        "stage2.enabled": True, "stage2.pruning_layer": full[0], "stage2.keep_ratio": 0.4})
+        "stage2.enabled": True, "stage2.pruning_layer": k, "stage2.keep_ratio": 0.4})
     state = pipe._handle.state
     torch.testing.assert_close(session.eviction.last["scores"], state.scores, rtol=0, atol=1e-5)
     assert torch.equal(session.eviction.last["kept"].cpu(), state.kept_visual.cpu())
     assert answer.visual_tokens_kept == ref.tokens_after < answer.visual_tokens
     assert answer.eviction_layers == full
     assert_same_cache(session, plain)  # the answer's pruning and its recurrent writes left no trace
+    if name != "tiny-qwen3_5":
+        return
     with pytest.raises(PruneVidError, match="linear-attention layer"):
         StreamSession(pipe, video_fps=FPS, config=dataclasses.replace(
-            pipe.config, stage2=Stage2Config(enabled=True, pruning_layer=full[0] - 1, keep_ratio=0.4)))
+            pipe.config, stage2=Stage2Config(enabled=True, pruning_layer=k - 1, keep_ratio=0.4)))
+
+
+def scenes(scene_frames: int, count: int) -> np.ndarray:
+    """Each scene one still image (plus faint noise), so Stage 1's segments are the scenes."""
+    rng = np.random.default_rng(5)
+    parts = []
+    for _ in range(count):
+        base = rng.integers(0, 255, (1, 112, 112, 3))
+        parts.append(np.clip(base + rng.integers(-2, 3, (scene_frames, 112, 112, 3)), 0, 255).astype(np.uint8))
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("deepstack", ["merge", "representative"])
+def test_stage1_per_chunk_on_qwen3vl_carries_the_deepstack_levels_as_offline(deepstack):
+    """Chunks that are Stage 1's segments: the merged tokens' DeepStack levels follow them as
+    offline (averaged, or the representative's), so the stream equals the pruned offline run."""
+    from prunevid_bench.config import from_dict
+
+    pipe = pipe_of("tiny-qwen3vl")
+    frames = scenes(4, 2)
+    overrides = {"stage1.enabled": True, "stage1.temporal_segment_ratio": 0.5, "stage1.min_cluster_tokens": 4,
+                 "model.deepstack": deepstack}
+    ref = pipe.run(messages=messages(frames), max_new_tokens=4, **overrides)
+    assert ref.stage1_segments == 2 and ref.tokens_after_stage1 < ref.tokens_before_stage1
+    cfg = pipe.config.to_dict()
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
+    answer = streamed(pipe, frames, config=from_dict(cfg)).ask(QUESTION, max_new_tokens=4)
+    assert answer.visual_tokens == ref.tokens_after_stage1
+    assert (answer.first_logits - ref.first_token_logits).abs().max() <= 1e-4
+    assert answer.token_ids == ref.generated_token_ids
+    cfg["model"]["deepstack"] = "merge" if deepstack == "representative" else "representative"
+    other = streamed(pipe, frames, config=from_dict(cfg)).ask(QUESTION, max_new_tokens=1)
+    assert (other.first_logits - ref.first_token_logits).abs().max() > 1e-3  # the check tells the modes apart

@@ -78,6 +78,7 @@ class StreamSession:
         config = config if config is not None else pipe.config
         check_stream_methods(config, cache_tokens)
         self.visual_methods, layer, _ = enabled_methods(config)
+        self.deepstack_mode = config.model.deepstack  # a merged token's levels: merge (averaged) | representative
         self.cache_tokens = cache_tokens
         self.eviction_layers = self.kv_layers if cache_tokens or layer else None
         self.presized = presized
@@ -173,7 +174,7 @@ class StreamSession:
         reduced = reduce_chunk(self.visual_methods, features, t, per_step, w // merge, self._last_step_features, extras)
         embeds, rows, visual_rows = self._chunk_rows(ids, reduced)
         positions = positions[:, rows.to(positions.device)]
-        deepstack = [reduced.extras[f"deepstack.{i}"] if self.pipe.config.model.deepstack == "merge"
+        deepstack = [reduced.extras[f"deepstack.{i}"] if self.deepstack_mode == "merge"
                      else level[reduced.keep.to(level.device)] for i, level in enumerate(levels)]
         offset = int(self.visual_groups.max()) + 1 if self.visual_groups.numel() else 0
         self.visual_groups = torch.cat([self.visual_groups, reduced.groups.cpu() + offset])
