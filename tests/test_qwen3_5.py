@@ -225,17 +225,30 @@ def test_cli_runs_a_saved_qwen3_5_checkpoint_with_the_default_preset(clip8, tmp_
     assert result["pruning_layer"] in FULL and result["recurrent_state_bytes"] > 0
 
 
-def test_a_stream_on_qwen3_5_is_refused_in_one_line(clip8, tmp_path):
+def test_a_stream_on_qwen3_5_equals_offline_and_says_what_eviction_spares(clip8, tmp_path):
+    """An ask restores the recurrent states (tests/test_streaming_qwen3.py checks them bit for
+    bit); a cache budget evicts from the full-attention layers only, and the run says so."""
+    import json
+
     from typer.testing import CliRunner
 
     from prunevid_bench.cli import app
 
-    args = ["stream", clip8, "--model", "tiny-qwen3_5", "--chunk-frames", "4", "--ask", "1.9:What moves?",
-            "--device", "cpu", "--results-dir", tmp_path]
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 2, res.output
-    assert "streams are not supported on qwen3_5" in res.output and "Traceback" not in res.output
-    assert "a recurrent state an ask must restore" in " ".join(res.output.split())
+    base = ["stream", clip8, "--model", "tiny-qwen3_5", "--chunk-frames", "4", "--ask", "1.9:What moves?",
+            "--ask", "3.9:What now?", "--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu",
+            "--results-dir", tmp_path]
+    res = CliRunner().invoke(app, [str(a) for a in base + ["--compare-offline", "--label", "s"]])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "s" / "questions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["offline_agrees"] and r["offline_max_logit_diff"] <= 1e-4 for r in rows)
+    assert all(r["recurrent_state_bytes"] > 0 and r["eviction_layers"] is None for r in rows)
+    res = CliRunner().invoke(app, [str(a) for a in base + ["--cache-tokens", "20", "--label", "c"]])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["eviction_layers"] == list(FULL) and "recurrent states keep every token" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, [str(a) for a in base + ["--set", "stage2.enabled=true", "--set",
+                                                            "stage2.pruning_layer=1", "--label", "r"]])
+    assert res.exit_code == 2 and "a linear-attention layer" in res.output and "Traceback" not in res.output
 
 
 def test_methods_show_says_how_the_layer_resolves_on_hybrid_models():

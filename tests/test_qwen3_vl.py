@@ -302,16 +302,22 @@ def test_cli_runs_a_saved_qwen3vl_checkpoint_with_the_default_preset(clip8, tmp_
     assert json.loads((run_dir / "config.json").read_text())["config"]["model"]["deepstack"] == "merge"
 
 
-def test_a_stream_on_qwen3vl_is_refused_in_one_line(clip8, tmp_path):
+def test_a_stream_on_qwen3vl_equals_offline_through_the_cli(clip8, tmp_path):
+    """Each chunk's steps written with their timestamps, its DeepStack levels added: the streamed
+    answer is the offline run's (tests/test_streaming_qwen3.py checks the pieces)."""
+    import json
+
     from typer.testing import CliRunner
 
     from prunevid_bench.cli import app
 
     args = ["stream", clip8, "--model", "tiny-qwen3vl", "--chunk-frames", "4", "--ask", "1.9:What moves?",
-            "--device", "cpu", "--results-dir", tmp_path]
+            "--compare-offline", "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu",
+            "--results-dir", tmp_path, "--label", "s"]
     res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 2, res.output
-    assert "streams are not supported on qwen3_vl" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 0, res.output
+    (r,) = [json.loads(line) for line in (tmp_path / "s" / "questions.jsonl").read_text().splitlines()]
+    assert r["offline_agrees"] and r["offline_max_logit_diff"] <= 1e-4 and r["visual_tokens"] > 0
 
 
 def test_a_feature_cache_hit_equals_a_miss_with_the_deepstack_levels_stored(pipes, clip8, tmp_path):

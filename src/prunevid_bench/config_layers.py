@@ -46,3 +46,32 @@ def resolve_layer(spec: int | str, num_layers: int, key: str = "pruning_layer") 
         )
     return spec
 
+
+def method_layers(method, spec, num_layers: int, attention: list[int]) -> tuple[int, int, int]:
+    """(K as the method means it, the last layer that runs on every token: the one scored, K as
+    the spec names it). On a hybrid model the scored layer must be a full-attention layer
+    (``attention``): a relative depth moves down to the nearest one (the shallowest when none is
+    at or below it); an absolute K that would score a linear layer is refused."""
+    key = f"{method.section}.pruning_layer"
+    k = resolve_layer(spec, num_layers, key)
+    requested, shift = k, int(method.prunes_before)
+    if method.prunes_before:
+        if isinstance(spec, str) and "/" in spec:
+            k = max(1, k)  # a relative depth too shallow for this model: the shallowest K there is
+        if k < 1:
+            raise PruneVidError(f"{key} must be >= 1: {method.name} scores with layer K-1's attention and prunes "
+                                f"before layer K, got {spec}")
+    if k - shift not in attention:
+        if not (isinstance(spec, str) and "/" in spec):
+            valid = [a + shift for a in attention if a + shift < num_layers]
+            nearest = sorted(valid, key=lambda a: (abs(a - k), a))[:2]
+            scored = f"layer K-1 = {k - 1}" if shift else f"layer {k}"
+            raise PruneVidError(f"{key} = {spec}: {method.name} would score at {scored}, a linear-attention layer of "
+                                f"this hybrid model (no attention to score); the nearest K that scores a full-attention "
+                                f"layer: {' or '.join(map(str, sorted(nearest)))}")
+        below = [a for a in attention if a <= k - shift]
+        k = (below[-1] if below else attention[0]) + shift
+        if k >= num_layers:  # FastV on a model whose only full-attention layer is its last
+            raise PruneVidError(f"{key} = {spec}: {method.name} prunes after the layer it scores, and this hybrid "
+                                "model has no full-attention layer before its last")
+    return k, k - shift, requested

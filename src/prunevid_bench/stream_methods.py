@@ -32,6 +32,7 @@ class ChunkReduction:
     groups: torch.Tensor
     methods: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # the chunk's per-token extras (DeepStack levels), reduced alike
 
 
 def enabled_methods(cfg) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]], list[tuple[Any, Any]]]:
@@ -96,13 +97,15 @@ def _probe(method, section) -> None:
 
 
 def reduce_chunk(visual: list[tuple[Any, Any]], features: torch.Tensor, t: int, n: int, w: int,
-                 previous: torch.Tensor | None) -> ChunkReduction:
+                 previous: torch.Tensor | None, extras: dict | None = None) -> ChunkReduction:
     """The visual-token methods, in the order they run offline, on one chunk's features
     ``[t * n, C]`` (t-major); ``previous`` [n, C]: the stream's step before the chunk (None for
-    the first chunk). Without methods every token stays and each temporal step is a group."""
+    the first chunk); ``extras`` {name: [t * n, ...]}: per-token tensors every reduction applies to
+(a drop gathers them, a merge averages them). Without methods every token stays and each
+temporal step is a group."""
     from prunevid_bench.tokens import VideoTokens, apply_reduction
 
-    tokens = VideoTokens.full_grid(features, t, n, w)
+    tokens = VideoTokens.full_grid(features, t, n, w, extras=extras)
     names, stats = [], {}
     for method, section in visual:
         tokens.previous = previous
@@ -111,4 +114,5 @@ def reduce_chunk(visual: list[tuple[Any, Any]], features: torch.Tensor, t: int, 
         names.append(method.name)
         for key, value in out.stats.items():
             stats[key] = stats.get(key, 0) + int(value)
-    return ChunkReduction(tokens.embeds.to(features.dtype), tokens.index, tokens.group.to(features.device), names, stats)
+    return ChunkReduction(tokens.embeds.to(features.dtype), tokens.index, tokens.group.to(features.device), names, stats,
+                          dict(tokens.extras))

@@ -321,6 +321,8 @@ def _run_stream_locked(cfg: RunConfig, videos: dict[str, list[TimedQuestion]], r
                               f"(TTFT {record['ttft_s'] * 1000:.1f} ms, {record['visual_tokens']} visual tokens)", highlight=False)
     summary = stream_summary(list(records.values()))
     write_json(run_dir / "summary.json", summary)
+    if "eviction_note" in summary:
+        console.print(f"note: {summary['eviction_note']}", soft_wrap=True, highlight=False)
     _draw_kv(run_dir)
     console.print(f"run folder: {run_dir}")
     return run_dir, summary
@@ -379,6 +381,12 @@ def stream_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     if records:
         out["ttft_s_median"] = statistics.median(r["ttft_s"] for r in records)
         out["kv_bytes_max"] = max(r["kv_bytes"] for r in records)
+        hybrid = [r for r in records if r.get("recurrent_state_bytes") and r.get("eviction_layers") is not None]
+        if hybrid:  # Qwen3.5: what an eviction can and cannot drop
+            out["eviction_layers"] = hybrid[0]["eviction_layers"]
+            out["eviction_note"] = (f"eviction edits the full-attention layers' KV caches only (layers "
+                                    f"{', '.join(map(str, out['eviction_layers']))}); the linear-attention layers' "
+                                    "recurrent states keep every token")
     if scored:
         out.update(correct=sum(r["correct"] for r in scored), scored=len(scored),
                    accuracy=sum(r["correct"] for r in scored) / len(scored))

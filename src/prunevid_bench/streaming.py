@@ -15,9 +15,11 @@ Why a stream with no pruning is *exactly* the offline prefill, computed in piece
 Position ids therefore never drift, unlike engines that renumber each chunk from an offset.
 
 The model is reached through its family (``prunevid_bench.families``: the base model, the patch
-geometry, the prompt's M-RoPE ids), so a stream runs on Qwen2-VL and Qwen2.5-VL alike; the
-chunk encoder (``stream_parts.encode_chunk``) is the one place that calls the processor and the
-vision tower. Which methods run per chunk and at each question: ``stream_methods``.
+geometry, the prompt's M-RoPE ids), so a stream runs on every family: a chunk appends the prompt
+tokens the processor writes for its frames (Qwen3-VL's and Qwen3.5's per-step timestamps and
+markers included) and its DeepStack levels (Qwen3-VL); an ask restores a hybrid model's
+linear-attention states (Qwen3.5), which cannot be cropped (docs/streaming.md, "Families"). The
+chunk encoder (``stream_parts.encode_chunk``) is the one place that calls the vision tower. Which methods run per chunk and at each question: ``stream_methods``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, cache_bytes
 from prunevid_bench.stream_parts import (  # noqa: F401 (encode_chunk: part of this module's API)
-    VIDEO_MARK, ChunkRecord, StreamAnswer, _Layers, cache_length, crop_cache, encode_chunk, merge_size,
-    prompt_positions, select_cache, temporal_patch,
+    VIDEO_MARK, ChunkRecord, StreamAnswer, _Layers, add_deepstack, cache_length, chunk_ids, crop_cache, encode_chunk, merge_size,
+    prompt_positions, recurrent_states, restore_states, select_cache, state_bytes, temporal_patch,
 )
 
 # ============================================================ the session
@@ -60,15 +62,11 @@ class StreamSession:
 
         if video_fps <= 0:
             raise PruneVidError(f"video_fps must be > 0, got {video_fps}")
-        family = family_of(pipe.model)
-        hybrid = len(family.attention_layers(pipe.model.config)) < len(family.decoder_layers(pipe.model))
-        if family.video_layout != "video" or family.deepstack_levels(pipe.model) or hybrid:
-            why = [w for w, on in (("per-step timestamps", family.video_layout != "video"),
-                                   ("DeepStack", family.deepstack_levels(pipe.model)),
-                                   ("a recurrent state an ask must restore", hybrid)) if on]
-            raise PruneVidError(f"streams are not supported on {family.model_type} yet ({', '.join(why)}); "
-                                "run the video offline with prunevid run")
+        self.family = family = family_of(pipe.model)
         self.pipe = pipe
+        # the layers with a KV cache, all an eviction can edit: on a hybrid model (Qwen3.5) the
+        # full-attention ones; its linear-attention layers' recurrent states keep every token
+        self.kv_layers = family.attention_layers(pipe.model.config)
         self.fps = float(video_fps)
         self.step = temporal_patch(pipe)
         if chunk_frames is not None and (chunk_frames <= 0 or chunk_frames % self.step):
@@ -79,7 +77,9 @@ class StreamSession:
         config = config if config is not None else pipe.config
         check_stream_methods(config, cache_tokens)
         self.visual_methods, layer, _ = enabled_methods(config)
+        self.deepstack_mode = config.model.deepstack  # a merged token's levels: merge (averaged) | representative
         self.cache_tokens = cache_tokens
+        self.eviction_layers = self.kv_layers if cache_tokens or layer else None
         self.presized = presized
         self.eviction = None
         if layer:
@@ -91,7 +91,7 @@ class StreamSession:
         self._stop = eos_ids(pipe.model)
         prefix, _ = self._split_template("?")
         self._prefix_ids = self._tokens(prefix)
-        if pipe.model.config.vision_start_token_id not in self._prefix_ids[-1:]:
+        if family.video_layout == "video" and pipe.model.config.vision_start_token_id not in self._prefix_ids[-1:]:
             raise PruneVidError("the chat template does not put <|vision_start|> right before the video")
         self.reset()
 
@@ -105,17 +105,18 @@ class StreamSession:
         self.chunks: list[ChunkRecord] = []
         self.grid_hw: tuple[int, int] | None = None
         self.steps = 0  # temporal steps (2 frames each) in the cache
+        self._video_ids: list[int] = []  # the offline prompt's video tokens so far (placeholders, timestamps)
         self.pending: np.ndarray | None = None  # a held-back odd frame
         self.frames_seen = 0
         self.visual_index = torch.zeros(0, dtype=torch.long)  # cache slot of each cached visual token
         self.visual_groups = torch.zeros(0, dtype=torch.long)  # the group an LLM-layer method keeps a share of
         if self.eviction is not None:
-            self.eviction.keys = None
+            self.eviction.keys = self.eviction.tail_q = None
         self.redundancy = torch.zeros(0)  # per cached visual token, for --cache-tokens
         self._last_step_features: torch.Tensor | None = None  # the previous chunk's last step [n, C]
         self.tokens_in = 0  # the video's visual tokens before any method (what a budget is a fraction of)
         ids = torch.tensor([self._prefix_ids], device=self.pipe.device)
-        positions = prompt_positions(self.pipe, self._prefix_ids, 0, len(self._prefix_ids), (0, 0, 0), self.fps)
+        positions = prompt_positions(self.pipe, self._prefix_ids, (0, 0, 0), self.fps)
         self._prefill(ids=ids, positions=positions)
 
     @property
@@ -132,6 +133,7 @@ class StreamSession:
             "pending_frames": 0 if self.pending is None else len(self.pending),
             "bytes": sum(per_layer),
             "bytes_per_layer": per_layer,
+            "recurrent_state_bytes": state_bytes(self.cache),
             "chunks": [c.record() for c in self.chunks],
         }
 
@@ -151,7 +153,7 @@ class StreamSession:
         if self.chunk_frames is not None and len(frames) > self.chunk_frames:
             raise PruneVidError(f"a chunk of {len(frames)} frames is longer than chunk_frames={self.chunk_frames}")
         start = self.clock.start()
-        features, (t, h, w) = encode_chunk(self.pipe, frames, self.fps, self.presized)
+        features, (t, h, w), levels = encode_chunk(self.pipe, frames, self.fps, self.presized, levels=True)
         vision_end = self.clock.mark()
         if self.grid_hw is None:
             self.grid_hw = (h, w)
@@ -160,18 +162,26 @@ class StreamSession:
         merge = merge_size(self.pipe)
         per_step = (h // merge) * (w // merge)
         before = cache_length(self.cache)
-        positions = self._video_positions(self.steps + t)[:, self.steps * per_step :]
+        ids = chunk_ids(self.pipe, (t, h, w), self.frames_seen, len(frames), self.fps)
+        at = len(self._prefix_ids) + len(self._video_ids)
+        self._video_ids += ids
+        positions = prompt_positions(self.pipe, self._prefix_ids + self._video_ids, (self.steps + t, h, w),
+                                     self.fps)[:, at:]
         from prunevid_bench.stream_methods import reduce_chunk
 
-        reduced = reduce_chunk(self.visual_methods, features, t, per_step, w // merge, self._last_step_features)
-        embeds, positions = reduced.embeds, positions[:, reduced.keep.to(positions.device)]
+        extras = {f"deepstack.{i}": level for i, level in enumerate(levels)}
+        reduced = reduce_chunk(self.visual_methods, features, t, per_step, w // merge, self._last_step_features, extras)
+        embeds, rows, visual_rows = self._chunk_rows(ids, reduced)
+        positions = positions[:, rows.to(positions.device)]
+        deepstack = [reduced.extras[f"deepstack.{i}"] if self.deepstack_mode == "merge"
+                     else level[reduced.keep.to(level.device)] for i, level in enumerate(levels)]
         offset = int(self.visual_groups.max()) + 1 if self.visual_groups.numel() else 0
         self.visual_groups = torch.cat([self.visual_groups, reduced.groups.cpu() + offset])
         scores = self._redundancy(features.view(t, per_step, -1)) if self.cache_tokens else None
         self._last_step_features = features.view(t, per_step, -1)[-1].clone()
-        self._prefill(embeds=embeds.unsqueeze(0), positions=positions)
-        added = embeds.shape[0]
-        self.visual_index = torch.cat([self.visual_index, torch.arange(before, before + added)])
+        self._prefill(embeds=embeds.unsqueeze(0), positions=positions, deepstack=(visual_rows, deepstack))
+        added = visual_rows.numel()
+        self.visual_index = torch.cat([self.visual_index, before + visual_rows])
         if scores is not None:
             self.redundancy = torch.cat([self.redundancy, scores])
         evicted = self._enforce_cache_tokens()
@@ -181,7 +191,7 @@ class StreamSession:
             tokens_in=t * per_step, tokens_cached=added, evicted=evicted,
             append_s=self.clock.elapsed(start, end), vision_s=self.clock.elapsed(start, vision_end),
             visual_tokens=self.visual_tokens, kv_bytes=cache_bytes(self.cache),
-            methods=reduced.methods, method_stats=reduced.stats,
+            methods=reduced.methods, method_stats=reduced.stats, recurrent_state_bytes=state_bytes(self.cache),
         )
         self.chunks.append(record)
         self.steps += t
@@ -189,25 +199,37 @@ class StreamSession:
         self.frames_seen += len(frames)
         return record
 
-    def _video_positions(self, steps: int) -> torch.Tensor:
-        """M-RoPE ids ``(3, steps * n)`` of the video's tokens when it has ``steps`` temporal steps."""
-        h, w = self.grid_hw
-        merge = merge_size(self.pipe)
-        n = steps * (h // merge) * (w // merge)
-        at = len(self._prefix_ids)
-        return prompt_positions(self.pipe, self._prefix_ids, n, at, (steps, h, w), self.fps)[:, at : at + n]
+    def _chunk_rows(self, ids: list[int], reduced) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A chunk's LLM input in prompt order: its text tokens (timestamps and markers, where the
+        family writes them) embedded, and the reduced visual tokens at their placeholders' rows.
+        Returns the embeddings ``[R, C]``, each row's index in ``ids`` ``[R]`` and the visual rows
+        among them."""
+        ids_t = torch.tensor(ids)
+        is_pad = ids_t == self.pipe.model.config.video_token_id
+        text_rows = torch.nonzero(~is_pad).flatten()
+        rows = torch.cat([text_rows, torch.nonzero(is_pad).flatten()[reduced.keep.cpu()]])
+        order = torch.argsort(rows, stable=True)
+        embeds = reduced.embeds
+        if text_rows.numel():
+            text = self.pipe.model.get_input_embeddings()(ids_t[text_rows].to(self.pipe.device)).to(embeds.dtype)
+            embeds = torch.cat([text, embeds])
+        order_dev = order.to(embeds.device)
+        visual = torch.nonzero(order >= text_rows.numel()).flatten()
+        return embeds[order_dev], rows[order], visual
 
     def _prefill(self, *, positions: torch.Tensor, ids: torch.Tensor | None = None,
-                 embeds: torch.Tensor | None = None):
+                 embeds: torch.Tensor | None = None, deepstack: tuple | None = None):
         """One forward over new tokens with explicit positions: row 0 (the text row, used only to
-        detect packed sequences) is the physical cache slot; rows 1-3 the M-RoPE ids."""
+        detect packed sequences) is the physical cache slot; rows 1-3 the M-RoPE ids.
+        ``deepstack``: (the rows of the visual tokens, their levels): level i is added to those
+        rows after decoder layer i, as offline."""
         past = cache_length(self.cache)
         n = positions.shape[-1]
         text_row = torch.arange(past, past + n, device=positions.device).view(1, -1)
         position_ids = torch.cat([text_row, positions]).unsqueeze(1)
         feed = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
         recording = self.eviction.recording() if self.eviction is not None and not self._answering else nullcontext()
-        with recording:
+        with recording, add_deepstack(self.family.decoder_layers(self.pipe.model), deepstack):
             return self.pipe.model(**feed, position_ids=position_ids, **{self._cache_kw: self.cache},
                                    use_cache=True, logits_to_keep=1)
 
@@ -257,16 +279,14 @@ class StreamSession:
         _, suffix = self._split_template(question)
         suffix_ids = self._tokens(suffix)
         h, w = self.grid_hw
-        merge = merge_size(self.pipe)
-        n_video = self.steps * (h // merge) * (w // merge)
-        ids = self._prefix_ids + suffix_ids
-        positions = prompt_positions(self.pipe, ids, n_video, len(self._prefix_ids), (self.steps, h, w), self.fps)
-        positions = positions[:, -len(suffix_ids):]
+        ids = self._prefix_ids + self._video_ids + suffix_ids
+        positions = prompt_positions(self.pipe, ids, (self.steps, h, w), self.fps)[:, -len(suffix_ids):]
         # The offline prompt's length (before any pruning), refused where run() would refuse it.
-        self.pipe._check_length(len(ids) + n_video, max_new_tokens)
+        self.pipe._check_length(len(ids), max_new_tokens)
         length = cache_length(self.cache)
         bytes_before = cache_bytes(self.cache)
         originals = list(self.cache.layers)
+        states = recurrent_states(self.cache)
         answering = (self.eviction.answering(self.cache, self.visual_index, self.visual_groups, self.tokens_in)
                      if self.eviction is not None else nullcontext())
         self._answering = True
@@ -279,6 +299,7 @@ class StreamSession:
         finally:
             self._answering = False
             crop_cache(self.cache, length)
+            restore_states(self.cache, states)
             if self.eviction is not None:
                 self.eviction.crop(length)
         text = self.pipe.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -289,6 +310,7 @@ class StreamSession:
             question_tokens=len(suffix_ids), kv_bytes=kv_bytes, extra_kv_bytes=held - bytes_before,
             cached_tokens=length, visual_tokens=self.visual_tokens, frames_seen=self.frames_seen,
             visual_tokens_kept=self.eviction.last.get("visual_tokens_kept") if self.eviction is not None else None,
+            recurrent_state_bytes=state_bytes(self.cache), eviction_layers=self.eviction_layers,
         )
 
     def _answer(self, suffix_ids: list[int], positions: torch.Tensor, max_new_tokens: int):

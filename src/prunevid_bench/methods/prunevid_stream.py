@@ -12,7 +12,13 @@ How it relates to offline PruneVid: the scores, and so the kept tokens, are exac
 own KV in layers K+1..: offline they were computed among the kept tokens only; here they were
 computed at append time, before any question, among all tokens (``docs/streaming.md``).
 
-Model-specific pieces (layer access, projections, head size) are in ``layer_parts``. The method
+On a hybrid model (Qwen3.5) K is a full-attention layer (resolved as offline: a relative depth
+moves down to the nearest one, an absolute K at a linear-attention layer is refused) and the
+pruned copies are of the full-attention layers' caches only: a linear-attention layer's recurrent
+state has absorbed every token and cannot drop one (the session restores it after the answer).
+
+Model-specific pieces (layer access, the modules giving q and k before rotary, head size) are in
+``layer_parts``. The method
 names this class as its ``stream_eviction``; the stream asks the method for it.
 """
 
@@ -23,7 +29,6 @@ from contextlib import contextmanager
 
 import torch
 
-from prunevid_bench.config_layers import resolve_layer
 from prunevid_bench.methods.prunevid_stage2 import Stage2Config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.stages import stage2 as s2
@@ -52,24 +57,41 @@ class QuestionEviction:
         self.check(cfg)
         self.model = model
         self.cfg = cfg
-        self.layer = resolve_layer(cfg.pruning_layer, model.config.get_text_config().num_hidden_layers, "stage2.pruning_layer")
+        from prunevid_bench.config_layers import method_layers
+        from prunevid_bench.families import family_of
+        from prunevid_bench.methods import get_method
+
+        family = family_of(model)
+        method = get_method("prunevid_stage2")
+        self.layer, _, _ = method_layers(method, method.pruning_layer(cfg), model.config.get_text_config().num_hidden_layers,
+                                   family.attention_layers(model.config))
         self.layers, self.attn, self.head_dim, self.scaling = layer_parts(model, self.layer)
+        self.query, self.key = family.query_key(self.attn)  # q and k before rotary, as offline's scorer
+        # offline's query rows start at the video's last <|vision_end|>: on a per-step layout
+        # (Qwen3-VL, Qwen3.5) the last chunk's last token, so its q is kept from the append
+        self.step_layout = family.video_layout == "step"
         self.keys: torch.Tensor | None = None
+        self.tail_q: torch.Tensor | None = None
         self.last: dict = {}  # the last answer's kept count and scores, for its record
 
     # ----------------------------------------------------------- the key store
     @contextmanager
-    def recording(self):
-        """While active, layer K's pre-rotary keys of every forward are appended to ``keys``."""
+    def recording(self, tail: bool = True):
+        """While active, layer K's pre-rotary keys of every forward are appended to ``keys`` (and,
+        with ``tail``, its last row's query kept as ``tail_q``)."""
         def grab(module, args, output):
             k = output[0].view(output.shape[1], -1, self.head_dim).transpose(0, 1)
             self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
 
-        hook = self.attn.k_proj.register_forward_hook(grab)
+        def grab_q(module, args, output):
+            self.tail_q = output[0].view(output.shape[1], -1, self.head_dim).transpose(0, 1)[:, -1:]
+
+        hooks = [self.key.register_forward_hook(grab)] + ([self.query.register_forward_hook(grab_q)] if tail else [])
         try:
             yield
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
     def crop(self, length: int) -> None:
         if self.keys is not None:
@@ -99,6 +121,8 @@ class QuestionEviction:
             if "q" not in state or "keep" in state:
                 return None
             rows = state.pop("q")  # <|vision_end|> and the text after it, as offline's query rows
+            if self.step_layout:
+                rows = torch.cat([self.tail_q.to(rows.device), rows], dim=1)
             visual = visual_index.to(self.keys.device)
             scores = s2.max_max_scores(rows, self.keys, visual, self.scaling)
             kept = s2.stratified_keep(scores, groups.to(scores.device), self.cfg.keep_ratio, budget_total)
@@ -109,8 +133,8 @@ class QuestionEviction:
             keep = torch.nonzero(~is_dropped).flatten()
             state["keep"] = keep
             for i, layer in enumerate(cache.layers):
-                index = keep if i <= self.layer else keep[keep < past]
-                cache.layers[i] = _pruned_copy(layer, index)
+                if getattr(layer, "keys", None) is not None:  # a linear-attention layer has no tokens to drop
+                    cache.layers[i] = _pruned_copy(layer, keep if i <= self.layer else keep[keep < past])
             self.last = {"visual_tokens_kept": int(kept.numel()), "kept": kept, "scores": scores}
             return None
 
@@ -122,10 +146,10 @@ class QuestionEviction:
                 return args, kwargs
             return None
 
-        hooks = [self.attn.q_proj.register_forward_hook(capture_q), self.layers[self.layer].register_forward_hook(prune)]
+        hooks = [self.query.register_forward_hook(capture_q), self.layers[self.layer].register_forward_hook(prune)]
         hooks += [layer.register_forward_pre_hook(slice_mask, with_kwargs=True) for layer in self.layers[self.layer + 1 :]]
         try:
-            with self.recording():
+            with self.recording(tail=False):
                 yield
         finally:
             for h in hooks:

@@ -10,7 +10,8 @@ import functools
 import torch
 
 from prunevid_bench import splice
-from prunevid_bench.config import RunConfig, resolve_layer
+from prunevid_bench.config import RunConfig
+from prunevid_bench.config_layers import method_layers
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock, PeakMemory
@@ -25,36 +26,6 @@ from prunevid_bench.patch.llm_input import LLMInput
 from prunevid_bench.patch.report import Reporting
 from prunevid_bench.patch.state import BeforeMerger, SampleState
 from prunevid_bench.patch.vision_attention import VisionAttention
-
-
-def _layers(method, spec, num_layers: int, attention: list[int]) -> tuple[int, int, int]:
-    """(K as the method means it, the last layer that runs on every token: the one scored, K as
-    the spec names it). On a hybrid model the scored layer must be a full-attention layer
-    (``attention``): a relative depth moves down to the nearest one (the shallowest when none is
-    at or below it); an absolute K that would score a linear layer is refused."""
-    key = f"{method.section}.pruning_layer"
-    k = resolve_layer(spec, num_layers, key)
-    requested, shift = k, int(method.prunes_before)
-    if method.prunes_before:
-        if isinstance(spec, str) and "/" in spec:
-            k = max(1, k)  # a relative depth too shallow for this model: the shallowest K there is
-        if k < 1:
-            raise PruneVidError(f"{key} must be >= 1: {method.name} scores with layer K-1's attention and prunes "
-                                f"before layer K, got {spec}")
-    if k - shift not in attention:
-        if not (isinstance(spec, str) and "/" in spec):
-            valid = [a + shift for a in attention if a + shift < num_layers]
-            nearest = sorted(valid, key=lambda a: (abs(a - k), a))[:2]
-            scored = f"layer K-1 = {k - 1}" if shift else f"layer {k}"
-            raise PruneVidError(f"{key} = {spec}: {method.name} would score at {scored}, a linear-attention layer of "
-                                f"this hybrid model (no attention to score); the nearest K that scores a full-attention "
-                                f"layer: {' or '.join(map(str, sorted(nearest)))}")
-        below = [a for a in attention if a <= k - shift]
-        k = (below[-1] if below else attention[0]) + shift
-        if k >= num_layers:  # FastV on a model whose only full-attention layer is its last
-            raise PruneVidError(f"{key} = {spec}: {method.name} prunes after the layer it scores, and this hybrid "
-                                "model has no full-attention layer before its last")
-    return k, k - shift, requested
 
 
 class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, DeepStack, VisionAttention, DecodeMethod,
@@ -106,7 +77,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         # the layers with softmax attention and a KV cache: all, or a hybrid model's full-attention ones
         self.attention_layers = self.family.attention_layers(model.config)
         if layer:
-            self.pruning_layer, self.score_layer, self.requested_layer = _layers(
+            self.pruning_layer, self.score_layer, self.requested_layer = method_layers(
                 layer[0][0], self.pruning_layer_spec, self.num_layers, self.attention_layers)
 
     @property
