@@ -297,7 +297,7 @@ class Pipeline:
     def _served_features(self, prepared: Prepared, handle):
         """The feature cache's tower output for this run, unless a method changes the tower's
         output (it then runs, and what it gives is not kept either)."""
-        if self.feature_cache is None or prepared.feature_key is None or (handle is not None and handle.encoder_methods):
+        if self.feature_cache is None or prepared.feature_key is None or (handle is not None and (handle.encoder_methods or handle.tower_methods)):
             return contextlib.nullcontext()
         return self.feature_cache.serve(self.model, prepared)
 

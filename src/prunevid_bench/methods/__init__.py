@@ -54,6 +54,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.evs",
     "prunevid_bench.methods.vidcom2",
     "prunevid_bench.methods.merge_nearest",
+    "prunevid_bench.methods.tome_vision",
 )
 
 
@@ -134,6 +135,10 @@ class Method:
     attention_scores: Callable[[Any], str | None] | None = None
     keeps_everything: dict[str, Any] | None = None  # settings that reduce nothing, where no budget_knob says it (verify)
     departs: str = ""  # where it departs from its original's code, one line (`prunevid methods show`); details in docs
+    # vision_encoder: (handle, cfg) -> an object with remove(), the method's work inside the tower's blocks
+    tower: Callable[[Any, Any], Any] | None = None
+    # vision_encoder with a tower: cfg -> whether ``reduce`` also acts on the merger's input (else only the tower)
+    reduces_merger_input: Callable[[Any], bool] | None = None
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

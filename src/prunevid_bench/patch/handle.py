@@ -54,7 +54,9 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         self.attn_implementation = str(getattr(text, "_attn_implementation", None) or
                                        getattr(model.config, "_attn_implementation", ""))
         enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
-        self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder"]
+        self.tower_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder" and m.tower is not None]
+        self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder" and (
+            m.reduces_merger_input is None or m.reduces_merger_input(c))]  # those reducing the merger's input
         self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
         self._encoding_videos = False  # inside get_video_features: the merger is projecting video tokens
         self._before_merger: BeforeMerger | None = None  # what the encoder methods did in the last video pass
@@ -86,6 +88,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         add(self._remember_video_grids(base))
         if self.encoder_methods:
             add(self._wrap_merger(fam.vision_merger(model)))
+        for method, cfg in self.tower_methods:  # inside the tower's blocks (after the merger's wrapper)
+            add(method.tower(self, cfg))
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.visual_methods:  # proportional attention, when a method's reduction asks for it
