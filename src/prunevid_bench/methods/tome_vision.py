@@ -50,7 +50,8 @@ _TOWERS: dict[int, object] = {}  # config object -> its installed TowerMerging (
 
 def reduce(tokens: VideoTokens, cfg: ToMeVisionConfig) -> VisualReduction:
     """``merger: groups``: the merges the tower made, as an operator on the video's merger
-    rows (raster order). The tower pass holds the groups in tower order (Qwen2.5-VL: window by
+    rows (raster order; the mergers' pre-hook gave every member its merged group's row, so the
+    operator's size-weighted mean is that row). The tower pass holds the groups in tower order (Qwen2.5-VL: window by
     window), so ``order`` (the family's ``merger_order``) maps them to raster order."""
     tower = _TOWERS.get(id(cfg))
     p = (tower.active or tower.last) if tower is not None else None  # the merger runs inside the pass
@@ -72,7 +73,6 @@ def reduce(tokens: VideoTokens, cfg: ToMeVisionConfig) -> VisualReduction:
     rep = raster_rep[ranked]
     return VisualReduction(dest=dest.to(tokens.index.device), group=tokens.group[rep.to(tokens.group.device)].unique(
         return_inverse=True)[1], representative=rep.to(tokens.index.device),
-        embeds=p.tokens.x[rows[ranked]].to(tokens.embeds.dtype),
         stats={"tome_vision_merged_groups": int(n - rows.numel())})
 
 
