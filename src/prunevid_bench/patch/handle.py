@@ -78,7 +78,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
     @property
     def methods(self) -> list:
         """(method, config) of each enabled method, in the order they run."""
-        return self.encoder_methods + self.visual_methods + ([self.layer_method] if self.layer_method else [])
+        tower_only = [mc for mc in self.tower_methods if mc not in self.encoder_methods]
+        return tower_only + self.encoder_methods + self.visual_methods + ([self.layer_method] if self.layer_method else [])
 
     def _install(self) -> None:
         fam, model = self.family, self.model

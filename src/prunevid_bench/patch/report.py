@@ -26,6 +26,7 @@ class HandleReport:
     merger_rows_skipped: int  # merger rows a vision-encoder method spared
     method_stats: dict[str, int] = field(default_factory=dict)  # record fields the methods reported
     methods: dict[str, MethodReport] = field(default_factory=dict)
+    tower_blocks: list | None = None  # per vision block (patches in attention, sum of segment^2, in MLP), a merging tower
 
     ALIASES = {"tokens_before_stage1": "tokens_in_prompt", "tokens_after_stage1": "tokens_after_visual"}
 
@@ -64,4 +65,5 @@ class Reporting:
             method_stats=dict(st.method_stats),
             methods={m.name: MethodReport(list(st.method_tokens.get(m.name, [0, 0])), self.seconds(m.name))
                      for m, _ in self.methods},
+            tower_blocks=st.tower_blocks,
         )

@@ -43,6 +43,7 @@ class SampleState:
     decode_position_shift: int = 0  # then added to the M-RoPE rows of a caller's explicit decode positions
     deepstack: tuple | None = None  # (LLM-input rows [R], levels [D] of [R, C], rows they were made for): DeepStack's adds
     captured: dict = field(default_factory=dict)
+    tower_blocks: list | None = None  # per vision block (patches in attention, sum of segment^2, patches in MLP) of a merging tower
 
     # the names these counts had while PruneVid's stages were the only methods (one release)
     @property

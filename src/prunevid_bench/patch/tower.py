@@ -31,6 +31,8 @@ class TowerPass:
         self.keys: torch.Tensor | None = None  # [L, D] the running block's keys, mean over heads, before rotary
         self.key_log_size: torch.Tensor | None = None  # [L] log(size) of each patch, when some token is merged
         self.cursor = 0  # where the next attention call's keys start in key_log_size (chunked SDPA/eager)
+        self.blocks: list[tuple[int, int, int]] = []  # per block: patches in attention, sum of segment^2, in the MLP
+        self.marks: list = []  # clock marks around each block's matching and merging (the method's own work)
 
 
 class TowerMerging:
@@ -39,6 +41,7 @@ class TowerMerging:
 
     def __init__(self, handle, cfg):
         self.handle, self.cfg = handle, cfg
+        self.method_name = "tome_vision"
         model, fam = handle.model, handle.family
         self.tower = fam.vision_encoder(model)
         self.blocks = list(self.tower.blocks)
@@ -102,7 +105,18 @@ class TowerMerging:
         return None
 
     def _end(self, module, args, output):
-        self.last, self.active = self.active, None
+        """The pass's counts into the prefill's state (the record and the FLOPs model read them)."""
+        p, self.last, self.active = self.active, self.active, None
+        if p is not None:
+            st, name = self.handle.state, self.method_name
+            st.tower_blocks = [tuple(b) for b in p.blocks]
+            st.method_stats["tome_vision_block_tokens"] = [b[0] for b in p.blocks]
+            st.method_stats["tome_vision_tower_tokens_out"] = int(p.tokens.pos.numel() * self.unit)
+            st.method_marks.setdefault(name, []).extend(p.marks)
+            if self.unit == 1:  # unmerge: the LLM's tokens are as many as before (groups: the merger's reduction counts)
+                n = p.tokens.to_current.numel() // self.handle.merge**2
+                counts = st.method_tokens.setdefault(name, [0, 0])
+                counts[0], counts[1] = counts[0] + n, counts[1] + n
         return None
 
     def _block_forward(self, index: int, block, original):
@@ -125,7 +139,11 @@ class TowerMerging:
             h = hidden_states + block.attn(block.norm1(hidden_states), cu_seqlens=cu_seqlens,
                                            position_embeddings=position_embeddings, **kwargs)
             p.key_log_size = None
+            start = self.handle.clock.mark()
             h = self._merge(index, p, h)
+            p.marks.append((start, self.handle.clock.mark()))
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            p.blocks.append((int(patches.numel()), int((lengths * lengths).sum()), int(h.shape[0])))
             return h + block.mlp(block.norm2(h))
 
         return forward

@@ -40,17 +40,22 @@ def block_removals(r: int, depth: int, schedule: str = "constant") -> list[int]:
 
 
 def parse_blocks(text: str, depth: int) -> list[int]:
-    """``"3,6,9"`` -> [3, 6, 9]: the blocks (0-based) where inter-frame merging happens."""
-    text = str(text or "").strip()
-    if not text:
-        return []
-    try:
-        blocks = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
-    except ValueError:
-        raise PruneVidError(f"tome_vision.merge_layers must be block indices like '3,6,9', got '{text}'") from None
-    if blocks and not 0 <= blocks[0] <= blocks[-1] < depth:
-        raise PruneVidError(f"tome_vision.merge_layers must lie in 0..{depth - 1} (the tower's blocks), got '{text}'")
-    return blocks
+    """``"3,6,9"`` -> [3, 6, 9]: the blocks (0-based) where inter-frame merging happens; an entry
+    ``"K/N"`` is the block at the same relative depth as block K of an N-block tower
+    (``config_layers.resolve_layer``), so one setting fits towers of any depth."""
+    from prunevid_bench.config_layers import resolve_layer
+
+    text = str(text or "").replace(" ", "")
+    parts = [part for part in text.split(",") if part]
+    blocks = []
+    for part in parts:
+        try:
+            spec = part if "/" in part else int(part)
+        except ValueError:
+            raise PruneVidError(f"tome_vision.merge_layers must be block indices or depths like '3,6,9' or "
+                                f"'8/32,16/32', got '{text}'") from None
+        blocks.append(resolve_layer(spec, depth, "tome_vision.merge_layers"))
+    return sorted(set(blocks))
 
 
 def runs(labels: Tensor) -> list[tuple[int, int]]:
