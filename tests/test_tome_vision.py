@@ -278,3 +278,34 @@ def test_schedules_follow_tome():
     with pytest.raises(Exception, match="block indices"):
         tv.parse_blocks("a", 12)
     assert math.isclose(sum(tv.block_removals(6, 2, "decreasing")), 12, abs_tol=1)
+
+
+# ---------------------------------------------------------------- through the pipeline
+ONE_TOKEN = {"generation.max_new_tokens": 3}
+
+
+def test_pipeline_record_counts_the_towers_blocks(tiny_pipe, frames8):
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    base = tiny_pipe.run(prepared, **ONE_TOKEN)
+    nothing = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.r": 0}, **ONE_TOKEN)
+    assert nothing.generated_token_ids == base.generated_token_ids
+    assert torch.equal(nothing.first_token_logits, base.first_token_logits)
+    t, h, w = base.video_grid_thw[0]
+    patches = t * h * w
+    merged = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.r": 8}, **ONE_TOKEN)
+    assert merged.tome_vision_block_tokens == [patches, patches - 8 * t]
+    assert merged.tome_vision_tower_tokens_out == patches - 16 * t
+    assert merged.tokens_after_visual_methods == base.visual_tokens  # unmerge: the LLM sees every token
+    assert merged.prefill_flops < base.prefill_flops == merged.prefill_flops_baseline
+    assert 0 < merged.vision_mergers_s < merged.vision_encoder_s
+    assert [r.method for r in merged.reductions] == ["tome_vision"]
+    groups = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.r": 2,
+                                        "tome_vision.merger": "groups"}, **ONE_TOKEN)
+    assert groups.tokens_after_visual_methods == base.visual_tokens - 2 * 2 * t  # 2 groups per frame and block
+    assert groups.tome_vision_merged_groups == 4 * t
+
+
+def test_bad_merge_layers_is_one_line(tiny_pipe, frames8):
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    with pytest.raises(Exception, match=r"tome_vision.merge_layers must be in \[0, 1\]"):
+        tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.merge_layers": "5"}, **ONE_TOKEN)

@@ -85,7 +85,7 @@ register_method(Method(
             "matches on the survivors' keys; per-frame r (docs/methods.md)",
     ranges={"r": Range(0), "clip_frames": Range(1), "inter_proportion": BELOW_ONE, "intra_proportion": BELOW_ONE},
     choices={"schedule": ("constant", "decreasing"), "merger": ("unmerge", "groups")},
-    record_fields=("tome_vision_merged_groups",),
+    record_fields=("tome_vision_block_tokens", "tome_vision_tower_tokens_out", "tome_vision_merged_groups"),
     reduce=reduce,
     tower=install,
     reduces_merger_input=lambda cfg: cfg.merger == "groups",
