@@ -309,3 +309,22 @@ def test_bad_merge_layers_is_one_line(tiny_pipe, frames8):
     prepared = tiny_pipe.prepare(frames8, "What happens?")
     with pytest.raises(Exception, match=r"tome_vision.merge_layers must be in \[0, 1\]"):
         tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.merge_layers": "5"}, **ONE_TOKEN)
+
+
+def test_cli_runs_the_preset_and_records_the_tower(clip8, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunevid_bench.cli import app
+
+    res = CliRunner().invoke(app, ["run", str(clip8), "What is happening?", "--model", "tiny", "--preset", "tome-vision",
+                                   "--num-frames", "8", "--max-new-tokens", "2", "--results-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "blocks / merger(s)" in res.output and "tome_vision" in res.output
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    # the preset on the tiny tower's 2 blocks: r = 8 per frame in block 0; block 1 (8/32..24/32 of 2) merges across frames
+    assert result["tome_vision_block_tokens"] == [256, 256 - 4 * 8]
+    assert result["tome_vision_tower_tokens_out"] == 256 - 32 - 2 * int(2 * 56 * 0.25)
+    assert result["vision_mergers_s"] > 0 and result["ideal_speedup"] > 1
