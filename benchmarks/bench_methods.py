@@ -215,7 +215,7 @@ def run_tower(args, device, dtype, chosen: set[str]) -> None:
     print_machine(model, device, dtype_name_of(dtype))
     spec, depth = TOWERS[args.tower], len(family_of(model).vision_encoder(model).blocks)
     print(f"vision tower: {args.tower}'s shape ({spec['hidden']} wide, {depth} of its {spec['depth']} blocks), "
-          f"random weights; TTFT includes it")
+          f"random weights; TTFT includes it; the language model above in {family_of(model).model_type}'s form")
     variants = [(label, o) for label, o in TOWER_VARIANTS if label in chosen or label == "baseline"]
     if family_of(model).deepstack_levels(model):  # DeepStack: the 2x2-group merger is not supported
         variants = [(label, o) for label, o in variants if o.get("tome_vision.merger") != "groups"]

@@ -17,6 +17,7 @@ from prunevid_bench.config import RunConfig
 from prunevid_bench.families import family_for_type
 from prunevid_bench.methods.tome_vision import ToMeVisionConfig
 from prunevid_bench.patch.handle import apply_methods
+from prunevid_bench.patch.tower import merge_blocks
 from prunevid_bench.stages import tome_vision as tv
 from tests.test_stage1_model import planted_video, prepare
 
@@ -115,7 +116,7 @@ def reference(model, family, pv, grid, cfg: ToMeVisionConfig, proportional=True,
     frame_of = [u // per_frame for u in range(t * per_frame)]
     depth = len(tower.blocks)
     removals = tv.block_removals(cfg.r, depth, cfg.schedule)
-    inter = tv.parse_blocks(cfg.merge_layers, depth)
+    inter = merge_blocks(cfg.merge_layers, depth)
     tokens = [Token(u, [u]) for u in range(t * per_frame)]
     c = x.shape[-1]
     rows = [x[u * unit : (u + 1) * unit].reshape(-1) for u in range(len(tokens))]
@@ -271,12 +272,12 @@ def test_schedules_follow_tome():
     assert tv.block_removals(4, 3) == [4, 4, 4]
     assert tv.block_removals(8, 5, "decreasing") == [12, 10, 8, 6, 4]  # ToMe's parse_r(5, (8, -0.5))
     assert sum(tv.block_removals(16, 32, "decreasing")) == pytest.approx(16 * 32, rel=0.05)
-    assert tv.parse_blocks("3, 6,9", 12) == [3, 6, 9]
-    assert tv.parse_blocks("8/32,16/32", 2) == [1] and tv.parse_blocks("8/32,16/32", 32) == [8, 16]
+    assert merge_blocks("3, 6,9", 12) == [3, 6, 9]
+    assert merge_blocks("8/32,16/32", 2) == [1] and merge_blocks("8/32,16/32", 32) == [8, 16]
     with pytest.raises(Exception, match=r"\[0, 11\]"):
-        tv.parse_blocks("12", 12)
+        merge_blocks("12", 12)
     with pytest.raises(Exception, match="block indices"):
-        tv.parse_blocks("a", 12)
+        merge_blocks("a", 12)
     assert math.isclose(sum(tv.block_removals(6, 2, "decreasing")), 12, abs_tol=1)
 
 

@@ -24,7 +24,7 @@ BELOW_ONE = Range(0, 1, hi_open=True)
 @dataclass
 class ToMeVisionConfig:
     enabled: bool = False
-    r: int = 0  # tokens (patches, or 2x2 groups with merger: groups) merged per frame in each block
+    r: int = 8  # tokens (patches, or 2x2 groups with merger: groups) merged per frame in each block (0: none)
     schedule: str = "constant"  # r in every block, or ToMe's "decreasing" line from 1.5 r to 0.5 r
     merge_layers: str = ""  # blocks (0-based, "3,6,9") that merge across frames instead of r within them
     clip_frames: int = 2  # temporal steps matched together at those blocks (the seed's merge_frame_nums)
@@ -42,6 +42,7 @@ def install(handle, cfg: ToMeVisionConfig):
                             "(DeepStack); use merger: unmerge")
     tower = TowerMerging(handle, cfg)
     _TOWERS[id(cfg)] = tower
+    tower.on_remove = lambda: _TOWERS.pop(id(cfg), None)
     return tower
 
 

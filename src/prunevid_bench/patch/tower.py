@@ -22,6 +22,14 @@ from prunevid_bench.patch.key_bias import with_key_bias
 from prunevid_bench.stages import tome_vision as tv
 
 
+def merge_blocks(text: str, depth: int) -> list[int]:
+    """``tome_vision.merge_layers`` for a tower of ``depth`` blocks: indices, or ``"K/N"``
+    relative depths (``config_layers.resolve_layer``, as an LLM layer K is given)."""
+    from prunevid_bench.config_layers import resolve_layer
+
+    return sorted({resolve_layer(spec, depth, "tome_vision.merge_layers") for spec in tv.block_specs(text)})
+
+
 class TowerPass:
     """One video pass through the tower: the merged sequence and what its blocks need."""
 
@@ -48,12 +56,13 @@ class TowerMerging:
         depth = len(self.blocks)
         self.unit = handle.merge**2 if cfg.merger == "groups" else 1
         self.removals = tv.block_removals(cfg.r, depth, cfg.schedule)
-        self.inter_blocks = set(tv.parse_blocks(cfg.merge_layers, depth))
+        self.inter_blocks = set(merge_blocks(cfg.merge_layers, depth))
         self.active: TowerPass | None = None
         self.last: TowerPass | None = None
         self.video_rows: list | None = None  # (merger order, first unit) of each video of the last pass (groups)
         self.attention_ids = {id(b.attn) for b in self.blocks}
         self._hooks: list = []
+        self.on_remove = lambda: None  # what the method's registry forgets with it
         self._install()
 
     # ------------------------------------------------------------------ install
@@ -63,7 +72,8 @@ class TowerMerging:
         add(self.tower.register_forward_hook(self._end))
         for i, block in enumerate(self.blocks):
             add(InstanceOverride(block, "forward", self._block_forward(i, block, block.forward)))
-            add(block.attn.qkv.register_forward_hook(self._capture_keys(block.attn)))
+            if i in self.inter_blocks or self.removals[i] > 0:  # only a block that merges needs its keys
+                add(block.attn.qkv.register_forward_hook(self._capture_keys(block.attn)))
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         add(MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", self._biased(ALL_ATTENTION_FUNCTIONS["sdpa"])))
@@ -77,6 +87,7 @@ class TowerMerging:
         for hook in reversed(self._hooks):
             hook.remove()
         self._hooks.clear()
+        self.on_remove()
 
     # ------------------------------------------------------------------ one pass
     def _start(self, module, args, kwargs):
@@ -126,14 +137,14 @@ class TowerMerging:
                 return original(hidden_states, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
             tokens = p.tokens
             patches = tv.patch_positions(tokens.pos, self.unit)
-            merged = patches.numel() != cu_seqlens[-1]
+            merged = patches.numel() != tokens.to_current.numel() * self.unit  # (no device sync)
             if merged:  # the tower's segments and rotary for the merged sequence
                 cu_seqlens = tv.current_seqlens(cu_seqlens, patches)
                 position_embeddings = tuple(e[patches.to(e.device)] for e in position_embeddings)
                 if "max_seqlen" in kwargs:
                     kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             sizes = tokens.size.repeat_interleave(self.unit) if self.unit > 1 else tokens.size
-            proportional = self.cfg.proportional_attention and bool((tokens.size > 1).any())
+            proportional = self.cfg.proportional_attention and merged  # some size > 1
             p.key_log_size, p.cursor = (sizes.float().log() if proportional else None), 0
             p.keys = None
             h = hidden_states + block.attn(block.norm1(hidden_states), cu_seqlens=cu_seqlens,

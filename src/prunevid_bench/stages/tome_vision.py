@@ -39,23 +39,19 @@ def block_removals(r: int, depth: int, schedule: str = "constant") -> list[int]:
     return [int(low + step * i) for i in range(depth)]
 
 
-def parse_blocks(text: str, depth: int) -> list[int]:
+def block_specs(text: str) -> list[int | str]:
     """``"3,6,9"`` -> [3, 6, 9]: the blocks (0-based) where inter-frame merging happens; an entry
-    ``"K/N"`` is the block at the same relative depth as block K of an N-block tower
-    (``config_layers.resolve_layer``), so one setting fits towers of any depth."""
-    from prunevid_bench.config_layers import resolve_layer
-
+    ``"K/N"`` stays a string, the block at the same relative depth as block K of an N-block
+    tower (the patch resolves it for its tower: ``patch.tower.merge_blocks``)."""
     text = str(text or "").replace(" ", "")
-    parts = [part for part in text.split(",") if part]
-    blocks = []
-    for part in parts:
+    specs: list[int | str] = []
+    for part in (p for p in text.split(",") if p):
         try:
-            spec = part if "/" in part else int(part)
+            specs.append(part if "/" in part else int(part))
         except ValueError:
             raise PruneVidError(f"tome_vision.merge_layers must be block indices or depths like '3,6,9' or "
                                 f"'8/32,16/32', got '{text}'") from None
-        blocks.append(resolve_layer(spec, depth, "tome_vision.merge_layers"))
-    return sorted(set(blocks))
+    return specs
 
 
 def runs(labels: Tensor) -> list[tuple[int, int]]:
@@ -87,10 +83,14 @@ def merge_runs(tokens: TowerTokens, metric: Tensor, labels: Tensor, removals) ->
     units (at most half: ToMe's cap), each merge a size-weighted mean. A merged unit keeps its
     destination's ``pos``. Returns the shorter sequence, still in ascending ``pos``."""
     dest = torch.arange(tokens.x.shape[0], device=tokens.x.device)
+    by_length: dict[int, list[int]] = {}
     for start, end in runs(labels):
-        r = int(removals(end - start))
+        by_length.setdefault(end - start, []).append(start)
+    for length, starts in by_length.items():  # runs of one length matched together, one batch
+        r = int(removals(length))
         if r > 0:
-            dest[start:end] = bipartite_soft_matching(metric[start:end], r) + start
+            at = torch.tensor(starts, device=dest.device)[:, None] + torch.arange(length, device=dest.device)
+            dest[at] = bipartite_soft_matching(metric[at], r) + at[:, :1]
     if bool((dest == torch.arange(dest.numel(), device=dest.device)).all()):
         return tokens
     x, size, kept, inverse = merge_by_destination(tokens.x, tokens.size, dest)
