@@ -37,9 +37,6 @@ class ToMeVisionConfig:
 def install(handle, cfg: ToMeVisionConfig):
     from prunevid_bench.patch.tower import TowerMerging
 
-    if cfg.merger == "groups" and handle.family.deepstack_levels(handle.model):
-        raise PruneVidError(f"tome_vision.merger: groups is not supported on {handle.family.model_type} "
-                            "(DeepStack); use merger: unmerge")
     tower = TowerMerging(handle, cfg)
     _TOWERS[id(cfg)] = tower
     tower.on_remove = lambda: _TOWERS.pop(id(cfg), None)
@@ -52,8 +49,9 @@ _TOWERS: dict[int, object] = {}  # config object -> its installed TowerMerging (
 def reduce(tokens: VideoTokens, cfg: ToMeVisionConfig) -> VisualReduction:
     """``merger: groups``: the merges the tower made, as an operator on the video's merger
     rows (raster order; the mergers' pre-hook gave every member its merged group's row, so the
-    operator's size-weighted mean is that row). The tower pass holds the groups in tower order (Qwen2.5-VL: window by
-    window), so ``order`` (the family's ``merger_order``) maps them to raster order."""
+    operator's size-weighted mean is that row). The tower pass holds the groups in tower order
+    (Qwen2.5-VL: window by window), so ``order`` (the family's ``merger_order``) maps them to
+    raster order. (On Qwen3-VL the handle refuses this mode: DeepStack.)"""
     tower = _TOWERS.get(id(cfg))
     p = (tower.active or tower.last) if tower is not None else None  # the merger runs inside the pass
     if p is None or tower.video_rows is None:
