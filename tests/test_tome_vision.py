@@ -294,7 +294,7 @@ def test_pipeline_record_counts_the_towers_blocks(tiny_pipe, frames8):
     t, h, w = base.video_grid_thw[0]
     patches = t * h * w
     merged = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.r": 8}, **ONE_TOKEN)
-    assert merged.tome_vision_block_tokens == [patches, patches - 8 * t]
+    assert merged.tome_vision_block_patches == [patches, patches - 8 * t]
     assert merged.tome_vision_tower_tokens_out == patches - 16 * t
     assert merged.tokens_after_visual_methods == base.visual_tokens  # unmerge: the LLM sees every token
     assert merged.prefill_flops < base.prefill_flops == merged.prefill_flops_baseline
@@ -326,6 +326,6 @@ def test_cli_runs_the_preset_and_records_the_tower(clip8, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     result = json.loads((run_dir / "result.json").read_text())
     # the preset on the tiny tower's 2 blocks: r = 8 per frame in block 0; block 1 (8/32..24/32 of 2) merges across frames
-    assert result["tome_vision_block_tokens"] == [256, 256 - 4 * 8]
+    assert result["tome_vision_block_patches"] == [256, 256 - 4 * 8]
     assert result["tome_vision_tower_tokens_out"] == 256 - 32 - 2 * int(2 * 56 * 0.25)
     assert result["vision_mergers_s"] > 0 and result["ideal_speedup"] > 1

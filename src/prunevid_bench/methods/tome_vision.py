@@ -26,7 +26,7 @@ class ToMeVisionConfig:
     enabled: bool = False
     r: int = 8  # tokens (patches, or 2x2 groups with merger: groups) merged per frame in each block (0: none)
     schedule: str = "constant"  # r in every block, or ToMe's "decreasing" line from 1.5 r to 0.5 r
-    merge_layers: str = ""  # blocks (0-based, "3,6,9") that merge across frames instead of r within them
+    merge_layers: str | None = None  # blocks (0-based, "3,6,9") that merge across frames instead of r within them
     clip_frames: int = 2  # temporal steps matched together at those blocks (the seed's merge_frame_nums)
     inter_proportion: float = 0.25  # at those blocks: share of each clip's tokens merged across its frames
     intra_proportion: float = 0.0  # ... and, first, share of each frame's tokens merged within it
@@ -84,7 +84,7 @@ register_method(Method(
             "matches on the survivors' keys; per-frame r (docs/methods.md)",
     ranges={"r": Range(0), "clip_frames": Range(1), "inter_proportion": BELOW_ONE, "intra_proportion": BELOW_ONE},
     choices={"schedule": ("constant", "decreasing"), "merger": ("unmerge", "groups")},
-    record_fields=("tome_vision_block_tokens", "tome_vision_tower_tokens_out", "tome_vision_merged_groups"),
+    record_fields=("tome_vision_block_patches", "tome_vision_tower_tokens_out", "tome_vision_merged_groups"),
     reduce=reduce,
     tower=install,
     reduces_merger_input=lambda cfg: cfg.merger == "groups",

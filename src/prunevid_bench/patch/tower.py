@@ -121,7 +121,7 @@ class TowerMerging:
         if p is not None:
             st, name = self.handle.state, self.method_name
             st.tower_blocks = [tuple(b) for b in p.blocks]
-            st.method_stats["tome_vision_block_tokens"] = [b[0] for b in p.blocks]
+            st.method_stats["tome_vision_block_patches"] = [b[0] for b in p.blocks]
             st.method_stats["tome_vision_tower_tokens_out"] = int(p.tokens.pos.numel() * self.unit)
             st.method_marks.setdefault(name, []).extend(p.marks)
             if self.unit == 1:  # unmerge: the LLM's tokens are as many as before (groups: the merger's reduction counts)
