@@ -329,3 +329,19 @@ def test_cli_runs_the_preset_and_records_the_tower(clip8, tmp_path):
     assert result["tome_vision_block_patches"] == [256, 256 - 4 * 8]
     assert result["tome_vision_tower_tokens_out"] == 256 - 32 - 2 * int(2 * 56 * 0.25)
     assert result["vision_mergers_s"] > 0 and result["ideal_speedup"] > 1
+
+
+def test_removed_with_llm_side_tome_leaves_no_wrapper():
+    """The tower's and the LLM side's SDPA wrappers stack; removing the handle takes both off,
+    and the tower's eager function too."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from prunevid_bench.methods.tome import ToMeConfig
+
+    model, family, pv, grid = setup("qwen2_5_vl")
+    module = sys.modules[type(family.vision_encoder(model).blocks[0].attn).__module__]
+    sdpa, eager = ALL_ATTENTION_FUNCTIONS["sdpa"], module.eager_attention_forward
+    handle = apply_methods(model, RunConfig(tome_vision=ToMeVisionConfig(enabled=True), tome=ToMeConfig(enabled=True)))
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa and module.eager_attention_forward is not eager
+    handle.remove()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa and module.eager_attention_forward is eager

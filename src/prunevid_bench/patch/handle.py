@@ -112,7 +112,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
             self._install_deepstack(fam.decoder_layers(model), add)
 
     def remove(self) -> None:
-        for h in self._hooks:
+        for h in reversed(self._hooks):  # last in, first out: stacked overrides each find their own
             h.remove()
         self._hooks.clear()
 
