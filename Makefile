@@ -51,6 +51,8 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
 	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_methods.py --tower qwen2.5-vl-7b --tokens 1024
+	$(BIN)/python benchmarks/bench_methods.py --tower qwen3-vl-8b --tokens 1024
 	$(BIN)/python benchmarks/bench_video_memory.py
 	$(BIN)/python benchmarks/bench_feature_cache.py
 	$(BIN)/python benchmarks/bench_content_hash.py

@@ -4,6 +4,15 @@ baseline's TTFT, on the scaled model of bench_stage2.py at several visual-token 
     PYTHONPATH=src python benchmarks/bench_methods.py --device cpu --threads 1 --tokens 4096 8192 --repeats 3
     PYTHONPATH=src python benchmarks/bench_methods.py --smoke        # tiny sizes, a few seconds
     PYTHONPATH=src python benchmarks/bench_methods.py --variants baseline tome --tokens 4096
+    PYTHONPATH=src python benchmarks/bench_methods.py --tower qwen2.5-vl-7b --tower-depth 8 --tokens 512
+
+With ``--tower`` the prompt's video goes through a vision tower of a real checkpoint's shape
+(``tower_model.py``: Qwen2.5-VL-7B's 32 x 1280 or Qwen3-VL-8B's 27 x 1152; ``--tower-depth``
+fewer blocks at the same relative layout) in front of the same scaled language model, TTFT
+includes the tower, and the variants are ``TOWER_VARIANTS``: ToMe inside the tower's blocks at
+the ``r`` that halves the blocks' mean token count (unmerge and 2x2-group mergers), and with
+LLM-side ToMe after it. The FLOPs model then counts the tower's blocks with the token counts
+each block really had, and a second table sets the tower's own time against its ideal.
 
 The model and the inputs are bench_stage2.py's (imported from it): a random-weight Qwen2.5-VL
 language model scaled down from 7B, fed thousands of visual tokens as precomputed
@@ -32,6 +41,7 @@ from bench_stage2 import PeakMemory, add_model_arguments, build_inputs, build_mo
 from prunevid_bench import flops as fl
 from prunevid_bench.config import build_config
 from prunevid_bench.engine import run_greedy
+from prunevid_bench.families import family_of
 from prunevid_bench.measure import Clock
 from prunevid_bench.methods import place_key
 from prunevid_bench.patch import apply_methods
@@ -62,6 +72,28 @@ VARIANTS: list[tuple[str, dict]] = [
 ]
 
 
+TOWER_R = object()  # stands for the r that halves the tower blocks' mean token count (per unit: patch or 2x2 group)
+TOWER_VARIANTS: list[tuple[str, dict]] = [
+    ("baseline", {}),
+    ("tome_vis", {"tome_vision.enabled": True, "tome_vision.r": TOWER_R}),
+    ("tome_vis-g", {"tome_vision.enabled": True, "tome_vision.r": TOWER_R, "tome_vision.merger": "groups"}),
+    ("tome_vis+t", {"tome_vision.enabled": True, "tome_vision.r": TOWER_R, "tome.enabled": True, "tome.budget": BUDGET}),
+]
+
+
+def halving_r(units: int, depth: int, share: float = 0.5) -> int:
+    """The smallest constant r whose blocks see on average at most ``share`` of a frame's
+    ``units`` tokens (each block removes min(r, half of what is left), ToMe's cap)."""
+    for r in range(1, units):
+        n, total = units, 0
+        for _ in range(depth):
+            total += n
+            n -= min(r, n // 2)
+        if total <= share * units * depth:
+            return r
+    return units // 2
+
+
 @dataclass
 class Result:
     label: str
@@ -75,10 +107,18 @@ class Result:
     peak_bytes: int
     flops: fl.Flops
     flops_baseline: fl.Flops
+    tower_s: list[float] = None  # the vision encoder's time per timed run (--tower)
+    tower_blocks: list | None = None  # its blocks' (attention tokens, pairs, MLP tokens), when merged
 
 
-def variant_config(overrides: dict, budget: float):
-    return build_config(overrides={k: budget if v is BUDGET else v for k, v in overrides.items()})
+def variant_config(overrides: dict, budget: float, tower_r: dict | None = None):
+    """The run config of one variant; ``tower_r``: merger mode -> the halving r (``--tower``)."""
+    def value(key, v):
+        if v is TOWER_R:
+            return tower_r["groups" if overrides.get("tome_vision.merger") == "groups" else "unmerge"]
+        return budget if v is BUDGET else v
+
+    return build_config(overrides={k: value(k, v) for k, v in overrides.items()})
 
 
 def tower_attention_stand_in(handle, model, inputs: dict, args):
@@ -135,14 +175,16 @@ def one_run(model, cfg, inputs: dict, args, device, memory: PeakMemory | None = 
 def measure(variants: list[tuple[str, dict]], model, inputs: dict, args, device) -> list[Result]:
     """Every variant once per round, round after round (warm-up rounds first), so that a change
     of the shared machine's load falls on all variants alike; then one memory run each."""
-    configs = [(label, variant_config(overrides, args.budget)) for label, overrides in variants]
+    configs = [(label, variant_config(overrides, args.budget, getattr(args, "tower_r", None))) for label, overrides in variants]
     ttft = {label: [] for label, _ in configs}
+    tower = {label: [] for label, _ in configs}
     per_method = {label: {} for label, _ in configs}
     for i in range(args.warmup + args.repeats):
         for label, cfg in configs:
             out, seconds, *_ = one_run(model, cfg, inputs, args, device)
             if i >= args.warmup:
                 ttft[label].append(out.ttft_s)
+                tower[label].append(out.vision_encoder_s)
                 for n, s in seconds.items():
                     per_method[label].setdefault(n, []).append(s)
     prompt_len = inputs["input_ids"].shape[1]
@@ -154,11 +196,16 @@ def measure(variants: list[tuple[str, dict]], model, inputs: dict, args, device)
         else:
             llm_len, kept = report["llm_prefill_tokens"], report["tokens_after"]
             dropped, scored = report["tokens_before"] - report["tokens_after"], report["scored_rows"]
-        # The vision encoder is skipped here (grids=[]): only the LLM's prefill is compared.
-        run, base = fl.run_flops(model.config, fl.QWEN25_VL_7B_VISION, [], prompt_len, llm_len, layer, dropped, scored)
+        if args.tower:  # the tower's real shape and grid, its blocks with the tokens they had
+            vision, grids = family_of(model).vision_shape(model.config), inputs["video_grid_thw"].tolist()
+        else:  # the vision encoder is skipped here (grids=[]): only the LLM's prefill is compared
+            vision, grids = fl.QWEN25_VL_7B_VISION, []
+        blocks = report["tower_blocks"] if report is not None else None
+        skipped = report["merger_rows_skipped"] if report is not None else 0
+        run, base = fl.run_flops(model.config, vision, grids, prompt_len, llm_len, layer, dropped, scored, skipped, blocks)
         own = [sum(runs) for runs in zip(*per_method[label].values())] if cfg.enabled_methods else []
         results.append(Result(label, cfg.enabled_methods, out.visual_tokens, kept, ttft[label], own,
-                              per_method[label], out.kv_cache_bytes, peak, run, base))
+                              per_method[label], out.kv_cache_bytes, peak, run, base, tower[label], blocks))
     return results
 
 
@@ -201,19 +248,74 @@ def print_chunked(results: list[Result], chunk: int) -> None:
               f"{mib(r.peak_bytes):>8} {mib(c.peak_bytes):>8} {c.peak_bytes / base_peak:>6.2f}")
 
 
+def print_tower_table(results: list[Result], patches: int) -> None:
+    """The tower's own time against its ideal (its FLOPs with each block's real token count);
+    block tokens: the blocks' mean token count over the tower's ``patches``."""
+    base_tower = statistics.median(results[0].tower_s)
+    header = f"{'variant':<11} {'block tokens':>12} {'tower ms':>22} {'ideal ms':>9} {'/ideal':>6} {'TTFT ms':>9}"
+    print(header)
+    print("-" * len(header))
+    full = results[0].flops_baseline.vision
+    for r in results:
+        ideal = base_tower / (full / r.flops.vision)
+        mean = sum(b[0] for b in r.tower_blocks) / len(r.tower_blocks) if r.tower_blocks else patches
+        tokens = f"{mean / patches:.3f}"
+        print(f"{r.label:<11} {tokens:>12} {spread(r.tower_s, 1e3):>22} {ideal * 1e3:>9.0f} "
+              f"{statistics.median(r.tower_s) / ideal:>6.2f} {statistics.median(r.ttft) * 1e3:>9.0f}")
+
+
+def run_tower(args, device, dtype, chosen: set[str]) -> None:
+    """``--tower``: the real-shape tower in front of the scaled LLM, ToMe inside it."""
+    from bench_stage2 import llm_sizes
+    from tower_model import TOWERS, build_tower_model, tower_grid, tower_inputs
+
+    model = build_tower_model(args.tower, args.tower_depth, llm_sizes(args), device, dtype)
+    print_machine(model, device, dtype_name_of(dtype))
+    spec, depth = TOWERS[args.tower], len(family_of(model).vision_encoder(model).blocks)
+    print(f"vision tower: {args.tower}'s shape ({spec['hidden']} wide, {depth} of its {spec['depth']} blocks), "
+          f"random weights; TTFT includes it; the language model above in {family_of(model).model_type}'s form")
+    variants = [(label, o) for label, o in TOWER_VARIANTS if label in chosen or label == "baseline"]
+    if family_of(model).deepstack_levels(model):  # DeepStack: the 2x2-group merger is not supported
+        variants = [(label, o) for label, o in variants if o.get("tome_vision.merger") != "groups"]
+    for tokens in args.tokens:
+        grid = tower_grid(tokens * 4 // args.frames, args.frames, 8 if spec["family"] == "qwen2_5_vl" else 2)
+        per_frame = grid[1] * grid[2]
+        args.tower_r = {"unmerge": args.tower_r_value or halving_r(per_frame, depth),
+                        "groups": args.tower_r_value or halving_r(per_frame // 4, depth)}
+        inputs = tower_inputs(model, args.tower, grid, device, dtype)
+        print(f"\n{per_frame * grid[0] // 4} visual tokens (grid {list(grid)}: {per_frame * grid[0]} patches in the "
+              f"tower), r = {args.tower_r['unmerge']} patches / {args.tower_r['groups']} groups per frame and block; "
+              f"load average {os.getloadavg()[0]:.2f} at the start")
+        results = measure(variants, model, inputs, args, device)
+        print_table(results)
+        print()
+        print_tower_table(results, per_frame * grid[0])
+        print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+def dtype_name_of(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, nargs="+", default=None,
                         help="visual tokens before any method, each rounded to the grid (default 4096 8192; smoke 256)")
     parser.add_argument("--budget", type=float, default=0.25, help="matched budget: kept fraction of the visual tokens")
-    parser.add_argument("--variants", nargs="+", default=None, choices=[label for label, _ in VARIANTS],
+    parser.add_argument("--variants", nargs="+", default=None,
+                        choices=list(dict.fromkeys(label for label, _ in VARIANTS + TOWER_VARIANTS)),
                         help="a subset of the variants (the baseline always runs)")
     parser.add_argument("--new-tokens", type=int, default=2, help="tokens generated per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported); a round runs each variant once")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before them")
     parser.add_argument("--chunk-tokens", type=int, default=0,
                         help="also run every variant with prefill.chunk_tokens N (as LABEL/c): TTFT and peak memory beside whole")
+    parser.add_argument("--tower", choices=["qwen2.5-vl-7b", "qwen3-vl-8b"], default=None,
+                        help="run the video through a vision tower of this checkpoint's shape (TTFT includes it)")
+    parser.add_argument("--tower-depth", type=int, default=None, help="fewer tower blocks than the real depth")
+    parser.add_argument("--tower-r", dest="tower_r_value", type=int, default=None,
+                        help="tome_vision's r (default: the r that halves the blocks' mean token count)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one run per variant: checks the script works, measures nothing")
     args = parser.parse_args()
@@ -222,12 +324,17 @@ def main() -> None:
         args.repeats, args.warmup, args.new_tokens = 1, 0, 1
         args.threads = args.threads or 1  # two threads on a busy two-core box oversubscribe it
     args.tokens = args.tokens or ([256] if args.smoke else [4096, 8192])
-    chosen = set(args.variants or [label for label, _ in VARIANTS]) | {"baseline"}
-    variants = [(label, o) for label, o in VARIANTS if label in chosen]
+    table = TOWER_VARIANTS if args.tower else VARIANTS
+    chosen = set(args.variants or [label for label, _ in table]) | {"baseline"}
+    variants = [(label, o) for label, o in table if label in chosen]
     if args.chunk_tokens:
         variants += [(f"{label}/c", {**o, "prefill.chunk_tokens": args.chunk_tokens}) for label, o in variants]
 
     device, dtype_name, dtype = setup(args)
+    if args.tower:
+        if args.smoke:
+            args.tower_depth = args.tower_depth or 2
+        return run_tower(args, device, dtype, chosen)
     model = build_model(args, device, dtype)
     print_machine(model, device, dtype_name)
     print(f"budget {args.budget} (kept fraction of the visual tokens, through each method's budget key; "

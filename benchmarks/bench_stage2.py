@@ -205,11 +205,12 @@ def build_inputs(model, grid: tuple[int, int, int], device, dtype) -> dict:
     }
 
 
-def build_model(args, device, dtype):
+def llm_sizes(args) -> TinySizes:
+    """The scaled-down language model's sizes from the options of ``add_model_arguments``."""
     head_dim = args.hidden // args.heads
     half = head_dim // 2
     mrope = (half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8)  # Qwen's [16, 24, 24] proportions
-    sizes = TinySizes(
+    return TinySizes(
         hidden_size=args.hidden,
         intermediate_size=args.intermediate or 64 * round(args.hidden * 18944 / 3584 / 64),
         num_hidden_layers=args.layers,
@@ -217,7 +218,10 @@ def build_model(args, device, dtype):
         num_key_value_heads=args.kv_heads,
         mrope_section=mrope,
     )
-    model = build_tiny_model(seed=0, attn_implementation="sdpa", sizes=sizes)
+
+
+def build_model(args, device, dtype):
+    model = build_tiny_model(seed=0, attn_implementation="sdpa", sizes=llm_sizes(args))
     model.generation_config.eos_token_id = IM_END_ID
     return model.to(device=device, dtype=dtype)
 

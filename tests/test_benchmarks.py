@@ -62,6 +62,18 @@ def test_bench_methods_runs_a_subset_at_two_token_counts():
     assert [line.split()[0] for line in out.splitlines() if line.startswith(("baseline", "evs"))] == ["baseline", "evs"] * 2
 
 
+def test_bench_methods_with_the_tower_smoke():
+    """``--tower``: the real-width tower (2 blocks) in the TTFT, ToMe inside it halving the blocks' tokens."""
+    out = run_script("bench_methods.py", "--smoke", "--threads", "1", "--tower", "qwen2.5-vl-7b", "--tokens", "64")
+    rows = table_rows(out)
+    assert list(rows) == ["baseline", "tome_vis", "tome_vis-g", "tome_vis+t"]
+    assert rows["tome_vis"][1] == rows["baseline"][1] == "128/128"  # unmerge: the LLM sees every token
+    kept, total = map(int, rows["tome_vis-g"][1].split("/"))
+    assert kept < total
+    tower = out[out.index("block tokens"):]
+    assert "tome_vis" in tower and "1280 wide" in out
+
+
 def test_bench_stage2_smoke():
     out = run_script("bench_stage2.py", *TINY_LLM, "--tokens", "256", "--repeats", "1", "--warmup", "0",
                      "--new-tokens", "1", "--score-tokens", "256", "--scoring-speed-tokens", "512")

@@ -17,6 +17,7 @@ ONE_TOKEN = {"generation.max_new_tokens": 3}
 
 def test_builtin_methods_in_run_order():
     names = [m.name for m in all_methods()]
+    assert names[0] == "tome_vision"  # inside the vision encoder first
     first = ["prunevid_stage1", "tome", "evs", "vidcom2", "prunevid_stage2"]  # visual tokens, then LLM layer
     assert [n for n in names if n in first] == first
     assert [m.acts for m in all_methods()] == sorted((m.acts for m in all_methods()), key=ACTS.index)

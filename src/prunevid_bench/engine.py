@@ -34,6 +34,7 @@ class EngineOutput:
     prompt_tokens: int
     visual_tokens: int
     state_bytes: int = 0  # a hybrid model's linear layers' conv and recurrent states after prefill
+    vision_mergers_s: float = 0.0  # of vision_encoder_s: the patch merger(s) (Qwen3-VL: with its DeepStack mergers)
 
 
 def prefill_position_ids(model, inputs: dict) -> torch.Tensor:
@@ -95,6 +96,10 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
     family = family_of(model)
     visual = family.vision_encoder(model)
     hooks = [visual.register_forward_pre_hook(mark("vision_start")), visual.register_forward_hook(mark("vision_end"))]
+    merger_marks: list = []  # (start, end) of every merger call: the tower's time splits into blocks and mergers
+    for merger in [family.vision_merger(model), *getattr(visual, "deepstack_merger_list", [])]:
+        hooks += [merger.register_forward_pre_hook(lambda *_: merger_marks.append([clock.mark(), None])),
+                  merger.register_forward_hook(lambda *_: merger_marks[-1].__setitem__(1, clock.mark()))]
     try:
         position_ids = prefill_position_ids(model, inputs)
         cache = DynamicCache(config=model.config.get_text_config())
@@ -136,6 +141,7 @@ def run_greedy(model, inputs: dict, max_new_tokens: int, clock: Clock | None = N
         first_logits=first_logits[0].float().cpu(),
         ttft_s=ttft_s,
         vision_encoder_s=vision_s,
+        vision_mergers_s=sum(clock.elapsed(a, b) for a, b in merger_marks) if vision_s else 0.0,
         prefill_s=max(0.0, ttft_s - vision_s),
         decode_s=decode_s,
         decode_tokens_per_s=(steps / decode_s) if steps > 0 and decode_s > 0 else None,

@@ -224,14 +224,24 @@ def _window_lengths(merged_h: int, merged_w: int, window: int) -> Iterable[int]:
             yield min(window, merged_h - top) * min(window, merged_w - left)
 
 
-def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> Flops:
+def vision_block_flops(shape: VisionShape, attention_tokens: int, pairs: int, mlp_tokens: int) -> int:
+    """One vision block: qkv and proj on ``attention_tokens``, q k^T and attn v over ``pairs``
+    (query, key) pairs (the sum of its attention segments' squared lengths), the MLP on
+    ``mlp_tokens`` (fewer than ``attention_tokens`` when ToMe merged between them)."""
+    dim = shape.hidden_size
+    return (2 * attention_tokens * dim * 3 * dim + 2 * attention_tokens * dim * dim
+            + 2 * 2 * dim * pairs + shape.mlp_matmuls * 2 * mlp_tokens * dim * shape.intermediate_size)
+
+
+def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]], blocks: Sequence | None = None) -> Flops:
     """The vision encoder over videos/images with grids (t, h, w) in patches (``video_grid_thw``):
     patch embedding, blocks (window attention, per-frame full attention in
-    ``fullatt_block_indexes``), and the patch merger. Returned in ``Flops.vision``."""
+    ``fullatt_block_indexes``), and the patch merger. Returned in ``Flops.vision``. ``blocks``:
+    each block's real (attention tokens, pairs, MLP tokens) over all the grids, when a method
+    merged inside the tower (``vision_block_flops``), instead of the full grids'."""
     dim, unit = shape.hidden_size, shape.spatial_merge_size**2
     window = shape.window_size // shape.spatial_merge_size // shape.patch_size  # in merged tokens
     patch_in = shape.in_channels * shape.temporal_patch_size * shape.patch_size**2
-    head_dim = dim // shape.num_heads
     total = 0
     for t, h, w in grids:
         patches = t * h * w
@@ -239,12 +249,13 @@ def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]]) -> 
         window_pairs = t * sum((n * unit) ** 2 for n in _window_lengths(h // shape.spatial_merge_size,
                                                                         w // shape.spatial_merge_size, window))
         total += 2 * patches * patch_in * dim  # Conv3d patch embedding
-        for block in range(shape.depth):
-            pairs = full_pairs if block in shape.fullatt_block_indexes else window_pairs
-            total += 2 * patches * dim * 3 * dim + 2 * patches * dim * dim  # qkv, proj
-            total += 2 * 2 * shape.num_heads * head_dim * pairs  # q k^T, attn v (no mask)
-            total += shape.mlp_matmuls * 2 * patches * dim * shape.intermediate_size  # MLP
+        if blocks is None:
+            for block in range(shape.depth):
+                pairs = full_pairs if block in shape.fullatt_block_indexes else window_pairs
+                total += vision_block_flops(shape, patches, pairs, patches)
         total += merger_flops(shape, patches // unit)
+    if blocks is not None:
+        total += sum(vision_block_flops(shape, *counts) for counts in blocks)
     return Flops(vision=total)
 
 
@@ -261,17 +272,19 @@ def ideal_speedup(baseline: Flops, pruned: Flops) -> float:
 
 def run_flops(model_config, vision: VisionShape, grids, prompt_tokens: int, llm_prefill_tokens: int,
               pruning_layer: int | None, tokens_dropped: int, scored_rows: int,
-              merger_rows_skipped: int = 0) -> tuple[Flops, Flops]:
+              merger_rows_skipped: int = 0, tower_blocks: Sequence | None = None) -> tuple[Flops, Flops]:
     """(this run's prefill FLOPs, the unreduced baseline's on the same input): the vision encoder
     over ``grids`` (its merger ``merger_rows_skipped`` tokens fewer, when a method merged them
     before it), the LLM with ``llm_prefill_tokens`` (after the visual-token methods) up to layer K
-    and ``tokens_dropped`` fewer after it, and the score of ``scored_rows`` query rows."""
+    and ``tokens_dropped`` fewer after it, and the score of ``scored_rows`` query rows;
+    ``tower_blocks``: the blocks' real token counts when a method merged inside the tower."""
     text = TextShape.from_config(model_config)
     encoder = vision_encoder_flops(vision, grids)
     after = llm_prefill_tokens - tokens_dropped
     layers = tokens_per_layer(text.num_layers, llm_prefill_tokens, pruning_layer, after if pruning_layer is not None else None)
     scoring = prunevid_scoring_flops(text, scored_rows, llm_prefill_tokens) if scored_rows else 0
-    encoder_run = Flops(vision=encoder.vision - merger_flops(vision, merger_rows_skipped))
+    encoder_run = vision_encoder_flops(vision, grids, tower_blocks) if tower_blocks else encoder
+    encoder_run = Flops(vision=encoder_run.vision - merger_flops(vision, merger_rows_skipped))
     run = llm_prefill_flops(text, layers, scoring=scoring) + encoder_run
     base = llm_prefill_flops(text, [prompt_tokens] * text.num_layers) + encoder
     return run, base

@@ -230,7 +230,8 @@ class Pipeline:
 
             method_fields["kept"] = kept_record(handle)
         flops, flops_base = self._flops(prepared, out.prompt_tokens, llm_prefill_tokens, handle, tokens_before - tokens_after,
-                                        stages.get("scored_rows", 0), stages.get("merger_rows_skipped", 0))
+                                        stages.get("scored_rows", 0), stages.get("merger_rows_skipped", 0),
+                                        stages.get("tower_blocks"))
         grid = prepared.inputs.get("video_grid_thw")
         seconds = prepared.inputs.get("second_per_grid_ts")
         clip = prepared.clip
@@ -252,6 +253,7 @@ class Pipeline:
             videos=[_video_entry(c, s) for c, s in zip(prepared.clips, fed)] if len(prepared.clips) > 1 else None,
             ttft_s=out.ttft_s,
             vision_encoder_s=out.vision_encoder_s,
+            vision_mergers_s=out.vision_mergers_s,
             prefill_s=out.prefill_s,
             decode_s=out.decode_s,
             decode_tokens_per_s=out.decode_tokens_per_s,
@@ -317,13 +319,13 @@ class Pipeline:
     def _served_features(self, prepared: Prepared, handle):
         """The feature cache's tower output for this run, unless a method changes the tower's
         output or reads its attention (it then runs, and what it gives is not kept either)."""
-        if self.feature_cache is None or prepared.feature_key is None or (handle is not None and (handle.encoder_methods or handle.vision_rules)):
+        if self.feature_cache is None or prepared.feature_key is None or (handle is not None and (handle.encoder_methods or handle.tower_methods or handle.vision_rules)):
             return contextlib.nullcontext()
         return self.feature_cache.serve(self.model, prepared)
 
 
     def _flops(self, prepared: Prepared, prompt_tokens: int, llm_prefill_tokens: int, handle, dropped: int, scored_rows: int,
-               merger_rows_skipped: int):
+               merger_rows_skipped: int, tower_blocks=None):
         from prunevid_bench.families import family_of
         from prunevid_bench.flops import run_flops
 
@@ -331,8 +333,10 @@ class Pipeline:
                  for g in _as_rows(prepared.inputs.get(key))]
         vision = family_of(self.model).vision_shape(self.model.config)
         layer = handle.score_layer if handle is not None and handle.layer_method else None  # the last on all tokens
+        if _as_rows(prepared.inputs.get("image_grid_thw")):
+            tower_blocks = None  # the counts are the videos' pass; images ran unmerged in their own
         return run_flops(self.model.config, vision, grids, prompt_tokens, llm_prefill_tokens, layer,
-                         dropped if layer is not None else 0, scored_rows, merger_rows_skipped)
+                         dropped if layer is not None else 0, scored_rows, merger_rows_skipped, tower_blocks)
 
 
 def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

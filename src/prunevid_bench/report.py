@@ -134,6 +134,7 @@ class RunResult:
     # the vision tower's output came from a feature cache: vision_encoder_s is the time measured
     # when it was computed, and ttft_s = that time + this run's measured post-vision time
     vision_cached: bool = False
+    vision_mergers_s: float = 0.0  # of vision_encoder_s: the patch merger(s); the rest is the blocks (and patch embedding)
     first_token_logits: Any = field(default=None, repr=False)  # tensor; not serialised
 
     def __getattr__(self, name: str) -> Any:

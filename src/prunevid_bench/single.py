@@ -49,6 +49,8 @@ def measurement_table(result: dict[str, Any], title: str = "Measurements") -> Ta
         ("generated tokens", result["generated_tokens"]),
         ("TTFT", fmt_seconds(result["ttft_s"])),
         ("  vision encoder", fmt_seconds(result["vision_encoder_s"])),
+        ("    blocks / merger(s)", f"{fmt_seconds(result['vision_encoder_s'] - result.get('vision_mergers_s', 0.0))} / "
+                                   f"{fmt_seconds(result.get('vision_mergers_s', 0.0))}"),
         (f"  methods before the LLM ({before})", fmt_seconds(result["visual_methods_s"])),
         (f"  LLM-layer method ({layer})", fmt_seconds(result["layer_method_s"])),
         ("  prefill after vision", fmt_seconds(result["prefill_s"])),

@@ -67,6 +67,7 @@ _BUILTIN_MODULES = (
     "prunevid_bench.methods.flashvid",
     "prunevid_bench.methods.holitom",
     "prunevid_bench.methods.dycoke",
+    "prunevid_bench.methods.tome_vision",
 )
 
 
@@ -116,6 +117,10 @@ class Method:
     def describe(self, values: dict, layer: str = "") -> str:
         """This run's settings of the method in a few words (``compare``'s and the summary's line)."""
         return self.label(values, layer) if self.label is not None else describe_settings(self.section, values, layer)
+    # vision_encoder: (handle, cfg) -> an object with remove(), the method's work inside the tower's blocks
+    tower: Callable[[Any, Any], Any] | None = None
+    # vision_encoder with a tower: cfg -> whether ``reduce`` also acts on the merger's input (else only the tower)
+    reduces_merger_input: Callable[[Any], bool] | None = None
 
     def where(self, cfg: Any) -> str:
         """Where the method acts in a run with ``cfg`` (one of ACTS)."""

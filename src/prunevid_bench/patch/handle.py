@@ -47,7 +47,9 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         self.attn_implementation = str(getattr(text, "_attn_implementation", None) or
                                        getattr(model.config, "_attn_implementation", ""))
         enabled = [(m, config.section(m.section)) for m in all_methods() if config.section(m.section).enabled]
-        self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder"]
+        self.tower_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder" and m.tower is not None]
+        self.encoder_methods = [(m, c) for m, c in enabled if m.where(c) == "vision_encoder" and (
+            m.reduces_merger_input is None or m.reduces_merger_input(c))]  # those reducing the merger's input
         self.visual_methods = [(m, c) for m, c in enabled if m.where(c) == "visual_tokens"]
         self.vision_rules = self._vision_rules(enabled)  # the tower attention the methods read (patch.vision_attention)
         self._vision_scores = None
@@ -92,7 +94,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
     @property
     def placed(self) -> list:
         """(method, config, place) of each place an enabled method acts at, in the order they run."""
-        return ([(m, c, "vision_encoder") for m, c in self.encoder_methods] + [(m, c, "visual_tokens") for m, c in self.visual_methods]
+        tower_only = [mc for mc in self.tower_methods if mc not in self.encoder_methods]  # inside the blocks only
+        return ([(m, c, "vision_encoder") for m, c in tower_only + self.encoder_methods] + [(m, c, "visual_tokens") for m, c in self.visual_methods]
                 + ([(*self.layer_method, "llm_layer")] if self.layer_method else [])
                 + ([(*self.decode_method, "decode")] if self.decode_method else []))
 
@@ -106,6 +109,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
             add(self._wrap_merger(fam.vision_merger(model)))
         if self.vision_rules:
             self._install_vision_attention(add)
+        for method, cfg in self.tower_methods:  # inside the tower's blocks (after the merger's wrapper)
+            add(method.tower(self, cfg))
         add(lm.register_forward_pre_hook(self._on_llm_input, with_kwargs=True))
         add(lm.register_forward_hook(self._on_llm_output))
         if self.visual_methods:  # proportional attention, when a method's reduction asks for it
@@ -131,7 +136,7 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
         self._install_chunking(fam.decoder_layers(model), add)
 
     def remove(self) -> None:
-        for h in self._hooks:
+        for h in reversed(self._hooks):  # last in, first out: stacked overrides each find their own
             h.remove()
         self._hooks.clear()
 

@@ -12,6 +12,21 @@ from prunevid_bench.overrides import MappingOverride
 EXTRA_CHANNELS = 8  # proportional attention's extra q/k/v channels (two used; 8 keeps head dims kernel-friendly)
 
 
+def with_key_bias(query, key, value, key_bias: torch.Tensor, scale: float):
+    """(q', k', v') with ``EXTRA_CHANNELS`` more channels each, so that ``scale * q'.k'`` is
+    ``scale * q.k + key_bias`` (key_bias [n_kv] float32, per key) and ``softmax(.) v'`` is the
+    output followed by zeros: queries get two channels of 1, keys ``key_bias / scale`` in the
+    first and what its rounding to the keys' dtype lost in the second, values zeros."""
+    q_extra = query.new_zeros(*query.shape[:-1], EXTRA_CHANNELS)
+    q_extra[..., :2] = 1
+    k_extra = key.new_zeros(*key.shape[:-1], EXTRA_CHANNELS)
+    target = key_bias / scale
+    high = target.to(key.dtype)  # and what bf16/fp16 rounding lost, in a second channel
+    k_extra[..., 0], k_extra[..., 1] = high, (target - high.float()).to(key.dtype)
+    v_extra = value.new_zeros(*value.shape[:-1], EXTRA_CHANNELS)
+    return torch.cat([query, q_extra], -1), torch.cat([key, k_extra], -1), torch.cat([value, v_extra], -1)
+
+
 class KeyBias:
     """Mixed into ``ReductionHandle``."""
 
@@ -38,15 +53,8 @@ class KeyBias:
             scale = scaling if scaling is not None else dim**-0.5
             key_bias = torch.zeros(n_kv, device=key.device, dtype=torch.float32)
             key_bias[: min(n_kv, bias.numel())] = bias[:n_kv].to(key.device)
-            q_extra = query.new_zeros(*query.shape[:-1], EXTRA_CHANNELS)
-            q_extra[..., :2] = 1
-            k_extra = key.new_zeros(*key.shape[:-1], EXTRA_CHANNELS)
-            target = key_bias / scale
-            high = target.to(key.dtype)  # and what bf16/fp16 rounding lost, in a second channel
-            k_extra[..., 0], k_extra[..., 1] = high, (target - high.float()).to(key.dtype)
-            v_extra = value.new_zeros(*value.shape[:-1], EXTRA_CHANNELS)
-            out, weights = original(module, torch.cat([query, q_extra], -1), torch.cat([key, k_extra], -1),
-                                    torch.cat([value, v_extra], -1), None, *args, scaling=scale, **kwargs)
+            out, weights = original(module, *with_key_bias(query, key, value, key_bias, scale), None, *args,
+                                    scaling=scale, **kwargs)
             return out[..., :dim], weights
 
         return MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", sdpa_with_key_bias)

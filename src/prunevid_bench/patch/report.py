@@ -28,6 +28,7 @@ class HandleReport:
     merger_rows_skipped: int  # merger rows a vision-encoder method spared
     method_stats: dict[str, int] = field(default_factory=dict)  # record fields the methods reported
     methods: dict[str, MethodReport] = field(default_factory=dict)
+    tower_blocks: list | None = None  # per vision block (patches in attention, sum of segment^2, in MLP), a merging tower
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field or a method's record field by name (the record reads its fields so; ``methods``
@@ -76,4 +77,5 @@ class Reporting:
             method_stats={**st.method_stats, **self._decode_stats()},
             methods={key: MethodReport(list(st.method_tokens.get(key, [0, 0])), self.seconds(key))
                      for key in (place_key(m, place, c) for m, c, place in self.placed)},
+            tower_blocks=st.tower_blocks,
         )

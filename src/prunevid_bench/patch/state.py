@@ -51,6 +51,7 @@ class SampleState:
     decode_kv_bytes_full: int = 0  # ... had every layer attended to the whole cache
     decode_memory: dict = field(default_factory=dict)  # a decode method's own memory across this sample's steps
     captured: dict = field(default_factory=dict)
+    tower_blocks: list | None = None  # per vision block (patches in attention, sum of segment^2, patches in MLP) of a merging tower
 
     def __getattr__(self, name: str):
         """The old names of the counts (one release), as the record's (``report.RECORD_ALIASES``)."""

@@ -44,25 +44,26 @@ class MergeResult:
 def bipartite_soft_matching(metric: Tensor, r: int) -> Tensor:
     """One ToMe round: which token each token merges into.
 
-    metric [n, C]. Alternate split (A = even positions, B = odd), cosine similarity of every A
-    token to every B token, each A token's best B edge, the r best edges merge (r is capped at
-    the size of A, ToMe's "at most 50%"). Returns LongTensor [n]: the destination of each token,
-    ``dst[i] == i`` for every token that stays. Ties: the lowest B index wins an A token's edge
-    (``argmax``) and, among equal edges, the lower A index merges first (stable sort; ToMe's
-    ``argsort`` is unstable, so it leaves tie order unspecified).
+    metric [n, C], or [..., n, C]: each leading index one independent round. Alternate split
+    (A = even positions, B = odd), cosine similarity of every A token to every B token, each A
+    token's best B edge, the r best edges merge (r is capped at the size of A, ToMe's "at most
+    50%"). Returns LongTensor [n] ([..., n]): the destination of each token, ``dst[i] == i`` for
+    every token that stays. Ties: the lowest B index wins an A token's edge (``argmax``) and,
+    among equal edges, the lower A index merges first (stable sort; ToMe's ``argsort`` is
+    unstable, so it leaves tie order unspecified).
     """
-    n = metric.shape[0]
-    dst = torch.arange(n, device=metric.device)
-    a_pos, b_pos = dst[0::2], dst[1::2]
-    r = min(int(r), b_pos.numel())
+    n = metric.shape[-2]
+    dst = torch.arange(n, device=metric.device).expand(*metric.shape[:-2], n).clone()
+    a_pos, b_pos = dst[..., 0::2], dst[..., 1::2]
+    r = min(int(r), b_pos.shape[-1])
     if r <= 0:
         return dst
     unit = F.normalize(metric.float(), dim=-1)
-    scores = unit[a_pos] @ unit[b_pos].T  # [|A|, |B|]
+    scores = unit[..., 0::2, :] @ unit[..., 1::2, :].transpose(-1, -2)  # [..., |A|, |B|]
     best_score, best_b = scores.max(dim=-1)
-    order = torch.sort(-best_score, stable=True).indices
-    src = order[:r]
-    dst[a_pos[src]] = b_pos[best_b[src]]
+    order = torch.sort(-best_score, dim=-1, stable=True).indices
+    src = order[..., :r]
+    dst.scatter_(-1, a_pos.gather(-1, src), b_pos.gather(-1, best_b.gather(-1, src)))
     return dst
 
 
