@@ -1,8 +1,8 @@
 """An analytic model of a prefill's peak memory, per phase, with and without chunked prefill
 (``prefill.chunk_tokens``, ``patch.chunked``): the bytes the prefill allocates beyond the weights
 and its inputs, counted from the tensors transformers' Qwen2-VL / Qwen2.5-VL decoder layers and
-our patch hold (batch 1, SDPA). ``benchmarks/bench_stage2.py --chunk-tokens`` prints it beside
-each measured peak.
+our patch hold (batch 1, SDPA). The LLM-layer benchmark (``benchmarks/``, ``--chunk-tokens``) prints
+it beside each measured peak.
 
 What is held, by phase (b bytes per element, C hidden, I MLP width, H / G query / key-value
 heads of d channels):
@@ -83,7 +83,7 @@ def prefill_peaks(s: MemoryShape, prompt: int, visual: int, llm_rows: int, kept_
     captured = llm_rows * (s.heads + s.kv_heads) * s.head_dim * b  # layer K's q and k, every row
     first = held + captured + layers_peak(s, llm_rows, k + 1, chunk)
     early_cache = (k + 1) * llm_rows * kv_row
-    # the score (stages.stage2.max_max_scores): the keys reordered, and the logits and softmax of
+    # the score (PruneVid's max-of-max scorer in stages/): the keys reordered, and the logits and softmax of
     # the query rows over every key, in row chunks of at most 2^24 elements
     scoring = llm_rows * s.kv_heads * s.head_dim * 4 + 2 * min(query_rows * s.heads * llm_rows, 1 << 24) * 4
     compaction = (k + 1) * kept * kv_row * compact + kept * row  # the new cache of layers 0..K, the kept rows
