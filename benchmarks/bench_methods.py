@@ -196,7 +196,7 @@ def measure(variants: list[tuple[str, dict]], model, inputs: dict, args, device)
         else:
             llm_len, kept = report["llm_prefill_tokens"], report["tokens_after"]
             dropped, scored = report["tokens_before"] - report["tokens_after"], report["scored_rows"]
-        if args.tower:  # the tower's real shape and grid, its blocks with the tokens they had
+        if getattr(args, "tower", None):  # the tower's real shape and grid, its blocks with the tokens they had
             vision, grids = family_of(model).vision_shape(model.config), inputs["video_grid_thw"].tolist()
         else:  # the vision encoder is skipped here (grids=[]): only the LLM's prefill is compared
             vision, grids = fl.QWEN25_VL_7B_VISION, []

@@ -50,10 +50,14 @@ class Plan:
 
 
 def method_exists(name: str) -> bool:
-    from prunevid_bench.harness.sweep_grid import PRUNEVID_LINES
-    from prunevid_bench.methods import all_methods
+    """A method, or a line of a method grid (``prunevid``), in this version's registry."""
+    from prunevid_bench.methods.lines import method_line
 
-    return name in PRUNEVID_LINES or name in {m.name for m in all_methods()}
+    try:
+        method_line(name)
+    except PruneVidError:
+        return False
+    return True
 
 
 def make_plan(name: str, data_root: Path | None, overrides: dict[str, Any] | None = None) -> Plan:
