@@ -172,6 +172,10 @@ def test_tome_vision_groups_matched_by_flops_reaches_b(toy):
     r = pipe.run(prepared, config=line("tome_vision", 0.5, "flops", {"tome_vision.merger": "groups"}))
     assert abs(r.prefill_flops_fraction - 0.5) <= FLOPS_TOLERANCE and "match_note" not in r.method_fields
     assert r.visual_tokens_kept < r.visual_tokens
+    for budget in (0.5, 0.3, 0.25):  # matched by tokens: the promised count, kept (the toy's 2 blocks reach 1/4)
+        by_tokens = pipe.run(prepared, config=line("tome_vision", budget, "tokens", {"tome_vision.merger": "groups"}))
+        assert by_tokens.visual_tokens_kept == by_tokens.method_fields["budget_promised_tokens"] == round(budget * 128)
+        assert "budget_note" not in by_tokens.method_fields
 
 
 def test_tome_vision_unmerge_refuses_a_token_budget_in_one_line(clip8, tmp_path):
