@@ -327,6 +327,27 @@ def test_methods_by_budgets_grid_runs_each_method_at_each_budget(toy, tmp_path):
     assert res.exit_code == 0 and "| tome,budget=0.25 | tome " in res.output and "| fastv,budget=0.5 | fastv " in res.output
 
 
+def test_tome_vision_lines_by_tokens_in_groups_mode_and_by_flops_in_unmerge_mode(toy, tmp_path):
+    """``--set tome_vision.merger=groups`` reaches the ``tome_vision`` line (the cells keep the
+    base config's keys); the default unmerge mode takes a FLOPs budget."""
+    common = ("--dataset", toy, "--limit", "1", "--model", "toy", "--max-new-tokens", "2")
+    res = invoke("sweep", "--methods", "tome,tome_vision", "--budgets", "0.5,0.25", "--set", "tome_vision.merger=groups",
+                 *common, "--results-dir", tmp_path / "tokens")
+    assert res.exit_code in (0, INCOMPLETE), res.output
+    (sweep_dir,) = (tmp_path / "tokens").iterdir()
+    rows = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    for name in ("tome", "tome_vision"):
+        for budget in (0.5, 0.25):
+            assert float(rows[f"{name},budget={budget}"]["kept_tokens"]) == 128 * budget
+    assert float(rows["tome_vision,budget=0.5"]["flops_fraction"]) < float(rows["tome,budget=0.5"]["flops_fraction"])
+    res = invoke("sweep", "--methods", "tome_vision", "--budgets", "0.9", "--match", "flops", *common,
+                 "--results-dir", tmp_path / "flops")
+    assert res.exit_code in (0, INCOMPLETE), res.output
+    (sweep_dir,) = (tmp_path / "flops").iterdir()
+    row = {r["cell"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}["tome_vision,budget=0.9"]
+    assert float(row["kept_tokens"]) == 128 and abs(float(row["flops_fraction"]) - 0.9) <= 0.005
+
+
 def test_a_sweep_folder_held_by_another_sweep_is_refused(toy, tmp_path):
     from prunevid_bench.harness.runlock import RunLock
 
@@ -350,6 +371,7 @@ def test_a_sweep_folder_held_by_another_sweep_is_refused(toy, tmp_path):
     (["--methods", "tome", "--budgets", "0,0.5"], "--budgets values must be in (0, 1], got 0.0"),
     (["--methods", "prunevid_stage1", "--budgets", "0.5"], "--budget needs a method that takes one (prunevid_stage1 take no budget)"),
     (["--methods", "tome", "--budgets", "0.5", "--controls", "random"], "--methods/--budgets make their own grid"),
+    (["--methods", "tome_vision", "--budgets", "0.5"], "merger: unmerge hands the LLM every visual token"),
 ])
 def test_methods_grid_refuses_what_it_cannot_run(toy, tmp_path, args, message):
     res = invoke("sweep", *args, "--dataset", toy, "--model", "tiny", "--results-dir", tmp_path)

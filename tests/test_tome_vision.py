@@ -116,6 +116,7 @@ def reference(model, family, pv, grid, cfg: ToMeVisionConfig, proportional=True,
     frame_of = [u // per_frame for u in range(t * per_frame)]
     depth = len(tower.blocks)
     removals = tv.block_removals(cfg.r, depth, cfg.schedule)
+    keeps = tv.frame_keeps(t, per_frame, cfg.budget) if cfg.budget is not None else None  # a budget: per-frame plan
     inter = merge_blocks(cfg.merge_layers, depth)
     tokens = [Token(u, [u]) for u in range(t * per_frame)]
     c = x.shape[-1]
@@ -151,15 +152,17 @@ def reference(model, family, pv, grid, cfg: ToMeVisionConfig, proportional=True,
             rows = list(x.reshape(len(tokens), -1))
             metric = list(k.mean(1).reshape(len(tokens), -1))
             if b in inter:
-                plan = [(lambda tok: frame_of[tok.rep], lambda n: int(n * cfg.intra_proportion)),
-                        (lambda tok: frame_of[tok.rep] // cfg.clip_frames, lambda n: int(n * cfg.inter_proportion))]
+                plan = [(lambda tok: frame_of[tok.rep], lambda n, lab: int(n * cfg.intra_proportion)),
+                        (lambda tok: frame_of[tok.rep] // cfg.clip_frames, lambda n, lab: int(n * cfg.inter_proportion))]
+            elif keeps is not None:
+                plan = [(lambda tok: frame_of[tok.rep], lambda n, lab, b=b: tv.budget_removal(n, keeps[lab], depth - b))]
             else:
-                plan = [(lambda tok: frame_of[tok.rep], lambda n, r=removals[b]: r)]
+                plan = [(lambda tok: frame_of[tok.rep], lambda n, lab, r=removals[b]: r)]
             for label, count in plan:
                 gone = set()
                 for lab in sorted({label(tok) for tok in tokens}):
                     places = [i for i, tok in enumerate(tokens) if label(tok) == lab]
-                    for ai, bi in _naive_matching([metric[i] for i in places], count(len(places))):
+                    for ai, bi in _naive_matching([metric[i] for i in places], count(len(places), lab)):
                         src, dst = places[ai], places[bi]
                         s_src, s_dst = len(tokens[src].members), len(tokens[dst].members)
                         rows[dst] = (rows[dst] * s_dst + rows[src] * s_src) / (s_dst + s_src)
@@ -209,6 +212,9 @@ CASES = {
     "inter-frame": ToMeVisionConfig(enabled=True, r=3, merge_layers="1", inter_proportion=0.3, intra_proportion=0.1),
     "decreasing": ToMeVisionConfig(enabled=True, r=6, schedule="decreasing"),
     "groups": ToMeVisionConfig(enabled=True, r=2, merge_layers="1", inter_proportion=0.25, merger="groups"),
+    # a budget: each frame's own removals (0.3 of 4 frames: one frame keeps one unit fewer than the others)
+    "budget": ToMeVisionConfig(enabled=True, budget=0.3),
+    "budget-groups": ToMeVisionConfig(enabled=True, budget=0.3, merger="groups"),
 }
 
 
@@ -345,3 +351,85 @@ def test_removed_with_llm_side_tome_leaves_no_wrapper():
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa and module.eager_attention_forward is not eager
     handle.remove()
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa and module.eager_attention_forward is eager
+
+
+# ---------------------------------------------------------------- the budget knob
+def _fewest_by_search(length: int, blocks: int) -> int:
+    """The fewest units any sequence of ToMe merges (0 to half the units in each block) leaves."""
+    reach = {length}
+    for _ in range(blocks):
+        reach = {c - x for c in reach for x in range(c // 2 + 1)}
+    return min(reach)
+
+
+def test_the_budget_plan_reaches_every_reachable_count_within_tomes_cap():
+    for length in range(1, 41):
+        for blocks in range(1, 5):
+            fewest = _fewest_by_search(length, blocks)
+            assert tv.fewest_after(length, blocks) == fewest
+            for keep in range(1, length + 1):
+                c, gone = length, []
+                for b in range(blocks):
+                    x = tv.budget_removal(c, keep, blocks - b)
+                    assert 0 <= x <= c // 2
+                    gone.append(x)
+                    c -= x
+                assert c == max(keep, fewest), (length, blocks, keep, gone)
+    deep = [tv.budget_removal(1024 - 24 * b, 256, 32 - b) for b in range(32)]  # a 32-block tower: ToMe's even spread
+    assert deep == [24] * 32
+    assert tv.frame_keeps(4, 16, 0.3) == [5, 5, 5, 4] and sum(tv.frame_keeps(7, 100, 0.37)) == round(0.37 * 700)
+    assert tv.frame_keeps(3, 10, 0.01) == [1, 1, 1] and tv.frame_keeps(3, 10, 1.0) == [10, 10, 10]
+
+
+@pytest.mark.parametrize("merger", ["unmerge", "groups"])
+def test_budget_one_is_the_vanilla_run(tiny_pipe, frames8, merger):
+    from prunevid_bench.budget import budget_overrides
+    from prunevid_bench.config import build_config
+
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    base = tiny_pipe.run(prepared, **ONE_TOKEN)
+    cfg = build_config(None, None, {"tome_vision.enabled": True, "tome_vision.merger": merger, "budget.match": "flops"})
+    settings = budget_overrides(cfg, 1.0)
+    assert settings == {"tome_vision.budget": 1.0}
+    one = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.merger": merger, **settings}, **ONE_TOKEN)
+    assert one.generated_token_ids == base.generated_token_ids
+    assert torch.equal(one.first_token_logits, base.first_token_logits)
+    assert one.prefill_flops == base.prefill_flops and one.visual_tokens_kept == base.visual_tokens
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.3, 0.25])
+def test_groups_budget_keeps_the_promised_count_on_tiny_qwen2_5_vl(tiny_pipe, frames8, budget):
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    r = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.merger": "groups",
+                                   "tome_vision.budget": budget}, **ONE_TOKEN)
+    assert r.visual_tokens_kept == r.method_fields["budget_promised_tokens"] == round(budget * r.visual_tokens)
+    assert "budget_note" not in r.method_fields and r.method_fields["budget_method"] == "tome_vision"
+    low = tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.merger": "groups",
+                                     "tome_vision.budget": 0.1}, **ONE_TOKEN)  # 2 blocks halve twice at most
+    assert low.visual_tokens_kept == low.visual_tokens // 4
+    assert "kept 16 visual tokens, not the 6 its budget promised" in low.method_fields["budget_note"]
+
+
+@pytest.mark.parametrize("merger", ["unmerge", "groups"])
+def test_the_knobs_tower_blocks_are_the_passs_counts(tiny_pipe, frames8, merger):
+    """What ``match_flops`` predicts for the tower's blocks: the pass's patches in attention and
+    in the MLP exactly, and its full-attention block's pairs (Qwen2.5-VL's tiny tower: block 1)."""
+    from prunevid_bench.families import family_of
+    from prunevid_bench.methods.tome_vision import budget_knob
+
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    cfg = RunConfig(tome_vision=ToMeVisionConfig(enabled=True, budget=0.3, merger=merger))
+    tiny_pipe.run(prepared, config=cfg)
+    real = tiny_pipe._apply_stages(cfg).state.tower_blocks  # the run's handle (cached by its config)
+    vision = family_of(tiny_pipe.model).vision_shape(tiny_pipe.model.config)
+    grids = prepared.inputs["video_grid_thw"].tolist()
+    predicted = budget_knob(ToMeVisionConfig(merger=merger), 0.3).tower_blocks(vision, grids)
+    assert [(b[0], b[2]) for b in predicted] == [(b[0], b[2]) for b in real]
+    assert vision.fullatt_block_indexes == (1,) and predicted[1][1] == real[1][1]
+
+
+def test_a_budget_with_inter_frame_blocks_is_one_line(tiny_pipe, frames8):
+    prepared = tiny_pipe.prepare(frames8, "What happens?")
+    with pytest.raises(Exception, match="tome_vision.budget plans every block's merges within frames; unset merge_layers"):
+        tiny_pipe.run(prepared, **{"tome_vision.enabled": True, "tome_vision.budget": 0.5,
+                                   "tome_vision.merge_layers": "1"}, **ONE_TOKEN)

@@ -27,6 +27,8 @@ def budget_overrides(cfg: RunConfig, budget: float) -> dict[str, Any]:
         raise PruneVidError(f"--budget needs a method that takes one{named}: e.g. --preset default, or --set tome.enabled=true")
     method = takes[-1]
     knob = method.budget_knob(cfg.section(method.section), budget)
+    if knob.tokens_fixed and cfg.budget.match == "tokens":
+        raise PruneVidError(knob.tokens_fixed)
     return {f"{method.section}.{key}": value for key, value in knob.settings.items()}
 
 
@@ -77,12 +79,16 @@ def match_flops(pipe, prepared, cfg: RunConfig):
                             "match it by tokens")
     tried: dict[float, Any] = {}
     fraction = target
+
+    def at(f: float) -> RunConfig:  # the knob set as a FLOPs budget sets it, then run once (matched by tokens)
+        return with_budget(with_budget(cfg, f), None, "tokens")
+
     for _ in range(FLOPS_RUNS):
-        run = pipe.run(prepared, config=with_budget(base, fraction))
+        run = pipe.run(prepared, config=at(fraction))
         tried[fraction] = run
         if abs(run.prefill_flops_fraction - target) <= FLOPS_TOLERANCE:
             break
-        layer = pipe._apply_stages(with_budget(base, fraction))
+        layer = pipe._apply_stages(at(fraction))
         fraction = _solve(pipe, prepared, base, method, place, run, fraction, target,
                           layer.score_layer if layer is not None and layer.layer_method else None)
         if fraction in tried:
@@ -109,7 +115,8 @@ def _solve(pipe, prepared, base: RunConfig, method, place: str, run, fraction: f
     """The knob fraction whose predicted FLOPs are nearest ``target`` of the baseline's: the
     measured FLOPs of ``run`` (made at ``fraction``) plus the analytic change when the method
     keeps the count its knob promises at another fraction, by bisection (the FLOPs rise with the
-    fraction)."""
+    fraction). A method inside the tower's blocks also changes the blocks' FLOPs
+    (``BudgetKnob.tower_blocks``)."""
     from prunevid_bench.families import family_of
     from prunevid_bench.flops import run_flops
 
@@ -122,12 +129,16 @@ def _solve(pipe, prepared, base: RunConfig, method, place: str, run, fraction: f
     video_grids = [(t, (h // merge) * (w // merge)) for t, h, w in
                    (inputs["video_grid_thw"].tolist() if inputs.get("video_grid_thw") is not None else [])]
     vision = family.vision_shape(model.config)
+    thw = [list(map(int, g)) for g in (inputs["video_grid_thw"].tolist() if inputs.get("video_grid_thw") is not None else [])]
+    images = inputs.get("image_grid_thw") is not None and len(inputs["image_grid_thw"]) > 0
     entered, kept = run.tokens_after_visual_methods, run.visual_tokens_kept
     kept = entered if kept is None else kept
 
     def analytic(f: float) -> int:
-        section = base.section(method.section)
-        n = method.budget_knob(section, f).promise(video_grids)
+        knob = method.budget_knob(base.section(method.section), f)
+        n = knob.promise(video_grids)
+        # a method inside the tower's blocks: their counts under its plan (images ran unmerged: the pipeline's rule)
+        blocks = knob.tower_blocks(vision, thw) if knob.tower_blocks is not None and not images else None
         if place == "llm_layer":  # layers 0..K see what entered, the later ones what it keeps
             prefill, dropped, skipped = run.llm_prefill_tokens, entered - min(n, entered), 0
         else:  # every LLM layer sees the count it keeps (and the merger projects no more)
@@ -135,7 +146,7 @@ def _solve(pipe, prepared, base: RunConfig, method, place: str, run, fraction: f
             dropped = round((entered - kept) * n / entered) if entered else 0
             skipped = run.visual_tokens - n if place == "vision_encoder" else 0
         return run_flops(model.config, vision, grids, run.prompt_tokens, prefill, layer, dropped if layer is not None else 0,
-                         0, skipped)[0].total
+                         0, skipped, blocks)[0].total
 
     anchor, goal = analytic(fraction), target * run.prefill_flops_baseline
 

@@ -233,6 +233,16 @@ def vision_block_flops(shape: VisionShape, attention_tokens: int, pairs: int, ml
             + 2 * 2 * dim * pairs + shape.mlp_matmuls * 2 * mlp_tokens * dim * shape.intermediate_size)
 
 
+def frame_pairs(shape: VisionShape, h: int, w: int, block: int) -> int:
+    """(query, key) pairs of one temporal step of h x w patches in vision block ``block``: the
+    whole step in a full-attention block, the sum over its windows otherwise."""
+    if block in shape.fullatt_block_indexes:
+        return (h * w) ** 2
+    unit, merge = shape.spatial_merge_size**2, shape.spatial_merge_size
+    window = shape.window_size // merge // shape.patch_size  # in merged tokens
+    return sum((n * unit) ** 2 for n in _window_lengths(h // merge, w // merge, window))
+
+
 def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]], blocks: Sequence | None = None) -> Flops:
     """The vision encoder over videos/images with grids (t, h, w) in patches (``video_grid_thw``):
     patch embedding, blocks (window attention, per-frame full attention in
@@ -240,19 +250,14 @@ def vision_encoder_flops(shape: VisionShape, grids: Sequence[Sequence[int]], blo
     each block's real (attention tokens, pairs, MLP tokens) over all the grids, when a method
     merged inside the tower (``vision_block_flops``), instead of the full grids'."""
     dim, unit = shape.hidden_size, shape.spatial_merge_size**2
-    window = shape.window_size // shape.spatial_merge_size // shape.patch_size  # in merged tokens
     patch_in = shape.in_channels * shape.temporal_patch_size * shape.patch_size**2
     total = 0
     for t, h, w in grids:
         patches = t * h * w
-        full_pairs = t * (h * w) ** 2  # full attention is per temporal grid step
-        window_pairs = t * sum((n * unit) ** 2 for n in _window_lengths(h // shape.spatial_merge_size,
-                                                                        w // shape.spatial_merge_size, window))
         total += 2 * patches * patch_in * dim  # Conv3d patch embedding
         if blocks is None:
             for block in range(shape.depth):
-                pairs = full_pairs if block in shape.fullatt_block_indexes else window_pairs
-                total += vision_block_flops(shape, patches, pairs, patches)
+                total += vision_block_flops(shape, patches, t * frame_pairs(shape, h, w, block), patches)
         total += merger_flops(shape, patches // unit)
     if blocks is not None:
         total += sum(vision_block_flops(shape, *counts) for counts in blocks)

@@ -49,10 +49,17 @@ def check_budget(fraction: float, name: str = "--budget") -> None:
 class BudgetKnob:
     """What ``Method.budget_knob(cfg, fraction)`` returns: ``settings``, the method's own keys
     that keep the fraction (e.g. ``{"budget": 0.25}``), and ``promise(grids)``, the visual tokens
-    it promises to keep for videos of these ``(t, n)`` grids (temporal steps, tokens per step)."""
+    it promises to keep for videos of these ``(t, n)`` grids (temporal steps, tokens per step).
+    A method inside the vision tower's blocks adds ``tower_blocks(vision, grids)``: per block,
+    (patches in attention, attention pairs, patches in the MLP) its plan gives for videos of these
+    ``(t, h, w)`` patch grids (``flops.vision_encoder_flops``'s ``blocks``; ``budget.match_flops``
+    predicts its FLOPs with them), and ``tokens_fixed``, when its knob leaves the LLM's visual
+    tokens as they are, why (a token budget is then refused; a FLOPs budget is not)."""
 
     settings: dict[str, Any]
     promise: Callable[[list[tuple[int, int]]], int]
+    tower_blocks: Callable[[Any, list[tuple[int, int, int]]], list[tuple[int, int, int]]] | None = None
+    tokens_fixed: str = ""
 
 
 def fraction_knob(cfg: Any, fraction: float) -> BudgetKnob:

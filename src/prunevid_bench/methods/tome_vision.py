@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from prunevid_bench.errors import PruneVidError
-from prunevid_bench.methods import Method, Range, VideoTokens, VisualReduction, register_method
+from prunevid_bench.methods import UNIT, BudgetKnob, Method, Range, VideoTokens, VisualReduction, register_method
 
 BELOW_ONE = Range(0, 1, hi_open=True)
 
@@ -32,6 +32,7 @@ class ToMeVisionConfig:
     intra_proportion: float = 0.0  # ... and, first, share of each frame's tokens merged within it
     proportional_attention: bool = True  # ToMe's log(size) on the keys' logits in the tower's attention
     merger: str = "unmerge"  # unmerge: full grid to the mergers; groups: merge whole 2x2 groups, fewer LLM tokens
+    budget: float | None = None  # kept fraction of each video's units at the last block; replaces r and schedule
 
 
 def install(handle, cfg: ToMeVisionConfig):
@@ -75,6 +76,46 @@ def reduce(tokens: VideoTokens, cfg: ToMeVisionConfig) -> VisualReduction:
         stats={"tome_vision_merged_groups": int(n - rows.numel())})
 
 
+UNMERGE_TOKENS = ("tome_vision with merger: unmerge hands the LLM every visual token, so a token budget does not "
+                  "apply: match it by FLOPs (--match flops), or set tome_vision.merger=groups")
+
+
+def budget_knob(cfg: ToMeVisionConfig, fraction: float) -> BudgetKnob:
+    """``budget``: each video keeps ``round(B T U)`` of its T x U units at the tower's last block
+    (``stages.tome_vision.frame_keeps``: whole frames' shares, one more in the first frames), the
+    removals spread over the blocks within ToMe's cap (``budget_removal``). ``groups``: units are
+    the LLM's tokens, and the promise is that count (a tower too shallow for the cap to allow it
+    keeps more, and the record says so); ``unmerge``: units are patches, the LLM's tokens do not
+    change (the promise is all of them, and only a FLOPs budget applies)."""
+    from prunevid_bench.stages import tome_vision as tv
+
+    groups = cfg.merger == "groups"
+
+    def promise(grids):
+        return sum(sum(tv.frame_keeps(t, n, fraction)) if groups else t * n for t, n in grids)
+
+    def tower_blocks(vision, grids):
+        """The plan's counts in every block; a window block's pairs are the full grid's shrunk by
+        the frame's kept share squared (which window a merged token stays in follows the content)."""
+        from prunevid_bench.flops import frame_pairs
+
+        unit = vision.spatial_merge_size**2 if groups else 1
+        blocks = [[0, 0, 0] for _ in range(vision.depth)]
+        for t, h, w in grids:
+            n = h * w // unit
+            for keep in tv.frame_keeps(t, n, fraction):
+                length = n
+                for b, counts in enumerate(blocks):
+                    gone = tv.budget_removal(length, keep, vision.depth - b)
+                    counts[0] += length * unit
+                    counts[1] += round(frame_pairs(vision, h, w, b) * (length / n) ** 2)
+                    counts[2] += (length - gone) * unit
+                    length -= gone
+        return [tuple(c) for c in blocks]
+
+    return BudgetKnob({"budget": fraction}, promise, tower_blocks, "" if groups else UNMERGE_TOKENS)
+
+
 register_method(Method(
     name="tome_vision",
     acts="vision_encoder",
@@ -82,11 +123,13 @@ register_method(Method(
     summary="ToMe in the vision tower's blocks: r tokens merged per frame per block, across frames at chosen blocks",
     departs="merged tokens keep their representative's frame, window and rotary position; the inter-frame step "
             "matches on the survivors' keys; per-frame r (docs/methods.md)",
-    ranges={"r": Range(0), "clip_frames": Range(1), "inter_proportion": BELOW_ONE, "intra_proportion": BELOW_ONE},
+    ranges={"r": Range(0), "clip_frames": Range(1), "inter_proportion": BELOW_ONE, "intra_proportion": BELOW_ONE,
+            "budget": UNIT},
     choices={"schedule": ("constant", "decreasing"), "merger": ("unmerge", "groups")},
     record_fields=("tome_vision_block_patches", "tome_vision_tower_tokens_out", "tome_vision_merged_groups"),
     reduce=reduce,
     tower=install,
     reduces_merger_input=lambda cfg: cfg.merger == "groups",
     keeps_everything={"r": 0},
+    budget_knob=budget_knob,
 ))

@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from prunevid_bench.errors import PruneVidError
 from prunevid_bench.overrides import InstanceOverride, MappingOverride
 from prunevid_bench.patch.key_bias import with_key_bias
 from prunevid_bench.stages import tome_vision as tv
@@ -41,6 +42,7 @@ class TowerPass:
         self.cursor = 0  # where the next attention call's keys start in key_log_size (chunked SDPA/eager)
         self.blocks: list[tuple[int, int, int]] = []  # per block: patches in attention, sum of segment^2, in the MLP
         self.marks: list = []  # clock marks around each block's matching and merging (the method's own work)
+        self.keep: list[int] = []  # with a budget: units each frame keeps at the last block (tv.frame_keeps)
 
 
 class TowerMerging:
@@ -55,7 +57,11 @@ class TowerMerging:
         self.blocks = list(self.tower.blocks)
         depth = len(self.blocks)
         self.unit = handle.merge**2 if cfg.merger == "groups" else 1
-        self.removals = tv.block_removals(cfg.r, depth, cfg.schedule)
+        self.budget = getattr(cfg, "budget", None)  # a kept fraction: each frame's removals planned (tv.budget_removal)
+        if self.budget is not None and cfg.merge_layers:
+            raise PruneVidError("tome_vision.budget plans every block's merges within frames; unset merge_layers "
+                                f"('{cfg.merge_layers}') to use it")
+        self.removals = [1] * depth if self.budget is not None else tv.block_removals(cfg.r, depth, cfg.schedule)
         self.inter_blocks = set(merge_blocks(cfg.merge_layers, depth))
         self.active: TowerPass | None = None
         self.last: TowerPass | None = None
@@ -95,12 +101,14 @@ class TowerMerging:
         grids = args[1] if len(args) > 1 else kwargs.get("grid_thw")
         if not self.handle._encoding_videos or grids is None:
             return None  # images (and calls outside get_video_features) run as they are
-        frames, clips, video_frames = [], [], 0
+        frames, clips, keeps, video_frames = [], [], [], 0
         clip_base = 0
         for t, h, w in grids.tolist():
             n_units = h * w // self.unit
             step = torch.arange(t).repeat_interleave(n_units)
             frames.append(video_frames + step)
+            if self.budget is not None:
+                keeps.extend(tv.frame_keeps(t, n_units, self.budget))
             clips.append(clip_base + step // self.cfg.clip_frames)
             video_frames += t
             clip_base += -(-t // self.cfg.clip_frames)
@@ -109,6 +117,7 @@ class TowerMerging:
         tokens = tv.TowerTokens(x=torch.empty(0), size=torch.ones(n, device=grids.device),
                                 pos=torch.arange(n, device=grids.device), to_current=torch.arange(n, device=grids.device))
         self.active = TowerPass(tokens, frame, clip)
+        self.active.keep = keeps
         if self.unit > 1:  # merger: groups: each video's groups in tower order, for ``tome_vision.reduce``
             order = self.handle.family.merger_order(self.handle.model, grids)
             starts = torch.tensor([0, *[t * h * w // self.unit for t, h, w in grids.tolist()]]).cumsum(0).tolist()
@@ -161,14 +170,17 @@ class TowerMerging:
 
     def _merge(self, index: int, p: TowerPass, h: torch.Tensor) -> torch.Tensor:
         """The merges of block ``index`` on its post-attention states ``h`` [L, C]: intra-frame
-        (r of the schedule, or the intra proportion at an inter-frame block), then inter-frame
-        across each clip at an inter-frame block."""
+        (r of the schedule, a budget's planned share, or the intra proportion at an inter-frame
+        block), then inter-frame across each clip at an inter-frame block."""
         steps = []
         if index in self.inter_blocks:
             inter, intra = self.cfg.inter_proportion, self.cfg.intra_proportion
-            steps = [(p.frame, lambda n: int(n * intra)), (p.clip, lambda n: int(n * inter))]
+            steps = [(p.frame, lambda n, _: int(n * intra)), (p.clip, lambda n, _: int(n * inter))]
+        elif self.budget is not None:
+            left = len(self.blocks) - index
+            steps = [(p.frame, lambda n, frame: tv.budget_removal(n, p.keep[frame], left))]
         elif self.removals[index] > 0:
-            steps = [(p.frame, lambda n, r=self.removals[index]: r)]
+            steps = [(p.frame, lambda n, _, r=self.removals[index]: r)]
         if not steps or p.keys is None:
             return h
         channels = h.shape[-1]

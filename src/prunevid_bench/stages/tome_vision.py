@@ -39,6 +39,36 @@ def block_removals(r: int, depth: int, schedule: str = "constant") -> list[int]:
     return [int(low + step * i) for i in range(depth)]
 
 
+def frame_keeps(t: int, n: int, fraction: float) -> list[int]:
+    """A budget's units kept in each frame of a video of ``t`` frames of ``n`` units:
+    ``round(B t n)`` in all (at least one a frame), the first frames one more where t does not
+    divide it."""
+    total = max(t, min(t * n, round(fraction * t * n)))
+    k, extra = divmod(total, t)
+    return [k + 1 if i < extra else k for i in range(t)]
+
+
+def fewest_after(length: int, blocks: int) -> int:
+    """The fewest units ``blocks`` merging blocks can leave of ``length``: ToMe's cap (at most
+    half, ``bipartite_soft_matching``) in each."""
+    for _ in range(blocks):
+        length -= length // 2
+    return length
+
+
+def budget_removal(length: int, keep: int, blocks_left: int) -> int:
+    """A frame of ``length`` units that should keep ``keep`` after ``blocks_left`` blocks (this
+    one included): this block removes an even share of what is left to remove (rounded up), more
+    where ToMe's cap would leave the later blocks short of it, and never more than the cap."""
+    need, cap = length - keep, length // 2
+    if need <= 0 or blocks_left <= 0:
+        return 0
+    x = min(cap, -(-need // blocks_left))
+    while x < cap and fewest_after(length - x, blocks_left - 1) > keep:
+        x += 1
+    return x
+
+
 def block_specs(text: str) -> list[int | str]:
     """``"3,6,9"`` -> [3, 6, 9]: the blocks (0-based) where inter-frame merging happens; an entry
     ``"K/N"`` stays a string, the block at the same relative depth as block K of an N-block
@@ -79,18 +109,20 @@ class TowerTokens:
 def merge_runs(tokens: TowerTokens, metric: Tensor, labels: Tensor, removals) -> TowerTokens:
     """One ToMe merge on the tower's sequence: within each run of equal ``labels`` [U] (a frame,
     or a clip of frames), bipartite soft matching on ``metric`` [U, D] (the block's keys, averaged
-    over heads, side by side for a unit of several patches) removes ``removals(n)`` of its n
-    units (at most half: ToMe's cap), each merge a size-weighted mean. A merged unit keeps its
+    over heads, side by side for a unit of several patches) removes ``removals(n, label)`` of its
+    n units (at most half: ToMe's cap), each merge a size-weighted mean. A merged unit keeps its
     destination's ``pos``. Returns the shorter sequence, still in ascending ``pos``."""
     dest = torch.arange(tokens.x.shape[0], device=tokens.x.device)
-    by_length: dict[int, list[int]] = {}
-    for start, end in runs(labels):
-        by_length.setdefault(end - start, []).append(start)
-    for length, starts in by_length.items():  # runs of one length matched together, one batch
-        r = int(removals(length))
+    spans = runs(labels)
+    firsts = labels[[start for start, _ in spans]].tolist() if spans else []
+    batches: dict[tuple[int, int], list[int]] = {}
+    for (start, end), label in zip(spans, firsts):
+        r = int(removals(end - start, label))
         if r > 0:
-            at = torch.tensor(starts, device=dest.device)[:, None] + torch.arange(length, device=dest.device)
-            dest[at] = bipartite_soft_matching(metric[at], r) + at[:, :1]
+            batches.setdefault((end - start, r), []).append(start)
+    for (length, r), starts in batches.items():  # runs of one length and r matched together, one batch
+        at = torch.tensor(starts, device=dest.device)[:, None] + torch.arange(length, device=dest.device)
+        dest[at] = bipartite_soft_matching(metric[at], r) + at[:, :1]
     if bool((dest == torch.arange(dest.numel(), device=dest.device)).all()):
         return tokens
     x, size, kept, inverse = merge_by_destination(tokens.x, tokens.size, dest)
