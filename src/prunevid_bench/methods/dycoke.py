@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import (UNIT, BudgetKnob, DecodeContext, Method, Range, VideoTokens, VisualReduction,
                                     register_method)
-from prunevid_bench.stages.dycoke import ODD_STEP
 
 STABLE_MODES = ("full", "reuse")
+
+ODD_STEP = ("drop", "keep")  # an odd T: the last step dropped, as the original does, or kept
 
 
 @dataclass

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import (UNIT, BudgetKnob, LayerContext, LayerReduction, Method, Range, VideoTokens,
                                     VisualReduction, register_method)
-from prunevid_bench.stages.flashvid import SINGLE_FRAME, TREE_MERGES
 
 KV_CACHE_MODES = ("original", "compact")
+
+TREE_MERGES = ("original", "mean")  # a tree root: its subtree's sum over (1 + direct children), or its mean
+SINGLE_FRAME = ("original", "exclude_adts")  # a one-frame segment clusters all N tokens, or only the non-ADTS ones
 
 
 @dataclass

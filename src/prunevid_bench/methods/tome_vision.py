@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.methods import UNIT, BudgetKnob, Method, Range, VideoTokens, VisualReduction, register_method
 
@@ -53,6 +51,8 @@ def reduce(tokens: VideoTokens, cfg: ToMeVisionConfig) -> VisualReduction:
     operator's size-weighted mean is that row). The tower pass holds the groups in tower order
     (Qwen2.5-VL: window by window), so ``order`` (the family's ``merger_order``) maps them to
     raster order. (On Qwen3-VL the handle refuses this mode: DeepStack.)"""
+    import torch
+
     tower = _TOWERS.get(id(cfg))
     p = (tower.active or tower.last) if tower is not None else None  # the merger runs inside the pass
     if p is None or tower.video_rows is None:

@@ -183,5 +183,9 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
 def apply_methods(model, config: RunConfig) -> ReductionHandle:
     """Install the hooks for the run's enabled methods on a loaded model; returns the handle."""
     handle = ReductionHandle(model, config)
-    handle._install()
+    try:
+        handle._install()
+    except BaseException:  # a refusal or error while installing leaves the model as it was
+        handle.remove()
+        raise
     return handle

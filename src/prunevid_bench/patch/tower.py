@@ -84,7 +84,7 @@ class TowerMerging:
 
         add(MappingOverride(ALL_ATTENTION_FUNCTIONS, "sdpa", self._biased(ALL_ATTENTION_FUNCTIONS["sdpa"])))
         module = sys.modules[type(self.blocks[0].attn).__module__]
-        add(InstanceOverride(module, "eager_attention_forward", self._biased(module.eager_attention_forward)))
+        add(InstanceOverride(module, "eager_attention_forward", self._biased(module.eager_attention_forward, scaling_next=True)))
         mergers = [self.handle.family.vision_merger(self.handle.model), *getattr(self.tower, "deepstack_merger_list", [])]
         for merger in mergers:
             add(merger.register_forward_pre_hook(self._unmerge))
@@ -204,15 +204,18 @@ class TowerMerging:
 
         return hook
 
-    def _biased(self, original):
+    def _biased(self, original, scaling_next: bool = False):
         """The attention function with ToMe's proportional attention for the tower's modules:
         log(size) of each key on every logit, in extra q/k channels (``with_key_bias``), so no
         dense mask is built. Chunked calls (one per segment) take the next keys' sizes."""
-        def attention(module, query, key, value, attention_mask=None, *args, scaling=None, **kwargs):
+        def attention(module, query, key, value, attention_mask=None, *args, **kwargs):
             p = self.active
             if p is None or p.key_log_size is None or id(module) not in self.attention_ids or attention_mask is not None:
-                return original(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+                return original(module, query, key, value, attention_mask, *args, **kwargs)  # as it was called
             dim, n_kv = query.shape[-1], key.shape[-2]
+            scaling = kwargs.pop("scaling", None)
+            if scaling is None and args and scaling_next:  # eager's order: (..., attention_mask, scaling, dropout)
+                scaling, args = args[0], args[1:]
             scale = scaling if scaling is not None else dim**-0.5
             bias = p.key_log_size[p.cursor : p.cursor + n_kv].to(key.device)
             p.cursor = (p.cursor + n_kv) % p.key_log_size.numel()

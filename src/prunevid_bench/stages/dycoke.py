@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ODD_STEP = ("drop", "keep")
 
 
 def ttm_keep_per_step(n_tokens: int, merging_ratio: float) -> int:

@@ -22,8 +22,6 @@ from torch import Tensor
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.stages.dpc_knn import dpc_knn
 
-TREE_MERGES = ("original", "mean")  # a tree root: its subtree's sum over (1 + direct children), or its mean
-SINGLE_FRAME = ("original", "exclude_adts")  # a one-frame segment clusters all N tokens, or only the non-ADTS ones
 
 
 @dataclass
