@@ -47,10 +47,12 @@ test-lmms: $(LMMS_STAMP)
 toy-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
 
-# toy8: 8 layers on the toy world v2 (docs/toy-model.md); a short recipe that fits ~30 CPU minutes.
+# toy8: 8 layers on the toy world v2 (docs/toy-model.md); a short recipe sized for ~30 minutes of a
+# shared 2-core CPU.
 toy8-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy8 --layers 8 --world v2 \
-		--n-train 2000 --text-steps 300 --steps 650 --tail-steps 100 --save-dtype float16
+		--n-train 1200 --text-steps 200 --steps 300 --tail-steps 0 --batch-size 12 --easy-steps 120 \
+		--eval-every 100 --save-dtype float16
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py
