@@ -3,16 +3,24 @@ and, once its weights ship, its accuracy on held-out questions."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from prunevid_bench.choices import format_mc_prompt
+from prunevid_bench.cli import app
 from prunevid_bench.config_layers import resolve_layer
-from prunevid_bench.toy.model import build_toy_processor, load_toy_model, toy_words
+from prunevid_bench.toy.model import TOY8_DIR, build_toy_processor, load_toy_model, toy_words
 from prunevid_bench.toy.train import TrainConfig, toy_config, train
 from prunevid_bench.toy.train_data import anchor_position, naming_positions
 from prunevid_bench.toy.train_losses import ATTENTION_GUIDES, DEEP_GUIDES, guides_for
-from prunevid_bench.toy.world import iter_specs
+from prunevid_bench.toy.world import generate_dataset, iter_specs
+from prunevid_bench.toy.world_v2 import ALL_CATEGORIES
+
+HELD_OUT_SEED = 5  # toy8 trains on seed 1000 and validates on 999
+
 
 def test_v2_words_extend_the_toy_vocabulary():
     v1, v2 = toy_words(), toy_words("v2")
@@ -63,3 +71,21 @@ def test_a_short_toy8_run_saves_float16_weights_that_load(tmp_path):
 
     with safe_open(str(tmp_path / "toy8" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+@pytest.mark.skipif(not (TOY8_DIR / "model.safetensors").is_file(), reason="toy8 weights not shipped yet (docs/toy-model.md)")
+def test_toy8_answers_held_out_questions(tmp_path):
+    """Armed once toy8's weights ship: at least 85% on 32 questions of world v2 from a seed that
+    training never used (four of each type, chance 25%), and at least 3 of 4 in every type. The
+    issue asks for 90% per type on 200 held-out questions; this is the CI-cheap guard against a
+    silent fall."""
+    assert (TOY8_DIR / "model.safetensors").stat().st_size <= 8 * 2**20
+    data = generate_dataset(tmp_path / "data", 32, seed=HELD_OUT_SEED, world="v2")
+    res = CliRunner().invoke(app, ["run", "--dataset", str(data), "--model", "toy8", "--device", "cpu",
+                                   "--max-new-tokens", "6", "--results-dir", str(tmp_path / "results")])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "results").iterdir()
+    accuracy = json.loads((run_dir / "summary.json").read_text())["accuracy"]
+    assert accuracy["n"] == 32 and accuracy["accuracy"] >= 0.85, accuracy
+    assert set(accuracy["by_category"]) == set(ALL_CATEGORIES)
+    assert all(c["accuracy"] >= 3 / 4 for c in accuracy["by_category"].values()), accuracy["by_category"]
