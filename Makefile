@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-lmms test-fast toy-model benchmarks gpu-check clean
+.PHONY: install demo test test-lmms test-fast toy-model toy8-model benchmarks gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ test-lmms: $(LMMS_STAMP)
 # Retrain the shipped toy model (fixed seeds, one training thread; about 25-30 minutes on this 2-core CPU).
 toy-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
+
+# toy8: 8 layers on the toy world v2 (docs/toy-model.md); a short recipe sized for ~30 minutes of a
+# shared 2-core CPU.
+toy8-model: $(STAMP)
+	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy8 --layers 8 --world v2 \
+		--n-train 1200 --text-steps 200 --steps 300 --tail-steps 0 --batch-size 12 --easy-steps 120 \
+		--eval-every 100 --save-dtype float16
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py

@@ -95,11 +95,12 @@ def toy_data(
     out: Annotated[Path, typer.Option("--out", help="Output folder (videos/ and data.jsonl).")],
     n: Annotated[int, typer.Option("--n", help="Number of questions.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed (the toy model trained on seeds >= 1000).")] = 7,
+    world: Annotated[str, typer.Option("--world", help="v1 (the original five types) or v2 (those and three question-guided types: busy scenes, one named object; docs/toy-model.md).")] = "v1",
 ) -> None:
     """Write synthetic toy-world videos and multiple-choice questions (our JSONL format)."""
     from prunevid_bench.toy.world import generate_dataset
 
-    path = generate_dataset(out, n, seed)
+    path = generate_dataset(out, n, seed, world=world)
     console.print(f"wrote {n} questions to {path}")
 
 

@@ -39,6 +39,7 @@ BUILTIN: dict[str, str] = {
     "toy": "prunevid_bench.toy.model:load_toy_model",
     "tiny-qwen3_5": "prunevid_bench.models.tiny_qwen3_5:build_tiny_qwen3_5",
     "tiny-qwen3_5-moe": "prunevid_bench.models.tiny_qwen3_5:build_tiny_qwen3_5_moe",
+    "toy8": "prunevid_bench.toy.model:load_toy8_model",
 }
 BUILTIN_VIDEO_POLICY = "processor"
 

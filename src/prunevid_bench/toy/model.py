@@ -13,6 +13,8 @@ from pathlib import Path
 from prunevid_bench.errors import PruneVidError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
+# ``toy8``: 8 layers, trained on the toy world v2 (docs/toy-model.md); its own words, its own folder.
+TOY8_DIR = ASSET_DIR.parent / "toy8"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -30,12 +32,13 @@ ANSWER_FORMAT = "{word} ({letter})"
 NAMED_QUESTION = "Which option is {answer}?"
 
 
-def toy_words() -> list[str]:
+def toy_words(world: str = "v1") -> list[str]:
     """The toy model's word tokens: every byte-level word of every toy prompt, in first-seen order.
 
     The corpus is the chat template's fixed text, every question the toy world can ask, every
     option line, the instruction and every answer, so each of those words is one token and the rest of any
     text falls back to bytes. Built from the world's constants, hence the same on every machine.
+    ``world`` "v2" appends the words of the v2 questions (the v1 ids stay as they are).
     """
     from tokenizers import pre_tokenizers
 
@@ -50,20 +53,30 @@ def toy_words() -> list[str]:
                for c in COLOURS for s in SHAPES for k in CORNERS]
     corpus += [f"({letter}) {a}" for letter in LETTERS for a in answers]  # option lines
     corpus += [ANSWER_FORMAT.format(word=a, letter=letter) for letter in LETTERS for a in answers]
+    if world != "v1":
+        from prunevid_bench.toy.world_v2 import V2_TEMPLATES
+
+        corpus += [t.format(colour=c, shape=s, corner=k) for t in V2_TEMPLATES.values()
+                   for c in COLOURS for s in SHAPES for k in CORNERS]
     split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     pieces = (p for text in corpus for p, _ in split.pre_tokenize_str(text))
     return [p for p in dict.fromkeys(pieces) if len(p) > 1]
 
 
-def build_toy_processor():
+def build_toy_processor(world: str = "v1"):
     """The processor the toy model is trained and evaluated with: the ``tiny`` processor with the
     toy words as single tokens (the byte ids and special ids are the same)."""
     from prunevid_bench.models.tiny import build_processor, build_tokenizer
 
-    return build_processor(max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, tokenizer=build_tokenizer(toy_words()))
+    return build_processor(max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, tokenizer=build_tokenizer(toy_words(world)))
 
 
-def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DIR):
+def load_toy8_model(attn_implementation: str = "sdpa"):
+    """The built-in ``toy8``: 8 layers, trained on the toy world v2 (``make toy8-model``)."""
+    return load_toy_model(attn_implementation, TOY8_DIR, world="v2")
+
+
+def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DIR, world: str = "v1"):
     """(model in eval mode, float32 on the CPU; processor) from the shipped weights."""
     import torch
     from safetensors.torch import load_file
@@ -75,13 +88,14 @@ def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DI
     missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
     if missing:
         raise PruneVidError(
-            f"the toy model's {' and '.join(missing)} is missing from {asset_dir}; run `make toy-model` to train it"
+            f"the toy model's {' and '.join(missing)} is missing from {asset_dir}; run `make toy-model` "
+            f"(`make toy8-model` for toy8) to train it"
         )
     config = Qwen2_5_VLConfig.from_json_file(str(config_path))
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
         model = Qwen2_5_VLForConditionalGeneration(config)
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    model.load_state_dict(load_file(str(weights_path)), strict=True)  # float16 files (toy8) load as float32
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
-    return model.eval(), build_toy_processor()
+    return model.eval(), build_toy_processor(world)

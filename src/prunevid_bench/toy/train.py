@@ -62,6 +62,7 @@ from prunevid_bench.toy.train_losses import (  # noqa: F401 - and the losses'
     VisualTap,
     aux_loss,
     collate,
+    guides_for,
     letter_accuracy,
     training_losses,
 )
@@ -89,8 +90,10 @@ TOY_SIZES = TinySizes(
 VISION_WINDOW = 112
 
 
-def toy_config(attn_implementation: str = "sdpa"):
-    config = build_config(TOY_SIZES, attn_implementation)
+def toy_config(attn_implementation: str = "sdpa", layers: int = 4, world: str = "v1"):
+    """The toy's config; ``toy8`` is the same shape with 8 layers and the v2 world's words."""
+    sizes = dataclasses.replace(TOY_SIZES, num_hidden_layers=layers, vocab_size=VOCAB_SIZE + len(toy_words(world)))
+    config = build_config(sizes, attn_implementation)
     config.vision_config.window_size = VISION_WINDOW
     return config
 
@@ -140,6 +143,9 @@ class TrainConfig:
     # Processes that render and encode the clips while the main one decodes them and runs the
     # processor (the samples do not depend on how many).
     prep_workers: int = 2
+    layers: int = 4  # LLM layers: 4 for ``toy``, 8 for ``toy8`` (guides_for places the guided heads)
+    world: str = "v1"  # toy world of the training and validation scenes: v1, or v2 for ``toy8``
+    save_dtype: str = "float32"  # dtype of the saved weights (``toy8`` ships float16: half the size)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -201,7 +207,8 @@ def train(cfg: TrainConfig) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.init_seed)
     t0 = time.perf_counter()
-    config = toy_config("eager")  # training reads attention weights (see training_losses)
+    config = toy_config("eager", cfg.layers, cfg.world)  # training reads attention weights (see training_losses)
+    guides = guides_for(cfg.layers)
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = cfg.init_std
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -212,15 +219,16 @@ def train(cfg: TrainConfig) -> None:
     heads = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS.values()))
     option_head = torch.nn.Linear(TOY_SIZES.hidden_size, 1)
     word_head = torch.nn.Linear(TOY_SIZES.hidden_size, len(ANSWER_WORDS))
-    processor = build_toy_processor()
+    processor = build_toy_processor(cfg.world)
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
     pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
     codec = PixelCodec(processor)
     print(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
 
-    train_set = prepare_samples(pipe, codec, cfg.n_train, cfg.train_seed, "train", workers=cfg.prep_workers)
-    val_set = prepare_samples(pipe, codec, cfg.n_val, cfg.val_seed, "val", forms=("mc",), workers=cfg.prep_workers)
+    train_set = prepare_samples(pipe, codec, cfg.n_train, cfg.train_seed, "train", workers=cfg.prep_workers, world=cfg.world)
+    val_set = prepare_samples(pipe, codec, cfg.n_val, cfg.val_seed, "val", forms=("mc",), workers=cfg.prep_workers,
+                              world=cfg.world)
     t_prep = time.perf_counter() - t0
     print(f"prepared {len(train_set)} training scenes ({'/'.join(FORMS)}) + {len(val_set)} val questions "
           f"in {t_prep:.0f} s", flush=True)
@@ -264,7 +272,7 @@ def train(cfg: TrainConfig) -> None:
     for step in range(cfg.text_steps):  # warm-up: text-only prompts, no vision tower
         picked = draw(text_order, cfg.text_batch_size)
         inputs, sup = collate([(train_set[i], TEXT_FORMS[k % len(TEXT_FORMS)]) for k, i in enumerate(picked)], codec)
-        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides)
         update(answer + cfg.option_weight * option + cfg.attention_weight * guide, step)
         losses = smooth(step, loss=answer)
         if (step + 1) % cfg.eval_every == 0:
@@ -274,7 +282,7 @@ def train(cfg: TrainConfig) -> None:
     for step in range(video_steps):
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
-        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)
@@ -287,7 +295,7 @@ def train(cfg: TrainConfig) -> None:
                   f"({per_type}) {elapsed:.0f} s", flush=True)
     tap.remove()
     model.eval()
-    save(model, Path(cfg.out))
+    save(model.to(getattr(torch, cfg.save_dtype)), Path(cfg.out))
     total = time.perf_counter() - t0
     print(f"saved to {cfg.out}: prepare {t_prep:.0f} s, train {time.perf_counter() - t_train:.0f} s, "
           f"total {total:.0f} s", flush=True)

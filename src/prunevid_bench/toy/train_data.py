@@ -189,9 +189,10 @@ def with_options(prompt: Prompt) -> Prompt:
 
 def anchor_position(tokenizer, input_ids: torch.Tensor) -> int:
     """The question word that singles out the object asked about: "moving" (the moving object),
-    "corner" (after the corner's name) or the shape before "move" ("the green circle move")."""
+    "corner" (after the corner's name), the shape before "move" ("the green circle move") or
+    "briefly" (world v2's "What appears briefly in the middle?")."""
     ids = input_ids.tolist()
-    for word, offset in ((" moving", 0), (" corner", 0), (" move", -1)):
+    for word, offset in ((" moving", 0), (" corner", 0), (" move", -1), (" briefly", 0)):
         token = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
         if len(token) == 1 and token[0] in ids:
             return ids.index(token[0]) + offset
@@ -213,14 +214,14 @@ def naming_positions(tokenizer, input_ids: torch.Tensor, anchor: int) -> tuple[t
     return (-1, -1), 0
 
 
-def encoded_clip(task: tuple[int, int, str]):
+def encoded_clip(task: tuple[int, int, str, str]):
     """(mp4 path, frame count, scene, question) of example ``index`` of the set drawn with
     ``seed``, rendered and written in ``tmp`` byte for byte as `prunevid toy-data` writes it.
     Runs in a worker process: encoding is most of the preparation's time."""
     from prunevid_bench.toy.world import encode_mp4, render_video, sample_example
 
-    seed, index, tmp = task
-    spec, question = sample_example(seed, index)
+    seed, index, tmp, world = task
+    spec, question = sample_example(seed, index, world)
     path = Path(tmp) / f"clip-{index}.mp4"
     frames = render_video(spec)
     encode_mp4(frames, path)
@@ -242,9 +243,9 @@ def swap_options(prompt: Prompt, tokenizer, options: list[str], answer: torch.Te
 
 
 def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, forms=FORMS + TEXT_FORMS,
-                    workers: int = 1) -> list[Sample]:
-    """Render, encode, decode and process n scenes of the toy set drawn with ``seed``. ``workers``
-    processes render and encode (the samples do not depend on how many)."""
+                    workers: int = 1, world: str = "v1") -> list[Sample]:
+    """Render, encode, decode and process n scenes of the toy set drawn with ``seed`` in ``world``.
+    ``workers`` processes render and encode (the samples do not depend on how many)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -263,7 +264,7 @@ def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, form
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, \
             ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        clips = pool.map(encoded_clip, [(seed, i, tmp) for i in range(n)], chunksize=8)
+        clips = pool.map(encoded_clip, [(seed, i, tmp, world) for i in range(n)], chunksize=8)
         for i, (path, frames, spec, question) in enumerate(clips):
             clip = load_clip(path, num_frames=frames)
             path.unlink()

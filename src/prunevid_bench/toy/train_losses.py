@@ -103,7 +103,7 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int):
+def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int, guides=None):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
@@ -114,14 +114,16 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     the same word (see anchor_position) looks at that object's visual tokens; the answer position looks at that question word, then
     at the option word that is the answer. The guide loss also asks the answer position for the
     answer word before the last layer (``word_head``). What to take from the object, and how to
-    match it to an option, is left to learn.
+    match it to an option, is left to learn. ``guides`` (default ``ATTENTION_GUIDES``) places the
+    heads; a "select" guide (``DEEP_GUIDES``) also points that word at its object in an earlier layer.
     """
+    guides = guides or ATTENTION_GUIDES
     out = model.model(**inputs, use_cache=False, output_attentions=True, output_hidden_states=True)
     hidden, attentions = out.last_hidden_state, out.attentions
     answer = F.cross_entropy(model.lm_head(hidden[sup.rows, sup.index]).float(), sup.targets)
 
     def attention(guide: str, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        layer, head = ATTENTION_GUIDES[guide]
+        layer, head = guides[guide]
         rows = rows.view(-1, *([1] * (queries.dim() - 1)))
         return attentions[layer][rows, head, queries].float()  # [N, ..., L]
 
@@ -138,12 +140,13 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     shown = sup.target.any(-1)
     if shown.any():
         rows = torch.arange(len(sup.final))
-        look = attention("object", rows, sup.anchor).gather(-1, sup.visual)  # [B, V]
-        losses.append(-((look * sup.target).sum(-1)[shown] + eps).log().mean())
+        for guide in ("object", "select") if "select" in guides else ("object",):
+            look = attention(guide, rows, sup.anchor).gather(-1, sup.visual)  # [B, V]
+            losses.append(-((look * sup.target).sum(-1)[shown] + eps).log().mean())
         to_anchor = attention("question", rows, sup.final).gather(-1, sup.anchor[:, None]).squeeze(-1)
         losses.append(-(to_anchor + eps).log().mean())
         # What the answer position holds before the last layer matches it to an option: the answer word.
-        middle = out.hidden_states[ATTENTION_GUIDES["answer"][0]][rows, sup.final]
+        middle = out.hidden_states[guides["answer"][0]][rows, sup.final]
         losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
     named = (sup.naming_level > 0) & (sup.naming_level <= naming_guide)
     if named.any():  # the anchor reads the words that name its object
@@ -155,6 +158,17 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
 
 # Guided heads as (layer, head).
 ATTENTION_GUIDES = {"letter": (0, 1), "naming": (0, 2), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
+# The 8-layer toy8: the named object is selected in layer 3 (where the presets' "10/28" prunes) and
+# read in layer 4, after the pruning, so which visual tokens survive layer 3 decides the answer.
+DEEP_GUIDES = {"letter": (0, 1), "naming": (0, 2), "select": (3, 1), "object": (4, 0), "question": (5, 0),
+               "answer": (6, 0)}
+
+
+def guides_for(layers: int) -> dict[str, tuple[int, int]]:
+    """The guided heads of a toy model of this depth (4: the shipped ``toy``; 8: ``toy8``)."""
+    if layers not in (4, 8):
+        raise ValueError(f"the toy recipe has guides for 4 or 8 layers, not {layers}")
+    return ATTENTION_GUIDES if layers == 4 else DEEP_GUIDES
 
 
 @torch.no_grad()

@@ -40,6 +40,8 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 CORNERS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 CATEGORIES: tuple[str, ...] = ("moving_color", "moving_shape", "direction", "corner_color", "corner_shape")
 LETTERS: str = "ABCD"
+# "v1": the original five types; "v2": those and the question-guided types of ``toy.world_v2``.
+WORLDS: tuple[str, ...] = ("v1", "v2")
 
 # Geometry in fractions of the frame side (20-28 px statics, 22-31 px movers at 112 px). Statics
 # hug the corners and movers ride the central row/column, so at 112 px there are >= 3 px between
@@ -76,6 +78,7 @@ class ObjectSpec:
     end: tuple[float, float]  # centre in the last frame; equal to `start` for static objects
     corner: str | None = None  # static objects: which corner they sit in
     direction: str | None = None  # moving objects: left/right/up/down
+    visible: tuple[float, float] | None = None  # drawn only for clip times in [lo, hi] (None: always)
 
     def centre(self, t: float) -> tuple[float, float]:
         """Centre at clip time t in [0, 1] (linear motion)."""
@@ -122,19 +125,19 @@ def example_id(seed: int, index: int) -> str:
     return f"toy-s{seed}-{index:05d}"
 
 
-def _schedule(seed: int, index: int) -> tuple[str, int]:
+def _schedule(seed: int, index: int, categories: tuple[str, ...] = CATEGORIES) -> tuple[str, int]:
     """(category, answer position) for one example.
 
     Every run of len(CATEGORIES) examples holds each category once, and every 4 questions of a
     category hold each position once, both in seeded order: any prefix of the set is balanced
     within one, and the position says nothing about the category.
     """
-    round_, slot = divmod(index, len(CATEGORIES))
-    category = int(np.random.default_rng([seed, 0, round_]).permutation(len(CATEGORIES))[slot])
+    round_, slot = divmod(index, len(categories))
+    category = int(np.random.default_rng([seed, 0, round_]).permutation(len(categories))[slot])
     # Each round holds this category once, so `round_` counts its earlier questions.
     block, turn = divmod(round_, len(LETTERS))
     position = int(np.random.default_rng([seed, 2, category, block]).permutation(len(LETTERS))[turn])
-    return CATEGORIES[category], position
+    return categories[category], position
 
 
 def _pick(rng: np.random.Generator, items, k: int | None = None):
@@ -217,19 +220,24 @@ def _question(rng: np.random.Generator, video: VideoSpec, category: str, positio
     return QuestionSpec(category, text, options, LETTERS[position], (video.statics + video.movers).index(target))
 
 
-def sample_example(seed: int, index: int) -> tuple[VideoSpec, QuestionSpec]:
-    """Scene and question of example `index` of the set drawn with `seed` (independent of n)."""
+def sample_example(seed: int, index: int, world: str = "v1") -> tuple[VideoSpec, QuestionSpec]:
+    """Scene and question of example `index` of the set drawn with `seed` in `world` (independent of n)."""
+    if world != "v1":
+        from prunevid_bench.toy.world_v2 import sample_v2
+
+        _check_world(world)
+        return sample_v2(seed, index)
     category, position = _schedule(seed, index)
     rng = np.random.default_rng([seed, 1, index])
     video = _scene(rng, category)
     return video, _question(rng, video, category, position)
 
 
-def iter_specs(n: int, seed: int) -> Iterator[tuple[str, VideoSpec, QuestionSpec]]:
+def iter_specs(n: int, seed: int, world: str = "v1") -> Iterator[tuple[str, VideoSpec, QuestionSpec]]:
     """(id, scene, question) for the first n examples of the set drawn with `seed`."""
     _check_set(n, seed)
     for index in range(n):
-        yield (example_id(seed, index), *sample_example(seed, index))
+        yield (example_id(seed, index), *sample_example(seed, index, world))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +287,8 @@ def _draw(spec: VideoSpec, frames: int, background: np.ndarray, paint) -> np.nda
     for f in range(frames):
         t = f / (frames - 1) if frames > 1 else 0.0
         for i, obj in enumerate(spec.movers, start=len(spec.statics)):
-            _paste(video[f], obj, t, paint(i, obj))
+            if obj.visible is None or obj.visible[0] <= t <= obj.visible[1]:  # flashes: a time window
+                _paste(video[f], obj, t, paint(i, obj))
     return video
 
 
@@ -301,10 +310,10 @@ def render_labels(spec: VideoSpec, frames: int = 16, size: int = 112) -> np.ndar
     return _draw(spec, frames, np.full((size, size), -1, dtype=np.int8), lambda i, obj: i)
 
 
-def iter_examples(n: int, seed: int, *, frames: int = 16, size: int = 112) -> Iterator[ToyExample]:
+def iter_examples(n: int, seed: int, *, frames: int = 16, size: int = 112, world: str = "v1") -> Iterator[ToyExample]:
     """The examples `generate_dataset` would write, rendered in memory (no files, no codec)."""
     _check_clip(frames, size)
-    for _, video, question in iter_specs(n, seed):
+    for _, video, question in iter_specs(n, seed, world):
         yield ToyExample(render_video(video, frames, size), question.question, question.options,
                          question.answer, question.category)
 
@@ -350,9 +359,10 @@ def encode_mp4(video: np.ndarray, path: Path, fps: float = 8.0, *, codec: str | 
 
 
 def generate_dataset(out_dir: Path, n: int, seed: int, *, frames: int = 16, size: int = 112,
-                     fps: float = 8.0) -> Path:
+                     fps: float = 8.0, world: str = "v1") -> Path:
     """Write out_dir/videos/<id>.mp4 and out_dir/data.jsonl; returns the JSONL path."""
     _check_set(n, seed)
+    _check_world(world)
     _check_clip(frames, size)
     if fps <= 0:
         raise PruneVidError(f"fps must be positive, got {fps}")
@@ -361,7 +371,7 @@ def generate_dataset(out_dir: Path, n: int, seed: int, *, frames: int = 16, size
         raise PruneVidError(f"{out_dir} is a file, not a folder; pass a folder for the dataset (it is created if missing)")
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     rows = []
-    for example, video, question in iter_specs(n, seed):
+    for example, video, question in iter_specs(n, seed, world):
         relative = f"videos/{example}.mp4"
         encode_mp4(render_video(video, frames, size), out_dir / relative, fps)
         rows.append({"id": example, "video": relative, "question": question.question,
@@ -378,6 +388,10 @@ def _check_set(n: int, seed: int) -> None:
     if seed < 0:
         raise PruneVidError(f"seed must be a non-negative integer, got {seed}")
 
+
+def _check_world(world: str) -> None:
+    if world not in WORLDS:
+        raise PruneVidError(f"unknown toy world {world!r}; expected one of {', '.join(WORLDS)}")
 
 def _check_clip(frames: int, size: int) -> None:
     if frames < 2:

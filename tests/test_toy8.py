@@ -1,0 +1,91 @@
+"""``toy8``: the 8-layer toy model of the toy world v2 (its words, its guided heads, its recipe),
+and, once its weights ship, its accuracy on held-out questions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prunevid_bench.choices import format_mc_prompt
+from prunevid_bench.cli import app
+from prunevid_bench.config_layers import resolve_layer
+from prunevid_bench.toy.model import TOY8_DIR, build_toy_processor, load_toy_model, toy_words
+from prunevid_bench.toy.train import TrainConfig, toy_config, train
+from prunevid_bench.toy.train_data import anchor_position, naming_positions
+from prunevid_bench.toy.train_losses import ATTENTION_GUIDES, DEEP_GUIDES, guides_for
+from prunevid_bench.toy.world import generate_dataset, iter_specs
+from prunevid_bench.toy.world_v2 import ALL_CATEGORIES
+
+HELD_OUT_SEED = 5  # toy8 trains on seed 1000 and validates on 999
+
+
+def test_v2_words_extend_the_toy_vocabulary():
+    v1, v2 = toy_words(), toy_words("v2")
+    assert v2[:len(v1)] == v1 and len(v2) > len(v1)  # the shipped toy's ids are unchanged
+    tokenizer = build_toy_processor("v2").tokenizer
+    for word in (" briefly", " middle", " appears", " end", " object"):
+        assert len(tokenizer.encode(word)) == 1, word
+    assert toy_config("sdpa", 8, "v2").text_config.vocab_size == len(tokenizer)
+    assert toy_config().text_config.num_hidden_layers == 4
+
+
+def test_every_v2_question_has_its_anchor_and_names():
+    tokenizer = build_toy_processor("v2").tokenizer
+    for _, _, q in iter_specs(24, 7, "v2"):
+        ids = torch.tensor(tokenizer.encode(format_mc_prompt(q.question, q.options)))
+        anchor = anchor_position(tokenizer, ids)
+        word = tokenizer.decode([int(ids[anchor])])
+        (first, last), level = naming_positions(tokenizer, ids, anchor)
+        if q.category == "flash_shape":
+            assert word == " briefly" and level == 0
+        elif q.category == "end_corner_color":
+            corner = q.question.split()[-5]
+            assert word == " corner" and level == 1
+            assert tokenizer.decode(ids[first:last + 1].tolist()).strip() == corner
+        elif q.category == "busy_direction":
+            colour, shape = q.question.split()[-3:-1]
+            assert word == f" {shape}" and level == 2 and tokenizer.decode([int(ids[first])]) == f" {colour}"
+
+
+def test_deep_guides_select_at_the_presets_layer_and_read_after_it():
+    assert guides_for(4) is ATTENTION_GUIDES and guides_for(8) is DEEP_GUIDES
+    select, read = DEEP_GUIDES["select"][0], DEEP_GUIDES["object"][0]
+    assert select == resolve_layer("10/28", 8) and read == select + 1
+    assert all(layer < 8 for layer, _ in DEEP_GUIDES.values())
+    with pytest.raises(ValueError, match="4 or 8 layers"):
+        guides_for(6)
+
+
+def test_a_short_toy8_run_saves_float16_weights_that_load(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "toy8"), layers=8, world="v2", n_train=8, n_val=8, steps=2, tail_steps=0,
+                      text_steps=1, batch_size=4, text_batch_size=4, eval_every=2, prep_workers=1,
+                      save_dtype="float16")
+    train(cfg)
+    model, processor = load_toy_model(asset_dir=tmp_path / "toy8", world="v2")
+    assert model.config.text_config.num_hidden_layers == 8 and next(model.parameters()).dtype == torch.float32
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "toy8" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+@pytest.mark.skipif(not (TOY8_DIR / "model.safetensors").is_file(), reason="toy8 weights not shipped yet (docs/toy-model.md)")
+def test_toy8_answers_held_out_questions(tmp_path):
+    """Armed once toy8's weights ship: at least 85% on 32 questions of world v2 from a seed that
+    training never used (four of each type, chance 25%), and at least 3 of 4 in every type. The
+    issue asks for 90% per type on 200 held-out questions; this is the CI-cheap guard against a
+    silent fall."""
+    assert (TOY8_DIR / "model.safetensors").stat().st_size <= 8 * 2**20
+    data = generate_dataset(tmp_path / "data", 32, seed=HELD_OUT_SEED, world="v2")
+    res = CliRunner().invoke(app, ["run", "--dataset", str(data), "--model", "toy8", "--device", "cpu",
+                                   "--max-new-tokens", "6", "--results-dir", str(tmp_path / "results")])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "results").iterdir()
+    accuracy = json.loads((run_dir / "summary.json").read_text())["accuracy"]
+    assert accuracy["n"] == 32 and accuracy["accuracy"] >= 0.85, accuracy
+    assert set(accuracy["by_category"]) == set(ALL_CATEGORIES)
+    assert all(c["accuracy"] >= 3 / 4 for c in accuracy["by_category"].values()), accuracy["by_category"]
