@@ -428,6 +428,52 @@ def test_qwen_policy_equals_qwen_vl_utils_for_qwen3(pipes, tmp_path, element):
     assert torch.equal(ours.inputs["pixel_values_videos"], theirs["pixel_values_videos"])
 
 
+LMMS_QWEN3_VL = {"min_pixels": 256 * 28 * 28, "max_pixels": 1605632}  # lmms-eval 0.7.3 qwen3_vl defaults
+
+
+@pytest.mark.parametrize("run, element", [
+    ({}, {"nframes": 32, **LMMS_QWEN3_VL}),
+    ({"video.fps": 8.0}, {"fps": 8.0, "max_frames": 32, **LMMS_QWEN3_VL}),
+    ({"video.total_pixels": 1_000_000}, {"max_frames": 32, "total_pixels": 1_000_000, "min_pixels": 256 * 28 * 28}),
+], ids=["defaults", "fps", "total_pixels"])
+def test_lmms_eval_policy_equals_what_lmms_evals_qwen3_vl_asks_of_qwen_vl_utils(tmp_path, monkeypatch, run, element):
+    """lmms-eval 0.7.3's ``qwen3_vl`` model (``_build_video_kwargs``) passes qwen-vl-utils
+    ``nframes`` min(32, frames in the file), ``min_pixels`` 256*28*28 and ``max_pixels`` 1605632
+    with ``image_patch_size=16``; with ``fps`` set, ``max_frames`` 32 instead of a count; with
+    ``total_pixels`` set, ``max_frames`` 32 at qwen-vl-utils' own 2 fps, and no ``max_pixels``.
+    The ``lmms-eval`` policy on a Qwen3-VL gives the same frames, and through the processor (with
+    qwen-vl-utils' metadata, as lmms-eval calls it) the same prompt ids and pixels. A 13-frame file
+    asks for 13, which qwen-vl-utils rounds to 12, as the policy does."""
+    from prunevid_bench.decoders import installed
+    from prunevid_bench.video import load_clip
+    from tests.conftest import write_clip
+
+    reader = next((name for name in ("decord", "torchcodec") if installed(name)), None)
+    if reader is None:
+        pytest.skip("qwen-vl-utils needs decord or torchcodec to read videos (optional extras here)")
+    monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", reader)
+    vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
+    pipe = load_pipeline("tiny-qwen3vl", device="cpu", dtype="float32", overrides={"video.policy": "lmms-eval", **run})
+    request = pipe.video_request()
+    assert (request.max_frames, request.factor) == (32, 32)
+    assert request.fps == (2.0 if "video.total_pixels" in run else run.get("video.fps"))
+    for size, frames in (((360, 640), 48), ((48, 64), 13)):
+        clip_path = write_clip(tmp_path / f"c{frames}.mp4", frames, size=size, fps=8, seed=3)
+        ours = load_clip(clip_path, request=request)
+        asked = {**element, "nframes": min(32, frames)} if "nframes" in element else element
+        (video, meta), fps = vision_process.fetch_video({"video": str(clip_path), **asked}, image_patch_size=16,
+                                                        return_video_sample_fps=True, return_video_metadata=True)
+        assert ours.indices == list(meta["frames_indices"]) and ours.sampled_fps == pytest.approx(fps, rel=1e-12)
+        assert torch.equal(torch.from_numpy(ours.frames).permute(0, 3, 1, 2).float(), video)
+        prepared = pipe.prepare(ours, QUESTION)
+        meta = {k: meta[k] for k in ("fps", "frames_indices", "total_num_frames")}
+        theirs = pipe.processor(text=[prepared.prompt], videos=[video], video_metadata=[meta], do_resize=False,
+                                do_sample_frames=False, return_tensors="pt")
+        assert torch.equal(prepared.inputs["input_ids"], theirs["input_ids"])
+        assert torch.equal(prepared.inputs["pixel_values_videos"], theirs["pixel_values_videos"])
+    pipe.remove_stages()
+
+
 def test_vision_flops_are_the_towers_own_count_with_its_deepstack_mergers():
     """The analytic FLOPs of Qwen3-VL's tower (per-step full attention, a 2-matmul MLP, 1 + D
     mergers per token) equal torch's count of the tower's own forward (eager)."""

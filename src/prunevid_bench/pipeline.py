@@ -78,7 +78,7 @@ class Pipeline:
             raise PruneVidError("video.total_pixels applies to the qwen and lmms-eval policies (the processor policy has no total budget)")
         family = family_of(self.model)
         request = VideoRequest.from_config(cfg.video, policy, factor=family.geometry(self.model.config).factor)
-        return request.with_lmms_defaults(family.lmms_video()) if policy == "lmms-eval" else request
+        return request.with_lmms_defaults(family.lmms_video(request)) if policy == "lmms-eval" else request
 
     def build_prompt(self, question: str) -> str:
         return self._template(single_video_messages(None, question))

@@ -71,6 +71,16 @@ def cache_kwarg(kwargs: dict):
     return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
 
 
+def kv_length(cache) -> int:
+    """Tokens held by the cache's attention layers (their keys). A hybrid cache's plain
+    ``get_seq_length()`` asks layer 0: transformers 5.24 then went to the first attention layer,
+    5.25 answers from a linear-attention layer 0 the count of every token it has taken in, which
+    an eviction or a pruning at layer K leaves longer than the keys."""
+    layers = getattr(cache, "layers", None) or []
+    first = next((i for i, layer in enumerate(layers) if not hasattr(layer, "recurrent_states")), 0)
+    return int(cache.get_seq_length(first))
+
+
 def select_llm_inputs(kwargs: dict, source: torch.Tensor, embeds: torch.Tensor) -> None:
     """Make the language model's input the tokens ``source`` [L1] of the prompt (in that order),
     with ``embeds`` [1, L1, D]. The M-RoPE ids are index-selected (the kept tokens keep their

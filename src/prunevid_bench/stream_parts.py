@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunevid_bench import splice
 from prunevid_bench.engine import prefill_position_ids
 from prunevid_bench.families import family_of
 
@@ -145,7 +146,7 @@ def state_bytes(cache) -> int:
 
 
 def cache_length(cache) -> int:
-    return int(cache.get_seq_length())
+    return splice.kv_length(cache)
 
 
 # ============================================================ records

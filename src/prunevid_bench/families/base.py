@@ -140,10 +140,10 @@ class Family:
         text = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
         return torch.cat([text, mrope.to(input_ids.device)], dim=0)
 
-    def lmms_video(self) -> dict:
+    def lmms_video(self, request) -> dict:
         """What lmms-eval's model of this family asks of qwen-vl-utils by default, as
-        ``VideoRequest`` fields (the ``lmms-eval`` policy fills the ones a run leaves unset);
-        empty: its ``qwen2_5_vl`` model's, which ``video_sampling`` holds (Qwen3-VL's are the same)."""
+        ``VideoRequest`` fields (the ``lmms-eval`` policy fills the ones a run leaves unset in
+        ``request``, the run's own); empty: its ``qwen2_5_vl`` model's, which ``video_sampling`` holds."""
         return {}
 
     def video_metadata(self, clip) -> dict:

@@ -47,7 +47,7 @@ class Qwen3_5Family(Qwen3VLFamily):
     def deepstack_levels(self, model) -> int:
         return 0
 
-    def lmms_video(self) -> dict:
+    def lmms_video(self, request) -> dict:
         """lmms-eval 0.7.3's ``qwen3_5`` model: a total pixel budget instead of a frame count, so
         qwen-vl-utils samples at its default 2 fps up to 768 frames, with frames of at least
         64 merged tokens (``models/simple/qwen3_5.py`` defaults, ``_build_video_kwargs``)."""

@@ -60,6 +60,16 @@ class Qwen3VLFamily(Family):
         ``<t seconds>`` is its true time in the file (a clip that starts late reads so)."""
         return {"total_num_frames": clip.total_frames, "fps": clip.native_fps, "frames_indices": list(clip.indices)}
 
+    def lmms_video(self, request) -> dict:
+        """lmms-eval 0.7.3's ``qwen3_vl`` model (``_build_video_kwargs``): its ``qwen2_5_vl``
+        model's frame count and pixel bounds (``video_sampling``), but a frame rate is capped at
+        32 frames (``max_frames``), and a total pixel budget with neither a count nor a rate
+        samples at qwen-vl-utils' default rate (2 fps), capped at 32 frames."""
+        from prunevid_bench.video_sampling import LMMS_MAX_NUM_FRAMES, QWEN_DEFAULT_FPS
+
+        rate = request.total_pixels is not None and request.fps is None and request.num_frames is None
+        return {"max_frames": LMMS_MAX_NUM_FRAMES, **({"fps": QWEN_DEFAULT_FPS} if rate else {})}
+
     def query_key(self, attention):
         return attention.q_norm, attention.k_norm
 

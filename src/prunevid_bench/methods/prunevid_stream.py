@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
+from prunevid_bench import splice
 from prunevid_bench.methods.prunevid_stage2 import Stage2Config
 from prunevid_bench.errors import PruneVidError
 from prunevid_bench.stages import stage2 as s2
@@ -109,7 +110,7 @@ class QuestionEviction:
         ``original``: the video's visual tokens before any method (``stage2.budget`` keeps
         ``round(budget * original)`` of them, as offline)."""
         budget_total = None if self.cfg.budget is None else round(self.cfg.budget * original)
-        past = int(cache.get_seq_length())
+        past = splice.kv_length(cache)
         originals = list(cache.layers)
         state: dict = {}
 
