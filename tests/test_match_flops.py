@@ -184,3 +184,26 @@ def test_tome_vision_unmerge_refuses_a_token_budget_in_one_line(clip8, tmp_path)
     res = CliRunner().invoke(app, ["run", str(clip8), "Q?", "--model", "toy", "--set", "tome_vision.enabled=true",
                                    "--budget", "0.5", "--results-dir", str(tmp_path)])
     assert res.exit_code == 2 and "match it by FLOPs (--match flops)" in res.output and "Traceback" not in res.output
+
+
+def test_a_sweep_of_the_ten_methods_matched_by_flops_shows_what_each_line_paid(tmp_path):
+    """Issue "The methods of the 2026 tables": every comparator in one method grid at matched
+    prefill FLOPs on the toy world; the table and summary.csv hold tokens and FLOPs per line."""
+    import csv
+
+    from prunevid_bench.toy.world import generate_dataset
+
+    names = "prunevid,tome,evs,vidcom2,fastv,visionzip,fastvid,holitom,dycoke,flashvid"
+    data = generate_dataset(tmp_path / "toy", 1, seed=3)
+    res = CliRunner().invoke(app, ["sweep", "--methods", names, "--budgets", "0.7", "--match", "flops",
+                                   "--dataset", str(data), "--model", "toy", "--max-new-tokens", "6",
+                                   "--results-dir", str(tmp_path / "r")], env={"COLUMNS": "80"})
+    assert res.exit_code in (0, 3), res.output
+    table = [line for line in res.output.splitlines() if line[:1] in "┃│┏┡└"]
+    assert "FLOPs" in res.output and table and max(map(len, table)) <= 80
+    (folder,) = (tmp_path / "r").iterdir()
+    rows = {r["method"]: r for r in csv.DictReader(open(folder / "summary.csv")) if r["kind"] == "method"}
+    assert set(rows) == set(names.split(","))
+    for name, row in rows.items():
+        assert 0 < float(row["flops_fraction"]) < 1 and float(row["tokens_per_layer"]) > 0, name
+    assert (folder / "pareto.png").stat().st_size > 0
