@@ -5,6 +5,7 @@ baseline's TTFT, on the scaled model of bench_stage2.py at several visual-token 
     PYTHONPATH=src python benchmarks/bench_methods.py --smoke        # tiny sizes, a few seconds
     PYTHONPATH=src python benchmarks/bench_methods.py --variants baseline tome --tokens 4096
     PYTHONPATH=src python benchmarks/bench_methods.py --tower qwen2.5-vl-7b --tower-depth 8 --tokens 512
+    PYTHONPATH=src python benchmarks/bench_methods.py --family qwen3-vl --tokens 4096 8192 --threads 1
 
 With ``--tower`` the prompt's video goes through a vision tower of a real checkpoint's shape
 (``tower_model.py``: Qwen2.5-VL-7B's 32 x 1280 or Qwen3-VL-8B's 27 x 1152; ``--tower-depth``
@@ -19,7 +20,10 @@ language model scaled down from 7B, fed thousands of visual tokens as precompute
 vision-encoder output (the vision tower is skipped; it is the same for every variant). Every
 variant is a run config built from ``VARIANTS`` (label -> config overrides, one line each) and
 installed with ``apply_methods`` on the same loaded model, at the matched budget ``--budget``
-where the method has a budget knob.
+where the method has a budget knob. With ``--family qwen3-vl`` the same variants run on a
+Qwen3-VL whose language model has Qwen3-VL-8B's form at the same scale, DeepStack levels added
+after layers 0-2 (``qwen3_llm.py``; the tower skipped likewise, its levels handed in with the
+visual tokens).
 
 The variants take turns: each round runs every variant once, so a change of the shared
 machine's load falls on all of them alike. Per variant and token count: the visual tokens kept,
@@ -37,6 +41,8 @@ import statistics
 from dataclasses import dataclass
 
 from bench_stage2 import PeakMemory, add_model_arguments, build_inputs, build_model, grid_for, mib, print_machine, setup, spread
+
+from qwen3_llm import build_qwen3_inputs, build_qwen3_model
 
 from prunevid_bench import flops as fl
 from prunevid_bench.config import build_config
@@ -316,11 +322,13 @@ def main() -> None:
     parser.add_argument("--tower-depth", type=int, default=None, help="fewer tower blocks than the real depth")
     parser.add_argument("--tower-r", dest="tower_r_value", type=int, default=None,
                         help="tome_vision's r (default: the r that halves the blocks' mean token count)")
+    parser.add_argument("--family", choices=["qwen2.5-vl", "qwen3-vl"], default="qwen2.5-vl",
+                        help="the language model's form: qwen3-vl = Qwen3-VL-8B's (QK-norm, DeepStack at layers 0-2)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one run per variant: checks the script works, measures nothing")
     args = parser.parse_args()
     if args.smoke:
-        args.frames, args.layers, args.hidden, args.heads = 8, 2, 64, 4
+        args.frames, args.layers, args.hidden, args.heads = 8, 3 if args.family == "qwen3-vl" else 2, 64, 4
         args.repeats, args.warmup, args.new_tokens = 1, 0, 1
         args.threads = args.threads or 1  # two threads on a busy two-core box oversubscribe it
     args.tokens = args.tokens or ([256] if args.smoke else [4096, 8192])
@@ -331,12 +339,20 @@ def main() -> None:
         variants += [(f"{label}/c", {**o, "prefill.chunk_tokens": args.chunk_tokens}) for label, o in variants]
 
     device, dtype_name, dtype = setup(args)
+    if args.tower and args.family != "qwen2.5-vl":
+        parser.error("--family applies without --tower (--tower picks its own family)")
     if args.tower:
         if args.smoke:
             args.tower_depth = args.tower_depth or 2
         return run_tower(args, device, dtype, chosen)
-    model = build_model(args, device, dtype)
-    print_machine(model, device, dtype_name)
+    qwen3 = args.family == "qwen3-vl"
+    model = (build_qwen3_model if qwen3 else build_model)(args, device, dtype)
+    if qwen3:
+        print_machine(model, device, dtype_name, "Qwen3-VL")
+        print(f"  Qwen3-VL-8B's form (36 x 4096, 32/8 heads of 128, MLP 12288) scaled down; QK-norm, interleaved "
+              f"M-RoPE; DeepStack: {family_of(model).deepstack_levels(model)} levels added after layers 0..2")
+    else:
+        print_machine(model, device, dtype_name)
     print(f"budget {args.budget} (kept fraction of the visual tokens, through each method's budget key; "
           f"random: its per-group keep_ratio); each method's other keys at their defaults")
     print(f"timing: median (min-max) of {args.repeats} rounds after {args.warmup} warm-up "
@@ -348,12 +364,15 @@ def main() -> None:
     print("  from that score, nor is tome+prop's bias (extra q/k channels); the vision encoder is skipped by every variant.")
     print("own ms = the methods' own time (handle clock marks around reduce/select, incl. KV compaction for")
     print(f"  LLM-layer methods); own/base = own ms / the baseline's median TTFT at that token count; goal <= {GOAL:.0%}.")
+    if qwen3:
+        print("  Qwen3-VL: its DeepStack adds (levels x visual rows x hidden) and QK-norm are elementwise, left out like")
+        print("  every norm and residual add (under 0.1% of the prefill's FLOPs here); its q/k/v/o and MLP shapes are in.")
     print("fastvid, flashvid read the tower's last-block attention: the tower is skipped, so it is computed by their rule")
     print("  at the prefill's start on random q/k of a tower scaled like this LLM (in TTFT and own ms).")
 
     for tokens in args.tokens:
         grid = grid_for(tokens, args.frames)
-        inputs = build_inputs(model, grid, device, dtype)
+        inputs = (build_qwen3_inputs if qwen3 else build_inputs)(model, grid, device, dtype)
         print(f"\n{int(inputs['mm_token_type_ids'].bool().sum())} visual tokens (grid {list(grid)}), "
               f"prompt {inputs['input_ids'].shape[1]} tokens, load average {os.getloadavg()[0]:.2f} at the start")
         results = measure(variants, model, inputs, args, device)

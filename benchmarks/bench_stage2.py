@@ -492,7 +492,7 @@ def setup(args) -> tuple[torch.device, str, torch.dtype]:
     return device, dtype_name, getattr(torch, dtype_name)
 
 
-def print_machine(model, device, dtype_name: str) -> None:
+def print_machine(model, device, dtype_name: str, name: str = "Qwen2.5-VL") -> None:
     """The machine (with the load average: the box is shared), the versions and the model's shape."""
     import transformers
 
@@ -504,7 +504,7 @@ def print_machine(model, device, dtype_name: str) -> None:
     print(f"machine: {platform.platform()} | {hardware}")
     print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "
           f"| device {device} | dtype {dtype_name} | attention sdpa")
-    print(f"model: random Qwen2.5-VL LLM, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+    print(f"model: random {name} LLM, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
           f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, MLP {text.intermediate_size}")
 
 

@@ -62,6 +62,57 @@ def test_bench_methods_runs_a_subset_at_two_token_counts():
     assert [line.split()[0] for line in out.splitlines() if line.startswith(("baseline", "evs"))] == ["baseline", "evs"] * 2
 
 
+def test_bench_methods_smoke_on_a_qwen3_vl_shaped_llm_with_deepstack():
+    """``--family qwen3-vl``: every variant on a Qwen3-VL LLM (QK-norm, DeepStack after layers 0..2)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_methods import VARIANTS
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = run_script("bench_methods.py", "--smoke", "--threads", "1", "--family", "qwen3-vl")
+    assert "model: random Qwen3-VL LLM, 3 layers" in out and "DeepStack: 3 levels added after layers 0..2" in out
+    rows = table_rows(out)
+    assert list(rows) == [label for label, _ in VARIANTS]
+    assert rows["baseline"][1] == "240/240"
+    for label in ("prunevid@B", "fastv", "tome", "tome+prop", "evs"):
+        assert rows[label][1] == "60/240", label
+
+
+def test_bench_qwen3_inputs_carry_deepstack_levels_that_reach_the_logits():
+    """The bench's precomputed DeepStack levels are added by the model: zeroing them moves the
+    logits (so the Qwen3-VL mode really runs DeepStack), and its prompt has one run per step."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from qwen3_llm import build_qwen3_inputs, build_qwen3_model
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from prunevid_bench.models.tiny import VISION_START_ID
+
+    args = argparse.Namespace(hidden=64, heads=4, kv_heads=2, layers=3, intermediate=None)
+    model = build_qwen3_model(args, torch.device("cpu"), torch.float32)
+    assert model.config.text_config.intermediate_size == 192 and model.config.text_config.head_dim == 16
+    inputs = build_qwen3_inputs(model, (4, 4, 4), torch.device("cpu"), torch.float32)
+    assert int((inputs["input_ids"] == VISION_START_ID).sum()) == 4
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        video = inputs["mm_encoder_outputs"]["video"]
+        video.deepstack_features = [tuple(torch.zeros_like(x) for x in level) for level in video.deepstack_features]
+        without = model(**inputs).logits
+    assert not torch.allclose(logits, without, atol=1e-4)
+
+
+def test_bench_methods_family_refuses_the_tower_in_one_line():
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_methods.py"), "--smoke", "--family", "qwen3-vl",
+                           "--tower", "qwen3-vl-8b"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--family applies without --tower" in done.stderr
+
+
 def test_bench_methods_with_the_tower_smoke():
     """``--tower``: the real-width tower (2 blocks) in the TTFT, ToMe inside it halving the blocks' tokens."""
     out = run_script("bench_methods.py", "--smoke", "--threads", "1", "--tower", "qwen2.5-vl-7b", "--tokens", "64")
