@@ -41,7 +41,6 @@ import statistics
 from dataclasses import dataclass
 
 from bench_stage2 import PeakMemory, add_model_arguments, build_inputs, build_model, grid_for, mib, print_machine, setup, spread
-
 from qwen3_llm import build_qwen3_inputs, build_qwen3_model
 
 from prunevid_bench import flops as fl
