@@ -88,8 +88,8 @@ def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DI
     missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
     if missing:
         raise PruneVidError(
-            f"the toy model's {' and '.join(missing)} is missing from {asset_dir}; run `make toy-model` "
-            f"(`make toy8-model` for toy8) to train it"
+            f"the toy model's {' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing from {asset_dir}; "
+            f"run `make {'toy8' if Path(asset_dir).name == 'toy8' else 'toy'}-model` to train it"
         )
     config = Qwen2_5_VLConfig.from_json_file(str(config_path))
     config._attn_implementation = attn_implementation
