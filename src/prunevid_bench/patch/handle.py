@@ -95,7 +95,8 @@ class ReductionHandle(EncoderSide, LLMInput, LayerMethod, KeyBias, Reporting, De
     def placed(self) -> list:
         """(method, config, place) of each place an enabled method acts at, in the order they run."""
         tower_only = [mc for mc in self.tower_methods if mc not in self.encoder_methods]  # inside the blocks only
-        return ([(m, c, "vision_encoder") for m, c in tower_only + self.encoder_methods] + [(m, c, "visual_tokens") for m, c in self.visual_methods]
+        return ([(m, c, "vision_encoder") for m, c in tower_only + self.encoder_methods]
+                + [(m, c, "visual_tokens") for m, c in self.visual_methods]
                 + ([(*self.layer_method, "llm_layer")] if self.layer_method else [])
                 + ([(*self.decode_method, "decode")] if self.decode_method else []))
 
