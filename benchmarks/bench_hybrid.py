@@ -27,11 +27,11 @@ import os
 import torch
 from bench_methods import VARIANTS, measure, print_table
 from bench_stage2 import PeakMemory, mib, setup, synthetic_video
+from qwen3_llm import step_prompt_ids
 
 from prunevid_bench.measure import state_bytes
-from prunevid_bench.models.tiny import VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, build_tokenizer
+from prunevid_bench.models.tiny import VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 QUESTION = ("What is the person in the video doing? Options: A. cooking B. reading C. running D. sleeping. "
             "Answer with the option's letter.<|im_end|>\n<|im_start|>assistant\n")
 
@@ -70,15 +70,9 @@ def build_inputs(model, grid: tuple[int, int, int], device, dtype) -> dict:
     """The prompt in Qwen3.5's layout: per temporal step ``<t seconds>`` + a vision run."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    tok = build_tokenizer()
     t, h, w = grid
     n = h * w // 4
-    ids = tok(SYSTEM, add_special_tokens=False)["input_ids"]
-    for step in range(t):
-        ids += tok(f"<{step + 0.5:.1f} seconds>", add_special_tokens=False)["input_ids"]
-        ids += [VISION_START_ID] + [VIDEO_PAD_ID] * n + [VISION_END_ID]
-    ids += tok(QUESTION, add_special_tokens=False)["input_ids"]
-    input_ids = torch.tensor([ids], device=device)
+    input_ids = step_prompt_ids(t, n, device, QUESTION)
     embeds = synthetic_video(t, n, model.config.get_text_config().hidden_size).to(device, dtype)
     return {
         "input_ids": input_ids,

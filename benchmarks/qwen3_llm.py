@@ -54,20 +54,27 @@ def build_qwen3_model(args, device, dtype):
     return model.to(device=device, dtype=dtype)
 
 
+def step_prompt_ids(t: int, n: int, device, question: str = QUESTION) -> torch.Tensor:
+    """[1, L] prompt ids in the per-step layout of Qwen3-VL and Qwen3.5: the system text, then per
+    temporal step ``<t seconds>`` (1 s per step, from 0.5 s) and a vision run of ``n`` pads, then
+    ``question`` (bench_stage2's by default)."""
+    tok = build_tokenizer()
+    ids = tok(SYSTEM, add_special_tokens=False)["input_ids"]
+    for step in range(t):
+        ids += tok(f"<{step + 0.5:.1f} seconds>", add_special_tokens=False)["input_ids"]
+        ids += [VISION_START_ID] + [VIDEO_PAD_ID] * n + [VISION_END_ID]
+    ids += tok(question, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids], device=device)
+
+
 def build_qwen3_inputs(model, grid: tuple[int, int, int], device, dtype) -> dict:
     """bench_stage2's prompt and synthetic video in Qwen3-VL's per-step layout (each step's
     timestamp at 1 s per step, from 0.5 s), with one synthetic [V, C] tensor per DeepStack level."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-    tok = build_tokenizer()
     t, h, w = grid
     n = h * w // 4
-    ids = tok(SYSTEM, add_special_tokens=False)["input_ids"]
-    for step in range(t):
-        ids += tok(f"<{step + 0.5:.1f} seconds>", add_special_tokens=False)["input_ids"]
-        ids += [VISION_START_ID] + [VIDEO_PAD_ID] * n + [VISION_END_ID]
-    ids += tok(QUESTION, add_special_tokens=False)["input_ids"]
-    input_ids = torch.tensor([ids], device=device)
+    input_ids = step_prompt_ids(t, n, device)
     dim = model.config.get_text_config().hidden_size
     embeds = synthetic_video(t, n, dim).to(device, dtype)
     levels = [(synthetic_video(t, n, dim, seed=1 + i).to(device, dtype),) for i in range(DEEPSTACK_LAYERS)]
