@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-lmms test-fast toy-model toy8-model benchmarks gpu-check clean
+.PHONY: install demo test test-lmms test-fast toy-model toy8-model toy-qwen3vl-model benchmarks gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ toy8-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy8 --layers 8 --world v2 \
 		--n-train 1200 --text-steps 200 --steps 300 --tail-steps 0 --batch-size 12 --easy-steps 120 \
 		--eval-every 100 --save-dtype float16
+
+# toy-qwen3vl: the toy recipe on a Qwen3-VL (DeepStack, timestamps), the same world as toy.
+toy-qwen3vl-model: $(STAMP)
+	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy-qwen3vl --family qwen3-vl \
+		--save-dtype float16
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_stage1.py

@@ -22,7 +22,7 @@ import typer
 Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `prunevid presets`).", rich_help_panel="Config")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="Your own YAML config (overrides the preset).", rich_help_panel="Config")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key, e.g. tome.budget=0.5 (repeatable).", rich_help_panel="Config")]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="toy (default; trained on the toy world), toy8 (8 layers, toy world v2), tiny (random weights), tiny-qwen2vl (Qwen2-VL, random weights), a Hugging Face id, or a local Qwen2.5-VL / Qwen2-VL directory.", rich_help_panel="Model")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="toy (default; trained on the toy world), toy8 (8 layers, toy world v2), toy-qwen3vl (a Qwen3-VL on the toy world), tiny (random weights), tiny-qwen2vl (Qwen2-VL, random weights), a Hugging Face id, or a local Qwen2.5-VL / Qwen2-VL directory.", rich_help_panel="Model")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.", rich_help_panel="Model")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel="Model")]
 Attn = Annotated[Optional[str], typer.Option("--attn-implementation", help="sdpa | eager | flash_attention_2.", rich_help_panel="Model")]

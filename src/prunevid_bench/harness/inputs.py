@@ -41,10 +41,10 @@ def weights_identity(name: str, model: Any) -> str:
     checkpoint by its absolute path, a Hub id with the commit it was downloaded at when known."""
     from prunevid_bench.models.loading import BUILTIN
 
-    if name in ("toy", "toy8"):
-        from prunevid_bench.toy.model import ASSET_DIR, TOY8_DIR, WEIGHTS_FILE
+    from prunevid_bench.toy.model import TOY_DIRS, WEIGHTS_FILE
 
-        return f"{name} sha256:{file_sha256(Path(ASSET_DIR if name == 'toy' else TOY8_DIR) / WEIGHTS_FILE)}"
+    if name in TOY_DIRS:
+        return f"{name} sha256:{file_sha256(TOY_DIRS[name] / WEIGHTS_FILE)}"
     if name in BUILTIN:
         return f"{name} (built in code, seeded)"
     if Path(name).exists():

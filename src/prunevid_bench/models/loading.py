@@ -40,6 +40,7 @@ BUILTIN: dict[str, str] = {
     "tiny-qwen3_5": "prunevid_bench.models.tiny_qwen3_5:build_tiny_qwen3_5",
     "tiny-qwen3_5-moe": "prunevid_bench.models.tiny_qwen3_5:build_tiny_qwen3_5_moe",
     "toy8": "prunevid_bench.toy.model:load_toy8_model",
+    "toy-qwen3vl": "prunevid_bench.toy.model:load_toy_qwen3vl_model",
 }
 BUILTIN_VIDEO_POLICY = "processor"
 

@@ -90,12 +90,27 @@ TOY_SIZES = TinySizes(
 VISION_WINDOW = 112
 
 
-def toy_config(attn_implementation: str = "sdpa", layers: int = 4, world: str = "v1"):
-    """The toy's config; ``toy8`` is the same shape with 8 layers and the v2 world's words."""
-    sizes = dataclasses.replace(TOY_SIZES, num_hidden_layers=layers, vocab_size=VOCAB_SIZE + len(toy_words(world)))
+def toy_config(attn_implementation: str = "sdpa", layers: int = 4, world: str = "v1", family: str = "qwen2.5-vl"):
+    """The toy's config; ``toy8`` is the same shape with 8 layers and the v2 world's words, and
+    ``toy-qwen3vl`` the same LLM in a Qwen3-VL (``tiny-qwen3vl``'s vision tower at the toy's
+    width: patch 16, three blocks, DeepStack features from the first two added after LLM layers
+    0 and 1; no attention windows)."""
+    sizes = dataclasses.replace(TOY_SIZES, num_hidden_layers=layers,
+                                vocab_size=VOCAB_SIZE + len(toy_words(world, family)))
+    if family == "qwen3-vl":
+        from prunevid_bench.models.tiny_qwen3vl import build_qwen3vl_config
+
+        return build_qwen3vl_config(sizes, attn_implementation)
     config = build_config(sizes, attn_implementation)
     config.vision_config.window_size = VISION_WINDOW
     return config
+
+
+def toy_model_class(family: str):
+    import transformers
+
+    return getattr(transformers, "Qwen3VLForConditionalGeneration" if family == "qwen3-vl"
+                   else "Qwen2_5_VLForConditionalGeneration")
 
 
 @dataclass
@@ -145,6 +160,7 @@ class TrainConfig:
     prep_workers: int = 2
     layers: int = 4  # LLM layers: 4 for ``toy``, 8 for ``toy8`` (guides_for places the guided heads)
     world: str = "v1"  # toy world of the training and validation scenes: v1, or v2 for ``toy8``
+    family: str = "qwen2.5-vl"  # the model family: qwen2.5-vl (``toy``, ``toy8``) or qwen3-vl (``toy-qwen3vl``)
     save_dtype: str = "float32"  # dtype of the saved weights (``toy8`` ships float16: half the size)
 
 
@@ -185,20 +201,20 @@ def batch_forms(cfg: TrainConfig, step: int) -> list[str]:
 
 def linear_patch_embedding(model) -> None:
     """Compute the vision tower's patch embedding as the matrix product it is (its Conv3d's kernel
-    is its stride, one output per patch): the same result up to float rounding, where the CPU's
-    convolution took a fifth of a training step. Training only; the saved weights are unchanged."""
+    is its stride, one output per patch; Qwen3-VL's has a bias): the same result up to float
+    rounding, where the CPU's convolution took a fifth of a training step. Training only; the
+    saved weights are unchanged."""
     embed = model.model.visual.patch_embed
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         weight = embed.proj.weight
-        return F.linear(hidden_states.to(weight.dtype).view(-1, weight[0].numel()), weight.view(weight.shape[0], -1))
+        return F.linear(hidden_states.to(weight.dtype).view(-1, weight[0].numel()), weight.view(weight.shape[0], -1),
+                        embed.proj.bias)
 
     embed.forward = forward
 
 
 def train(cfg: TrainConfig) -> None:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from prunevid_bench.config import RunConfig
     from prunevid_bench.models.loading import LoadedModel
     from prunevid_bench.pipeline import Pipeline
@@ -207,11 +223,11 @@ def train(cfg: TrainConfig) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.init_seed)
     t0 = time.perf_counter()
-    config = toy_config("eager", cfg.layers, cfg.world)  # training reads attention weights (see training_losses)
+    config = toy_config("eager", cfg.layers, cfg.world, cfg.family)  # training reads attention weights (see training_losses)
     guides = guides_for(cfg.layers)
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = cfg.init_std
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = toy_model_class(cfg.family)(config)
     linear_patch_embedding(model)
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
@@ -219,7 +235,7 @@ def train(cfg: TrainConfig) -> None:
     heads = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS.values()))
     option_head = torch.nn.Linear(TOY_SIZES.hidden_size, 1)
     word_head = torch.nn.Linear(TOY_SIZES.hidden_size, len(ANSWER_WORDS))
-    processor = build_toy_processor(cfg.world)
+    processor = build_toy_processor(cfg.world, cfg.family)
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
     pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())

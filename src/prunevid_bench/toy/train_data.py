@@ -68,7 +68,7 @@ class Sample:
     prompts: dict[str, Prompt]
     pixels: torch.Tensor  # [P, C * 2 * 14 * 14] uint8, the processor's pixel_values_videos before normalisation
     video_grid_thw: torch.Tensor  # [1, 3]
-    second_per_grid_ts: torch.Tensor  # [1]
+    second_per_grid_ts: torch.Tensor | None  # [1]; None for Qwen3-VL (its timestamps are in the prompt)
     labels: torch.Tensor  # [V, len(AUX_HEADS) + 1] per merged visual token (t, row, col order), see token_labels
     target: int  # the object the question asks about (index into the scene's objects)
     answer_word: int  # the answer as an index into ANSWER_WORDS
@@ -78,8 +78,10 @@ class Sample:
 class PixelCodec:
     """Exact uint8 <-> pixel_values_videos, using the processor's own rescale and normalisation.
 
-    The toy frames are already 112 px, so the processor only rescales and normalises: the values
-    map back to integers exactly (checked on every sample).
+    The toy frames are already 112 px, so a Qwen2.5-VL processor only rescales and normalises;
+    Qwen3-VL's resizes them to 128 px (see ``toy.model.QWEN3VL_MAX_PIXELS``) on the uint8
+    frames, before rescaling. Either way the values map back to integers exactly (checked on
+    every sample).
     """
 
     def __init__(self, processor):
@@ -289,7 +291,7 @@ def prepare_samples(pipe, codec: PixelCodec, n: int, seed: int, label: str, form
                 prompts={form: builders[form]() for form in forms},
                 pixels=codec.encode(inputs["pixel_values_videos"]),
                 video_grid_thw=grid,
-                second_per_grid_ts=inputs["second_per_grid_ts"],
+                second_per_grid_ts=inputs.get("second_per_grid_ts"),
                 labels=token_labels(spec, grid[0], len(clip.frames), clip.frames.shape[1]),
                 target=question.target,
                 answer_word=ANSWER_WORDS.index(word),

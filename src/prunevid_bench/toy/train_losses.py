@@ -39,8 +39,9 @@ def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float
         inputs.update(
             pixel_values_videos=torch.cat([codec.decode(s.pixels, noise_std, generator) for s in samples]),
             video_grid_thw=torch.cat([s.video_grid_thw for s in samples]),
-            second_per_grid_ts=torch.cat([s.second_per_grid_ts for s in samples]),
         )
+        if samples[0].second_per_grid_ts is not None:  # Qwen2.5-VL's time ids; Qwen3-VL writes timestamps
+            inputs["second_per_grid_ts"] = torch.cat([s.second_per_grid_ts for s in samples])
     rows, index, targets = [], [], []
     for row, p in enumerate(prompts):
         # Each position from the prompt's last on predicts the next answer token; the last answer
