@@ -51,7 +51,7 @@ def cell(correct: int, n: int, base: dict[str, Any] | None) -> dict[str, Any]:
 @dataclass
 class ByType:
     """The per-type view: ``cells[i][type]`` is run i's cell (absent: the run has no such question).
-    A rich renderable: one table, or several side by side in run order when the runs do not fit."""
+    A rich renderable: one table, or several (one under another, in run order) when the runs do not fit."""
 
     runs: list[str]  # run names, as in compare.csv
     labels: list[str]  # the names the main table shows (the base run's marked)
@@ -137,7 +137,7 @@ def by_type(runs: list[SavedRun], labels: list[str], reference: SavedRun | None)
     named = sorted({t for c in counts for t in c} - {ALL})
     types = [*named, ALL] if any(counts) else []
     base = {t: cell(*ct, None) for t, ct in counts_by_type(run_accuracy(reference)).items()} if reference else {}
-    cells = [{t: (base[t] if run is reference else cell(*ct, base.get(t) if reference else None))
+    cells = [{t: (base[t] if run is reference else cell(*ct, base.get(t)))
               for t, ct in c.items()} for run, c in zip(runs, counts)]
     return ByType([run.name for run in runs], labels, types, cells, reference.name if reference else None)
 
