@@ -126,7 +126,8 @@ class ByType:
             for i, w in zip(cols, widths):
                 table.add_column(escape(self.labels[i]), justify="right", width=w, overflow="fold")
             for r, t in enumerate(self.types):  # a rule above ``all``
-                table.add_row(escape(t), *(escape(self._text(i, t)) for i in cols), end_section=r == len(self.types) - 2)
+                table.add_row(escape(t), *(escape(self._text(i, t)) for i in cols),
+                              end_section=r == len(self.types) - 2)
             yield table
         yield escape(self.note())  # under the last table, wrapped at the console's width
 
