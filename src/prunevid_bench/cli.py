@@ -259,16 +259,17 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write compare.csv and compare.md into this folder.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown instead of a rich table.")] = False,
     allow_mixed: Annotated[bool, typer.Option("--allow-mixed", "--allow-mismatch", help="Compare runs on different questions or inputs (model, weights, dtype, device, attention, video policy, pixels, frames, prompt, transformers) anyway; the differing fields are shown as columns marked ≠.")] = False,
+    by_type: Annotated[bool, typer.Option("--by-type", help="Also a table of accuracy per question type, one column per run; * marks a Wilson 95% interval apart from the base run's (--out adds compare_by_type.csv).")] = False,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
     """One table across saved runs: tokens per stage, TTFT, decode speed, memory, KV, accuracy, deltas."""
     from prunevid_bench.harness.compare import compare_runs
 
-    rows = compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mixed=allow_mixed,
-                        console=human_console(json_out, quiet))
+    result = compare_runs(runs, baseline=baseline, out=out, markdown=markdown, allow_mixed=allow_mixed,
+                          by_type=by_type, console=human_console(json_out, quiet))
     if json_out:
-        emit_json({"runs": rows})
+        emit_json(result)
 
 
 # ---------------------------------------------------------------- presets, methods, toy data (cli_catalog.py)

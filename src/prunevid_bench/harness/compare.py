@@ -292,8 +292,11 @@ def compare_runs(
     out: Path | None = None,
     markdown: bool = False,
     allow_mixed: bool = False,
+    by_type: bool = False,
     console: Console | None = None,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """The comparison ``{"runs": rows}`` (and ``"by_type"``: its long rows, with ``by_type``),
+    printed to ``console`` and written under ``out``."""
     console = console or Console()
     runs = expand(paths)
     reference = None
@@ -315,7 +318,20 @@ def compare_runs(
         console.print(rich_table(rows, mixed))
     if reference is None:
         console.print("no run with every stage off and no --baseline: deltas are left empty")
+    view = None
+    if by_type:  # harness.compare_by_type: accuracy per question type, one column per run
+        from prunevid_bench.harness.compare_by_type import by_type as by_type_view
+
+        view = by_type_view(runs, [FORMAT["run"](row) for row in rows], reference)
+        if markdown:
+            console.print("\n" + view.markdown(), end="", markup=False, highlight=False, soft_wrap=True)
+        else:
+            console.print(view)
     if out is not None:
         csv_path, md_path = write_outputs(rows, Path(out), mixed)
         console.print(f"wrote {csv_path} and {md_path}")
-    return rows
+        if view is not None:
+            from prunevid_bench.harness.compare_by_type import write_csv
+
+            console.print(f"wrote {write_csv(view, Path(out))}")
+    return {"runs": rows, **({"by_type": view.long_rows()} if view is not None else {})}
