@@ -89,3 +89,19 @@ def test_toy8_answers_held_out_questions(tmp_path):
     assert accuracy["n"] == 32 and accuracy["accuracy"] >= 0.85, accuracy
     assert set(accuracy["by_category"]) == set(ALL_CATEGORIES)
     assert all(c["accuracy"] >= 3 / 4 for c in accuracy["by_category"].values()), accuracy["by_category"]
+
+
+def test_residual_init_scale_shrinks_only_what_the_layers_add():
+    from prunevid_bench.toy.train import scale_residual_init, toy_model_class
+
+    torch.manual_seed(0)
+    model = toy_model_class("qwen2.5-vl")(toy_config("sdpa", 8, "v2"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scale_residual_init(model, 1.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    scale_residual_init(model, 0.25)
+    scaled = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert scaled == {f"model.language_model.layers.{i}.{m}.weight" for i in range(8)
+                      for m in ("self_attn.o_proj", "mlp.down_proj")}
+    key = "model.language_model.layers.3.mlp.down_proj.weight"
+    torch.testing.assert_close(model.state_dict()[key], 0.25 * before[key])

@@ -150,6 +150,9 @@ class TrainConfig:
     # Weight init std (Qwen's 0.02 leaves a 128-wide model's attention uniform for hundreds of
     # steps: pointing from an option to its letter was learnt at 0.08, not at 0.02).
     init_std: float = 0.08
+    # The LLM layers' residual-branch outputs (o_proj, down_proj) start at this times init_std
+    # (GPT-2's 1/sqrt(2 x layers) keeps the token embeddings from drowning in 8 layers' noise).
+    residual_init_scale: float = 1.0
     # One torch thread: on the shared 2-core box a second thread spin-waits whenever another
     # process holds a core (measured 3x slower per step), and one thread gives the same bits on
     # any machine.
@@ -199,6 +202,16 @@ def batch_forms(cfg: TrainConfig, step: int) -> list[str]:
     return ["easy"] * n_easy + ["mc"] * (cfg.batch_size - n_easy)
 
 
+@torch.no_grad()
+def scale_residual_init(model, scale: float) -> None:
+    """Scale the initial weights of what each LLM layer adds to the residual stream (attention's
+    o_proj, the MLP's down_proj); 1.0 leaves the model as it is."""
+    if scale != 1.0:
+        for layer in model.model.language_model.layers:
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+
+
 def linear_patch_embedding(model) -> None:
     """Compute the vision tower's patch embedding as the matrix product it is (its Conv3d's kernel
     is its stride, one output per patch; Qwen3-VL's has a bias): the same result up to float
@@ -228,6 +241,7 @@ def train(cfg: TrainConfig) -> None:
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = cfg.init_std
     model = toy_model_class(cfg.family)(config)
+    scale_residual_init(model, cfg.residual_init_scale)
     linear_patch_embedding(model)
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
