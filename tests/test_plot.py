@@ -75,3 +75,23 @@ def test_the_title_is_the_one_given(crowded, tmp_path):
     assert pareto_figure(crowded, "accuracy", title)._suptitle.get_text() == title
     out = plot_pareto(crowded, "accuracy", tmp_path / "p.png", title)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_twelve_method_lines_are_told_apart_and_the_legend_clears_the_x_labels():
+    """Each method's line has its own colour and style, and the legend under the panels sits
+    below every panel's x label (it overlapped the middle one with three legend rows)."""
+    rows = [row("baseline", "baseline", 0.6, 128, 0.02)]
+    for m in range(12):
+        for b in (0.1, 0.25, 0.5):
+            rows.append({**row(f"m{m},budget={b}", "method", 0.3 + 0.02 * m + b / 4, 128 * b, 0.01 + b / 100),
+                         "method": f"m{m}"})
+    mark_pareto(rows, "accuracy")
+    fig = pareto_figure(rows, "accuracy")
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("m")]
+    assert len({(ln.get_color(), ln.get_linestyle()) for ln in lines}) == 12
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend_top = fig.legends[0].get_window_extent(renderer).y1
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert len(panels) == 2  # kept tokens and TTFT (these rows have no FLOPs)
+    assert all(ax.xaxis.label.get_window_extent(renderer).y0 > legend_top for ax in panels)

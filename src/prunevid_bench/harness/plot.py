@@ -24,7 +24,9 @@ STYLE = {  # kind -> (marker, colour, legend label)
     "control_frames": ("s", "tab:green", "fewer frames (same budget)"),
     "method": ("o", "0.35", "method at a budget"),
 }
-METHOD_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # not the front's red
+# One colour per method line (not the front's red); after a full round the lines are dashed.
+METHOD_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "navy",
+                  "goldenrod", "teal", "darkmagenta")
 PANELS = (("kept_tokens", "kept visual tokens (median)", 1.0),
           ("flops_fraction", "prefill FLOPs, % of the baseline's (median)", 100.0),
           ("ttft_s", "TTFT, median (ms)", 1000.0))
@@ -35,6 +37,10 @@ RINGS = (6, 11, 17, 24, 32, 42)  # label distances from the point (points), near
 # Where a label may go: (ring, dx, dy), eight directions per ring, the diagonals first.
 OFFSETS = [(r, round(r * math.cos(a * math.pi / 4)), round(r * math.sin(a * math.pi / 4)))
            for r in RINGS for a in (1, 3, 7, 5, 0, 2, 4, 6)]
+
+
+LEGEND_COLUMNS = 8  # entries per row of the legend under the panels
+LEGEND_ROW = 0.04  # the height of one legend row, as a share of the figure's
 
 
 def _ci(row: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
@@ -79,7 +85,8 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
                             capsize=2, zorder=2)
         for j, name in enumerate(dict.fromkeys(r["method"] for _, r in usable if r.get("method"))):
             line = sorted((r for _, r in usable if r.get("method") == name), key=lambda r: r[cost])
-            ax.plot([r[cost] * scale for r in line], [100 * r[metric] for r in line], "-", color=METHOD_COLOURS[j % len(METHOD_COLOURS)], lw=1.2,
+            ax.plot([r[cost] * scale for r in line], [100 * r[metric] for r in line],
+                    "-" if j < len(METHOD_COLOURS) else "--", color=METHOD_COLOURS[j % len(METHOD_COLOURS)], lw=1.2,
                     label=name, zorder=2)  # one line per method, through its budgets
         front = sorted((r for _, r in usable if r.get(f"pareto_{cost}")), key=lambda r: r[cost])
         if front:
@@ -97,11 +104,13 @@ def pareto_figure(rows: list[dict[str, Any]], metric: str, title: str = ""):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
+    columns = min(len(labels), LEGEND_COLUMNS)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7, frameon=False)
     _draw_key(fig.add_subplot(grid[0, len(panels)]), rows, key_columns)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 130)), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    # Room under the panels for the legend's rows, so it stays clear of the x labels.
+    fig.tight_layout(rect=(0, LEGEND_ROW * math.ceil(len(labels) / max(1, columns)) + 0.01, 1, 1))
     for ax, (cost, _, scale) in zip(axes, panels):
         _place_labels(fig, ax, [(i, r[cost] * scale, 100 * r[metric]) for i, r in _usable(rows, cost, metric)])
     return fig
