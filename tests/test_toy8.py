@@ -129,3 +129,39 @@ def test_residual_init_scale_shrinks_only_what_the_layers_add():
 
 if __name__ == "__main__":  # python tests/test_toy8.py RUN_DIR: record the fixture from a run folder
     EXPECTED.write_text(json.dumps(expected_answers(Path(sys.argv[1])), indent=1) + "\n")
+
+
+def test_late_reading_loss_counts_text_to_visual_attention_but_not_the_pointer():
+    """Planted attention: 2 visual tokens at positions 1-2 of 6, text after the video from 3 on."""
+    from prunevid_bench.toy.train_losses import late_reading_loss
+
+    ids = torch.tensor([[7, 7, 7, 7, 7, 7]])
+    visual = torch.tensor([[1, 2]])
+    a = torch.zeros(1, 2, 6, 6)
+    a[0, 0, :, 0] = 1.0  # head 0 reads the first (text) token only: no mass on the visual tokens
+    a[0, 1, :, 1] = 0.5  # head 1 puts half its attention on visual token 1
+    a[0, 1, :, 0] = 0.5
+    both = late_reading_loss((a,), ids, visual, 1)
+    expected = -torch.log(torch.tensor(0.5 + 1e-6)) / 2  # head 1's -log(1 - 0.5), averaged with head 0's 0
+    torch.testing.assert_close(both, expected, rtol=1e-4, atol=1e-6)
+    assert late_reading_loss((a,), ids, visual, 1, pointer=(0, 1)).abs() < 1e-5  # the pointer head is left out
+    assert late_reading_loss((a, a), ids, visual, 0) is None  # no layer asked
+    assert late_reading_loss((a,), ids, torch.zeros(1, 0, dtype=torch.long), 1) is None  # a text-only batch
+
+
+def test_the_pointer_heads_output_stays_zero_through_training():
+    from prunevid_bench.toy.train import toy_model_class
+    from prunevid_bench.toy.train_losses import hold_pointer
+
+    torch.manual_seed(0)
+    model = toy_model_class("qwen2.5-vl")(toy_config("sdpa", 8, "v2"))
+    hold_pointer(model, DEEP_GUIDES["select"])
+    o_proj = model.model.language_model.layers[3].self_attn.o_proj
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(2):
+        optimiser.zero_grad()
+        model.model.language_model(inputs_embeds=torch.randn(1, 5, 128)).last_hidden_state.square().sum().backward()
+        optimiser.step()
+    head = DEEP_GUIDES["select"][1]
+    assert o_proj.weight[:, head * 32:(head + 1) * 32].abs().max() == 0
+    assert o_proj.weight[:, :head * 32].abs().max() > 0

@@ -63,6 +63,7 @@ from prunevid_bench.toy.train_losses import (  # noqa: F401 - and the losses'
     aux_loss,
     collate,
     guides_for,
+    hold_pointer,
     letter_accuracy,
     training_losses,
 )
@@ -153,6 +154,11 @@ class TrainConfig:
     # The LLM layers' residual-branch outputs (o_proj, down_proj) start at this times init_std
     # (GPT-2's 1/sqrt(2 x layers) keeps the token embeddings from drowning in 8 layers' noise).
     residual_init_scale: float = 1.0
+    # In this many first layers the text after the video is trained not to read the visual tokens
+    # (train_losses.late_reading_loss), except through the "select" head, a pointer whose output is
+    # held at zero (hold_pointer): 0 never; 4 on toy8 keeps all reading after layer 3, where the
+    # presets' "10/28" prunes, so which tokens survive decides the answer.
+    late_reading: int = 0
     # One torch thread: on the shared 2-core box a second thread spin-waits whenever another
     # process holds a core (measured 3x slower per step), and one thread gives the same bits on
     # any machine.
@@ -242,6 +248,8 @@ def train(cfg: TrainConfig) -> None:
         c.initializer_range = cfg.init_std
     model = toy_model_class(cfg.family)(config)
     scale_residual_init(model, cfg.residual_init_scale)
+    if cfg.late_reading and "select" in guides:
+        hold_pointer(model, guides["select"])
     linear_patch_embedding(model)
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
@@ -312,7 +320,8 @@ def train(cfg: TrainConfig) -> None:
     for step in range(video_steps):
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
-        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides)
+        answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides,
+                                                cfg.late_reading)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)

@@ -104,7 +104,47 @@ class VisualTap:
         self._hook.remove()
 
 
-def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int, guides=None):
+def late_reading_loss(attentions, input_ids: torch.Tensor, visual: torch.Tensor, layers: int,
+                      pointer: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """How much the text after the video (question, options, answer) reads the visual tokens in
+    the first ``layers`` layers: -log(1 - its attention mass on them), averaged over those layers'
+    heads and the text positions, leaving out the ``pointer`` head (layer, head), whose attention
+    may point at them (its output is held at zero: ``hold_pointer``). Pushed to zero, the text
+    reads the visual tokens only from layer ``layers`` on, so which of them survive a pruning
+    before it decides the answer. None when no layer is asked or the batch has no video."""
+    if layers <= 0 or visual.shape[1] == 0:
+        return None
+    after = torch.arange(input_ids.shape[1]).view(1, -1) > visual.max(1).values.view(-1, 1)
+    text = (after & (input_ids != PAD_ID)).unsqueeze(1)  # [B, 1, L]
+    losses = []
+    for layer, a in enumerate(attentions[:layers]):  # [B, H, L, L]
+        b, h, n, _ = a.shape
+        mass = a.float().gather(-1, visual[:, None, None, :].expand(b, h, n, visual.shape[1])).sum(-1)  # [B, H, L]
+        heads = [i for i in range(h) if pointer != (layer, i)]
+        losses.append(-(1 - mass[:, heads] + 1e-6).log()[text.expand(b, len(heads), n)].mean())
+    return sum(losses) / len(losses)
+
+
+def hold_pointer(model, pointer: tuple[int, int]) -> None:
+    """Zero the pointer head's columns of its layer's o_proj, and keep them zero in training (their
+    gradient is zeroed): the head's attention can be read as a score, its values add nothing."""
+    layer, head = pointer
+    attn = model.model.language_model.layers[layer].self_attn
+    width = attn.head_dim
+    cols = slice(head * width, (head + 1) * width)
+    with torch.no_grad():
+        attn.o_proj.weight[:, cols] = 0
+
+    def keep_zero(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, cols] = 0
+        return grad
+
+    attn.o_proj.weight.register_hook(keep_zero)
+
+
+def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int, guides=None,
+                    late_reading: int = 0):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
@@ -117,6 +157,7 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     answer word before the last layer (``word_head``). What to take from the object, and how to
     match it to an option, is left to learn. ``guides`` (default ``ATTENTION_GUIDES``) places the
     heads; a "select" guide (``DEEP_GUIDES``) also points that word at its object in an earlier layer.
+    ``late_reading`` adds ``late_reading_loss`` over that many first layers (the select head is the pointer).
     """
     guides = guides or ATTENTION_GUIDES
     out = model.model(**inputs, use_cache=False, output_attentions=True, output_hidden_states=True)
@@ -149,6 +190,9 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         # What the answer position holds before the last layer matches it to an option: the answer word.
         middle = out.hidden_states[guides["answer"][0]][rows, sup.final]
         losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
+    late = late_reading_loss(attentions, inputs["input_ids"], sup.visual, late_reading, guides.get("select"))
+    if late is not None:
+        losses.append(late)
     named = (sup.naming_level > 0) & (sup.naming_level <= naming_guide)
     if named.any():  # the anchor reads the words that name its object
         rows = torch.nonzero(named).flatten()
