@@ -62,6 +62,11 @@ class Family:
         only there): every layer here; a hybrid family (Qwen3.5) names its full-attention ones."""
         return list(range(config.get_text_config().num_hidden_layers))
 
+    def is_hybrid(self, model) -> bool:
+        """Whether some decoder layers are not softmax attention (Qwen3.5's linear-attention layers
+        hold every token in a recurrent state)."""
+        return len(self.attention_layers(model.config)) < len(self.decoder_layers(model))
+
     def deepstack_levels(self, model) -> int:
         """How many DeepStack levels the tower hands the LLM (level i added after decoder layer i;
         the patch then owns the add, ``patch.deepstack``). None here."""

@@ -52,7 +52,7 @@ class DecodeMethod:
         if self.layer_method is not None:
             raise PruneVidError(f"{method.name}'s decoding stage cannot run with an LLM-layer method ({self.layer_method[0].name}) "
                                 "yet: the layers' caches differ in length; turn one off")
-        if len(self.family.attention_layers(self.model.config)) < self.num_layers:
+        if self.family.is_hybrid(self.model):
             raise PruneVidError(f"{method.name}'s decoding stage cannot run on {self.family.model_type}: its linear-attention "
                                 "layers hold every token in a recurrent state, so a step cannot leave visual tokens out; "
                                 f"set {method.section}.kv_prune=false")

@@ -64,7 +64,7 @@ def merged_reference(model, embeds, mrope, dest, sizes, keep_index, k, tokens, f
     hidden states only)."""
     from prunevid_bench.verify.reference import _add_level, _layer, additive_mask
 
-    if len(family_of(model).attention_layers(model.config)) < len(family_of(model).decoder_layers(model)):
+    if family_of(model).is_hybrid(model):
         return hybrid_merged_reference(model, embeds, mrope, dest.to(embeds.device), sizes.to(embeds.device),
                                        keep_index.to(embeds.device), k, tokens, first_decode_pos.to(embeds.device))
     lm, family = family_of(model).language_model(model), family_of(model)
