@@ -101,6 +101,14 @@ def family_of_config(config) -> str:
     return "qwen3-vl" if config.model_type == "qwen3_vl" else "qwen2.5-vl"
 
 
+def toy_model_class(family: str):
+    """The transformers class of a toy family (training builds it, loading fills it)."""
+    import transformers
+
+    return getattr(transformers, "Qwen3VLForConditionalGeneration" if family == "qwen3-vl"
+                   else "Qwen2_5_VLForConditionalGeneration")
+
+
 def load_toy8_model(attn_implementation: str = "sdpa"):
     """The built-in ``toy8``: 8 layers, trained on the toy world v2 (``make toy8-model``)."""
     return load_toy_model(attn_implementation, TOY8_DIR, world="v2")
@@ -116,7 +124,7 @@ def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DI
     (Qwen2.5-VL or Qwen3-VL) is the one ``config.json`` names."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    from transformers import AutoConfig
 
     from prunevid_bench.models.tiny import IM_END_ID, PAD_ID
 
@@ -130,9 +138,8 @@ def load_toy_model(attn_implementation: str = "sdpa", asset_dir: Path = ASSET_DI
     config = AutoConfig.from_pretrained(str(asset_dir))
     config._attn_implementation = attn_implementation
     family = family_of_config(config)
-    model_class = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
-        model = model_class(config)
+        model = toy_model_class(family)(config)
     model.load_state_dict(load_file(str(weights_path)), strict=True)  # float16 files (toy8) load as float32
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from prunevid_bench.models.tiny import IM_END_ID, PAD_ID, VOCAB_SIZE, TinySizes, build_config
-from prunevid_bench.toy.model import toy_words
+from prunevid_bench.toy.model import toy_model_class, toy_words
 from prunevid_bench.toy.train_data import (  # noqa: F401 - the data's names are importable from here too
     ANSWER_WORDS,
     AUX_HEADS,
@@ -105,13 +105,6 @@ def toy_config(attn_implementation: str = "sdpa", layers: int = 4, world: str = 
     config = build_config(sizes, attn_implementation)
     config.vision_config.window_size = VISION_WINDOW
     return config
-
-
-def toy_model_class(family: str):
-    import transformers
-
-    return getattr(transformers, "Qwen3VLForConditionalGeneration" if family == "qwen3-vl"
-                   else "Qwen2_5_VLForConditionalGeneration")
 
 
 @dataclass
