@@ -140,6 +140,17 @@ def test_linear_patch_embedding_is_the_convolution():
     torch.testing.assert_close(model.model.visual.patch_embed(pixels), conv, rtol=1e-5, atol=1e-5)
 
 
+def test_vision_depth_option_builds_a_deeper_tower_and_refuses_qwen3vl():
+    from prunevid_bench.toy.train import parse_args
+
+    cfg = parse_args(["--vision-depth", "4", "--layers", "8"])
+    vision = toy_config(layers=cfg.layers, vision_depth=cfg.vision_depth).vision_config
+    assert (vision.depth, vision.fullatt_block_indexes) == (4, [3])
+    assert toy_config().vision_config.depth == TOY_SIZES.vision_depth == parse_args([]).vision_depth
+    with pytest.raises(SystemExit):
+        parse_args(["--family", "qwen3-vl", "--vision-depth", "4"])
+
+
 def test_missing_weights_are_one_line(tmp_path):
     with pytest.raises(PruneVidError, match="run `make toy-model`"):
         load_toy_model(asset_dir=tmp_path)

@@ -91,12 +91,13 @@ TOY_SIZES = TinySizes(
 VISION_WINDOW = 112
 
 
-def toy_config(attn_implementation: str = "sdpa", layers: int = 4, world: str = "v1", family: str = "qwen2.5-vl"):
+def toy_config(attn_implementation: str = "sdpa", layers: int = 4, world: str = "v1", family: str = "qwen2.5-vl",
+               vision_depth: int = TOY_SIZES.vision_depth):
     """The toy's config; ``toy8`` is the same shape with 8 layers and the v2 world's words, and
     ``toy-qwen3vl`` the same LLM in a Qwen3-VL (``tiny-qwen3vl``'s vision tower at the toy's
     width: patch 16, three blocks, DeepStack features from the first two added after LLM layers
     0 and 1; no attention windows)."""
-    sizes = dataclasses.replace(TOY_SIZES, num_hidden_layers=layers,
+    sizes = dataclasses.replace(TOY_SIZES, num_hidden_layers=layers, vision_depth=vision_depth,
                                 vocab_size=VOCAB_SIZE + len(toy_words(world, family)))
     if family == "qwen3-vl":
         from prunevid_bench.models.tiny_qwen3vl import build_qwen3vl_config
@@ -160,6 +161,7 @@ class TrainConfig:
     # Processes that render and encode the clips while the main one decodes them and runs the
     # processor (the samples do not depend on how many).
     prep_workers: int = 2
+    vision_depth: int = TOY_SIZES.vision_depth  # ViT blocks (Qwen2.5-VL family; the last one is its full-attention block)
     layers: int = 4  # LLM layers: 4 for ``toy``, 8 for ``toy8`` (guides_for places the guided heads)
     world: str = "v1"  # toy world of the training and validation scenes: v1, or v2 for ``toy8``
     family: str = "qwen2.5-vl"  # the model family: qwen2.5-vl (``toy``, ``toy8``) or qwen3-vl (``toy-qwen3vl``)
@@ -235,7 +237,7 @@ def train(cfg: TrainConfig) -> None:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.init_seed)
     t0 = time.perf_counter()
-    config = toy_config("eager", cfg.layers, cfg.world, cfg.family)  # training reads attention weights (see training_losses)
+    config = toy_config("eager", cfg.layers, cfg.world, cfg.family, cfg.vision_depth)  # training reads attention weights (see training_losses)
     guides = guides_for(cfg.layers)
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = cfg.init_std
@@ -337,7 +339,10 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.family == "qwen3-vl" and cfg.vision_depth != TOY_SIZES.vision_depth:
+        parser.error("--vision-depth applies to the qwen2.5-vl family; qwen3-vl's tower is tiny-qwen3vl's (3 blocks)")
+    return cfg
 
 
 if __name__ == "__main__":
