@@ -117,6 +117,21 @@ def test_prepared_samples_are_what_inference_sees_whatever_the_workers():
             assert easy.naming == (-1, -1) and easy.naming_level == 0
 
 
+def test_looks_are_the_asked_objects_colour_shape_and_motion():
+    """``Supervision.looks`` (what looks_head asks the anchor for) is the object the question names,
+    read from the scene's spec, not from any other object on screen."""
+    from prunevid_bench.toy.train_losses import collate
+    from prunevid_bench.toy.world import iter_specs
+
+    pipe, codec = toy_pipeline()
+    samples = prepare_samples(pipe, codec, 6, HELD_OUT_SEED, "t", workers=1)
+    _, sup = collate([(s, "mc") for s in samples], codec)
+    for looks, (_, video, question) in zip(sup.looks.tolist(), iter_specs(6, HELD_OUT_SEED)):
+        obj = (video.statics + video.movers)[question.target]
+        motion = 1 if obj.direction is None else 2 + DIRECTIONS.index(obj.direction)
+        assert looks == [1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape), motion]
+
+
 def test_tail_steps_add_a_second_cosine_after_an_unchanged_schedule():
     from prunevid_bench.toy.train import TrainConfig, learning_rate
 

@@ -57,6 +57,7 @@ from prunevid_bench.toy.train_data import (  # noqa: F401 - the data's names are
 )
 from prunevid_bench.toy.train_losses import (  # noqa: F401 - and the losses'
     ATTENTION_GUIDES,
+    OBJECT_LOOKS,
     Options,
     Supervision,
     VisualTap,
@@ -153,6 +154,10 @@ class TrainConfig:
     # held at zero (hold_pointer): 0 never; 4 on toy8 keeps all reading after layer 3, where the
     # presets' "10/28" prunes, so which tokens survive decides the answer.
     late_reading: int = 0
+    # Above 0: the anchor, right after the "object" layer, is also asked for its object's colour,
+    # shape and motion (train_losses.OBJECT_LOOKS), a guide on what that head reads, not only where
+    # it looks; this many times one guide's weight.
+    looks_weight: float = 0.0
     # One torch thread: on the shared 2-core box a second thread spin-waits whenever another
     # process holds a core (measured 3x slower per step), and one thread gives the same bits on
     # any machine.
@@ -252,6 +257,8 @@ def train(cfg: TrainConfig) -> None:
     heads = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS.values()))
     option_head = torch.nn.Linear(TOY_SIZES.hidden_size, 1)
     word_head = torch.nn.Linear(TOY_SIZES.hidden_size, len(ANSWER_WORDS))
+    # Made only when asked for, so that the default run draws the same random numbers as before.
+    looks_head = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS[k] for k in OBJECT_LOOKS)) if cfg.looks_weight else None
     processor = build_toy_processor(cfg.world, cfg.family)
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
@@ -266,8 +273,9 @@ def train(cfg: TrainConfig) -> None:
     print(f"prepared {len(train_set)} training scenes ({'/'.join(FORMS)}) + {len(val_set)} val questions "
           f"in {t_prep:.0f} s", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [heads.weight, option_head.weight, word_head.weight]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n] + [heads.bias, option_head.bias, word_head.bias]
+    extra = [heads, option_head, word_head] + ([looks_head] if looks_head is not None else [])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [h.weight for h in extra]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n] + [h.bias for h in extra]
     params = decay + no_decay
     optimiser = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -316,7 +324,7 @@ def train(cfg: TrainConfig) -> None:
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
         answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides,
-                                                cfg.late_reading)
+                                                cfg.late_reading, looks_head, cfg.looks_weight)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)

@@ -60,13 +60,22 @@ def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float
     if samples:  # video prompts: where the visual tokens are, and which show the object asked about
         visual = torch.stack([torch.nonzero(p.mm_token_type_ids == 2).flatten() for p in prompts])
         target = torch.stack([s.labels[:, -1] == s.target + 1 for s in samples])
+        looks = torch.stack([s.labels[mask][0, :len(OBJECT_LOOKS)] if mask.any() else torch.full((len(OBJECT_LOOKS),), -100)
+                             for s, mask in zip(samples, target)])
     else:
         visual = target = torch.zeros(len(batch), 0, dtype=torch.long)
+        looks = torch.full((len(batch), len(OBJECT_LOOKS)), -100)
     return inputs, Supervision(torch.tensor(rows), torch.tensor(index), torch.tensor(targets), options,
                                torch.tensor([p.final for p in prompts]),
                                torch.tensor([p.anchor for p in prompts]), torch.tensor([p.naming for p in prompts]),
                                torch.tensor([p.naming_level for p in prompts]), visual, target.bool(),
-                               torch.tensor([s.answer_word for s, _ in batch]))
+                               torch.tensor([s.answer_word for s, _ in batch]), looks)
+
+
+# What the anchor is asked to have read of its object (looks_head in training_losses): the first
+# label kinds of AUX_HEADS.
+OBJECT_LOOKS = ("colour", "shape", "motion")
+assert tuple(AUX_HEADS)[:len(OBJECT_LOOKS)] == OBJECT_LOOKS
 
 
 class Options(NamedTuple):
@@ -88,6 +97,7 @@ class Supervision(NamedTuple):
     visual: torch.Tensor  # [B, V] positions of the visual tokens (V = 0 in a text-only batch)
     target: torch.Tensor  # [B, V] the visual tokens of the object the question asks about
     answer_word: torch.Tensor  # [B] the answer, index into ANSWER_WORDS
+    looks: torch.Tensor  # [B, 3] the colour, shape and motion labels of that object (-100 where no token shows it)
 
 
 class VisualTap:
@@ -144,7 +154,7 @@ def hold_pointer(model, pointer: tuple[int, int]) -> None:
 
 
 def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int, guides=None,
-                    late_reading: int = 0):
+                    late_reading: int = 0, looks_head=None, looks_weight: float = 1.0):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
@@ -158,6 +168,9 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     match it to an option, is left to learn. ``guides`` (default ``ATTENTION_GUIDES``) places the
     heads; a "select" guide (``DEEP_GUIDES``) also points that word at its object in an earlier layer.
     ``late_reading`` adds ``late_reading_loss`` over that many first layers (the select head is the pointer).
+    ``looks_head`` (a linear layer to the ``OBJECT_LOOKS`` classes), when given, asks the anchor
+    right after the "object" layer for its object's colour, shape and motion (what that head read),
+    a term ``looks_weight`` times the size of one guide's.
     """
     guides = guides or ATTENTION_GUIDES
     out = model.model(**inputs, use_cache=False, output_attentions=True, output_hidden_states=True)
@@ -190,6 +203,11 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         # What the answer position holds before the last layer matches it to an option: the answer word.
         middle = out.hidden_states[guides["answer"][0]][rows, sup.final]
         losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
+        if looks_head is not None:
+            read = out.hidden_states[guides["object"][0] + 1][rows, sup.anchor]
+            logits = looks_head(read).float().split([AUX_HEADS[k] for k in OBJECT_LOOKS], dim=-1)
+            losses.append(looks_weight * sum(F.cross_entropy(lg, sup.looks[:, k], ignore_index=-100)
+                                             for k, lg in enumerate(logits)) / len(OBJECT_LOOKS))
     late = late_reading_loss(attentions, inputs["input_ids"], sup.visual, late_reading, guides.get("select"))
     if late is not None:
         losses.append(late)
