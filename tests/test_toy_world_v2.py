@@ -8,11 +8,13 @@ import json
 from collections import Counter
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
 from prunevid_bench.cli import app
 from prunevid_bench.toy.world import COLOURS, DIRECTIONS, SHAPES, iter_examples, iter_specs, render_video, sample_example
+from prunevid_bench.toy.train_data import token_labels
 from prunevid_bench.toy.world_v2 import ALL_CATEGORIES, FLASH_WINDOW, V2_CATEGORIES, answer_word
 
 N = 48  # six rounds of the eight types
@@ -95,16 +97,27 @@ def test_answers_follow_from_the_pixels():
         at_start = [c for c in COLOURS if colour_mask(frames[0][rows, cols], c).sum() > 50]
         assert at_end == [q.answer_text] and at_start and q.answer_text not in at_start
         assert at_start[0] in q.options  # the object that leaves the corner is an option
+    positions = set()
     for video, q in v2_questions("flash_shape"):
+        positions.add(video.movers[-1].start)
         frames = render_video(video)
         colour = video.movers[-1].colour
         shown = [f for f in range(16) if colour_mask(frames[f], colour).sum() > 0]
         assert shown == [f for f in range(16) if FLASH_WINDOW[0] <= f / 15 <= FLASH_WINDOW[1]] == [6, 7, 8, 9]
         centre = centroid(colour_mask(frames[7], colour))
-        assert np.all(np.abs(centre - 56) < 4)
-        # A few percent of the 128 visual tokens (28 x 28 px cells, two frames each) show it.
+        assert np.all(np.abs(centre - np.array(q_cell_centre(centre))) < 4)  # the middle of a middle token
+        # Two of the 128 visual tokens (28 x 28 px cells, two frames each) show it: one cell, two steps.
         cells = {(f // 2, int(y) // 28, int(x) // 28) for f in shown for y, x in zip(*np.nonzero(colour_mask(frames[f], colour)))}
-        assert len(cells) <= 8
+        assert len(cells) == 2 and {c[1:] for c in cells} <= {(1, 1), (1, 2), (2, 1), (2, 2)}
+        # and at least one of them is labelled as showing it, so training can point at it
+        labels = token_labels(video, torch.tensor([8, 8, 8]), 16, 112)
+        assert (labels[:, -1] == q.target + 1).sum() >= 1
+    assert len(positions) == 4  # every middle token is used
+
+
+def q_cell_centre(centre) -> tuple[float, float]:
+    """The centre of the middle token nearest to a pixel position (the flash's cells, 42 or 70 px)."""
+    return tuple(42.0 if c < 56 else 70.0 for c in centre)
 
 
 def test_cli_writes_v2_and_rejects_an_unknown_world(tmp_path):

@@ -9,13 +9,15 @@ object decides the answer (``answer_word``; planted checks in ``tests/test_toy_w
 |---|---|---|
 | ``busy_direction`` | In which direction does the red triangle move? | one of three movers |
 | ``end_corner_color`` | What colour is the object in the top-left corner at the end? | the last frames of one corner; another object leaves it |
-| ``flash_shape`` | What appears briefly in the middle? | the centre, in 4 of the 16 frames |
+| ``flash_shape`` | What appears briefly in the middle? | one of the four middle tokens, in 4 of the 16 frames |
 
 The object asked about is drawn last, so nothing covers it; the others may cross each other.
 ``prunevid toy-data --world v2`` writes this world; the default ("v1") is unchanged.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -51,6 +53,11 @@ LANES = (0.36, 0.64)  # rows of the horizontal movers (clear of the corner stati
 CORNER_CENTRE = 0.13  # the centre of a mover in a corner, from the frame's edges
 FLASH_SIZE = (0.12, 0.15)
 FLASH_WINDOW = (0.4, 0.6)  # clip times: frames 6-9 of 16, two of the eight temporal grid steps
+# The flash sits in the middle of one of the four middle merged tokens (28 x 28 px cells of the
+# 112-px frame), not at the frame's centre: there it fell on the corner of four tokens, each
+# holding a quarter of it, too little to be labelled as showing it (``token_labels``: a tenth of
+# the token's pixels) or for the tower to tell its shape.
+FLASH_CELLS = (0.375, 0.625)
 
 
 def _moving(rng, colour: str, shape: str, start, end, direction: str) -> ObjectSpec:
@@ -110,12 +117,15 @@ def _v2_scene(rng, category: str) -> tuple[VideoSpec, int, str | None]:
     else:  # flash_shape
         s = shapes(2)
         flash = ObjectSpec(colours[0], _pick(rng, SHAPES), float(rng.uniform(*FLASH_SIZE)), (0.5, 0.5), (0.5, 0.5),
-                           visible=FLASH_WINDOW)
+                           visible=FLASH_WINDOW)  # moved to one of the FLASH_CELLS below
         movers = [_lane_mover(rng, colours[1], s[0], LANES[0], True),
                   _lane_mover(rng, colours[2], s[1], LANES[1], True), flash]
         statics = _statics(rng, colours[3:], list(CORNERS))
     texture = (float(rng.uniform(*TEXTURE_AMPLITUDE)), float(rng.uniform(0.5, 2.0)),
                float(rng.uniform(0.5, 2.0)), float(rng.uniform(0, 2 * np.pi)))
+    if category == "flash_shape":  # drawn last, so every earlier draw is as before the flash moved
+        x, y = (float(FLASH_CELLS[int(rng.integers(2))]) for _ in range(2))
+        movers[-1] = dataclasses.replace(movers[-1], start=(x, y), end=(x, y))
     video = VideoSpec(_pick(rng, BACKGROUNDS), texture, tuple(statics), tuple(movers))
     return video, len(statics) + len(movers) - 1, corner
 
