@@ -58,12 +58,12 @@ def main() -> None:
     from prunevid_bench.config import RunConfig
     from prunevid_bench.models.loading import LoadedModel
     from prunevid_bench.pipeline import Pipeline
-    from prunevid_bench.toy.model import ASSET_DIR, load_toy_model
+    from prunevid_bench.toy.model import ASSET_DIR, TOY8_DIR, load_toy_model
     from prunevid_bench.toy.train_data import AUX_HEADS, PixelCodec, prepare_samples
     from prunevid_bench.toy.train_losses import collate
 
     torch.set_num_threads(1)
-    asset = args.asset_dir or (ASSET_DIR if args.model == "toy" else ASSET_DIR.parent / "toy8")
+    asset = args.asset_dir or (ASSET_DIR if args.model == "toy" else TOY8_DIR)
     model, processor = load_toy_model("eager", asset, world=args.world)
     pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
     codec = PixelCodec(processor)
