@@ -57,6 +57,8 @@ def test_deep_guides_select_at_the_presets_layer_and_read_after_it():
     select, read = DEEP_GUIDES["select"][0], DEEP_GUIDES["object"][0]
     assert select == resolve_layer("10/28", 8) and read == select + 1
     assert all(layer < 8 for layer, _ in DEEP_GUIDES.values())
+    assert DEEP_GUIDES["glance"][0] == resolve_layer("2/28", 8) - 1  # the layer FastV's preset scores with
+    assert len(set(DEEP_GUIDES.values())) == len(DEEP_GUIDES)  # one head, one guide
     with pytest.raises(ValueError, match="4 or 8 layers"):
         guides_for(6)
 
@@ -64,7 +66,7 @@ def test_deep_guides_select_at_the_presets_layer_and_read_after_it():
 def test_a_short_toy8_run_saves_float16_weights_that_load(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "toy8"), layers=8, world="v2", n_train=8, n_val=8, steps=2, tail_steps=0,
                       text_steps=1, batch_size=4, text_batch_size=4, eval_every=2, prep_workers=1,
-                      save_dtype="float16", late_reading=4, looks_weight=1.0)  # the losses' optional paths run too
+                      save_dtype="float16", late_reading=4, looks_weight=1.0, glance_weight=1.0)  # the optional losses run too
     train(cfg)
     model, processor = load_toy_model(asset_dir=tmp_path / "toy8", world="v2")
     assert model.config.text_config.num_hidden_layers == 8 and next(model.parameters()).dtype == torch.float32
@@ -144,7 +146,7 @@ def test_late_reading_loss_counts_text_to_visual_attention_but_not_the_pointer()
     both = late_reading_loss((a,), ids, visual, 1)
     expected = -torch.log(torch.tensor(0.5 + 1e-6)) / 2  # head 1's -log(1 - 0.5), averaged with head 0's 0
     torch.testing.assert_close(both, expected, rtol=1e-4, atol=1e-6)
-    assert late_reading_loss((a,), ids, visual, 1, pointer=(0, 1)).abs() < 1e-5  # the pointer head is left out
+    assert late_reading_loss((a,), ids, visual, 1, pointers=((0, 1),)).abs() < 1e-5  # the pointer head is left out
     assert late_reading_loss((a, a), ids, visual, 0) is None  # no layer asked
     assert late_reading_loss((a,), ids, torch.zeros(1, 0, dtype=torch.long), 1) is None  # a text-only batch
 

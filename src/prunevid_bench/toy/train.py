@@ -65,6 +65,7 @@ from prunevid_bench.toy.train_losses import (  # noqa: F401 - and the losses'
     collate,
     guides_for,
     hold_pointer,
+    pointer_heads,
     letter_accuracy,
     training_losses,
 )
@@ -158,6 +159,10 @@ class TrainConfig:
     # shape and motion (train_losses.OBJECT_LOOKS), a guide on what that head reads, not only where
     # it looks; this many times one guide's weight.
     looks_weight: float = 0.0
+    # Above 0 (toy8 only): the prompt's last position is guided, in a layer-0 head held at zero
+    # like the select head, to look at every object (train_losses "glance"): the salience that
+    # FastV's layer-0 score (K = 1 on 8 layers) can read; this many times one guide's weight.
+    glance_weight: float = 0.0
     # One torch thread: on the shared 2-core box a second thread spin-waits whenever another
     # process holds a core (measured 3x slower per step), and one thread gives the same bits on
     # any machine.
@@ -248,8 +253,9 @@ def train(cfg: TrainConfig) -> None:
         c.initializer_range = cfg.init_std
     model = toy_model_class(cfg.family)(config)
     scale_residual_init(model, cfg.residual_init_scale)
-    if cfg.late_reading and "select" in guides:
-        hold_pointer(model, guides["select"])
+    if cfg.late_reading:
+        for pointer in pointer_heads(guides, cfg.glance_weight):
+            hold_pointer(model, pointer)
     linear_patch_embedding(model)
     model.generation_config.eos_token_id = IM_END_ID
     model.generation_config.pad_token_id = PAD_ID
@@ -324,7 +330,7 @@ def train(cfg: TrainConfig) -> None:
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
         answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides,
-                                                cfg.late_reading, looks_head, cfg.looks_weight)
+                                                cfg.late_reading, looks_head, cfg.looks_weight, cfg.glance_weight)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)
@@ -350,6 +356,8 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if cfg.family == "qwen3-vl" and cfg.vision_depth != TOY_SIZES.vision_depth:
         parser.error("--vision-depth applies to the qwen2.5-vl family; qwen3-vl's tower is tiny-qwen3vl's (3 blocks)")
+    if cfg.glance_weight and not (cfg.layers == 8 and cfg.late_reading):
+        parser.error("--glance-weight guides a layer-0 head of toy8's recipe: it needs --layers 8 and --late-reading")
     return cfg
 
 

@@ -69,7 +69,8 @@ def collate(batch: list[tuple[Sample, str]], codec: PixelCodec, noise_std: float
                                torch.tensor([p.final for p in prompts]),
                                torch.tensor([p.anchor for p in prompts]), torch.tensor([p.naming for p in prompts]),
                                torch.tensor([p.naming_level for p in prompts]), visual, target.bool(),
-                               torch.tensor([s.answer_word for s, _ in batch]), looks)
+                               torch.tensor([s.answer_word for s, _ in batch]), looks,
+                               torch.stack([s.labels[:, -1] > 0 for s in samples]) if samples else target.bool())
 
 
 # What the anchor is asked to have read of its object (looks_head in training_losses): the first
@@ -98,6 +99,7 @@ class Supervision(NamedTuple):
     target: torch.Tensor  # [B, V] the visual tokens of the object the question asks about
     answer_word: torch.Tensor  # [B] the answer, index into ANSWER_WORDS
     looks: torch.Tensor  # [B, 3] the colour, shape and motion labels of that object (-100 where no token shows it)
+    objects: torch.Tensor  # [B, V] the visual tokens that show any object (the glance guide's target)
 
 
 class VisualTap:
@@ -115,11 +117,11 @@ class VisualTap:
 
 
 def late_reading_loss(attentions, input_ids: torch.Tensor, visual: torch.Tensor, layers: int,
-                      pointer: tuple[int, int] | None = None) -> torch.Tensor | None:
+                      pointers: tuple[tuple[int, int], ...] = ()) -> torch.Tensor | None:
     """How much the text after the video (question, options, answer) reads the visual tokens in
     the first ``layers`` layers: -log(1 - its attention mass on them), averaged over those layers'
-    heads and the text positions, leaving out the ``pointer`` head (layer, head), whose attention
-    may point at them (its output is held at zero: ``hold_pointer``). Pushed to zero, the text
+    heads and the text positions, leaving out the ``pointers`` heads (layer, head), whose attention
+    may point at them (their output is held at zero: ``hold_pointer``). Pushed to zero, the text
     reads the visual tokens only from layer ``layers`` on, so which of them survive a pruning
     before it decides the answer. None when no layer is asked or the batch has no video."""
     if layers <= 0 or visual.shape[1] == 0:
@@ -130,7 +132,7 @@ def late_reading_loss(attentions, input_ids: torch.Tensor, visual: torch.Tensor,
     for layer, a in enumerate(attentions[:layers]):  # [B, H, L, L]
         b, h, n, _ = a.shape
         mass = a.float().gather(-1, visual[:, None, None, :].expand(b, h, n, visual.shape[1])).sum(-1)  # [B, H, L]
-        heads = [i for i in range(h) if pointer != (layer, i)]
+        heads = [i for i in range(h) if (layer, i) not in pointers]
         losses.append(-(1 - mass[:, heads] + 1e-6).log()[text.expand(b, len(heads), n)].mean())
     return sum(losses) / len(losses)
 
@@ -154,7 +156,7 @@ def hold_pointer(model, pointer: tuple[int, int]) -> None:
 
 
 def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int, guides=None,
-                    late_reading: int = 0, looks_head=None, looks_weight: float = 1.0):
+                    late_reading: int = 0, looks_head=None, looks_weight: float = 1.0, glance_weight: float = 0.0):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
@@ -170,7 +172,10 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     ``late_reading`` adds ``late_reading_loss`` over that many first layers (the select head is the pointer).
     ``looks_head`` (a linear layer to the ``OBJECT_LOOKS`` classes), when given, asks the anchor
     right after the "object" layer for its object's colour, shape and motion (what that head read),
-    a term ``looks_weight`` times the size of one guide's.
+    a term ``looks_weight`` times the size of one guide's. ``glance_weight`` above 0 guides the
+    "glance" head: the prompt's last position looks at every visual token that shows an object,
+    a question-blind salience that FastV's score reads there (its output is held at zero, and late
+    reading leaves it out, as the select head).
     """
     guides = guides or ATTENTION_GUIDES
     out = model.model(**inputs, use_cache=False, output_attentions=True, output_hidden_states=True)
@@ -208,7 +213,11 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
             logits = looks_head(read).float().split([AUX_HEADS[k] for k in OBJECT_LOOKS], dim=-1)
             losses.append(looks_weight * sum(F.cross_entropy(lg, sup.looks[:, k], ignore_index=-100)
                                              for k, lg in enumerate(logits)) / len(OBJECT_LOOKS))
-    late = late_reading_loss(attentions, inputs["input_ids"], sup.visual, late_reading, guides.get("select"))
+    if glance_weight and sup.objects.any():
+        seen = sup.objects.any(-1)
+        look = attention("glance", torch.arange(len(sup.final)), sup.final).gather(-1, sup.visual)  # [B, V]
+        losses.append(glance_weight * -((look * sup.objects).sum(-1)[seen] + eps).log().mean())
+    late = late_reading_loss(attentions, inputs["input_ids"], sup.visual, late_reading, pointer_heads(guides, glance_weight))
     if late is not None:
         losses.append(late)
     named = (sup.naming_level > 0) & (sup.naming_level <= naming_guide)
@@ -223,8 +232,16 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
 ATTENTION_GUIDES = {"letter": (0, 1), "naming": (0, 2), "object": (1, 0), "question": (2, 0), "answer": (3, 0)}
 # The 8-layer toy8: the named object is selected in layer 3 (where the presets' "10/28" prunes) and
 # read in layer 4, after the pruning, so which visual tokens survive layer 3 decides the answer.
+# "glance" (used with a glance weight only) is a layer-0 head FastV's "2/28" (K = 1 on 8 layers) reads.
 DEEP_GUIDES = {"letter": (0, 1), "naming": (0, 2), "select": (3, 1), "object": (4, 0), "question": (5, 0),
-               "answer": (6, 0)}
+               "answer": (6, 0), "glance": (0, 3)}
+
+
+def pointer_heads(guides: dict[str, tuple[int, int]], glance_weight: float = 0.0) -> tuple[tuple[int, int], ...]:
+    """The heads whose attention points at visual tokens and whose output is held at zero: the
+    select head, and the glance head when it is guided."""
+    names = ("select", "glance") if glance_weight else ("select",)
+    return tuple(guides[n] for n in names if n in guides)
 
 
 def guides_for(layers: int) -> dict[str, tuple[int, int]]:
