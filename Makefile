@@ -51,7 +51,7 @@ toy-model: $(STAMP)
 # the residual branches and late reading (--late-reading 4); about 45 minutes of this 2-core CPU.
 toy8-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy8 --layers 8 --world v2 \
-		--residual-init-scale 0.25 --late-reading 4 --save-dtype float16
+		--residual-init-scale 0.25 --late-reading 4 --looks-weight 4 --save-dtype float16
 
 # toy-qwen3vl: the toy recipe on a Qwen3-VL (DeepStack, timestamps), the same world as toy.
 toy-qwen3vl-model: $(STAMP)
