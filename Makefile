@@ -48,7 +48,8 @@ toy-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy
 
 # toy8: 8 layers on the toy world v2 (docs/toy-model.md): toy's recipe with GPT-2's scaled init of
-# the residual branches and late reading (--late-reading 4); about 45 minutes of this 2-core CPU.
+# the residual branches, late reading (--late-reading 4) and the looks guide (--looks-weight 4);
+# about 40 minutes of one core of this CPU.
 toy8-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy8 --layers 8 --world v2 \
 		--residual-init-scale 0.25 --late-reading 4 --looks-weight 4 --save-dtype float16
