@@ -63,9 +63,10 @@ def test_deep_guides_select_at_the_presets_layer_and_read_after_it():
 
 
 def test_a_short_toy8_run_saves_float16_weights_that_load(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "toy8"), layers=8, world="v2", n_train=8, n_val=8, steps=2, tail_steps=0,
+    cfg = TrainConfig(out=str(tmp_path / "toy8"), layers=8, world="v2", n_train=8, n_val=8, steps=2,
                       text_steps=1, batch_size=4, text_batch_size=4, eval_every=2, prep_workers=1,
-                      save_dtype="float16", late_reading=4, looks_weight=1.0, glance_weight=1.0)  # the optional losses run too
+                      save_dtype="float16", late_reading=4, looks_weight=1.0, glance_weight=1.0,
+                      tail_steps=1, tail_letter_weight=1.0)  # the optional losses run too
     train(cfg)
     model, processor = load_toy_model(asset_dir=tmp_path / "toy8", world="v2")
     assert model.config.text_config.num_hidden_layers == 8 and next(model.parameters()).dtype == torch.float32

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from prunevid_bench.models.tiny import IM_END_ID, PAD_ID, VOCAB_SIZE, TinySizes, build_config
 from prunevid_bench.toy.model import toy_model_class, toy_words
+from prunevid_bench.toy.world import LETTERS
 from prunevid_bench.toy.train_data import (  # noqa: F401 - the data's names are importable from here too
     ANSWER_WORDS,
     AUX_HEADS,
@@ -163,6 +164,11 @@ class TrainConfig:
     # like the select head, to look at every object (train_losses "glance"): the salience that
     # FastV's layer-0 score (K = 1 on 8 layers) can read; this many times one guide's weight.
     glance_weight: float = 0.0
+    # Above 0: in the tail steps only, each option word, at the input of the layer whose "answer"
+    # head reads it, is also asked for its own letter (a linear head): the letter the answer head
+    # copies must still be there after the layers that read the video; this many times one
+    # guide's weight. The run up to the tail is the same bits with or without it.
+    tail_letter_weight: float = 0.0
     # One torch thread: on the shared 2-core box a second thread spin-waits whenever another
     # process holds a core (measured 3x slower per step), and one thread gives the same bits on
     # any machine.
@@ -265,6 +271,11 @@ def train(cfg: TrainConfig) -> None:
     word_head = torch.nn.Linear(TOY_SIZES.hidden_size, len(ANSWER_WORDS))
     # Made only when asked for, so that the default run draws the same random numbers as before.
     looks_head = torch.nn.Linear(TOY_SIZES.hidden_size, sum(AUX_HEADS[k] for k in OBJECT_LOOKS)) if cfg.looks_weight else None
+    letter_head = None
+    if cfg.tail_letter_weight:
+        with torch.random.fork_rng():  # its own seed: the global random stream stays as without it
+            torch.manual_seed(cfg.init_seed)
+            letter_head = torch.nn.Linear(TOY_SIZES.hidden_size, len(LETTERS))
     processor = build_toy_processor(cfg.world, cfg.family)
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     # The inference pipeline itself builds the prompts and runs the processor.
@@ -279,7 +290,7 @@ def train(cfg: TrainConfig) -> None:
     print(f"prepared {len(train_set)} training scenes ({'/'.join(FORMS)}) + {len(val_set)} val questions "
           f"in {t_prep:.0f} s", flush=True)
 
-    extra = [heads, option_head, word_head] + ([looks_head] if looks_head is not None else [])
+    extra = [heads, option_head, word_head] + [h for h in (looks_head, letter_head) if h is not None]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [h.weight for h in extra]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n] + [h.bias for h in extra]
     params = decay + no_decay
@@ -329,8 +340,10 @@ def train(cfg: TrainConfig) -> None:
     for step in range(video_steps):
         batch = [(train_set[i], form) for i, form in zip(draw(order, cfg.batch_size), batch_forms(cfg, step))]
         inputs, sup = collate(batch, codec, cfg.noise_std, generator)
+        tail = step >= cfg.steps
         answer, option, guide = training_losses(model, option_head, word_head, inputs, sup, cfg.naming_guide, guides,
-                                                cfg.late_reading, looks_head, cfg.looks_weight, cfg.glance_weight)
+                                                cfg.late_reading, looks_head, cfg.looks_weight, cfg.glance_weight,
+                                                letter_head if tail else None, cfg.tail_letter_weight)
         scene = aux_loss(heads, tap.features, torch.cat([s.labels for s, _ in batch]))
         update(answer + cfg.video_option_weight * option + cfg.attention_weight * guide + cfg.aux_weight * scene,
                cfg.text_steps + step)

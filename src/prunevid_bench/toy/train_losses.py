@@ -156,7 +156,8 @@ def hold_pointer(model, pointer: tuple[int, int]) -> None:
 
 
 def training_losses(model, option_head, word_head, inputs, sup: Supervision, naming_guide: int, guides=None,
-                    late_reading: int = 0, looks_head=None, looks_weight: float = 1.0, glance_weight: float = 0.0):
+                    late_reading: int = 0, looks_head=None, looks_weight: float = 1.0, glance_weight: float = 0.0,
+                    letter_head=None, letter_weight: float = 1.0):
     """(answer loss, option loss, guide loss).
 
     The answer loss is on the supervised tokens (the LM head never sees the rest). The option
@@ -175,7 +176,9 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     a term ``looks_weight`` times the size of one guide's. ``glance_weight`` above 0 guides the
     "glance" head: the prompt's last position looks at every visual token that shows an object,
     a question-blind salience that FastV's score reads there (its output is held at zero, and late
-    reading leaves it out, as the select head).
+    reading leaves it out, as the select head). ``letter_head`` (a linear layer to the letters),
+    when given, asks each option word for its own letter at the input of the "answer" layer, the
+    hidden state that head copies the letter from; ``letter_weight`` times one guide's size.
     """
     guides = guides or ATTENTION_GUIDES
     out = model.model(**inputs, use_cache=False, output_attentions=True, output_hidden_states=True)
@@ -197,6 +200,10 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         to_letter = attention("letter", o.rows, o.positions).gather(-1, (o.positions - 2)[..., None]).squeeze(-1)
         to_option = attention("answer", o.rows, o.letter_at).gather(-1, o.positions.gather(1, o.correct[:, None])).squeeze(-1)
         losses += [-(to_letter + eps).log().mean(), -(to_option + eps).log().mean()]
+        if letter_head is not None:  # each option word still holds its letter where the answer head reads it
+            held = out.hidden_states[guides["answer"][0]][o.rows[:, None], o.positions]  # [N, options, hidden]
+            own = torch.arange(o.positions.shape[1]).expand_as(o.positions)
+            losses.append(letter_weight * F.cross_entropy(letter_head(held).flatten(0, 1).float(), own.flatten()))
     shown = sup.target.any(-1)
     if shown.any():
         rows = torch.arange(len(sup.final))
