@@ -68,6 +68,8 @@ def test_option_words_and_what_they_name():
     p = text_prompt(processor, prompt, answer)
     words = [processor.tokenizer.decode([int(p.input_ids[i])]) for i in p.options]
     assert words == [" red", " up", " circle", " blue"] and p.correct == 3
+    # Option k's letter two tokens before it: what the "letter" guide and the tail letter loss ask for.
+    assert [processor.tokenizer.decode([int(p.input_ids[i - 2])]) for i in p.options] == ["A", "B", "C", "D"]
     assert p.input_ids[p.final + 1] == answer[0] and p.input_ids[p.letter_at + 1] == LETTER_A_ID + 3
     assert text_prompt(processor, "What colour?", answer).options is None
 
