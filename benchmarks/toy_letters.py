@@ -1,0 +1,85 @@
+"""The toy models' letter step, per answer word: after the right answer word, is the letter right,
+and where does the "answer" head (the one trained to read the answer's option) look?
+
+    PYTHONPATH=src python benchmarks/toy_letters.py --model toy8 [--n 240] [--seed 11]
+    PYTHONPATH=src python benchmarks/toy_letters.py --asset-dir /tmp/run/toy8
+
+The questions are ``--n`` of the toy world ``--world`` drawn with ``--seed`` (11 is the README's
+toy8 held-out set), prepared by the training code in the "mc" form and teacher-forced: the
+answer word and then its letter are given, as `letter_accuracy` does in the training log. Per
+answer word it prints how often the letter after it is right, and the answer head's mean
+attention (from the position that predicts the letter) on the answer's option word, on all four
+option words and on the visual tokens; then, for each wrong letter, that head's attention on
+the four options and which one was the answer.
+
+A wrong letter with the head on the right option says the option word's hidden state no longer
+holds its letter; a wrong letter with the head on another option says the head mismatched the
+word.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("toy", "toy8"), default="toy8", help="a shipped toy model")
+    parser.add_argument("--asset-dir", type=Path, default=None, help="or a trained model's folder (config.json + model.safetensors)")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v2")
+    parser.add_argument("--n", type=int, default=240, help="questions")
+    parser.add_argument("--seed", type=int, default=11, help="toy-world seed of the questions")
+    args = parser.parse_args()
+
+    import torch
+
+    from prunevid_bench.config import RunConfig
+    from prunevid_bench.models.loading import LoadedModel
+    from prunevid_bench.pipeline import Pipeline
+    from prunevid_bench.toy.model import ASSET_DIR, TOY8_DIR, load_toy_model
+    from prunevid_bench.toy.train_data import PixelCodec, prepare_samples
+    from prunevid_bench.toy.train_losses import collate, guides_for
+
+    torch.set_num_threads(1)
+    asset = args.asset_dir or (ASSET_DIR if args.model == "toy" else TOY8_DIR)
+    model, processor = load_toy_model("eager", asset, world=args.world)
+    model.eval()
+    layer, head = guides_for(model.config.text_config.num_hidden_layers)["answer"]
+    pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
+    codec = PixelCodec(processor)
+    samples = prepare_samples(pipe, codec, args.n, args.seed, "letters", forms=("mc",), workers=1, world=args.world)
+    tokenizer = processor.tokenizer
+    by_word: dict[str, list[tuple[bool, float, float, float, list[float], int]]] = defaultdict(list)
+    with torch.no_grad():
+        for i in range(0, len(samples), 16):
+            batch = [(s, "mc") for s in samples[i:i + 16]]
+            inputs, sup = collate(batch, codec)
+            out = model.model(**inputs, use_cache=False, output_attentions=True)
+            ids = inputs["input_ids"]
+            rows = torch.arange(len(batch))
+            at = sup.options.letter_at
+            right = model.lm_head(out.last_hidden_state[rows, at]).argmax(-1) == ids[rows, at + 1]
+            attention = out.attentions[layer][rows, head, at]  # [B, T]: from where the letter is predicted
+            for b in range(len(batch)):
+                word = tokenizer.decode([int(ids[b, sup.final[b] + 1])]).strip()
+                options, answer, a = sup.options.positions[b], int(sup.options.correct[b]), attention[b]
+                by_word[word].append((bool(right[b]), float(a[options[answer]]), float(a[options].sum()),
+                                      float(a[sup.visual[b]].sum()), [float(a[p]) for p in options], answer))
+    print(f"{asset} on {len(samples)} questions of world {args.world}, seed {args.seed}; "
+          f"answer head: layer {layer}, head {head}")
+    print(f"{'word':>9} {'letter right':>13} {'on answer':>10} {'on options':>11} {'on video':>9}")
+    for word, rows in sorted(by_word.items()):
+        n = len(rows)
+        print(f"{word:>9} {sum(r[0] for r in rows):>6}/{n:<6} {sum(r[1] for r in rows) / n:>10.2f} "
+              f"{sum(r[2] for r in rows) / n:>11.2f} {sum(r[3] for r in rows) / n:>9.2f}")
+    for word, rows in sorted(by_word.items()):
+        for r in rows:
+            if not r[0]:
+                print(f"  wrong letter after {word!r}: attention on options A-D "
+                      + " ".join(f"{x:.2f}" for x in r[4]) + f", the answer is {'ABCD'[r[5]]}")
+
+
+if __name__ == "__main__":
+    main()
