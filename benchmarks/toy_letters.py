@@ -19,37 +19,20 @@ word.
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
-from pathlib import Path
+
+from toy_probe import eager_toy_samples, toy_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("toy", "toy8"), default="toy8", help="a shipped toy model")
-    parser.add_argument("--asset-dir", type=Path, default=None, help="or a trained model's folder (config.json + model.safetensors)")
-    parser.add_argument("--world", choices=("v1", "v2"), default="v2")
-    parser.add_argument("--n", type=int, default=240, help="questions")
-    parser.add_argument("--seed", type=int, default=11, help="toy-world seed of the questions")
-    args = parser.parse_args()
+    args = toy_parser(__doc__.splitlines()[0], 240, 11, "questions").parse_args()
 
     import torch
 
-    from prunevid_bench.config import RunConfig
-    from prunevid_bench.models.loading import LoadedModel
-    from prunevid_bench.pipeline import Pipeline
-    from prunevid_bench.toy.model import ASSET_DIR, TOY8_DIR, load_toy_model
-    from prunevid_bench.toy.train_data import PixelCodec, prepare_samples
     from prunevid_bench.toy.train_losses import collate, guides_for
 
-    torch.set_num_threads(1)
-    asset = args.asset_dir or (ASSET_DIR if args.model == "toy" else TOY8_DIR)
-    model, processor = load_toy_model("eager", asset, world=args.world)
-    model.eval()
+    asset, model, processor, codec, samples = eager_toy_samples(args, "letters")
     layer, head = guides_for(model.config.text_config.num_hidden_layers)["answer"]
-    pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
-    codec = PixelCodec(processor)
-    samples = prepare_samples(pipe, codec, args.n, args.seed, "letters", forms=("mc",), workers=1, world=args.world)
     tokenizer = processor.tokenizer
     by_word: dict[str, list[tuple[bool, float, float, float, list[float], int]]] = defaultdict(list)
     with torch.no_grad():

@@ -44,30 +44,46 @@ def probe_accuracy(x, y, classes: int) -> float:
         return ((x[half:] @ w + b).argmax(1) == y[half:]).float().mean().item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def toy_parser(description: str, n: int, seed: int, what: str) -> argparse.ArgumentParser:
+    """The options every toy-model script here takes: which model, which world, how many of what."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=("toy", "toy8"), default="toy8", help="a shipped toy model")
     parser.add_argument("--asset-dir", type=Path, default=None, help="or a trained model's folder (config.json + model.safetensors)")
     parser.add_argument("--world", choices=("v1", "v2"), default="v2")
-    parser.add_argument("--n", type=int, default=300, help="scenes")
-    parser.add_argument("--seed", type=int, default=2000, help="toy-world seed of the scenes")
-    args = parser.parse_args()
+    parser.add_argument("--n", type=int, default=n, help=what)
+    parser.add_argument("--seed", type=int, default=seed, help=f"toy-world seed of the {what}")
+    return parser
 
+
+def eager_toy_samples(args, tag: str):
+    """(asset folder, model with eager attention, processor, codec, the "mc" samples of
+    ``--n``/``--seed``/``--world``), prepared by the training code, on one torch thread."""
     import torch
 
     from prunevid_bench.config import RunConfig
     from prunevid_bench.models.loading import LoadedModel
     from prunevid_bench.pipeline import Pipeline
     from prunevid_bench.toy.model import ASSET_DIR, TOY8_DIR, load_toy_model
-    from prunevid_bench.toy.train_data import AUX_HEADS, PixelCodec, prepare_samples
-    from prunevid_bench.toy.train_losses import collate
+    from prunevid_bench.toy.train_data import PixelCodec, prepare_samples
 
     torch.set_num_threads(1)
     asset = args.asset_dir or (ASSET_DIR if args.model == "toy" else TOY8_DIR)
     model, processor = load_toy_model("eager", asset, world=args.world)
     pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
     codec = PixelCodec(processor)
-    samples = prepare_samples(pipe, codec, args.n, args.seed, "probe", forms=("mc",), workers=1, world=args.world)
+    samples = prepare_samples(pipe, codec, args.n, args.seed, tag, forms=("mc",), workers=1, world=args.world)
+    return asset, model, processor, codec, samples
+
+
+def main() -> None:
+    args = toy_parser(__doc__.splitlines()[0], 300, 2000, "scenes").parse_args()
+
+    import torch
+
+    from prunevid_bench.toy.train_data import AUX_HEADS
+    from prunevid_bench.toy.train_losses import collate
+
+    asset, model, processor, codec, samples = eager_toy_samples(args, "probe")
     per_layer, labels = None, []
     with torch.no_grad():
         for i in range(0, len(samples), 16):
