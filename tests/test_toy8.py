@@ -209,3 +209,45 @@ def test_the_pointer_heads_output_stays_zero_through_training():
     head = DEEP_GUIDES["select"][1]
     assert o_proj.weight[:, head * 32:(head + 1) * 32].abs().max() == 0
     assert o_proj.weight[:, :head * 32].abs().max() > 0
+
+
+def test_the_tail_letter_loss_reads_each_option_word_at_the_answer_layers_input():
+    """option_letter_loss against a hook on the "answer" layer's own input: the same states at
+    the option words, each asked for its own letter (A, B, C, D in prompt order); one layer
+    earlier gives another value (the sensitivity check)."""
+    import torch.nn.functional as F
+
+    from prunevid_bench.config import RunConfig
+    from prunevid_bench.models.loading import LoadedModel
+    from prunevid_bench.pipeline import Pipeline
+    from prunevid_bench.toy.model import toy_model_class
+    from prunevid_bench.toy.train_data import PixelCodec, prepare_samples
+    from prunevid_bench.toy.train_losses import collate, option_letter_loss
+
+    torch.manual_seed(0)
+    processor = build_toy_processor("v2")
+    model = toy_model_class("qwen2.5-vl")(toy_config("eager", 8, "v2")).eval()
+    pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
+    codec = PixelCodec(processor)
+    samples = prepare_samples(pipe, codec, 3, HELD_OUT_SEED, "t", forms=("mc",), workers=1, world="v2")
+    inputs, sup = collate([(s, "mc") for s in samples], codec)
+    layer = DEEP_GUIDES["answer"][0]
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    hook = model.model.language_model.layers[layer].register_forward_pre_hook(keep_input, with_kwargs=True)
+    with torch.no_grad():
+        out = model.model(**inputs, use_cache=False, output_hidden_states=True)
+    hook.remove()
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 4)
+    o = sup.options
+    assert len(o.rows) == 3 and o.positions.shape == (3, 4)
+    expected = torch.stack([F.cross_entropy(head(seen["input"][r, o.positions[i]]), torch.arange(4))
+                            for i, r in enumerate(o.rows.tolist())]).mean()
+    with torch.no_grad():
+        got = option_letter_loss(out.hidden_states, o, head, layer)
+        earlier = option_letter_loss(out.hidden_states, o, head, layer - 1)
+    torch.testing.assert_close(got, expected.detach())
+    assert not torch.allclose(earlier, got)

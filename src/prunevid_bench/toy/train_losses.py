@@ -200,10 +200,8 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         to_letter = attention("letter", o.rows, o.positions).gather(-1, (o.positions - 2)[..., None]).squeeze(-1)
         to_option = attention("answer", o.rows, o.letter_at).gather(-1, o.positions.gather(1, o.correct[:, None])).squeeze(-1)
         losses += [-(to_letter + eps).log().mean(), -(to_option + eps).log().mean()]
-        if letter_head is not None:  # each option word still holds its letter where the answer head reads it
-            held = out.hidden_states[guides["answer"][0]][o.rows[:, None], o.positions]  # [N, options, hidden]
-            own = torch.arange(o.positions.shape[1]).expand_as(o.positions)
-            losses.append(letter_weight * F.cross_entropy(letter_head(held).flatten(0, 1).float(), own.flatten()))
+        if letter_head is not None:
+            losses.append(letter_weight * option_letter_loss(out.hidden_states, o, letter_head, guides["answer"][0]))
     shown = sup.target.any(-1)
     if shown.any():
         rows = torch.arange(len(sup.final))
@@ -233,6 +231,16 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         to_name = attention("naming", rows, sup.anchor[rows]).gather(-1, sup.naming[rows])  # [N, 2]
         losses.append(-(to_name + eps).log().mean())
     return answer, option, sum(losses) / max(1, len(losses))
+
+
+def option_letter_loss(hidden_states, options, letter_head, layer: int) -> torch.Tensor:
+    """Cross-entropy of each option word's own letter (A for the first option, ...) read by
+    ``letter_head`` from its hidden state at the input of ``layer`` (``hidden_states[layer]``,
+    what that layer's "answer" head copies): the letter must still be there after the layers
+    that read the video."""
+    held = hidden_states[layer][options.rows[:, None], options.positions]  # [N, options, hidden]
+    own = torch.arange(options.positions.shape[1]).expand_as(options.positions)
+    return F.cross_entropy(letter_head(held).flatten(0, 1).float(), own.flatten())
 
 
 # Guided heads as (layer, head).
