@@ -30,6 +30,7 @@ def main() -> None:
     import torch
 
     from prunevid_bench.toy.train_losses import collate, guides_for
+    from prunevid_bench.toy.world import LETTERS
 
     asset, model, processor, codec, samples = eager_toy_samples(args, "letters")
     layer, head = guides_for(model.config.text_config.num_hidden_layers)["answer"]
@@ -61,7 +62,7 @@ def main() -> None:
         for r in rows:
             if not r[0]:
                 print(f"  wrong letter after {word!r}: attention on options A-D "
-                      + " ".join(f"{x:.2f}" for x in r[4]) + f", the answer is {'ABCD'[r[5]]}")
+                      + " ".join(f"{x:.2f}" for x in r[4]) + f", the answer is {LETTERS[r[5]]}")
 
 
 if __name__ == "__main__":
