@@ -217,18 +217,12 @@ def test_the_tail_letter_loss_reads_each_option_word_at_the_answer_layers_input(
     earlier gives another value (the sensitivity check)."""
     import torch.nn.functional as F
 
-    from prunevid_bench.config import RunConfig
-    from prunevid_bench.models.loading import LoadedModel
-    from prunevid_bench.pipeline import Pipeline
-    from prunevid_bench.toy.model import toy_model_class
-    from prunevid_bench.toy.train_data import PixelCodec, prepare_samples
+    from prunevid_bench.toy.train_data import prepare_samples
     from prunevid_bench.toy.train_losses import collate, option_letter_loss
+    from tests.test_toy_model import toy_pipeline
 
-    torch.manual_seed(0)
-    processor = build_toy_processor("v2")
-    model = toy_model_class("qwen2.5-vl")(toy_config("eager", 8, "v2")).eval()
-    pipe = Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig())
-    codec = PixelCodec(processor)
+    pipe, codec = toy_pipeline("v2", 8, "eager")
+    model = pipe.model
     samples = prepare_samples(pipe, codec, 3, HELD_OUT_SEED, "t", forms=("mc",), workers=1, world="v2")
     inputs, sup = collate([(s, "mc") for s in samples], codec)
     layer = DEEP_GUIDES["answer"][0]

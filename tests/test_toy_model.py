@@ -74,15 +74,17 @@ def test_option_words_and_what_they_name():
     assert text_prompt(processor, "What colour?", answer).options is None
 
 
-def toy_pipeline():
+def toy_pipeline(world: str = "v1", layers: int = 4, attn_implementation: str = "sdpa"):
+    """An untrained toy-shaped pipeline (seed 0) and its pixel codec: ``toy``'s shape by default,
+    ``toy8``'s with ``world="v2", layers=8``."""
     from prunevid_bench.config import RunConfig
     from prunevid_bench.models.loading import LoadedModel
     from prunevid_bench.pipeline import Pipeline
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
-    processor = build_toy_processor()
-    model = Qwen2_5_VLForConditionalGeneration(toy_config()).eval()
+    processor = build_toy_processor(world)
+    model = Qwen2_5_VLForConditionalGeneration(toy_config(attn_implementation, layers, world)).eval()
     return Pipeline(LoadedModel(model, processor, "toy", video_policy="processor"), RunConfig()), PixelCodec(processor)
 
 
