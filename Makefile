@@ -52,7 +52,7 @@ toy-model: $(STAMP)
 # 800 tail steps; about 47 minutes of one core of this CPU.
 toy8-model: $(STAMP)
 	$(BIN)/python -m prunevid_bench.toy.train --out src/prunevid_bench/assets/toy8 --layers 8 --world v2 \
-		--residual-init-scale 0.25 --late-reading 4 --looks-weight 4 --tail-steps 800 --save-dtype float16
+		--residual-init-scale 0.25 --late-reading 4 --looks-weight 4 --tail-steps 800 --init-seed 2 --save-dtype float16
 
 # toy-qwen3vl: the toy recipe on a Qwen3-VL (DeepStack, timestamps), the same world as toy.
 toy-qwen3vl-model: $(STAMP)
