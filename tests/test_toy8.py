@@ -211,21 +211,17 @@ def test_the_pointer_heads_output_stays_zero_through_training():
     assert o_proj.weight[:, :head * 32].abs().max() > 0
 
 
-def test_the_tail_letter_loss_reads_each_option_word_at_the_answer_layers_input():
-    """option_letter_loss against a hook on the "answer" layer's own input: the same states at
-    the option words, each asked for its own letter (A, B, C, D in prompt order); one layer
-    earlier gives another value (the sensitivity check)."""
-    import torch.nn.functional as F
-
+def toy8_forward_with_input_of(layer: int, n: int):
+    """An untrained toy8-shaped model run on ``n`` held-out "mc" prompts of world v2, with what
+    entered LLM layer ``layer`` kept by a forward pre-hook: (model, output, supervision, input)."""
     from prunevid_bench.toy.train_data import prepare_samples
-    from prunevid_bench.toy.train_losses import collate, option_letter_loss
+    from prunevid_bench.toy.train_losses import collate
     from tests.test_toy_model import toy_pipeline
 
     pipe, codec = toy_pipeline("v2", 8, "eager")
     model = pipe.model
-    samples = prepare_samples(pipe, codec, 3, HELD_OUT_SEED, "t", forms=("mc",), workers=1, world="v2")
+    samples = prepare_samples(pipe, codec, n, HELD_OUT_SEED, "t", forms=("mc",), workers=1, world="v2")
     inputs, sup = collate([(s, "mc") for s in samples], codec)
-    layer = DEEP_GUIDES["answer"][0]
     seen = {}
 
     def keep_input(module, args, kwargs):
@@ -235,13 +231,69 @@ def test_the_tail_letter_loss_reads_each_option_word_at_the_answer_layers_input(
     with torch.no_grad():
         out = model.model(**inputs, use_cache=False, output_hidden_states=True)
     hook.remove()
+    return model, out, sup, seen["input"]
+
+
+def test_the_tail_letter_loss_reads_each_option_word_at_the_answer_layers_input():
+    """option_letter_loss against a hook on the "answer" layer's own input: the same states at
+    the option words, each asked for its own letter (A, B, C, D in prompt order); one layer
+    earlier gives another value (the sensitivity check)."""
+    import torch.nn.functional as F
+
+    from prunevid_bench.toy.train_losses import option_letter_loss
+
+    layer = DEEP_GUIDES["answer"][0]
+    model, out, sup, layer_input = toy8_forward_with_input_of(layer, 3)
     head = torch.nn.Linear(model.config.text_config.hidden_size, 4)
     o = sup.options
     assert len(o.rows) == 3 and o.positions.shape == (3, 4)
-    expected = torch.stack([F.cross_entropy(head(seen["input"][r, o.positions[i]]), torch.arange(4))
+    expected = torch.stack([F.cross_entropy(head(layer_input[r, o.positions[i]]), torch.arange(4))
                             for i, r in enumerate(o.rows.tolist())]).mean()
     with torch.no_grad():
         got = option_letter_loss(out.hidden_states, o, head, layer)
         earlier = option_letter_loss(out.hidden_states, o, head, layer - 1)
     torch.testing.assert_close(got, expected.detach())
     assert not torch.allclose(earlier, got)
+
+
+def test_the_looks_loss_asks_the_anchor_after_the_object_layer_for_its_objects_looks():
+    """looks_loss against a hook on the input of the layer after the "object" head's: each
+    prompt's anchor state, asked for its object's colour, shape and motion, the three
+    cross-entropies averaged (labels -100 skipped); one layer earlier gives another value."""
+    import torch.nn.functional as F
+
+    from prunevid_bench.toy.train_losses import AUX_HEADS, OBJECT_LOOKS, looks_loss
+
+    layer = DEEP_GUIDES["object"][0] + 1
+    model, out, sup, layer_input = toy8_forward_with_input_of(layer, 8)
+    sizes = [AUX_HEADS[k] for k in OBJECT_LOOKS]
+    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(sizes))
+    assert (sup.looks >= 0).any(0).all()  # every look is asked of some prompt
+    expected = []
+    for k in range(len(OBJECT_LOOKS)):
+        terms = [F.cross_entropy(head(layer_input[b, sup.anchor[b]])[None, sum(sizes[:k]):sum(sizes[:k + 1])],
+                                 sup.looks[b, k][None]) for b in range(len(sup.final)) if sup.looks[b, k] >= 0]
+        expected.append(torch.stack(terms).mean())
+    with torch.no_grad():
+        got = looks_loss(out.hidden_states, sup, head, layer)
+        earlier = looks_loss(out.hidden_states, sup, head, layer - 1)
+        expected = torch.stack(expected).mean()
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(earlier, got)
+
+
+def test_the_glance_loss_is_the_last_positions_attention_on_the_objects():
+    """Planted attention, 2 prompts of 6 positions, visual tokens at 1-3: prompt 0 shows objects
+    at visual tokens 0 and 2 (positions 1 and 3), prompt 1 none (left out of the mean). The last
+    position of prompt 0 gives them 0.2 + 0.1 in the glance head (layer 1, head 0)."""
+    from types import SimpleNamespace
+
+    from prunevid_bench.toy.train_losses import glance_loss
+
+    sup = SimpleNamespace(final=torch.tensor([5, 5]), visual=torch.tensor([[1, 2, 3], [1, 2, 3]]),
+                          objects=torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    attentions = [torch.full((2, 2, 6, 6), 1 / 6) for _ in range(2)]
+    attentions[1][0, 0, 5] = torch.tensor([0.1, 0.2, 0.3, 0.1, 0.1, 0.2])
+    attentions[1][1, 0, 5] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # would be -log(eps) if counted
+    torch.testing.assert_close(glance_loss(attentions, sup, (1, 0)), -torch.log(torch.tensor(0.3 + 1e-6)))
+    torch.testing.assert_close(glance_loss(attentions, sup, (0, 0)), -torch.log(torch.tensor(2 / 6 + 1e-6)))

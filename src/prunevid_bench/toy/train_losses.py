@@ -214,14 +214,9 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         middle = out.hidden_states[guides["answer"][0]][rows, sup.final]
         losses.append(F.cross_entropy(word_head(middle).float(), sup.answer_word))
         if looks_head is not None:
-            read = out.hidden_states[guides["object"][0] + 1][rows, sup.anchor]
-            logits = looks_head(read).float().split([AUX_HEADS[k] for k in OBJECT_LOOKS], dim=-1)
-            losses.append(looks_weight * sum(F.cross_entropy(lg, sup.looks[:, k], ignore_index=-100)
-                                             for k, lg in enumerate(logits)) / len(OBJECT_LOOKS))
+            losses.append(looks_weight * looks_loss(out.hidden_states, sup, looks_head, guides["object"][0] + 1))
     if glance_weight and sup.objects.any():
-        seen = sup.objects.any(-1)
-        look = attention("glance", torch.arange(len(sup.final)), sup.final).gather(-1, sup.visual)  # [B, V]
-        losses.append(glance_weight * -((look * sup.objects).sum(-1)[seen] + eps).log().mean())
+        losses.append(glance_weight * glance_loss(attentions, sup, guides["glance"]))
     late = late_reading_loss(attentions, inputs["input_ids"], sup.visual, late_reading, pointer_heads(guides, glance_weight))
     if late is not None:
         losses.append(late)
@@ -231,6 +226,24 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
         to_name = attention("naming", rows, sup.anchor[rows]).gather(-1, sup.naming[rows])  # [N, 2]
         losses.append(-(to_name + eps).log().mean())
     return answer, option, sum(losses) / max(1, len(losses))
+
+
+def looks_loss(hidden_states, sup: Supervision, looks_head, layer: int) -> torch.Tensor:
+    """What the anchor holds at the input of ``layer`` (the one after the "object" head's), asked
+    for its object's colour, shape and motion (``OBJECT_LOOKS``; -100 where no token shows it):
+    the mean of the three cross-entropies."""
+    read = hidden_states[layer][torch.arange(len(sup.final)), sup.anchor]
+    logits = looks_head(read).float().split([AUX_HEADS[k] for k in OBJECT_LOOKS], dim=-1)
+    return sum(F.cross_entropy(lg, sup.looks[:, k], ignore_index=-100) for k, lg in enumerate(logits)) / len(OBJECT_LOOKS)
+
+
+def glance_loss(attentions, sup: Supervision, head: tuple[int, int], eps: float = 1e-6) -> torch.Tensor:
+    """-log of the attention the prompt's last position gives, in ``head`` (layer, head), to the
+    visual tokens that show an object, averaged over the prompts where one does."""
+    layer, h = head
+    seen = sup.objects.any(-1)
+    look = attentions[layer][torch.arange(len(sup.final)), h, sup.final].float().gather(-1, sup.visual)  # [B, V]
+    return -((look * sup.objects).sum(-1)[seen] + eps).log().mean()
 
 
 def option_letter_loss(hidden_states, options, letter_head, layer: int) -> torch.Tensor:
