@@ -234,7 +234,8 @@ def looks_loss(hidden_states, sup: Supervision, looks_head, layer: int) -> torch
     the mean of the three cross-entropies."""
     read = hidden_states[layer][torch.arange(len(sup.final)), sup.anchor]
     logits = looks_head(read).float().split([AUX_HEADS[k] for k in OBJECT_LOOKS], dim=-1)
-    return sum(F.cross_entropy(lg, sup.looks[:, k], ignore_index=-100) for k, lg in enumerate(logits)) / len(OBJECT_LOOKS)
+    return sum(F.cross_entropy(lg, sup.looks[:, k], ignore_index=-100)
+               for k, lg in enumerate(logits)) / len(OBJECT_LOOKS)
 
 
 def glance_loss(attentions, sup: Supervision, head: tuple[int, int], eps: float = 1e-6) -> torch.Tensor:
