@@ -186,9 +186,7 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     answer = F.cross_entropy(model.lm_head(hidden[sup.rows, sup.index]).float(), sup.targets)
 
     def attention(guide: str, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        layer, head = guides[guide]
-        rows = rows.view(-1, *([1] * (queries.dim() - 1)))
-        return attentions[layer][rows, head, queries].float()  # [N, ..., L]
+        return head_attention(attentions, guides[guide], rows, queries)
 
     eps = 1e-6
     losses = []
@@ -228,6 +226,14 @@ def training_losses(model, option_head, word_head, inputs, sup: Supervision, nam
     return answer, option, sum(losses) / max(1, len(losses))
 
 
+def head_attention(attentions, head: tuple[int, int], rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """The attention rows of ``head`` (layer, head) at ``queries`` of each prompt in ``rows``
+    (queries [N] or [N, k]): [N, ..., L], in float32."""
+    layer, h = head
+    rows = rows.view(-1, *([1] * (queries.dim() - 1)))
+    return attentions[layer][rows, h, queries].float()
+
+
 def looks_loss(hidden_states, sup: Supervision, looks_head, layer: int) -> torch.Tensor:
     """What the anchor holds at the input of ``layer`` (the one after the "object" head's), asked
     for its object's colour, shape and motion (``OBJECT_LOOKS``; -100 where no token shows it):
@@ -241,9 +247,8 @@ def looks_loss(hidden_states, sup: Supervision, looks_head, layer: int) -> torch
 def glance_loss(attentions, sup: Supervision, head: tuple[int, int], eps: float = 1e-6) -> torch.Tensor:
     """-log of the attention the prompt's last position gives, in ``head`` (layer, head), to the
     visual tokens that show an object, averaged over the prompts where one does."""
-    layer, h = head
     seen = sup.objects.any(-1)
-    look = attentions[layer][torch.arange(len(sup.final)), h, sup.final].float().gather(-1, sup.visual)  # [B, V]
+    look = head_attention(attentions, head, torch.arange(len(sup.final)), sup.final).gather(-1, sup.visual)  # [B, V]
     return -((look * sup.objects).sum(-1)[seen] + eps).log().mean()
 
 
